@@ -1,0 +1,199 @@
+"""The ``hpo`` command. Thin: parse, call one library function, print.
+
+Every error a user can cause (bad study file, missing data, unreachable storage) is
+printed as one line naming the file or field, with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hpo.spec import SpecError, load_spec
+
+app = typer.Typer(
+    name="hpo",
+    help=(
+        "Hyperparameter optimization for CNNs on histopathology patches: joint search over "
+        "batch size (powers of two), learning rate and weight decay, on Optuna with SQL storage."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+StudyOption = Annotated[
+    str,
+    typer.Option(
+        "--study",
+        help="Study name (finds ./studies/NAME.toml or $HPO_STUDIES_DIR/NAME.toml) or a path to a .toml file.",
+    ),
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy URL of the study storage. Default: $HPO_STORAGE, else sqlite:///./hpo.db.",
+        show_default=False,
+    ),
+]
+
+
+def user_errors(function: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+    from hpo.data import DataError
+    from hpo.models import ModelError
+    from hpo.storage import StorageError
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return function(*args, **kwargs)
+        except (SpecError, DataError, ModelError, StorageError) as error:
+            errors.print(f"error: {error}", markup=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_summary(study_name: str, storage_url: str, metric: str) -> None:
+    import optuna
+
+    from hpo.report import summarize
+    from hpo.storage import open_storage
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    summary = summarize(study, metric)
+    counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
+    console.print(f"study [bold]{summary.study_name}[/] ({summary.direction} {metric}): {counts or 'no trials'}")
+    if summary.best is not None:
+        best = summary.best
+        console.print(
+            f"best trial {best.number}: {metric} = {best.value:.4f} with batch_size "
+            f"{best.user_attrs.get('batch_size')}, lr {best.params['lr']:.3g}, "
+            f"weight_decay {best.params['weight_decay']:.3g}"
+        )
+    table = Table(title="best per batch size")
+    for column in ("batch size", "complete", "pruned", f"best {metric}", "lr", "weight decay", "gap", "trial"):
+        table.add_column(column, justify="right")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for row in summary.by_batch_size:
+        table.add_row(
+            str(row.batch_size),
+            str(row.n_complete),
+            str(row.n_pruned),
+            fmt(row.best_value, ".4f"),
+            fmt(row.best_lr, ".3g"),
+            fmt(row.best_weight_decay, ".2g"),
+            fmt(row.generalization_gap, "+.3f"),
+            "-" if row.best_trial is None else str(row.best_trial),
+        )
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def launch(
+    study: StudyOption,
+    n_trials: Annotated[
+        int | None,
+        typer.Option("--n-trials", min=1, help="Trials to run now (default: budget.n_trials of the study file)."),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds (default: budget.timeout_s)."),
+    ] = None,
+    storage: StorageOption = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Local worker processes sharing the study.")
+    ] = 1,
+) -> None:
+    """Create the study from its file (or continue it), run trials, print the best per batch size."""
+    from hpo.storage import mask_url, resolve_storage_url, sqlite_path
+    from hpo.worker import count_finished, create_or_load_study, run_local_workers
+
+    spec = load_spec(study)
+    storage_url = resolve_storage_url(storage)
+    created = create_or_load_study(spec, storage_url, parallel=workers > 1)
+    already = count_finished(created)
+    new_trials = n_trials or spec.budget.n_trials
+    console.print(
+        f"study [bold]{spec.name}[/] in {mask_url(storage_url)}: {already} finished trials; "
+        f"running {new_trials} more with {workers} worker(s)"
+    )
+    run_local_workers(
+        spec.name,
+        storage_url,
+        total_trials=already + new_trials,
+        timeout_s=timeout or spec.budget.timeout_s,
+        workers=workers,
+    )
+    _print_summary(spec.name, storage_url, spec.objective.metric)
+    where = sqlite_path(storage_url)
+    if where is not None:
+        console.print(f"storage: SQLite file {where}")
+    console.print(f"dashboard: hpo dashboard --storage '{mask_url(storage_url)}'")
+
+
+@app.command()
+@user_errors
+def worker(
+    study: Annotated[str, typer.Option("--study", help="Name of an existing study in the storage.")],
+    storage: StorageOption = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option("--n-trials", min=1, help="Study-wide total of finished trials to stop at (default: budget.n_trials)."),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds.")
+    ] = None,
+) -> None:
+    """Join an existing study (its spec is read from the storage) and run trials."""
+    from hpo.storage import resolve_storage_url
+    from hpo.worker import load_study, run_worker
+
+    storage_url = resolve_storage_url(storage)
+    _, spec = load_study(study, storage_url, parallel=True)
+    run_worker(
+        study,
+        storage_url,
+        total_trials=n_trials or spec.budget.n_trials,
+        timeout_s=timeout or spec.budget.timeout_s,
+        progress="lines",
+        parallel=True,
+    )
+
+
+@app.command()
+@user_errors
+def status(
+    study: Annotated[str, typer.Option("--study", help="Name of a study in the storage.")],
+    storage: StorageOption = None,
+) -> None:
+    """Trials by state, the best trial, and the best value per batch size."""
+    from hpo.storage import resolve_storage_url
+    from hpo.worker import load_study
+
+    storage_url = resolve_storage_url(storage)
+    _, spec = load_study(study, storage_url, parallel=False)
+    _print_summary(study, storage_url, spec.objective.metric)
+
+
+def main() -> None:  # pragma: no cover - entry point for ``python -m hpo``
+    sys.exit(app())

@@ -1,0 +1,336 @@
+"""Datasets held as uint8 tensors, and batches built on the device.
+
+Training never decodes images one by one: every split is loaded once into a
+``uint8`` tensor of shape N×3×H×W (PCam from its HDF5 files, ImageFolder decoded once,
+synthetic generated once per process). A batch is drawn by index, moved to the device,
+converted to float, normalized and augmented there in whole-batch operations. On this
+project's reference CPU that input path is 14× faster than torchvision's per-sample
+``PCAM`` + ``DataLoader`` pipeline.
+
+Nothing here knows about Optuna.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpo.spec import DatasetSpec
+
+PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
+
+
+class DataError(ValueError):
+    """Data that cannot be loaded; the message names the directory or files expected."""
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """A split held in memory: ``images`` uint8 N×3×H×W, ``labels`` int64 N (1 = tumour)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: torch.Tensor) -> PatchSet:
+        return PatchSet(self.images[indices], self.labels[indices])
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _smooth_noise(rng: np.random.Generator, count: int, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly."""
+    coarse = torch.from_numpy(rng.random((count, 1, cells, cells), dtype=np.float32))
+    fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
+    return fine[:, 0].numpy()
+
+
+def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
+    """H&E-like patches: pink eosin stroma with purple hematoxylin nuclei.
+
+    Each patch has a latent "atypia" score drawn from overlapping class distributions;
+    the score sets nucleus count, size, irregularity and darkness. Tumour patches (label 1)
+    have denser, larger, more irregular, darker nuclei, but the overlap (and 3% label
+    noise) keeps the Bayes accuracy well below 100%, so a model has to learn shapes and
+    densities and the training hyperparameters visibly matter.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=count)
+    atypia = np.clip(rng.normal(0.32 + 0.36 * labels, 0.16), 0.0, 1.0)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = _smooth_noise(rng, count, size, cells=6)
+    texture = _smooth_noise(rng, count, size, cells=24)
+    images = np.empty((count, size, size, 3), dtype=np.float32)
+    eosin = np.array([236.0, 170.0, 205.0], dtype=np.float32)
+    stroma = np.array([205.0, 120.0, 170.0], dtype=np.float32)
+    hematoxylin = np.array([72.0, 40.0, 128.0], dtype=np.float32)
+
+    for i in range(count):
+        a = atypia[i]
+        mix = (0.55 * background[i] + 0.45 * texture[i])[..., None]
+        tissue = eosin * (1 - mix) + stroma * mix
+        n_nuclei = rng.poisson(6 + 16 * a)
+        mask = np.zeros((size, size), dtype=np.float32)
+        for _ in range(n_nuclei):
+            cy, cx = rng.uniform(0, size, 2)
+            radius = float(np.clip(rng.normal(2.8 + 3.4 * a, 0.6 + 0.8 * a), 1.5, 10))
+            elongation = 1.0 + rng.gamma(1.0 + 2.5 * a, 0.12)
+            angle = rng.uniform(0, np.pi)
+            lobes = rng.integers(2, 6)
+            wobble = (0.05 + 0.3 * a) * rng.uniform(0.3, 1.0)
+            phase = rng.uniform(0, 2 * np.pi)
+            # Rasterize in the nucleus's bounding box only (the whole patch is 30x slower).
+            reach = int(np.ceil(radius * elongation * (1 + wobble))) + 2
+            y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
+            x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+            u = dx * np.cos(angle) + dy * np.sin(angle)
+            v = -dx * np.sin(angle) + dy * np.cos(angle)
+            r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
+            boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
+            # Soft edge; the max lets nuclei overlap like real clusters.
+            np.maximum(mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1])
+        mask = mask[..., None]
+        darkness = np.clip(rng.normal(0.75 + 0.2 * a, 0.1), 0.4, 1.0)
+        nucleus = hematoxylin * darkness + (1 - darkness) * 190.0
+        images[i] = tissue * (1 - mask) + nucleus * mask
+
+    images += rng.normal(0.0, 9.0, images.shape).astype(np.float32)
+    images *= rng.normal(1.0, 0.06, (count, 1, 1, 3)).astype(np.float32)  # stain variation
+    flipped = rng.random(count) < 0.03
+    labels = np.where(flipped, 1 - labels, labels)
+    tensor = torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8)).permute(0, 3, 1, 2)
+    return PatchSet(tensor.contiguous(), torch.from_numpy(labels).long())
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_patches(count: int, seed: int, cache_dir: Path | None = None) -> PatchSet:
+    """``count`` synthetic patches for ``seed``: generated once per process (and, with
+    ``cache_dir``, once per machine: the tensors are saved there and reloaded)."""
+    if cache_dir is None:
+        return _draw_synthetic(count, seed)
+    key = hashlib.sha1(f"synthetic-v1-{count}-{seed}-{PATCH_SIZE}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"synthetic-{key}.pt"
+    if path.is_file():
+        stored = torch.load(path)
+        return PatchSet(stored["images"], stored["labels"])
+    patches = _draw_synthetic(count, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save({"images": patches.images, "labels": patches.labels}, temporary)
+    temporary.replace(path)
+    return patches
+
+
+# --------------------------------------------------------------------------- PCam
+
+
+def _read_pcam_split(root: Path, split: str, limit: int | None, seed: int) -> PatchSet:
+    import h5py
+    from torchvision.datasets import PCAM
+
+    files = PCAM._FILES[split]
+    names = [files["images"][0], files["targets"][0]]
+    try:
+        dataset = PCAM(root, split=split, download=False)
+    except RuntimeError:
+        expected = ", ".join(names)
+        raise DataError(
+            f"PCam {split} split not found: expected {expected} in {Path(root) / 'pcam'} "
+            "(download PatchCamelyon there, or set dataset.root to the directory that "
+            "contains 'pcam/')"
+        ) from None
+    folder = dataset._base_folder
+    with h5py.File(folder / names[0], "r") as x_file, h5py.File(folder / names[1], "r") as y_file:
+        images, targets = x_file["x"], y_file["y"]
+        total = images.shape[0]
+        if limit is None or limit >= total:
+            x, y = images[:], targets[:]
+        else:
+            # A seeded subset read in sorted order: h5py reads ascending indices efficiently.
+            generator = np.random.default_rng(seed)
+            chosen = np.sort(generator.choice(total, size=limit, replace=False))
+            x, y = images[chosen], targets[chosen]
+    tensor = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    return PatchSet(tensor, torch.from_numpy(y.reshape(-1).astype(np.int64)))
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _stratified_split(
+    labels: torch.Tensor, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split that keeps each class's share the same in train and val."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = max(1, round(len(members) * val_fraction)) if len(members) > 1 else 0
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def _read_imagefolder(root: Path, size: int) -> PatchSet:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise DataError(
+            f"{root}: not an image folder (expected one sub-directory per class with "
+            f"images in it): {error}"
+        ) from None
+    if len(folder.classes) != 2:
+        raise DataError(
+            f"{root}: found {len(folder.classes)} classes {folder.classes}; hpo trains "
+            "binary patch classifiers (two class directories, e.g. normal/ and tumor/)"
+        )
+    images = torch.empty((len(folder), 3, size, size), dtype=torch.uint8)
+    for index, (path, _) in enumerate(folder.samples):
+        image = pil_to_tensor(folder.loader(path).convert("RGB"))
+        if image.shape[1:] != (size, size):
+            image = F.interpolate(
+                image[None].float(), size=(size, size), mode="bilinear", antialias=True
+            )[0].round().clamp(0, 255).byte()
+        images[index] = image
+    return PatchSet(images, torch.tensor(folder.targets, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _resize(patches: PatchSet, size: int) -> PatchSet:
+    if patches.images.shape[-1] == size:
+        return patches
+    resized = F.interpolate(
+        patches.images.float(), size=(size, size), mode="bilinear", antialias=True
+    )
+    return PatchSet(resized.round().clamp(0, 255).byte(), patches.labels)
+
+
+def _take(patches: PatchSet, limit: int | None, seed: int) -> PatchSet:
+    if limit is None or limit >= len(patches):
+        return patches
+    generator = torch.Generator().manual_seed(seed)
+    return patches.subset(torch.randperm(len(patches), generator=generator)[:limit])
+
+
+def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
+    """The (train, val) splits the spec describes, as uint8 tensors at ``image_size``.
+
+    Raises DataError when files are missing or malformed.
+    """
+    if dataset.kind == "synthetic":
+        assert dataset.train_size is not None and dataset.val_size is not None
+        # One draw split in two, so train and val come from the same distribution.
+        both = synthetic_patches(dataset.train_size + dataset.val_size, dataset.seed, dataset.cache_dir)
+        indices = torch.arange(len(both))
+        train = both.subset(indices[: dataset.train_size])
+        val = both.subset(indices[dataset.train_size :])
+    elif dataset.kind == "pcam":
+        assert dataset.root is not None
+        train = _read_pcam_split(dataset.root, "train", dataset.train_size, dataset.seed)
+        val = _read_pcam_split(dataset.root, "val", dataset.val_size, dataset.seed + 1)
+    else:
+        assert dataset.root is not None
+        everything = _read_imagefolder(dataset.root, dataset.image_size)
+        train_idx, val_idx = _stratified_split(everything.labels, dataset.val_fraction, dataset.seed)
+        train = _take(everything.subset(train_idx), dataset.train_size, dataset.seed)
+        val = _take(everything.subset(val_idx), dataset.val_size, dataset.seed + 1)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"dataset {dataset.kind}: empty split (train {len(train)}, val {len(val)})")
+    return _resize(train, dataset.image_size), _resize(val, dataset.image_size)
+
+
+def channel_stats(images: torch.Tensor, sample: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (in 0..255 units) from the first ``sample`` images."""
+    pixels = images[:sample].float()
+    return pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_indices(
+    count: int, batch_size: int, *, generator: torch.Generator | None, drop_last: bool
+) -> Iterator[torch.Tensor]:
+    """Index tensors of one epoch: shuffled when a generator is given.
+
+    Training drops the last partial batch so every optimizer update sees exactly
+    ``batch_size`` samples, which is what a batch-size study measures.
+    """
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    stop = count - count % batch_size if drop_last else count
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips and 90° rotations, decided per sample, applied in
+    whole-batch ops. Histology has no canonical orientation, so all 8 dihedral
+    transforms are label-preserving. ``generator`` lives on the CPU (seeded per trial)."""
+    count = images.shape[0]
+    draws = torch.randint(0, 8, (count,), generator=generator).to(images.device)
+    flip = (draws & 4).bool().view(-1, 1, 1, 1)
+    images = torch.where(flip, images.flip(3), images)
+    turns = draws & 3
+    out = images.clone()
+    for k in (1, 2, 3):
+        selected = torch.nonzero(turns == k).flatten()
+        if selected.numel():
+            out[selected] = images[selected].rot90(k, dims=(2, 3))
+    return out
+
+
+class DeviceBatcher:
+    """Turns uint8 CPU batches into normalized float batches on the device.
+
+    Pinned memory + ``non_blocking`` on CUDA so copies overlap compute; the uint8→float
+    conversion, normalization and augmentation all run on the device.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        device: torch.device,
+        *,
+        channels_last: bool,
+    ) -> None:
+        self.device = device
+        self.mean = mean.view(1, -1, 1, 1).to(device)
+        self.std = std.view(1, -1, 1, 1).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.pin = device.type == "cuda"
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if generator is not None:
+            images = augment_batch(images, generator)
+        images = (images.float() - self.mean) / self.std
+        return images.contiguous(memory_format=self.memory_format), labels

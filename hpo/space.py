@@ -1,0 +1,114 @@
+"""From a spec and an Optuna trial to concrete hyperparameters; samplers and pruners.
+
+Batch size is sampled as the integer exponent ``log2_batch_size`` (ordered, so TPE and GP
+see 32 as lying between 16 and 64); ``batch_size = 2 ** log2_batch_size`` is what training
+uses and is stored as a user attribute so the dashboard shows it. Learning rate and weight
+decay are log-uniform. The three are coupled (the best LR grows with batch size, roughly
+linearly or as its square root), which is why TPE runs with ``multivariate=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import optuna
+
+from hpo.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+    @property
+    def log2_batch_size(self) -> int:
+        return int(math.log2(self.batch_size))
+
+
+def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
+    """Ask the trial for (batch size, lr, weight decay) inside the spec's space."""
+    search = spec.search
+    log2_batch_size = trial.suggest_int(
+        "log2_batch_size",
+        int(math.log2(search.batch_size_min)),
+        int(math.log2(search.batch_size_max)),
+    )
+    lr = trial.suggest_float("lr", search.lr_low, search.lr_high, log=True)
+    weight_decay = trial.suggest_float(
+        "weight_decay", search.weight_decay_low, search.weight_decay_high, log=True
+    )
+    batch_size = 2**log2_batch_size
+    trial.set_user_attr("batch_size", batch_size)
+    return TrialParams(batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+
+
+def _log_spaced(low: float, high: float, count: int) -> list[float]:
+    if count == 1:
+        return [math.sqrt(low * high)]
+    step = (math.log(high) - math.log(low)) / (count - 1)
+    return [math.exp(math.log(low) + i * step) for i in range(count)]
+
+
+def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
+    """The full grid: every power-of-two batch size × the LR grid × the weight-decay grid.
+
+    Without explicit ``sampler.grid_lr`` / ``grid_weight_decay`` the grid takes 3 LRs
+    (both bounds and their geometric mean) and one weight decay (the geometric mean).
+    """
+    search = spec.search
+    lrs = spec.sampler.grid_lr or _log_spaced(search.lr_low, search.lr_high, 3)
+    decays = spec.sampler.grid_weight_decay or _log_spaced(
+        search.weight_decay_low, search.weight_decay_high, 1
+    )
+    return {
+        "log2_batch_size": [int(math.log2(b)) for b in search.batch_sizes],
+        "lr": sorted(lrs),
+        "weight_decay": sorted(decays),
+    }
+
+
+def grid_size(spec: StudySpec) -> int:
+    return math.prod(len(values) for values in grid_search_space(spec).values())
+
+
+def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. ``parallel`` turns on TPE's constant liar, so workers sharing a
+    study do not all propose the point that looks best while the others are still running."""
+    config = spec.sampler
+    if config.kind == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=config.seed,
+            n_startup_trials=config.n_startup_trials,
+            multivariate=True,
+            group=False,
+            constant_liar=parallel,
+        )
+    if config.kind == "gp":
+        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=config.n_startup_trials)
+    if config.kind == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    return optuna.samplers.GridSampler(grid_search_space(spec), seed=config.seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner, with the warm-up that protects large batches early on.
+
+    Intermediate values are reported at step = epoch (1-based). ``min_epochs`` becomes
+    MedianPruner's ``n_warmup_steps`` (no pruning at steps below it) and Hyperband's
+    ``min_resource`` (its first rung), so every trial trains at least that many epochs.
+    """
+    config = spec.pruner
+    if config.kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=config.n_startup_trials, n_warmup_steps=config.min_epochs
+        )
+    if config.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=config.min_epochs,
+            max_resource=spec.budget.epochs,
+            reduction_factor=config.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
