@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny study files that train in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TINY_STUDY = """
+seed = 0
+
+[dataset]
+kind = "synthetic"
+train_size = {train_size}
+val_size = {val_size}
+image_size = 32
+
+[model]
+name = "small-cnn"
+
+[search]
+batch_size_min = 16
+batch_size_max = 64
+lr_low = 1e-3
+lr_high = 0.3
+weight_decay_low = 1e-6
+weight_decay_high = 1e-3
+optimizer = "sgd"
+
+[budget]
+epochs = {epochs}
+n_trials = 4
+
+[pruner]
+kind = "{pruner}"
+min_epochs = 1
+n_startup_trials = 1
+
+[sampler]
+kind = "{sampler}"
+seed = 0
+n_startup_trials = 2
+
+[objective]
+metric = "val_auc"
+"""
+
+
+def tiny_study_text(
+    *,
+    train_size: int = 256,
+    val_size: int = 128,
+    epochs: int = 2,
+    pruner: str = "median",
+    sampler: str = "tpe",
+    extra: str = "",
+) -> str:
+    body = TINY_STUDY.format(
+        train_size=train_size, val_size=val_size, epochs=epochs, pruner=pruner, sampler=sampler
+    )
+    return textwrap.dedent(body) + textwrap.dedent(extra)
+
+
+@pytest.fixture
+def studies_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary working directory with a ``studies/`` folder; HPO_* env vars cleared."""
+    directory = tmp_path / "studies"
+    directory.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("HPO_STORAGE", "HPO_STUDIES_DIR", "HPO_CHECKPOINT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return directory
+
+
+@pytest.fixture
+def tiny_study(studies_dir: Path) -> Path:
+    path = studies_dir / "tiny.toml"
+    path.write_text(tiny_study_text())
+    return path
