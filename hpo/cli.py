@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hpo.spec import SpecError, load_spec
+from hpo.errors import UserError
+from hpo.spec import load_spec
 
 app = typer.Typer(
     name="hpo",
@@ -28,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -51,15 +52,12 @@ StorageOption = Annotated[
 
 def user_errors(function: F) -> F:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
-    from hpo.data import DataError
-    from hpo.models import ModelError
-    from hpo.storage import StorageError
 
     @functools.wraps(function)
     def wrapper(*args: object, **kwargs: object) -> object:
         try:
             return function(*args, **kwargs)
-        except (SpecError, DataError, ModelError, StorageError) as error:
+        except UserError as error:
             errors.print(f"error: {error}", markup=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -78,7 +76,9 @@ def _print_summary(study_name: str, storage_url: str, metric: str) -> None:
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     summary = summarize(study, metric)
     counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
-    console.print(f"study [bold]{summary.study_name}[/] ({summary.direction} {metric}): {counts or 'no trials'}")
+    console.print(
+        f"study [bold]{summary.study_name}[/] ({summary.direction} {metric}): {counts or 'no trials'}"
+    )
     if summary.best is not None:
         best = summary.best
         console.print(
@@ -87,7 +87,16 @@ def _print_summary(study_name: str, storage_url: str, metric: str) -> None:
             f"weight_decay {best.params['weight_decay']:.3g}"
         )
     table = Table(title="best per batch size")
-    for column in ("batch size", "complete", "pruned", f"best {metric}", "lr", "weight decay", "gap", "trial"):
+    for column in (
+        "batch size",
+        "complete",
+        "pruned",
+        f"best {metric}",
+        "lr",
+        "weight decay",
+        "gap",
+        "trial",
+    ):
         table.add_column(column, justify="right")
 
     def fmt(value: float | None, spec: str) -> str:
@@ -113,11 +122,19 @@ def launch(
     study: StudyOption,
     n_trials: Annotated[
         int | None,
-        typer.Option("--n-trials", min=1, help="Trials to run now (default: budget.n_trials of the study file)."),
+        typer.Option(
+            "--n-trials",
+            min=1,
+            help="Trials to run now (default: budget.n_trials of the study file).",
+        ),
     ] = None,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds (default: budget.timeout_s)."),
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="Stop starting trials after this many seconds (default: budget.timeout_s).",
+        ),
     ] = None,
     storage: StorageOption = None,
     workers: Annotated[
@@ -154,14 +171,21 @@ def launch(
 @app.command()
 @user_errors
 def worker(
-    study: Annotated[str, typer.Option("--study", help="Name of an existing study in the storage.")],
+    study: Annotated[
+        str, typer.Option("--study", help="Name of an existing study in the storage.")
+    ],
     storage: StorageOption = None,
     n_trials: Annotated[
         int | None,
-        typer.Option("--n-trials", min=1, help="Study-wide total of finished trials to stop at (default: budget.n_trials)."),
+        typer.Option(
+            "--n-trials",
+            min=1,
+            help="Study-wide total of finished trials to stop at (default: budget.n_trials).",
+        ),
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds.")
+        float | None,
+        typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds."),
     ] = None,
 ) -> None:
     """Join an existing study (its spec is read from the storage) and run trials."""

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpo.errors import UserError
 from hpo.spec import DatasetSpec
 
 PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be loaded; the message names the directory or files expected."""
 
 
@@ -102,7 +103,9 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
             r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
             boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
             # Soft edge; the max lets nuclei overlap like real clusters.
-            np.maximum(mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1])
+            np.maximum(
+                mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1]
+            )
         mask = mask[..., None]
         darkness = np.clip(rng.normal(0.75 + 0.2 * a, 0.1), 0.4, 1.0)
         nucleus = hematoxylin * darkness + (1 - darkness) * 190.0
@@ -206,9 +209,14 @@ def _read_imagefolder(root: Path, size: int) -> PatchSet:
     for index, (path, _) in enumerate(folder.samples):
         image = pil_to_tensor(folder.loader(path).convert("RGB"))
         if image.shape[1:] != (size, size):
-            image = F.interpolate(
-                image[None].float(), size=(size, size), mode="bilinear", antialias=True
-            )[0].round().clamp(0, 255).byte()
+            image = (
+                F.interpolate(
+                    image[None].float(), size=(size, size), mode="bilinear", antialias=True
+                )[0]
+                .round()
+                .clamp(0, 255)
+                .byte()
+            )
         images[index] = image
     return PatchSet(images, torch.tensor(folder.targets, dtype=torch.long))
 
@@ -240,7 +248,9 @@ def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
     if dataset.kind == "synthetic":
         assert dataset.train_size is not None and dataset.val_size is not None
         # One draw split in two, so train and val come from the same distribution.
-        both = synthetic_patches(dataset.train_size + dataset.val_size, dataset.seed, dataset.cache_dir)
+        both = synthetic_patches(
+            dataset.train_size + dataset.val_size, dataset.seed, dataset.cache_dir
+        )
         indices = torch.arange(len(both))
         train = both.subset(indices[: dataset.train_size])
         val = both.subset(indices[dataset.train_size :])
@@ -251,7 +261,9 @@ def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
     else:
         assert dataset.root is not None
         everything = _read_imagefolder(dataset.root, dataset.image_size)
-        train_idx, val_idx = _stratified_split(everything.labels, dataset.val_fraction, dataset.seed)
+        train_idx, val_idx = _stratified_split(
+            everything.labels, dataset.val_fraction, dataset.seed
+        )
         train = _take(everything.subset(train_idx), dataset.train_size, dataset.seed)
         val = _take(everything.subset(val_idx), dataset.val_size, dataset.seed + 1)
     if len(train) == 0 or len(val) == 0:
@@ -276,7 +288,9 @@ def batch_indices(
     Training drops the last partial batch so every optimizer update sees exactly
     ``batch_size`` samples, which is what a batch-size study measures.
     """
-    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    order = (
+        torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    )
     stop = count - count % batch_size if drop_last else count
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]

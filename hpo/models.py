@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hpo.errors import UserError
+
 MODEL_NAMES = ("small-cnn", "resnet18", "vgg16")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be built (unknown name, pretrained weights not available)."""
 
 

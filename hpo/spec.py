@@ -15,11 +15,13 @@ import json
 import math
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpo.errors import UserError
 
 STUDY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -27,7 +29,7 @@ STUDY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 PCAM_SPLIT_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A study file or study name that cannot be used.
 
     The message is one line meant for the user: it names the file, the field and what is

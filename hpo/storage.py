@@ -12,12 +12,14 @@ import optuna
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpo.errors import UserError
+
 DEFAULT_SQLITE_FILE = "hpo.db"
 STORAGE_ENV = "HPO_STORAGE"
 SPEC_ATTR = "hpo_spec"
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A storage URL that cannot be used, or a study that is not there."""
 
 
