@@ -1,0 +1,190 @@
+"""Datasets: synthetic is deterministic; PCam from HDF5 files in PCam's own format; ImageFolder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpo.data import (
+    DataError,
+    DeviceBatcher,
+    _draw_synthetic,
+    augment_batch,
+    batch_indices,
+    load_splits,
+    synthetic_patches,
+)
+from hpo.spec import DatasetSpec
+
+PCAM_FILES = {
+    "train": "camelyonpatch_level_2_split_train",
+    "val": "camelyonpatch_level_2_split_valid",
+    "test": "camelyonpatch_level_2_split_test",
+}
+
+
+def write_pcam(root: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    """PCam's layout and format: <root>/pcam/<split>_x.h5 with dataset 'x' (N,96,96,3)
+    uint8 and <split>_y.h5 with dataset 'y' (N,1,1,1) uint8, labels from synthetic patches."""
+    folder = root / "pcam"
+    folder.mkdir(parents=True, exist_ok=True)
+    for offset, (split, count) in enumerate(sizes.items()):
+        patches = _draw_synthetic(count, seed + offset)
+        images = patches.images.permute(0, 2, 3, 1).numpy()
+        labels = patches.labels.numpy().astype(np.uint8).reshape(-1, 1, 1, 1)
+        with h5py.File(folder / f"{PCAM_FILES[split]}_x.h5", "w") as f:
+            f.create_dataset(
+                "x", data=images, chunks=(min(count, 32), 96, 96, 3), compression="gzip"
+            )
+        with h5py.File(folder / f"{PCAM_FILES[split]}_y.h5", "w") as f:
+            f.create_dataset("y", data=labels)
+
+
+def test_synthetic_is_deterministic_per_seed() -> None:
+    a, b, c = _draw_synthetic(24, seed=3), _draw_synthetic(24, seed=3), _draw_synthetic(24, seed=4)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (24, 3, 96, 96)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_synthetic_looks_like_h_and_e_with_darker_denser_tumour() -> None:
+    patches = _draw_synthetic(400, seed=0)
+    images = patches.images.float()
+    red, green, blue = images[:, 0], images[:, 1], images[:, 2]
+    # Eosin pink background: red above green, blue above green on average.
+    assert red.mean() > green.mean() + 30 and blue.mean() > green.mean() + 10
+    # Hematoxylin nuclei: dark purple pixels; more of them in tumour patches.
+    nuclear = ((red < 140) & (blue > green)).float().mean(dim=(1, 2))
+    tumour, normal = nuclear[patches.labels == 1].mean(), nuclear[patches.labels == 0].mean()
+    assert tumour > 1.5 * normal
+    # ...but the classes overlap: a threshold on nuclear area alone is far from perfect.
+    threshold = (tumour + normal) / 2
+    accuracy = ((nuclear > threshold).long() == patches.labels).float().mean()
+    assert 0.6 < accuracy < 0.95
+
+
+def test_synthetic_is_cached_in_memory_and_on_disk(tmp_path: Path) -> None:
+    first = synthetic_patches(16, 7, tmp_path)
+    assert synthetic_patches(16, 7, tmp_path) is first  # in-process cache
+    synthetic_patches.cache_clear()
+    assert len(list(tmp_path.glob("synthetic-*.pt"))) == 1
+    again = synthetic_patches(16, 7, tmp_path)  # reloaded from disk
+    assert torch.equal(again.images, first.images)
+
+
+def test_synthetic_splits_have_requested_sizes_and_image_size() -> None:
+    train, val = load_splits(
+        DatasetSpec(kind="synthetic", train_size=40, val_size=10, image_size=32)
+    )
+    assert train.images.shape == (40, 3, 32, 32) and val.images.shape == (10, 3, 32, 32)
+    assert train.images.dtype == torch.uint8
+
+
+def test_pcam_is_read_from_pcam_format_hdf5(tmp_path: Path) -> None:
+    write_pcam(tmp_path, {"train": 48, "val": 16})
+    train, val = load_splits(DatasetSpec(kind="pcam", root=tmp_path))
+    assert train.images.shape == (48, 3, 96, 96) and len(val) == 16
+    expected = _draw_synthetic(48, 0)
+    assert torch.equal(train.images, expected.images)
+    assert torch.equal(train.labels, expected.labels)
+
+
+def test_pcam_subset_is_seeded(tmp_path: Path) -> None:
+    write_pcam(tmp_path, {"train": 64, "val": 16})
+    spec = DatasetSpec(kind="pcam", root=tmp_path, train_size=20, val_size=8, seed=5)
+    a, _ = load_splits(spec)
+    b, _ = load_splits(spec)
+    assert len(a) == 20 and torch.equal(a.images, b.images)
+
+
+def test_pcam_missing_files_error_names_them(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        load_splits(DatasetSpec(kind="pcam", root=tmp_path))
+    message = str(error.value)
+    assert "camelyonpatch_level_2_split_train_x.h5" in message
+    assert "camelyonpatch_level_2_split_train_y.h5" in message
+    assert str(tmp_path / "pcam") in message
+
+
+def write_image_folder(root: Path, per_class: int = 10, size: int = 40) -> None:
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["normal", "tumor"]):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 120, (size, size, 3)) + 100 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index}.png")
+
+
+def test_imagefolder_is_decoded_once_and_split_stratified(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, per_class=10)
+    spec = DatasetSpec(kind="imagefolder", root=tmp_path, val_fraction=0.2, image_size=32, seed=1)
+    train, val = load_splits(spec)
+    assert train.images.shape == (16, 3, 32, 32) and len(val) == 4
+    assert train.labels.sum() == 8 and val.labels.sum() == 2  # 20% of each class held out
+    # Tumour images were drawn brighter: the labels follow the class directories.
+    assert (
+        train.images[train.labels == 1].float().mean()
+        > train.images[train.labels == 0].float().mean() + 50
+    )
+    again, _ = load_splits(spec)
+    assert torch.equal(again.images, train.images)
+
+
+def test_imagefolder_with_three_classes_is_refused(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, per_class=2)
+    (tmp_path / "other").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "other" / "x.png")
+    with pytest.raises(DataError, match="found 3 classes"):
+        load_splits(DatasetSpec(kind="imagefolder", root=tmp_path))
+
+
+def test_training_batches_drop_the_partial_batch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = list(batch_indices(100, 32, generator=generator, drop_last=True))
+    assert [len(b) for b in batches] == [32, 32, 32]
+    assert len(torch.cat(batches).unique()) == 96
+    assert [len(b) for b in batch_indices(100, 32, generator=None, drop_last=False)] == [
+        32,
+        32,
+        32,
+        4,
+    ]
+
+
+def test_augmentation_is_per_sample_dihedral_and_batched() -> None:
+    images = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).reshape(64, 3, 8, 8)
+    out = augment_batch(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    dihedral = []
+    for k in range(4):
+        dihedral.append(images.rot90(k, dims=(2, 3)))
+        dihedral.append(images.flip(3).rot90(k, dims=(2, 3)))
+    kinds = set()
+    for index in range(64):
+        matches = [
+            i for i, candidate in enumerate(dihedral) if torch.equal(out[index], candidate[index])
+        ]
+        assert matches, "each sample is one of the 8 flips/rotations of itself"
+        kinds.add(matches[0])
+    assert len(kinds) >= 6  # decided per sample, not once per batch
+
+
+def test_device_batcher_normalizes_to_float_channels_last() -> None:
+    images = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
+    batcher = DeviceBatcher(
+        torch.tensor([100.0, 50.0, 0.0]),
+        torch.tensor([10.0, 10.0, 10.0]),
+        torch.device("cpu"),
+        channels_last=True,
+    )
+    out, labels = batcher(images, torch.zeros(4, dtype=torch.long))
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out[:, 0], torch.zeros(1)) and torch.allclose(
+        out[:, 1], torch.full((1,), 5.0)
+    )
