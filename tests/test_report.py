@@ -1,0 +1,256 @@
+"""`hpo report`: the figures, the α fit and the summary, on studies built in the test.
+
+No training here: trials are made with ``optuna.trial.create_trial`` so the structure of
+the study (where the best learning rate lies for each batch size) is known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.report import (
+    FIGURE_NAMES,
+    attach_report,
+    fit_lr_scaling,
+    summary_markdown,
+    write_report,
+)
+from hpo.storage import SPEC_ATTR
+
+DISTRIBUTIONS = {
+    "log2_batch_size": IntDistribution(4, 9),
+    "lr": FloatDistribution(1e-5, 10.0, log=True),
+    "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+}
+
+
+def add_trial(
+    study: optuna.Study,
+    batch_size: int,
+    lr: float,
+    value: float,
+    *,
+    state: TrialState = TrialState.COMPLETE,
+    epochs: int = 4,
+) -> None:
+    """One finished trial as `hpo` stores it: params, batch size, accuracies, curve."""
+    curve = {epoch: value - 0.05 * (epochs - epoch) for epoch in range(1, epochs + 1)}
+    if state == TrialState.PRUNED:
+        curve = {epoch: curve[epoch] for epoch in (1, 2)}
+    val_acc = value - 0.05
+    study.add_trial(
+        create_trial(
+            state=state,
+            value=value if state == TrialState.COMPLETE else None,
+            params={"log2_batch_size": int(math.log2(batch_size)), "lr": lr, "weight_decay": 1e-4},
+            distributions=DISTRIBUTIONS,
+            user_attrs={
+                "batch_size": batch_size,
+                "val_acc": val_acc,
+                "train_acc": val_acc + 0.002 * math.log2(batch_size),
+                "generalization_gap": 0.002 * math.log2(batch_size),
+            },
+            intermediate_values=curve,
+        )
+    )
+
+
+def scaling_study(
+    alpha: float, *, seed: int = 0, batch_sizes=(16, 32, 64, 128, 256, 512)
+) -> optuna.Study:
+    """Per batch size, 9 learning rates around lr*(B) = 0.01 · (B/16)^alpha; the objective
+    falls off quadratically in log2(lr / lr*), plus a little seeded noise. Two trials per
+    batch size are pruned (far from the optimum)."""
+    rng = random.Random(seed)
+    study = optuna.create_study(direction="maximize", study_name=f"alpha-{alpha}")
+    for batch_size in batch_sizes:
+        best_lr = 0.01 * (batch_size / 16) ** alpha
+        for offset in (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0):
+            lr = best_lr * 2.0 ** (offset + rng.uniform(-0.1, 0.1))
+            value = 0.92 - 0.04 * math.log2(lr / best_lr) ** 2 + rng.uniform(-0.003, 0.003)
+            add_trial(study, batch_size, lr, value)
+        add_trial(study, batch_size, best_lr * 16, 0.55, state=TrialState.PRUNED)
+        add_trial(study, batch_size, best_lr / 16, 0.6, state=TrialState.PRUNED)
+    return study
+
+
+def test_best_lr_doubling_with_batch_size_gives_alpha_one_within_its_interval() -> None:
+    fit = fit_lr_scaling(scaling_study(1.0))
+    assert fit.alpha == pytest.approx(1.0, abs=0.08)
+    assert fit.alpha_low < 1.0 < fit.alpha_high
+    assert fit.alpha_high - fit.alpha_low < 0.3
+    assert fit.n_points == 6 * 3
+    assert "Consistent with the linear rule" in fit.describe()
+
+
+def test_lr_independent_of_batch_size_gives_alpha_zero() -> None:
+    fit = fit_lr_scaling(scaling_study(0.0))
+    assert fit.alpha == pytest.approx(0.0, abs=0.08)
+    assert fit.alpha_low < 0.0 < fit.alpha_high
+    assert fit.contains(0.5) is False and fit.contains(1.0) is False
+    assert "Neither the linear rule" in fit.describe()
+
+
+def test_square_root_scaling_is_told_apart_from_linear() -> None:
+    fit = fit_lr_scaling(scaling_study(0.5, seed=3))
+    assert fit.contains(0.5) and not fit.contains(1.0)
+
+
+def test_minimized_objective_ranks_lowest_values_as_best() -> None:
+    study = optuna.create_study(direction="minimize")
+    for batch_size, good_lr in ((16, 0.01), (64, 0.04), (256, 0.16)):
+        add_trial(study, batch_size, good_lr, 0.1)
+        add_trial(study, batch_size, 1.0, 0.9)
+    fit = fit_lr_scaling(study, top_k=1)
+    assert fit.alpha == pytest.approx(1.0)
+
+
+def test_one_batch_size_says_so_in_words_instead_of_fitting() -> None:
+    study = optuna.create_study(direction="maximize")
+    for lr in (0.01, 0.02, 0.04):
+        add_trial(study, 64, lr, 0.8)
+    add_trial(study, 128, 0.01, 0.5, state=TrialState.PRUNED)
+    fit = fit_lr_scaling(study)
+    assert fit.alpha is None
+    assert "only batch size 64 has complete trials" in fit.describe()
+    assert "two or more batch sizes" in fit.describe()
+
+
+def test_two_points_give_alpha_but_no_interval() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 32, 0.01, 0.8)
+    add_trial(study, 64, 0.02, 0.8)
+    fit = fit_lr_scaling(study)
+    assert fit.alpha == pytest.approx(1.0)
+    assert fit.alpha_low is None and fit.contains(1.0) is None
+    assert "no interval" in fit.describe()
+
+
+def test_empty_study_reports_no_fit() -> None:
+    fit = fit_lr_scaling(optuna.create_study())
+    assert fit.alpha is None and "no batch size has complete trials" in fit.reason
+
+
+def test_write_report_writes_png_html_and_summary(tmp_path: Path) -> None:
+    report = write_report(scaling_study(1.0), tmp_path / "out", metric="val_auc")
+    for name in FIGURE_NAMES:
+        png = tmp_path / "out" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        html = (tmp_path / "out" / f"{name}.html").read_text()
+        assert "plotly.min.js" in html  # shared, offline copy beside the HTML files
+    assert (tmp_path / "out" / "plotly.min.js").stat().st_size > 100_000
+    summary = report.summary_path.read_text()
+    assert "α = 1.0" in summary or "α = 0.9" in summary
+    assert "| 512 | 9 | 2 |" in summary
+    assert "Importances (PED-ANOVA)" in summary
+
+
+def test_pruned_trials_are_marked_on_the_objective_plane(tmp_path: Path) -> None:
+    report = write_report(scaling_study(1.0), tmp_path)
+    traces = {trace.name: trace for trace in report.figures["objective_plane"].data}
+    assert len(traces["pruned"].x) == 12
+    assert traces["pruned"].marker.symbol == "x"
+    assert len(traces["complete"].x) == 54
+
+
+def test_learning_curves_have_one_legend_entry_per_batch_size(tmp_path: Path) -> None:
+    report = write_report(scaling_study(1.0), tmp_path)
+    traces = report.figures["learning_curves"].data
+    assert len(traces) == 6 * 11
+    assert sorted(t.name for t in traces if t.showlegend) == sorted(
+        f"B = {b}" for b in (16, 32, 64, 128, 256, 512)
+    )
+
+
+def test_report_with_too_few_trials_still_writes_every_file(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 64, 0.01, 0.8)
+    report = write_report(study, tmp_path)
+    assert len(report.files) == 2 * len(FIGURE_NAMES) + 1
+    assert (
+        "No scaling fit: only batch size 64 has complete trials" in report.summary_path.read_text()
+    )
+
+
+def test_attach_puts_figures_note_and_pngs_on_the_study(tmp_path: Path) -> None:
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna_dashboard import get_note
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="s")
+    for trial in scaling_study(1.0).trials:
+        study.add_trial(trial)
+    report = write_report(study, tmp_path / "out")
+    attach_report(study, report, tmp_path / "artifacts")
+    attach_report(study, report, tmp_path / "artifacts")  # again: replaces, does not pile up
+
+    attrs = storage.get_study_system_attrs(study._study_id)
+    graph_ids = {key.split(":")[2] for key in attrs if key.startswith("dashboard:plot_data:")}
+    assert graph_ids == {f"hpo-{name}" for name in FIGURE_NAMES}
+    metas = get_all_artifact_meta(study, storage=storage)
+    assert sorted(m.filename for m in metas) == sorted(f"hpo-{n}.png" for n in FIGURE_NAMES)
+    assert len(list((tmp_path / "artifacts").iterdir())) == len(FIGURE_NAMES)
+    note = get_note(study)
+    assert "α = " in note and "/artifacts/" in note
+
+
+def test_summary_markdown_names_the_metric() -> None:
+    from hpo.report import collect
+
+    text = summary_markdown(collect(scaling_study(1.0), "val_auc"))
+    assert "maximize val_auc" in text and "best val_auc" in text
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _stored_study(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = optuna.create_study(storage=url, direction="maximize", study_name="demo")
+    study.set_user_attr(SPEC_ATTR, json.dumps({"objective": {"metric": "val_auc"}}))
+    for trial in scaling_study(1.0).trials:
+        study.add_trial(trial)
+    return url
+
+
+def test_report_command_writes_files_and_prints_alpha(tmp_path: Path) -> None:
+    url = _stored_study(tmp_path)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            "--study",
+            "demo",
+            "--storage",
+            url,
+            "--out",
+            str(out),
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "α = " in result.output
+    assert (out / "lr_scaling.png").exists() and (out / "summary.md").exists()
+    assert "val_auc" in (out / "summary.md").read_text()
+    assert len(list((tmp_path / "artifacts").iterdir())) == len(FIGURE_NAMES)
+
+
+def test_report_command_on_unknown_study_exits_2(tmp_path: Path) -> None:
+    url = _stored_study(tmp_path)
+    result = CliRunner().invoke(
+        app, ["report", "--study", "nope", "--storage", url, "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "study 'nope' not found" in result.output
