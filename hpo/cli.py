@@ -220,6 +220,48 @@ def status(
     _print_summary(study, storage_url, spec.objective.metric)
 
 
+@app.command()
+@user_errors
+def probe(
+    study: Annotated[
+        str,
+        typer.Option(
+            "--study",
+            help="Study in the storage (created from studies/NAME.toml if not there yet).",
+        ),
+    ],
+    storage: StorageOption = None,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps", min=1, help="Timed training steps per batch size (after 1 warm-up)."
+        ),
+    ] = 3,
+) -> None:
+    """Which of the study's batch sizes fit this device: a few training steps at each power
+    of two, samples/s and peak memory; stored on the study per device name, so no worker
+    on this kind of device trains a batch size that does not fit."""
+    from hpo.probe import probe_study
+    from hpo.storage import resolve_storage_url
+
+    storage_url = resolve_storage_url(storage)
+    result, cap = probe_study(study, storage_url, steps=steps)
+    table = Table(title=f"batch sizes on {result.device_name}")
+    for column in ("batch size", "fits", "samples/s", "peak memory (MiB)", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
+    for row in result.rows:
+        table.add_row(
+            str(row.batch_size),
+            "yes" if row.fits else "no",
+            "-" if row.samples_per_s is None else f"{row.samples_per_s:,.0f}",
+            "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:,.0f}",
+            row.note,
+        )
+    console.print(table)
+    console.print(f"peak memory: {result.memory_method}")
+    console.print(f"batch-size cap stored for {result.device_name!r}: {cap if cap else 'none'}")
+
+
 ArtifactsOption = Annotated[
     Path | None,
     typer.Option(

@@ -74,9 +74,27 @@ def grid_size(spec: StudySpec) -> int:
     return math.prod(len(values) for values in grid_search_space(spec).values())
 
 
-def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    spec: StudySpec, *, parallel: bool = False, device_name: str | None = None
+) -> optuna.samplers.BaseSampler:
     """The spec's sampler. ``parallel`` turns on TPE's constant liar, so workers sharing a
-    study do not all propose the point that looks best while the others are still running."""
+    study do not all propose the point that looks best while the others are still running.
+
+    It is wrapped in ``hpo.probe.BatchSizeCapSampler``, which clamps batch sizes above the
+    cap stored for this device (``device_name``, default: the device ``spec.training``
+    selects, resolved on first use); ``sampler.base`` is the Optuna sampler itself.
+    """
+    from hpo.probe import BatchSizeCapSampler
+
+    def this_device() -> str:
+        from hpo.train import select_device
+
+        return select_device(spec.training).name
+
+    return BatchSizeCapSampler(_base_sampler(spec, parallel), device_name or this_device)
+
+
+def _base_sampler(spec: StudySpec, parallel: bool) -> optuna.samplers.BaseSampler:
     config = spec.sampler
     if config.kind == "tpe":
         return optuna.samplers.TPESampler(

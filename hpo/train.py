@@ -9,6 +9,7 @@ On this project's reference CPU (AMD EPYC, avx512_bf16) that was 3.9× for a sma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from sklearn.metrics import roc_auc_score
 
 from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats, load_splits
 from hpo.models import build_model
+from hpo.probe import (
+    CLAMPED_ATTR,
+    clamp_batch_size,
+    lower_batch_cap,
+    read_batch_cap,
+    release_device_memory,
+)
 from hpo.space import TrialParams, sample_params
 from hpo.spec import StudySpec, TrainingSpec
 
@@ -28,6 +36,12 @@ from hpo.spec import StudySpec, TrainingSpec
 CUDA_FINITE_CHECK_EVERY = 16
 # Train accuracy for the generalization gap is measured in eval mode on this many patches.
 TRAIN_EVAL_SAMPLES = 2048
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of device memory. The trial is FAIL with ``fail_reason = "oom"``,
+    the device's batch-size cap is already lowered and memory freed: a worker catches this
+    (``study.optimize(catch=...)``) and goes on with the next trial."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,25 @@ def evaluate(
     return loss, accuracy, auc
 
 
+def evaluate_within_memory(
+    model: torch.nn.Module,
+    patches: PatchSet,
+    batcher: DeviceBatcher,
+    setup: DeviceSetup,
+    batch_size: int,
+) -> tuple[tuple[float, float, float], int]:
+    """``evaluate``, halving the batch after a CUDA OOM (evaluation's batch size is ours
+    to choose, unlike training's). Returns the metrics and the batch size that worked."""
+    while True:
+        try:
+            return evaluate(model, patches, batcher, setup, batch_size), batch_size
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+        release_device_memory(setup.device.type)
+        batch_size //= 2
+
+
 def _optimizer(model: torch.nn.Module, spec: StudySpec, params: TrialParams) -> torch.optim.Optimizer:
     if spec.search.optimizer == "sgd":
         return torch.optim.SGD(
@@ -215,6 +248,14 @@ def run_trial(
         torch.set_num_threads(training.num_threads)
     setup = select_device(training)
     trial.set_user_attr("device", setup.name)
+    study = getattr(trial, "study", None)  # absent on optuna.trial.FixedTrial
+    cap = read_batch_cap(study, setup.name) if study is not None else None
+    if clamp_batch_size(params.batch_size, cap) != params.batch_size:
+        # An enqueued trial, or the cap fell since the sampler drew: never train a size
+        # known not to fit.
+        trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
+        params = dataclasses.replace(params, batch_size=clamp_batch_size(params.batch_size, cap))
+        trial.set_user_attr("batch_size", params.batch_size)
     trial.set_user_attr("precision", str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32")
 
     train_set, val_set = splits if splits is not None else load_splits(spec.dataset)
@@ -236,6 +277,7 @@ def run_trial(
     metric = spec.objective.metric
     steps_per_epoch = len(train_set) // params.batch_size
     tally = _Tally()
+    eval_batch = training.eval_batch_size
     progress.start(trial.number, params, epochs, steps_per_epoch)
 
     try:
@@ -275,9 +317,12 @@ def run_trial(
                 trial.set_user_attr("fail_reason", "diverged")
                 raise optuna.TrialPruned(f"loss diverged at epoch {epoch}")
 
-            eval_batch = training.eval_batch_size
-            val_loss, val_acc, val_auc = evaluate(model, val_set, batcher, setup, eval_batch)
-            _, train_acc, _ = evaluate(model, train_probe, batcher, setup, eval_batch)
+            (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
+                model, val_set, batcher, setup, eval_batch
+            )
+            (_, train_acc, _), eval_batch = evaluate_within_memory(
+                model, train_probe, batcher, setup, eval_batch
+            )
             metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, val_auc)
             tally.history.append(metrics)
             progress.epoch_end(metrics, metric)
@@ -291,6 +336,18 @@ def run_trial(
                 trial.set_user_attr("fail_reason", "pruned")
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} = {value:.4f}")
         return tally.history[-1].objective(metric)
+    except torch.cuda.OutOfMemoryError:
+        trial.set_user_attr("fail_reason", "oom")
     finally:
         _record(trial, tally, started, spec)
         progress.finish()
+    # Only an OOM gets here. Its traceback (which held the activations) is gone now, so
+    # dropping the last references and emptying the cache really frees the memory.
+    model = optimizer = scheduler = images = targets = loss = loss_sum = None  # noqa: F841
+    release_device_memory(setup.device.type)
+    new_cap = lower_batch_cap(study, setup.name, params.batch_size) if study is not None else None
+    trial.set_user_attr("batch_size_cap_after_oom", new_cap)
+    raise TrialOutOfMemory(
+        f"trial {trial.number}: out of memory on {setup.name} at batch size "
+        f"{params.batch_size}; cap for this device is now {new_cap}"
+    )

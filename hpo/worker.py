@@ -19,9 +19,11 @@ from hpo.data import PatchSet, load_splits
 from hpo.space import TrialParams, make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_differences
 from hpo.storage import SPEC_ATTR, StorageError, mask_url, open_storage
-from hpo.train import EpochMetrics, run_trial
+from hpo.train import EpochMetrics, TrialOutOfMemory, run_trial
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Trial errors after which the worker goes on: the trial is FAIL, the next one starts.
+SURVIVABLE = (TrialOutOfMemory,)
 
 
 class StudyNotFound(StorageError):
@@ -207,10 +209,14 @@ def run_worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if progress == "bar":
         with BarProgress(remaining) as bar:
-            study.optimize(Objective(spec, bar), timeout=timeout_s, callbacks=callbacks)
+            study.optimize(
+                Objective(spec, bar), timeout=timeout_s, callbacks=callbacks, catch=SURVIVABLE
+            )
     else:
         line = LineProgress(label) if progress == "lines" else None
-        study.optimize(Objective(spec, line), timeout=timeout_s, callbacks=callbacks)
+        study.optimize(
+            Objective(spec, line), timeout=timeout_s, callbacks=callbacks, catch=SURVIVABLE
+        )
 
 
 def _child(study_name: str, storage_url: str, total: int, timeout_s: float | None, index: int,

@@ -1,0 +1,112 @@
+"""`hpo probe`: which batch sizes fit, how fast, stored per device; samplers keep to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.probe import (
+    PROBE_ATTR_PREFIX,
+    ProbeRow,
+    clamp_batch_size,
+    probe_batch_sizes,
+    read_batch_cap,
+    store_probe,
+    stored_caps,
+    write_batch_cap,
+)
+from hpo.space import make_sampler, sample_params
+from hpo.spec import load_spec
+from hpo.worker import create_or_load_study
+
+
+@pytest.fixture
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'probe.db'}"
+
+
+def test_probe_times_every_power_of_two_of_the_space(tiny_study: Path) -> None:
+    result = probe_batch_sizes(load_spec("tiny"), steps=1, warmup=0)
+
+    assert result.device_name == "cpu"
+    assert [row.batch_size for row in result.rows] == [16, 32, 64]
+    assert all(row.fits and row.samples_per_s > 0 for row in result.rows)
+    # Memory grows with the batch: activations dominate at these sizes.
+    memory = [row.peak_memory_mib for row in result.rows]
+    assert memory == sorted(memory) and memory[0] > 0
+    assert result.max_batch_size == 64
+
+
+def test_a_batch_size_that_runs_out_of_memory_stops_the_probe(tiny_study: Path) -> None:
+    def measure(spec, setup, batch_size, steps, warmup) -> ProbeRow:
+        if batch_size >= 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return ProbeRow(batch_size, True, 1000.0, 10.0)
+
+    result = probe_batch_sizes(load_spec("tiny"), measure=measure)
+
+    assert [(row.batch_size, row.fits) for row in result.rows] == [
+        (16, True),
+        (32, False),
+        (64, False),
+    ]
+    assert "out of memory" in result.rows[1].note
+    assert result.rows[2].note == "larger than 32"
+    assert result.max_batch_size == 16
+
+
+def test_the_probe_is_stored_on_the_study_per_device(tiny_study: Path, storage_url: str) -> None:
+    study = create_or_load_study(load_spec("tiny"), storage_url, parallel=False)
+    result = probe_batch_sizes(
+        load_spec("tiny"),
+        measure=lambda spec, setup, b, steps, warmup: ProbeRow(b, b <= 32, 1.0, 1.0),
+    )
+
+    store_probe(study, result)
+
+    assert stored_caps(study) == {"cpu": 32}
+    assert study.user_attrs[PROBE_ATTR_PREFIX + "cpu"]["max_batch_size"] == 32
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random", "grid"])
+def test_samplers_never_propose_a_batch_size_above_the_device_cap(
+    tiny_study: Path, storage_url: str, kind: str
+) -> None:
+    spec = load_spec("tiny").model_copy(deep=True)
+    spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"kind": kind})})
+    study = optuna.create_study(storage=storage_url, sampler=make_sampler(spec))
+    write_batch_cap(study, "cpu", 32)
+
+    study.optimize(lambda trial: sample_params(trial, spec).lr, n_trials=12)
+
+    drawn = [t.params["log2_batch_size"] for t in study.trials]
+    assert max(drawn) <= 5
+    clamped = [
+        t.user_attrs["batch_size_clamped_from"]
+        for t in study.trials
+        if t.user_attrs.get("batch_size_clamped_from")
+    ]
+    assert clamped and set(clamped) == {64}
+
+
+def test_clamp_takes_the_largest_power_of_two_under_the_cap() -> None:
+    assert clamp_batch_size(256, None) == 256
+    assert clamp_batch_size(256, 256) == 256
+    assert clamp_batch_size(256, 96) == 64
+
+
+def test_hpo_probe_prints_the_table_and_stores_the_cap(tiny_study: Path, storage_url: str) -> None:
+    result = CliRunner().invoke(
+        app, ["probe", "--study", "tiny", "--storage", storage_url, "--steps", "1"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "batch sizes on cpu" in result.output
+    assert "batch-size cap stored for 'cpu': 64" in result.output
+    study = optuna.load_study(study_name="tiny", storage=storage_url)
+    assert read_batch_cap(study, "cpu") == 64
