@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import optuna
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from hpo.checkpoint import TrialCheckpoint, original_trial_number
 from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats, load_splits
 from hpo.models import build_model
 from hpo.probe import (
@@ -232,13 +233,15 @@ def run_trial(
     *,
     splits: tuple[PatchSet, PatchSet] | None = None,
     progress: TrialProgress | None = None,
+    checkpoint: TrialCheckpoint | None = None,
 ) -> float:
     """Train one trial and return the objective at the last epoch.
 
     Reports the objective after every epoch (step = epoch, 1-based) and raises
     ``optuna.TrialPruned`` when the pruner says so (``fail_reason = "pruned"``) or when the
     loss turns NaN/inf (``fail_reason = "diverged"``). ``splits`` lets a worker load the
-    data once for many trials.
+    data once for many trials. ``checkpoint`` is written after every epoch; a retried trial
+    resumes from it (``hpo.checkpoint``).
     """
     started = time.perf_counter()
     progress = progress or _Silent()
@@ -263,7 +266,7 @@ def run_trial(
     mean, std = channel_stats(train_set.images)
     batcher = DeviceBatcher(mean, std, setup.device, channels_last=setup.channels_last)
 
-    seed = spec.seed + trial.number
+    seed = spec.seed + original_trial_number(trial)  # a retry replays its original
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(spec.model.name, pretrained=spec.model.pretrained).to(setup.device)
@@ -277,11 +280,19 @@ def run_trial(
     metric = spec.objective.metric
     steps_per_epoch = len(train_set) // params.batch_size
     tally = _Tally()
+    start_epoch = 0
+    if checkpoint is not None:
+        start_epoch, saved = checkpoint.resume(
+            trial, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            generator=generator,
+        )  # fmt: skip
+        if saved is not None:
+            tally = _Tally(**{**saved, "history": [EpochMetrics(**m) for m in saved["history"]]})
     eval_batch = training.eval_batch_size
     progress.start(trial.number, params, epochs, steps_per_epoch)
 
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch + 1, epochs + 1):
             model.train()
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=setup.device)
@@ -335,6 +346,11 @@ def run_trial(
             if trial.should_prune():
                 trial.set_user_attr("fail_reason", "pruned")
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric} = {value:.4f}")
+            if checkpoint is not None:
+                checkpoint.save(
+                    epoch, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                    generator=generator, extra=asdict(tally),
+                )  # fmt: skip
         return tally.history[-1].objective(metric)
     except torch.cuda.OutOfMemoryError:
         trial.set_user_attr("fail_reason", "oom")

@@ -1,0 +1,118 @@
+"""Checkpoints: a trial cut off after an epoch resumes there and ends where it would have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import tomllib
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from hpo.checkpoint import TrialCheckpoint, checkpoint_root, remove_finished_checkpoints
+from hpo.data import load_splits
+from hpo.spec import parse_spec
+from hpo.train import run_trial
+
+from .conftest import tiny_study_text
+
+pytestmark = pytest.mark.filterwarnings(
+    f"ignore::{ExperimentalWarning.__module__}.ExperimentalWarning"
+)
+
+PARAMS = {"log2_batch_size": 5, "lr": 0.05, "weight_decay": 1e-4}
+
+
+class Killed(Exception):
+    """Stands in for kill -9 right after a checkpoint was written."""
+
+
+class CheckpointThenDie(TrialCheckpoint):
+    def save(self, epoch: int, **state: object) -> None:
+        super().save(epoch, **state)
+        raise Killed(f"worker died after epoch {epoch}")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    text = tiny_study_text(epochs=2, pruner="none", sampler="random")
+    return parse_spec(tomllib.loads(text), source="test", default_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def splits(spec):
+    return load_splits(spec.dataset)
+
+
+def _study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(PARAMS)
+    return study
+
+
+def test_resumed_trial_matches_an_uninterrupted_one(spec, splits, tmp_path: Path) -> None:
+    reference = _study()
+    reference_trial = reference.ask()
+    expected = run_trial(reference_trial, spec, splits=splits)
+    expected_curve = reference.trials[0].intermediate_values
+
+    study = _study()
+    first = study.ask()
+    with pytest.raises(Killed):
+        run_trial(
+            first, spec, splits=splits, checkpoint=CheckpointThenDie.for_trial(tmp_path, first)
+        )
+    study.tell(first, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, study.trials[0])
+
+    retry = study.ask()
+    assert retry.number == 1 and retry.params == first.params
+    value = run_trial(
+        retry, spec, splits=splits, checkpoint=TrialCheckpoint.for_trial(tmp_path, retry)
+    )
+    study.tell(retry, value)
+
+    finished = study.trials[1]
+    assert finished.user_attrs["resumed_from_epoch"] == 1
+    assert finished.user_attrs["retry_of"] == 0
+    assert finished.user_attrs["epochs_completed"] == 2
+    assert [p.name for p in tmp_path.joinpath("trial-0").iterdir()] == ["checkpoint.pt"]
+    assert finished.intermediate_values == pytest.approx(expected_curve, abs=1e-6)
+    assert value == pytest.approx(expected, abs=1e-6)
+
+
+def test_retry_without_a_checkpoint_starts_from_epoch_zero(spec, splits, tmp_path: Path) -> None:
+    study = _study()
+    first = study.ask()
+    study.tell(first, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, study.trials[0])
+    retry = study.ask()
+    with pytest.raises(Killed):
+        run_trial(
+            retry, spec, splits=splits, checkpoint=CheckpointThenDie.for_trial(tmp_path, retry)
+        )
+    assert retry.user_attrs["resumed_from_epoch"] == 0
+    assert retry.user_attrs["retry_of"] == 0
+
+
+def test_finished_checkpoints_are_removed_except_the_best(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    for value in (0.7, 0.9, 0.8):
+        study.add_trial(optuna.create_trial(value=value))
+    study.add_trial(optuna.create_trial(state=TrialState.PRUNED))
+    running = study.ask()
+    for number in range(running.number + 1):
+        (tmp_path / f"trial-{number}").mkdir()
+        (tmp_path / f"trial-{number}" / "checkpoint.pt").write_bytes(b"x")
+
+    remove_finished_checkpoints(tmp_path, study)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-1", "trial-4"]
+
+
+def test_checkpoint_directory_env_overrides_the_spec(spec, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HPO_CHECKPOINT_DIR", str(tmp_path))
+    assert checkpoint_root(spec) == tmp_path.resolve() / "tiny"
