@@ -15,8 +15,10 @@ import errno
 import ipaddress
 import os
 import shlex
+import signal
 import socket
 import socketserver
+import threading
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -123,13 +125,21 @@ def url_of(host: str, port: int) -> str:
 
 
 def serve(server: WSGIServer) -> None:
-    """Serve until Ctrl-C (or SIGINT); then close the socket and return normally."""
+    """Serve until Ctrl-C or SIGTERM; then close the socket and return normally."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def describe(storage_url: str, host: str, port: int, artifact_dir: Path) -> str:

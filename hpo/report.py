@@ -212,6 +212,24 @@ class ScalingFit:
         return text
 
 
+def _fit_title(fit: ScalingFit) -> str:
+    """Two short lines for a figure title (fits the dashboard's half-width cards)."""
+    import textwrap
+
+    head = FIGURE_TITLES["lr_scaling"]
+    if fit.alpha is None:
+        return f"{head}<br><sup>{'<br>'.join(textwrap.wrap(f'No fit: {fit.reason}.', 80))}</sup>"
+    if fit.alpha_low is None or fit.alpha_high is None:
+        return f"{head}: α = {fit.alpha:.2f}<br><sup>no interval: {fit.n_points} points</sup>"
+    verdicts = []
+    for alpha, name in ((1.0, "linear"), (0.5, "square root")):
+        verdicts.append(f"α = {alpha:g} ({name}) {'inside' if fit.contains(alpha) else 'outside'}")
+    return (
+        f"{head}: α = {fit.alpha:.2f} [{fit.alpha_low:.2f}, {fit.alpha_high:.2f}]<br>"
+        f"<sup>{fit.confidence:.0%} interval · {' · '.join(verdicts)} · {fit.n_points} points</sup>"
+    )
+
+
 def _student_t_quantile(probability: float, dof: int) -> float:
     from scipy import stats
 
@@ -444,10 +462,9 @@ def plotly_lr_scaling(data: ReportData) -> go.Figure:
     import plotly.graph_objects as go
 
     fit = data.fit
-    title = FIGURE_TITLES["lr_scaling"]
     complete = [p for p in data.points if not p.pruned and p.value is not None]
     if not complete:
-        return _empty_plotly(title, f"No scaling fit: {fit.reason}.")
+        return _empty_plotly(_fit_title(fit), "No complete trials yet.")
     figure = go.Figure()
     figure.add_trace(
         go.Scatter(
@@ -468,7 +485,7 @@ def plotly_lr_scaling(data: ReportData) -> go.Figure:
             x=[b for b, _ in fit.points],
             y=[lr for _, lr in fit.points],
             mode="markers",
-            name=f"top {fit.top_k} per batch size (fitted)",
+            name=f"top {fit.top_k} per B (fitted)",
             marker={"color": "royalblue", "size": 9},
         )
     )
@@ -478,7 +495,7 @@ def plotly_lr_scaling(data: ReportData) -> go.Figure:
             x=[r.batch_size for r in bests],
             y=[r.best_lr for r in bests],
             mode="markers",
-            name="best trial per batch size",
+            name="best per B",
             marker={"symbol": "star", "color": "crimson", "size": 13},
         )
     )
@@ -530,11 +547,10 @@ def plotly_lr_scaling(data: ReportData) -> go.Figure:
                 )
             )
     figure.update_layout(
-        title={"text": f"{title}<br><sup>{fit.describe()}</sup>"},
+        title={"text": _fit_title(fit)},
         xaxis=_log2_axis(data.batch_sizes),
         yaxis={"type": "log", "title": "learning rate"},
-        legend={"orientation": "h", "y": -0.2},
-        height=560,
+        legend={"orientation": "h", "y": -0.22},
     )
     return figure
 
@@ -588,7 +604,7 @@ def plotly_objective_plane(data: ReportData) -> go.Figure:
         title=title,
         xaxis=_log2_axis(data.batch_sizes),
         yaxis={"type": "log", "title": "learning rate"},
-        height=520,
+        legend={"orientation": "h", "y": -0.15},
     )
     return figure
 
@@ -603,7 +619,7 @@ def plotly_generalization(data: ReportData) -> go.Figure:
     figure = make_subplots(
         rows=1,
         cols=2,
-        subplot_titles=(f"best {data.metric}", "generalization gap (train − val accuracy)"),
+        subplot_titles=(f"best {data.metric}", "gap: train − val accuracy"),
     )
     figure.add_trace(
         go.Scatter(
@@ -641,7 +657,10 @@ def plotly_generalization(data: ReportData) -> go.Figure:
     )
     for col in (1, 2):
         figure.update_xaxes(_log2_axis(data.batch_sizes), row=1, col=col)
-    figure.update_layout(title=FIGURE_TITLES["generalization"], height=460)
+    figure.update_layout(
+        title=FIGURE_TITLES["generalization"],
+        legend={"orientation": "h", "y": -0.2},
+    )
     return figure
 
 
@@ -677,7 +696,6 @@ def plotly_learning_curves(data: ReportData) -> go.Figure:
         title=f"{FIGURE_TITLES['learning_curves']} (dotted: pruned)",
         xaxis={"title": "epoch", "dtick": 1},
         yaxis={"title": data.metric},
-        height=480,
     )
     return figure
 
@@ -700,7 +718,6 @@ def plotly_importances(data: ReportData) -> go.Figure:
     figure.update_layout(
         title=f"{title} (Optuna's PED-ANOVA evaluator, for {data.metric})",
         xaxis={"title": "importance (sums to 1)"},
-        height=360,
     )
     return figure
 
@@ -1071,8 +1088,8 @@ def attach_report(study: optuna.Study, report: Report, artifact_dir: Path) -> li
     note += (
         "\n![best learning rate per batch size]"
         f"(/artifacts/{study_id}/{artifact_ids['lr_scaling']})\n\n"
-        "Interactive figures are below on this page; the PNGs are under Artifacts. "
-        "Regenerate with `hpo report`.\n"
+        "The interactive figures are on the study's main page, the PNGs under Study "
+        "Artifacts there. Regenerate all of this with `hpo report`.\n"
     )
     save_note(study, note)
     return graph_ids
