@@ -277,11 +277,12 @@ ArtifactsOption = Annotated[
 
 def _print_dashboard_hint(storage_url: str) -> None:
     """The exact command that opens this storage in the browser (password masked)."""
+    from sqlalchemy.engine import make_url
+
     from hpo.dashboard import dashboard_command
-    from hpo.storage import mask_url
 
     line = f"dashboard: {dashboard_command(storage_url)}"
-    if mask_url(storage_url) != storage_url:
+    if make_url(storage_url).password is not None:
         line += "  (password masked: put it back, or export HPO_STORAGE and drop --storage)"
     console.print(line, markup=False, soft_wrap=True)
 
