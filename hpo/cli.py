@@ -310,7 +310,6 @@ def dashboard(
 
     storage_url = resolve_storage_url(storage)
     artifact_dir = artifacts or default_artifact_dir(storage_url)
-    server = make_server(storage_url, host=host, port=port, artifact_dir=artifact_dir)
     if not is_loopback(host):
         errors.print(
             f"warning: listening on {host}, not 127.0.0.1: the dashboard has no "
@@ -318,6 +317,7 @@ def dashboard(
             "studies. Prefer an SSH tunnel to 127.0.0.1.",
             markup=False,
         )
+    server = make_server(storage_url, host=host, port=port, artifact_dir=artifact_dir)
     console.print(describe(storage_url, host, port, artifact_dir), markup=False, soft_wrap=True)
     serve(server)
 

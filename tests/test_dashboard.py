@@ -175,6 +175,31 @@ def test_taken_port_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in result.output
 
 
+def test_binding_beyond_loopback_warns_that_there_is_no_authentication(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    optuna.create_study(storage=url, study_name="s")
+    with socket.socket() as taken:  # taken, so the command stops right after the warning
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            app, ["dashboard", "--storage", url, "--host", "0.0.0.0", "--port", str(port)]
+        )
+    assert result.exit_code == 2
+    assert "warning: listening on 0.0.0.0" in result.output
+    assert "no authentication" in result.output
+
+
+def test_launch_hint_masks_the_password_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from hpo.cli import _print_dashboard_hint
+
+    _print_dashboard_hint("postgresql+psycopg://hpo:s3cret@db:5432/hpo")
+    out = capsys.readouterr().out
+    assert out.startswith("dashboard: hpo dashboard --storage ")
+    assert "s3cret" not in out and "password masked" in out
+    assert len(out.strip().splitlines()) == 1
+
+
 def test_missing_sqlite_file_exits_2_instead_of_creating_an_empty_database(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["dashboard", "--storage", f"sqlite:///{tmp_path / 'no.db'}"])
     assert result.exit_code == 2
