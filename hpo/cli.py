@@ -139,7 +139,15 @@ def launch(
     ] = None,
     storage: StorageOption = None,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Local worker processes sharing the study.")
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help=(
+                "Local worker processes sharing the study: one GPU each when there are "
+                "enough GPUs, else the CPU cores split between them."
+            ),
+        ),
     ] = 1,
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch size."""
@@ -155,7 +163,7 @@ def launch(
         f"study [bold]{spec.name}[/] in {mask_url(storage_url)}: {already} finished trials; "
         f"running {new_trials} more with {workers} worker(s)"
     )
-    run_local_workers(
+    code = run_local_workers(
         spec.name,
         storage_url,
         total_trials=already + new_trials,
@@ -167,14 +175,14 @@ def launch(
     if where is not None:
         console.print(f"storage: SQLite file {where}")
     _print_dashboard_hint(storage_url)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
 @user_errors
 def worker(
-    study: Annotated[
-        str, typer.Option("--study", help="Name of an existing study in the storage.")
-    ],
+    study: Annotated[str, typer.Option("--study", help="Name of the study in the storage.")],
     storage: StorageOption = None,
     n_trials: Annotated[
         int | None,
@@ -188,21 +196,61 @@ def worker(
         float | None,
         typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds."),
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help=(
+                "'all' or GPU indices like 0,1,3: one worker process per GPU, each with "
+                "CUDA_VISIBLE_DEVICES set to its GPU. Default: one worker in this process."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    spec_file: Annotated[
+        str | None,
+        typer.Option(
+            "--spec",
+            help=(
+                "A local study file (name or .toml path): creates the study if it is missing; "
+                "refused, naming the fields, if it differs from the stored spec."
+            ),
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Join an existing study (its spec is read from the storage) and run trials."""
+    """Join a study (its spec is read from the storage) and run trials until the study-wide
+    total is reached. SIGTERM/SIGINT re-queue the running trial and stop within seconds."""
+    import os
+
     from hpo.storage import resolve_storage_url
-    from hpo.worker import load_study, run_worker
+    from hpo.worker import LABEL_ENV, load_study, resolve_gpus, run_worker, run_worker_processes
 
     storage_url = resolve_storage_url(storage)
-    _, spec = load_study(study, storage_url, parallel=True)
-    run_worker(
-        study,
-        storage_url,
-        total_trials=n_trials or spec.budget.n_trials,
-        timeout_s=timeout or spec.budget.timeout_s,
-        progress="lines",
-        parallel=True,
-    )
+    local_spec = load_spec(spec_file) if spec_file else None
+    _, spec = load_study(study, storage_url, parallel=True, local_spec=local_spec)
+    total_trials = n_trials or spec.budget.n_trials
+    timeout_s = timeout or spec.budget.timeout_s
+    if gpus is None:
+        code = run_worker(
+            study,
+            storage_url,
+            total_trials=total_trials,
+            timeout_s=timeout_s,
+            progress="lines",
+            label=os.environ.get(LABEL_ENV, ""),
+            parallel=True,
+        )
+    else:
+        devices: list[str | None] = list(resolve_gpus(gpus))
+        if not devices:
+            errors.print("warning: --gpus all: this node sees no GPU; running one CPU worker")
+            devices = [None]
+        code = run_worker_processes(
+            study, storage_url, total_trials=total_trials, timeout_s=timeout_s, devices=devices
+        )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
