@@ -199,15 +199,22 @@ class ScalingFit:
             f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} ({percent} interval "
             f"{self.alpha_low:.2f} to {self.alpha_high:.2f}) {where}."
         )
-        rules = {"linear rule (α = 1)": 1.0, "square-root rule (α = 0.5)": 0.5}
-        inside = [name for name, value in rules.items() if self.contains(value)]
-        outside = [name for name, value in rules.items() if not self.contains(value)]
-        if inside:
-            text += f" Consistent with the {' and the '.join(inside)}"
-            text += f"; not with the {outside[0]}." if outside else "."
+        linear, square_root, flat = self.contains(1.0), self.contains(0.5), self.contains(0.0)
+        if linear and square_root:
+            text += " The interval is too wide to tell the linear rule (α = 1) from the "
+            text += "square-root rule (α = 0.5)"
+            text += " or from no dependence on batch size (α = 0)" if flat else ""
+            text += "; more complete trials per batch size would narrow it."
+            return text
+        if linear or square_root:
+            inside, outside = ("linear rule (α = 1)", "square-root rule (α = 0.5)")[
+                :: 1 if linear else -1
+            ]
+            text += f" Consistent with the {inside}; not with the {outside}."
         else:
-            text += f" Neither the {' nor the '.join(rules)} lies inside the interval."
-        if self.contains(0.0):
+            text += " Neither the linear rule (α = 1) nor the square-root rule (α = 0.5) lies "
+            text += "inside the interval."
+        if flat:
             text += " α = 0 (no dependence on batch size) is not ruled out."
         return text
 
@@ -1062,9 +1069,10 @@ def write_report(
 
 def attach_report(study: optuna.Study, report: Report, artifact_dir: Path) -> list[str]:
     """Put the report on the study so optuna-dashboard shows it: the plotly figures (as
-    dashboard graph objects, scaling plot first), the PNGs (as study artifacts in the
-    file-system store at ``artifact_dir``) and the summary (as the study's note, with the
-    scaling PNG inline). Replaces what an earlier report attached. Returns the graph ids.
+    dashboard graph objects, stored in the study itself; the dashboard chooses their order),
+    the PNGs (as study artifacts in the file-system store at ``artifact_dir``) and the
+    summary (as the study's note, with the scaling PNG inline). Replaces what an earlier
+    report attached. Returns the graph-object ids.
     """
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import save_note, save_plotly_graph_object

@@ -106,6 +106,16 @@ def test_square_root_scaling_is_told_apart_from_linear() -> None:
     assert fit.contains(0.5) and not fit.contains(1.0)
 
 
+def test_a_wide_interval_is_called_too_wide_to_tell_the_rules_apart() -> None:
+    study = optuna.create_study(direction="maximize")
+    for batch_size, lr in ((16, 0.01), (32, 0.2), (64, 0.003), (128, 0.05)):
+        add_trial(study, batch_size, lr, 0.8)
+    fit = fit_lr_scaling(study)
+    assert fit.contains(1.0) and fit.contains(0.5) and fit.contains(0.0)
+    assert "too wide to tell the linear rule" in fit.describe()
+    assert "Consistent with" not in fit.describe()
+
+
 def test_minimized_objective_ranks_lowest_values_as_best() -> None:
     study = optuna.create_study(direction="minimize")
     for batch_size, good_lr in ((16, 0.01), (64, 0.04), (256, 0.16)):
