@@ -90,9 +90,9 @@ def mask_url(url: str) -> str:
             user = credentials.split(":", 1)[0]
             return f"{scheme}://{user}:***@{host}"
         return url
-    if parsed.password is None:
-        return parsed.render_as_string(hide_password=False)
-    return parsed.set(password="***").render_as_string(hide_password=False)
+    # hide_password=True writes a literal ***; setting the password to "***" would be
+    # rendered URL-escaped (%2A%2A%2A).
+    return parsed.render_as_string(hide_password=parsed.password is not None)
 
 
 def sqlite_path(url: str) -> Path | None:
