@@ -1,0 +1,164 @@
+"""docker-compose.yml: Docker cannot run here, so the file is parsed and checked, and each
+service's command is run directly against the local PostgreSQL, with the compose file's own
+environment (``${VAR:-default}`` interpolated as compose does)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from hpo.storage import open_storage
+
+from .conftest import tiny_study_text
+from .databases import FAST_HEARTBEAT, scratch_database, wait_all
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable syntax: ${VAR}, ${VAR:-default}, ${VAR:?error}, $$ for $."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, kind, argument = match.groups()
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise KeyError(f"{name}: {argument}")
+        return argument if kind == "-" else ""
+
+    return VARIABLE.sub(replace, value)
+
+
+def test_services_are_postgres_dashboard_and_worker() -> None:
+    assert set(SERVICES) == {"postgres", "dashboard", "worker"}
+
+
+def test_postgres_has_a_volume_a_healthcheck_and_its_password_from_env() -> None:
+    postgres = SERVICES["postgres"]
+    assert any(volume.endswith(":/var/lib/postgresql/data") for volume in postgres["volumes"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+
+
+def test_worker_reserves_nvidia_gpus_waits_for_the_database_and_can_scale() -> None:
+    worker = SERVICES["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "container_name" not in worker and "ports" not in worker  # both block --scale
+
+
+def test_dashboard_is_bound_to_localhost_on_the_host_by_default() -> None:
+    dashboard = SERVICES["dashboard"]
+    (ports,) = dashboard["ports"]
+    assert interpolate(ports, {}) == "127.0.0.1:8080:8080"
+    assert dashboard["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_no_secret_is_written_into_the_compose_file() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    for line in text.splitlines():
+        if re.search(r"PASSWORD\s*[:=]", line) and not line.lstrip().startswith("#"):
+            assert "${POSTGRES_PASSWORD" in line, line
+    storage = SERVICES["worker"]["environment"]["HPO_STORAGE"]
+    assert ":${POSTGRES_PASSWORD:?" in storage
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(storage, {})
+    example = (ROOT / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=change-me" in example
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _service_env(
+    service: str, database: str, tmp_path: Path
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The service's environment from the compose file, for this machine (the database host
+    ``postgres`` becomes 127.0.0.1, container paths become temporary directories), and the
+    ``.env`` values used to interpolate it."""
+    dotenv = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-with-trust-auth",
+              "POSTGRES_DB": database, "HPO_STUDY": "tiny"}  # fmt: skip
+    env = dict(os.environ)
+    env.update(FAST_HEARTBEAT)
+    for key, value in SERVICES[service]["environment"].items():
+        env[key] = interpolate(str(value), dotenv)
+    env["HPO_STORAGE"] = env["HPO_STORAGE"].replace("@postgres:5432/", "@127.0.0.1:5432/")
+    env.update(HPO_STUDIES_DIR=str(tmp_path / "studies"), OMP_NUM_THREADS="1",
+               HPO_CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
+               HPO_ARTIFACTS=str(tmp_path / "artifacts"))  # fmt: skip
+    return env, dotenv
+
+
+@pytest.mark.db
+def test_service_commands_run_against_the_local_postgresql(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "tiny.toml").write_text(
+        tiny_study_text(epochs=1, train_size=128, val_size=64)
+    )
+    with scratch_database("postgresql") as url:
+        database = url.rsplit("/", 1)[1]
+        env, dotenv = _service_env("worker", database, tmp_path)
+        healthcheck = SERVICES["postgres"]["healthcheck"]["test"][1]
+        if shutil.which("pg_isready"):
+            check_env = {**env, "PGHOST": "127.0.0.1", "POSTGRES_USER": "postgres",
+                         "POSTGRES_DB": database}  # fmt: skip
+            command = interpolate(healthcheck, {}).replace("$$", "$")
+            assert subprocess.run(["sh", "-c", command], env=check_env).returncode == 0
+
+        worker = [interpolate(part, dotenv) for part in SERVICES["worker"]["command"]]
+        assert worker[0] == "hpo"
+        run = subprocess.run([sys.executable, "-m", "hpo", *worker[1:]], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+        assert len(study.trials) == 4  # budget.n_trials of the study file
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+        port = _free_port()
+        dashboard = [interpolate(part, dotenv) for part in SERVICES["dashboard"]["command"]]
+        dashboard[dashboard.index("--port") + 1] = str(port)
+        env, _ = _service_env("dashboard", database, tmp_path)
+        server = subprocess.Popen([sys.executable, "-m", "hpo", *dashboard[1:]], env=env,
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            body = _get_when_up(f"http://127.0.0.1:{port}/api/studies", server)
+            assert b"tiny" in body
+        finally:
+            server.terminate()
+            wait_all([server], timeout_s=30)
+
+
+def _get_when_up(address: str, server: subprocess.Popen, timeout_s: float = 90) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(address, timeout=5) as response:
+                return response.read()
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"dashboard exited: {server.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"dashboard not answering at {address}")
+            time.sleep(0.5)
