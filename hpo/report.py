@@ -680,7 +680,7 @@ def plotly_learning_curves(data: ReportData) -> go.Figure:
     colors = _colors(data.batch_sizes)
     figure = go.Figure()
     shown: set[int] = set()
-    for point in sorted(curves, key=lambda p: (p.batch_size, p.number)):
+    for point in sorted(curves, key=lambda p: (p.batch_size, p.pruned, p.number)):
         figure.add_trace(
             go.Scatter(
                 x=[step for step, _ in point.curve],
@@ -918,7 +918,7 @@ def png_learning_curves(data: ReportData) -> MplFigure:
     figure = _new_figure()
     axes = figure.add_subplot()
     shown: set[int] = set()
-    for point in sorted(curves, key=lambda p: (p.batch_size, p.number)):
+    for point in sorted(curves, key=lambda p: (p.batch_size, p.pruned, p.number)):
         axes.plot(
             [s for s, _ in point.curve],
             [v for _, v in point.curve],
