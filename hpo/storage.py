@@ -222,7 +222,8 @@ def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:
     if backend == "sqlite":
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
-        engine_kwargs["pool_recycle"] = 300
+        # A host that is down must not hang a heartbeat or a retry for minutes of TCP timeout.
+        engine_kwargs.update(pool_recycle=300, connect_args={"connect_timeout": 10})
     interval, grace = heartbeat_settings()
     for attempt in range(1, attempts + 1):
         try:
