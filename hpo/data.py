@@ -160,15 +160,33 @@ def _read_pcam_split(root: Path, split: str, limit: int | None, seed: int) -> Pa
     with h5py.File(folder / names[0], "r") as x_file, h5py.File(folder / names[1], "r") as y_file:
         images, targets = x_file["x"], y_file["y"]
         total = images.shape[0]
+        mapped = _memory_map(images)
         if limit is None or limit >= total:
-            x, y = images[:], targets[:]
+            x, y = (images[:] if mapped is None else mapped), targets[:]
         else:
             # A seeded subset read in sorted order: h5py reads ascending indices efficiently.
             generator = np.random.default_rng(seed)
             chosen = np.sort(generator.choice(total, size=limit, replace=False))
-            x, y = images[chosen], targets[chosen]
-    tensor = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+            x, y = (images[chosen] if mapped is None else mapped[chosen]), targets[chosen]
+    # N×H×W×C viewed as N×C×H×W: channels_last in memory, no copy (a mapped file stays
+    # mapped, shared by every worker process on the node through the page cache).
+    tensor = torch.from_numpy(x).permute(0, 3, 1, 2)
     return PatchSet(tensor, torch.from_numpy(y.reshape(-1).astype(np.int64)))
+
+
+def _memory_map(dataset) -> np.ndarray | None:
+    """An HDF5 dataset stored contiguous and uncompressed (PCam's files once torchvision
+    has unpacked them) as a copy-on-write memory map, else None (it must be read).
+
+    PCam's training split is 7.2 GB of uint8: mapped, one copy in the page cache serves
+    all the worker processes of a node instead of one 7.2 GB read per process.
+    """
+    offset = dataset.id.get_offset()
+    if dataset.chunks is not None or dataset.compression is not None or offset is None:
+        return None
+    return np.memmap(
+        dataset.file.filename, dtype=dataset.dtype, mode="c", offset=offset, shape=dataset.shape
+    )
 
 
 # --------------------------------------------------------------------------- ImageFolder
@@ -313,11 +331,24 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return out
 
 
+def color_jitter(
+    count: int, strength: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel gain in [1 - s, 1 + s] and offset in [-s, s] × 255: a light
+    stain/scanner colour shift (H&E colour varies between labs and scanners). Shapes
+    N×3×1×1, drawn on the CPU from the trial's generator."""
+    draws = torch.rand((2, count, 3, 1, 1), generator=generator) * 2 - 1
+    return 1 + strength * draws[0], 255 * strength * draws[1]
+
+
 class DeviceBatcher:
     """Turns uint8 CPU batches into normalized float batches on the device.
 
     Pinned memory + ``non_blocking`` on CUDA so copies overlap compute; the uint8→float
-    conversion, normalization and augmentation all run on the device.
+    conversion, normalization and augmentation all run on the device. Normalization (and
+    the optional colour jitter, folded into it) is one multiply-add on the NCHW batch:
+    on CPU, per-channel broadcasts over a channels_last tensor were 9× slower (measured
+    2.9 ms vs 0.33 ms for 64×3×96×96), so the batch becomes channels_last last.
     """
 
     def __init__(
@@ -327,10 +358,12 @@ class DeviceBatcher:
         device: torch.device,
         *,
         channels_last: bool,
+        color_jitter: float = 0.0,
     ) -> None:
         self.device = device
-        self.mean = mean.view(1, -1, 1, 1).to(device)
-        self.std = std.view(1, -1, 1, 1).to(device)
+        self.scale = (1.0 / std).view(1, -1, 1, 1).to(device)
+        self.shift = (-mean / std).view(1, -1, 1, 1).to(device)
+        self.color_jitter = color_jitter
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.pin = device.type == "cuda"
 
@@ -344,7 +377,13 @@ class DeviceBatcher:
             images, labels = images.pin_memory(), labels.pin_memory()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        images = images.contiguous()  # NCHW (a mapped PCam batch arrives channels_last)
+        scale, shift = self.scale, self.shift
         if generator is not None:
             images = augment_batch(images, generator)
-        images = (images.float() - self.mean) / self.std
+            if self.color_jitter > 0:
+                gain, offset = color_jitter(images.shape[0], self.color_jitter, generator)
+                gain, offset = gain.to(self.device), offset.to(self.device)
+                scale, shift = gain * scale, offset * scale + shift
+        images = images.float().mul_(scale).add_(shift)
         return images.contiguous(memory_format=self.memory_format), labels

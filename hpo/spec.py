@@ -186,6 +186,9 @@ class TrainingSpec(_Table):
     channels_last: bool = True
     eval_batch_size: PositiveInt = 512
     augment: bool = True
+    # Per-sample, per-channel colour gain 1 ± s and offset ± s × 255 with augmentation on;
+    # 0 turns it off, 0.05 is a light stain variation (hpo.data.color_jitter).
+    color_jitter: float = Field(0.0, ge=0.0, le=0.5)
     num_threads: PositiveInt | None = None
     checkpoint_dir: Path | None = None
 

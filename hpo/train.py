@@ -264,7 +264,13 @@ def run_trial(
     train_set, val_set = splits if splits is not None else load_splits(spec.dataset)
     train_probe = train_set.subset(torch.arange(min(len(train_set), TRAIN_EVAL_SAMPLES)))
     mean, std = channel_stats(train_set.images)
-    batcher = DeviceBatcher(mean, std, setup.device, channels_last=setup.channels_last)
+    batcher = DeviceBatcher(
+        mean,
+        std,
+        setup.device,
+        channels_last=setup.channels_last,
+        color_jitter=training.color_jitter if training.augment else 0.0,
+    )
 
     seed = spec.seed + original_trial_number(trial)  # a retry replays its original
     torch.manual_seed(seed)

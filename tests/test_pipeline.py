@@ -1,6 +1,6 @@
-"""The benchmark scripts still run (``--quick``) and write the figures the docs quote.
-
-They are smoke tests: the figures at these sizes mean nothing and nothing is timed.
+"""The input pipeline's features, and the benchmark scripts still run (``--quick``) and
+write the figures the docs quote (smoke tests: at these sizes the figures mean nothing and
+nothing is timed).
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import h5py
 import pytest
+import torch
 
+from hpo.data import DeviceBatcher, load_splits
+from hpo.spec import DatasetSpec
 from tests.databases import ADMIN_URLS, unreachable
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -25,6 +29,61 @@ def _script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process ('' when none; Linux only)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(part, 16) for part in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else ""
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_uncompressed_pcam_is_memory_mapped_not_copied(tmp_path: Path) -> None:
+    pipeline = _script("pipeline")
+    pipeline.write_pcam(tmp_path, {"train": 40, "val": 20})
+    with h5py.File(tmp_path / "pcam" / f"{pipeline.PCAM_FILES['train']}_x.h5") as f:
+        stored = torch.from_numpy(f["x"][:]).permute(0, 3, 1, 2)
+
+    train, val = load_splits(DatasetSpec(kind="pcam", root=tmp_path))
+
+    assert torch.equal(train.images, stored)
+    # Still the file's N×H×W×C bytes: a channels_last view, no copy made.
+    assert train.images.is_contiguous(memory_format=torch.channels_last)
+    assert _mapped_file(train.images.data_ptr()).endswith(f"{pipeline.PCAM_FILES['train']}_x.h5")
+    assert len(val) == 20
+
+
+def _batcher(jitter: float) -> DeviceBatcher:
+    return DeviceBatcher(
+        torch.full((3,), 100.0),
+        torch.full((3,), 10.0),
+        torch.device("cpu"),
+        channels_last=True,
+        color_jitter=jitter,
+    )
+
+
+def test_color_jitter_shifts_each_sample_and_channel_within_its_strength() -> None:
+    images = torch.full((32, 3, 8, 8), 100, dtype=torch.uint8)
+    out, _ = _batcher(0.1)(images, torch.zeros(32), torch.Generator().manual_seed(0))
+
+    per_channel = out.mean(dim=(2, 3))
+    assert torch.allclose(out, per_channel[..., None, None])  # one shift per channel
+    assert per_channel.std() > 0.1  # and it differs between samples and channels
+    # |gain - 1| <= 0.1 and |offset| <= 25.5 pixel units: at most (10 + 25.5) / 10 here.
+    assert per_channel.abs().max() <= 3.55
+
+
+def test_no_color_jitter_without_augmentation_or_strength() -> None:
+    images = torch.full((4, 3, 8, 8), 110, dtype=torch.uint8)
+    evaluated, _ = _batcher(0.1)(images, torch.zeros(4))
+    plain, _ = _batcher(0.0)(images, torch.zeros(4), torch.Generator().manual_seed(0))
+
+    assert torch.allclose(evaluated, torch.ones(1)) and torch.allclose(plain, torch.ones(1))
 
 
 def _figures(path: Path) -> dict[str, float]:
