@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="shrink the task: training patches (the study's)")  # fmt: skip
     parser.add_argument("--val-size", type=int, default=None, help="validation patches")
     parser.add_argument("--image-size", type=int, default=None, help="patch side in pixels")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"target = grid's best - this ({TOLERANCE})")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--quick", action="store_true",
                         help="tiny task: 256/128 patches of 16 px, 2 epochs, 1 seed")  # fmt: skip
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     grid_epochs = grid.epochs
     sign = 1.0 if spec.objective.direction == "maximize" else -1.0
     grid_best = sign * grid.best
-    target = grid_best - sign * TOLERANCE
+    target = grid_best - sign * args.tolerance
     max_epochs = args.max_epochs or grid_epochs
     print(f"grid: {grid_epochs} epochs, best {spec.objective.metric} {grid_best:.4f}, "
           f"target {target:.4f}", flush=True)  # fmt: skip

@@ -114,6 +114,14 @@ def test_cost_to_target_benchmark_writes_epochs(studies_dir: Path, tmp_path: Pat
     assert figures["hpo_epochs"] <= figures["grid_epochs"]
 
 
+def test_precision_check_writes_both_precisions(tmp_path: Path) -> None:
+    demo = Path(__file__).resolve().parent.parent / "studies" / "demo.toml"
+    out = tmp_path / "precision.json"
+    _script("precision").main(["--quick", "--study", str(demo), "--json", str(out)])
+
+    assert {"bf16_mean", "fp32_mean", "mean_difference"} <= set(_figures(out))
+
+
 @pytest.mark.db
 def test_storage_load_benchmark_writes_latencies_and_losses(tmp_path: Path) -> None:
     import psycopg
