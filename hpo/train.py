@@ -9,8 +9,11 @@ On this project's reference CPU (AMD EPYC, avx512_bf16) that was 3.9× for a sma
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -69,6 +72,26 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def keep_freed_memory_in_process() -> None:
+    """Stop glibc from handing freed blocks over 128 KiB back to the OS (Linux, CPU training).
+
+    On CPU every batch and activation is such a block: glibc unmaps it when freed and the
+    next step page-faults fresh zeroed pages back in. Raising the mmap and trim thresholds
+    (what jemalloc/tcmalloc do for PyTorch's CPU recipes) keeps them in the heap. Measured
+    here: input pipeline (64×3×96×96 batches, 2 threads) 4.5k → 11k samples/s.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum on 64-bit
+    libc.mallopt(m_trim_threshold, 1 * 2**30)
+
+
 def select_device(training: TrainingSpec) -> DeviceSetup:
     """The device and numerics a trial runs with, from the spec and what is present."""
     want_cuda = training.device == "cuda" or (
@@ -84,6 +107,7 @@ def select_device(training: TrainingSpec) -> DeviceSetup:
         if training.mixed_precision:
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return DeviceSetup(torch.device("cuda"), amp, training.channels_last)
+    keep_freed_memory_in_process()
     amp = torch.bfloat16 if training.mixed_precision and cpu_supports_bf16() else None
     return DeviceSetup(torch.device("cpu"), amp, training.channels_last)
 
