@@ -173,7 +173,8 @@ def _safe_detail(error: BaseException, url: str) -> str:
     return f"{type(root).__name__}: {detail}"
 
 
-# Every storage call a worker makes; each is retried across a lost connection.
+# Every storage call a worker makes, including the private ones Optuna's cache layer
+# (``_CachedStorage``) calls on its backend; each is retried across a lost connection.
 _RETRIED_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
@@ -182,6 +183,7 @@ _RETRIED_METHODS = (
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
     "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids",
+    "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
 )  # fmt: skip
 
 

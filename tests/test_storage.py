@@ -122,3 +122,18 @@ def test_sqlite_launch_with_several_workers_finishes_the_exact_total(studies_dir
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{studies_dir.parent}/hpo.db")
     assert len(study.trials) == 4
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
+def test_every_storage_call_of_optunas_cache_layer_is_retried_on_disconnect() -> None:
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage
+
+    from hpo.storage import ReconnectingRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(\w+)", inspect.getsource(_cached_storage)))
+    no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    for name in called - no_database:
+        method = getattr(ReconnectingRDBStorage, name)
+        assert method is not getattr(optuna.storages.RDBStorage, name), name
