@@ -178,7 +178,7 @@ def hpo_input(train_set, batcher: DeviceBatcher, batch_size: int, device: torch.
     generator = torch.Generator().manual_seed(0)
     start, count = time.perf_counter(), 0
     for indices in batch_indices(len(train_set), batch_size, generator=generator, drop_last=True):
-        images, labels = batcher(train_set.images[indices], train_set.labels[indices], generator)
+        images, labels = batcher.take(train_set, indices, generator)
         count += len(indices)
     _sync(device)
     return count / (time.perf_counter() - start)
@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data", type=Path, default=None,
                         help="where the generated HDF5 files go (a temporary directory)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n_input, args.n_train, args.n_val, args.rounds = 256, 128, 64, 1
+        args.n_input, args.n_train, args.n_val, args.rounds = 128, 64, 32, 1
         args.batch_size = min(args.batch_size, 32)
 
     temporary = None

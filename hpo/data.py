@@ -12,6 +12,7 @@ Nothing here knows about Optuna.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Iterator
@@ -341,6 +342,26 @@ def color_jitter(
     return 1 + strength * draws[0], 255 * strength * draws[1]
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's CPU ops in one thread inside the block.
+
+    A batch's ops are short and memory-bound: a second thread gains little, and when
+    another process holds a core every op waits for the descheduled thread at OpenMP's
+    barrier. Measured here (64×3×96×96 batches, load 3 on 2 cores): 843 samples/s with
+    2 threads, 8,543 with the batch built in one thread.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class DeviceBatcher:
     """Turns uint8 CPU batches into normalized float batches on the device.
 
@@ -372,6 +393,24 @@ class DeviceBatcher:
         images: torch.Tensor,
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            with _one_thread():
+                return self._prepare(images, labels, generator)
+        return self._prepare(images, labels, generator)
+
+    def take(
+        self, patches: PatchSet, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``indices`` of ``patches``, drawn and prepared (on CPU: in one thread,
+        the draw included)."""
+        if self.device.type == "cpu":
+            with _one_thread():
+                return self._prepare(patches.images[indices], patches.labels[indices], generator)
+        return self._prepare(patches.images[indices], patches.labels[indices], generator)
+
+    def _prepare(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pin:
             images, labels = images.pin_memory(), labels.pin_memory()

@@ -180,7 +180,7 @@ def evaluate(
     model.eval()
     losses, probabilities, labels = [], [], []
     for indices in batch_indices(len(patches), batch_size, generator=None, drop_last=False):
-        images, targets = batcher(patches.images[indices], patches.labels[indices])
+        images, targets = batcher.take(patches, indices)
         with _autocast(setup):
             logits = model(images)
         logits = logits.float()
@@ -330,10 +330,8 @@ def run_trial(
             for indices in batch_indices(
                 len(train_set), params.batch_size, generator=generator, drop_last=True
             ):
-                images, targets = batcher(
-                    train_set.images[indices],
-                    train_set.labels[indices],
-                    generator if training.augment else None,
+                images, targets = batcher.take(
+                    train_set, indices, generator if training.augment else None
                 )
                 with _autocast(setup):
                     loss = F.cross_entropy(model(images).float(), targets)
