@@ -49,7 +49,8 @@ def _log_spaced(low: float, high: float, count: int) -> list[float]:
     if count == 1:
         return [math.sqrt(low * high)]
     step = (math.log(high) - math.log(low)) / (count - 1)
-    return [math.exp(math.log(low) + i * step) for i in range(count)]
+    inner = [math.exp(math.log(low) + i * step) for i in range(1, count - 1)]
+    return [low, *inner, high]  # exact bounds: exp(log(x)) can land just outside the range
 
 
 def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
