@@ -29,6 +29,10 @@ ADMIN_URLS = {
 }
 # Short heartbeats so a vanished worker's trial is retried within seconds in tests.
 FAST_HEARTBEAT = {"HPO_HEARTBEAT_S": "1", "HPO_GRACE_S": "5", "HPO_DB_RETRY_S": "120"}
+# A server that is restarting (the restart test, or another suite running it at the same
+# time) gets this long to come back; one that stays down is remembered and skipped at once.
+SERVER_WAIT_S = 20
+_down: dict[str, Exception] = {}
 
 
 def unreachable(backend: str, error: Exception) -> None:
@@ -44,12 +48,19 @@ def scratch_database(backend: str) -> Iterator[str]:
     admin_url = make_url(ADMIN_URLS[backend])
     name = f"hpo_test_{uuid.uuid4().hex[:12]}"
     engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sqlalchemy.exc.OperationalError as error:
-        engine.dispose()
-        unreachable(backend, error)
+    deadline = time.monotonic() + (0 if backend in _down else SERVER_WAIT_S)
+    while True:
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql(f"CREATE DATABASE {name}")
+            break
+        except sqlalchemy.exc.OperationalError as error:
+            if time.monotonic() >= deadline:
+                engine.dispose()
+                _down[backend] = error
+                unreachable(backend, error)
+            time.sleep(1)
+    _down.pop(backend, None)
     try:
         yield admin_url.set(database=name).render_as_string(hide_password=False)
     finally:

@@ -34,6 +34,8 @@ def _spec(**kwargs):
 
 
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    if url.startswith("postgresql"):  # may be restarting (here, or in a suite run beside us)
+        _wait_until_postgres_accepts(url)
     return optuna.load_study(study_name="tiny", storage=open_storage(url)).get_trials()
 
 
