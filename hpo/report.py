@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import UserError
-
 if TYPE_CHECKING:
     import plotly.graph_objects as go
     from matplotlib.figure import Figure as MplFigure
@@ -47,10 +45,6 @@ FIGURE_TITLES = {
     "learning_curves": "Learning curves by batch size",
     "importances": "Parameter importances",
 }
-
-
-class ReportError(UserError):
-    """A study that cannot be reported on (not found); the CLI prints it and exits 2."""
 
 
 def trial_batch_size(trial: FrozenTrial) -> int | None:
@@ -1105,18 +1099,11 @@ def attach_report(study: optuna.Study, report: Report, artifact_dir: Path) -> li
 
 def load_study_for_report(study_name: str, storage_url: str) -> tuple[optuna.Study, str]:
     """The study and the name of its objective (from the spec ``hpo launch`` stored on it;
-    "objective" for a study made by other means). Raises ReportError if it is not there."""
-    from hpo.storage import SPEC_ATTR, mask_url, open_storage
+    "objective" for a study made by other means). Raises StudyNotFound if it is not there."""
+    from hpo.storage import SPEC_ATTR, open_storage, require_study
 
     storage = open_storage(storage_url)
-    names = [
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    ]
-    if study_name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise ReportError(
-            f"study {study_name!r} not found in {mask_url(storage_url)} (studies there: {known})"
-        )
+    require_study(storage, study_name, storage_url)
     study = optuna.load_study(study_name=study_name, storage=storage)
     metric = "objective"
     stored = study.user_attrs.get(SPEC_ATTR)

@@ -58,6 +58,25 @@ class StorageError(UserError):
     """A storage URL that cannot be used, or a study that is not there."""
 
 
+class StudyNotFound(StorageError):
+    pass
+
+
+def require_study(
+    storage: optuna.storages.BaseStorage, study_name: str, storage_url: str, hint: str = ""
+) -> None:
+    """Raise StudyNotFound (naming the studies that are there) unless ``study_name`` exists."""
+    names = [
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
+    if study_name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise StudyNotFound(
+            f"study {study_name!r} not found in {mask_url(storage_url)} (studies there: {known})"
+            + (f"; {hint}" if hint else "")
+        )
+
+
 def default_storage_url(directory: Path | None = None) -> str:
     """SQLite file ``hpo.db`` in the working directory (absolute, so children agree)."""
     path = (directory or Path.cwd()) / DEFAULT_SQLITE_FILE

@@ -50,9 +50,10 @@ from hpo.storage import (
     SPEC_ATTR,
     STORAGE_ENV,
     StorageError,
+    StudyNotFound,
     heartbeat_settings,
-    mask_url,
     open_storage,
+    require_study,
     retry_on_disconnect,
     study_lock,
 )
@@ -62,10 +63,6 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 LABEL_ENV = "HPO_WORKER_LABEL"
 
 logger = logging.getLogger(__name__)
-
-
-class StudyNotFound(StorageError):
-    pass
 
 
 class WorkerStopped(BaseException):
@@ -127,15 +124,7 @@ def load_study(
             )
         return create_or_load_study(local_spec, storage_url, parallel=parallel), local_spec
     storage = open_storage(storage_url)
-    names = [
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    ]
-    if study_name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise StudyNotFound(
-            f"study {study_name!r} not found in {mask_url(storage_url)} (studies there: {known}); "
-            "create it with 'hpo launch', or pass --spec"
-        )
+    require_study(storage, study_name, storage_url, "create it with 'hpo launch', or pass --spec")
     stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise StudyNotFound(f"study {study_name!r} has no hpo spec stored; was it made by hpo?")
