@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help=f"target = grid's best - this ({TOLERANCE})")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny task: 256/128 patches of 16 px, 2 epochs, 1 seed")  # fmt: skip
+                        help="tiny task: 256/128 patches of 16 px, 2 epochs, 1 seed, cap 4")  # fmt: skip
     args = parser.parse_args(argv)
 
     spec = load_spec(args.study)
     dataset: dict = {}
     if args.quick:
-        args.seeds = 1
+        args.seeds, args.max_epochs = 1, args.max_epochs or 4
         dataset = {"train_size": 256, "val_size": 128, "image_size": 16, "cache_dir": None}
         spec = with_changes(
             spec, budget={"epochs": 2}, pruner={"min_epochs": 1}, search={"batch_size_max": 64}
