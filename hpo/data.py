@@ -12,6 +12,7 @@ Nothing here knows about Optuna.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Iterator
@@ -341,6 +342,28 @@ def color_jitter(
     return 1 + strength * draws[0], 255 * strength * draws[1]
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's CPU ops in one thread inside the block.
+
+    A batch's ops are short and memory-bound: a second thread gains little, and when
+    another process holds a core every op waits (spinning) for the descheduled thread at
+    OpenMP's barrier. Measured here on 2 shared cores, batches drawn and prepared per
+    second with 2 threads vs switched to one (load 3–6.7): 64×3×96×96 843 → 8,543 and
+    289 → 1,011; 16×3×48×48 233 → 3,726; 16×3×16×16 684 → 10,807. The switch itself
+    (``set_num_threads`` there and back) is the price: ~8.5 ms under that load.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class DeviceBatcher:
     """Turns uint8 CPU batches into normalized float batches on the device.
 
@@ -373,19 +396,19 @@ class DeviceBatcher:
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            with _one_thread():
+                return self._prepare(images, labels, generator)
         return self._prepare(images, labels, generator)
 
     def take(
         self, patches: PatchSet, indices: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch ``indices`` of ``patches``, drawn and prepared.
-
-        Not switched to one thread on CPU, although under contention 2 OpenMP threads
-        stall at every short op's barrier (measured 843 samples/s with 2 threads vs 8,543
-        in one, 64×3×96×96 batches, load 3): ``torch.set_num_threads`` there and back costs
-        ~8.5 ms, more than a whole batch on a quiet machine or small patches. On a shared
-        CPU set ``training.num_threads = 1`` instead.
-        """
+        """The batch ``indices`` of ``patches``, drawn and prepared (on CPU: in one thread,
+        the draw included)."""
+        if self.device.type == "cpu":
+            with _one_thread():
+                return self._prepare(patches.images[indices], patches.labels[indices], generator)
         return self._prepare(patches.images[indices], patches.labels[indices], generator)
 
     def _prepare(
