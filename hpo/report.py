@@ -381,6 +381,22 @@ def _jitter(number: int) -> float:
     return 2.0 ** ((((number * 0.6180339887) % 1.0) - 0.5) * 0.35)
 
 
+def _complete_trial_markers(points: list, metric: str, name: str, marker: dict):
+    """Complete trials on the batch size × learning-rate plane, jittered along B, with a
+    hover label naming the trial, its batch size and its objective."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(
+        x=[p.batch_size * _jitter(p.number) for p in points],
+        y=[p.lr for p in points],
+        mode="markers",
+        name=name,
+        marker=marker,
+        text=[f"trial {p.number}<br>B={p.batch_size}<br>{metric}={p.value:.4f}" for p in points],
+        hoverinfo="text+y",
+    )
+
+
 def _colors(batch_sizes: list[int]) -> dict[int, str]:
     """One Viridis colour per batch size, small B dark, large B bright."""
     from plotly.colors import sample_colorscale
@@ -468,17 +484,8 @@ def plotly_lr_scaling(data: ReportData) -> go.Figure:
         return _empty_plotly(_fit_title(fit), "No complete trials yet.")
     figure = go.Figure()
     figure.add_trace(
-        go.Scatter(
-            x=[p.batch_size * _jitter(p.number) for p in complete],
-            y=[p.lr for p in complete],
-            mode="markers",
-            name="complete trials",
-            marker={"color": "lightgray", "size": 7},
-            text=[
-                f"trial {p.number}<br>B={p.batch_size}<br>{data.metric}={p.value:.4f}"
-                for p in complete
-            ],
-            hoverinfo="text+y",
+        _complete_trial_markers(
+            complete, data.metric, "complete trials", {"color": "lightgray", "size": 7}
         )
     )
     figure.add_trace(
@@ -566,12 +573,11 @@ def plotly_objective_plane(data: ReportData) -> go.Figure:
     pruned = [p for p in data.points if p.pruned]
     figure = go.Figure()
     figure.add_trace(
-        go.Scatter(
-            x=[p.batch_size * _jitter(p.number) for p in complete],
-            y=[p.lr for p in complete],
-            mode="markers",
-            name="complete",
-            marker={
+        _complete_trial_markers(
+            complete,
+            data.metric,
+            "complete",
+            {
                 "color": [p.value for p in complete],
                 "colorscale": "Viridis",
                 "reversescale": not data.maximize,
@@ -579,11 +585,6 @@ def plotly_objective_plane(data: ReportData) -> go.Figure:
                 "colorbar": {"title": data.metric},
                 "line": {"width": 0.5, "color": "black"},
             },
-            text=[
-                f"trial {p.number}<br>B={p.batch_size}<br>{data.metric}={p.value:.4f}"
-                for p in complete
-            ],
-            hoverinfo="text+y",
         )
     )
     figure.add_trace(
