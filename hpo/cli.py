@@ -151,9 +151,12 @@ def launch(
     ] = 1,
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch size."""
+    import optuna
+
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
     from hpo.worker import count_finished, create_or_load_study, run_local_workers
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # hpo prints its own one-line summary
     spec = load_spec(study)
     storage_url = resolve_storage_url(storage)
     created = create_or_load_study(spec, storage_url, parallel=workers > 1)

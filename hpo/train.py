@@ -214,7 +214,9 @@ def evaluate_within_memory(
         batch_size //= 2
 
 
-def _optimizer(model: torch.nn.Module, spec: StudySpec, params: TrialParams) -> torch.optim.Optimizer:
+def _optimizer(
+    model: torch.nn.Module, spec: StudySpec, params: TrialParams
+) -> torch.optim.Optimizer:
     if spec.search.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -283,7 +285,9 @@ def run_trial(
         trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
         params = dataclasses.replace(params, batch_size=clamp_batch_size(params.batch_size, cap))
         trial.set_user_attr("batch_size", params.batch_size)
-    trial.set_user_attr("precision", str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32")
+    trial.set_user_attr(
+        "precision", str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32"
+    )
 
     train_set, val_set = splits if splits is not None else load_splits(spec.dataset)
     train_probe = train_set.subset(torch.arange(min(len(train_set), TRAIN_EVAL_SAMPLES)))
