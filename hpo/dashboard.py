@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import shlex
 import signal
 import socket
@@ -23,11 +22,11 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from hpo.errors import UserError
+from hpo.settings import ARTIFACTS_ENV, env
 from hpo.storage import mask_url, open_storage, sqlite_path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-ARTIFACTS_ENV = "HPO_ARTIFACTS"
 ARTIFACTS_DIR_NAME = "hpo-artifacts"
 
 
@@ -43,8 +42,8 @@ def default_artifact_dir(storage_url: str) -> Path:
     without options. With a shared database and several machines, point ``--artifacts`` (or
     ``$HPO_ARTIFACTS``) at a shared directory.
     """
-    if os.environ.get(ARTIFACTS_ENV):
-        return Path(os.environ[ARTIFACTS_ENV])
+    if env(ARTIFACTS_ENV):
+        return Path(str(env(ARTIFACTS_ENV)))
     database = sqlite_path(storage_url)
     if database is not None:
         return database.parent / ARTIFACTS_DIR_NAME

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpo.compat import pcam_file_names, pcam_folder
 from hpo.errors import UserError
 from hpo.spec import DatasetSpec
 
@@ -146,8 +147,7 @@ def _read_pcam_split(root: Path, split: str, limit: int | None, seed: int) -> Pa
     import h5py
     from torchvision.datasets import PCAM
 
-    files = PCAM._FILES[split]
-    names = [files["images"][0], files["targets"][0]]
+    names = list(pcam_file_names(split))
     try:
         dataset = PCAM(root, split=split, download=False)
     except RuntimeError:
@@ -157,7 +157,7 @@ def _read_pcam_split(root: Path, split: str, limit: int | None, seed: int) -> Pa
             "(download PatchCamelyon there, or set dataset.root to the directory that "
             "contains 'pcam/')"
         ) from None
-    folder = dataset._base_folder
+    folder = pcam_folder(dataset)
     with h5py.File(folder / names[0], "r") as x_file, h5py.File(folder / names[1], "r") as y_file:
         images, targets = x_file["x"], y_file["y"]
         total = images.shape[0]

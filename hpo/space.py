@@ -10,29 +10,22 @@ linearly or as its square root), which is why TPE runs with ``multivariate=True`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import optuna
 
-from hpo.spec import StudySpec
+from hpo.spec import StudySpec, TrialParams
 
+BATCH_PARAM = "log2_batch_size"
 
-@dataclass(frozen=True)
-class TrialParams:
-    batch_size: int
-    lr: float
-    weight_decay: float
-
-    @property
-    def log2_batch_size(self) -> int:
-        return int(math.log2(self.batch_size))
+__all__ = ["BATCH_PARAM", "TrialParams", "grid_search_space", "grid_size", "make_pruner"]
+__all__ += ["make_sampler", "sample_params"]
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     """Ask the trial for (batch size, lr, weight decay) inside the spec's space."""
     search = spec.search
     log2_batch_size = trial.suggest_int(
-        "log2_batch_size",
+        BATCH_PARAM,
         int(math.log2(search.batch_size_min)),
         int(math.log2(search.batch_size_max)),
     )
@@ -65,7 +58,7 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
         search.weight_decay_low, search.weight_decay_high, 1
     )
     return {
-        "log2_batch_size": [int(math.log2(b)) for b in search.batch_sizes],
+        BATCH_PARAM: [int(math.log2(b)) for b in search.batch_sizes],
         "lr": sorted(lrs),
         "weight_decay": sorted(decays),
     }
@@ -75,27 +68,10 @@ def grid_size(spec: StudySpec) -> int:
     return math.prod(len(values) for values in grid_search_space(spec).values())
 
 
-def make_sampler(
-    spec: StudySpec, *, parallel: bool = False, device_name: str | None = None
-) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. ``parallel`` turns on TPE's constant liar, so workers sharing a
-    study do not all propose the point that looks best while the others are still running.
-
-    It is wrapped in ``hpo.probe.BatchSizeCapSampler``, which clamps batch sizes above the
-    cap stored for this device (``device_name``, default: the device ``spec.training``
-    selects, resolved on first use); ``sampler.base`` is the Optuna sampler itself.
-    """
-    from hpo.probe import BatchSizeCapSampler
-
-    def this_device() -> str:
-        from hpo.train import select_device
-
-        return select_device(spec.training).name
-
-    return BatchSizeCapSampler(_base_sampler(spec, parallel), device_name or this_device)
-
-
-def _base_sampler(spec: StudySpec, parallel: bool) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """The spec's Optuna sampler. ``parallel`` turns on TPE's constant liar, so workers
+    sharing a study do not all propose the point that looks best while the others are
+    still running. (Workers wrap it in ``hpo.caps.BatchSizeCapSampler``.)"""
     config = spec.sampler
     if config.kind == "tpe":
         return optuna.samplers.TPESampler(

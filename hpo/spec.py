@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,11 +22,25 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hpo.errors import UserError
+from hpo.settings import STUDIES_DIR_ENV, NodeSettings, env
 
 STUDY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 # PatchCamelyon's published split sizes; a subset size larger than these is an error.
 PCAM_SPLIT_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
+
+# Fields that describe a node, not the study: where its files are, which device and how
+# many threads it trains with. Each node may set its own (hpo.settings.NodeSettings), so
+# they never count as a difference between a stored spec and a local one.
+NODE_LOCAL_FIELDS = frozenset(
+    {
+        "dataset.root",
+        "dataset.cache_dir",
+        "training.device",
+        "training.num_threads",
+        "training.checkpoint_dir",
+    }
+)
 
 
 class SpecError(UserError):
@@ -39,6 +53,19 @@ class SpecError(UserError):
 
 def _is_power_of_two(value: int) -> bool:
     return value >= 1 and (value & (value - 1)) == 0
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """One trial's searched hyperparameters, as training uses them."""
+
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+    @property
+    def log2_batch_size(self) -> int:
+        return int(math.log2(self.batch_size))
 
 
 class _Table(BaseModel):
@@ -231,6 +258,26 @@ class StudySpec(_Table):
                     raise ValueError(f"sampler.{field} value {value} is outside [{low}, {high}]")
         return self
 
+    def on_node(self, node: NodeSettings) -> StudySpec:
+        """The spec as this node runs it: its node-local fields replaced where ``node``
+        sets them (never stored, never compared; see ``NODE_LOCAL_FIELDS``)."""
+        dataset: dict[str, Any] = {}
+        training: dict[str, Any] = {}
+        if node.data_root is not None and self.dataset.kind != "synthetic":
+            dataset["root"] = node.data_root
+        if node.device is not None:
+            training["device"] = node.device
+        if node.num_threads is not None:
+            training["num_threads"] = node.num_threads
+        if node.checkpoint_dir is not None:
+            training["checkpoint_dir"] = node.checkpoint_dir
+        return self.model_copy(
+            update={
+                "dataset": self.dataset.model_copy(update=dataset),
+                "training": self.training.model_copy(update=training),
+            }
+        )
+
     def to_json(self) -> str:
         """The canonical JSON form stored on the Optuna study."""
         return self.model_dump_json()
@@ -268,7 +315,7 @@ def resolve_study_path(study: str, studies_dir: Path | None = None) -> Path:
                 f"study name {study!r} is not allowed: use [a-z0-9][a-z0-9_-]* "
                 "or a path ending in .toml"
             )
-        directory = studies_dir or Path(os.environ.get("HPO_STUDIES_DIR", "studies"))
+        directory = studies_dir or Path(env(STUDIES_DIR_ENV) or "studies")
         path = directory / f"{study}.toml"
     if not path.is_file():
         raise SpecError(f"{path}: study file not found")
@@ -285,26 +332,37 @@ def parse_spec(data: dict[str, Any], *, source: str, default_name: str) -> Study
         raise SpecError(f"{source}: {_format_validation_error(error)}") from None
 
 
-def load_spec(study: str | Path, studies_dir: Path | None = None) -> StudySpec:
-    """Load and validate a study file by name or path; raises SpecError with one clear line."""
+def load_spec(
+    study: str | Path, studies_dir: Path | None = None, *, check_paths: bool = True
+) -> StudySpec:
+    """Load and validate a study file by name or path; raises SpecError with one clear line.
+
+    ``check_paths=False`` skips the check that ``dataset.root`` exists here, for a node
+    that overrides the data root (``--data-root``); ``check_data_root`` checks it later.
+    """
     path = resolve_study_path(str(study), studies_dir)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML ({error})") from None
     spec = parse_spec(data, source=str(path), default_name=path.stem)
-    _check_paths(spec, path)
+    if check_paths:
+        check_data_root(spec, source=str(path))
     return spec
 
 
-def _check_paths(spec: StudySpec, path: Path) -> None:
+def check_data_root(spec: StudySpec, *, source: str) -> None:
+    """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here."""
     root = spec.dataset.root
     if root is not None and not root.is_dir():
-        raise SpecError(f"{path}: dataset.root: directory {str(root)!r} does not exist")
+        raise SpecError(f"{source}: dataset.root: directory {str(root)!r} does not exist")
 
 
 def spec_differences(a: StudySpec, b: StudySpec) -> list[str]:
-    """Dotted names of the fields where two specs differ (for 'local spec differs' errors)."""
+    """Dotted names of the fields where two specs differ (for 'local spec differs' errors).
+
+    Node-local fields (``NODE_LOCAL_FIELDS``) are not compared: they may differ per node.
+    """
 
     def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
@@ -316,4 +374,5 @@ def spec_differences(a: StudySpec, b: StudySpec) -> list[str]:
 
     left = flatten(json.loads(a.to_json()))
     right = flatten(json.loads(b.to_json()))
-    return sorted(key for key in left.keys() | right.keys() if left.get(key) != right.get(key))
+    keys = (left.keys() | right.keys()) - NODE_LOCAL_FIELDS
+    return sorted(key for key in keys if left.get(key) != right.get(key))

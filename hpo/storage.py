@@ -5,7 +5,7 @@ Passwords in URLs are never printed: everything user-facing goes through ``mask_
 What makes a shared database safe for many workers:
 
 - **Heartbeats.** Every worker records a heartbeat for its running trial every
-  ``$HPO_HEARTBEAT_S`` seconds (20). A trial whose heartbeat is older than ``$HPO_GRACE_S``
+  ``$HPO_HEARTBEAT_S`` seconds (20; see ``hpo.settings``). A trial whose heartbeat is older than ``$HPO_GRACE_S``
   (60) is failed by the next worker that looks, and re-queued with the same parameters and
   its intermediate values (Optuna's ``RetryHeartbeatStaleTrialCallback``).
 - **Reconnects.** Connections are pre-pinged at checkout, and every storage call that fails
@@ -23,12 +23,12 @@ import fcntl
 import functools
 import hashlib
 import logging
-import os
 import random
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,14 +38,12 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpo.compat import RDB_STORAGE_PRIVATE_METHODS
 from hpo.errors import UserError
+from hpo.settings import STORAGE_ENV, db_retry_seconds, env, heartbeat_settings
 
 DEFAULT_SQLITE_FILE = "hpo.db"
-STORAGE_ENV = "HPO_STORAGE"
 SPEC_ATTR = "hpo_spec"
-HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "HPO_HEARTBEAT_S", 20
-GRACE_ENV, DEFAULT_GRACE_S = "HPO_GRACE_S", 60
-DB_RETRY_ENV, DEFAULT_DB_RETRY_S = "HPO_DB_RETRY_S", 300.0
 # A trial whose worker vanished this many times in a row is left failed (e.g. a trial that
 # gets its node OOM-killed every time must not cycle forever).
 MAX_RETRIES = 3
@@ -60,6 +58,25 @@ class StorageError(UserError):
 
 class StudyNotFound(StorageError):
     pass
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """A study as rows in a storage: what code needs that reads or writes the study's own
+    attributes without an ``optuna.Study`` at hand (a sampler gets a restricted view)."""
+
+    storage: optuna.storages.BaseStorage
+    study_id: int
+
+    @classmethod
+    def by_name(cls, storage: optuna.storages.BaseStorage, study_name: str) -> StudyRef:
+        return cls(storage, storage.get_study_id_from_name(study_name))
+
+    def user_attrs(self) -> dict[str, Any]:
+        return self.storage.get_study_user_attrs(self.study_id)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.storage.set_study_user_attr(self.study_id, key, value)
 
 
 def require_study(
@@ -85,7 +102,7 @@ def default_storage_url(directory: Path | None = None) -> str:
 
 def resolve_storage_url(url: str | None) -> str:
     """``--storage`` if given, else ``$HPO_STORAGE``, else the default SQLite file."""
-    chosen = url or os.environ.get(STORAGE_ENV) or default_storage_url()
+    chosen = url or env(STORAGE_ENV) or default_storage_url()
     try:
         make_url(chosen)
     except ArgumentError:
@@ -122,26 +139,6 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StorageError(f"${name} = {raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise StorageError(f"${name} = {raw!r} must be positive")
-    return value
-
-
-def heartbeat_settings() -> tuple[int, int]:
-    """(heartbeat interval, grace period) in whole seconds, from the environment."""
-    interval = max(1, round(_env_seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)))
-    grace = max(interval + 1, round(_env_seconds(GRACE_ENV, DEFAULT_GRACE_S)))
-    return interval, grace
-
-
 def is_connection_error(error: BaseException | None) -> bool:
     """True for errors that a reconnect can fix: a lost or refused connection, a locked
     SQLite file. Optuna wraps some of them in ``StorageInternalError``; look at the causes."""
@@ -160,7 +157,7 @@ def retry_on_disconnect(function: Callable[[], T], *, what: str, url: str) -> T:
     Backoff doubles from 0.5 s to 10 s; gives up after ``$HPO_DB_RETRY_S`` seconds (300)
     and raises the last error. Messages name the storage with its password masked.
     """
-    deadline = time.monotonic() + _env_seconds(DB_RETRY_ENV, DEFAULT_DB_RETRY_S)
+    deadline = time.monotonic() + db_retry_seconds()
     delay = 0.5
     while True:
         try:
@@ -192,8 +189,8 @@ def _safe_detail(error: BaseException, url: str) -> str:
     return f"{type(root).__name__}: {detail}"
 
 
-# Every storage call a worker makes, including the private ones Optuna's cache layer
-# (``_CachedStorage``) calls on its backend; each is retried across a lost connection.
+# Every storage call a worker makes, including the private ones Optuna's cache layer calls
+# on its backend (hpo.compat); each is retried across a lost connection.
 _RETRIED_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
@@ -201,8 +198,8 @@ _RETRIED_METHODS = (
     "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids",
-    "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
+    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat",
+    *RDB_STORAGE_PRIVATE_METHODS,
 )  # fmt: skip
 
 

@@ -11,12 +11,13 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hpo.checkpoint import TrialCheckpoint, checkpoint_root, remove_finished_checkpoints
+from hpo.checkpoint import TrialCheckpoint, checkpoint_root
 from hpo.data import load_splits
+from hpo.settings import NodeSettings
 from hpo.spec import parse_spec
-from hpo.train import run_trial
+from hpo.worker import remove_finished_checkpoints
 
-from .conftest import tiny_study_text
+from .conftest import tiny_study_text, train_trial
 
 pytestmark = pytest.mark.filterwarnings(
     f"ignore::{ExperimentalWarning.__module__}.ExperimentalWarning"
@@ -29,10 +30,15 @@ class Killed(Exception):
     """Stands in for kill -9 right after a checkpoint was written."""
 
 
-class CheckpointThenDie(TrialCheckpoint):
-    def save(self, epoch: int, **state: object) -> None:
-        super().save(epoch, **state)
-        raise Killed(f"worker died after epoch {epoch}")
+@pytest.fixture
+def die_after_first_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    save = TrialCheckpoint.save
+
+    def save_then_die(self: TrialCheckpoint, run) -> None:
+        save(self, run)
+        raise Killed(f"worker died after epoch {run.epochs_done}")
+
+    monkeypatch.setattr(TrialCheckpoint, "save", save_then_die)
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +59,32 @@ def _study() -> optuna.Study:
     return study
 
 
-def test_resumed_trial_matches_an_uninterrupted_one(spec, splits, tmp_path: Path) -> None:
+def test_resumed_trial_matches_an_uninterrupted_one(
+    spec, splits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference = _study()
     reference_trial = reference.ask()
-    expected = run_trial(reference_trial, spec, splits=splits)
+    expected = train_trial(reference_trial, spec, splits=splits)
     expected_curve = reference.trials[0].intermediate_values
 
     study = _study()
     first = study.ask()
-    with pytest.raises(Killed):
-        run_trial(
-            first, spec, splits=splits, checkpoint=CheckpointThenDie.for_trial(tmp_path, first)
-        )
+    with monkeypatch.context() as patch:
+        save = TrialCheckpoint.save
+
+        def save_then_die(self: TrialCheckpoint, run) -> None:
+            save(self, run)
+            raise Killed(f"worker died after epoch {run.epochs_done}")
+
+        patch.setattr(TrialCheckpoint, "save", save_then_die)
+        with pytest.raises(Killed):
+            train_trial(first, spec, splits=splits, checkpoint_root=tmp_path)
     study.tell(first, state=TrialState.FAIL)
     RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, study.trials[0])
 
     retry = study.ask()
     assert retry.number == 1 and retry.params == first.params
-    value = run_trial(
-        retry, spec, splits=splits, checkpoint=TrialCheckpoint.for_trial(tmp_path, retry)
-    )
+    value = train_trial(retry, spec, splits=splits, checkpoint_root=tmp_path)
     study.tell(retry, value)
 
     finished = study.trials[1]
@@ -84,35 +96,37 @@ def test_resumed_trial_matches_an_uninterrupted_one(spec, splits, tmp_path: Path
     assert value == pytest.approx(expected, abs=1e-6)
 
 
-def test_retry_without_a_checkpoint_starts_from_epoch_zero(spec, splits, tmp_path: Path) -> None:
+def test_retry_without_a_checkpoint_starts_from_epoch_zero(
+    spec, splits, tmp_path: Path, die_after_first_save: None
+) -> None:
     study = _study()
     first = study.ask()
     study.tell(first, state=TrialState.FAIL)
     RetryHeartbeatStaleTrialCallback()(study, study.trials[0])
     retry = study.ask()
     with pytest.raises(Killed):
-        run_trial(
-            retry, spec, splits=splits, checkpoint=CheckpointThenDie.for_trial(tmp_path, retry)
-        )
+        train_trial(retry, spec, splits=splits, checkpoint_root=tmp_path)
     assert retry.user_attrs["resumed_from_epoch"] == 0
     assert retry.user_attrs["retry_of"] == 0
 
 
-def test_finished_checkpoints_are_removed_except_the_best(tmp_path: Path) -> None:
+def test_finished_checkpoints_are_removed_except_the_best(spec, tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     for value in (0.7, 0.9, 0.8):
         study.add_trial(optuna.create_trial(value=value))
     study.add_trial(optuna.create_trial(state=TrialState.PRUNED))
     running = study.ask()
+    here = spec.on_node(NodeSettings(checkpoint_dir=tmp_path))
+    root = checkpoint_root(here)
     for number in range(running.number + 1):
-        (tmp_path / f"trial-{number}").mkdir()
-        (tmp_path / f"trial-{number}" / "checkpoint.pt").write_bytes(b"x")
+        (root / f"trial-{number}").mkdir(parents=True)
+        (root / f"trial-{number}" / "checkpoint.pt").write_bytes(b"x")
 
-    remove_finished_checkpoints(tmp_path, study)
+    remove_finished_checkpoints(study, root)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-1", "trial-4"]
+    assert sorted(p.name for p in root.iterdir()) == ["trial-1", "trial-4"]
 
 
 def test_checkpoint_directory_env_overrides_the_spec(spec, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HPO_CHECKPOINT_DIR", str(tmp_path))
-    assert checkpoint_root(spec) == tmp_path.resolve() / "tiny"
+    assert checkpoint_root(spec.on_node(NodeSettings.from_env())) == tmp_path.resolve() / "tiny"

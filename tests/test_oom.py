@@ -10,11 +10,16 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+import hpo.objective
 import hpo.train
-from hpo.probe import read_batch_cap, write_batch_cap
+from hpo.caps import lower_batch_cap, read_batch_cap, write_batch_cap
+from hpo.data import DeviceBatcher, channel_stats, load_splits
+from hpo.device import select_device
+from hpo.models import build_model
 from hpo.spec import load_spec
-from hpo.train import evaluate_within_memory, select_device
-from hpo.worker import create_or_load_study, run_worker
+from hpo.study import create_or_load_study
+from hpo.train import evaluate_within_memory
+from hpo.worker import run_worker
 from tests.conftest import tiny_study_text
 
 
@@ -53,7 +58,7 @@ def _oom_training_at(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[str]:
         lambda *a, **k: _OutOfMemoryAbove(original(*a, **k), limit, in_training=True),
     )
     released: list[str] = []
-    monkeypatch.setattr(hpo.train, "release_device_memory", released.append)
+    monkeypatch.setattr(hpo.objective, "release_device_memory", released.append)
     return released
 
 
@@ -62,17 +67,17 @@ def test_oom_fails_the_trial_lowers_the_cap_and_the_worker_goes_on(
 ) -> None:
     released = _oom_training_at(monkeypatch, limit=64)
     spec = load_spec("tiny")
-    study = create_or_load_study(spec, storage_url, parallel=False)
-    study.enqueue_trial({"log2_batch_size": 6, "lr": 0.05, "weight_decay": 1e-4})
+    loaded = create_or_load_study(spec, storage_url)
+    loaded.study.enqueue_trial({"log2_batch_size": 6, "lr": 0.05, "weight_decay": 1e-4})
 
-    run_worker("tiny", storage_url, total_trials=3, progress="none")
+    run_worker("tiny", storage_url, total_trials=3)
 
     trials = optuna.load_study(study_name="tiny", storage=storage_url).trials
     first = trials[0]
     assert first.state == TrialState.FAIL
     assert first.user_attrs["fail_reason"] == "oom"
     assert first.user_attrs["batch_size_cap_after_oom"] == 32
-    assert read_batch_cap(study, select_device(spec.training).name) == 32
+    assert read_batch_cap(loaded.ref, select_device(spec.training).name) == 32
     assert released == ["cpu"]
     # The worker lived on: the later trials ran, none above the lowered cap.
     assert len(trials) == 3
@@ -84,11 +89,11 @@ def test_a_trial_drawn_above_the_cap_trains_at_the_cap_and_records_it(
     tiny_study: Path, storage_url: str
 ) -> None:
     spec = load_spec("tiny")
-    study = create_or_load_study(spec, storage_url, parallel=False)
-    write_batch_cap(study, select_device(spec.training).name, 16)
-    study.enqueue_trial({"log2_batch_size": 6, "lr": 0.05, "weight_decay": 1e-4})
+    loaded = create_or_load_study(spec, storage_url)
+    write_batch_cap(loaded.ref, select_device(spec.training).name, 16)
+    loaded.study.enqueue_trial({"log2_batch_size": 6, "lr": 0.05, "weight_decay": 1e-4})
 
-    run_worker("tiny", storage_url, total_trials=1, progress="none")
+    run_worker("tiny", storage_url, total_trials=1)
 
     trial = optuna.load_study(study_name="tiny", storage=storage_url).trials[0]
     assert trial.state == TrialState.COMPLETE
@@ -97,10 +102,10 @@ def test_a_trial_drawn_above_the_cap_trains_at_the_cap_and_records_it(
 
 
 def test_the_cap_is_only_ever_lowered(tiny_study: Path, storage_url: str) -> None:
-    study = create_or_load_study(load_spec("tiny"), storage_url, parallel=False)
+    study = create_or_load_study(load_spec("tiny"), storage_url).ref
     write_batch_cap(study, "gpu-x", 16)
-    assert hpo.train.lower_batch_cap(study, "gpu-x", 128) == 16
-    assert hpo.train.lower_batch_cap(study, "gpu-x", 16) == 8
+    assert lower_batch_cap(study, "gpu-x", 128) == 16
+    assert lower_batch_cap(study, "gpu-x", 16) == 8
     assert read_batch_cap(study, "gpu-x") == 8
     assert read_batch_cap(study, "another-gpu") is None
 
@@ -108,11 +113,9 @@ def test_the_cap_is_only_ever_lowered(tiny_study: Path, storage_url: str) -> Non
 def test_evaluation_halves_its_batch_after_an_oom(tiny_study: Path) -> None:
     spec = load_spec("tiny")
     setup = select_device(spec.training)
-    train_set, _ = hpo.train.load_splits(spec.dataset)
-    model = _OutOfMemoryAbove(hpo.train.build_model("small-cnn"), 100, in_training=False)
-    batcher = hpo.train.DeviceBatcher(
-        *hpo.train.channel_stats(train_set.images), setup.device, channels_last=False
-    )
+    train_set, _ = load_splits(spec.dataset)
+    model = _OutOfMemoryAbove(build_model("small-cnn"), 100, in_training=False)
+    batcher = DeviceBatcher(*channel_stats(train_set.images), setup.device, channels_last=False)
 
     (loss, accuracy, _), batch_size = evaluate_within_memory(model, train_set, batcher, setup, 512)
 

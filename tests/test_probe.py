@@ -9,20 +9,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpo.cli import app
-from hpo.probe import (
+from hpo.caps import (
     PROBE_ATTR_PREFIX,
-    ProbeRow,
+    BatchSizeCapSampler,
     clamp_batch_size,
-    probe_batch_sizes,
     read_batch_cap,
-    store_probe,
     stored_caps,
     write_batch_cap,
 )
+from hpo.cli import app
+from hpo.probe import ProbeRow, probe_batch_sizes, store_probe
 from hpo.space import make_sampler, sample_params
 from hpo.spec import load_spec
-from hpo.worker import create_or_load_study
+from hpo.storage import StudyRef, open_storage
+from hpo.study import create_or_load_study
 
 
 @pytest.fixture
@@ -61,16 +61,16 @@ def test_a_batch_size_that_runs_out_of_memory_stops_the_probe(tiny_study: Path) 
 
 
 def test_the_probe_is_stored_on_the_study_per_device(tiny_study: Path, storage_url: str) -> None:
-    study = create_or_load_study(load_spec("tiny"), storage_url, parallel=False)
+    loaded = create_or_load_study(load_spec("tiny"), storage_url)
     result = probe_batch_sizes(
         load_spec("tiny"),
         measure=lambda spec, setup, b, steps, warmup: ProbeRow(b, b <= 32, 1.0, 1.0),
     )
 
-    store_probe(study, result)
+    store_probe(loaded.ref, result)
 
-    assert stored_caps(study) == {"cpu": 32}
-    assert study.user_attrs[PROBE_ATTR_PREFIX + "cpu"]["max_batch_size"] == 32
+    assert stored_caps(loaded.ref) == {"cpu": 32}
+    assert loaded.study.user_attrs[PROBE_ATTR_PREFIX + "cpu"]["max_batch_size"] == 32
 
 
 @pytest.mark.parametrize("kind", ["tpe", "random", "grid"])
@@ -79,8 +79,10 @@ def test_samplers_never_propose_a_batch_size_above_the_device_cap(
 ) -> None:
     spec = load_spec("tiny").model_copy(deep=True)
     spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"kind": kind})})
-    study = optuna.create_study(storage=storage_url, sampler=make_sampler(spec))
-    write_batch_cap(study, "cpu", 32)
+    storage = open_storage(storage_url)
+    sampler = BatchSizeCapSampler(make_sampler(spec), storage, "cpu")
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    write_batch_cap(StudyRef.by_name(storage, study.study_name), "cpu", 32)
 
     study.optimize(lambda trial: sample_params(trial, spec).lr, n_trials=12)
 
@@ -108,5 +110,4 @@ def test_hpo_probe_prints_the_table_and_stores_the_cap(tiny_study: Path, storage
     assert result.exit_code == 0, result.output
     assert "batch sizes on cpu" in result.output
     assert "batch-size cap stored for 'cpu': 64" in result.output
-    study = optuna.load_study(study_name="tiny", storage=storage_url)
-    assert read_batch_cap(study, "cpu") == 64
+    assert read_batch_cap(StudyRef.by_name(open_storage(storage_url), "tiny"), "cpu") == 64

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.spec import parse_spec
 from hpo.storage import StorageError, is_connection_error, mask_url, open_storage
-from hpo.worker import claim_trial, create_or_load_study, resolve_gpus, study_budget
+from hpo.launcher import GpuSelectionError, resolve_gpus
+from hpo.study import LoadedStudy, create_or_load_study, study_budget
+from hpo.worker import claim_trial
 
 from .conftest import tiny_study_text
 
@@ -79,37 +81,39 @@ def test_lost_connection_errors_are_retried_and_others_are_not() -> None:
 
 
 @pytest.fixture
-def sqlite_study(tmp_path: Path) -> optuna.Study:
+def sqlite_study(tmp_path: Path) -> LoadedStudy:
     return create_or_load_study(_spec(), f"sqlite:///{tmp_path / 'hpo.db'}", parallel=True)
 
 
 def test_claim_stops_at_the_total_and_waits_while_trials_run(sqlite_study) -> None:
-    sqlite_study.add_trial(optuna.create_trial(value=0.5))
+    study = sqlite_study.study
+    study.add_trial(optuna.create_trial(value=0.5))
     running = claim_trial(sqlite_study, 2)
     assert isinstance(running, optuna.Trial)
     assert claim_trial(sqlite_study, 2) == "wait"
-    sqlite_study.tell(running, 0.6)
+    study.tell(running, 0.6)
     assert claim_trial(sqlite_study, 2) == "done"
 
 
 def test_a_requeued_failure_gives_its_place_to_the_retry(sqlite_study) -> None:
+    study = sqlite_study.study
     first = claim_trial(sqlite_study, 1)
-    sqlite_study.tell(first, state=TrialState.FAIL)
-    RetryHeartbeatStaleTrialCallback()(sqlite_study, sqlite_study.trials[0])
-    assert study_budget(sqlite_study).finished == 0
+    study.tell(first, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, study.trials[0])
+    assert study_budget(study).finished == 0
 
     retry = claim_trial(sqlite_study, 1)
     assert retry.number == 1 and retry.params == first.params
-    sqlite_study.tell(retry, 0.7)
+    study.tell(retry, 0.7)
     assert claim_trial(sqlite_study, 1) == "done"
-    assert study_budget(sqlite_study).finished == 1
+    assert study_budget(study).finished == 1
 
 
 def test_gpus_all_and_indices_map_through_cuda_visible_devices(monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
     assert resolve_gpus("all") == ["2", "3", "5"]
     assert resolve_gpus("0,2") == ["2", "5"]
-    with pytest.raises(StorageError, match="this node sees 3 GPU"):
+    with pytest.raises(GpuSelectionError, match="this node sees 3 GPU"):
         resolve_gpus("3")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert resolve_gpus("all") == []

@@ -10,8 +10,9 @@ from optuna.trial import TrialState
 
 from hpo.data import load_splits
 from hpo.space import make_pruner
+from hpo.device import select_device
 from hpo.spec import StudySpec, load_spec
-from hpo.train import run_trial, select_device
+from tests.conftest import train_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -46,7 +47,7 @@ def _run(spec: StudySpec, params: list[dict], pruner=None) -> optuna.Study:
     splits = load_splits(spec.dataset)
     for p in params:
         study.enqueue_trial(p)
-    study.optimize(lambda trial: run_trial(trial, spec, splits=splits), n_trials=len(params))
+    study.optimize(lambda trial: train_trial(trial, spec, splits=splits), n_trials=len(params))
     return study
 
 
@@ -105,7 +106,7 @@ def test_bad_trial_is_pruned_after_the_warm_up(tiny_study: Path) -> None:
 def test_cpu_uses_bf16_and_channels_last_unless_switched_off(tiny_study: Path) -> None:
     import torch
 
-    from hpo.train import cpu_supports_bf16
+    from hpo.compat import cpu_supports_bf16
 
     spec = load_spec("tiny")
     setup = select_device(spec.training)

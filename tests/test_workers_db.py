@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from hpo.spec import parse_spec
 from hpo.storage import open_storage
-from hpo.worker import create_or_load_study, study_budget, superseded_trials
+from hpo.study import create_or_load_study, study_budget, superseded_trials
 
 from .conftest import tiny_study_text
 from .databases import logs, scratch_database, start_worker, wait_all, worker_env

@@ -1,0 +1,118 @@
+"""The Typer application, the options commands share, and how errors reach the user.
+
+Every error a user can cause (bad study file, missing data, unreachable storage, a device
+this node lacks) is printed as one line naming the file or field, with exit code 2 and no
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from hpo.errors import UserError
+from hpo.settings import NodeSettings
+
+app = typer.Typer(
+    name="hpo",
+    help=(
+        "Hyperparameter optimization for CNNs on histopathology patches: joint search over "
+        "batch size (powers of two), learning rate and weight decay, on Optuna with SQL storage."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+StudyOption = Annotated[
+    str,
+    typer.Option(
+        "--study",
+        help="Study name (finds ./studies/NAME.toml or $HPO_STUDIES_DIR/NAME.toml) or a path to a .toml file.",
+    ),
+]
+StoredStudyOption = Annotated[str, typer.Option("--study", help="Name of a study in the storage.")]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy URL of the study storage. Default: $HPO_STORAGE, else sqlite:///./hpo.db.",
+        show_default=False,
+    ),
+]
+DataRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="This node's dataset directory, in place of the study's dataset.root (default: $HPO_DATA_ROOT). Node-local: never a spec difference.",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto, cpu or cuda on this node, in place of the study's training.device (default: $HPO_DEVICE).",
+        show_default=False,
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for training on this node (default: $HPO_NUM_THREADS, else the study's training.num_threads, else torch's choice).",
+        show_default=False,
+    ),
+]
+CheckpointDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint-dir",
+        help="Checkpoint directory on this node (default: $HPO_CHECKPOINT_DIR, else the study's training.checkpoint_dir, else ./hpo-checkpoints). Must be shared for retries to resume on another node.",
+        show_default=False,
+    ),
+]
+
+
+def node_settings(
+    data_root: Path | None, device: str | None, threads: int | None, checkpoint_dir: Path | None
+) -> NodeSettings:
+    return NodeSettings.from_env(
+        data_root=data_root, device=device, num_threads=threads, checkpoint_dir=checkpoint_dir
+    )
+
+
+def setup_logging() -> None:
+    """Worker log lines as plain messages; Optuna's own INFO lines off (hpo prints its own)."""
+    import optuna
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def user_errors(function: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return function(*args, **kwargs)
+        except UserError as error:
+            errors.print(f"error: {error}", markup=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,127 @@
+"""Commands that read a study: ``status``, ``report``, ``dashboard``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hpo.cli.app import StorageOption, StoredStudyOption, app, console, errors, user_errors
+from hpo.cli.render import print_dashboard_hint, print_summary
+
+
+@app.command()
+@user_errors
+def status(study: StoredStudyOption, storage: StorageOption = None) -> None:
+    """Trials by state, the best trial, and the best value per batch size."""
+    from hpo.storage import resolve_storage_url
+    from hpo.study import load_study
+
+    storage_url = resolve_storage_url(storage)
+    loaded = load_study(study, storage_url)
+    print_summary(loaded.study, loaded.spec.objective.metric)
+
+
+ArtifactsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--artifacts",
+        help=(
+            "Directory of the dashboard's artifact store (the report's PNGs). Default: "
+            "$HPO_ARTIFACTS, else hpo-artifacts/ beside the SQLite file, else ./hpo-artifacts."
+        ),
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+@user_errors
+def dashboard(
+    storage: StorageOption = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            help=(
+                "Address to listen on. The dashboard has no authentication: any address but "
+                "127.0.0.1/localhost lets everyone who reaches it read and edit the studies."
+            ),
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
+    artifacts: ArtifactsOption = None,
+) -> None:
+    """Serve optuna-dashboard for every study in the storage, until Ctrl-C."""
+    from hpo.dashboard import default_artifact_dir, describe, is_loopback, make_server, serve
+    from hpo.storage import resolve_storage_url
+
+    storage_url = resolve_storage_url(storage)
+    artifact_dir = artifacts or default_artifact_dir(storage_url)
+    if not is_loopback(host):
+        errors.print(
+            f"warning: listening on {host}, not 127.0.0.1: the dashboard has no "
+            "authentication; anyone who can reach this port can read, change and delete "
+            "studies. Prefer an SSH tunnel to 127.0.0.1.",
+            markup=False,
+        )
+    server = make_server(storage_url, host=host, port=port, artifact_dir=artifact_dir)
+    console.print(describe(storage_url, host, port, artifact_dir), markup=False, soft_wrap=True)
+    serve(server)
+
+
+@app.command()
+@user_errors
+def report(
+    study: Annotated[str, typer.Option("--study", help="Name of a study in the storage.")],
+    storage: StorageOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory for the PNG/HTML figures and summary.md. Default: ./reports/STUDY.",
+            show_default=False,
+        ),
+    ] = None,
+    artifacts: ArtifactsOption = None,
+    attach: Annotated[
+        bool,
+        typer.Option(
+            "--attach/--no-attach",
+            help="Also put the figures, PNGs and summary on the study for `hpo dashboard`.",
+        ),
+    ] = True,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k",
+            min=1,
+            help="Best complete trials per batch size that enter the fit of lr* ∝ B^α.",
+        ),
+    ] = 3,
+) -> None:
+    """Figures of how the best learning rate scales with batch size (α in lr* ∝ B^α), the
+    objective over batch size × learning rate, generalization gap, learning curves and
+    parameter importances, as PNG + HTML with a markdown summary."""
+    from hpo.dashboard import default_artifact_dir
+    from hpo.report import run_report
+    from hpo.storage import resolve_storage_url
+
+    storage_url = resolve_storage_url(storage)
+    out_dir = out or Path("reports") / study
+    artifact_dir = (artifacts or default_artifact_dir(storage_url)) if attach else None
+    result = run_report(study, storage_url, out_dir, artifact_dir=artifact_dir, top_k=top_k)
+    console.print(result.data.fit.describe(), markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {len(result.files)} files to {out_dir} (summary.md; PNG and HTML figures)",
+        markup=False,
+        soft_wrap=True,
+    )
+    if artifact_dir is not None:
+        console.print(
+            f"attached to study {study!r} (figures, note; PNGs in {artifact_dir})",
+            markup=False,
+            soft_wrap=True,
+        )
+        print_dashboard_hint(storage_url)

@@ -1,0 +1,91 @@
+"""What a running trial shows in the terminal (``hpo.objective.TrialProgress``)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hpo.spec import TrialParams
+from hpo.train import EpochMetrics
+
+
+class LineProgress:
+    """One line per epoch: for several processes sharing a terminal (and for logs)."""
+
+    def __init__(self, label: str, console: Console | None = None) -> None:
+        self.label = label
+        self.console = console or Console(highlight=False)
+        self.prefix = ""
+        self.epochs = 0
+
+    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
+        self.epochs = epochs
+        self.prefix = (
+            f"{self.label}trial {trial_number:>3} B={params.batch_size:<4} "
+            f"lr={params.lr:.2e} wd={params.weight_decay:.1e}"
+        )
+
+    def step(self, epoch: int, loss: float) -> None:
+        pass
+
+    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+        self.console.print(
+            f"{self.prefix} epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} "
+            f"{objective_name} {metrics.objective(objective_name):.4f}",
+            markup=False,
+        )
+
+    def finish(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A live bar for the running trial (epoch, step, loss, val metric) and one for the study."""
+
+    def __init__(self, total_trials: int, console: Console | None = None) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.study_task = self.progress.add_task("trials", total=total_trials, status="")
+        self.trial_task = None
+        self.epochs = 0
+        self.steps = 0
+        self.last_metric = ""
+
+    def __enter__(self) -> BarProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
+        self.epochs, self.steps, self.last_metric = epochs, steps, ""
+        description = f"trial {trial_number} B={params.batch_size} lr={params.lr:.1e} wd={params.weight_decay:.0e}"
+        if self.trial_task is not None:
+            self.progress.remove_task(self.trial_task)
+        self.trial_task = self.progress.add_task(description, total=epochs * steps, status="")
+
+    def step(self, epoch: int, loss: float) -> None:
+        self.progress.update(
+            self.trial_task,
+            advance=1,
+            status=f"epoch {epoch}/{self.epochs} loss {loss:.3f} {self.last_metric}",
+        )
+
+    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+        self.last_metric = f"{objective_name} {metrics.objective(objective_name):.4f}"
+        self.progress.update(
+            self.trial_task,
+            completed=metrics.epoch * self.steps,
+            status=f"epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} {self.last_metric}",
+        )
+
+    def finish(self) -> None:
+        self.progress.advance(self.study_task)

@@ -1,0 +1,68 @@
+"""Tables and lines the commands print."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from hpo.cli.app import console
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.probe import ProbeResult
+
+
+def print_summary(study: optuna.Study, metric: str) -> None:
+    """Trials by state, the best trial, and the best-per-batch-size table."""
+    from hpo.report import batch_size_table, summarize
+
+    summary = summarize(study, metric)
+    counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
+    console.print(
+        f"study [bold]{summary.study_name}[/] ({summary.direction} {metric}): {counts or 'no trials'}"
+    )
+    if summary.best is not None:
+        best = summary.best
+        console.print(
+            f"best trial {best.number}: {metric} = {best.value:.4f} with batch_size "
+            f"{best.user_attrs.get('batch_size')}, lr {best.params['lr']:.3g}, "
+            f"weight_decay {best.params['weight_decay']:.3g}"
+        )
+    headers, rows = batch_size_table(summary)
+    table = Table(title="best per batch size")
+    for column in headers:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_probe(result: ProbeResult, cap: int | None) -> None:
+    table = Table(title=f"batch sizes on {result.device_name}")
+    for column in ("batch size", "fits", "samples/s", "peak memory (MiB)", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
+    for row in result.rows:
+        table.add_row(
+            str(row.batch_size),
+            "yes" if row.fits else "no",
+            "-" if row.samples_per_s is None else f"{row.samples_per_s:,.0f}",
+            "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:,.0f}",
+            row.note,
+        )
+    console.print(table)
+    console.print(f"peak memory: {result.memory_method}")
+    console.print(f"batch-size cap stored for {result.device_name!r}: {cap if cap else 'none'}")
+
+
+def print_dashboard_hint(storage_url: str) -> None:
+    """The exact command that opens this storage in the browser (password masked)."""
+    from sqlalchemy.engine import make_url
+
+    from hpo.dashboard import dashboard_command
+
+    line = f"dashboard: {dashboard_command(storage_url)}"
+    if make_url(storage_url).password is not None:
+        line += "  (password masked: put it back, or export HPO_STORAGE and drop --storage)"
+    console.print(line, markup=False, soft_wrap=True)

@@ -1,0 +1,227 @@
+"""Commands that train or measure: ``launch``, ``worker``, ``probe``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hpo.cli.app import (
+    CheckpointDirOption,
+    DataRootOption,
+    DeviceOption,
+    StorageOption,
+    StudyOption,
+    ThreadsOption,
+    app,
+    console,
+    errors,
+    node_settings,
+    setup_logging,
+    user_errors,
+)
+from hpo.cli.render import print_dashboard_hint, print_probe, print_summary
+from hpo.spec import load_spec
+
+TrialsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--n-trials", min=1, help="Trials to run now (default: budget.n_trials of the study file)."
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        min=1,
+        help="Stop starting trials after this many seconds (default: budget.timeout_s).",
+    ),
+]
+
+
+def _finish(code: int, outcome: object) -> None:
+    """Exit with the run's code: a signal's 128 + n, else 1 when trials ran and none
+    finished COMPLETE or PRUNED (the fail reasons printed with their counts), else 0."""
+    from hpo.study import Outcome
+
+    assert isinstance(outcome, Outcome)
+    if code >= 128 or code == 2:
+        raise typer.Exit(code)
+    if not outcome.achieved_anything:
+        errors.print(f"error: {outcome.describe_failures()}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def launch(
+    study: StudyOption,
+    n_trials: TrialsOption = None,
+    timeout: TimeoutOption = None,
+    storage: StorageOption = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help=(
+                "Local worker processes sharing the study: one GPU each when there are "
+                "enough GPUs, else the CPU cores split between them."
+            ),
+        ),
+    ] = 1,
+    data_root: DataRootOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+) -> None:
+    """Create the study from its file (or continue it), run trials, print the best per batch
+    size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
+    from hpo.cli.progress import BarProgress
+    from hpo.device import select_device
+    from hpo.launcher import local_devices, run_worker_processes
+    from hpo.storage import mask_url, resolve_storage_url, sqlite_path
+    from hpo.study import count_finished, create_or_load_study, run_outcome
+    from hpo.worker import run_worker
+
+    setup_logging()
+    node = node_settings(data_root, device, threads, checkpoint_dir)
+    spec = load_spec(study, check_paths=node.data_root is None)
+    select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
+    storage_url = resolve_storage_url(storage)
+    loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
+    already = count_finished(loaded.study)
+    first_number = len(loaded.study.get_trials(deepcopy=False))
+    new_trials = n_trials or spec.budget.n_trials
+    console.print(
+        f"study [bold]{spec.name}[/] in {mask_url(storage_url)}: {already} finished trials; "
+        f"running {new_trials} more with {workers} worker(s)"
+    )
+    run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
+    if workers == 1:
+        with BarProgress(new_trials) as bar:
+            code = run_worker(spec.name, storage_url, progress=bar, node=node, **run).exit_code
+    else:
+        devices = local_devices(workers)
+        code = run_worker_processes(spec.name, storage_url, devices=devices, node=node, **run)
+    print_summary(loaded.study, spec.objective.metric)
+    where = sqlite_path(storage_url)
+    if where is not None:
+        console.print(f"storage: SQLite file {where}")
+    print_dashboard_hint(storage_url)
+    _finish(code, run_outcome(loaded.study, first_number))
+
+
+@app.command()
+@user_errors
+def worker(
+    study: Annotated[str, typer.Option("--study", help="Name of the study in the storage.")],
+    storage: StorageOption = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials",
+            min=1,
+            help="Study-wide total of finished trials to stop at (default: budget.n_trials).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds."),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help=(
+                "'all' or GPU indices like 0,1,3: one worker process per GPU, each with "
+                "CUDA_VISIBLE_DEVICES set to its GPU. Default: one worker in this process."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    spec_file: Annotated[
+        str | None,
+        typer.Option(
+            "--spec",
+            help=(
+                "A local study file (name or .toml path): creates the study if it is missing; "
+                "refused, naming the fields, if it differs from the stored spec "
+                "(node-local fields such as dataset.root never count)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    data_root: DataRootOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+) -> None:
+    """Join a study (its spec is read from the storage) and run trials until the study-wide
+    total is reached. SIGTERM/SIGINT re-queue the running trial and stop within seconds.
+    Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
+    from hpo.cli.progress import LineProgress
+    from hpo.launcher import resolve_gpus, run_worker_processes
+    from hpo.settings import LABEL_ENV, env
+    from hpo.storage import resolve_storage_url
+    from hpo.study import load_study, run_outcome
+    from hpo.worker import run_worker
+
+    setup_logging()
+    node = node_settings(data_root, device, threads, checkpoint_dir)
+    storage_url = resolve_storage_url(storage)
+    local_spec = load_spec(spec_file, check_paths=node.data_root is None) if spec_file else None
+    loaded = load_study(study, storage_url, parallel=True, local_spec=local_spec)
+    run = dict(
+        total_trials=n_trials or loaded.spec.budget.n_trials,
+        timeout_s=timeout or loaded.spec.budget.timeout_s,
+    )
+    if gpus is None:
+        progress = LineProgress(env(LABEL_ENV) or "")
+        result = run_worker(study, storage_url, progress=progress, parallel=True, node=node, **run)
+        _finish(result.exit_code, result.outcome)
+        return
+    devices: list[str | None] = list(resolve_gpus(gpus))
+    if not devices:
+        errors.print("warning: --gpus all: this node sees no GPU; running one CPU worker")
+        devices = [None]
+    first_number = len(loaded.study.get_trials(deepcopy=False))
+    code = run_worker_processes(study, storage_url, devices=devices, node=node, **run)
+    _finish(code, run_outcome(loaded.study, first_number))
+
+
+@app.command()
+@user_errors
+def probe(
+    study: Annotated[
+        str,
+        typer.Option(
+            "--study",
+            help="Study in the storage (created from studies/NAME.toml if not there yet).",
+        ),
+    ],
+    storage: StorageOption = None,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps", min=1, help="Timed training steps per batch size (after 1 warm-up)."
+        ),
+    ] = 3,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Which of the study's batch sizes fit this device: a few training steps at each power
+    of two with the study's model and optimizer, samples/s and peak memory; stored on the
+    study per device name, so no worker on this kind of device trains a batch size that
+    does not fit."""
+    from hpo.device import start_on_this_node
+    from hpo.probe import probe_study
+    from hpo.storage import resolve_storage_url
+    from hpo.study import load_or_create_study
+
+    node = node_settings(None, device, threads, None)
+    loaded = load_or_create_study(study, resolve_storage_url(storage))
+    spec = loaded.spec.on_node(node)
+    setup = start_on_this_node(spec.training)
+    result, cap = probe_study(loaded.ref, spec, setup, steps=steps)
+    print_probe(result, cap)

@@ -1,0 +1,127 @@
+"""Worker processes on this machine: one per GPU (``--gpus``), or CPU workers sharing cores.
+
+Each child is ``python -m hpo worker``; the storage URL and this node's settings go to it
+in the environment, so a password never shows in ``ps``. SIGTERM/SIGINT are passed on to
+the children, which re-queue their running trials and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from hpo.errors import UserError
+from hpo.settings import (
+    CUDA_VISIBLE_ENV,
+    LABEL_ENV,
+    STORAGE_ENV,
+    NodeSettings,
+    env,
+    environment,
+)
+
+
+class GpuSelectionError(UserError):
+    """``--gpus`` names GPUs this node does not have."""
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` values."""
+    visible = env(CUDA_VISIBLE_ENV)
+    if visible is not None:
+        return [device.strip() for device in visible.split(",") if device.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def resolve_gpus(gpus: str) -> list[str]:
+    """``all`` or a comma-separated list of indices → CUDA_VISIBLE_DEVICES values, one per
+    worker. Indices count the GPUs this process sees (within an existing
+    ``CUDA_VISIBLE_DEVICES``). ``all`` on a node without GPUs gives an empty list."""
+    available = visible_gpus()
+    if gpus.strip() == "all":
+        return available
+    chosen = []
+    for part in gpus.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) >= len(available):
+            raise GpuSelectionError(
+                f"--gpus {gpus!r}: {part!r} is not a GPU index here (this node sees "
+                f"{len(available)} GPU(s): indices 0..{len(available) - 1}; or use 'all')"
+            )
+        chosen.append(available[int(part)])
+    if len(set(chosen)) != len(chosen):
+        raise GpuSelectionError(f"--gpus {gpus!r} names a GPU twice")
+    return chosen
+
+
+def worker_command(study_name: str, total_trials: int, timeout_s: float | None) -> list[str]:
+    """The ``hpo worker`` command line of one child (the storage URL goes in the
+    environment, so a password never shows in ``ps``)."""
+    command = [sys.executable, "-m", "hpo", "worker", "--study", study_name]
+    command += ["--n-trials", str(total_trials)]
+    if timeout_s is not None:
+        command += ["--timeout", str(timeout_s)]
+    return command
+
+
+def _child_env(
+    storage_url: str, node: NodeSettings, device: str | None, index: int, threads: int
+) -> dict[str, str]:
+    child = environment() | node.to_env()
+    child[STORAGE_ENV] = storage_url
+    if device is None:
+        child[LABEL_ENV] = f"[w{index}] "
+        child.setdefault("OMP_NUM_THREADS", str(threads))
+    else:
+        child[LABEL_ENV] = f"[gpu{device}] "
+        child[CUDA_VISIBLE_ENV] = device
+    return child
+
+
+def run_worker_processes(
+    study_name: str,
+    storage_url: str,
+    *,
+    total_trials: int,
+    timeout_s: float | None,
+    devices: list[str | None],
+    node: NodeSettings | None = None,
+) -> int:
+    """One ``hpo worker`` child per entry of ``devices``: a GPU (``CUDA_VISIBLE_DEVICES``
+    set to it) or None (a CPU worker; the cores are split between the CPU workers).
+    Returns the worst exit code of the children."""
+    node = node or NodeSettings()
+    cpu_workers = sum(device is None for device in devices)
+    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+    command = worker_command(study_name, total_trials, timeout_s)
+    children = [
+        subprocess.Popen(command, env=_child_env(storage_url, node, device, index, threads))
+        for index, device in enumerate(devices)
+    ]
+
+    def forward(number: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(number)
+
+    previous = {
+        number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return max(codes, key=abs)
+
+
+def local_devices(workers: int) -> list[str | None]:
+    """Devices for ``workers`` local processes: a GPU each when this machine has any
+    (round-robin when fewer than workers), else None (CPU) for all."""
+    gpus = resolve_gpus("all")
+    return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]

@@ -1,0 +1,201 @@
+"""The only code that turns an Optuna trial into a training run.
+
+``Objective(trial)`` reads top to bottom: parameters from the trial (clamped to this
+device's batch-size cap), a seeded run, resume from the checkpoint of the trial it
+retries, ``hpo.train.fit`` with a report and a pruning decision after every epoch, the
+per-trial user attrs. How a trial ends, as the worker and Optuna see it:
+
+- completes: the objective at the last epoch is returned;
+- pruned (``fail_reason = "pruned"``) or diverged (``"diverged"``): ``optuna.TrialPruned``;
+- out of memory (``"oom"``): the device's cap is lowered to half the batch size, memory
+  is freed and ``TrialOutOfMemory`` is raised (the worker fails the trial and goes on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import optuna
+
+from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
+from hpo.checkpoint import TrialCheckpoint
+from hpo.data import PatchSet
+from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
+from hpo.space import sample_params
+from hpo.spec import StudySpec, TrialParams
+from hpo.storage import StudyRef
+from hpo.study import original_trial_number, retried_from
+from hpo.train import Diverged, EpochMetrics, Tally, TrainingRun, build_run, fit, prepare_data
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of device memory. The trial is FAIL with ``fail_reason = "oom"``,
+    the device's batch-size cap is already lowered and memory freed: the worker goes on
+    with the next trial."""
+
+
+class TrialProgress(Protocol):
+    """What a trial tells the terminal (implemented in ``hpo.cli.progress``)."""
+
+    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None: ...
+
+    def step(self, epoch: int, loss: float) -> None: ...
+
+    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class SilentProgress:
+    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, loss: float) -> None:
+        pass
+
+    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class Objective:
+    """Trains one Optuna trial per call. Built once per worker: the spec as this node
+    runs it, the device resolved at start, the splits loaded once.
+
+    ``study`` (the stored study, for the batch-size cap) and ``checkpoint_root`` are
+    optional so a bare in-memory Optuna study can run it too.
+    """
+
+    spec: StudySpec
+    setup: DeviceSetup
+    splits: tuple[PatchSet, PatchSet]
+    study: StudyRef | None = None
+    checkpoint_root: Path | None = None
+    progress: TrialProgress = field(default_factory=SilentProgress)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = self._params(trial)
+        trial.set_user_attr("device", self.setup.name)
+        trial.set_user_attr("precision", self.setup.precision)
+        try:
+            return self._train(trial, params)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            trial.set_user_attr("fail_reason", "oom")
+        # Outside the handler: the traceback, which held the run and its activations, is
+        # gone, so freeing memory really frees it.
+        raise self._out_of_memory(trial, params)
+
+    def _train(self, trial: optuna.Trial, params: TrialParams) -> float:
+        """Fit with a report and a pruning decision after every epoch; the objective at the
+        last epoch. Per-trial user attrs are written however it ends."""
+        started = time.perf_counter()
+        data = prepare_data(self.splits, self.setup, self.spec.training)
+        seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
+        run = build_run(self.spec, params, self.setup, seed=seed)
+        checkpoint = self._resume(trial, run)
+        steps = len(data.train) // params.batch_size
+        self.progress.start(trial.number, params, self.spec.budget.epochs, steps)
+        try:
+            fit(
+                run, data, self.setup, self.spec, params,
+                on_step=self.progress.step,
+                on_epoch=lambda metrics: self._after_epoch(trial, run, metrics, checkpoint),
+            )  # fmt: skip
+            return run.tally.history[-1].objective(self.spec.objective.metric)
+        except Diverged as diverged:
+            trial.set_user_attr("fail_reason", "diverged")
+            raise optuna.TrialPruned(str(diverged)) from None
+        finally:
+            record_tally(trial, run.tally, started)
+            self.progress.finish()
+
+    def _params(self, trial: optuna.Trial) -> TrialParams:
+        """Sampled parameters, the batch size clamped to the cap read now: an enqueued
+        trial skips the sampler, and the cap may have fallen since the sampler drew."""
+        params = sample_params(trial, self.spec)
+        cap = None if self.study is None else read_batch_cap(self.study, self.setup.name)
+        clamped = clamp_batch_size(params.batch_size, cap)
+        if clamped != params.batch_size:
+            trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
+            trial.set_user_attr("batch_size", clamped)
+            params = dataclasses.replace(params, batch_size=clamped)
+        return params
+
+    def _resume(self, trial: optuna.Trial, run: TrainingRun) -> TrialCheckpoint | None:
+        """The trial's checkpoint file; a retry first loads what its predecessor saved
+        (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there was none)."""
+        if self.checkpoint_root is None:
+            return None
+        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
+        retry_of = retried_from(trial)
+        if retry_of is not None:
+            trial.set_user_attr("retry_of", retry_of)
+            trial.set_user_attr("resumed_from_epoch", checkpoint.load_into(run))
+        return checkpoint
+
+    def _after_epoch(
+        self,
+        trial: optuna.Trial,
+        run: TrainingRun,
+        metrics: EpochMetrics,
+        checkpoint: TrialCheckpoint | None,
+    ) -> None:
+        """Show, report, prune, checkpoint: what happens between two epochs."""
+        metric = self.spec.objective.metric
+        self.progress.epoch_end(metrics, metric)
+        value = metrics.objective(metric)
+        if not math.isfinite(value):
+            raise Diverged(f"{metric} is {value} at epoch {metrics.epoch}")
+        trial.report(value, metrics.epoch)
+        if trial.should_prune():
+            trial.set_user_attr("fail_reason", "pruned")
+            raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: {metric} = {value:.4f}")
+        if checkpoint is not None:
+            checkpoint.save(run)
+
+    def _out_of_memory(self, trial: optuna.Trial, params: TrialParams) -> TrialOutOfMemory:
+        release_device_memory(self.setup.device.type)
+        new_cap = None
+        if self.study is not None:
+            new_cap = lower_batch_cap(self.study, self.setup.name, params.batch_size)
+        trial.set_user_attr("batch_size_cap_after_oom", new_cap)
+        return TrialOutOfMemory(
+            f"trial {trial.number}: out of memory on {self.setup.name} at batch size "
+            f"{params.batch_size}; cap for this device is now {new_cap}"
+        )
+
+
+def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
+    """Store the per-trial metrics as user attributes (also on pruned and failed trials)."""
+    seconds = tally.train_seconds
+    attrs: dict[str, float | int] = {
+        "epochs_completed": len(tally.history),
+        "n_updates": tally.updates,
+        "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    if tally.history:
+        last = tally.history[-1]
+        attrs.update(
+            val_auc=last.val_auc,
+            val_acc=last.val_acc,
+            val_loss=last.val_loss,
+            train_acc=last.train_acc,
+            train_loss=last.train_loss,
+            generalization_gap=last.train_acc - last.val_acc,
+            best_val_auc=max(m.val_auc for m in tally.history),
+            best_val_acc=max(m.val_acc for m in tally.history),
+            best_val_loss=min(m.val_loss for m in tally.history),
+        )
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)

@@ -1,0 +1,138 @@
+"""Everything hpo reads from the environment, and the node-local settings of a worker.
+
+This is the only module that reads ``os.environ``. Two kinds of settings live here:
+
+- **Process settings**: the storage URL, where study files are, heartbeat timing, the
+  database-retry window, the artifact directory, a worker's log label.
+- **Node-local settings** (``NodeSettings``): the data root, the device, the CPU thread
+  count and the checkpoint directory. They describe *this machine*, not the study: a
+  cluster mounts PCam under a different path on every node, and a study created on a GPU
+  node may be joined from a CPU node. They come from CLI flags or ``HPO_DATA_ROOT``,
+  ``HPO_DEVICE``, ``HPO_NUM_THREADS``, ``HPO_CHECKPOINT_DIR``, override the values stored
+  in the study's spec on this node only, and never count as a spec difference
+  (``hpo.spec.NODE_LOCAL_FIELDS``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from hpo.errors import UserError
+
+STORAGE_ENV = "HPO_STORAGE"
+STUDIES_DIR_ENV = "HPO_STUDIES_DIR"
+ARTIFACTS_ENV = "HPO_ARTIFACTS"
+LABEL_ENV = "HPO_WORKER_LABEL"
+HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "HPO_HEARTBEAT_S", 20.0
+GRACE_ENV, DEFAULT_GRACE_S = "HPO_GRACE_S", 60.0
+DB_RETRY_ENV, DEFAULT_DB_RETRY_S = "HPO_DB_RETRY_S", 300.0
+DATA_ROOT_ENV = "HPO_DATA_ROOT"
+DEVICE_ENV = "HPO_DEVICE"
+THREADS_ENV = "HPO_NUM_THREADS"
+CHECKPOINT_ENV = "HPO_CHECKPOINT_DIR"
+CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+class SettingsError(UserError):
+    """An environment variable or node-local flag with a value hpo cannot use."""
+
+
+def env(name: str) -> str | None:
+    """The variable's value, or None when it is unset or empty."""
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's environment (for starting child processes)."""
+    return dict(os.environ)
+
+
+def positive_seconds(name: str, default: float) -> float:
+    """``$name`` as a positive number of seconds, else ``default``."""
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"${name} = {raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SettingsError(f"${name} = {raw!r} must be positive")
+    return value
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in whole seconds; the grace period is always
+    longer than the interval, or every trial would look stale between two beats."""
+    interval = max(1, round(positive_seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)))
+    grace = max(interval + 1, round(positive_seconds(GRACE_ENV, DEFAULT_GRACE_S)))
+    return interval, grace
+
+
+def db_retry_seconds() -> float:
+    """How long a storage call keeps retrying across a lost connection."""
+    return positive_seconds(DB_RETRY_ENV, DEFAULT_DB_RETRY_S)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Settings of this node that override the study spec here and nowhere else.
+
+    None means "keep the study's value". Build it with ``from_env`` (CLI flags win over
+    the environment), apply it with ``StudySpec.on_node``; ``to_env`` hands it to child
+    processes.
+    """
+
+    data_root: Path | None = None
+    device: DeviceChoice | None = None
+    num_threads: int | None = None
+    checkpoint_dir: Path | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        data_root: Path | None = None,
+        device: str | None = None,
+        num_threads: int | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> NodeSettings:
+        """Flags given here, else ``HPO_DATA_ROOT`` / ``HPO_DEVICE`` / ``HPO_NUM_THREADS``
+        / ``HPO_CHECKPOINT_DIR``. Raises SettingsError naming the variable or flag."""
+        device = device or env(DEVICE_ENV)
+        if device is not None and device not in DEVICE_CHOICES:
+            raise SettingsError(
+                f"device {device!r} (--device or ${DEVICE_ENV}) must be one of "
+                f"{', '.join(DEVICE_CHOICES)}"
+            )
+        if num_threads is None and env(THREADS_ENV) is not None:
+            raw = cast(str, env(THREADS_ENV))
+            if not raw.isdigit() or int(raw) < 1:
+                raise SettingsError(f"${THREADS_ENV} = {raw!r} must be a positive integer")
+            num_threads = int(raw)
+        if num_threads is not None and num_threads < 1:
+            raise SettingsError(f"--threads {num_threads} must be a positive integer")
+        root = data_root or _path(env(DATA_ROOT_ENV))
+        checkpoints = checkpoint_dir or _path(env(CHECKPOINT_ENV))
+        return cls(root, cast("DeviceChoice | None", device), num_threads, checkpoints)
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that give a child process the same node settings."""
+        values = {
+            DATA_ROOT_ENV: self.data_root,
+            DEVICE_ENV: self.device,
+            THREADS_ENV: self.num_threads,
+            CHECKPOINT_ENV: self.checkpoint_dir,
+        }
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)

@@ -1,0 +1,37 @@
+"""Every private upstream name hpo relies on (``hpo/compat.py``) still exists.
+
+If one of these fails after an upgrade, the named library moved something hpo needs:
+fix ``hpo/compat.py`` (and only it)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from hpo import compat
+
+
+@pytest.mark.parametrize("name", compat.RDB_STORAGE_PRIVATE_METHODS)
+def test_rdb_storage_still_has_the_private_methods_its_cache_layer_calls(name: str) -> None:
+    import inspect
+
+    from optuna.storages import _cached_storage
+
+    assert callable(getattr(optuna.storages.RDBStorage, name, None)), name
+    assert f"self._backend.{name}(" in inspect.getsource(_cached_storage), name
+
+
+def test_torch_still_answers_whether_the_cpu_has_bf16() -> None:
+    assert isinstance(compat.cpu_supports_bf16(), bool)
+
+
+def test_torchvision_pcam_still_names_its_files_and_folder(tmp_path) -> None:
+    from torchvision.datasets import PCAM
+
+    from tests.test_data import write_pcam
+
+    write_pcam(tmp_path, {"train": 4, "val": 4})
+    dataset = PCAM(tmp_path, split="train", download=False)
+    folder = compat.pcam_folder(dataset)
+    for name in compat.pcam_file_names("train"):
+        assert (folder / name).is_file(), name
