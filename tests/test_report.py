@@ -200,11 +200,12 @@ def test_attach_puts_figures_note_and_pngs_on_the_study(tmp_path: Path) -> None:
     study = optuna.create_study(storage=storage, direction="maximize", study_name="s")
     for trial in scaling_study(1.0).trials:
         study.add_trial(trial)
+    study_id = storage.get_study_id_from_name("s")
     report = write_report(study, tmp_path / "out")
-    attach_report(study, report, tmp_path / "artifacts")
-    attach_report(study, report, tmp_path / "artifacts")  # again: replaces, does not pile up
+    for _ in range(2):  # the second time replaces, does not pile up
+        attach_report(study, report, tmp_path / "artifacts", storage=storage, study_id=study_id)
 
-    attrs = storage.get_study_system_attrs(study._study_id)
+    attrs = storage.get_study_system_attrs(study_id)
     graph_ids = {key.split(":")[2] for key in attrs if key.startswith("dashboard:plot_data:")}
     assert graph_ids == {f"hpo-{name}" for name in FIGURE_NAMES}
     metas = get_all_artifact_meta(study, storage=storage)

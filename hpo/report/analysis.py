@@ -1,53 +1,31 @@
-"""Tables and figures from a finished or running study. Trains nothing.
+"""Pure analysis of a study's finished trials: counts, the best trial per batch size, the fit
+of lr* ∝ B^α, the trials as points, and parameter importances. Draws nothing.
 
-What a batch-size study is for is a handful of pictures a generic HPO dashboard does not
-draw: the objective over the batch size × learning-rate plane, how the best learning rate
-scales with batch size (lr* ∝ B^α, against the linear rule α = 1 and the square-root rule
-α = 0.5), the generalization gap per batch size, learning curves coloured by batch size,
-and parameter importances. ``write_report`` writes them as PNG (matplotlib) and interactive
-HTML (plotly) with a markdown summary; ``attach_report`` puts the same figures, the PNGs
-and the summary on the study so optuna-dashboard shows them.
-
-Only COMPLETE and PRUNED trials are drawn; RUNNING, WAITING and FAIL trials are ignored, so a
+Everything the figures and the summary show is computed here, once, into ``ReportData``;
+``hpo.report.figures`` turns that into figure models, and the renderers only draw those.
+Only COMPLETE and PRUNED trials enter; RUNNING, WAITING and FAIL trials are ignored, so a
 report of a running study is a snapshot.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
-    from matplotlib.figure import Figure as MplFigure
 
 # How many of the best complete trials of each batch size enter the α fit. One (the best
 # alone) is at the mercy of the sampler's luck; the top three average that out while staying
 # in the good region of the LR axis.
 DEFAULT_TOP_K = 3
 DEFAULT_CONFIDENCE = 0.95
-# Prefix of the dashboard's graph-object ids and of the artifact files this module attaches,
-# so re-running the report replaces its own figures and leaves others alone.
-ATTACHED_PREFIX = "hpo-"
-FIGURE_NAMES = ("lr_scaling", "objective_plane", "generalization", "learning_curves", "importances")
-FIGURE_TITLES = {
-    "lr_scaling": "Best learning rate per batch size (lr* ∝ B^α)",
-    "objective_plane": "Objective over batch size × learning rate",
-    "generalization": "Best value and generalization gap per batch size",
-    "learning_curves": "Learning curves by batch size",
-    "importances": "Parameter importances",
-}
 
 
 def trial_batch_size(trial: FrozenTrial) -> int | None:
+    """The batch size a trial trained with: the stored user attr (the batch size actually
+    used, after any cap), else 2 ** the sampled ``log2_batch_size``; None if it has neither."""
     if "batch_size" in trial.user_attrs:
         return int(trial.user_attrs["batch_size"])
     if "log2_batch_size" in trial.params:
@@ -71,6 +49,9 @@ class BatchSizeRow:
 
 @dataclass(frozen=True)
 class StudySummary:
+    """What ``hpo status`` and the report's summary table show: counts of trials by state
+    name, the best complete trial, and one row per batch size that any trial used."""
+
     study_name: str
     direction: str
     metric: str
@@ -213,24 +194,6 @@ class ScalingFit:
         return text
 
 
-def _fit_title(fit: ScalingFit) -> str:
-    """Two short lines for a figure title (fits the dashboard's half-width cards)."""
-    import textwrap
-
-    head = FIGURE_TITLES["lr_scaling"]
-    if fit.alpha is None:
-        return f"{head}<br><sup>{'<br>'.join(textwrap.wrap(f'No fit: {fit.reason}.', 80))}</sup>"
-    if fit.alpha_low is None or fit.alpha_high is None:
-        return f"{head}: α = {fit.alpha:.2f}<br><sup>no interval: {fit.n_points} points</sup>"
-    verdicts = []
-    for alpha, name in ((1.0, "linear"), (0.5, "square root")):
-        verdicts.append(f"α = {alpha:g} ({name}) {'inside' if fit.contains(alpha) else 'outside'}")
-    return (
-        f"{head}: α = {fit.alpha:.2f} [{fit.alpha_low:.2f}, {fit.alpha_high:.2f}]<br>"
-        f"<sup>{fit.confidence:.0%} interval · {' · '.join(verdicts)} · {fit.n_points} points</sup>"
-    )
-
-
 def _student_t_quantile(probability: float, dof: int) -> float:
     from scipy import stats
 
@@ -253,6 +216,48 @@ def fit_lr_scaling(
         raise ValueError(f"top_k = {top_k} must be at least 1")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence = {confidence} must be between 0 and 1")
+    points, batch_sizes = _top_points(study, top_k)
+    common = {
+        "points": tuple(points),
+        "top_k": top_k,
+        "confidence": confidence,
+        "batch_sizes": batch_sizes,
+    }
+    if len(batch_sizes) < 2:
+        found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
+        return ScalingFit(
+            alpha=None,
+            alpha_low=None,
+            alpha_high=None,
+            intercept=None,
+            reason=(
+                f"{found} complete trials; the fit needs complete trials at two or more batch sizes"
+            ),
+            **common,
+        )
+    alpha, intercept, standard_error = _least_squares(points)
+    if standard_error is None:
+        return ScalingFit(
+            alpha=alpha,
+            alpha_low=None,
+            alpha_high=None,
+            intercept=intercept,
+            reason="two points give a line but no interval (it needs three or more trials)",
+            **common,
+        )
+    half_width = _student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
+    return ScalingFit(
+        alpha=alpha,
+        alpha_low=alpha - half_width,
+        alpha_high=alpha + half_width,
+        intercept=intercept,
+        **common,
+    )
+
+
+def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
+    """(batch size, lr) of the ``top_k`` best complete trials of each batch size, and the
+    batch sizes that have any. Trials without an lr cannot enter the fit and are skipped."""
     maximize = _is_maximize(study)
     complete = [t for t in _complete(study.get_trials(deepcopy=False)) if "lr" in t.params]
     by_batch: dict[int, list[FrozenTrial]] = {}
@@ -264,21 +269,12 @@ def fit_lr_scaling(
     for batch_size in sorted(by_batch):
         ranked = sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)
         points.extend((batch_size, float(t.params["lr"])) for t in ranked[:top_k])
-    batch_sizes = tuple(sorted(by_batch))
-    common = {"points": tuple(points), "top_k": top_k, "confidence": confidence}
-    if len(batch_sizes) < 2:
-        found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
-        return ScalingFit(
-            alpha=None,
-            alpha_low=None,
-            alpha_high=None,
-            intercept=None,
-            reason=(
-                f"{found} complete trials; the fit needs complete trials at two or more batch sizes"
-            ),
-            batch_sizes=batch_sizes,
-            **common,
-        )
+    return points, tuple(sorted(by_batch))
+
+
+def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
+    """Slope α, intercept and the slope's standard error of log2 lr on log2 B. The standard
+    error is None for two points: a line through them leaves no residual to estimate it."""
     xs = [math.log2(b) for b, _ in points]
     ys = [math.log2(lr) for _, lr in points]
     n = len(points)
@@ -288,29 +284,9 @@ def fit_lr_scaling(
     alpha = sxy / sxx
     intercept = mean_y - alpha * mean_x
     if n < 3:
-        return ScalingFit(
-            alpha=alpha,
-            alpha_low=None,
-            alpha_high=None,
-            intercept=intercept,
-            reason="two points give a line but no interval (it needs three or more trials)",
-            batch_sizes=batch_sizes,
-            **common,
-        )
+        return alpha, intercept, None
     residual = sum((y - (intercept + alpha * x)) ** 2 for x, y in zip(xs, ys, strict=True))
-    standard_error = math.sqrt(residual / (n - 2) / sxx)
-    half_width = _student_t_quantile(0.5 + confidence / 2, n - 2) * standard_error
-    return ScalingFit(
-        alpha=alpha,
-        alpha_low=alpha - half_width,
-        alpha_high=alpha + half_width,
-        intercept=intercept,
-        batch_sizes=batch_sizes,
-        **common,
-    )
-
-
-# --------------------------------------------------------------------------- figure data
+    return alpha, intercept, math.sqrt(residual / (n - 2) / sxx)
 
 
 @dataclass(frozen=True)
@@ -375,47 +351,6 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     return {name: float(v) for name, v in values.items()}, None
 
 
-def _jitter(number: int) -> float:
-    """A deterministic factor near 1 that spreads trials of one batch size apart on a log
-    axis, so points at the same B do not hide each other."""
-    return 2.0 ** ((((number * 0.6180339887) % 1.0) - 0.5) * 0.35)
-
-
-def _complete_trial_markers(points: list, metric: str, name: str, marker: dict):
-    """Complete trials on the batch size × learning-rate plane, jittered along B, with a
-    hover label naming the trial, its batch size and its objective."""
-    import plotly.graph_objects as go
-
-    return go.Scatter(
-        x=[p.batch_size * _jitter(p.number) for p in points],
-        y=[p.lr for p in points],
-        mode="markers",
-        name=name,
-        marker=marker,
-        text=[f"trial {p.number}<br>B={p.batch_size}<br>{metric}={p.value:.4f}" for p in points],
-        hoverinfo="text+y",
-    )
-
-
-def _colors(batch_sizes: list[int]) -> dict[int, str]:
-    """One Viridis colour per batch size, small B dark, large B bright."""
-    from plotly.colors import sample_colorscale
-
-    if len(batch_sizes) == 1:
-        return {batch_sizes[0]: sample_colorscale("Viridis", [0.4])[0]}
-    samples = sample_colorscale(
-        "Viridis", [i / (len(batch_sizes) - 1) * 0.9 for i in range(len(batch_sizes))]
-    )
-    return dict(zip(batch_sizes, samples, strict=True))
-
-
-def _rgb(color: str) -> tuple[float, float, float]:
-    """plotly 'rgb(r, g, b)' → matplotlib (r, g, b) in [0, 1]."""
-    parts = color[color.index("(") + 1 : color.index(")")].split(",")
-    r, g, b = (float(p) / 255 for p in parts[:3])
-    return (r, g, b)
-
-
 @dataclass
 class ReportData:
     """Everything the figures and the summary are drawn from (computed once)."""
@@ -431,6 +366,7 @@ class ReportData:
 
     @property
     def batch_sizes(self) -> list[int]:
+        """Batch sizes of the drawn (COMPLETE or PRUNED) trials: the ticks of every B axis."""
         return sorted({p.batch_size for p in self.points})
 
 
@@ -441,6 +377,8 @@ def collect(
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> ReportData:
+    """Read the study once and compute all the analysis the report needs. ``metric`` only
+    names the objective in labels; the values are the study's own."""
     values, reason = importances(study)
     return ReportData(
         study_name=study.study_name,
@@ -452,706 +390,3 @@ def collect(
         importances=values,
         importances_reason=reason,
     )
-
-
-# --------------------------------------------------------------------------- plotly (HTML)
-
-
-def _log2_axis(batch_sizes: list[int]) -> dict[str, Any]:
-    return {
-        "type": "log",
-        "title": "batch size B",
-        "tickvals": batch_sizes,
-        "ticktext": [str(b) for b in batch_sizes],
-    }
-
-
-def _empty_plotly(title: str, message: str) -> go.Figure:
-    import plotly.graph_objects as go
-
-    figure = go.Figure()
-    figure.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    figure.update_layout(title=title, xaxis_visible=False, yaxis_visible=False)
-    return figure
-
-
-def plotly_lr_scaling(data: ReportData) -> go.Figure:
-    import plotly.graph_objects as go
-
-    fit = data.fit
-    complete = [p for p in data.points if not p.pruned and p.value is not None]
-    if not complete:
-        return _empty_plotly(_fit_title(fit), "No complete trials yet.")
-    figure = go.Figure()
-    figure.add_trace(
-        _complete_trial_markers(
-            complete, data.metric, "complete trials", {"color": "lightgray", "size": 7}
-        )
-    )
-    figure.add_trace(
-        go.Scatter(
-            x=[b for b, _ in fit.points],
-            y=[lr for _, lr in fit.points],
-            mode="markers",
-            name=f"top {fit.top_k} per B (fitted)",
-            marker={"color": "royalblue", "size": 9},
-        )
-    )
-    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
-    figure.add_trace(
-        go.Scatter(
-            x=[r.batch_size for r in bests],
-            y=[r.best_lr for r in bests],
-            mode="markers",
-            name="best per B",
-            marker={"symbol": "star", "color": "crimson", "size": 13},
-        )
-    )
-    if fit.alpha is not None:
-        low, high = min(fit.batch_sizes), max(fit.batch_sizes)
-        xs = [low * (high / low) ** (i / 20) for i in range(21)]
-        center = 2.0 ** (sum(math.log2(b) for b, _ in fit.points) / fit.n_points)
-        lr_center = fit.lr_at(center)
-        if fit.alpha_low is not None and fit.alpha_high is not None:
-            upper = [
-                lr_center * (x / center) ** (fit.alpha_high if x > center else fit.alpha_low)
-                for x in xs
-            ]
-            lower = [
-                lr_center * (x / center) ** (fit.alpha_low if x > center else fit.alpha_high)
-                for x in xs
-            ]
-            figure.add_trace(
-                go.Scatter(
-                    x=xs + xs[::-1],
-                    y=upper + lower[::-1],
-                    fill="toself",
-                    mode="none",
-                    fillcolor="rgba(65,105,225,0.15)",
-                    name=f"{fit.confidence:.0%} interval of α",
-                    hoverinfo="skip",
-                )
-            )
-        figure.add_trace(
-            go.Scatter(
-                x=xs,
-                y=[fit.lr_at(x) for x in xs],
-                mode="lines",
-                name=f"fit α = {fit.alpha:.2f}",
-                line={"color": "royalblue", "width": 3},
-            )
-        )
-        for alpha, name, dash in (
-            (1.0, "linear rule α = 1", "dash"),
-            (0.5, "square-root rule α = 0.5", "dot"),
-        ):
-            figure.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=[lr_center * (x / center) ** alpha for x in xs],
-                    mode="lines",
-                    name=name,
-                    line={"color": "black", "dash": dash, "width": 1.5},
-                )
-            )
-    figure.update_layout(
-        title={"text": _fit_title(fit)},
-        xaxis=_log2_axis(data.batch_sizes),
-        yaxis={"type": "log", "title": "learning rate"},
-        legend={"orientation": "h", "y": -0.22},
-    )
-    return figure
-
-
-def plotly_objective_plane(data: ReportData) -> go.Figure:
-    import plotly.graph_objects as go
-
-    title = FIGURE_TITLES["objective_plane"]
-    if not data.points:
-        return _empty_plotly(title, "No complete or pruned trials yet.")
-    complete = [p for p in data.points if not p.pruned and p.value is not None]
-    pruned = [p for p in data.points if p.pruned]
-    figure = go.Figure()
-    figure.add_trace(
-        _complete_trial_markers(
-            complete,
-            data.metric,
-            "complete",
-            {
-                "color": [p.value for p in complete],
-                "colorscale": "Viridis",
-                "reversescale": not data.maximize,
-                "size": 11,
-                "colorbar": {"title": data.metric},
-                "line": {"width": 0.5, "color": "black"},
-            },
-        )
-    )
-    figure.add_trace(
-        go.Scatter(
-            x=[p.batch_size * _jitter(p.number) for p in pruned],
-            y=[p.lr for p in pruned],
-            mode="markers",
-            name="pruned",
-            marker={"symbol": "x", "color": "gray", "size": 9},
-            text=[
-                f"trial {p.number} (pruned at epoch {p.last_step})<br>B={p.batch_size}"
-                + (f"<br>{data.metric}={p.value:.4f}" if p.value is not None else "")
-                for p in pruned
-            ],
-            hoverinfo="text+y",
-        )
-    )
-    figure.update_layout(
-        title=title,
-        xaxis=_log2_axis(data.batch_sizes),
-        yaxis={"type": "log", "title": "learning rate"},
-        legend={"orientation": "h", "y": -0.15},
-    )
-    return figure
-
-
-def plotly_generalization(data: ReportData) -> go.Figure:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    rows = [r for r in data.summary.by_batch_size if r.best_value is not None]
-    if not rows:
-        return _empty_plotly(FIGURE_TITLES["generalization"], "No complete trials yet.")
-    figure = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=(f"best {data.metric}", "gap: train − val accuracy"),
-    )
-    figure.add_trace(
-        go.Scatter(
-            x=[r.batch_size for r in rows],
-            y=[r.best_value for r in rows],
-            mode="lines+markers",
-            name=f"best {data.metric}",
-        ),
-        row=1,
-        col=1,
-    )
-    complete = [p for p in data.points if not p.pruned and p.gap is not None]
-    figure.add_trace(
-        go.Scatter(
-            x=[p.batch_size * _jitter(p.number) for p in complete],
-            y=[p.gap for p in complete],
-            mode="markers",
-            name="gap, each complete trial",
-            marker={"color": "lightgray"},
-        ),
-        row=1,
-        col=2,
-    )
-    gaps = [r for r in rows if r.generalization_gap is not None]
-    figure.add_trace(
-        go.Scatter(
-            x=[r.batch_size for r in gaps],
-            y=[r.generalization_gap for r in gaps],
-            mode="lines+markers",
-            name="gap of the best trial",
-            marker={"color": "crimson"},
-        ),
-        row=1,
-        col=2,
-    )
-    for col in (1, 2):
-        figure.update_xaxes(_log2_axis(data.batch_sizes), row=1, col=col)
-    figure.update_layout(
-        title=FIGURE_TITLES["generalization"],
-        legend={"orientation": "h", "y": -0.2},
-    )
-    return figure
-
-
-def plotly_learning_curves(data: ReportData) -> go.Figure:
-    import plotly.graph_objects as go
-
-    curves = [p for p in data.points if p.curve]
-    if not curves:
-        return _empty_plotly(FIGURE_TITLES["learning_curves"], "No trial has reported a value yet.")
-    colors = _colors(data.batch_sizes)
-    figure = go.Figure()
-    shown: set[int] = set()
-    for point in sorted(curves, key=lambda p: (p.batch_size, p.pruned, p.number)):
-        figure.add_trace(
-            go.Scatter(
-                x=[step for step, _ in point.curve],
-                y=[value for _, value in point.curve],
-                mode="lines+markers",
-                name=f"B = {point.batch_size}",
-                legendgroup=str(point.batch_size),
-                showlegend=point.batch_size not in shown,
-                line={
-                    "color": colors[point.batch_size],
-                    "dash": "dot" if point.pruned else "solid",
-                },
-                marker={"size": 4},
-                text=f"trial {point.number}{' (pruned)' if point.pruned else ''}, lr {point.lr:.2g}",
-                hoverinfo="text+x+y",
-            )
-        )
-        shown.add(point.batch_size)
-    figure.update_layout(
-        title=f"{FIGURE_TITLES['learning_curves']} (dotted: pruned)",
-        xaxis={"title": "epoch", "dtick": 1},
-        yaxis={"title": data.metric},
-    )
-    return figure
-
-
-def plotly_importances(data: ReportData) -> go.Figure:
-    import plotly.graph_objects as go
-
-    title = FIGURE_TITLES["importances"]
-    if not data.importances:
-        return _empty_plotly(title, f"No importances: {data.importances_reason}.")
-    names = sorted(data.importances, key=data.importances.get)
-    figure = go.Figure(
-        go.Bar(
-            x=[data.importances[n] for n in names],
-            y=names,
-            orientation="h",
-            marker={"color": "royalblue"},
-        )
-    )
-    figure.update_layout(
-        title=f"{title} (Optuna's PED-ANOVA evaluator, for {data.metric})",
-        xaxis={"title": "importance (sums to 1)"},
-    )
-    return figure
-
-
-PLOTLY_BUILDERS = {
-    "lr_scaling": plotly_lr_scaling,
-    "objective_plane": plotly_objective_plane,
-    "generalization": plotly_generalization,
-    "learning_curves": plotly_learning_curves,
-    "importances": plotly_importances,
-}
-
-
-# --------------------------------------------------------------------------- matplotlib (PNG)
-
-
-def _new_figure(width: float = 7.5, height: float = 5.0) -> MplFigure:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _log2_xaxis(axes: Any, batch_sizes: list[int]) -> None:
-    axes.set_xscale("log", base=2)
-    if batch_sizes:
-        axes.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        axes.minorticks_off()
-    axes.set_xlabel("batch size B")
-
-
-def _empty_png(title: str, message: str) -> MplFigure:
-    figure = _new_figure(7.5, 3.0)
-    axes = figure.add_subplot()
-    axes.set_axis_off()
-    axes.set_title(title)
-    axes.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=axes.transAxes)
-    return figure
-
-
-def png_lr_scaling(data: ReportData) -> MplFigure:
-    import textwrap
-
-    fit = data.fit
-    title = FIGURE_TITLES["lr_scaling"]
-    complete = [p for p in data.points if not p.pruned and p.value is not None]
-    if not complete:
-        return _empty_png(title, f"No scaling fit: {fit.reason}.")
-    figure = _new_figure(7.5, 5.8)
-    axes = figure.add_subplot()
-    axes.scatter(
-        [p.batch_size * _jitter(p.number) for p in complete],
-        [p.lr for p in complete],
-        color="lightgray",
-        s=22,
-        label="complete trials",
-    )
-    axes.scatter(
-        [b for b, _ in fit.points],
-        [lr for _, lr in fit.points],
-        color="royalblue",
-        s=30,
-        label=f"top {fit.top_k} per batch size (fitted)",
-    )
-    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
-    axes.scatter(
-        [r.batch_size for r in bests],
-        [r.best_lr for r in bests],
-        marker="*",
-        color="crimson",
-        s=120,
-        label="best trial per batch size",
-        zorder=3,
-    )
-    if fit.alpha is not None:
-        low, high = min(fit.batch_sizes), max(fit.batch_sizes)
-        xs = [low * (high / low) ** (i / 20) for i in range(21)]
-        center = 2.0 ** (sum(math.log2(b) for b, _ in fit.points) / fit.n_points)
-        lr_center = fit.lr_at(center)
-        if fit.alpha_low is not None and fit.alpha_high is not None:
-            a = [lr_center * (x / center) ** fit.alpha_low for x in xs]
-            b = [lr_center * (x / center) ** fit.alpha_high for x in xs]
-            axes.fill_between(
-                xs,
-                [min(u, v) for u, v in zip(a, b, strict=True)],
-                [max(u, v) for u, v in zip(a, b, strict=True)],
-                color="royalblue",
-                alpha=0.15,
-                label=f"{fit.confidence:.0%} interval of α",
-            )
-        axes.plot(
-            xs,
-            [fit.lr_at(x) for x in xs],
-            color="royalblue",
-            lw=2.5,
-            label=f"fit α = {fit.alpha:.2f}",
-        )
-        axes.plot(
-            xs, [lr_center * (x / center) for x in xs], "k--", lw=1.2, label="linear rule α = 1"
-        )
-        axes.plot(
-            xs,
-            [lr_center * (x / center) ** 0.5 for x in xs],
-            "k:",
-            lw=1.2,
-            label="square-root rule α = 0.5",
-        )
-    axes.set_yscale("log")
-    axes.set_ylabel("learning rate")
-    _log2_xaxis(axes, data.batch_sizes)
-    axes.legend(fontsize=8, loc="best")
-    axes.set_title(title + "\n" + textwrap.fill(fit.describe(), 95), fontsize=9)
-    return figure
-
-
-def png_objective_plane(data: ReportData) -> MplFigure:
-    title = FIGURE_TITLES["objective_plane"]
-    if not data.points:
-        return _empty_png(title, "No complete or pruned trials yet.")
-    complete = [p for p in data.points if not p.pruned and p.value is not None]
-    pruned = [p for p in data.points if p.pruned]
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    if complete:
-        cmap = "viridis" if data.maximize else "viridis_r"
-        scatter = axes.scatter(
-            [p.batch_size * _jitter(p.number) for p in complete],
-            [p.lr for p in complete],
-            c=[p.value for p in complete],
-            cmap=cmap,
-            s=60,
-            edgecolors="black",
-            linewidths=0.5,
-            label="complete",
-        )
-        figure.colorbar(scatter, ax=axes, label=data.metric)
-    if pruned:
-        axes.scatter(
-            [p.batch_size * _jitter(p.number) for p in pruned],
-            [p.lr for p in pruned],
-            marker="x",
-            color="gray",
-            s=45,
-            label="pruned",
-        )
-    axes.set_yscale("log")
-    axes.set_ylabel("learning rate")
-    _log2_xaxis(axes, data.batch_sizes)
-    axes.legend(fontsize=8)
-    axes.set_title(title)
-    return figure
-
-
-def png_generalization(data: ReportData) -> MplFigure:
-    rows = [r for r in data.summary.by_batch_size if r.best_value is not None]
-    if not rows:
-        return _empty_png(FIGURE_TITLES["generalization"], "No complete trials yet.")
-    figure = _new_figure(10, 4.2)
-    left, right = figure.subplots(1, 2)
-    left.plot([r.batch_size for r in rows], [r.best_value for r in rows], "o-")
-    left.set_ylabel(f"best {data.metric}")
-    left.set_title(f"best {data.metric} per batch size")
-    complete = [p for p in data.points if not p.pruned and p.gap is not None]
-    right.scatter(
-        [p.batch_size * _jitter(p.number) for p in complete],
-        [p.gap for p in complete],
-        color="lightgray",
-        label="each complete trial",
-    )
-    gaps = [r for r in rows if r.generalization_gap is not None]
-    right.plot(
-        [r.batch_size for r in gaps],
-        [r.generalization_gap for r in gaps],
-        "o-",
-        color="crimson",
-        label="best trial",
-    )
-    right.axhline(0.0, color="black", lw=0.6)
-    right.set_ylabel("train − val accuracy")
-    right.set_title("generalization gap")
-    right.legend(fontsize=8)
-    for axes in (left, right):
-        _log2_xaxis(axes, data.batch_sizes)
-    return figure
-
-
-def png_learning_curves(data: ReportData) -> MplFigure:
-    curves = [p for p in data.points if p.curve]
-    if not curves:
-        return _empty_png(FIGURE_TITLES["learning_curves"], "No trial has reported a value yet.")
-    colors = _colors(data.batch_sizes)
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    shown: set[int] = set()
-    for point in sorted(curves, key=lambda p: (p.batch_size, p.pruned, p.number)):
-        axes.plot(
-            [s for s, _ in point.curve],
-            [v for _, v in point.curve],
-            marker=".",
-            color=_rgb(colors[point.batch_size]),
-            ls=":" if point.pruned else "-",
-            lw=1.3,
-            label=None if point.batch_size in shown else f"B = {point.batch_size}",
-        )
-        shown.add(point.batch_size)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(data.metric)
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.legend(fontsize=8, ncols=2)
-    axes.set_title(f"{FIGURE_TITLES['learning_curves']} (dotted: pruned)")
-    return figure
-
-
-def png_importances(data: ReportData) -> MplFigure:
-    title = FIGURE_TITLES["importances"]
-    if not data.importances:
-        return _empty_png(title, f"No importances: {data.importances_reason}.")
-    names = sorted(data.importances, key=data.importances.get)
-    figure = _new_figure(7.0, 3.2)
-    axes = figure.add_subplot()
-    axes.barh(names, [data.importances[n] for n in names], color="royalblue")
-    axes.set_xlabel("importance (sums to 1)")
-    axes.set_title(f"{title} (PED-ANOVA, for {data.metric})")
-    return figure
-
-
-PNG_BUILDERS = {
-    "lr_scaling": png_lr_scaling,
-    "objective_plane": png_objective_plane,
-    "generalization": png_generalization,
-    "learning_curves": png_learning_curves,
-    "importances": png_importances,
-}
-
-
-# --------------------------------------------------------------------------- summary, files
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
-    """The short markdown summary: counts, best trial, α in words, best per batch size."""
-    summary = data.summary
-    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(summary.state_counts.items()))
-    total = sum(summary.state_counts.values())
-    lines = [
-        f"# {data.study_name}: batch size × learning rate",
-        "",
-        f"{total} trials ({counts or 'none'}); objective: {summary.direction} {data.metric}.",
-    ]
-    if summary.best is not None:
-        best = summary.best
-        lines.append(
-            f"Best trial {best.number}: {data.metric} = {best.value:.4f} with batch size "
-            f"{trial_batch_size(best)}, lr {_fmt(best.params.get('lr'), '.3g')}, "
-            f"weight decay {_fmt(best.params.get('weight_decay'), '.2g')}."
-        )
-    lines += [
-        "",
-        "## How the best learning rate scales with batch size",
-        "",
-        data.fit.describe(),
-        "",
-    ]
-    if summary.by_batch_size:
-        lines += [
-            f"| batch size | complete | pruned | best {data.metric} | lr | weight decay | gap | trial |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in summary.by_batch_size:
-            lines.append(
-                f"| {row.batch_size} | {row.n_complete} | {row.n_pruned} | {_fmt(row.best_value, '.4f')} "
-                f"| {_fmt(row.best_lr, '.3g')} | {_fmt(row.best_weight_decay, '.2g')} "
-                f"| {_fmt(row.generalization_gap, '+.3f')} "
-                f"| {'-' if row.best_trial is None else row.best_trial} |"
-            )
-        lines.append("")
-        lines.append("gap: train − val accuracy of the best trial at its last epoch.")
-    if data.importances:
-        ranked = sorted(data.importances.items(), key=lambda item: -item[1])
-        lines += [
-            "",
-            "Importances (PED-ANOVA): " + ", ".join(f"{n} {v:.2f}" for n, v in ranked) + ".",
-        ]
-    if figure_links:
-        lines += ["", "## Figures", ""]
-        for name in FIGURE_NAMES:
-            lines.append(
-                f"- {FIGURE_TITLES[name]}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
-            )
-    return "\n".join(lines) + "\n"
-
-
-@dataclass(frozen=True)
-class Report:
-    """What ``write_report`` produced."""
-
-    data: ReportData
-    out_dir: Path
-    files: list[Path]
-    figures: dict[str, go.Figure]
-
-    @property
-    def summary_path(self) -> Path:
-        return self.out_dir / "summary.md"
-
-    def png(self, name: str) -> Path:
-        return self.out_dir / f"{name}.png"
-
-
-def write_report(
-    study: optuna.Study,
-    out_dir: Path,
-    metric: str = "objective",
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    confidence: float = DEFAULT_CONFIDENCE,
-) -> Report:
-    """Write the five figures (``NAME.png`` and ``NAME.html``) and ``summary.md`` to ``out_dir``.
-
-    The HTML files share one ``plotly.min.js`` written beside them, so they work offline.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = collect(study, metric, top_k=top_k, confidence=confidence)
-    files: list[Path] = []
-    figures: dict[str, go.Figure] = {}
-    for name in FIGURE_NAMES:
-        figure = PLOTLY_BUILDERS[name](data)
-        figures[name] = figure
-        html = out_dir / f"{name}.html"
-        figure.write_html(html, include_plotlyjs="directory", full_html=True)
-        png = out_dir / f"{name}.png"
-        mpl_figure = PNG_BUILDERS[name](data)
-        mpl_figure.savefig(png)
-        files += [png, html]
-    summary_path = out_dir / "summary.md"
-    summary_path.write_text(summary_markdown(data), encoding="utf-8")
-    files.append(summary_path)
-    return Report(data=data, out_dir=out_dir, files=files, figures=figures)
-
-
-def attach_report(study: optuna.Study, report: Report, artifact_dir: Path) -> list[str]:
-    """Put the report on the study so optuna-dashboard shows it: the plotly figures (as
-    dashboard graph objects, stored in the study itself; the dashboard chooses their order),
-    the PNGs (as study artifacts in the file-system store at ``artifact_dir``) and the
-    summary (as the study's note, with the scaling PNG inline). Replaces what an earlier
-    report attached. Returns the graph-object ids.
-    """
-    from optuna.artifacts import FileSystemArtifactStore
-    from optuna_dashboard import save_note, save_plotly_graph_object
-
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(artifact_dir)
-
-    graph_ids = []
-    for name in FIGURE_NAMES:
-        graph_id = f"{ATTACHED_PREFIX}{name}"
-        save_plotly_graph_object(study, report.figures[name], graph_object_id=graph_id)
-        graph_ids.append(graph_id)
-
-    artifact_ids = {
-        name: _upload_or_replace(study, store, report.png(name), f"{ATTACHED_PREFIX}{name}.png")
-        for name in FIGURE_NAMES
-    }
-
-    note = summary_markdown(report.data, figure_links=False)
-    study_id = study._study_id
-    note += (
-        "\n![best learning rate per batch size]"
-        f"(/artifacts/{study_id}/{artifact_ids['lr_scaling']})\n\n"
-        "The interactive figures are on the study's main page, the PNGs under Study "
-        "Artifacts there. Regenerate all of this with `hpo report`.\n"
-    )
-    save_note(study, note)
-    return graph_ids
-
-
-def load_study_for_report(study_name: str, storage_url: str) -> tuple[optuna.Study, str]:
-    """The study and the name of its objective (from the spec ``hpo launch`` stored on it;
-    "objective" for a study made by other means). Raises StudyNotFound if it is not there."""
-    from hpo.storage import SPEC_ATTR, open_storage, require_study
-
-    storage = open_storage(storage_url)
-    require_study(storage, study_name, storage_url)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    metric = "objective"
-    stored = study.user_attrs.get(SPEC_ATTR)
-    if isinstance(stored, str):
-        with contextlib.suppress(ValueError, AttributeError):
-            metric = json.loads(stored).get("objective", {}).get("metric", metric)
-    return study, metric
-
-
-def run_report(
-    study_name: str,
-    storage_url: str,
-    out_dir: Path,
-    *,
-    artifact_dir: Path | None,
-    top_k: int = DEFAULT_TOP_K,
-    confidence: float = DEFAULT_CONFIDENCE,
-) -> Report:
-    """What ``hpo report`` does: load the study, write the files, and attach them to the
-    study unless ``artifact_dir`` is None."""
-    study, metric = load_study_for_report(study_name, storage_url)
-    report = write_report(study, out_dir, metric, top_k=top_k, confidence=confidence)
-    if artifact_dir is not None:
-        attach_report(study, report, artifact_dir)
-    return report
-
-
-def _upload_or_replace(study: optuna.Study, store: Any, path: Path, filename: str) -> str:
-    """Upload ``path`` as the study artifact ``filename``; if an earlier report attached one
-    under that name, overwrite its content in place (same id, so links to it stay valid).
-
-    Deleting the old one instead is not an option: optuna-dashboard deletes by setting the
-    meta attribute to null, which ``optuna.artifacts.get_all_artifact_meta`` cannot read.
-    """
-    from optuna.artifacts import upload_artifact
-
-    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
-        if not key.startswith("artifacts:") or not isinstance(value, str):
-            continue
-        meta = json.loads(value)
-        if meta and meta.get("filename") == filename:
-            with path.open("rb") as content:
-                store.write(meta["artifact_id"], content)
-            return str(meta["artifact_id"])
-    named = path.with_name(filename)
-    named.write_bytes(path.read_bytes())
-    try:
-        return upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
-    finally:
-        named.unlink()
