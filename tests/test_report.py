@@ -6,10 +6,12 @@ the study (where the best learning rate lies for each batch size) is known exact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -21,10 +23,17 @@ from hpo.cli import app
 from hpo.report import (
     FIGURE_NAMES,
     attach_report,
+    batch_size_table,
+    collect,
+    figure_models,
     fit_lr_scaling,
+    plotly_figure,
+    png_figure,
+    summarize,
     summary_markdown,
     write_report,
 )
+from hpo.report.figures import Band
 from hpo.storage import SPEC_ATTR
 
 DISTRIBUTIONS = {
@@ -200,11 +209,12 @@ def test_attach_puts_figures_note_and_pngs_on_the_study(tmp_path: Path) -> None:
     study = optuna.create_study(storage=storage, direction="maximize", study_name="s")
     for trial in scaling_study(1.0).trials:
         study.add_trial(trial)
+    study_id = storage.get_study_id_from_name("s")
     report = write_report(study, tmp_path / "out")
-    attach_report(study, report, tmp_path / "artifacts")
-    attach_report(study, report, tmp_path / "artifacts")  # again: replaces, does not pile up
+    for _ in range(2):  # the second time replaces, does not pile up
+        attach_report(study, report, tmp_path / "artifacts", storage=storage, study_id=study_id)
 
-    attrs = storage.get_study_system_attrs(study._study_id)
+    attrs = storage.get_study_system_attrs(study_id)
     graph_ids = {key.split(":")[2] for key in attrs if key.startswith("dashboard:plot_data:")}
     assert graph_ids == {f"hpo-{name}" for name in FIGURE_NAMES}
     metas = get_all_artifact_meta(study, storage=storage)
@@ -215,10 +225,86 @@ def test_attach_puts_figures_note_and_pngs_on_the_study(tmp_path: Path) -> None:
 
 
 def test_summary_markdown_names_the_metric() -> None:
-    from hpo.report import collect
-
     text = summary_markdown(collect(scaling_study(1.0), "val_auc"))
     assert "maximize val_auc" in text and "best val_auc" in text
+
+
+def test_best_per_batch_size_table_formats_each_cell_once() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 32, 0.0123456, 0.912345)
+    add_trial(study, 32, 0.5, 0.3, state=TrialState.PRUNED)
+    add_trial(study, 64, 0.5, 0.3, state=TrialState.PRUNED)
+    headers, rows = batch_size_table(summarize(study, "val_auc"))
+    assert headers == [
+        "batch size",
+        "complete",
+        "pruned",
+        "best val_auc",
+        "lr",
+        "weight decay",
+        "gap",
+        "trial",
+    ]
+    assert rows == [
+        ["32", "1", "1", "0.9123", "0.0123", "0.0001", "+0.010", "0"],
+        ["64", "0", "1", "-", "-", "-", "-", "-"],
+    ]
+
+
+def test_summary_markdown_table_is_the_batch_size_table() -> None:
+    data = collect(scaling_study(1.0), "val_auc")
+    headers, rows = batch_size_table(data.summary)
+    text = summary_markdown(data)
+    assert "| " + " | ".join(headers) + " |" in text
+    for row in rows:
+        assert "| " + " | ".join(row) + " |" in text
+
+
+def _plotly_band(figure: Any) -> tuple[list[float], list[float], list[float]]:
+    """x, lower, upper of the plotly band (one polygon: along upper, back along lower)."""
+    (trace,) = [t for t in figure.data if t.fill == "toself"]
+    n = len(trace.x) // 2
+    return list(trace.x[:n]), list(trace.y[n:])[::-1], list(trace.y[:n])
+
+
+def _png_band_vertices(figure: Any) -> set[tuple[float, float]]:
+    from matplotlib.collections import PolyCollection
+
+    (axes,) = figure.axes
+    (band,) = [c for c in axes.collections if isinstance(c, PolyCollection)]
+    return {(float(x), float(y)) for x, y in band.get_paths()[0].vertices}
+
+
+def test_plotly_and_png_draw_the_alpha_band_of_the_one_figure_model() -> None:
+    model = figure_models(collect(scaling_study(1.0)))["lr_scaling"]
+    (band,) = [layer for layer in model.layers() if isinstance(layer, Band)]
+    # Move the band's edges off anything a renderer could compute from the fit itself: a
+    # renderer that drew its own band would draw different numbers.
+    doctored = dataclasses.replace(
+        band,
+        lower=tuple(y * (0.5 + i / 100) for i, y in enumerate(band.lower)),
+        upper=tuple(y * (1.7 + i / 100) for i, y in enumerate(band.upper)),
+    )
+    panel = dataclasses.replace(
+        model.panels[0],
+        layers=tuple(doctored if layer is band else layer for layer in model.panels[0].layers),
+    )
+    model = dataclasses.replace(model, panels=(panel,))
+
+    xs, lower, upper = _plotly_band(plotly_figure(model))
+    assert (tuple(xs), tuple(lower), tuple(upper)) == (doctored.x, doctored.lower, doctored.upper)
+    expected = set(zip(doctored.x, doctored.lower, strict=True))
+    expected |= set(zip(doctored.x, doctored.upper, strict=True))
+    assert _png_band_vertices(png_figure(model)) == expected
+
+
+def test_alpha_band_spans_the_interval_ends_on_both_sides_of_the_fit() -> None:
+    fit = fit_lr_scaling(scaling_study(1.0))
+    model = figure_models(collect(scaling_study(1.0)))["lr_scaling"]
+    (band,) = [layer for layer in model.layers() if isinstance(layer, Band)]
+    for x, low, high in zip(band.x, band.lower, band.upper, strict=True):
+        assert low <= fit.lr_at(x) * (1 + 1e-12) and fit.lr_at(x) <= high * (1 + 1e-12)
+    assert band.upper[0] / band.lower[0] > 1.1 and band.upper[-1] / band.lower[-1] > 1.1
 
 
 # ---------------------------------------------------------------------------- the command

@@ -1,0 +1,392 @@
+"""Pure analysis of a study's finished trials: counts, the best trial per batch size, the fit
+of lr* ∝ B^α, the trials as points, and parameter importances. Draws nothing.
+
+Everything the figures and the summary show is computed here, once, into ``ReportData``;
+``hpo.report.figures`` turns that into figure models, and the renderers only draw those.
+Only COMPLETE and PRUNED trials enter; RUNNING, WAITING and FAIL trials are ignored, so a
+report of a running study is a snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# How many of the best complete trials of each batch size enter the α fit. One (the best
+# alone) is at the mercy of the sampler's luck; the top three average that out while staying
+# in the good region of the LR axis.
+DEFAULT_TOP_K = 3
+DEFAULT_CONFIDENCE = 0.95
+
+
+def trial_batch_size(trial: FrozenTrial) -> int | None:
+    """The batch size a trial trained with: the stored user attr (the batch size actually
+    used, after any cap), else 2 ** the sampled ``log2_batch_size``; None if it has neither."""
+    if "batch_size" in trial.user_attrs:
+        return int(trial.user_attrs["batch_size"])
+    if "log2_batch_size" in trial.params:
+        return 2 ** int(trial.params["log2_batch_size"])
+    return None
+
+
+@dataclass(frozen=True)
+class BatchSizeRow:
+    """The best finished trial of one batch size, and how that batch size fared."""
+
+    batch_size: int
+    n_complete: int
+    n_pruned: int
+    best_value: float | None
+    best_lr: float | None
+    best_weight_decay: float | None
+    best_trial: int | None
+    generalization_gap: float | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What ``hpo status`` and the report's summary table show: counts of trials by state
+    name, the best complete trial, and one row per batch size that any trial used."""
+
+    study_name: str
+    direction: str
+    metric: str
+    state_counts: dict[str, int]
+    best: FrozenTrial | None
+    by_batch_size: list[BatchSizeRow]
+
+
+def _is_maximize(study: optuna.Study) -> bool:
+    return study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def _complete(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+
+
+def summarize(study: optuna.Study, metric: str) -> StudySummary:
+    """Counts by state, the best trial and the best complete trial per batch size."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(trial.state.name for trial in trials)
+    maximize = _is_maximize(study)
+    complete = _complete(trials)
+    best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
+
+    rows = []
+    batch_sizes = sorted({b for t in trials if (b := trial_batch_size(t)) is not None})
+    for batch_size in batch_sizes:
+        mine = [t for t in trials if trial_batch_size(t) == batch_size]
+        done = [t for t in mine if t in complete]
+        top = (max if maximize else min)(done, key=lambda t: t.value) if done else None
+        rows.append(
+            BatchSizeRow(
+                batch_size=batch_size,
+                n_complete=len(done),
+                n_pruned=sum(t.state == TrialState.PRUNED for t in mine),
+                best_value=top.value if top else None,
+                best_lr=top.params.get("lr") if top else None,
+                best_weight_decay=top.params.get("weight_decay") if top else None,
+                best_trial=top.number if top else None,
+                generalization_gap=_gap(top) if top else None,
+            )
+        )
+    return StudySummary(
+        study_name=study.study_name,
+        direction="maximize" if maximize else "minimize",
+        metric=metric,
+        state_counts=dict(counts),
+        best=best,
+        by_batch_size=rows,
+    )
+
+
+def _gap(trial: FrozenTrial) -> float | None:
+    """Train − val accuracy at the last epoch (user attr, else computed from the two)."""
+    attrs = trial.user_attrs
+    if "generalization_gap" in attrs:
+        return float(attrs["generalization_gap"])
+    if "train_acc" in attrs and "val_acc" in attrs:
+        return float(attrs["train_acc"]) - float(attrs["val_acc"])
+    return None
+
+
+# --------------------------------------------------------------------------- the α fit
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """The fit of log2 lr = intercept + α · log2 B over the top trials of each batch size.
+
+    ``alpha`` is None when there are fewer than two batch sizes with complete trials;
+    ``alpha_low``/``alpha_high`` (the two-sided ``confidence`` interval from Student's t on
+    the slope's standard error) are None with fewer than three points. ``reason`` says in
+    words why either is missing. The points of one batch size are not independent draws
+    (they are the best of what the sampler tried), so read the interval as a guide to how
+    well the data pin α down, not as an exact coverage probability.
+    """
+
+    alpha: float | None
+    alpha_low: float | None
+    alpha_high: float | None
+    intercept: float | None
+    points: tuple[tuple[int, float], ...]
+    top_k: int
+    confidence: float
+    reason: str | None = None
+    batch_sizes: tuple[int, ...] = field(default=())
+
+    @property
+    def n_points(self) -> int:
+        return len(self.points)
+
+    def lr_at(self, batch_size: float) -> float:
+        """The fitted best learning rate at ``batch_size``."""
+        if self.alpha is None or self.intercept is None:
+            raise ValueError("no fit: " + (self.reason or "too few trials"))
+        return 2.0 ** (self.intercept + self.alpha * math.log2(batch_size))
+
+    def contains(self, alpha: float) -> bool | None:
+        """Whether ``alpha`` lies inside the interval (None without an interval)."""
+        if self.alpha_low is None or self.alpha_high is None:
+            return None
+        return self.alpha_low <= alpha <= self.alpha_high
+
+    def describe(self) -> str:
+        """One or two sentences for a person: α, its interval, and which rule it supports."""
+        if self.alpha is None:
+            return f"No scaling fit: {self.reason}."
+        where = (
+            f"over the top {self.top_k} complete trials of each of {len(self.batch_sizes)} "
+            f"batch sizes ({self.n_points} points, least squares in log-log)"
+        )
+        if self.alpha_low is None:
+            return f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} {where}; {self.reason}."
+        percent = f"{self.confidence:.0%}"
+        text = (
+            f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} ({percent} interval "
+            f"{self.alpha_low:.2f} to {self.alpha_high:.2f}) {where}."
+        )
+        linear, square_root, flat = self.contains(1.0), self.contains(0.5), self.contains(0.0)
+        if linear and square_root:
+            text += " The interval is too wide to tell the linear rule (α = 1) from the "
+            text += "square-root rule (α = 0.5)"
+            text += " or from no dependence on batch size (α = 0)" if flat else ""
+            text += "; more complete trials per batch size would narrow it."
+            return text
+        if linear or square_root:
+            inside, outside = ("linear rule (α = 1)", "square-root rule (α = 0.5)")[
+                :: 1 if linear else -1
+            ]
+            text += f" Consistent with the {inside}; not with the {outside}."
+        else:
+            text += " Neither the linear rule (α = 1) nor the square-root rule (α = 0.5) lies "
+            text += "inside the interval."
+        if flat:
+            text += " α = 0 (no dependence on batch size) is not ruled out."
+        return text
+
+
+def _student_t_quantile(probability: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(probability, dof))
+
+
+def fit_lr_scaling(
+    study: optuna.Study,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> ScalingFit:
+    """Fit lr* ∝ B^α by least squares on (log2 B, log2 lr) of the ``top_k`` best complete
+    trials of each batch size.
+
+    Raises ValueError for ``top_k < 1`` or ``confidence`` outside (0, 1). Too few trials is
+    not an error: the returned fit says so in ``reason``.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k = {top_k} must be at least 1")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence = {confidence} must be between 0 and 1")
+    points, batch_sizes = _top_points(study, top_k)
+    common = {
+        "points": tuple(points),
+        "top_k": top_k,
+        "confidence": confidence,
+        "batch_sizes": batch_sizes,
+    }
+    if len(batch_sizes) < 2:
+        found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
+        return ScalingFit(
+            alpha=None,
+            alpha_low=None,
+            alpha_high=None,
+            intercept=None,
+            reason=(
+                f"{found} complete trials; the fit needs complete trials at two or more batch sizes"
+            ),
+            **common,
+        )
+    alpha, intercept, standard_error = _least_squares(points)
+    if standard_error is None:
+        return ScalingFit(
+            alpha=alpha,
+            alpha_low=None,
+            alpha_high=None,
+            intercept=intercept,
+            reason="two points give a line but no interval (it needs three or more trials)",
+            **common,
+        )
+    half_width = _student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
+    return ScalingFit(
+        alpha=alpha,
+        alpha_low=alpha - half_width,
+        alpha_high=alpha + half_width,
+        intercept=intercept,
+        **common,
+    )
+
+
+def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
+    """(batch size, lr) of the ``top_k`` best complete trials of each batch size, and the
+    batch sizes that have any. Trials without an lr cannot enter the fit and are skipped."""
+    maximize = _is_maximize(study)
+    complete = [t for t in _complete(study.get_trials(deepcopy=False)) if "lr" in t.params]
+    by_batch: dict[int, list[FrozenTrial]] = {}
+    for trial in complete:
+        batch_size = trial_batch_size(trial)
+        if batch_size is not None:
+            by_batch.setdefault(batch_size, []).append(trial)
+    points: list[tuple[int, float]] = []
+    for batch_size in sorted(by_batch):
+        ranked = sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)
+        points.extend((batch_size, float(t.params["lr"])) for t in ranked[:top_k])
+    return points, tuple(sorted(by_batch))
+
+
+def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
+    """Slope α, intercept and the slope's standard error of log2 lr on log2 B. The standard
+    error is None for two points: a line through them leaves no residual to estimate it."""
+    xs = [math.log2(b) for b, _ in points]
+    ys = [math.log2(lr) for _, lr in points]
+    n = len(points)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    alpha = sxy / sxx
+    intercept = mean_y - alpha * mean_x
+    if n < 3:
+        return alpha, intercept, None
+    residual = sum((y - (intercept + alpha * x)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return alpha, intercept, math.sqrt(residual / (n - 2) / sxx)
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One COMPLETE or PRUNED trial, as the figures need it."""
+
+    number: int
+    pruned: bool
+    batch_size: int
+    lr: float
+    weight_decay: float | None
+    value: float | None  # COMPLETE: the objective; PRUNED: the last reported value
+    last_step: int | None
+    gap: float | None
+    curve: tuple[tuple[int, float], ...]
+
+
+def trial_points(study: optuna.Study) -> list[TrialPoint]:
+    """COMPLETE and PRUNED trials that have a batch size and a learning rate."""
+    points = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        batch_size = trial_batch_size(trial)
+        if batch_size is None or "lr" not in trial.params:
+            continue
+        curve = tuple(
+            (int(step), float(value))
+            for step, value in sorted(trial.intermediate_values.items())
+            if math.isfinite(value)
+        )
+        pruned = trial.state == TrialState.PRUNED
+        if pruned:
+            value = curve[-1][1] if curve else None
+        else:
+            value = trial.value if trial.value is not None and math.isfinite(trial.value) else None
+        points.append(
+            TrialPoint(
+                number=trial.number,
+                pruned=pruned,
+                batch_size=batch_size,
+                lr=float(trial.params["lr"]),
+                weight_decay=trial.params.get("weight_decay"),
+                value=value,
+                last_step=curve[-1][0] if curve else None,
+                gap=_gap(trial),
+                curve=curve,
+            )
+        )
+    return points
+
+
+def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
+    """Optuna's own importance evaluator (PED-ANOVA by default) and, if it cannot run, why."""
+    complete = _complete(study.get_trials(deepcopy=False))
+    if len(complete) < 2:
+        return {}, f"{len(complete)} complete trial(s); importances need at least 2"
+    try:
+        values = optuna.importance.get_param_importances(study, evaluator=None)
+    except (ValueError, RuntimeError) as error:
+        return {}, f"Optuna could not evaluate importances: {error}"
+    if not values:
+        return {}, "no parameter varies across the complete trials"
+    return {name: float(v) for name, v in values.items()}, None
+
+
+@dataclass
+class ReportData:
+    """Everything the figures and the summary are drawn from (computed once)."""
+
+    study_name: str
+    metric: str
+    maximize: bool
+    summary: StudySummary
+    fit: ScalingFit
+    points: list[TrialPoint]
+    importances: dict[str, float]
+    importances_reason: str | None
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes of the drawn (COMPLETE or PRUNED) trials: the ticks of every B axis."""
+        return sorted({p.batch_size for p in self.points})
+
+
+def collect(
+    study: optuna.Study,
+    metric: str = "objective",
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> ReportData:
+    """Read the study once and compute all the analysis the report needs. ``metric`` only
+    names the objective in labels; the values are the study's own."""
+    values, reason = importances(study)
+    return ReportData(
+        study_name=study.study_name,
+        metric=metric,
+        maximize=_is_maximize(study),
+        summary=summarize(study, metric),
+        fit=fit_lr_scaling(study, top_k=top_k, confidence=confidence),
+        points=trial_points(study),
+        importances=values,
+        importances_reason=reason,
+    )

@@ -1,0 +1,69 @@
+"""The report's markdown summary: counts, the best trial, α in words, the best trial per
+batch size and importances. Written to ``summary.md`` and, without figure links, used as the
+study's note in the dashboard."""
+
+from __future__ import annotations
+
+from hpo.report.analysis import ReportData, trial_batch_size
+from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
+from hpo.report.table import batch_size_table, format_cell
+
+
+def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
+    """The short markdown summary: counts, best trial, α in words, best per batch size.
+    ``figure_links`` lists the figure files (relative links, for ``summary.md`` beside them)."""
+    lines = _overview(data)
+    lines += [
+        "",
+        "## How the best learning rate scales with batch size",
+        "",
+        data.fit.describe(),
+        "",
+    ]
+    if data.summary.by_batch_size:
+        lines += _table(data)
+    if data.importances:
+        ranked = sorted(data.importances.items(), key=lambda item: -item[1])
+        lines += [
+            "",
+            "Importances (PED-ANOVA): " + ", ".join(f"{n} {v:.2f}" for n, v in ranked) + ".",
+        ]
+    if figure_links:
+        lines += ["", "## Figures", ""]
+        for name in FIGURE_NAMES:
+            lines.append(
+                f"- {FIGURE_TITLES[name]}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _overview(data: ReportData) -> list[str]:
+    """Heading, trial counts by state, the objective and the best trial."""
+    summary = data.summary
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(summary.state_counts.items()))
+    total = sum(summary.state_counts.values())
+    lines = [
+        f"# {data.study_name}: batch size × learning rate",
+        "",
+        f"{total} trials ({counts or 'none'}); objective: {summary.direction} {data.metric}.",
+    ]
+    if summary.best is not None:
+        best = summary.best
+        lines.append(
+            f"Best trial {best.number}: {data.metric} = {best.value:.4f} with batch size "
+            f"{trial_batch_size(best)}, lr {format_cell(best.params.get('lr'), '.3g')}, "
+            f"weight decay {format_cell(best.params.get('weight_decay'), '.2g')}."
+        )
+    return lines
+
+
+def _table(data: ReportData) -> list[str]:
+    """``batch_size_table`` as a markdown table (right-aligned columns) and its footnote."""
+    headers, rows = batch_size_table(data.summary)
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join("---:" for _ in headers) + " |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "gap: train − val accuracy of the best trial at its last epoch."]
+    return lines

@@ -1,0 +1,53 @@
+"""What ``hpo report`` does, callable from Python: load the study once, write the files,
+attach them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage
+
+from hpo.report.analysis import DEFAULT_CONFIDENCE, DEFAULT_TOP_K
+from hpo.report.attach import attach_report
+from hpo.report.files import Report, write_report
+
+
+def load_study_for_report(
+    study_name: str, storage_url: str
+) -> tuple[optuna.Study, BaseStorage, int, str]:
+    """The study, its storage and id (which ``attach_report`` needs), and the name of its
+    objective (from the spec ``hpo launch`` stored on it; "objective" for a study made by
+    other means). Raises StudyNotFound if it is not there."""
+    from hpo.storage import SPEC_ATTR, open_storage, require_study
+
+    storage = open_storage(storage_url)
+    require_study(storage, study_name, storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    study_id = storage.get_study_id_from_name(study_name)
+    metric = "objective"
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if isinstance(stored, str):
+        with contextlib.suppress(ValueError, AttributeError):
+            metric = json.loads(stored).get("objective", {}).get("metric", metric)
+    return study, storage, study_id, metric
+
+
+def run_report(
+    study_name: str,
+    storage_url: str,
+    out_dir: Path,
+    *,
+    artifact_dir: Path | None,
+    top_k: int = DEFAULT_TOP_K,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Report:
+    """What ``hpo report`` does: load the study, write the files, and attach them to the
+    study unless ``artifact_dir`` is None."""
+    study, storage, study_id, metric = load_study_for_report(study_name, storage_url)
+    report = write_report(study, out_dir, metric, top_k=top_k, confidence=confidence)
+    if artifact_dir is not None:
+        attach_report(study, report, artifact_dir, storage=storage, study_id=study_id)
+    return report

@@ -1,0 +1,41 @@
+"""The table of the best trial per batch size, as text cells: one formatting for every place
+that shows it (``hpo status``'s rich table, the report's markdown summary)."""
+
+from __future__ import annotations
+
+from hpo.report.analysis import StudySummary
+
+
+def format_cell(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "-" where there is none (no complete trial)."""
+    return "-" if value is None else format(value, spec)
+
+
+def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (all cells text, every column right-aligned) of the best complete
+    trial per batch size: counts, objective (4 decimals), lr (3 significant digits), weight
+    decay (2), train − val gap (signed, 3 decimals) and the trial's number."""
+    headers = [
+        "batch size",
+        "complete",
+        "pruned",
+        f"best {summary.metric}",
+        "lr",
+        "weight decay",
+        "gap",
+        "trial",
+    ]
+    rows = [
+        [
+            str(row.batch_size),
+            str(row.n_complete),
+            str(row.n_pruned),
+            format_cell(row.best_value, ".4f"),
+            format_cell(row.best_lr, ".3g"),
+            format_cell(row.best_weight_decay, ".2g"),
+            format_cell(row.generalization_gap, "+.3f"),
+            "-" if row.best_trial is None else str(row.best_trial),
+        ]
+        for row in summary.by_batch_size
+    ]
+    return headers, rows
