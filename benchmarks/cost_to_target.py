@@ -15,7 +15,7 @@ For random and hpo, the figure is the number of epochs trained (pruned trials co
 epochs they ran) until a trial first reports a val metric >= target; median over
 ``--seeds`` seeds (spec seed and sampler seed both = the seed). A run that has not reached
 the target within ``--max-epochs`` (default: the grid's cost) counts as that many epochs.
-Trials run one after another in this process, through ``hpo.train.run_trial``, with
+Trials run one after another in this process, through ``hpo.objective.train_trial``, with
 in-memory storage.
 
 Run: ``uv run python benchmarks/cost_to_target.py --json cost.json``
@@ -35,9 +35,9 @@ import optuna
 import torch
 
 from hpo.data import load_splits
+from hpo.objective import train_trial
 from hpo.space import make_pruner, make_sampler
 from hpo.spec import StudySpec, load_spec
-from hpo.train import run_trial
 
 TOLERANCE = 0.01
 
@@ -80,13 +80,13 @@ def run_search(spec: StudySpec, splits, target: float | None, max_epochs: float,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction=spec.objective.direction,
-        sampler=make_sampler(spec, device_name="cpu"),
+        sampler=make_sampler(spec),
         pruner=make_pruner(spec),
     )
     sign = 1.0 if spec.objective.direction == "maximize" else -1.0
     budget = _Budget(None if target is None else sign * target, max_epochs, sign)
     study.optimize(
-        lambda trial: run_trial(trial, spec, splits=splits),
+        lambda trial: train_trial(trial, spec, splits=splits),
         n_trials=n_trials,
         callbacks=[budget],
     )

@@ -10,7 +10,7 @@ the figures are medians over rounds.
     (``hpo.data.load_splits``), batches by index, flips/rotations and normalization in
     whole-batch ops on the device (``DeviceBatcher``). The one-time read is timed apart.
 (b) train + eval, one epoch of training plus one pass over the validation split:
-    naive = that DataLoader feeding the same model in fp32 NCHW; hpo = ``hpo.train.run_trial``
+    naive = that DataLoader feeding the same model in fp32 NCHW; hpo = ``hpo.objective.train_trial``
     (bf16 autocast where supported, channels_last, inference-mode eval; it also evaluates
     up to 2,048 training patches for the generalization gap, which is not counted as work).
     samples/s = (train + val patches) / wall time.
@@ -42,9 +42,10 @@ from torchvision import transforms
 from torchvision.datasets import PCAM
 
 from hpo.data import DeviceBatcher, _draw_synthetic, batch_indices, channel_stats, load_splits
+from hpo.device import select_device
 from hpo.models import build_model
+from hpo.objective import train_trial
 from hpo.spec import StudySpec
-from hpo.train import run_trial, select_device
 
 PCAM_FILES = {
     "train": "camelyonpatch_level_2_split_train",
@@ -190,7 +191,7 @@ def hpo_train_eval(spec: StudySpec, splits, batch_size: int) -> float:
     )
     device = select_device(spec.training).device
     start = time.perf_counter()
-    run_trial(trial, spec, splits=splits)
+    train_trial(trial, spec, splits=splits)
     _sync(device)
     return (len(splits[0]) // batch_size * batch_size + len(splits[1])) / (
         time.perf_counter() - start

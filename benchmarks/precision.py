@@ -19,8 +19,9 @@ from pathlib import Path
 from optuna.trial import FixedTrial
 
 from hpo.data import load_splits
+from hpo.device import select_device
+from hpo.objective import train_trial
 from hpo.spec import load_spec
-from hpo.train import run_trial, select_device
 
 CONFIG = {"log2_batch_size": 6, "lr": 0.03, "weight_decay": 1e-4}
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             data["training"]["mixed_precision"] = name == "bf16"
             run_spec = type(spec).model_validate(data)
             trial = FixedTrial(CONFIG)
-            values[name].append(run_trial(trial, run_spec, splits=splits))
+            values[name].append(train_trial(trial, run_spec, splits=splits))
             speed[name].append(trial.user_attrs["samples_per_s"])
             print(f"seed {seed} {name} ({trial.user_attrs['precision']}): {metric} "
                   f"{values[name][-1]:.4f}, {speed[name][-1]:,.0f} train samples/s", flush=True)  # fmt: skip

@@ -2,7 +2,7 @@
 
 ``--workers`` processes (8) share one study in a fresh database on PostgreSQL and run
 ``--trials`` trials (500) of a trivial objective between them, through hpo's own storage
-layer (``hpo.storage.open_storage``), sampler (``hpo.space.make_sampler``: the batch-size
+layer (``hpo.storage.open_storage``), sampler (``hpo.space.make_sampler`` in ``hpo.caps``' batch-size
 cap wrapper around Optuna's sampler, with constant liar) and ``hpo.space.sample_params``
 (log2 batch size, lr, weight decay). All processes start together behind a barrier.
 
@@ -33,6 +33,7 @@ from pathlib import Path
 import optuna
 from sqlalchemy.engine import make_url
 
+from hpo.caps import BatchSizeCapSampler
 from hpo.space import make_sampler, sample_params
 from hpo.spec import StudySpec
 from hpo.storage import mask_url, open_storage
@@ -67,10 +68,11 @@ def _admin(url: str, statement: str) -> None:
 def _worker(url: str, sampler: str, n_trials: int, barrier, results) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = bench_spec(sampler)
+    storage = open_storage(url)
     study = optuna.load_study(
         study_name=STUDY,
-        storage=open_storage(url),
-        sampler=make_sampler(spec, parallel=True, device_name="cpu"),
+        storage=storage,
+        sampler=BatchSizeCapSampler(make_sampler(spec, parallel=True), storage, "cpu"),
     )
     barrier.wait()
     began, cpu_began = time.time(), time.process_time()

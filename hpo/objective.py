@@ -24,8 +24,8 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import TrialCheckpoint
-from hpo.data import PatchSet
-from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
+from hpo.data import PatchSet, load_splits
+from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -199,3 +199,23 @@ def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
         )
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def train_trial(
+    trial: optuna.Trial,
+    spec: StudySpec,
+    *,
+    splits: tuple[PatchSet, PatchSet] | None = None,
+    study: StudyRef | None = None,
+    checkpoint_root: Path | None = None,
+) -> float:
+    """One trial outside a worker (tests, benchmarks, a notebook): the device selected from
+    the spec and the splits loaded unless given. A worker builds its ``Objective`` once."""
+    objective = Objective(
+        spec,
+        select_device(spec.training),
+        splits if splits is not None else load_splits(spec.dataset),
+        study=study,
+        checkpoint_root=checkpoint_root,
+    )
+    return objective(trial)

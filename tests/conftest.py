@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from hpo.objective import train_trial
+
+__all__ = ["tiny_study_text", "train_trial"]
+
 TINY_STUDY = """
 seed = 0
 
@@ -78,19 +82,3 @@ def tiny_study(studies_dir: Path) -> Path:
     path = studies_dir / "tiny.toml"
     path.write_text(tiny_study_text())
     return path
-
-
-def train_trial(trial, spec, *, splits=None, checkpoint_root=None, study=None) -> float:
-    """Train one Optuna trial the way a worker does (``hpo.objective.Objective``)."""
-    from hpo.data import load_splits
-    from hpo.device import select_device
-    from hpo.objective import Objective
-
-    objective = Objective(
-        spec,
-        select_device(spec.training),
-        splits if splits is not None else load_splits(spec.dataset),
-        study=study,
-        checkpoint_root=checkpoint_root,
-    )
-    return objective(trial)

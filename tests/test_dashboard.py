@@ -191,9 +191,9 @@ def test_binding_beyond_loopback_warns_that_there_is_no_authentication(tmp_path:
 
 
 def test_launch_hint_masks_the_password_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    from hpo.cli import _print_dashboard_hint
+    from hpo.cli.render import print_dashboard_hint
 
-    _print_dashboard_hint("postgresql+psycopg://hpo:s3cret@db:5432/hpo")
+    print_dashboard_hint("postgresql+psycopg://hpo:s3cret@db:5432/hpo")
     out = capsys.readouterr().out
     assert out.startswith("dashboard: hpo dashboard --storage ")
     assert "s3cret" not in out and "password masked" in out

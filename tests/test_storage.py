@@ -13,9 +13,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.launcher import GpuSelectionError, resolve_gpus
 from hpo.spec import parse_spec
 from hpo.storage import StorageError, is_connection_error, mask_url, open_storage
-from hpo.launcher import GpuSelectionError, resolve_gpus
 from hpo.study import LoadedStudy, create_or_load_study, study_budget
 from hpo.worker import claim_trial
 

@@ -9,8 +9,8 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo.data import load_splits
-from hpo.space import make_pruner
 from hpo.device import select_device
+from hpo.space import make_pruner
 from hpo.spec import StudySpec, load_spec
 from tests.conftest import train_trial
 

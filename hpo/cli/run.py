@@ -178,7 +178,10 @@ def worker(
     )
     if gpus is None:
         progress = LineProgress(env(LABEL_ENV) or "")
-        result = run_worker(study, storage_url, progress=progress, parallel=True, node=node, **run)
+        result = run_worker(
+            study, storage_url, progress=progress, parallel=True, node=node,
+            local_spec=local_spec, **run,
+        )  # fmt: skip
         _finish(result.exit_code, result.outcome)
         return
     devices: list[str | None] = list(resolve_gpus(gpus))

@@ -21,18 +21,16 @@ def load_study_for_report(
     """The study, its storage and id (which ``attach_report`` needs), and the name of its
     objective (from the spec ``hpo launch`` stored on it; "objective" for a study made by
     other means). Raises StudyNotFound if it is not there."""
-    from hpo.storage import SPEC_ATTR, open_storage, require_study
+    from hpo.storage import SPEC_ATTR
+    from hpo.study import open_study
 
-    storage = open_storage(storage_url)
-    require_study(storage, study_name, storage_url)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    study_id = storage.get_study_id_from_name(study_name)
+    study, ref = open_study(study_name, storage_url)
     metric = "objective"
     stored = study.user_attrs.get(SPEC_ATTR)
     if isinstance(stored, str):
         with contextlib.suppress(ValueError, AttributeError):
             metric = json.loads(stored).get("objective", {}).get("metric", metric)
-    return study, storage, study_id, metric
+    return study, ref.storage, ref.study_id, metric
 
 
 def run_report(
