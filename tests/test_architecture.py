@@ -159,3 +159,14 @@ def test_private_names_of_other_libraries_appear_only_in_compat() -> None:
                 offenders.append(f"{name}:{node.lineno} .{node.attr}")
         offenders += [f"{name}: import {imported}" for imported in _library_imports(tree)]
     assert not offenders
+
+
+def test_only_settings_reads_the_environment() -> None:
+    readers = []
+    for name, path in MODULES.items():
+        if name == "hpo.settings":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                readers.append(f"{name}:{node.lineno}")
+    assert not readers
