@@ -38,13 +38,18 @@ from pathlib import Path
 from types import FrameType
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hpo.checkpoint import checkpoint_root, list_trial_dirs, remove_checkpoints_except
+from hpo.checkpoint import (
+    check_checkpoint_dir,
+    checkpoint_root,
+    list_trial_dirs,
+    remove_checkpoints_except,
+)
 from hpo.data import load_splits
 from hpo.device import start_on_this_node
 from hpo.objective import Objective, SilentProgress, TrialProgress
+from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import NodeSettings, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
 from hpo.storage import retry_on_disconnect, study_lock
@@ -102,7 +107,7 @@ def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if frozen.state == TrialState.FAIL:
-            RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, frozen)
+            RetryWithCleanAttrs(inherit_intermediate_values=True)(study, frozen)
 
 
 class Heartbeat:
@@ -178,6 +183,7 @@ class WorkerRun:
     states: Counter[str] = field(default_factory=Counter)
     fail_reasons: Counter[str] = field(default_factory=Counter)
     stopped_by: str | None = None
+    failed_saves: int = 0  # epoch checkpoints that could not be written (trials went on)
 
     @property
     def outcome(self) -> Outcome:
@@ -257,7 +263,8 @@ def run_worker(
     ``total_trials`` is study-wide (see the module docstring), so several workers on any
     number of nodes together finish exactly that many. ``timeout_s`` stops starting new
     trials after that many seconds. Raises DeviceUnavailable / DataError before any trial
-    when this node cannot run the study.
+    when this node cannot run the study, and CheckpointDirError when the checkpoint
+    directory is a file, read-only or cannot be created.
     """
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
@@ -271,6 +278,7 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
+    check_checkpoint_dir(checkpoint_root(spec))
     objective = Objective(
         spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),
@@ -297,4 +305,11 @@ def run_worker(
     if stop.requested:
         logger.warning("worker stopped by %s", stop.requested)
         result.stopped_by = stop.requested
+    result.failed_saves = objective.failed_saves
+    if result.failed_saves:
+        logger.warning(
+            "worker summary: %d checkpoint save(s) failed (see the warnings above); those "
+            "trials kept training and their results, but would have resumed from an older "
+            "epoch after a crash", result.failed_saves,
+        )  # fmt: skip
     return result
