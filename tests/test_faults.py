@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo import checkpoint as checkpoint_module
+from hpo import worker as worker_module
 from hpo.caps import CLAMPED_ATTR
 from hpo.checkpoint import (
     UNREADABLE_DIR,
@@ -41,9 +42,12 @@ from hpo.data import load_splits
 from hpo.device import select_device
 from hpo.objective import Objective
 from hpo.retry import PARAMETER_ATTRS, RETRY_REASON_ATTR, RetryWithCleanAttrs
+from hpo.settings import NodeSettings
 from hpo.space import sample_params
 from hpo.spec import parse_spec
+from hpo.study import create_or_load_study
 from hpo.train import EpochMetrics, build_run
+from hpo.worker import run_worker
 
 from .conftest import tiny_study_text
 
@@ -420,3 +424,38 @@ def test_a_retry_inherits_only_parameter_attrs(attrs: dict, retries: int) -> Non
         )
     if "fail_reason" in attrs:
         assert study.trials[1].user_attrs[RETRY_REASON_ATTR] == attrs["fail_reason"]
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def test_a_worker_whose_saves_fail_completes_its_trials_and_counts_the_failures(
+    spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    create_or_load_study(spec, url)
+    _inject(monkeypatch, "fsync", errno.EIO)
+    monkeypatch.setattr(checkpoint_module, "check_checkpoint_dir", lambda root: None)
+    monkeypatch.setattr(worker_module, "check_checkpoint_dir", lambda root: None)
+    node = NodeSettings(checkpoint_dir=tmp_path / "checkpoints")
+    result = run_worker(spec.name, url, total_trials=1, node=node)
+
+    assert result.states == {"COMPLETE": 1} and result.exit_code == 0
+    assert result.failed_saves == spec.budget.epochs
+    assert f"{spec.budget.epochs} checkpoint save(s) failed" in caplog.text
+    (trial,) = optuna.load_study(study_name=spec.name, storage=url).trials
+    assert trial.user_attrs["checkpoint_save_failures"] == spec.budget.epochs
+
+
+def test_a_worker_with_a_file_as_checkpoint_dir_exits_2_before_any_trial(
+    spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    create_or_load_study(spec, url)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("HPO_CHECKPOINT_DIR", str(tmp_path / "afile"))
+    result = CliRunner().invoke(app, ["worker", "--study", spec.name, "--storage", url])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: checkpoint directory")
+    assert len(result.output.strip().splitlines()) == 1
+    assert optuna.load_study(study_name=spec.name, storage=url).trials == []
