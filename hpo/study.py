@@ -82,7 +82,10 @@ def create_or_load_study(
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
         else:
-            check_same_spec(StudySpec.from_json(stored), spec)
+            check_same_spec(
+                StudySpec.from_json(stored, source=f"the spec stored on study {spec.name!r}"),
+                spec,
+            )
     return LoadedStudy(study, storage, spec, ref)
 
 
@@ -128,7 +131,7 @@ def load_study(
     stored = ref.user_attrs().get(SPEC_ATTR)
     if stored is None:
         raise StudyNotFound(f"study {study_name!r} has no hpo spec stored; was it made by hpo?")
-    spec = StudySpec.from_json(stored)
+    spec = StudySpec.from_json(stored, source=f"the spec stored on study {study_name!r}")
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,

@@ -101,6 +101,13 @@ def setup_logging() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def one_line(message: str) -> str:
+    """A message as one line, however it was built (a file name or a value from the file
+    may hold a newline or a control character): escaped, and cut at 1000 characters."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
 def user_errors(function: F) -> F:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
 
@@ -109,7 +116,7 @@ def user_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except UserError as error:
-            errors.print(f"error: {error}", markup=False)
+            errors.print(f"error: {one_line(str(error))}", markup=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
