@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad study file, missing data, unreachable storage, a device
 this node lacks) is printed as one line naming the file or field, with exit code 2 and no
-traceback.
+traceback; a run that cannot go on (``RunAborted``: the SQLite file deleted under it) is
+one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from hpo.errors import UserError
+from hpo.errors import RunAborted, UserError
 from hpo.settings import NodeSettings
 
 app = typer.Typer(
@@ -118,6 +119,9 @@ def user_errors(function: F) -> F:
         except UserError as error:
             errors.print(f"error: {one_line(str(error))}", markup=False)
             raise typer.Exit(2) from None
+        except RunAborted as error:
+            errors.print(f"error: {one_line(str(error))}", markup=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(130) from None
