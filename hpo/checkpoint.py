@@ -19,24 +19,75 @@ be a way to run code on every node. Nothing here knows about Optuna.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hpo.errors import UserError
 from hpo.spec import StudySpec
 from hpo.train import Tally, TrainingRun
 
 DEFAULT_CHECKPOINT_DIR = Path("hpo-checkpoints")
 FILE_NAME = "checkpoint.pt"
+UNREADABLE_DIR = "unreadable"
 
 
 def checkpoint_root(spec: StudySpec) -> Path:
     """The study's checkpoint directory (absolute)."""
     configured = spec.training.checkpoint_dir
     return (Path(configured) if configured else DEFAULT_CHECKPOINT_DIR).resolve() / spec.name
+
+
+class CheckpointDirError(UserError):
+    """The checkpoint directory cannot be used on this node (checked once, at worker start)."""
+
+
+class CheckpointSaveFailed(Exception):
+    """An epoch's checkpoint could not be written (disk full, I/O error, permission). The
+    previous checkpoint, if any, is intact; the trial goes on without this one."""
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint file could not be loaded (truncated, corrupt, from another model). It
+    has been moved to ``moved_to`` (None if even that failed) for inspection."""
+
+    def __init__(self, message: str, moved_to: Path | None) -> None:
+        super().__init__(message)
+        self.moved_to = moved_to
+
+
+def check_checkpoint_dir(root: Path) -> None:
+    """Raise CheckpointDirError (one line) unless ``root`` is, or can be made, a directory
+    this process can write a file into and fsync. A worker calls it once before its first
+    trial, so an unusable location stops the worker, not every trial at its first save."""
+    where = f"checkpoint directory {str(root)!r} (--checkpoint-dir, $HPO_CHECKPOINT_DIR or training.checkpoint_dir)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".hpo-write-test.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            _write_durably(probe, b"hpo")
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise CheckpointDirError(f"{where} is not usable: {_os_reason(error)}") from None
+
+
+def _os_reason(error: OSError) -> str:
+    """An OSError as a short reason ('File exists', 'No space left on device', ...)."""
+    return error.strerror or type(error).__name__
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
@@ -50,7 +101,12 @@ class TrialCheckpoint:
         return cls(root / f"trial-{original_trial_number}" / FILE_NAME)
 
     def save(self, run: TrainingRun) -> None:
-        """Write the state after ``run``'s last completed epoch; replaces the previous file."""
+        """Write the state after ``run``'s last completed epoch; replaces the previous file.
+
+        Raises CheckpointSaveFailed for any OSError (full disk, EIO, read-only, permission):
+        the state is serialized in memory first, so every failure is a file-system one, and
+        a half-written temporary file is removed, so the previous checkpoint stays valid.
+        """
         state = {
             "epoch": run.epochs_done,
             "model": run.model.state_dict(),
@@ -62,35 +118,73 @@ class TrialCheckpoint:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "extra": run.tally.to_dict(),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         temporary = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(temporary, buffer.getbuffer())
+            os.replace(temporary, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise CheckpointSaveFailed(
+                f"checkpoint {self.path} after epoch {run.epochs_done} not saved: "
+                f"{_os_reason(error)}"
+            ) from error
 
     def load_into(self, run: TrainingRun) -> int:
         """Restore the saved state into ``run`` if there is a file; returns the epochs it
-        had completed (0 when there is no checkpoint and the run starts fresh)."""
+        had completed (0 when there is no checkpoint and the run starts fresh).
+
+        Raises CheckpointUnreadable when the file cannot be loaded or does not fit ``run``
+        (truncated, corrupt, another model); the file is moved aside first, under
+        ``ROOT/unreadable/`` (which cleanup never touches). ``run`` may then hold part of
+        the state: the caller builds a fresh one.
+        """
         if not self.path.is_file():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-        run.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        cuda_states = state["cuda_rng"]
-        if (
-            cuda_states
-            and torch.cuda.is_available()
-            and len(cuda_states) == torch.cuda.device_count()
-        ):
-            torch.cuda.set_rng_state_all(cuda_states)
-        run.tally = Tally.from_dict(state["extra"])
-        return int(state["epoch"])
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            run.scaler.load_state_dict(state["scaler"])
+            run.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            cuda_states = state["cuda_rng"]
+            if (
+                cuda_states
+                and torch.cuda.is_available()
+                and len(cuda_states) == torch.cuda.device_count()
+            ):
+                torch.cuda.set_rng_state_all(cuda_states)
+            run.tally = Tally.from_dict(state["extra"])
+            epoch = int(state["epoch"])
+            if epoch != run.epochs_done:
+                raise ValueError(f"epoch {epoch} but {run.epochs_done} epochs of metrics")
+            return epoch
+        except Exception as error:  # torch.load and load_state_dict raise many kinds
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            moved_to = self._move_aside()
+            raise CheckpointUnreadable(
+                f"checkpoint {self.path} unreadable ({reason}); "
+                + (f"moved to {moved_to}" if moved_to else "could not be moved aside"),
+                moved_to,
+            ) from None
+
+    def _move_aside(self) -> Path | None:
+        """Move the file to ``ROOT/unreadable/trial-N.<time>.pt``; None if that fails."""
+        aside = self.path.parent.parent / UNREADABLE_DIR
+        target = (
+            aside / f"{self.path.parent.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.pt"
+        )
+        try:
+            aside.mkdir(exist_ok=True)
+            os.replace(self.path, target)
+        except OSError:
+            return None
+        return target
 
 
 def remove_checkpoints_except(listed: list[Path], keep: set[int]) -> list[Path]:

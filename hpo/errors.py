@@ -10,3 +10,9 @@ from __future__ import annotations
 class UserError(ValueError):
     """Bad input: a study file, a name, a path, a URL, data on disk. The message is one
     line that names the file or field and what is allowed."""
+
+
+class RunAborted(BaseException):
+    """The run cannot go on for a reason outside the user's input (the storage file was
+    deleted under it). The CLI prints its one-line message and exits 1. A BaseException,
+    so that no ``except Exception`` in training or retrying swallows it on its way out."""

@@ -14,6 +14,7 @@ per-trial user attrs. How a trial ends, as the worker and Optuna see it:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Protocol
 import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
-from hpo.checkpoint import TrialCheckpoint
+from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
 from hpo.data import PatchSet, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.space import sample_params
@@ -31,6 +32,8 @@ from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
 from hpo.study import original_trial_number, retried_from
 from hpo.train import Diverged, EpochMetrics, Tally, TrainingRun, build_run, fit, prepare_data
+
+logger = logging.getLogger(__name__)
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -80,6 +83,7 @@ class Objective:
     study: StudyRef | None = None
     checkpoint_root: Path | None = None
     progress: TrialProgress = field(default_factory=SilentProgress)
+    failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = self._params(trial)
@@ -101,8 +105,7 @@ class Objective:
         started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, self.spec.training)
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
-        run = build_run(self.spec, params, self.setup, seed=seed)
-        checkpoint = self._resume(trial, run)
+        run, checkpoint = self._resume(trial, params, seed)
         steps = len(data.train) // params.batch_size
         self.progress.start(trial.number, params, self.spec.budget.epochs, steps)
         try:
@@ -131,17 +134,29 @@ class Objective:
             params = dataclasses.replace(params, batch_size=clamped)
         return params
 
-    def _resume(self, trial: optuna.Trial, run: TrainingRun) -> TrialCheckpoint | None:
-        """The trial's checkpoint file; a retry first loads what its predecessor saved
-        (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there was none)."""
+    def _resume(
+        self, trial: optuna.Trial, params: TrialParams, seed: int
+    ) -> tuple[TrainingRun, TrialCheckpoint | None]:
+        """A seeded run and the trial's checkpoint file; a retry first loads what its
+        predecessor saved (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there
+        was none). An unreadable checkpoint is moved aside and the retry starts from epoch
+        0 on a fresh run (user attr ``checkpoint_unreadable`` says why and where it went)."""
+        run = build_run(self.spec, params, self.setup, seed=seed)
         if self.checkpoint_root is None:
-            return None
+            return run, None
         checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
         retry_of = retried_from(trial)
-        if retry_of is not None:
-            trial.set_user_attr("retry_of", retry_of)
-            trial.set_user_attr("resumed_from_epoch", checkpoint.load_into(run))
-        return checkpoint
+        if retry_of is None:
+            return run, checkpoint
+        trial.set_user_attr("retry_of", retry_of)
+        try:
+            resumed_from = checkpoint.load_into(run)
+        except CheckpointUnreadable as unreadable:
+            logger.warning("trial %d starts from epoch 0: %s", trial.number, unreadable)
+            trial.set_user_attr("checkpoint_unreadable", str(unreadable)[:500])
+            run, resumed_from = build_run(self.spec, params, self.setup, seed=seed), 0
+        trial.set_user_attr("resumed_from_epoch", resumed_from)
+        return run, checkpoint
 
     def _after_epoch(
         self,
@@ -161,7 +176,20 @@ class Objective:
             trial.set_user_attr("fail_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: {metric} = {value:.4f}")
         if checkpoint is not None:
+            self._save(trial, run, checkpoint)
+
+    def _save(self, trial: optuna.Trial, run: TrainingRun, checkpoint: TrialCheckpoint) -> None:
+        """Checkpoint the epoch; a failed save (disk full, I/O error) is a warning, counted
+        on the trial (``checkpoint_save_failures``) and on the worker (``failed_saves``):
+        the trial goes on, and only a resume after a crash would start from an older epoch."""
+        try:
             checkpoint.save(run)
+        except CheckpointSaveFailed as failed:
+            self.failed_saves += 1
+            failures = int(trial.user_attrs.get("checkpoint_save_failures", 0)) + 1
+            logger.warning("trial %d: %s; training goes on", trial.number, failed)
+            trial.set_user_attr("checkpoint_save_failures", failures)
+            trial.set_user_attr("checkpoint_save_error", str(failed)[:500])
 
     def _out_of_memory(self, trial: optuna.Trial, params: TrialParams) -> TrialOutOfMemory:
         release_device_memory(self.setup.device.type)

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from hpo.errors import UserError
 from hpo.settings import STUDIES_DIR_ENV, NodeSettings, env
@@ -69,10 +77,33 @@ class TrialParams:
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+# The one place that says what a number in a study file is. Strict: TOML's `true` is not
+# the integer 1. Finite: JSON, in which the spec is stored on the study, has no inf/nan,
+# so an infinite bound would be stored as null and the study could never be loaded again.
+# Bounded: every count has a ceiling far above any real study, so a typo of 10**12 is a
+# field error here instead of a crash (or a memory exhaustion) inside a worker.
+Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+PositiveInt = Annotated[int, Strict(), Field(gt=0, le=2**31 - 1)]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+# numpy's and Optuna's samplers take seeds in [0, 2**32); a trial adds its number.
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 2**20)]
+MAX_EPOCHS = 100_000
+MAX_NAME_LENGTH = 100  # the name is part of file names (reports, checkpoints, cache)
+
+
+def _usable_path(path: Path) -> Path:
+    if "\x00" in str(path):
+        raise ValueError("a path cannot contain a NUL character")
+    if not str(path).strip():
+        raise ValueError("a path cannot be empty")
+    return path
+
+
+FilePath = Annotated[Path, AfterValidator(_usable_path)]
 
 
 class DatasetSpec(_Table):
@@ -83,13 +114,13 @@ class DatasetSpec(_Table):
     """
 
     kind: Literal["pcam", "synthetic", "imagefolder"]
-    root: Path | None = None
+    root: FilePath | None = None
     train_size: PositiveInt | None = None
     val_size: PositiveInt | None = None
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    image_size: int = Field(96, ge=16, le=512)
-    cache_dir: Path | None = None
-    seed: int = 0
+    val_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: Int = Field(96, ge=16, le=512)
+    cache_dir: FilePath | None = None
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check_root(self) -> DatasetSpec:
@@ -100,6 +131,13 @@ class DatasetSpec(_Table):
                 raise ValueError("dataset kind 'synthetic' takes no 'root'")
             if self.train_size is None or self.val_size is None:
                 raise ValueError("dataset kind 'synthetic' needs 'train_size' and 'val_size'")
+            # Generated in memory (about 27 KB a patch): no larger than PCam itself.
+            limit = PCAM_SPLIT_SIZES["train"] + PCAM_SPLIT_SIZES["val"]
+            if self.train_size + self.val_size > limit:
+                raise ValueError(
+                    f"synthetic train_size + val_size = {self.train_size + self.val_size} "
+                    f"exceeds {limit} patches"
+                )
         if self.kind == "pcam":
             for split, size in (("train", self.train_size), ("val", self.val_size)):
                 if size is not None and size > PCAM_SPLIT_SIZES[split]:
@@ -130,14 +168,14 @@ class SearchSpec(_Table):
     ordered: 64 is between 32 and 128, which lets TPE learn neighbourhoods.
     """
 
-    batch_size_min: int = Field(gt=0)
-    batch_size_max: int = Field(gt=0)
-    lr_low: float = Field(gt=0.0)
-    lr_high: float = Field(gt=0.0)
-    weight_decay_low: float = Field(gt=0.0)
-    weight_decay_high: float = Field(gt=0.0)
+    batch_size_min: PositiveInt
+    batch_size_max: PositiveInt
+    lr_low: Float = Field(gt=0.0)
+    lr_high: Float = Field(gt=0.0)
+    weight_decay_low: Float = Field(gt=0.0)
+    weight_decay_high: Float = Field(gt=0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SearchSpec:
@@ -164,9 +202,9 @@ class SearchSpec(_Table):
 
 
 class BudgetSpec(_Table):
-    epochs: PositiveInt
+    epochs: PositiveInt = Field(le=MAX_EPOCHS)
     n_trials: PositiveInt = 20
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: Float | None = Field(None, gt=0)
 
 
 class PrunerSpec(_Table):
@@ -180,16 +218,17 @@ class PrunerSpec(_Table):
 
     kind: Literal["median", "hyperband", "none"] = "median"
     min_epochs: PositiveInt = 2
-    n_startup_trials: int = Field(5, ge=0)
-    reduction_factor: int = Field(3, ge=2)
+    n_startup_trials: Count = 5
+    reduction_factor: Int = Field(3, ge=2, le=1000)
 
 
 class SamplerSpec(_Table):
     kind: Literal["tpe", "gp", "random", "grid"] = "tpe"
-    seed: int | None = 0
-    n_startup_trials: int = Field(8, ge=0)
-    grid_lr: list[Annotated[float, Field(gt=0)]] | None = None
-    grid_weight_decay: list[Annotated[float, Field(gt=0)]] | None = None
+    seed: Seed | None = 0
+    n_startup_trials: Count = 8
+    # Absent means "the default grid"; an empty list is an error, not silently replaced.
+    grid_lr: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
+    grid_weight_decay: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
 
 
 class ObjectiveSpec(_Table):
@@ -211,18 +250,18 @@ class TrainingSpec(_Table):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True
     channels_last: bool = True
-    eval_batch_size: PositiveInt = 512
+    eval_batch_size: PositiveInt = Field(512, le=65_536)
     augment: bool = True
     # Per-sample, per-channel colour gain 1 ± s and offset ± s × 255 with augmentation on;
     # 0 turns it off, 0.05 is a light stain variation (hpo.data.color_jitter).
-    color_jitter: float = Field(0.0, ge=0.0, le=0.5)
-    num_threads: PositiveInt | None = None
-    checkpoint_dir: Path | None = None
+    color_jitter: Float = Field(0.0, ge=0.0, le=0.5)
+    num_threads: PositiveInt | None = Field(None, le=4096)
+    checkpoint_dir: FilePath | None = None
 
 
 class StudySpec(_Table):
-    name: str
-    seed: int = 0
+    name: str = Field(max_length=MAX_NAME_LENGTH)
+    seed: Seed = 0
     dataset: DatasetSpec
     model: ModelSpec
     search: SearchSpec
@@ -283,21 +322,41 @@ class StudySpec(_Table):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> StudySpec:
-        return cls.model_validate(json.loads(text))
+    def from_json(cls, text: str, *, source: str = "stored spec") -> StudySpec:
+        """The spec stored on a study. Raises SpecError naming ``source`` when it no longer
+        validates (written by an older hpo, or by hand)."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except ValidationError as error:
+            raise SpecError(
+                f"{source} no longer validates: {_format_validation_error(error)} "
+                "(create a new study from a corrected study file)"
+            ) from None
+        except (TypeError, ValueError, RecursionError) as error:
+            raise SpecError(f"{source} is not a JSON study spec ({error})") from None
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A value from the file as it may appear in a one-line message: repr, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format_validation_error(error: ValidationError) -> str:
     parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+    for item in error.errors(include_url=False)[:5]:
+        location = ".".join(
+            str(part) if re.fullmatch(r"[A-Za-z0-9_]+", str(part)) else _shown(part)
+            for part in item["loc"]
+        )
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (not a field of this table)"
-        elif item["type"] == "literal_error":
-            message = f"got {item['input']!r}; {message[0].lower()}{message[1:]}"
+        elif item["type"] in ("literal_error", "int_type", "float_type", "bool_type"):
+            message = f"got {_shown(item['input'])}; {message[0].lower()}{message[1:]}"
         parts.append(f"{location}: {message}" if location else message)
-    return "; ".join(parts)
+    more = len(error.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def resolve_study_path(study: str, studies_dir: Path | None = None) -> Path:
@@ -343,8 +402,14 @@ def load_spec(
     path = resolve_study_path(str(study), studies_dir)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML ({error})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not a study file (nested too deeply)") from None
+    except OSError as error:
+        raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
     spec = parse_spec(data, source=str(path), default_name=path.stem)
     if check_paths:
         check_data_root(spec, source=str(path))
@@ -352,10 +417,14 @@ def load_spec(
 
 
 def check_data_root(spec: StudySpec, *, source: str) -> None:
-    """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here."""
+    """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here and
+    its ``dataset.cache_dir`` (if any) is not something else than a directory."""
     root = spec.dataset.root
     if root is not None and not root.is_dir():
         raise SpecError(f"{source}: dataset.root: directory {str(root)!r} does not exist")
+    cache = spec.dataset.cache_dir
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise SpecError(f"{source}: dataset.cache_dir: {str(cache)!r} is not a directory")
 
 
 def spec_differences(a: StudySpec, b: StudySpec) -> list[str]:

@@ -7,7 +7,7 @@ What makes a shared database safe for many workers:
 - **Heartbeats.** Every worker records a heartbeat for its running trial every
   ``$HPO_HEARTBEAT_S`` seconds (20; see ``hpo.settings``). A trial whose heartbeat is older than ``$HPO_GRACE_S``
   (60) is failed by the next worker that looks, and re-queued with the same parameters and
-  its intermediate values (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+  its intermediate values (``hpo.retry.RetryWithCleanAttrs``).
 - **Reconnects.** Connections are pre-pinged at checkout, and every storage call that fails
   for a lost connection is retried with exponential backoff for up to ``$HPO_DB_RETRY_S``
   seconds (300), so a database restart costs a pause, not a trial.
@@ -34,12 +34,12 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from hpo.compat import RDB_STORAGE_PRIVATE_METHODS
 from hpo.errors import UserError
+from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import STORAGE_ENV, db_retry_seconds, env, heartbeat_settings
 
 DEFAULT_SQLITE_FILE = "hpo.db"
@@ -252,7 +252,7 @@ def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=interval,
                     grace_period=grace,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    heartbeat_stale_trial_callback=RetryWithCleanAttrs(
                         max_retry=MAX_RETRIES, inherit_intermediate_values=True
                     ),
                 )

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.caps import BatchSizeCapSampler
 from hpo.space import make_pruner, make_sampler
 from hpo.spec import StudySpec, load_spec, spec_differences
+from hpo.sqlite_guard import require_sqlite_file
 from hpo.storage import (
     SPEC_ATTR,
     StorageError,
@@ -82,7 +83,10 @@ def create_or_load_study(
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
         else:
-            check_same_spec(StudySpec.from_json(stored), spec)
+            check_same_spec(
+                StudySpec.from_json(stored, source=f"the spec stored on study {spec.name!r}"),
+                spec,
+            )
     return LoadedStudy(study, storage, spec, ref)
 
 
@@ -98,6 +102,7 @@ def check_same_spec(stored: StudySpec, local: StudySpec) -> None:
 def open_study(study_name: str, storage_url: str, hint: str = "") -> tuple[optuna.Study, StudyRef]:
     """Any study in the storage, hpo's or not, for reading (no sampler, no pruner).
     Raises StudyNotFound naming the studies that are there."""
+    require_sqlite_file(storage_url)
     storage = open_storage(storage_url)
     require_study(storage, study_name, storage_url, hint)
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -122,13 +127,14 @@ def load_study(
                 f"--spec defines study {local_spec.name!r}, not {study_name!r} (--study)"
             )
         return create_or_load_study(local_spec, storage_url, parallel=parallel)
+    require_sqlite_file(storage_url)
     storage = open_storage(storage_url)
     require_study(storage, study_name, storage_url, "create it with 'hpo launch', or pass --spec")
     ref = StudyRef.by_name(storage, study_name)
     stored = ref.user_attrs().get(SPEC_ATTR)
     if stored is None:
         raise StudyNotFound(f"study {study_name!r} has no hpo spec stored; was it made by hpo?")
-    spec = StudySpec.from_json(stored)
+    spec = StudySpec.from_json(stored, source=f"the spec stored on study {study_name!r}")
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,

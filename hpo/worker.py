@@ -32,21 +32,27 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hpo.checkpoint import checkpoint_root, list_trial_dirs, remove_checkpoints_except
+from hpo.checkpoint import (
+    check_checkpoint_dir,
+    checkpoint_root,
+    list_trial_dirs,
+    remove_checkpoints_except,
+)
 from hpo.data import load_splits
 from hpo.device import start_on_this_node
 from hpo.objective import Objective, SilentProgress, TrialProgress
+from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import NodeSettings, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
+from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
 from hpo.study import (
     LoadedStudy,
@@ -102,23 +108,38 @@ def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if frozen.state == TrialState.FAIL:
-            RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, frozen)
+            RetryWithCleanAttrs(inherit_intermediate_values=True)(study, frozen)
 
 
 class Heartbeat:
     """Records the running trial's heartbeat every interval in a daemon thread.
 
     Optuna's own heartbeat thread dies at the first database error; this one keeps trying,
-    so a database restart shorter than the grace period does not fail the trial.
+    so a database restart shorter than the grace period does not fail the trial. With a
+    ``guard`` (a SQLite study file) it first checks the file is still the one the worker
+    opened; if not, ``on_lost`` stops the worker (``StopSignal.abort``) and it beats no more.
     """
 
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float):
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        trial_id: int,
+        interval: float,
+        guard: SQLiteFileGuard | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.guard, self.on_lost = guard, on_lost
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name="hpo-heartbeat")
 
     def _beat(self) -> None:
         while True:
+            problem = self.guard.problem() if self.guard is not None else None
+            if problem is not None:
+                if self.on_lost is not None:
+                    self.on_lost(problem)
+                return
             try:
                 # The unwrapped call: one try per interval, never a long blocking retry.
                 optuna.storages.RDBStorage.record_heartbeat(self.storage, self.trial_id)
@@ -138,16 +159,34 @@ class Heartbeat:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT: stop starting trials, and interrupt the running one right away."""
+    """SIGTERM/SIGINT: stop starting trials, and interrupt the running one right away.
+
+    ``abort(reason)`` (from another thread: the heartbeat) stops the worker at once with
+    ``SQLiteFileLost``: the main thread gets SIGUSR1, whose handler raises it.
+    """
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.aborted: str | None = None
         self._interruptible = False
+        self._installed = False
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(number, self._handle)
+            signal.signal(signal.SIGUSR1, self._handle_abort)
+            self._installed = True
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+        logger.error("%s", reason)
+        if self._installed:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    def _handle_abort(self, number: int, frame: FrameType | None) -> None:
+        if self.aborted is not None:
+            raise SQLiteFileLost(self.aborted)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         self.requested = signal.Signals(number).name
@@ -167,7 +206,7 @@ class StopSignal:
 
     def sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self.requested and time.monotonic() < deadline:
+        while not self.requested and not self.aborted and time.monotonic() < deadline:
             time.sleep(min(0.25, deadline - time.monotonic()))
 
 
@@ -178,6 +217,7 @@ class WorkerRun:
     states: Counter[str] = field(default_factory=Counter)
     fail_reasons: Counter[str] = field(default_factory=Counter)
     stopped_by: str | None = None
+    failed_saves: int = 0  # epoch checkpoints that could not be written (trials went on)
 
     @property
     def outcome(self) -> Outcome:
@@ -208,7 +248,11 @@ def remove_finished_checkpoints(study: optuna.Study, root: Path) -> list[Path]:
 
 
 def run_one(
-    loaded: LoadedStudy, trial: optuna.Trial, objective: Objective, stop: StopSignal
+    loaded: LoadedStudy,
+    trial: optuna.Trial,
+    objective: Objective,
+    stop: StopSignal,
+    guard: SQLiteFileGuard | None = None,
 ) -> tuple[TrialState, str | None]:
     """Train ``trial`` with a heartbeat, and tell the study how it ended: the one place that
     decides a trial's end state. Returns it (WAITING: re-queued after a stop signal) and
@@ -218,7 +262,8 @@ def run_one(
     value, state = None, TrialState.FAIL
     interval, _ = heartbeat_settings()
     try:
-        with Heartbeat(loaded.storage, loaded.trial_id(trial), interval), stop.interruptible():
+        beat = Heartbeat(loaded.storage, loaded.trial_id(trial), interval, guard, stop.abort)
+        with beat, stop.interruptible():
             value = objective(trial)
             state = TrialState.COMPLETE
     except optuna.TrialPruned:
@@ -257,10 +302,12 @@ def run_worker(
     ``total_trials`` is study-wide (see the module docstring), so several workers on any
     number of nodes together finish exactly that many. ``timeout_s`` stops starting new
     trials after that many seconds. Raises DeviceUnavailable / DataError before any trial
-    when this node cannot run the study.
+    when this node cannot run the study, and CheckpointDirError when the checkpoint
+    directory is a file, read-only or cannot be created.
     """
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
+    guard = SQLiteFileGuard.attach(loaded.storage)
     setup = start_on_this_node(spec.training)
     loaded.keep_batch_sizes_within_cap(setup.name)
     if parallel:
@@ -271,6 +318,7 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
+    check_checkpoint_dir(checkpoint_root(spec))
     objective = Objective(
         spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),
@@ -282,6 +330,8 @@ def run_worker(
     while not stop.requested:
         if timeout_s is not None and time.monotonic() - started >= timeout_s:
             break
+        if guard is not None:
+            guard.check()
         claimed = retry_on_disconnect(
             lambda: claim_trial(loaded, total_trials), what="claim", url=storage_url
         )
@@ -290,11 +340,18 @@ def run_worker(
         if claimed == "wait":
             stop.sleep(poll_s)
             continue
-        state, reason = run_one(loaded, claimed, objective, stop)
+        state, reason = run_one(loaded, claimed, objective, stop, guard)
         result.states[state.name] += 1
         if reason is not None:
             result.fail_reasons[reason] += 1
     if stop.requested:
         logger.warning("worker stopped by %s", stop.requested)
         result.stopped_by = stop.requested
+    result.failed_saves = objective.failed_saves
+    if result.failed_saves:
+        logger.warning(
+            "worker summary: %d checkpoint save(s) failed (see the warnings above); those "
+            "trials kept training and their results, but would have resumed from an older "
+            "epoch after a crash", result.failed_saves,
+        )  # fmt: skip
     return result

@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad study file, missing data, unreachable storage, a device
 this node lacks) is printed as one line naming the file or field, with exit code 2 and no
-traceback.
+traceback; a run that cannot go on (``RunAborted``: the SQLite file deleted under it) is
+one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from hpo.errors import UserError
+from hpo.errors import RunAborted, UserError
 from hpo.settings import NodeSettings
 
 app = typer.Typer(
@@ -101,6 +102,13 @@ def setup_logging() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def one_line(message: str) -> str:
+    """A message as one line, however it was built (a file name or a value from the file
+    may hold a newline or a control character): escaped, and cut at 1000 characters."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
 def user_errors(function: F) -> F:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
 
@@ -109,8 +117,11 @@ def user_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except UserError as error:
-            errors.print(f"error: {error}", markup=False)
+            errors.print(f"error: {one_line(str(error))}", markup=False)
             raise typer.Exit(2) from None
+        except RunAborted as error:
+            errors.print(f"error: {one_line(str(error))}", markup=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(130) from None

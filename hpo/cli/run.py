@@ -77,6 +77,7 @@ def launch(
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
+    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress
     from hpo.device import select_device
     from hpo.launcher import local_devices, run_worker_processes
@@ -88,6 +89,7 @@ def launch(
     node = node_settings(data_root, device, threads, checkpoint_dir)
     spec = load_spec(study, check_paths=node.data_root is None)
     select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
+    check_checkpoint_dir(checkpoint_root(spec.on_node(node)))  # likewise a checkpoint dir
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)

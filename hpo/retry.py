@@ -1,0 +1,45 @@
+"""Re-queueing a failed trial: a retry starts with a clean slate of outcome attributes.
+
+Optuna's ``RetryHeartbeatStaleTrialCallback`` copies *every* user attribute of the failed
+trial to its retry. A retry would then inherit ``fail_reason`` ("worker stopped
+(SIGINT)"), the predecessor's metrics and its worker name: a retry that completes would
+still read as failed, and one that fails for a new reason would hide it (``run_one``
+records a reason only when the objective set none). ``RetryWithCleanAttrs`` is that
+callback with only the attributes that describe the trial's *parameters* copied; the
+predecessor's reason is kept under ``retried_because``, a name no outcome is read from.
+
+Used by both places a trial is re-queued: the heartbeat check (``hpo.storage``) and a
+stop signal (``hpo.worker.requeue``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
+
+# User attrs that describe the parameters, not how a run went: the batch size the
+# parameters mean and the value the cap clamped it from (hpo.space, hpo.caps).
+PARAMETER_ATTRS = frozenset({"batch_size", "batch_size_clamped_from"})
+RETRY_REASON_ATTR = "retried_because"
+
+
+def retry_user_attrs(failed: FrozenTrial) -> dict[str, object]:
+    """The user attrs a retry of ``failed`` starts with."""
+    attrs = {key: value for key, value in failed.user_attrs.items() if key in PARAMETER_ATTRS}
+    reason = failed.user_attrs.get("fail_reason")
+    if reason is not None:
+        attrs[RETRY_REASON_ATTR] = reason
+    return attrs
+
+
+class RetryWithCleanAttrs(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry callback (same ``max_retry``, same intermediate values and retry
+    lineage in system attrs), without the failed trial's outcome attributes."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        cleaned = copy.copy(trial)
+        cleaned.user_attrs = retry_user_attrs(trial)
+        super().__call__(study, cleaned)
