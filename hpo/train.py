@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
@@ -161,6 +160,27 @@ def train_step(
     return loss.detach()
 
 
+def binary_auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """ROC AUC of ``score`` for label 1 against label 0: the Mann-Whitney U statistic with
+    tied scores given their average rank, equal to sklearn's ``roc_auc_score`` (tested).
+    0.5 when only one class is present (AUC is undefined there).
+
+    In torch rather than sklearn: importing sklearn (and scipy with it) cost a worker 2-7 s
+    of start-up on the shared 2-core machine (docs/benchmarks.md, issue 13)."""
+    positives = int(label.sum())
+    negatives = len(label) - positives
+    if positives == 0 or negatives == 0:
+        return 0.5
+    sorted_score, order = score.double().sort()
+    _, group, counts = torch.unique_consecutive(
+        sorted_score, return_inverse=True, return_counts=True
+    )
+    group_end = counts.cumsum(0).double()  # 1-based rank of each tie group's last member
+    rank = (group_end - (counts.double() - 1) / 2)[group]
+    positive_rank_sum = rank[label[order] == 1].sum()
+    return float((positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -185,7 +205,7 @@ def evaluate(
     label = torch.cat(labels).cpu()
     loss = float(torch.stack(losses).sum()) / len(patches)
     accuracy = float(((probability > 0.5).long() == label).float().mean())
-    auc = 0.5 if label.unique().numel() < 2 else float(roc_auc_score(label, probability))
+    auc = binary_auc(probability, label)
     return loss, accuracy, auc
 
 
