@@ -3,11 +3,27 @@ imports, and the generalization-gap pass that stays a faithful train − val mea
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import optuna
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from hpo.train import binary_auc
+from hpo.data import load_splits
+from hpo.device import select_device
+from hpo.spec import StudySpec, TrialParams, load_spec
+from hpo.train import (
+    TRAIN_EVAL_SAMPLES,
+    TrainingData,
+    TrainingRun,
+    binary_auc,
+    build_run,
+    evaluate,
+    fit,
+    prepare_data,
+)
+from tests.conftest import train_trial
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -28,3 +44,57 @@ def test_binary_auc_of_a_perfect_a_reversed_and_a_constant_score() -> None:
 
 def test_binary_auc_with_one_class_is_one_half() -> None:
     assert binary_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])) == 0.5
+
+
+# ------------------------------------------------------------ the generalization-gap pass
+
+
+def _fitted(tiny_study: Path, epochs: int = 2) -> tuple[StudySpec, TrainingRun, TrainingData]:
+    spec = load_spec(tiny_study)
+    spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"epochs": epochs})})
+    setup = select_device(spec.training)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    run = build_run(spec, params, setup, seed=0)
+    fit(run, data, setup, spec, params)
+    return spec, run, data
+
+
+def test_train_accuracy_is_measured_after_the_last_epoch_only(tiny_study: Path) -> None:
+    spec, run, data = _fitted(tiny_study)
+    history = run.tally.history
+    assert [m.train_acc is None for m in history] == [True, False]
+    setup = select_device(spec.training)
+    _, accuracy, _ = evaluate(run.model, data.train_probe, data.batcher, setup, 64)
+    assert history[-1].train_acc == pytest.approx(accuracy)
+    assert len(data.train_probe) == min(len(data.train), TRAIN_EVAL_SAMPLES)
+
+
+def test_a_gap_pass_changes_neither_the_model_nor_the_random_stream(tiny_study: Path) -> None:
+    """Why skipping it before the last epoch keeps the last epoch's gap what it was: the
+    eval-mode pass updates no weight or BatchNorm statistic and draws no random number."""
+    spec, run, data = _fitted(tiny_study, epochs=1)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    generator_state, torch_state = run.generator.get_state(), torch.get_rng_state()
+    evaluate(run.model, data.train_probe, data.batcher, select_device(spec.training), 64)
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(run.generator.get_state(), generator_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_a_pruned_trial_records_no_generalization_gap(tiny_study: Path) -> None:
+    spec = load_spec(tiny_study)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"log2_batch_size": 5, "lr": 0.05, "weight_decay": 1e-5})
+
+    def prune_after_first_epoch(trial: optuna.Trial) -> float:
+        trial.should_prune = lambda: True  # type: ignore[method-assign]
+        return train_trial(trial, spec)
+
+    study.optimize(prune_after_first_epoch, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["epochs_completed"] == 1
+    assert "train_acc" not in trial.user_attrs and "generalization_gap" not in trial.user_attrs
+    assert "val_acc" in trial.user_attrs
