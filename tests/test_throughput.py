@@ -3,6 +3,7 @@ imports, and the generalization-gap pass that stays a faithful train − val mea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -24,6 +25,7 @@ from hpo.train import (
     prepare_data,
 )
 from tests.conftest import train_trial
+from tests.test_pipeline import _script
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -98,3 +100,39 @@ def test_a_pruned_trial_records_no_generalization_gap(tiny_study: Path) -> None:
     assert trial.user_attrs["epochs_completed"] == 1
     assert "train_acc" not in trial.user_attrs and "generalization_gap" not in trial.user_attrs
     assert "val_acc" in trial.user_attrs
+
+
+# ------------------------------------------------------------------ the benchmark scripts
+
+
+def test_pipeline_reports_e2e_vs_step_with_a_breakdown_that_adds_up(tmp_path: Path) -> None:
+    """Smoke test (toy sizes: the figures mean nothing): the key and the phases are there,
+    and the phases account for the instrumented trial's whole wall time."""
+    out = tmp_path / "pipeline.json"
+    _script("pipeline").main(["--only", "e2e", "--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["e2e_vs_step"] > 0
+    shares = result["e2e"]["share_of_trial"]
+    assert set(shares) == {
+        "step",
+        "batch prep",
+        "eval",
+        "gap pass",
+        "checkpoint",
+        "storage",
+        "other",
+    }
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["step"] > 0 and shares["eval"] > 0 and shares["gap pass"] > 0
+    assert shares["storage"] > 0 and shares["checkpoint"] > 0
+
+
+def test_gpu_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    _script("gpu").main(["--quick", "--skip-commands", "--json", str(out)])
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["model"], c["batch_size"]) for c in cells] == [("small-cnn", 16), ("small-cnn", 32)]
+    for cell in cells:
+        for side in ("hpo", "naive"):
+            assert cell[side]["samples_per_s"] > 0
+            assert 0.0 <= cell[side]["input_stall"] <= 1.0
