@@ -15,7 +15,17 @@ the figures are medians over rounds.
     up to 2,048 training patches for the generalization gap, which is not counted as work).
     samples/s = (train + val patches) / wall time.
 
+(c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
+    (studies/demo.toml: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
+    a trial's training samples over its wall time (one trial as a worker runs it on
+    SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
+    the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch
+    size and process; medians over ``--e2e-rounds``, alternating. One more, instrumented,
+    trial gives the per-epoch breakdown: step, batch prep, eval, gap pass, checkpoint,
+    storage (every call into the SQL storage), other (building the run, Python overhead).
+
 Run: ``uv run python benchmarks/pipeline.py --json pipeline.json``
+(``--only e2e`` for (c) alone)
 (``--model resnet18``; ``--device cuda --batch-size 256`` on a GPU node, which also
 samples GPU utilization). Prints one summary line at the end.
 """

@@ -166,8 +166,8 @@ def binary_auc(score: torch.Tensor, label: torch.Tensor) -> float:
     tied scores given their average rank, equal to sklearn's ``roc_auc_score`` (tested).
     0.5 when only one class is present (AUC is undefined there).
 
-    In torch rather than sklearn: importing sklearn (and scipy with it) cost a worker 2-7 s
-    of start-up on the shared 2-core machine (docs/benchmarks.md, issue 13)."""
+    In torch rather than sklearn: importing ``sklearn.metrics`` (scipy with it) after torch
+    took a worker 7-11 s more at load 14-16 on the shared 2-core machine (issue 13)."""
     positives = int(label.sum())
     negatives = len(label) - positives
     if positives == 0 or negatives == 0:
