@@ -15,7 +15,17 @@ the figures are medians over rounds.
     up to 2,048 training patches for the generalization gap, which is not counted as work).
     samples/s = (train + val patches) / wall time.
 
+(c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
+    (studies/demo.toml: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
+    a trial's training samples over its wall time (one trial as a worker runs it on
+    SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
+    the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch
+    size and process; medians over ``--e2e-rounds``, alternating. One more, instrumented,
+    trial gives the per-epoch breakdown: step, batch prep, eval, gap pass, checkpoint,
+    storage (every call into the SQL storage), other (building the run, Python overhead).
+
 Run: ``uv run python benchmarks/pipeline.py --json pipeline.json``
+(``--only e2e`` for (c) alone)
 (``--model resnet18``; ``--device cuda --batch-size 256`` on a GPU node, which also
 samples GPU utilization). Prints one summary line at the end.
 """
@@ -23,6 +33,8 @@ samples GPU utilization). Prints one summary line at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import statistics
@@ -30,10 +42,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import h5py
 import numpy as np
+import optuna
 import torch
 import torch.nn.functional as F
 from optuna.trial import FixedTrial
@@ -41,11 +57,16 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import PCAM
 
+import hpo.objective as hpo_objective
+import hpo.train as hpo_train
+from hpo.checkpoint import TrialCheckpoint
 from hpo.data import DeviceBatcher, _draw_synthetic, batch_indices, channel_stats, load_splits
 from hpo.device import select_device
 from hpo.models import build_model
-from hpo.objective import train_trial
-from hpo.spec import StudySpec
+from hpo.objective import Objective, train_trial
+from hpo.spec import StudySpec, TrialParams, load_spec
+from hpo.study import create_or_load_study
+from hpo.train import build_run, prepare_data, train_step
 
 PCAM_FILES = {
     "train": "camelyonpatch_level_2_split_train",
@@ -213,7 +234,175 @@ def make_spec(
     })  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+# --------------------------------------------------------------------------- e2e vs step
+
+DEMO_STUDY = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
+PHASES = ("step", "batch prep", "eval", "gap pass", "checkpoint", "storage", "other")
+
+
+class PhaseClock:
+    """Exclusive wall time per phase: entering a phase pauses the one around it (batch
+    preparation inside an evaluation counts as batch prep). On CUDA each phase ends with a
+    sync, so this run's total is not the uninstrumented one; only its shares are used."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, dict.fromkeys(PHASES, 0.0)
+        self._stack: list[tuple[str, float]] = []
+
+    def wrap(self, phase: str | Callable[..., str], function: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            name = phase(*args, **kwargs) if callable(phase) else phase
+            now = time.perf_counter()
+            if self._stack:
+                outer, since = self._stack[-1]
+                self.seconds[outer] += now - since
+            self._stack.append((name, now))
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                now = time.perf_counter()
+                _, since = self._stack.pop()
+                self.seconds[name] += now - since
+                if self._stack:
+                    self._stack[-1] = (self._stack[-1][0], now)
+
+        return timed
+
+
+def demo_spec(model: str, epochs: int | None, device: str) -> StudySpec:
+    """studies/demo.toml (no data cache on disk), with ``model`` and ``device``."""
+    spec = load_spec(DEMO_STUDY)
+    return spec.model_copy(
+        update={
+            "dataset": spec.dataset.model_copy(update={"cache_dir": None}),
+            "model": spec.model.model_copy(update={"name": model}),
+            "budget": spec.budget.model_copy(update={"epochs": epochs or spec.budget.epochs}),
+            "training": spec.training.model_copy(update={"device": device}),
+        }
+    )
+
+
+def bare_step_samples_per_s(spec: StudySpec, setup, splits, batch_size: int) -> float:
+    """``train_step`` alone on one prepared batch, as many steps as a training epoch has."""
+    params = TrialParams(batch_size=batch_size, lr=0.01, weight_decay=1e-4)
+    run = build_run(spec, params, setup, seed=0)
+    data = prepare_data(splits, setup, spec.training)
+    images, targets = data.batcher.take(data.train, torch.arange(batch_size))
+    run.model.train()
+    for _ in range(3):
+        train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+    steps = len(data.train) // batch_size
+    _sync(setup.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+    _sync(setup.device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def one_trial(spec: StudySpec, setup, splits, batch_size: int, directory: Path,
+              name: str, clock: PhaseClock | None) -> float:  # fmt: skip
+    """One trial as a worker runs it (ask, fit with report/prune and a checkpoint after every
+    epoch, user attrs, tell) on SQLite; returns its wall seconds. With ``clock``, the
+    phases are timed by wrapping the functions a trial calls."""
+    spec = spec.model_copy(update={"name": name})
+    loaded = create_or_load_study(spec, f"sqlite:///{directory / 'e2e.db'}")
+    loaded.study.enqueue_trial(
+        {"log2_batch_size": int(np.log2(batch_size)), "lr": 0.01, "weight_decay": 1e-4}
+    )
+    objective = Objective(spec, setup, splits, study=loaded.ref, checkpoint_root=directory / name)
+    with contextlib.ExitStack() as stack:
+        if clock is not None:
+            captured: dict[str, Any] = {}
+
+            def prepare(*args: Any, **kwargs: Any) -> Any:
+                captured["data"] = hpo_train.prepare_data(*args, **kwargs)
+                return captured["data"]
+
+            def evaluation(model, patches, *args: Any, **kwargs: Any) -> str:
+                return "gap pass" if patches is captured["data"].train_probe else "eval"
+
+            patches = [
+                (hpo_objective, "prepare_data", prepare),
+                (hpo_train, "train_step", clock.wrap("step", hpo_train.train_step)),
+                (hpo_train, "evaluate", clock.wrap(evaluation, hpo_train.evaluate)),
+                (DeviceBatcher, "take", clock.wrap("batch prep", DeviceBatcher.take)),
+                (TrialCheckpoint, "save", clock.wrap("checkpoint", TrialCheckpoint.save)),
+            ]
+            # Every call into the SQL storage, whoever makes it (Optuna or hpo).
+            for storage_class in (optuna.storages.RDBStorage, type(loaded.storage)):
+                for method, value in vars(storage_class).items():
+                    if not method.startswith("__") and inspect.isfunction(value):
+                        patches.append((storage_class, method, clock.wrap("storage", value)))
+            for owner, attribute, replacement in patches:
+                stack.enter_context(mock.patch.object(owner, attribute, replacement))
+        start = time.perf_counter()
+        loaded.study.optimize(objective, n_trials=1)
+        _sync(setup.device)
+        wall = time.perf_counter() - start
+    state = loaded.study.trials[-1].state
+    if state != optuna.trial.TrialState.COMPLETE:
+        raise RuntimeError(f"e2e trial ended {state.name}")
+    if clock is not None:
+        clock.seconds["other"] += wall - sum(clock.seconds.values())
+    return wall
+
+
+def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs: int | None = None,
+                train_size: int | None = None, val_size: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """A trial's training samples/s end to end over the bare ``train_step``'s, same model,
+    precision, batch size and process, at the demo's settings; plus the per-epoch
+    breakdown from one more, instrumented, trial. Rounds alternate bare / trial."""
+    spec = demo_spec(model, epochs, device)
+    sizes = {"train_size": train_size, "val_size": val_size}
+    sizes = {key: value for key, value in sizes.items() if value is not None}
+    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=sizes)})
+    setup = select_device(spec.training)
+    splits = load_splits(spec.dataset)
+    samples = spec.budget.epochs * (len(splits[0]) // batch_size) * batch_size
+    bare, trial = [], []
+    with tempfile.TemporaryDirectory(prefix="hpo-bench-e2e-") as temporary:
+        directory = Path(temporary)
+        one_trial(spec, setup, splits, batch_size, directory, "warm-up", None)
+        for index in range(rounds):
+            bare.append(bare_step_samples_per_s(spec, setup, splits, batch_size))
+            trial.append(samples / one_trial(spec, setup, splits, batch_size, directory,
+                                             f"e2e{index}", None))  # fmt: skip
+        clock = PhaseClock(setup.device)
+        wall = one_trial(spec, setup, splits, batch_size, directory, "instrumented", clock)
+    bare_median, trial_median = statistics.median(bare), statistics.median(trial)
+    epochs_run = spec.budget.epochs
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "epochs": epochs_run,
+        "train_size": len(splits[0]),
+        "val_size": len(splits[1]),
+        "image_size": spec.dataset.image_size,
+        "precision": setup.precision,
+        "step_samples_per_s": bare_median,
+        "trial_samples_per_s": trial_median,
+        "e2e_vs_step": trial_median / bare_median,
+        "rounds": [{"step": b, "trial": t} for b, t in zip(bare, trial, strict=True)],
+        "seconds_per_epoch": {k: v / epochs_run for k, v in clock.seconds.items()},
+        "share_of_trial": {k: v / wall for k, v in clock.seconds.items()},
+    }
+
+
+def describe_e2e(result: dict[str, Any]) -> str:
+    shares = ", ".join(
+        f"{phase} {result['seconds_per_epoch'][phase]:.2f} s ({result['share_of_trial'][phase]:.0%})"
+        for phase in PHASES
+    )
+    return (
+        f"e2e {result['model']} B={result['batch_size']} {result['precision']}: trial "
+        f"{result['trial_samples_per_s']:,.0f}/s vs bare step {result['step_samples_per_s']:,.0f}/s "
+        f"= {result['e2e_vs_step']:.2f}; per epoch: {shares}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", default="small-cnn", help="small-cnn, resnet18 or vgg16 (small-cnn)"
@@ -230,11 +419,42 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="where the generated HDF5 files go (a temporary directory)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (smoke test)")
+    parser.add_argument("--only", choices=["all", "naive", "e2e"], default="all",
+                        help="run only (a)+(b) against naive, or only (c) e2e vs step (all)")  # fmt: skip
+    parser.add_argument("--e2e-rounds", type=int, default=3, help="(c) rounds (3)")
+    parser.add_argument("--e2e-epochs", type=int, default=None, help="(c) epochs (the demo's)")
+    parser.add_argument("--e2e-train-size", type=int, default=None,
+                        help="(c) training patches (the demo's)")  # fmt: skip
+    parser.add_argument("--e2e-val-size", type=int, default=None,
+                        help="(c) validation patches (the demo's)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.n_input, args.n_train, args.n_val, args.rounds = 128, 64, 32, 1
         args.batch_size = min(args.batch_size, 32)
+        args.e2e_rounds, args.e2e_epochs, args.e2e_train_size = 1, 1, 128
+        args.e2e_val_size = 64
 
+    result: dict[str, Any] = {}
+    if args.only != "e2e":
+        result.update(versus_naive(args))
+    if args.only != "naive":
+        e2e = e2e_vs_step(args.model, args.batch_size, args.e2e_rounds, args.device,
+                          epochs=args.e2e_epochs, train_size=args.e2e_train_size,
+                          val_size=args.e2e_val_size)  # fmt: skip
+        result["e2e_vs_step"] = e2e["e2e_vs_step"]
+        result["e2e"] = e2e
+        print(describe_e2e(e2e) + f"; load {_load():.1f}", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def versus_naive(args: argparse.Namespace) -> dict[str, Any]:
+    """(a) and (b): hpo against the naive torchvision pipeline, A/B rounds."""
     temporary = None
     if args.data is None:
         temporary = tempfile.TemporaryDirectory(prefix="hpo-bench-pcam-")
@@ -290,14 +510,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if device.type == "cuda":
         result["gpu_utilization_pct"] = utilization.mean
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"pipeline {args.model} B={args.batch_size} on {setup.name} "
         f"({'bf16' if setup.amp_dtype == torch.bfloat16 else setup.amp_dtype or 'fp32'}, "
         f"{'channels_last' if setup.channels_last else 'NCHW'}), {args.rounds} A/B rounds, "
-        f"load {load:.1f}: input hpo {median['hpo_in']:,.0f}/s vs naive {median['naive_in']:,.0f}/s "
+        f"load {_load():.1f}: input hpo {median['hpo_in']:,.0f}/s vs naive {median['naive_in']:,.0f}/s "
         f"= {result['input_speedup']:.1f}x (one-time read {hpo_read_s:.2f} s); train+eval hpo "
         f"{median['hpo']:,.0f}/s vs naive {median['naive']:,.0f}/s = {result['speedup']:.2f}x"
         + (f"; GPU utilization {result['gpu_utilization_pct']}%" if device.type == "cuda" else "")

@@ -218,13 +218,13 @@ def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
             val_auc=last.val_auc,
             val_acc=last.val_acc,
             val_loss=last.val_loss,
-            train_acc=last.train_acc,
             train_loss=last.train_loss,
-            generalization_gap=last.train_acc - last.val_acc,
             best_val_auc=max(m.val_auc for m in tally.history),
             best_val_acc=max(m.val_acc for m in tally.history),
             best_val_loss=min(m.val_loss for m in tally.history),
         )
+        if last.train_acc is not None:  # measured after the last epoch only (train.fit)
+            attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
 

@@ -1,0 +1,138 @@
+"""What keeps a trial near the compute limit (issue 13): metrics computed without slow
+imports, and the generalization-gap pass that stays a faithful train − val measure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from hpo.data import load_splits
+from hpo.device import select_device
+from hpo.spec import StudySpec, TrialParams, load_spec
+from hpo.train import (
+    TRAIN_EVAL_SAMPLES,
+    TrainingData,
+    TrainingRun,
+    binary_auc,
+    build_run,
+    evaluate,
+    fit,
+    prepare_data,
+)
+from tests.conftest import train_trial
+from tests.test_pipeline import _script
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_auc_equals_sklearn_with_ties(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 2, (300,), generator=generator)
+    # Scores rounded to a few levels, so many are tied (within and across classes).
+    score = (torch.rand(300, generator=generator) + 0.3 * label).mul(8).round().div(8)
+    assert binary_auc(score, label) == pytest.approx(roc_auc_score(label, score), abs=1e-12)
+
+
+def test_binary_auc_of_a_perfect_a_reversed_and_a_constant_score() -> None:
+    label = torch.tensor([0, 0, 1, 1])
+    assert binary_auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), label) == 1.0
+    assert binary_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), label) == 0.0
+    assert binary_auc(torch.full((4,), 0.5), label) == 0.5
+
+
+def test_binary_auc_with_one_class_is_one_half() -> None:
+    assert binary_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])) == 0.5
+
+
+# ------------------------------------------------------------ the generalization-gap pass
+
+
+def _fitted(tiny_study: Path, epochs: int = 2) -> tuple[StudySpec, TrainingRun, TrainingData]:
+    spec = load_spec(tiny_study)
+    spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"epochs": epochs})})
+    setup = select_device(spec.training)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    run = build_run(spec, params, setup, seed=0)
+    fit(run, data, setup, spec, params)
+    return spec, run, data
+
+
+def test_train_accuracy_is_measured_after_the_last_epoch_only(tiny_study: Path) -> None:
+    spec, run, data = _fitted(tiny_study)
+    history = run.tally.history
+    assert [m.train_acc is None for m in history] == [True, False]
+    setup = select_device(spec.training)
+    _, accuracy, _ = evaluate(run.model, data.train_probe, data.batcher, setup, 64)
+    assert history[-1].train_acc == pytest.approx(accuracy)
+    assert len(data.train_probe) == min(len(data.train), TRAIN_EVAL_SAMPLES)
+
+
+def test_a_gap_pass_changes_neither_the_model_nor_the_random_stream(tiny_study: Path) -> None:
+    """Why skipping it before the last epoch keeps the last epoch's gap what it was: the
+    eval-mode pass updates no weight or BatchNorm statistic and draws no random number."""
+    spec, run, data = _fitted(tiny_study, epochs=1)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    generator_state, torch_state = run.generator.get_state(), torch.get_rng_state()
+    evaluate(run.model, data.train_probe, data.batcher, select_device(spec.training), 64)
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(run.generator.get_state(), generator_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_a_pruned_trial_records_no_generalization_gap(tiny_study: Path) -> None:
+    spec = load_spec(tiny_study)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"log2_batch_size": 5, "lr": 0.05, "weight_decay": 1e-5})
+
+    def prune_after_first_epoch(trial: optuna.Trial) -> float:
+        trial.should_prune = lambda: True  # type: ignore[method-assign]
+        return train_trial(trial, spec)
+
+    study.optimize(prune_after_first_epoch, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["epochs_completed"] == 1
+    assert "train_acc" not in trial.user_attrs and "generalization_gap" not in trial.user_attrs
+    assert "val_acc" in trial.user_attrs
+
+
+# ------------------------------------------------------------------ the benchmark scripts
+
+
+def test_pipeline_reports_e2e_vs_step_with_a_breakdown_that_adds_up(tmp_path: Path) -> None:
+    """Smoke test (toy sizes: the figures mean nothing): the key and the phases are there,
+    and the phases account for the instrumented trial's whole wall time."""
+    out = tmp_path / "pipeline.json"
+    _script("pipeline").main(["--only", "e2e", "--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["e2e_vs_step"] > 0
+    shares = result["e2e"]["share_of_trial"]
+    assert set(shares) == {
+        "step",
+        "batch prep",
+        "eval",
+        "gap pass",
+        "checkpoint",
+        "storage",
+        "other",
+    }
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["step"] > 0 and shares["eval"] > 0 and shares["gap pass"] > 0
+    assert shares["storage"] > 0 and shares["checkpoint"] > 0
+
+
+def test_gpu_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    _script("gpu").main(["--quick", "--skip-commands", "--json", str(out)])
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["model"], c["batch_size"]) for c in cells] == [("small-cnn", 16), ("small-cnn", 32)]
+    for cell in cells:
+        for side in ("hpo", "naive"):
+            assert cell[side]["samples_per_s"] > 0
+            assert 0.0 <= cell[side]["input_stall"] <= 1.0
