@@ -268,7 +268,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
-        name = study_name or f"{compat.default_study_name_prefix()}{uuid.uuid4()}"
+        if study_name is None:
+            study_name = f"{compat.default_study_name_prefix()}{uuid.uuid4()}"
+        name = study_name
         attempts = _Attempts()
 
         def attempt() -> int:
