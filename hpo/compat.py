@@ -28,6 +28,50 @@ RDB_STORAGE_PRIVATE_METHODS: tuple[str, ...] = (
 )
 
 
+# What Optuna names a study created without a name. ``hpo.storage`` chooses that name
+# itself, before the first attempt, so that a retried ``create_new_study`` finds the study
+# its first attempt committed instead of creating a second one.
+def default_study_name_prefix() -> str:
+    from optuna.storages._base import DEFAULT_STUDY_NAME_PREFIX
+
+    return DEFAULT_STUDY_NAME_PREFIX
+
+
+# RDBStorage's session, ORM models and in-transaction helpers. ``hpo.storage`` writes a
+# client token in the *same transaction* as a new trial or a trial claim (WAITING ->
+# RUNNING), so that a retry after an ambiguous failure (commit landed, acknowledgement
+# lost) can look for it; Optuna has no public way to add a row to its transaction, and its
+# own ``_create_new_trial`` blindly repeats the insert when the commit raises.
+def rdb_session(storage: Any) -> Any:
+    """Optuna's session context for ``storage``: commits on exit, rolls back and wraps
+    SQLAlchemy errors in ``StorageInternalError`` on failure."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    return _create_scoped_session(storage.scoped_session)
+
+
+def rdb_models() -> Any:
+    """The module of Optuna's ORM models (``TrialModel``, ``TrialSystemAttributeModel``...)."""
+    from optuna.storages._rdb import models
+
+    return models
+
+
+def add_new_trial(storage: Any, session: Any, study_id: int, template_trial: Any) -> Any:
+    """Insert a trial from ``template_trial`` in ``session`` (numbered, not committed)."""
+    return storage._get_prepared_new_trial(study_id, template_trial, session)
+
+
+def set_trial_system_attr_in_session(
+    storage: Any, session: Any, trial_id: int, key: str, value: Any
+) -> None:
+    """Upsert a trial system attribute inside ``session`` (not committed)."""
+    models = rdb_models()
+    storage._set_trial_attr_without_commit(
+        session, models.TrialSystemAttributeModel, trial_id, key, value
+    )
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
 

@@ -19,25 +19,31 @@ What makes a shared database safe for many workers:
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import random
 import tempfile
 import time
+import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from hpo.compat import RDB_STORAGE_PRIVATE_METHODS
+from hpo import compat
 from hpo.errors import UserError
 from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import STORAGE_ENV, db_retry_seconds, env, heartbeat_settings
@@ -189,30 +195,238 @@ def _safe_detail(error: BaseException, url: str) -> str:
     return f"{type(root).__name__}: {detail}"
 
 
-# Every storage call a worker makes, including the private ones Optuna's cache layer calls
-# on its backend (hpo.compat); each is retried across a lost connection.
-_RETRIED_METHODS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat",
-    *RDB_STORAGE_PRIVATE_METHODS,
+# What a retry may do. A lost connection during a write is *ambiguous*: the server may
+# have committed and only its acknowledgement been lost. So every retried call follows one
+# rule: a retry either repeats a call proven idempotent, or first checks what the earlier
+# attempt did. Proven idempotent (a repeat stores the same rows):
+# - every read (``get_*``, ``_get_trials``, ``_get_best_trial_id``, ``_get_stale_trial_ids``);
+# - ``set_study_user_attr``, ``set_study_system_attr``, ``set_trial_user_attr``,
+#   ``set_trial_system_attr``, ``set_trial_intermediate_value``, ``record_heartbeat``:
+#   upserts keyed by (study or trial, key or step), same value;
+# - ``set_trial_param`` / ``_set_trial_param``: the repeated insert hits the unique
+#   (trial, param) key, and Optuna ignores that IntegrityError for this call.
+# Checked before repeating (methods of ``ReconnectingRDBStorage`` below):
+# - ``create_new_study``: the name is chosen before the first attempt (Optuna would pick a
+#   fresh random one per attempt); a retry that finds the study under that name with the
+#   same directions returns it instead of raising DuplicatedStudyError;
+# - ``delete_study``: a retry that finds the study gone has succeeded;
+# - ``create_new_trial`` / ``_create_new_trial``: a client token is written with the new
+#   trial in the same transaction; a retry that finds the token returns that trial;
+# - ``set_trial_state_values``: to a finished (or any non-RUNNING) state, a retry that finds
+#   the trial already in that state with the same values returns True; a claim
+#   (WAITING -> RUNNING) writes a client token with the state change, and a retry that
+#   finds the trial RUNNING returns whether the token is its own.
+_IDEMPOTENT_METHODS = (
+    "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+    "get_study_system_attrs", "get_all_studies", "set_trial_param", "get_trial_param",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number", "get_best_trial", "record_heartbeat",
+    "_get_stale_trial_ids", "_set_trial_param", "_get_best_trial_id",
 )  # fmt: skip
+# Calls that return trials: retried like the above, and the tokens are taken out.
+_TRIAL_READS = ("get_trial", "_get_trials", "get_trial_system_attrs")
+_CHECKED_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "_create_new_trial",
+    "set_trial_state_values",
+)
+# Every storage call a worker makes, including the private ones Optuna's cache layer calls
+# on its backend (hpo.compat); each is retried across a lost connection. (``create_new_trial``
+# calls ``_create_new_trial``; wrapping both would make a new token per outer attempt.)
+_RETRIED_METHODS = (*_IDEMPOTENT_METHODS, *_TRIAL_READS, *_CHECKED_METHODS)
+# System attributes hpo writes with a trial to recognise its own writes on a retry; hidden
+# from every read, so Optuna and users see the trial as they made it.
+CREATE_TOKEN_ATTR = "hpo:create_token"
+CLAIM_TOKEN_ATTR = "hpo:claim_token"
+_TOKEN_ATTRS = (CREATE_TOKEN_ATTR, CLAIM_TOKEN_ATTR)
+
+
+def _without_tokens(trial: FrozenTrial) -> FrozenTrial:
+    if any(key in trial.system_attrs for key in _TOKEN_ATTRS):
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in _TOKEN_ATTRS}
+    return trial
+
+
+class _Attempts:
+    """Counts the calls of one retried operation: ``retried`` is True from the second."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> bool:
+        self.count += 1
+        return self.count > 1
 
 
 class ReconnectingRDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDBStorage whose calls survive a database restart (see ``retry_on_disconnect``).
+    """Optuna's RDBStorage whose calls survive a database restart (``retry_on_disconnect``),
+    and whose writes happen exactly once even when a commit's acknowledgement is lost (the
+    rule is written above ``_IDEMPOTENT_METHODS``)."""
 
-    ``create_new_trial`` is retried too: it only fails before its commit in practice, and a
-    rare duplicate would surface as an extra trial, not a lost one.
-    """
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        if study_name is None:
+            study_name = f"{compat.default_study_name_prefix()}{uuid.uuid4()}"
+        name = study_name
+        attempts = _Attempts()
+
+        def attempt() -> int:
+            retried = attempts.next()
+            try:
+                return optuna.storages.RDBStorage.create_new_study(self, directions, name)
+            except optuna.exceptions.DuplicatedStudyError:
+                if not retried:
+                    raise
+                study_id = optuna.storages.RDBStorage.get_study_id_from_name(self, name)
+                if optuna.storages.RDBStorage.get_study_directions(self, study_id) != list(
+                    directions
+                ):
+                    raise
+                return study_id  # our first attempt committed it
+
+        return retry_on_disconnect(attempt, what="create_new_study", url=self.url)
+
+    def delete_study(self, study_id: int) -> None:
+        attempts = _Attempts()
+
+        def attempt() -> None:
+            retried = attempts.next()
+            try:
+                optuna.storages.RDBStorage.delete_study(self, study_id)
+            except KeyError:
+                if not retried:
+                    raise  # our first attempt deleted it otherwise
+
+        retry_on_disconnect(attempt, what="delete_study", url=self.url)
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        # Optuna's own version repeats the whole insert when the commit raises, which after
+        # an ambiguous failure leaves a second trial; this one looks for its token first.
+        token = uuid.uuid4().hex
+        template = copy.deepcopy(template_trial) if template_trial else _running_template()
+        template.system_attrs = {**template.system_attrs, CREATE_TOKEN_ATTR: token}
+        models = compat.rdb_models()
+        attempts = _Attempts()
+
+        def attempt() -> FrozenTrial:
+            retried = attempts.next()
+            existing = None
+            with compat.rdb_session(self) as session:
+                # Locks the study row: trial numbers are counted, and tokens looked up, in turn.
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                if retried:
+                    existing = (
+                        session.query(models.TrialSystemAttributeModel.trial_id)
+                        .join(models.TrialModel)
+                        .filter(
+                            models.TrialModel.study_id == study_id,
+                            models.TrialSystemAttributeModel.key == CREATE_TOKEN_ATTR,
+                            models.TrialSystemAttributeModel.value_json == json.dumps(token),
+                        )
+                        .scalar()
+                    )
+                if existing is None:
+                    trial = compat.add_new_trial(self, session, study_id, template)
+                    created = _from_template(template, trial.trial_id, trial.number)
+            if existing is not None:  # our earlier attempt committed it
+                return optuna.storages.RDBStorage.get_trial(self, existing)
+            return created
+
+        return _without_tokens(retry_on_disconnect(attempt, what="create_new_trial", url=self.url))
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        if state == TrialState.RUNNING and values is None:
+            return self._claim_trial(trial_id)
+        attempts = _Attempts()
+
+        def attempt() -> bool:
+            if attempts.next():
+                stored = optuna.storages.RDBStorage.get_trial(self, trial_id)
+                if stored.state == state and (values is None or stored.values == list(values)):
+                    return True  # our earlier attempt committed it
+            return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
+
+    def _claim_trial(self, trial_id: int) -> bool:
+        """WAITING -> RUNNING, as ``RDBStorage.set_trial_state_values`` does, plus a token:
+        True when this call made the trial RUNNING, False when another worker did."""
+        token = uuid.uuid4().hex
+        models = compat.rdb_models()
+        attempts = _Attempts()
+
+        def attempt() -> bool:
+            retried = attempts.next()
+            try:
+                with compat.rdb_session(self) as session:
+                    trial = models.TrialModel.find_or_raise_by_id(
+                        trial_id, session, for_update=True
+                    )
+                    if retried and trial.state == TrialState.RUNNING:
+                        claim = models.TrialSystemAttributeModel.find_by_trial_and_key(
+                            trial, CLAIM_TOKEN_ATTR, session
+                        )
+                        return claim is not None and json.loads(claim.value_json) == token
+                    self.check_trial_is_updatable(trial_id, trial.state)
+                    if trial.state != TrialState.WAITING:
+                        return False
+                    trial.state = TrialState.RUNNING
+                    trial.datetime_start = datetime.now()
+                    compat.set_trial_system_attr_in_session(
+                        self, session, trial_id, CLAIM_TOKEN_ATTR, token
+                    )
+                    return True
+            except sqlalchemy.exc.IntegrityError:
+                return False
+
+        return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
+
+
+def _from_template(template: FrozenTrial, trial_id: int, number: int) -> FrozenTrial:
+    """The trial Optuna stored from ``template`` (what ``_create_new_trial`` returns)."""
+    return FrozenTrial(
+        number=number,
+        state=template.state,
+        value=None,
+        values=template.values,
+        datetime_start=template.datetime_start,
+        datetime_complete=template.datetime_complete,
+        params=template.params,
+        distributions=template.distributions,
+        user_attrs=template.user_attrs,
+        system_attrs=template.system_attrs,
+        intermediate_values=template.intermediate_values,
+        trial_id=trial_id,
+    )
+
+
+def _running_template() -> FrozenTrial:
+    """What Optuna inserts for ``create_new_trial(study_id)`` without a template."""
+    return FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        values=None,
+        datetime_start=datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
 
 
 def _retrying(name: str) -> Callable[..., Any]:
-    method = getattr(optuna.storages.RDBStorage, name)
+    method = getattr(ReconnectingRDBStorage, name)
 
     @functools.wraps(method)
     def wrapper(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
@@ -223,8 +437,25 @@ def _retrying(name: str) -> Callable[..., Any]:
     return wrapper
 
 
-for _name in _RETRIED_METHODS:
+def _retrying_trial_read(name: str) -> Callable[..., Any]:
+    retrying = _retrying(name)
+
+    @functools.wraps(retrying)
+    def wrapper(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        result = retrying(self, *args, **kwargs)
+        if isinstance(result, FrozenTrial):
+            return _without_tokens(result)
+        if isinstance(result, dict):  # get_trial_system_attrs
+            return {k: v for k, v in result.items() if k not in _TOKEN_ATTRS}
+        return [_without_tokens(trial) for trial in result]
+
+    return wrapper
+
+
+for _name in _IDEMPOTENT_METHODS:
     setattr(ReconnectingRDBStorage, _name, _retrying(_name))
+for _name in _TRIAL_READS:
+    setattr(ReconnectingRDBStorage, _name, _retrying_trial_read(_name))
 
 
 def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:

@@ -3,7 +3,8 @@
 Locally a database test skips (with the reason) when its server is unreachable; with
 ``HPO_REQUIRE_DB=1`` (set by ``.ci/run``) it fails instead, so CI cannot go green without
 running them. The admin URLs can be overridden with ``HPO_TEST_POSTGRES_URL`` and
-``HPO_TEST_MARIADB_URL``.
+``HPO_TEST_MARIADB_URL``, and the scratch databases' name prefix with ``HPO_TEST_DB_PREFIX``
+(so engineers sharing one server can tell theirs apart).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def unreachable(backend: str, error: Exception) -> None:
 def scratch_database(backend: str) -> Iterator[str]:
     """A new empty database on the local server; dropped afterwards. Yields its URL."""
     admin_url = make_url(ADMIN_URLS[backend])
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    name = f"{os.environ.get('HPO_TEST_DB_PREFIX', 'hpo_test_')}{uuid.uuid4().hex[:12]}"
     engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     deadline = time.monotonic() + (0 if backend in _down else SERVER_WAIT_S)
     while True:
