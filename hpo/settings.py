@@ -3,7 +3,8 @@
 This is the only module that reads ``os.environ``. Two kinds of settings live here:
 
 - **Process settings**: the storage URL, where study files are, heartbeat timing, the
-  database-retry window, the artifact directory, a worker's log label.
+  database-retry window, the connection pool of each process, the artifact directory, a
+  worker's log label.
 - **Node-local settings** (``NodeSettings``): the data root, the device, the CPU thread
   count and the checkpoint directory. They describe *this machine*, not the study: a
   cluster mounts PCam under a different path on every node, and a study created on a GPU
@@ -29,6 +30,9 @@ LABEL_ENV = "HPO_WORKER_LABEL"
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "HPO_HEARTBEAT_S", 20.0
 GRACE_ENV, DEFAULT_GRACE_S = "HPO_GRACE_S", 60.0
 DB_RETRY_ENV, DEFAULT_DB_RETRY_S = "HPO_DB_RETRY_S", 300.0
+POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "HPO_DB_POOL_SIZE", 1
+POOL_OVERFLOW_ENV, DEFAULT_POOL_OVERFLOW = "HPO_DB_MAX_OVERFLOW", 1
+PRE_PING_ENV = "HPO_DB_PRE_PING"
 DATA_ROOT_ENV = "HPO_DATA_ROOT"
 DEVICE_ENV = "HPO_DEVICE"
 THREADS_ENV = "HPO_NUM_THREADS"
@@ -79,6 +83,50 @@ def heartbeat_settings() -> tuple[int, int]:
 def db_retry_seconds() -> float:
     """How long a storage call keeps retrying across a lost connection."""
     return positive_seconds(DB_RETRY_ENV, DEFAULT_DB_RETRY_S)
+
+
+def _count(name: str, default: int, minimum: int) -> int:
+    raw = env(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < minimum:
+        raise SettingsError(f"${name} = {raw!r} must be an integer >= {minimum}")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The database connections one hpo process may hold (PostgreSQL and MariaDB).
+
+    A worker needs at most two at once: the study lock's transaction plus one storage call
+    while it claims a trial, or a per-epoch report while its heartbeat thread beats. So the
+    default keeps one open between calls and opens a second only for those moments (closed
+    again when returned): 1 idle connection per worker while it trains, at most 2
+    (docs/scale.md has the measurements). ``pre_ping`` costs one round trip per storage
+    call; hpo's reconnect retry already recovers a dropped connection, so it is off unless
+    ``$HPO_DB_PRE_PING=1``.
+    """
+
+    size: int = DEFAULT_POOL_SIZE
+    max_overflow: int = DEFAULT_POOL_OVERFLOW
+    pre_ping: bool = False
+
+    @property
+    def max_connections(self) -> int:
+        return self.size + self.max_overflow
+
+    @classmethod
+    def from_env(cls) -> PoolSettings:
+        """``$HPO_DB_POOL_SIZE`` (>= 1), ``$HPO_DB_MAX_OVERFLOW`` (>= 0),
+        ``$HPO_DB_PRE_PING`` (0/1). Raises SettingsError naming the variable."""
+        pre_ping = env(PRE_PING_ENV) or "0"
+        if pre_ping not in ("0", "1"):
+            raise SettingsError(f"${PRE_PING_ENV} = {pre_ping!r} must be 0 or 1")
+        return cls(
+            size=_count(POOL_SIZE_ENV, DEFAULT_POOL_SIZE, 1),
+            max_overflow=_count(POOL_OVERFLOW_ENV, DEFAULT_POOL_OVERFLOW, 0),
+            pre_ping=pre_ping == "1",
+        )
 
 
 @dataclass(frozen=True)

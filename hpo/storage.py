@@ -8,8 +8,10 @@ What makes a shared database safe for many workers:
   ``$HPO_HEARTBEAT_S`` seconds (20; see ``hpo.settings``). A trial whose heartbeat is older than ``$HPO_GRACE_S``
   (60) is failed by the next worker that looks, and re-queued with the same parameters and
   its intermediate values (``hpo.retry.RetryWithCleanAttrs``).
-- **Reconnects.** Connections are pre-pinged at checkout, and every storage call that fails
-  for a lost connection is retried with exponential backoff for up to ``$HPO_DB_RETRY_S``
+- **A connection budget.** At most ``PoolSettings.max_connections`` (2) per process, one
+  of them kept between calls (``engine_options``; docs/scale.md).
+- **Reconnects.** Every storage call that fails for a lost connection is retried (no
+  pre-ping: see ``PoolSettings``) with exponential backoff for up to ``$HPO_DB_RETRY_S``
   seconds (300), so a database restart costs a pause, not a trial.
 - **A study lock** (``study_lock``) that serializes "is there budget left? then create a
   trial", which is what makes ``--n-trials`` an exact study-wide total: a PostgreSQL
@@ -46,7 +48,13 @@ from sqlalchemy.exc import ArgumentError
 from hpo import compat
 from hpo.errors import UserError
 from hpo.retry import RetryWithCleanAttrs
-from hpo.settings import STORAGE_ENV, db_retry_seconds, env, heartbeat_settings
+from hpo.settings import (
+    STORAGE_ENV,
+    PoolSettings,
+    db_retry_seconds,
+    env,
+    heartbeat_settings,
+)
 
 DEFAULT_SQLITE_FILE = "hpo.db"
 SPEC_ATTR = "hpo_spec"
@@ -458,6 +466,32 @@ for _name in _TRIAL_READS:
     setattr(ReconnectingRDBStorage, _name, _retrying_trial_read(_name))
 
 
+def engine_options(url: str, pool: PoolSettings) -> dict[str, Any]:
+    """SQLAlchemy engine arguments for ``url``: the connection budget of one process.
+
+    PostgreSQL and MariaDB get a pool of ``pool.size`` kept connections plus
+    ``pool.max_overflow`` opened only while needed (see ``PoolSettings``), so N workers hold
+    at most N x ``pool.max_connections`` server connections. psycopg never prepares
+    statements (``prepare_threshold=None``): a named prepared statement lives on one server
+    connection, and PgBouncer's transaction pooling hands the next transaction another one
+    ("prepared statement ... does not exist"). SQLite: a 60 s busy timeout.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": 60}}
+    # A host that is down must not hang a heartbeat or a retry for minutes of TCP timeout.
+    connect_args: dict[str, Any] = {"connect_timeout": 10}
+    if parsed.get_driver_name() == "psycopg":
+        connect_args["prepare_threshold"] = None
+    return {
+        "pool_size": pool.size,
+        "max_overflow": pool.max_overflow,
+        "pool_pre_ping": pool.pre_ping,
+        "pool_recycle": 300,
+        "connect_args": connect_args,
+    }
+
+
 def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage for ``url``, with heartbeats, retry of vanished trials and
     reconnects (see the module docstring).
@@ -467,12 +501,7 @@ def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:
     tables of a fresh database at once can collide, and the second try then finds them.
     """
     backend = make_url(url).get_backend_name()
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if backend == "sqlite":
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        # A host that is down must not hang a heartbeat or a retry for minutes of TCP timeout.
-        engine_kwargs.update(pool_recycle=300, connect_args={"connect_timeout": 10})
+    engine_kwargs = engine_options(url, PoolSettings.from_env())
     interval, grace = heartbeat_settings()
     for attempt in range(1, attempts + 1):
         try:
@@ -510,15 +539,15 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     """Hold a lock that every worker of ``study_name`` on any node respects.
 
     PostgreSQL: a transaction-scoped advisory lock (released at commit, or when the
-    connection dies with its worker). MariaDB/MySQL: ``GET_LOCK`` on a dedicated
-    connection. SQLite (local workers only): ``flock`` on a file in the temp directory.
+    connection dies with its worker), taken with ``pg_try_advisory_xact_lock`` and polled
+    (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a dedicated connection. SQLite
+    (local workers only): ``flock`` on a file in the temp directory.
     """
     backend = storage.engine.dialect.name
     name = _lock_name(study_name)
     if backend == "postgresql":
         key = int.from_bytes(bytes.fromhex(name[:16]), "big", signed=True)
-        with storage.engine.begin() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        with _postgres_lock(storage.engine, key):
             yield
     elif backend in ("mysql", "mariadb"):
         with storage.engine.connect() as connection:
@@ -545,3 +574,26 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             f"storage backend {backend!r} is not supported for shared studies "
             "(use SQLite, PostgreSQL or MariaDB/MySQL)"
         )
+
+
+@contextlib.contextmanager
+def _postgres_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
+    """Hold transaction-scoped advisory lock ``key``; a waiting worker holds no transaction.
+
+    A blocking ``pg_advisory_xact_lock`` would keep a transaction open while it waits.
+    Behind PgBouncer's transaction pooling that pins one server connection per waiting
+    worker, and once the waiters fill PgBouncer's pool the holder's own next statement
+    finds no server connection: a deadlock. So each try is its own short transaction, and
+    the waits between tries grow from 20 ms to 0.5 s (jittered, so waiters spread out).
+    """
+    delay = 0.02
+    while True:
+        with engine.begin() as connection:
+            locked = connection.execute(
+                sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}
+            ).scalar()
+            if locked:
+                yield
+                return
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.5)

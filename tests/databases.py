@@ -44,10 +44,10 @@ def unreachable(backend: str, error: Exception) -> None:
 
 
 @contextlib.contextmanager
-def scratch_database(backend: str) -> Iterator[str]:
+def scratch_database(backend: str, prefix: str = "hpo_test_") -> Iterator[str]:
     """A new empty database on the local server; dropped afterwards. Yields its URL."""
     admin_url = make_url(ADMIN_URLS[backend])
-    name = f"{os.environ.get('HPO_TEST_DB_PREFIX', 'hpo_test_')}{uuid.uuid4().hex[:12]}"
+    name = f"{os.environ.get('HPO_TEST_DB_PREFIX', prefix)}{uuid.uuid4().hex[:12]}"
     engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     deadline = time.monotonic() + (0 if backend in _down else SERVER_WAIT_S)
     while True:

@@ -178,6 +178,9 @@ def worker(
         total_trials=n_trials or loaded.spec.budget.n_trials,
         timeout_s=timeout or loaded.spec.budget.timeout_s,
     )
+    # The worker (or each child) opens its own pool: close this one's idle connections, or
+    # every worker process holds them for its whole run (docs/scale.md).
+    loaded.storage.engine.dispose()
     if gpus is None:
         progress = LineProgress(env(LABEL_ENV) or "")
         result = run_worker(

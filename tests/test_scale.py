@@ -1,0 +1,202 @@
+"""Many workers on one database: the connection budget of a worker process, reconnecting
+without pre-ping, and workers through a real PgBouncer in transaction pooling mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import tomllib
+from optuna.trial import TrialState
+
+from hpo.settings import PoolSettings, SettingsError
+from hpo.spec import parse_spec
+from hpo.storage import engine_options, open_storage
+from hpo.study import create_or_load_study, superseded_trials
+
+from .conftest import tiny_study_text
+from .databases import ADMIN_URLS, logs, scratch_database, start_worker, wait_all, worker_env
+from .pgbouncer import pgbouncer, through
+
+PREFIX = "hpo12_"
+
+
+def _spec(**kwargs):
+    return parse_spec(tomllib.loads(tiny_study_text(**kwargs)), source="test", default_name="tiny")
+
+
+def _create_study(url: str, **kwargs) -> None:
+    loaded = create_or_load_study(_spec(**kwargs), url, parallel=True)
+    loaded.storage.engine.dispose()  # this test process holds no connection of its own
+
+
+def _finished_exactly(url: str, total: int) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(url)
+    try:
+        trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    replaced = superseded_trials(trials)
+    counted = [t for t in trials if t.number not in replaced]
+    assert len(counted) == total, [(t.number, t.state.name) for t in trials]
+    return counted
+
+
+class ServerConnections:
+    """Samples ``pg_stat_activity`` for one database every 20 ms in a thread: the peak
+    number of server connections to it (the sampler's own admin connection is to another
+    database, so it does not count)."""
+
+    def __init__(self, database: str) -> None:
+        self.database, self.peak, self.samples = database, 0, 0
+        self._stop = threading.Event()
+        self._engine = sqlalchemy.create_engine(ADMIN_URLS["postgresql"])
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name")
+        with self._engine.connect() as connection:
+            while not self._stop.wait(0.02):
+                count = connection.execute(query, {"name": self.database}).scalar()
+                connection.rollback()
+                self.peak, self.samples = max(self.peak, count), self.samples + 1
+
+    def __enter__(self) -> ServerConnections:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._engine.dispose()
+
+
+def _database(url: str) -> str:
+    return sqlalchemy.engine.make_url(url).database or ""
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    with scratch_database("postgresql", prefix=PREFIX) as url:
+        yield url
+
+
+def test_pool_settings_default_to_one_kept_and_one_overflow_connection(monkeypatch) -> None:
+    for name in ("HPO_DB_POOL_SIZE", "HPO_DB_MAX_OVERFLOW", "HPO_DB_PRE_PING"):
+        monkeypatch.delenv(name, raising=False)
+    assert PoolSettings.from_env() == PoolSettings(size=1, max_overflow=1, pre_ping=False)
+    assert PoolSettings.from_env().max_connections == 2
+    monkeypatch.setenv("HPO_DB_POOL_SIZE", "3")
+    monkeypatch.setenv("HPO_DB_MAX_OVERFLOW", "0")
+    monkeypatch.setenv("HPO_DB_PRE_PING", "1")
+    assert PoolSettings.from_env() == PoolSettings(size=3, max_overflow=0, pre_ping=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("HPO_DB_POOL_SIZE", "0"), ("HPO_DB_POOL_SIZE", "two"), ("HPO_DB_MAX_OVERFLOW", "-1"),
+     ("HPO_DB_PRE_PING", "yes")],
+)  # fmt: skip
+def test_bad_pool_settings_name_the_variable(monkeypatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=f"\\${name} = '{value}'"):
+        PoolSettings.from_env()
+
+
+def test_engine_options_bound_the_pool_and_never_prepare_statements() -> None:
+    pool = PoolSettings(size=1, max_overflow=1)
+    options = engine_options("postgresql+psycopg://u:p@127.0.0.1:6432/db", pool)
+    assert (options["pool_size"], options["max_overflow"], options["pool_pre_ping"]) == (
+        1,
+        1,
+        False,
+    )
+    # A prepared statement lives on one server connection; PgBouncer's transaction pooling
+    # hands the next transaction another one.
+    assert options["connect_args"]["prepare_threshold"] is None
+    mariadb = engine_options("mysql+pymysql://root@127.0.0.1/db", pool)
+    assert "prepare_threshold" not in mariadb["connect_args"]
+    assert mariadb["pool_size"] + mariadb["max_overflow"] == 2
+    assert engine_options("sqlite:///x.db", pool) == {"connect_args": {"timeout": 60}}
+
+
+@pytest.mark.db
+def test_opened_storage_uses_the_pool_budget(postgres: str, monkeypatch) -> None:
+    monkeypatch.setenv("HPO_DB_POOL_SIZE", "2")
+    storage = open_storage(postgres)
+    try:
+        assert storage.engine.pool.size() == 2
+    finally:
+        storage.engine.dispose()
+
+
+@pytest.mark.db
+def test_each_worker_process_holds_at_most_two_server_connections(
+    postgres: str, tmp_path: Path
+) -> None:
+    _create_study(postgres, epochs=2, train_size=128, val_size=64)
+    env = worker_env(postgres, tmp_path / "checkpoints")
+    with ServerConnections(_database(postgres)) as connections:
+        workers = [start_worker("tiny", 6, env, tmp_path) for _ in range(3)]
+        codes = wait_all(workers)
+
+    assert codes == [0, 0, 0], logs(tmp_path)
+    _finished_exactly(postgres, 6)
+    assert connections.samples > 50
+    # Before the budget: 4 per worker (the CLI's idle pool plus the worker's own).
+    assert 1 <= connections.peak <= 3 * PoolSettings().max_connections
+
+
+@pytest.mark.db
+def test_workers_without_pre_ping_survive_their_connections_being_killed(
+    postgres: str, tmp_path: Path
+) -> None:
+    _create_study(postgres, epochs=3, train_size=256, val_size=64, pruner="none")
+    env = worker_env(postgres, tmp_path / "checkpoints", HPO_DB_PRE_PING="0")
+    workers = [start_worker("tiny", 4, env, tmp_path) for _ in range(2)]
+    admin = sqlalchemy.create_engine(ADMIN_URLS["postgresql"], isolation_level="AUTOCOMMIT")
+    kill = sqlalchemy.text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name"
+    )
+    killed = 0
+    try:
+        deadline = time.monotonic() + 120
+        while killed < 3 and time.monotonic() < deadline and workers[0].poll() is None:
+            time.sleep(2)
+            with admin.connect() as connection:
+                killed += connection.execute(kill, {"name": _database(postgres)}).scalar() > 0
+    finally:
+        admin.dispose()
+    codes = wait_all(workers)
+
+    assert killed >= 1, "workers finished before any connection could be killed"
+    assert codes == [0, 0], logs(tmp_path)
+    counted = _finished_exactly(postgres, 4)
+    assert all(t.state == TrialState.COMPLETE for t in counted)
+
+
+@pytest.mark.db
+def test_workers_through_pgbouncer_share_two_server_connections(
+    postgres: str, tmp_path: Path
+) -> None:
+    # Four workers contend for the study lock over two server connections: a lock waited
+    # for inside an open transaction would deadlock here (see storage._postgres_lock).
+    with pgbouncer(pool_size=2) as port:
+        bounced = through(postgres, port)
+        _create_study(bounced, epochs=2, train_size=128, val_size=64)
+        env = worker_env(bounced, tmp_path / "checkpoints")
+        with ServerConnections(_database(postgres)) as connections:
+            workers = [start_worker("tiny", 8, env, tmp_path) for _ in range(4)]
+            codes = wait_all(workers, timeout_s=300)
+        counted = _finished_exactly(bounced, 8)
+
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["worker"] for t in counted}) >= 2
+    assert 1 <= connections.peak <= 2
