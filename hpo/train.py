@@ -110,7 +110,8 @@ def make_optimizer(
 
 
 def build_model_on(model: ModelSpec, setup: DeviceSetup) -> torch.nn.Module:
-    built = build_model(model.name, pretrained=model.pretrained).to(setup.device)
+    built = build_model(model.name, pretrained=model.pretrained, factory=model.factory)
+    built = built.to(setup.device)
     return built.to(memory_format=torch.channels_last) if setup.channels_last else built
 
 

@@ -44,6 +44,7 @@ from optuna.trial import TrialState
 from hpo.checkpoint import checkpoint_root, list_trial_dirs, remove_checkpoints_except
 from hpo.data import load_splits
 from hpo.device import start_on_this_node
+from hpo.models import check_model
 from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.settings import NodeSettings, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
@@ -271,6 +272,9 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
+    check_model(
+        spec.model, image_size=spec.dataset.image_size
+    )  # e.g. a factory not importable here
     objective = Objective(
         spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),

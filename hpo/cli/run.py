@@ -80,6 +80,7 @@ def launch(
     from hpo.cli.progress import BarProgress
     from hpo.device import select_device
     from hpo.launcher import local_devices, run_worker_processes
+    from hpo.models import check_model
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
     from hpo.study import count_finished, create_or_load_study, run_outcome
     from hpo.worker import run_worker
@@ -88,6 +89,7 @@ def launch(
     node = node_settings(data_root, device, threads, checkpoint_dir)
     spec = load_spec(study, check_paths=node.data_root is None)
     select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
+    check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
