@@ -24,7 +24,7 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import TrialCheckpoint
-from hpo.data import PatchSet, load_splits
+from hpo.data import PatchSet, class_names, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
@@ -101,7 +101,8 @@ class Objective:
         started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, self.spec.training)
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
-        run = build_run(self.spec, params, self.setup, seed=seed)
+        num_classes = len(class_names(self.spec.dataset))
+        run = build_run(self.spec, params, self.setup, seed=seed, num_classes=num_classes)
         checkpoint = self._resume(trial, run)
         steps = len(data.train) // params.batch_size
         self.progress.start(trial.number, params, self.spec.budget.epochs, steps)

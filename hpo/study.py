@@ -32,6 +32,9 @@ from hpo.storage import (
 )
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Study user attr: patches per class in each split, {"train": {"normal": n, ...}, "val": ...},
+# written by every worker once its data is loaded (hpo.data.class_counts).
+CLASS_COUNTS_ATTR = "hpo_class_counts"
 
 
 @dataclass(frozen=True)

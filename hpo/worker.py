@@ -42,7 +42,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from hpo.checkpoint import checkpoint_root, list_trial_dirs, remove_checkpoints_except
-from hpo.data import load_splits
+from hpo.data import class_counts, load_splits
 from hpo.device import start_on_this_node
 from hpo.models import check_model
 from hpo.objective import Objective, SilentProgress, TrialProgress
@@ -50,6 +50,7 @@ from hpo.settings import NodeSettings, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
 from hpo.storage import retry_on_disconnect, study_lock
 from hpo.study import (
+    CLASS_COUNTS_ATTR,
     LoadedStudy,
     Outcome,
     load_study,
@@ -272,11 +273,13 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
-    check_model(
-        spec.model, image_size=spec.dataset.image_size
-    )  # e.g. a factory not importable here
+    splits = load_splits(spec.dataset)
+    counts = class_counts(spec.dataset, splits)
+    loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
+    # Before claiming a trial: e.g. a factory this node cannot import is exit 2 here.
+    check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))
     objective = Objective(
-        spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
+        spec, setup, splits, loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),
     )  # fmt: skip
     stop = StopSignal()
