@@ -12,6 +12,7 @@ chain) and ``retry_history``; the budget and the checkpoints follow those.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -84,9 +85,19 @@ def create_or_load_study(
         stored = ref.user_attrs().get(SPEC_ATTR)
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
+            name_the_objective(study, spec.objective.metric)
         else:
             check_same_spec(StudySpec.from_json(stored), spec)
     return LoadedStudy(study, storage, spec, ref)
+
+
+def name_the_objective(study: optuna.Study, metric: str) -> None:
+    """Name the objective on the study (optuna-dashboard shows ``val_auc``, not
+    "Objective 0"). ``set_metric_names`` is marked experimental since Optuna 3.2 and has
+    kept its signature since; its warning says nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
 
 
 def check_same_spec(stored: StudySpec, local: StudySpec) -> None:

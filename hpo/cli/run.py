@@ -77,7 +77,7 @@ def launch(
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
-    from hpo.cli.progress import BarProgress
+    from hpo.cli.progress import BarProgress, LineProgress
     from hpo.device import select_device
     from hpo.launcher import local_devices, run_worker_processes
     from hpo.models import check_model
@@ -101,7 +101,9 @@ def launch(
     )
     run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
     if workers == 1:
-        with BarProgress(new_trials) as bar:
+        # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
+        bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
+        with bar:
             code = run_worker(spec.name, storage_url, progress=bar, node=node, **run).exit_code
     else:
         devices = local_devices(workers)
