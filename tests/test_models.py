@@ -164,3 +164,22 @@ def test_an_unimportable_factory_module_exits_2(studies_dir) -> None:
     assert "model.factory: cannot import 'no_such_package.nets:tiny': ModuleNotFoundError" in (
         result.stderr
     )
+
+
+def test_a_worker_that_cannot_import_the_factory_exits_2_before_claiming(
+    studies_dir, factory_module, monkeypatch
+) -> None:
+    from hpo.spec import load_spec
+    from hpo.study import create_or_load_study
+
+    _factory_study(studies_dir, f"{factory_module}:tiny")
+    create_or_load_study(load_spec("tiny"), "sqlite:///hpo.db")  # made where it imports
+    for module in ("userpkg", "userpkg.nets"):
+        sys.modules.pop(module, None)
+    monkeypatch.setattr(
+        sys, "path", [p for p in sys.path if not p.startswith(str(studies_dir.parent))]
+    )
+    result = CliRunner().invoke(app, ["worker", "--study", "tiny", "--storage", "sqlite:///hpo.db"])
+    assert result.exit_code == 2, result.output
+    assert "model.factory: cannot import 'userpkg.nets:tiny': ModuleNotFoundError" in result.stderr
+    assert optuna.load_study(study_name="tiny", storage="sqlite:///hpo.db").trials == []
