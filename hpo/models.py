@@ -74,7 +74,8 @@ def replace_head(model: nn.Module, num_classes: int, old_classes: int = IMAGENET
     ``num_classes``. Raises ModelError when there is no such layer."""
     found = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module.out_features == old_classes or isinstance(module, nn.Conv2d) and module.out_channels == old_classes:
+        width = getattr(module, "out_features", getattr(module, "out_channels", None))
+        if isinstance(module, nn.Linear | nn.Conv2d) and width == old_classes:
             found = name
     if found is None:
         raise ModelError(
