@@ -125,3 +125,29 @@ def write_configuration(configuration: dict[str, Any], path: Path) -> None:
         path.write_text(text, encoding="utf-8")
     except OSError as error:
         raise ExportError(f"--out {path}: cannot write ({error.strerror or error})") from None
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> int:
+    """Every trial as one CSV row through Optuna's own ``trials_dataframe``: number, state,
+    value, start/end/duration, the sampled params (``params_lr``, ``params_log2_batch_size``,
+    …) and the user attrs (``user_attrs_batch_size``, the per-epoch metrics,
+    ``user_attrs_fail_reason``, …). Returns the number of rows."""
+    frame = study.trials_dataframe(
+        attrs=(
+            "number",
+            "state",
+            "value",
+            "datetime_start",
+            "datetime_complete",
+            "duration",
+            "params",
+            "user_attrs",
+        )
+    )
+    try:
+        frame.to_csv(path, index=False)
+    except OSError as error:
+        raise ExportError(
+            f"--trials-csv {path}: cannot write ({error.strerror or error})"
+        ) from None
+    return len(frame)

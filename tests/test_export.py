@@ -101,3 +101,26 @@ def test_export_to_an_unknown_extension_exits_2_naming_the_file(finished_study) 
     assert result.exit_code == 2
     assert "--out best.yaml" in result.stderr and "Traceback" not in result.output
     assert not Path("best.yaml").exists()
+
+
+def test_trials_csv_has_every_trial_with_batch_size_state_and_fail_reason(finished_study) -> None:
+    import csv
+
+    finished_study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={"log2_batch_size": 4, "lr": 0.2, "weight_decay": 1e-4},
+            distributions=DISTRIBUTIONS,
+            user_attrs={"batch_size": 16, "fail_reason": "oom"},
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["export", "--study", "tiny", "--trials-csv", "trials.csv", "--out", "best.json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(Path("trials.csv").read_text().splitlines()))
+    assert [row["number"] for row in rows] == ["0", "1", "2", "3"]
+    assert [row["state"] for row in rows] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
+    assert [row["user_attrs_batch_size"] for row in rows] == ["16", "32", "64", "16"]
+    assert rows[3]["user_attrs_fail_reason"] == "oom" and rows[1]["params_lr"] == "0.02"
+    assert json.loads(Path("best.json").read_text())["trial"] == 1

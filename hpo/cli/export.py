@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hpo.cli.app import StorageOption, StoredStudyOption, app, console, user_errors
+from hpo.cli.app import StorageOption, StoredStudyOption, app, console, errors, user_errors
 
 
 @app.command()
@@ -32,6 +32,14 @@ def export(
             show_default=False,
         ),
     ] = None,
+    trials_csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--trials-csv",
+            help="Also write every trial (params, batch size, state, metrics, fail_reason) to this CSV file, through Optuna's trials_dataframe.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """The best configuration (batch_size, lr, weight_decay, optimizer, momentum, epochs,
     model, precision, the metric and its value, the trial) and the best-per-batch-size table."""
@@ -40,6 +48,7 @@ def export(
         dumps_configuration,
         export_format,
         write_configuration,
+        write_trials_csv,
     )
     from hpo.storage import resolve_storage_url
     from hpo.study import load_study
@@ -48,6 +57,9 @@ def export(
         export_format(out)  # an unknown extension fails before the storage is opened
     loaded = load_study(study, resolve_storage_url(storage))
     configuration = best_configuration(loaded.study, loaded.spec, batch_size=batch_size)
+    if trials_csv is not None:
+        rows = write_trials_csv(loaded.study, trials_csv)
+        errors.print(f"wrote {rows} trials to {trials_csv}", markup=False, soft_wrap=True)
     if out is None:
         typer.echo(dumps_configuration(configuration, "json"), nl=False)
         return
