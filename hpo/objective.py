@@ -50,6 +50,9 @@ class TrialProgress(Protocol):
 
     def finish(self) -> None: ...
 
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        """The trial's end state as told to the study (COMPLETE, PRUNED, FAIL, WAITING)."""
+
 
 class SilentProgress:
     def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
@@ -62,6 +65,9 @@ class SilentProgress:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
         pass
 
 

@@ -228,6 +228,7 @@ def run_one(
     except WorkerStopped as stopped:
         requeue(loaded, trial, f"worker stopped ({stopped})")
         logger.warning("trial %d re-queued: worker stopped (%s)", trial.number, stopped)
+        objective.progress.ended(trial.number, "WAITING", None, f"worker stopped ({stopped})")
         return TrialState.WAITING, None
     except Exception as error:
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
@@ -238,9 +239,11 @@ def run_one(
                            skip_if_finished=True),
         what="tell", url=loaded.storage.url,
     )  # fmt: skip
+    reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
+    objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
-    return state, trial.user_attrs.get("fail_reason") if state == TrialState.FAIL else None
+    return state, reason if state == TrialState.FAIL else None
 
 
 def run_worker(

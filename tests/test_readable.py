@@ -35,8 +35,11 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
     progress.start(12, TrialParams(batch_size=256, lr=0.0123, weight_decay=3.4e-5), 4, 1024)
     progress.epoch_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765), "val_auc")
     progress.finish()
+    progress.ended(12, "COMPLETE", 0.8765, None)
+    progress.ended(13, "PRUNED", None, "diverged")
+    progress.ended(14, "FAIL", None, "oom")
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 5
     assert re.fullmatch(
         STAMP + r"\[node-7 gpu 3\] trial  12 started B=256 lr=1\.23e-02 wd=3\.4e-05 "
         r"\(4 epochs of 1024 steps\)",
@@ -45,7 +48,9 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
     assert re.fullmatch(
         STAMP + r"\[node-7 gpu 3\] trial  12 epoch 1/4 loss 0\.693 val_auc 0\.8765", lines[1]
     )
-    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  12 finished", lines[2])
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  12 complete 0\.8765", lines[2])
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  13 pruned \(diverged\)", lines[3])
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  14 fail \(oom\)", lines[4])
     assert len(lines[0]) > 80 and "…" not in out.getvalue()
 
 
@@ -54,4 +59,7 @@ def test_launch_off_a_terminal_prints_lines_not_a_bar(tiny_study: Path) -> None:
     assert result.exit_code == 0, result.output
     assert re.search(STAMP + r"trial   0 started B=\d+", result.output)
     assert re.search(STAMP + r"trial   0 epoch 2/2 loss [\d.]+ val_auc [\d.]+", result.output)
+    assert re.search(
+        STAMP + r"trial   0 (complete [\d.]+|pruned( \(diverged\))?)$", result.output, re.M
+    )
     assert "trials ━" not in result.output and "trials  " not in result.output

@@ -51,7 +51,15 @@ class LineProgress:
         )
 
     def finish(self) -> None:
-        self._print(f"{self.prefix} finished")
+        pass
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        outcome = state.lower() if state != "WAITING" else "re-queued"
+        if value is not None:
+            outcome += f" {value:.4f}"
+        if reason is not None and reason != state.lower():  # "pruned (pruned)" says nothing
+            outcome += f" ({reason})"
+        self._print(f"trial {trial_number:>3} {outcome}")
 
 
 class BarProgress:
@@ -104,3 +112,6 @@ class BarProgress:
 
     def finish(self) -> None:
         self.progress.advance(self.study_task)
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        pass  # the bars show the running trial; the summary table shows the ended ones
