@@ -219,10 +219,10 @@ def _read_imagefolder(root: Path, size: int) -> PatchSet:
             f"{root}: not an image folder (expected one sub-directory per class with "
             f"images in it): {error}"
         ) from None
-    if len(folder.classes) != 2:
+    if len(folder.classes) < 2:
         raise DataError(
-            f"{root}: found {len(folder.classes)} classes {folder.classes}; hpo trains "
-            "binary patch classifiers (two class directories, e.g. normal/ and tumor/)"
+            f"{root}: found {len(folder.classes)} class {folder.classes}; a classifier needs "
+            "at least two class directories (e.g. normal/ and tumor/)"
         )
     images = torch.empty((len(folder), 3, size, size), dtype=torch.uint8)
     for index, (path, _) in enumerate(folder.samples):
@@ -288,6 +288,33 @@ def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"dataset {dataset.kind}: empty split (train {len(train)}, val {len(val)})")
     return _resize(train, dataset.image_size), _resize(val, dataset.image_size)
+
+
+BINARY_CLASSES = ("normal", "tumor")  # PCam's labels 0 and 1; the synthetic set mimics them
+
+
+def class_names(dataset: DatasetSpec) -> list[str]:
+    """The class of each label, in label order: ImageFolder's sorted class directories,
+    else PCam's two (normal, tumor)."""
+    if dataset.kind != "imagefolder":
+        return list(BINARY_CLASSES)
+    from torchvision.datasets.folder import find_classes
+
+    assert dataset.root is not None
+    return find_classes(str(dataset.root))[0]
+
+
+def class_counts(
+    dataset: DatasetSpec, splits: tuple[PatchSet, PatchSet]
+) -> dict[str, dict[str, int]]:
+    """Patches per class in each split, as plain data for the study: ``{"train": {"normal":
+    n, ...}, "val": {...}}``. A class with no patch in a split counts 0."""
+    names = class_names(dataset)
+    counts = {}
+    for split, patches in zip(("train", "val"), splits, strict=True):
+        per_label = torch.bincount(patches.labels, minlength=len(names)).tolist()
+        counts[split] = {name: int(n) for name, n in zip(names, per_label, strict=True)}
+    return counts
 
 
 def channel_stats(images: torch.Tensor, sample: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
-from hpo.data import PatchSet, load_splits
+from hpo.data import PatchSet, class_names, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
@@ -53,6 +53,9 @@ class TrialProgress(Protocol):
 
     def finish(self) -> None: ...
 
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        """The trial's end state as told to the study (COMPLETE, PRUNED, FAIL, WAITING)."""
+
 
 class SilentProgress:
     def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
@@ -65,6 +68,9 @@ class SilentProgress:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
         pass
 
 
@@ -141,7 +147,8 @@ class Objective:
         predecessor saved (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there
         was none). An unreadable checkpoint is moved aside and the retry starts from epoch
         0 on a fresh run (user attr ``checkpoint_unreadable`` says why and where it went)."""
-        run = build_run(self.spec, params, self.setup, seed=seed)
+        num_classes = len(class_names(self.spec.dataset))
+        run = build_run(self.spec, params, self.setup, seed=seed, num_classes=num_classes)
         if self.checkpoint_root is None:
             return run, None
         checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
@@ -154,7 +161,8 @@ class Objective:
         except CheckpointUnreadable as unreadable:
             logger.warning("trial %d starts from epoch 0: %s", trial.number, unreadable)
             trial.set_user_attr("checkpoint_unreadable", str(unreadable)[:500])
-            run, resumed_from = build_run(self.spec, params, self.setup, seed=seed), 0
+            run = build_run(self.spec, params, self.setup, seed=seed, num_classes=num_classes)
+            resumed_from = 0
         trial.set_user_attr("resumed_from_epoch", resumed_from)
         return run, checkpoint
 

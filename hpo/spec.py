@@ -156,9 +156,34 @@ class DatasetSpec(_Table):
         return None
 
 
+MODEL_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 class ModelSpec(_Table):
-    name: Literal["small-cnn", "resnet18", "vgg16"]
+    """What to train: ``name`` (``small-cnn`` or any classification model torchvision
+    lists) or ``factory`` (``package.module:function``, the user's own, called as
+    ``function(num_classes=N)``). Only the form is checked here, without torch; the commands
+    that train check the model itself once (``hpo.models.check_model``)."""
+
+    name: str | None = None
+    factory: str | None = None
     pretrained: bool = False
+
+    @model_validator(mode="after")
+    def _check_one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("set exactly one of 'name' (e.g. \"resnet18\") and 'factory'")
+        if self.name is not None and not MODEL_NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f'name {self.name!r} is not a model name (e.g. "resnet18")')
+        if self.factory is not None:
+            if not FACTORY_PATTERN.fullmatch(self.factory):
+                raise ValueError(
+                    f'factory {self.factory!r} must look like "package.module:function"'
+                )
+            if self.pretrained:
+                raise ValueError("pretrained applies to 'name' only, not to 'factory'")
+        return self
 
 
 class SearchSpec(_Table):

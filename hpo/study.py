@@ -12,6 +12,7 @@ chain) and ``retry_history``; the budget and the checkpoints follow those.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ from hpo.storage import (
 )
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Study user attr: patches per class in each split, {"train": {"normal": n, ...}, "val": ...},
+# written by every worker once its data is loaded (hpo.data.class_counts).
+CLASS_COUNTS_ATTR = "hpo_class_counts"
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,22 @@ def create_or_load_study(
         stored = ref.user_attrs().get(SPEC_ATTR)
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
+            name_the_objective(study, spec.objective.metric)
         else:
             check_same_spec(
                 StudySpec.from_json(stored, source=f"the spec stored on study {spec.name!r}"),
                 spec,
             )
     return LoadedStudy(study, storage, spec, ref)
+
+
+def name_the_objective(study: optuna.Study, metric: str) -> None:
+    """Name the objective on the study (optuna-dashboard shows ``val_auc``, not
+    "Objective 0"). ``set_metric_names`` is marked experimental since Optuna 3.2 and has
+    kept its signature since; its warning says nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
 
 
 def check_same_spec(stored: StudySpec, local: StudySpec) -> None:

@@ -109,18 +109,28 @@ def make_optimizer(
     return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
 
-def build_model_on(model: ModelSpec, setup: DeviceSetup) -> torch.nn.Module:
-    built = build_model(model.name, pretrained=model.pretrained).to(setup.device)
+def build_model_on(
+    model: ModelSpec, setup: DeviceSetup, *, num_classes: int = 2
+) -> torch.nn.Module:
+    built = build_model(
+        model.name, pretrained=model.pretrained, factory=model.factory, num_classes=num_classes
+    )
+    built = built.to(setup.device)
     return built.to(memory_format=torch.channels_last) if setup.channels_last else built
 
 
 def build_run(
-    spec: StudySpec, params: TrialParams, setup: DeviceSetup, *, seed: int
+    spec: StudySpec,
+    params: TrialParams,
+    setup: DeviceSetup,
+    *,
+    seed: int,
+    num_classes: int = 2,
 ) -> TrainingRun:
     """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model_on(spec.model, setup)
+    model = build_model_on(spec.model, setup, num_classes=num_classes)
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)
@@ -190,8 +200,10 @@ def evaluate(
     setup: DeviceSetup,
     batch_size: int,
 ) -> tuple[float, float, float]:
-    """(loss, accuracy, AUC) on ``patches`` in eval mode. AUC is 0.5 when only one class
-    is present (it is undefined there)."""
+    """(loss, accuracy, AUC) on ``patches`` in eval mode. AUC is the tumour class's ROC
+    AUC for two classes and the macro one-vs-rest AUC for more (the mean over the classes
+    present of each class's ROC AUC against the rest); 0.5 when only one class is present
+    (it is undefined there)."""
     model.eval()
     losses, probabilities, labels = [], [], []
     for indices in batch_indices(len(patches), batch_size, generator=None, drop_last=False):
@@ -200,14 +212,20 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         losses.append(F.cross_entropy(logits, targets, reduction="sum"))
-        probabilities.append(logits.softmax(dim=1)[:, 1])
+        probabilities.append(logits.softmax(dim=1))
         labels.append(targets)
     probability = torch.cat(probabilities).cpu()
     label = torch.cat(labels).cpu()
     loss = float(torch.stack(losses).sum()) / len(patches)
-    accuracy = float(((probability > 0.5).long() == label).float().mean())
-    auc = binary_auc(probability, label)
-    return loss, accuracy, auc
+    present = label.unique()
+    if probability.shape[1] == 2:
+        accuracy = float(((probability[:, 1] > 0.5).long() == label).float().mean())
+        return loss, accuracy, binary_auc(probability[:, 1], label)
+    accuracy = float((probability.argmax(dim=1) == label).float().mean())
+    if present.numel() < 2:
+        return loss, accuracy, 0.5
+    per_class = [binary_auc(probability[:, c], (label == c).long()) for c in present.tolist()]
+    return loss, accuracy, float(sum(per_class) / len(per_class))
 
 
 def evaluate_within_memory(

@@ -46,8 +46,9 @@ from hpo.checkpoint import (
     list_trial_dirs,
     remove_checkpoints_except,
 )
-from hpo.data import load_splits
+from hpo.data import class_counts, load_splits
 from hpo.device import start_on_this_node
+from hpo.models import check_model
 from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import NodeSettings, heartbeat_settings
@@ -55,6 +56,7 @@ from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
 from hpo.study import (
+    CLASS_COUNTS_ATTR,
     LoadedStudy,
     Outcome,
     load_study,
@@ -271,6 +273,7 @@ def run_one(
     except WorkerStopped as stopped:
         requeue(loaded, trial, f"worker stopped ({stopped})")
         logger.warning("trial %d re-queued: worker stopped (%s)", trial.number, stopped)
+        objective.progress.ended(trial.number, "WAITING", None, f"worker stopped ({stopped})")
         return TrialState.WAITING, None
     except Exception as error:
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
@@ -281,9 +284,11 @@ def run_one(
                            skip_if_finished=True),
         what="tell", url=loaded.storage.url,
     )  # fmt: skip
+    reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
+    objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
-    return state, trial.user_attrs.get("fail_reason") if state == TrialState.FAIL else None
+    return state, reason if state == TrialState.FAIL else None
 
 
 def run_worker(
@@ -319,8 +324,13 @@ def run_worker(
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
+    splits = load_splits(spec.dataset)
+    counts = class_counts(spec.dataset, splits)
+    loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
+    # Before claiming a trial: e.g. a factory this node cannot import is exit 2 here.
+    check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))
     objective = Objective(
-        spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
+        spec, setup, splits, loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),
     )  # fmt: skip
     stop = StopSignal()

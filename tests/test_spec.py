@@ -137,9 +137,19 @@ BAD_FILES = [
         "larger than the training set (256 patches)",
     ),
     (
-        "unknown model",
-        _replace(BASE, 'name = "small-cnn"', 'name = "resnet50"'),
-        "model.name: got 'resnet50'",
+        "malformed model name",
+        _replace(BASE, 'name = "small-cnn"', 'name = "Res Net"'),
+        "model: name 'Res Net' is not a model name",
+    ),
+    (
+        "model name and factory",
+        _replace(BASE, 'name = "small-cnn"', 'name = "small-cnn"\nfactory = "m:f"'),
+        "model: set exactly one of 'name'",
+    ),
+    (
+        "malformed factory",
+        _replace(BASE, 'name = "small-cnn"', 'factory = "mymodels.build"'),
+        "model: factory 'mymodels.build' must look like",
     ),
     (
         "unknown dataset kind",

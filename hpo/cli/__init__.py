@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from hpo.cli import inspect, run  # noqa: F401  (registers the commands on ``app``)
+from hpo.cli import export, inspect, run  # noqa: F401  (registers the commands on ``app``)
 from hpo.cli.app import app
 
 __all__ = ["app", "main"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -10,33 +12,54 @@ from hpo.train import EpochMetrics
 
 
 class LineProgress:
-    """One line per epoch: for several processes sharing a terminal (and for logs)."""
+    """One line per event, each with a timestamp and the worker's label: for several
+    processes sharing a terminal, and for logs (CI, Slurm, nohup), where a live bar would
+    be cut at the console width. Lines are never wrapped or cut, whatever the width."""
 
     def __init__(self, label: str, console: Console | None = None) -> None:
         self.label = label
-        self.console = console or Console(highlight=False)
+        # soft_wrap: a line longer than the console (80 columns off a terminal) stays whole.
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.prefix = ""
         self.epochs = 0
 
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _print(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.console.print(f"{stamp} {self.label}{text}", markup=False, soft_wrap=True)
+
     def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
         self.epochs = epochs
-        self.prefix = (
-            f"{self.label}trial {trial_number:>3} B={params.batch_size:<4} "
-            f"lr={params.lr:.2e} wd={params.weight_decay:.1e}"
+        self.prefix = f"trial {trial_number:>3}"
+        self._print(
+            f"{self.prefix} started B={params.batch_size} lr={params.lr:.2e} "
+            f"wd={params.weight_decay:.1e} ({epochs} epochs of {steps} steps)"
         )
 
     def step(self, epoch: int, loss: float) -> None:
         pass
 
     def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
-        self.console.print(
+        self._print(
             f"{self.prefix} epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} "
-            f"{objective_name} {metrics.objective(objective_name):.4f}",
-            markup=False,
+            f"{objective_name} {metrics.objective(objective_name):.4f}"
         )
 
     def finish(self) -> None:
         pass
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        outcome = state.lower() if state != "WAITING" else "re-queued"
+        if value is not None:
+            outcome += f" {value:.4f}"
+        if reason is not None and reason != state.lower():  # "pruned (pruned)" says nothing
+            outcome += f" ({reason})"
+        self._print(f"trial {trial_number:>3} {outcome}")
 
 
 class BarProgress:
@@ -89,3 +112,6 @@ class BarProgress:
 
     def finish(self) -> None:
         self.progress.advance(self.study_task)
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        pass  # the bars show the running trial; the summary table shows the ended ones

@@ -78,9 +78,10 @@ def launch(
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.cli.progress import BarProgress
+    from hpo.cli.progress import BarProgress, LineProgress
     from hpo.device import select_device
     from hpo.launcher import local_devices, run_worker_processes
+    from hpo.models import check_model
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
     from hpo.study import count_finished, create_or_load_study, run_outcome
     from hpo.worker import run_worker
@@ -90,6 +91,7 @@ def launch(
     spec = load_spec(study, check_paths=node.data_root is None)
     select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
     check_checkpoint_dir(checkpoint_root(spec.on_node(node)))  # likewise a checkpoint dir
+    check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
@@ -101,7 +103,9 @@ def launch(
     )
     run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
     if workers == 1:
-        with BarProgress(new_trials) as bar:
+        # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
+        bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
+        with bar:
             code = run_worker(spec.name, storage_url, progress=bar, node=node, **run).exit_code
     else:
         devices = local_devices(workers)

@@ -1,0 +1,153 @@
+"""The answer, out: a study's best configuration as plain data for the user's own training code.
+
+``best_configuration`` reads the finished trials (nothing is trained) and returns a dict of
+plain values: the batch size, learning rate and weight decay of the best complete trial (or
+of the best one at a given batch size), the fixed settings it trained with (optimizer,
+momentum, epochs, model, precision), the metric and its value, the trial's number, and the
+best-per-batch-size table. ``dump_configuration`` writes it as JSON or TOML, chosen by the
+file's extension. Keys whose value is unknown (a batch size with no complete trial) are left
+out rather than written as null, so the JSON and the TOML forms hold the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpo.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.spec import StudySpec
+
+FORMATS = {".json": "json", ".toml": "toml"}
+
+
+class ExportError(UserError):
+    """Nothing to export (no complete trial, no trial at the asked batch size) or an output
+    file whose format is not known."""
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def best_configuration(
+    study: optuna.Study, spec: StudySpec, *, batch_size: int | None = None
+) -> dict[str, Any]:
+    """The best complete trial's configuration, or the best at ``batch_size`` (the batch
+    size the trial actually trained with, after any device cap).
+
+    Raises ExportError when the study has no complete trial, or none at ``batch_size``
+    (the message lists the batch sizes that have one).
+    """
+    from hpo.report.analysis import summarize, trial_batch_size
+
+    metric = spec.objective.metric
+    summary = summarize(study, metric)
+    if summary.best is None:
+        raise ExportError(
+            f"study {summary.study_name!r} has no complete trial yet: nothing to export"
+        )
+    best = summary.best
+    if batch_size is not None:
+        rows = {row.batch_size: row for row in summary.by_batch_size if row.best_trial is not None}
+        if batch_size not in rows:
+            known = ", ".join(str(b) for b in sorted(rows)) or "none"
+            raise ExportError(
+                f"--batch-size {batch_size}: no complete trial at that batch size in study "
+                f"{summary.study_name!r} (batch sizes with one: {known})"
+            )
+        best = next(
+            t for t in study.get_trials(deepcopy=False) if t.number == rows[batch_size].best_trial
+        )
+
+    model = spec.model.model_dump(mode="json", exclude_none=True)
+    configuration: dict[str, Any] = {
+        "study": summary.study_name,
+        "trial": best.number,
+        "metric": metric,
+        "direction": summary.direction,
+        "value": best.value,
+        "batch_size": trial_batch_size(best),
+        "lr": best.params.get("lr"),
+        "weight_decay": best.params.get("weight_decay"),
+        "optimizer": spec.search.optimizer,
+        "momentum": spec.search.momentum if spec.search.optimizer == "sgd" else None,
+        "epochs": spec.budget.epochs,
+        "epochs_completed": best.user_attrs.get("epochs_completed"),
+        "precision": best.user_attrs.get("precision"),
+        "model": model,
+        "by_batch_size": [
+            _without_none(
+                {
+                    "batch_size": row.batch_size,
+                    "n_complete": row.n_complete,
+                    "n_pruned": row.n_pruned,
+                    "best_value": row.best_value,
+                    "lr": row.best_lr,
+                    "weight_decay": row.best_weight_decay,
+                    "trial": row.best_trial,
+                }
+            )
+            for row in summary.by_batch_size
+        ],
+    }
+    return _without_none(configuration)
+
+
+def export_format(path: Path) -> str:
+    """``json`` or ``toml`` from the file's extension; ExportError naming the file otherwise."""
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise ExportError(
+            f"--out {path}: unknown format {path.suffix or '(no extension)'!r}; "
+            "use a file ending in .json or .toml"
+        ) from None
+
+
+def dumps_configuration(configuration: dict[str, Any], fmt: str) -> str:
+    """The configuration as JSON (indented, for ``jq``) or TOML text."""
+    if fmt == "json":
+        return json.dumps(configuration, indent=2) + "\n"
+    import tomli_w
+
+    return tomli_w.dumps(configuration)
+
+
+def write_configuration(configuration: dict[str, Any], path: Path) -> None:
+    """Write the configuration to ``path`` in the format its extension names."""
+    text = dumps_configuration(configuration, export_format(path))
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise ExportError(f"--out {path}: cannot write ({error.strerror or error})") from None
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> int:
+    """Every trial as one CSV row through Optuna's own ``trials_dataframe``: number, state,
+    value, start/end/duration, the sampled params (``params_lr``, ``params_log2_batch_size``,
+    …) and the user attrs (``user_attrs_batch_size``, the per-epoch metrics,
+    ``user_attrs_fail_reason``, …). Returns the number of rows."""
+    frame = study.trials_dataframe(
+        attrs=(
+            "number",
+            "state",
+            "value",
+            "datetime_start",
+            "datetime_complete",
+            "duration",
+            "params",
+            "user_attrs",
+        )
+    )
+    try:
+        frame.to_csv(path, index=False)
+    except OSError as error:
+        raise ExportError(
+            f"--trials-csv {path}: cannot write ({error.strerror or error})"
+        ) from None
+    return len(frame)

@@ -1,0 +1,65 @@
+"""What a person reads: the objective named on the study (the dashboard shows it), and
+progress as whole lines with a timestamp and worker label when stdout is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.cli.progress import LineProgress
+from hpo.spec import TrialParams, load_spec
+from hpo.study import create_or_load_study
+from hpo.train import EpochMetrics
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+def test_a_new_study_names_its_objective(tiny_study: Path) -> None:
+    loaded = create_or_load_study(load_spec("tiny"), "sqlite:///hpo.db")
+    assert loaded.study.metric_names == ["val_auc"]
+    assert optuna.load_study(study_name="tiny", storage="sqlite:///hpo.db").metric_names == [
+        "val_auc"
+    ]
+
+
+def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=80, highlight=False, soft_wrap=True)
+    progress = LineProgress("[node-7 gpu 3] ", console)
+    progress.start(12, TrialParams(batch_size=256, lr=0.0123, weight_decay=3.4e-5), 4, 1024)
+    progress.epoch_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765), "val_auc")
+    progress.finish()
+    progress.ended(12, "COMPLETE", 0.8765, None)
+    progress.ended(13, "PRUNED", None, "diverged")
+    progress.ended(14, "FAIL", None, "oom")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5
+    assert re.fullmatch(
+        STAMP + r"\[node-7 gpu 3\] trial  12 started B=256 lr=1\.23e-02 wd=3\.4e-05 "
+        r"\(4 epochs of 1024 steps\)",
+        lines[0],
+    )
+    assert re.fullmatch(
+        STAMP + r"\[node-7 gpu 3\] trial  12 epoch 1/4 loss 0\.693 val_auc 0\.8765", lines[1]
+    )
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  12 complete 0\.8765", lines[2])
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  13 pruned \(diverged\)", lines[3])
+    assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  14 fail \(oom\)", lines[4])
+    assert len(lines[0]) > 80 and "…" not in out.getvalue()
+
+
+def test_launch_off_a_terminal_prints_lines_not_a_bar(tiny_study: Path) -> None:
+    result = CliRunner().invoke(app, ["launch", "--study", "tiny", "--n-trials", "1"])
+    assert result.exit_code == 0, result.output
+    assert re.search(STAMP + r"trial   0 started B=\d+", result.output)
+    assert re.search(STAMP + r"trial   0 epoch 2/2 loss [\d.]+ val_auc [\d.]+", result.output)
+    assert re.search(
+        STAMP + r"trial   0 (complete [\d.]+|pruned( \(diverged\))?)$", result.output, re.M
+    )
+    assert "trials ━" not in result.output and "trials  " not in result.output
