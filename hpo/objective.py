@@ -178,7 +178,7 @@ class Objective:
 def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
     """Store the per-trial metrics as user attributes (also on pruned and failed trials)."""
     seconds = tally.train_seconds
-    attrs: dict[str, float | int] = {
+    attrs: dict[str, float | int | list[float | None] | None] = {
         "epochs_completed": len(tally.history),
         "n_updates": tally.updates,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
@@ -197,6 +197,9 @@ def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
             best_val_acc=max(m.val_acc for m in tally.history),
             best_val_loss=min(m.val_loss for m in tally.history),
         )
+    if tally.b_simple:
+        # The gradient noise scale (hpo.noise): the last epoch's estimate and every epoch's.
+        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
 
