@@ -214,7 +214,7 @@ class Objective:
 def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
     """Store the per-trial metrics as user attributes (also on pruned and failed trials)."""
     seconds = tally.train_seconds
-    attrs: dict[str, float | int] = {
+    attrs: dict[str, float | int | list[float | None] | None] = {
         "epochs_completed": len(tally.history),
         "n_updates": tally.updates,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
@@ -233,6 +233,9 @@ def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
         )
         if last.train_acc is not None:  # measured after the last epoch only (train.fit)
             attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
+    if tally.b_simple:
+        # The gradient noise scale (hpo.noise): the last epoch's estimate and every epoch's.
+        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
 

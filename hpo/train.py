@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
+from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
 from hpo.spec import ModelSpec, SearchSpec, StudySpec, TrainingSpec, TrialParams
 
 # Checking the loss for NaN forces a device sync; on CUDA do it every few steps only.
@@ -54,13 +55,18 @@ class Tally:
     train_samples: int = 0
     train_seconds: float = 0.0
     history: list[EpochMetrics] = field(default_factory=list)
+    # The gradient noise scale (hpo.noise): the running estimate and its value per epoch.
+    noise: NoiseScaleEstimate = field(default_factory=NoiseScaleEstimate)
+    b_simple: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "noise": self.noise.to_dict()}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Tally:
-        return cls(**{**saved, "history": [EpochMetrics(**m) for m in saved["history"]]})
+        history = [EpochMetrics(**m) for m in saved["history"]]
+        noise = NoiseScaleEstimate.from_dict(saved.get("noise") or {})  # older checkpoints
+        return cls(**{**saved, "history": history, "noise": noise})
 
 
 @dataclass
@@ -255,9 +261,14 @@ def train_epoch(
     batch_size: int,
     augment: bool,
     on_step: Callable[[float], None],
+    noise_every: int = NOISE_SCALE_EVERY,
 ) -> float:
     """One pass over the training set (the last partial batch dropped, so every update
-    sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged."""
+    sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged.
+
+    Every ``noise_every``-th update (0: never) also measures the gradient noise scale
+    (``hpo.noise.noise_scale_step``); the epoch's estimate is appended to
+    ``run.tally.b_simple``."""
     run.model.train()
     started = time.perf_counter()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
@@ -267,7 +278,13 @@ def train_epoch(
         len(data.train), batch_size, generator=run.generator, drop_last=True
     ):
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+        if noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
+            loss_sum += noise_scale_step(
+                run.model, run.optimizer, run.scaler, autocast(setup), images, targets,
+                run.tally.noise,
+            )  # fmt: skip
+        else:
+            loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
         steps += 1
         run.tally.updates += 1
         if steps % check_every == 0:
@@ -279,6 +296,7 @@ def train_epoch(
     train_loss = float(loss_sum) / max(steps, 1)
     run.tally.train_seconds += time.perf_counter() - started
     run.tally.train_samples += steps * batch_size
+    run.tally.b_simple.append(run.tally.noise.b_simple())
     if not math.isfinite(train_loss):
         raise Diverged(f"loss diverged at epoch {run.epochs_done + 1}")
     return train_loss

@@ -94,6 +94,14 @@ def test_resumed_trial_matches_an_uninterrupted_one(
     assert [p.name for p in tmp_path.joinpath("trial-0").iterdir()] == ["checkpoint.pt"]
     assert finished.intermediate_values == pytest.approx(expected_curve, abs=1e-6)
     assert value == pytest.approx(expected, abs=1e-6)
+    # The noise-scale averages travel in the checkpoint: the resumed series is the same.
+    reference_series = reference.trials[0].user_attrs["b_simple_per_epoch"]
+    assert len(reference_series) == 2
+    resumed_series = finished.user_attrs["b_simple_per_epoch"]
+    assert [v is None for v in resumed_series] == [v is None for v in reference_series]
+    assert [v for v in resumed_series if v is not None] == pytest.approx(
+        [v for v in reference_series if v is not None], rel=1e-6
+    )
 
 
 def test_retry_without_a_checkpoint_starts_from_epoch_zero(

@@ -1,0 +1,127 @@
+"""The gradient noise scale B_simple = tr(Σ) / |G|², measured inside normal training steps.
+
+McCandlish et al. (2018, "An Empirical Model of Large-Batch Training") show that the
+critical batch size, above which a bigger batch buys throughput but not fewer steps, is
+about B_simple (Σ: the per-example gradient covariance, G: the true gradient). Appendix A
+estimates both from the squared norms of gradients over two batch sizes B_small < B_big:
+
+    |G|²  ≈ (B_big·|g_big|² − B_small·|g_small|²) / (B_big − B_small)
+    tr(Σ) ≈ (|g_small|² − |g_big|²) / (1/B_small − 1/B_big)
+
+Each is unbiased but noisy, so the two are averaged separately (exponential moving
+averages, bias-corrected as in Adam) and only then divided. ``noise_scale_step`` gets the
+two norms from one ordinary update: the batch's two halves are forwarded and backpropagated
+one after the other (the gradient after the first half gives g_small, after both g_big), so
+there is no extra forward pass and the optimizer sees the full batch's mean gradient.
+A model with batch norm normalizes each half with its own statistics on a measured step.
+
+Torch only; nothing here knows about Optuna.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Measure on every k-th update. At k = 16 the measured step's overhead (two half-batch
+# passes and two gradient norms) costs ≤ 3% of samples/s; see docs/benchmarks.md (issue 10).
+NOISE_SCALE_EVERY = 16
+# EMA decay per measurement: an effective window of ~100 measurements (~1600 updates at k=16).
+NOISE_SCALE_DECAY = 0.99
+
+
+@dataclass
+class NoiseScaleEstimate:
+    """Bias-corrected EMAs of the unbiased |G|² and tr(Σ) estimates.
+
+    The fields are floats after loading and 0-d tensors on the training device while
+    training (no device sync per measurement); ``to_dict`` turns them into floats.
+    """
+
+    decay: float = NOISE_SCALE_DECAY
+    gradient_sq: Any = 0.0  # EMA of the |G|² estimate (not yet bias-corrected)
+    trace: Any = 0.0  # EMA of the tr(Σ) estimate
+    weight: Any = 0.0  # 1 − decay^n over the n finite measurements (the bias correction)
+
+    def update(
+        self, small_sq: torch.Tensor, big_sq: torch.Tensor, small_batch: int, big_batch: int
+    ) -> None:
+        """Fold in one measurement: squared gradient norms over ``small_batch`` and
+        ``big_batch`` examples (``small_batch < big_batch``). A non-finite pair (an fp16
+        overflow step) is skipped without a device sync."""
+        if not 0 < small_batch < big_batch:
+            raise ValueError(f"need 0 < small_batch < big_batch, got {small_batch}, {big_batch}")
+        gradient_sq = (big_batch * big_sq - small_batch * small_sq) / (big_batch - small_batch)
+        trace = (small_sq - big_sq) / (1.0 / small_batch - 1.0 / big_batch)
+        finite = torch.isfinite(gradient_sq) & torch.isfinite(trace)
+        keep = torch.where(finite, self.decay, 1.0)
+        self.gradient_sq = keep * self.gradient_sq + (1 - keep) * gradient_sq.nan_to_num(0.0)
+        self.trace = keep * self.trace + (1 - keep) * trace.nan_to_num(0.0)
+        self.weight = keep * self.weight + (1 - keep)
+
+    def b_simple(self) -> float | None:
+        """tr(Σ) / |G|², or None before any measurement or while the |G|² average is not
+        positive (early on, when the true gradient is small next to its noise)."""
+        weight, gradient_sq, trace = (float(v) for v in (self.weight, self.gradient_sq, self.trace))
+        if weight <= 0 or gradient_sq <= 0 or not math.isfinite(trace / gradient_sq):
+            return None
+        return trace / gradient_sq
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "decay": float(self.decay),
+            "gradient_sq": float(self.gradient_sq),
+            "trace": float(self.trace),
+            "weight": float(self.weight),
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, float]) -> NoiseScaleEstimate:
+        return cls(**saved)
+
+
+def gradient_sq_norm(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of squares of all parameter gradients, as a float32 0-d tensor (no sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().square()
+
+
+def noise_scale_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: torch.autocast,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    estimate: NoiseScaleEstimate,
+) -> torch.Tensor:
+    """One optimizer update on the batch, done as two half-batch backward passes whose
+    gradients sum to the batch's mean gradient, and one noise-scale measurement folded
+    into ``estimate``. Returns the batch's mean loss, detached (no device sync unless the
+    fp16 grad scaler is on). ``autocast`` is the context the forward runs under."""
+    batch = targets.shape[0]
+    half = batch // 2
+    if half == 0:
+        raise ValueError("a noise-scale step needs a batch of at least 2")
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    norms = []
+    for part in (slice(0, half), slice(half, batch)):
+        with autocast:
+            loss = F.cross_entropy(model(images[part]).float(), targets[part], reduction="sum")
+        loss = loss / batch
+        scaler.scale(loss).backward()
+        losses.append(loss.detach())
+        norms.append(gradient_sq_norm(model))
+    # The first half's gradient is (half/batch)·g_small; after both it is g_big.
+    unscale = scaler.get_scale() ** -2 if scaler.is_enabled() else 1.0
+    small_sq = norms[0] * unscale * (batch / half) ** 2
+    big_sq = norms[1] * unscale
+    estimate.update(small_sq, big_sq, half, batch)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses[0] + losses[1]

@@ -1,0 +1,151 @@
+"""The critical batch size two ways: the LR ridge ε_opt(B) = ε_max / (1 + B_noise / B)
+fitted to the best learning rate per batch size, and the gradient noise scale B_simple
+measured in every trial (``hpo.noise``). McCandlish et al. (2018) predict B_noise ≈ B_simple.
+
+Pure: points and trials in, numbers and a sentence out.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# The grid B_noise is searched on, relative to the studied batch sizes (log-spaced).
+_GRID_POINTS = 241
+_GRID_SPAN = 2.0**8
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    """ε_opt(B) = ε_max / (1 + B_noise / B) by least squares on log lr; ``b_noise_low`` /
+    ``b_noise_high`` is the bootstrap interval over the points (None when too few). A fit
+    whose B_noise sits on the edge of the searched grid only bounds it from one side."""
+
+    eps_max: float | None
+    b_noise: float | None
+    b_noise_low: float | None
+    b_noise_high: float | None
+    n_points: int
+
+    def lr_at(self, batch_size: float) -> float:
+        if self.eps_max is None or self.b_noise is None:
+            raise ValueError("no ridge was fitted")
+        return self.eps_max / (1 + self.b_noise / batch_size)
+
+
+@dataclass(frozen=True)
+class MeasuredNoiseScale:
+    """B_simple (last epoch) over the best complete trials: median and quartiles."""
+
+    median: float | None
+    low: float | None
+    high: float | None
+    n_trials: int
+
+
+def _sse(points: list[tuple[float, float]], b_noise: float) -> tuple[float, float]:
+    """Residual sum of squares in log lr and the best log ε_max, for a given B_noise."""
+    offsets = [math.log(lr) + math.log1p(b_noise / b) for b, lr in points]
+    log_eps = sum(offsets) / len(offsets)
+    return sum((o - log_eps) ** 2 for o in offsets), log_eps
+
+
+def _fit(points: list[tuple[float, float]], grid: list[float]) -> tuple[float, float]:
+    best = min(grid, key=lambda b_noise: _sse(points, b_noise)[0])
+    return best, math.exp(_sse(points, best)[1])
+
+
+def fit_lr_ridge(
+    points: list[tuple[int, float]],
+    *,
+    bootstrap: int = 200,
+    confidence: float = 0.9,
+    seed: int = 0,
+) -> RidgeFit:
+    """Fit the ridge to (batch size, best lr) points; B_noise is searched on a log grid
+    from min(B)/256 to max(B)·256 (ε_max then has a closed form). The interval resamples
+    the points with replacement ``bootstrap`` times."""
+    batch_sizes = sorted({b for b, _ in points})
+    if len(batch_sizes) < 2:
+        return RidgeFit(None, None, None, None, len(points))
+    low, high = batch_sizes[0] / _GRID_SPAN, batch_sizes[-1] * _GRID_SPAN
+    step = math.log(high / low) / (_GRID_POINTS - 1)
+    grid = [low * math.exp(i * step) for i in range(_GRID_POINTS)]
+    floats = [(float(b), float(lr)) for b, lr in points]
+    b_noise, eps_max = _fit(floats, grid)
+    if len(points) < 3:
+        return RidgeFit(eps_max, b_noise, None, None, len(points))
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(bootstrap):
+        sample = [rng.choice(floats) for _ in floats]
+        if len({b for b, _ in sample}) >= 2:
+            draws.append(_fit(sample, grid)[0])
+    draws.sort()
+    tail = (1 - confidence) / 2
+    pick = lambda q: draws[min(len(draws) - 1, int(q * len(draws)))]  # noqa: E731
+    return RidgeFit(eps_max, b_noise, pick(tail), pick(1 - tail), len(points))
+
+
+def measured_b_simple(study: optuna.Study, *, top_k: int = 5) -> MeasuredNoiseScale:
+    """B_simple of the ``top_k`` best complete trials that recorded one."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if isinstance(t.user_attrs.get("b_simple"), int | float)
+    ]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked: list[FrozenTrial] = sorted(complete, key=lambda t: t.value, reverse=maximize)
+    values = sorted(float(t.user_attrs["b_simple"]) for t in ranked[:top_k])
+    if not values:
+        return MeasuredNoiseScale(None, None, None, 0)
+    if len(values) < 2:
+        return MeasuredNoiseScale(values[0], values[0], values[0], 1)
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return MeasuredNoiseScale(statistics.median(values), quartiles[0], quartiles[2], len(values))
+
+
+def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) -> str:
+    """One paragraph for the summary; always contains "critical batch size"."""
+    parts = []
+    if ridge.b_noise is not None:
+        interval = (
+            f" (interval {ridge.b_noise_low:,.0f} to {ridge.b_noise_high:,.0f})"
+            if ridge.b_noise_low is not None
+            else ""
+        )
+        parts.append(
+            f"The LR ridge ε_opt(B) = ε_max / (1 + B_noise / B) fits B_noise ≈ "
+            f"{ridge.b_noise:,.0f}{interval}, ε_max = {ridge.eps_max:.3g}."
+        )
+    if measured.median is not None:
+        parts.append(
+            f"The measured gradient noise scale B_simple is {measured.median:,.0f} "
+            f"(quartiles {measured.low:,.0f} to {measured.high:,.0f}, "
+            f"{measured.n_trials} best trials, last epoch)."
+        )
+    estimate = measured.median if measured.median is not None else ridge.b_noise
+    if estimate is None:
+        return (
+            "The critical batch size cannot be estimated yet: it needs complete trials at "
+            "two or more batch sizes or a measured B_simple."
+        )
+    parts.append(
+        f"The critical batch size is about {estimate:,.0f}: batches above it buy "
+        "throughput, not fewer steps."
+    )
+    if ridge.b_noise is not None and measured.median is not None:
+        low = ridge.b_noise_low if ridge.b_noise_low is not None else ridge.b_noise / 2
+        high = ridge.b_noise_high if ridge.b_noise_high is not None else ridge.b_noise * 2
+        agree = low <= measured.median <= high or low <= measured.high and measured.low <= high
+        parts.append(
+            "The ridge and the noise scale agree."
+            if agree
+            else "The ridge and the noise scale disagree (see the caveats in README)."
+        )
+    return " ".join(parts)
