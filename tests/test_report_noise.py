@@ -67,3 +67,11 @@ def test_summary_names_the_critical_batch_size_and_whether_they_agree() -> None:
         fit_lr_ridge([]), MeasuredNoiseScale(None, None, None, 0)
     )
     assert "critical batch size" in nothing
+
+
+def test_summary_markdown_names_the_critical_batch_size() -> None:
+    from hpo.report import collect, summary_markdown
+    from tests.test_report import scaling_study
+
+    text = summary_markdown(collect(scaling_study(1.0), "val_auc"))
+    assert "critical batch size is about" in text and "B_noise" in text

@@ -30,6 +30,8 @@ PER_TRIAL_ATTRS = {
     "samples_per_s",
     "wall_time_s",
     "epochs_completed",
+    "b_simple",
+    "b_simple_per_epoch",
 }
 
 
@@ -62,6 +64,9 @@ def test_short_run_learns_above_chance(tiny_study: Path) -> None:
     assert trial.user_attrs["batch_size"] == 32
     assert trial.user_attrs["n_updates"] == 3 * (512 // 32)
     assert trial.user_attrs["epochs_completed"] == 3
+    # 48 updates, a noise-scale measurement on the 32nd: none in epoch 1, then a value.
+    assert trial.user_attrs["b_simple_per_epoch"][0] is None
+    assert len(trial.user_attrs["b_simple_per_epoch"]) == 3
     assert trial.user_attrs["generalization_gap"] == pytest.approx(
         trial.user_attrs["train_acc"] - trial.user_attrs["val_acc"]
     )

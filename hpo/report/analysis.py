@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.report.noise_scale import (
+    MeasuredNoiseScale,
+    RidgeFit,
+    fit_lr_ridge,
+    measured_b_simple,
+)
+
 # How many of the best complete trials of each batch size enter the α fit. One (the best
 # alone) is at the mercy of the sampler's luck; the top three average that out while staying
 # in the good region of the LR axis.
@@ -363,6 +370,9 @@ class ReportData:
     points: list[TrialPoint]
     importances: dict[str, float]
     importances_reason: str | None
+    # The critical batch size two ways (hpo.report.noise_scale); None when not computed.
+    ridge: RidgeFit | None = None
+    noise_scale: MeasuredNoiseScale | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -380,13 +390,16 @@ def collect(
     """Read the study once and compute all the analysis the report needs. ``metric`` only
     names the objective in labels; the values are the study's own."""
     values, reason = importances(study)
+    fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
     return ReportData(
         study_name=study.study_name,
         metric=metric,
         maximize=_is_maximize(study),
         summary=summarize(study, metric),
-        fit=fit_lr_scaling(study, top_k=top_k, confidence=confidence),
+        fit=fit,
         points=trial_points(study),
         importances=values,
         importances_reason=reason,
+        ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
+        noise_scale=measured_b_simple(study, top_k=top_k),
     )

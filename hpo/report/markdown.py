@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hpo.report.analysis import ReportData, trial_batch_size
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
+from hpo.report.noise_scale import describe_critical_batch_size
 from hpo.report.table import batch_size_table, format_cell
 
 
@@ -20,6 +21,8 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         data.fit.describe(),
         "",
     ]
+    if data.ridge is not None and data.noise_scale is not None:
+        lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
     if data.importances:
