@@ -50,7 +50,7 @@ from hpo.data import load_splits
 from hpo.device import start_on_this_node
 from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.retry import RetryWithCleanAttrs
-from hpo.settings import NodeSettings, heartbeat_settings
+from hpo.settings import THREADS_SOURCES, NodeSettings, check_cpu_count, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
@@ -319,6 +319,7 @@ def run_worker(
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
+    check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
     objective = Objective(
         spec, setup, load_splits(spec.dataset), loaded.ref, checkpoint_root(spec),
         progress or SilentProgress(),
