@@ -145,6 +145,11 @@ class BatchSizeCapSampler(optuna.samplers.BaseSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
+        if isinstance(self.base, optuna.samplers.GridSampler):
+            # Its after_trial only calls study.stop() once the grid is done, which raises
+            # outside study.optimize (hpo's worker runs its own ask/tell loop). The worker
+            # asks GridSampler.is_exhausted before each claim instead (hpo.worker).
+            return
         self.base.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from types import FrameType
 
-from hpo.errors import UserError
+from hpo.errors import RunAborted, UserError
 from hpo.settings import (
     CUDA_VISIBLE_ENV,
     LABEL_ENV,
@@ -22,6 +22,10 @@ from hpo.settings import (
     env,
     environment,
 )
+
+
+class LaunchFailed(RunAborted):
+    """A worker process could not be started (out of processes or memory)."""
 
 
 class GpuSelectionError(UserError):
@@ -99,10 +103,19 @@ def run_worker_processes(
     cpu_workers = sum(device is None for device in devices)
     threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
     command = worker_command(study_name, total_trials, timeout_s)
-    children = [
-        subprocess.Popen(command, env=_child_env(storage_url, node, device, index, threads))
-        for index, device in enumerate(devices)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
+    for index, device in enumerate(devices):
+        try:
+            child_env = _child_env(storage_url, node, device, index, threads)
+            children.append(subprocess.Popen(command, env=child_env))
+        except OSError as error:
+            # The children already started would run on, orphaned: stop them (they
+            # re-queue their trials) before giving up.
+            stop_children(children)
+            raise LaunchFailed(
+                f"could not start worker {index + 1} of {len(devices)} ({error.strerror}); "
+                f"stopped the {len(children)} already started"
+            ) from None
 
     def forward(number: int, frame: FrameType | None) -> None:
         for child in children:
@@ -118,6 +131,23 @@ def run_worker_processes(
         for number, handler in previous.items():
             signal.signal(number, handler)
     return max(codes, key=abs)
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:
+    """SIGTERM each running child, wait up to ``grace_s`` for all, then SIGKILL the rest."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def local_devices_have_gpus() -> bool:
+    return bool(resolve_gpus("all"))
 
 
 def local_devices(workers: int) -> list[str | None]:

@@ -182,5 +182,27 @@ class NodeSettings:
         return {name: str(value) for name, value in values.items() if value is not None}
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which a batch scheduler or
+    ``taskset`` narrows), the ceiling for thread and CPU-worker counts."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+THREADS_SOURCES = f"threads (--threads, ${THREADS_ENV} or training.num_threads)"
+
+
+def check_cpu_count(value: int | None, what: str) -> None:
+    """Raise SettingsError unless ``value`` (threads or worker processes, named by ``what``)
+    is at most the cores this process may use: far more fails late (a segfault in the
+    thread pool, a fork failure halfway through starting workers)."""
+    if value is not None and value > available_cores():
+        raise SettingsError(
+            f"{what} = {value} exceeds the {available_cores()} CPU core(s) this process may use"
+        )
+
+
 def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)

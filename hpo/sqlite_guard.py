@@ -30,12 +30,15 @@ class SQLiteFileLost(RunAborted):
     """The SQLite file was deleted or replaced while this process used it."""
 
 
-def require_sqlite_file(storage_url: str) -> None:
+def require_sqlite_file(storage_url: str, study_name: str) -> None:
     """Raise StudyNotFound (exit 2) when ``storage_url`` is a SQLite file that does not
     exist: a command that reads a study must not create an empty database."""
     path = sqlite_path(storage_url)
     if path is not None and str(path) != ":memory:" and not path.is_file():
-        raise StudyNotFound(f"{mask_url(storage_url)}: SQLite file {str(path)!r} does not exist")
+        raise StudyNotFound(
+            f"study {study_name!r} not found: {mask_url(storage_url)}: SQLite file "
+            f"{str(path)!r} does not exist"
+        )
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,17 @@ def default_storage_url(directory: Path | None = None) -> str:
 def resolve_storage_url(url: str | None) -> str:
     """``--storage`` if given, else ``$HPO_STORAGE``, else the default SQLite file."""
     chosen = url or env(STORAGE_ENV) or default_storage_url()
+    scheme, _, rest = chosen.partition("://")
+    if not scheme.startswith("sqlite") and rest.count("@") > 1:
+        # SQLAlchemy splits at the first '@' and would show the rest of the password as
+        # the host name: refuse, printing nothing of what comes before the last '@'.
+        raise StorageError(
+            f"storage URL {mask_url(chosen)!r} has more than one '@': write an '@' in the "
+            "user name or password as %40"
+        )
     try:
         make_url(chosen)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(
             f"storage URL {mask_url(chosen)!r} is not a SQLAlchemy URL "
             "(e.g. sqlite:///hpo.db, postgresql+psycopg://user:pass@host/db, "
@@ -130,11 +138,13 @@ def resolve_storage_url(url: str | None) -> str:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (safe to print or log)."""
+    scheme, sep, rest = url.partition("://")
     try:
+        if not scheme.startswith("sqlite") and rest.count("@") > 1:
+            raise ValueError("ambiguous '@'")
         parsed = make_url(url)
-    except ArgumentError:
-        # Not parseable: hide anything between '://user:' and '@' by hand.
-        scheme, sep, rest = url.partition("://")
+    except (ArgumentError, ValueError):
+        # Not parseable: hide anything between '://user:' and the last '@' by hand.
         if sep and "@" in rest:
             credentials, _, host = rest.rpartition("@")
             user = credentials.split(":", 1)[0]

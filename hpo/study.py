@@ -116,7 +116,7 @@ def check_same_spec(stored: StudySpec, local: StudySpec) -> None:
 def open_study(study_name: str, storage_url: str, hint: str = "") -> tuple[optuna.Study, StudyRef]:
     """Any study in the storage, hpo's or not, for reading (no sampler, no pruner).
     Raises StudyNotFound naming the studies that are there."""
-    require_sqlite_file(storage_url)
+    require_sqlite_file(storage_url, study_name)
     storage = open_storage(storage_url)
     require_study(storage, study_name, storage_url, hint)
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -141,7 +141,7 @@ def load_study(
                 f"--spec defines study {local_spec.name!r}, not {study_name!r} (--study)"
             )
         return create_or_load_study(local_spec, storage_url, parallel=parallel)
-    require_sqlite_file(storage_url)
+    require_sqlite_file(storage_url, study_name)
     storage = open_storage(storage_url)
     require_study(storage, study_name, storage_url, "create it with 'hpo launch', or pass --spec")
     ref = StudyRef.by_name(storage, study_name)

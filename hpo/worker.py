@@ -40,6 +40,7 @@ from types import FrameType
 import optuna
 from optuna.trial import TrialState
 
+from hpo.caps import BatchSizeCapSampler
 from hpo.checkpoint import (
     check_checkpoint_dir,
     checkpoint_root,
@@ -51,7 +52,7 @@ from hpo.device import start_on_this_node
 from hpo.models import check_model
 from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.retry import RetryWithCleanAttrs
-from hpo.settings import NodeSettings, heartbeat_settings
+from hpo.settings import THREADS_SOURCES, NodeSettings, check_cpu_count, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
@@ -86,7 +87,7 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
 
     Under the study lock: fail trials whose worker vanished (which re-queues them), then
     start a re-queued or enqueued trial if there is one, else a new one, if finished +
-    running < total. ``"wait"``: the budget is handed out but trials still run elsewhere.
+    running < total and, for a grid study, grid points are left. ``"wait"``: the budget is handed out but trials still run elsewhere.
     """
     study = loaded.study
     with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
@@ -94,11 +95,22 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
         budget = study_budget(study)
         if budget.finished + budget.running >= total_trials:
             return "wait" if budget.running else "done"
+        if budget.waiting == 0 and grid_exhausted(study):
+            return "wait" if budget.running else "done"
         trial = study.ask()
         # Optuna never fails a RUNNING trial without a heartbeat: record one now, so a
         # worker that dies before its heartbeat thread starts still gets its trial retried.
         loaded.storage.record_heartbeat(loaded.trial_id(trial))
         return trial
+
+
+def grid_exhausted(study: optuna.Study) -> bool:
+    """True for a grid study whose every grid point has a trial (a running one counts): the
+    study is done even if ``total_trials`` is larger."""
+    sampler = study.sampler
+    if isinstance(sampler, BatchSizeCapSampler):
+        sampler = sampler.base
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
 
 
 def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
@@ -324,6 +336,7 @@ def run_worker(
         return result
     check_data_root(spec, source=f"study {study_name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
+    check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
     splits = load_splits(spec.dataset)
     counts = class_counts(spec.dataset, splits)
     loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node

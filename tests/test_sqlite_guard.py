@@ -64,7 +64,8 @@ def test_reading_a_missing_sqlite_file_is_exit_2_and_creates_nothing(
     )
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        "error: sqlite:///missing.db: SQLite file 'missing.db' does not exist"
+        "error: study 'tiny' not found: sqlite:///missing.db: SQLite file 'missing.db' does "
+        "not exist"
     ]
     assert not (tmp_path / "missing.db").exists()
 

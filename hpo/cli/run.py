@@ -80,8 +80,9 @@ def launch(
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress, LineProgress
     from hpo.device import select_device
-    from hpo.launcher import local_devices, run_worker_processes
+    from hpo.launcher import local_devices, local_devices_have_gpus, run_worker_processes
     from hpo.models import check_model
+    from hpo.settings import THREADS_SOURCES, check_cpu_count
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
     from hpo.study import count_finished, create_or_load_study, run_outcome
     from hpo.worker import run_worker
@@ -91,6 +92,9 @@ def launch(
     spec = load_spec(study, check_paths=node.data_root is None)
     select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
     check_checkpoint_dir(checkpoint_root(spec.on_node(node)))  # likewise a checkpoint dir
+    check_cpu_count(spec.on_node(node).training.num_threads, THREADS_SOURCES)
+    if not local_devices_have_gpus():
+        check_cpu_count(workers, "--workers")
     check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
