@@ -35,3 +35,17 @@ def test_torchvision_pcam_still_names_its_files_and_folder(tmp_path) -> None:
     folder = compat.pcam_folder(dataset)
     for name in compat.pcam_file_names("train"):
         assert (folder / name).is_file(), name
+
+
+def test_optuna_still_has_what_hpo_writes_its_retry_tokens_with(tmp_path) -> None:
+    """hpo.storage writes a token in the same transaction as a new trial or a claim."""
+    assert compat.default_study_name_prefix() == "no-name-"
+    models = compat.rdb_models()
+    for name in ("StudyModel", "TrialModel", "TrialSystemAttributeModel"):
+        assert hasattr(models, name), name
+    for name in ("_get_prepared_new_trial", "_set_trial_attr_without_commit"):
+        assert callable(getattr(optuna.storages.RDBStorage, name, None)), name
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'compat.db'}")
+    with compat.rdb_session(storage) as session:
+        assert session.query(models.StudyModel).count() == 0
+    storage.engine.dispose()

@@ -57,6 +57,7 @@ class CommitThenDrop:
     """Arms a storage so that its next COMMIT lands and the acknowledgement is lost."""
 
     def __init__(self, storage: ReconnectingRDBStorage) -> None:
+        self.storage = storage
         self.armed = False
         self.fired = 0
         dialect = storage.engine.dialect
@@ -72,9 +73,25 @@ class CommitThenDrop:
         dialect.do_commit = do_commit
 
     @contextlib.contextmanager
-    def once(self) -> Iterator[None]:
-        self.armed = True
-        yield
+    def once(self, during: str | None = None) -> Iterator[None]:
+        """Drop after the next COMMIT, or after the first COMMIT inside the storage method
+        ``during`` (for calls that read before they write, e.g. ``Study.ask``)."""
+        if during is None:
+            self.armed = True
+            yield
+        else:
+            method = getattr(self.storage, during)
+
+            def arming(*args, **kwargs):
+                if not self.fired:
+                    self.armed = True
+                return method(*args, **kwargs)
+
+            setattr(self.storage, during, arming)
+            try:
+                yield
+            finally:
+                delattr(self.storage, during)
         assert self.fired == 1, "the fault was never injected"
         self.fired = 0
 
@@ -168,7 +185,7 @@ def test_create_new_trial_from_a_template_creates_one_trial(faulty) -> None:
 def test_ask_through_optunas_cache_layer_creates_one_trial(faulty) -> None:
     storage, fault = faulty
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    with fault.once():
+    with fault.once(during="_create_new_trial"):
         trial = study.ask()
     assert [t.number for t in study.get_trials()] == [trial.number] == [0]
 
@@ -215,7 +232,7 @@ def test_enqueued_trial_is_run_once_through_the_cache_layer(faulty) -> None:
     storage, fault = faulty
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     study.enqueue_trial({"x": 0.5})
-    with fault.once():
+    with fault.once(during="set_trial_state_values"):
         trial = study.ask()
     assert trial.number == 0 and trial.suggest_float("x", 0, 1) == 0.5
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
