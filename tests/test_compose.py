@@ -23,6 +23,7 @@ from hpo.storage import open_storage
 
 from .conftest import tiny_study_text
 from .databases import FAST_HEARTBEAT, scratch_database, wait_all
+from .pgbouncer import pgbouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -46,8 +47,22 @@ def interpolate(value: str, env: dict[str, str]) -> str:
     return VARIABLE.sub(replace, value)
 
 
-def test_services_are_postgres_dashboard_and_worker() -> None:
-    assert set(SERVICES) == {"postgres", "dashboard", "worker"}
+def test_services_are_postgres_pgbouncer_dashboard_and_worker() -> None:
+    assert set(SERVICES) == {"postgres", "pgbouncer", "dashboard", "worker"}
+
+
+def test_workers_go_through_pgbouncer_in_transaction_pooling_mode() -> None:
+    pgbouncer = SERVICES["pgbouncer"]
+    assert pgbouncer["environment"]["POOL_MODE"] == "transaction"
+    assert pgbouncer["environment"]["DB_HOST"] == "postgres"
+    assert pgbouncer["environment"]["DB_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert pgbouncer["depends_on"]["postgres"]["condition"] == "service_healthy"
+    (ports,) = pgbouncer["ports"]
+    assert interpolate(ports, {}) == "127.0.0.1:6432:5432"
+    worker = SERVICES["worker"]
+    assert "@pgbouncer:5432/" in worker["environment"]["HPO_STORAGE"]
+    assert worker["depends_on"]["pgbouncer"]["condition"] == "service_healthy"
+    assert "@postgres:5432/" in SERVICES["dashboard"]["environment"]["HPO_STORAGE"]
 
 
 def test_postgres_has_a_volume_a_healthcheck_and_its_password_from_env() -> None:
@@ -61,7 +76,6 @@ def test_worker_reserves_nvidia_gpus_waits_for_the_database_and_can_scale() -> N
     worker = SERVICES["worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "container_name" not in worker and "ports" not in worker  # both block --scale
 
 
@@ -93,18 +107,23 @@ def _free_port() -> int:
 
 
 def _service_env(
-    service: str, database: str, tmp_path: Path
+    service: str, database: str, tmp_path: Path, pgbouncer_port: int = 0
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The service's environment from the compose file, for this machine (the database host
-    ``postgres`` becomes 127.0.0.1, container paths become temporary directories), and the
-    ``.env`` values used to interpolate it."""
+    ``postgres`` becomes 127.0.0.1, ``pgbouncer`` a real PgBouncer on ``pgbouncer_port``,
+    container paths become temporary directories), and the ``.env`` values used to
+    interpolate it."""
     dotenv = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-with-trust-auth",
               "POSTGRES_DB": database, "HPO_STUDY": "tiny"}  # fmt: skip
     env = dict(os.environ)
     env.update(FAST_HEARTBEAT)
     for key, value in SERVICES[service]["environment"].items():
         env[key] = interpolate(str(value), dotenv)
-    env["HPO_STORAGE"] = env["HPO_STORAGE"].replace("@postgres:5432/", "@127.0.0.1:5432/")
+    env["HPO_STORAGE"] = (
+        env["HPO_STORAGE"]
+        .replace("@postgres:5432/", "@127.0.0.1:5432/")
+        .replace("@pgbouncer:5432/", f"@127.0.0.1:{pgbouncer_port}/")
+    )
     env.update(HPO_STUDIES_DIR=str(tmp_path / "studies"), OMP_NUM_THREADS="1",
                HPO_CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
                HPO_ARTIFACTS=str(tmp_path / "artifacts"))  # fmt: skip
@@ -117,9 +136,10 @@ def test_service_commands_run_against_the_local_postgresql(tmp_path: Path) -> No
     (tmp_path / "studies" / "tiny.toml").write_text(
         tiny_study_text(epochs=1, train_size=128, val_size=64)
     )
-    with scratch_database("postgresql") as url:
+    with scratch_database("postgresql") as url, pgbouncer() as pgbouncer_port:
         database = url.rsplit("/", 1)[1]
-        env, dotenv = _service_env("worker", database, tmp_path)
+        env, dotenv = _service_env("worker", database, tmp_path, pgbouncer_port)
+        assert f"@127.0.0.1:{pgbouncer_port}/" in env["HPO_STORAGE"]
         healthcheck = SERVICES["postgres"]["healthcheck"]["test"][1]
         if shutil.which("pg_isready"):
             check_env = {**env, "PGHOST": "127.0.0.1", "POSTGRES_USER": "postgres",

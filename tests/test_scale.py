@@ -185,18 +185,18 @@ def test_workers_without_pre_ping_survive_their_connections_being_killed(
 def test_workers_through_pgbouncer_share_two_server_connections(
     postgres: str, tmp_path: Path
 ) -> None:
-    # Four workers contend for the study lock over two server connections: a lock waited
+    # Three workers contend for the study lock over two server connections: a lock waited
     # for inside an open transaction would deadlock here (see storage._postgres_lock).
     with pgbouncer(pool_size=2) as port:
         bounced = through(postgres, port)
         _create_study(bounced, epochs=2, train_size=128, val_size=64)
         env = worker_env(bounced, tmp_path / "checkpoints")
         with ServerConnections(_database(postgres)) as connections:
-            workers = [start_worker("tiny", 8, env, tmp_path) for _ in range(4)]
-            codes = wait_all(workers, timeout_s=300)
-        counted = _finished_exactly(bounced, 8)
+            workers = [start_worker("tiny", 6, env, tmp_path) for _ in range(3)]
+            codes = wait_all(workers)
+        counted = _finished_exactly(bounced, 6)
 
-    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    assert codes == [0, 0, 0], logs(tmp_path)
     assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
     assert 1 <= connections.peak <= 2
