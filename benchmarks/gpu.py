@@ -26,6 +26,11 @@ Run on a GPU node (about 6 minutes on an H100):
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+from hpo.settings import default_omp_wait_policy
+
+default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
+
 import argparse
 import json
 import os

@@ -38,6 +38,7 @@ DEVICE_ENV = "HPO_DEVICE"
 THREADS_ENV = "HPO_NUM_THREADS"
 CHECKPOINT_ENV = "HPO_CHECKPOINT_DIR"
 CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -51,6 +52,19 @@ def env(name: str) -> str | None:
     """The variable's value, or None when it is unset or empty."""
     value = os.environ.get(name)
     return value if value else None
+
+
+def default_omp_wait_policy() -> None:
+    """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless
+    the user set the variable. Process-wide: call it first thing at an entry point, before
+    torch is imported (the OpenMP runtime reads it once); child workers inherit it.
+
+    Why: a spinning thread waits at every parallel region for a sibling the OS has
+    descheduled. On the shared 2-core machine at load 8, a small-cnn step (B=64, 48 px,
+    2 threads) took 0.44-0.83 s spinning and 0.11 s passive (one thread: 0.10 s); see
+    docs/benchmarks.md, issue 13.
+    """
+    os.environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
 
 
 def environment() -> dict[str, str]:

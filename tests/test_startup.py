@@ -9,6 +9,7 @@ runs it, and the test reads that interpreter's ``sys.modules`` afterwards.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hpo.settings import default_omp_wait_policy
 from hpo.spec import load_spec
 from hpo.study import create_or_load_study
 from tests.conftest import tiny_study_text
@@ -97,3 +99,23 @@ def test_bytecode_is_compiled_at_install() -> None:
     torch and optuna from source (twice as slow to start; docs/benchmarks.md)."""
     text = (REPO / "pyproject.toml").read_text()
     assert re.search(r"^\[tool\.uv\]$[^\[]*^compile-bytecode = true$", text, re.MULTILINE)
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    default_omp_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    default_omp_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_training_commands_set_the_wait_policy_before_importing_torch() -> None:
+    """launch, worker and probe call it first: their bodies import torch right after."""
+    source = (REPO / "hpo" / "cli" / "run.py").read_text()
+    for command in ("launch", "worker", "probe"):
+        body = source.split(f"\ndef {command}(", 1)[1]
+        first_import = body.index("\n    from hpo.")
+        assert "default_omp_wait_policy()" in body[:first_import], command

@@ -21,6 +21,7 @@ from hpo.cli.app import (
     user_errors,
 )
 from hpo.cli.render import print_dashboard_hint, print_probe, print_summary
+from hpo.settings import default_omp_wait_policy
 from hpo.spec import load_spec
 
 TrialsOption = Annotated[
@@ -77,6 +78,7 @@ def launch(
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
+    default_omp_wait_policy()  # before torch is imported
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress, LineProgress
     from hpo.device import select_device
@@ -170,6 +172,7 @@ def worker(
     """Join a study (its spec is read from the storage) and run trials until the study-wide
     total is reached. SIGTERM/SIGINT re-queue the running trial and stop within seconds.
     Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
+    default_omp_wait_policy()  # before torch is imported
     from hpo.cli.progress import LineProgress
     from hpo.launcher import resolve_gpus, run_worker_processes
     from hpo.settings import LABEL_ENV, env
@@ -230,6 +233,7 @@ def probe(
     of two with the study's model and optimizer, samples/s and peak memory; stored on the
     study per device name, so no worker on this kind of device trains a batch size that
     does not fit."""
+    default_omp_wait_policy()  # before torch is imported
     from hpo.device import start_on_this_node
     from hpo.probe import probe_study
     from hpo.storage import resolve_storage_url
