@@ -122,8 +122,9 @@ def near(value: object) -> st.SearchStrategy:
         return st.booleans()
     if isinstance(value, int):
         return st.integers(0, 2 * value + 2) | st.sampled_from([2**k for k in range(10)])
-    if isinstance(value, float):
-        return st.floats(value / 10, value * 10)
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        low, high = sorted((value / 10, value * 10))
+        return st.floats(low, high)
     return plausible
 
 
