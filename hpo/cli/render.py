@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 from hpo.cli.app import console
@@ -21,7 +22,8 @@ def print_summary(study: optuna.Study, metric: str) -> None:
     summary = summarize(study, metric)
     counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
     console.print(
-        f"study [bold]{summary.study_name}[/] ({summary.direction} {metric}): {counts or 'no trials'}"
+        f"study [bold]{escape(summary.study_name)}[/] ({summary.direction} {metric}): "
+        f"{counts or 'no trials'}"
     )
     if summary.best is not None:
         best = summary.best
