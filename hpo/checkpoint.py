@@ -15,6 +15,11 @@ directory every node mounts at that path.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a shared directory must not
 be a way to run code on every node. Nothing here knows about Optuna.
+
+Nothing is lost to a failing disk: the location is checked once when a worker starts
+(``check_checkpoint_dir``); a save that fails later raises ``CheckpointSaveFailed`` with
+the previous file intact (the objective warns and trains on); a file that cannot be
+loaded raises ``CheckpointUnreadable`` after being moved to ``ROOT/STUDY/unreadable/``.
 """
 
 from __future__ import annotations
