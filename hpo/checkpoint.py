@@ -15,6 +15,11 @@ directory every node mounts at that path.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a shared directory must not
 be a way to run code on every node. Nothing here knows about Optuna.
+
+Nothing is lost to a failing disk: the location is checked once when a worker starts
+(``check_checkpoint_dir``); a save that fails later raises ``CheckpointSaveFailed`` with
+the previous file intact (the objective warns and trains on); a file that cannot be
+loaded raises ``CheckpointUnreadable`` after being moved to ``ROOT/STUDY/unreadable/``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hpo.errors import UserError
+from hpo.paths import OutputDirError, check_writable_dir
 from hpo.spec import StudySpec
 from hpo.train import Tally, TrainingRun
 
@@ -44,8 +49,7 @@ def checkpoint_root(spec: StudySpec) -> Path:
     return (Path(configured) if configured else DEFAULT_CHECKPOINT_DIR).resolve() / spec.name
 
 
-class CheckpointDirError(UserError):
-    """The checkpoint directory cannot be used on this node (checked once, at worker start)."""
+CheckpointDirError = OutputDirError  # the checkpoint directory cannot be used on this node
 
 
 class CheckpointSaveFailed(Exception):
@@ -66,16 +70,10 @@ def check_checkpoint_dir(root: Path) -> None:
     """Raise CheckpointDirError (one line) unless ``root`` is, or can be made, a directory
     this process can write a file into and fsync. A worker calls it once before its first
     trial, so an unusable location stops the worker, not every trial at its first save."""
-    where = f"checkpoint directory {str(root)!r} (--checkpoint-dir, $HPO_CHECKPOINT_DIR or training.checkpoint_dir)"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".hpo-write-test.{os.getpid()}.{time.monotonic_ns()}"
-        try:
-            _write_durably(probe, b"hpo")
-        finally:
-            probe.unlink(missing_ok=True)
-    except OSError as error:
-        raise CheckpointDirError(f"{where} is not usable: {_os_reason(error)}") from None
+    check_writable_dir(
+        root,
+        "checkpoint directory (--checkpoint-dir, $HPO_CHECKPOINT_DIR or training.checkpoint_dir)",
+    )
 
 
 def _os_reason(error: OSError) -> str:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from hpo.compat import pcam_file_names, pcam_folder
 from hpo.errors import UserError
 from hpo.spec import DatasetSpec
+
+logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
 
@@ -130,13 +135,27 @@ def synthetic_patches(count: int, seed: int, cache_dir: Path | None = None) -> P
     key = hashlib.sha1(f"synthetic-v1-{count}-{seed}-{PATCH_SIZE}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic-{key}.pt"
     if path.is_file():
-        stored = torch.load(path)
-        return PatchSet(stored["images"], stored["labels"])
+        try:
+            stored = torch.load(path, weights_only=True)
+            images, labels = stored["images"], stored["labels"]
+            if images.dtype != torch.uint8 or images.shape[0] != count or len(labels) != count:
+                raise ValueError(f"holds {tuple(images.shape)} {images.dtype} images")
+            return PatchSet(images, labels)
+        except Exception as error:  # truncated, corrupt, another format: regenerate it
+            logger.warning("synthetic cache %s unreadable (%s); regenerating it", path,
+                           f"{type(error).__name__}: {error}".splitlines()[0][:200])  # fmt: skip
     patches = _draw_synthetic(count, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"images": patches.images, "labels": patches.labels}, temporary)
-    temporary.replace(path)
+    # A name no other process uses, then an atomic rename: two workers filling the cache
+    # at once each write their own file, and the last rename wins with a whole file.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": patches.images, "labels": patches.labels}, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # a full or read-only disk: train uncached
+        logger.warning("synthetic cache %s not written (%s)", path, error)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
     return patches
 
 

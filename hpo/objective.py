@@ -9,6 +9,9 @@ per-trial user attrs. How a trial ends, as the worker and Optuna see it:
 - pruned (``fail_reason = "pruned"``) or diverged (``"diverged"``): ``optuna.TrialPruned``;
 - out of memory (``"oom"``): the device's cap is lowered to half the batch size, memory
   is freed and ``TrialOutOfMemory`` is raised (the worker fails the trial and goes on).
+
+A checkpoint that cannot be written is a warning, never a trial's end; one that cannot be
+read makes the retry start from epoch 0 (user attr ``checkpoint_unreadable``).
 """
 
 from __future__ import annotations

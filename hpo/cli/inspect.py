@@ -105,11 +105,13 @@ def report(
     objective over batch size × learning rate, generalization gap, learning curves and
     parameter importances, as PNG + HTML with a markdown summary."""
     from hpo.dashboard import default_artifact_dir
+    from hpo.paths import check_writable_dir, safe_component
     from hpo.report import run_report
     from hpo.storage import resolve_storage_url
 
     storage_url = resolve_storage_url(storage)
-    out_dir = out or Path("reports") / study
+    out_dir = out or Path("reports") / safe_component(study)
+    check_writable_dir(out_dir, "--out")
     artifact_dir = (artifacts or default_artifact_dir(storage_url)) if attach else None
     result = run_report(study, storage_url, out_dir, artifact_dir=artifact_dir, top_k=top_k)
     console.print(result.data.fit.describe(), markup=False, soft_wrap=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 from hpo.cli.app import console
@@ -23,7 +24,7 @@ def print_summary(study: optuna.Study, metric: str) -> None:
     counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
     class_counts = study.user_attrs.get(CLASS_COUNTS_ATTR) or {}
     console.print(
-        f"study [bold]{summary.study_name}[/] ({summary.direction} "
+        f"study [bold]{escape(summary.study_name)}[/] ({summary.direction} "
         f"{describe_metric(metric, len(class_counts.get('train', {})))}): "
         f"{counts or 'no trials'}"
     )

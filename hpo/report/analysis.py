@@ -10,6 +10,7 @@ report of a running study is a snapshot.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,12 +33,33 @@ DEFAULT_CONFIDENCE = 0.95
 
 def trial_batch_size(trial: FrozenTrial) -> int | None:
     """The batch size a trial trained with: the stored user attr (the batch size actually
-    used, after any cap), else 2 ** the sampled ``log2_batch_size``; None if it has neither."""
+    used, after any cap), else 2 ** the sampled ``log2_batch_size``; None if it has neither
+    or if what is stored is not a batch size (a study written by another tool): such a
+    trial is left out of every table and figure, with a warning."""
     if "batch_size" in trial.user_attrs:
-        return int(trial.user_attrs["batch_size"])
-    if "log2_batch_size" in trial.params:
-        return 2 ** int(trial.params["log2_batch_size"])
+        value = trial.user_attrs["batch_size"]
+    elif "log2_batch_size" in trial.params:
+        exponent = trial.params["log2_batch_size"]
+        value = 2 ** int(exponent) if _is_whole(exponent) and 0 <= exponent <= 30 else exponent
+    else:
+        return None
+    if _is_whole(value) and 1 <= value <= 2**30:
+        return int(value)
+    warnings.warn(
+        f"trial {trial.number}: batch size {str(value)[:40]!r} is not a positive integer; "
+        "left out of the report",
+        stacklevel=2,
+    )
     return None
+
+
+def _is_whole(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and float(value).is_integer()
+    )
 
 
 @dataclass(frozen=True)

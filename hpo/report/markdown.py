@@ -4,6 +4,8 @@ study's note in the dashboard."""
 
 from __future__ import annotations
 
+import html
+
 from hpo.report.analysis import ReportData, trial_batch_size
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
 from hpo.report.noise_scale import describe_critical_batch_size
@@ -46,7 +48,7 @@ def _overview(data: ReportData) -> list[str]:
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(summary.state_counts.items()))
     total = sum(summary.state_counts.values())
     lines = [
-        f"# {data.study_name}: batch size × learning rate",
+        f"# {_plain(data.study_name)}: batch size × learning rate",
         "",
         f"{total} trials ({counts or 'none'}); objective: {summary.direction} {data.metric}.",
     ]
@@ -70,3 +72,10 @@ def _table(data: ReportData) -> list[str]:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "gap: train − val accuracy of the best trial at its last epoch."]
     return lines
+
+
+def _plain(text: str) -> str:
+    """A name from the storage as plain text in markdown: HTML and markdown's own markup
+    characters escaped (a study name may come from any tool)."""
+    escaped = html.escape(" ".join(text.split()))
+    return "".join(f"\\{ch}" if ch in "\\`*_[]#|<>!" else ch for ch in escaped)
