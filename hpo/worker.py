@@ -36,15 +36,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hpo.checkpoint import checkpoint_root, list_trial_dirs, remove_checkpoints_except
-from hpo.data import load_splits
-from hpo.device import start_on_this_node
-from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.settings import NodeSettings, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
 from hpo.storage import retry_on_disconnect, study_lock
@@ -55,6 +52,9 @@ from hpo.study import (
     original_trial_number,
     study_budget,
 )
+
+if TYPE_CHECKING:
+    from hpo.objective import Objective, TrialProgress
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def remove_finished_checkpoints(study: optuna.Study, root: Path) -> list[Path]:
     """Delete the checkpoints of finished trials, except the best trial's. A checkpoint is
     kept while any trial of its retry chain is RUNNING or WAITING (a vanished trial is
     still RUNNING until its grace period ends). Returns what went."""
+    from hpo.checkpoint import list_trial_dirs, remove_checkpoints_except
+
     listed = list_trial_dirs(root)  # before the trials are read: a new trial is kept
     if not listed:
         return []
@@ -259,6 +261,13 @@ def run_worker(
     trials after that many seconds. Raises DeviceUnavailable / DataError before any trial
     when this node cannot run the study.
     """
+    # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
+    # worker (benchmarks/storage_scale.py) stays a small process.
+    from hpo.checkpoint import checkpoint_root
+    from hpo.data import load_splits
+    from hpo.device import start_on_this_node
+    from hpo.objective import Objective, SilentProgress
+
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
     setup = start_on_this_node(spec.training)
