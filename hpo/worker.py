@@ -36,21 +36,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
 
 from hpo.caps import BatchSizeCapSampler
-from hpo.checkpoint import (
-    check_checkpoint_dir,
-    checkpoint_root,
-    list_trial_dirs,
-    remove_checkpoints_except,
-)
-from hpo.data import class_counts, load_splits
-from hpo.device import start_on_this_node
-from hpo.models import check_model
-from hpo.objective import Objective, SilentProgress, TrialProgress
 from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import THREADS_SOURCES, NodeSettings, check_cpu_count, heartbeat_settings
 from hpo.spec import StudySpec, check_data_root
@@ -64,6 +55,9 @@ from hpo.study import (
     original_trial_number,
     study_budget,
 )
+
+if TYPE_CHECKING:
+    from hpo.objective import Objective, TrialProgress
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +244,8 @@ def remove_finished_checkpoints(study: optuna.Study, root: Path) -> list[Path]:
     """Delete the checkpoints of finished trials, except the best trial's. A checkpoint is
     kept while any trial of its retry chain is RUNNING or WAITING (a vanished trial is
     still RUNNING until its grace period ends). Returns what went."""
+    from hpo.checkpoint import list_trial_dirs, remove_checkpoints_except
+
     listed = list_trial_dirs(root)  # before the trials are read: a new trial is kept
     if not listed:
         return []
@@ -322,6 +318,14 @@ def run_worker(
     when this node cannot run the study, and CheckpointDirError when the checkpoint
     directory is a file, read-only or cannot be created.
     """
+    # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
+    # worker (benchmarks/storage_scale.py) stays a small process.
+    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
+    from hpo.data import class_counts, load_splits
+    from hpo.device import start_on_this_node
+    from hpo.models import check_model
+    from hpo.objective import Objective, SilentProgress
+
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
     guard = SQLiteFileGuard.attach(loaded.storage)

@@ -3,6 +3,9 @@ without pre-ping, and workers through a real PgBouncer in transaction pooling mo
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -200,3 +203,27 @@ def test_workers_through_pgbouncer_share_two_server_connections(
     assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
     assert 1 <= connections.peak <= 2
+
+
+@pytest.mark.db
+def test_storage_scale_quick_point_holds_the_study_on_both_paths(tmp_path: Path) -> None:
+    # benchmarks/storage_scale.py --quick: 16 simulated workers (hpo's real claim /
+    # heartbeat / report / tell loop, sleeping instead of training), direct and through
+    # PgBouncer.
+    out = tmp_path / "scale.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "storage_scale.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    points = json.loads(out.read_text())
+    assert [(p["workers"], p["via"]) for p in points] == [(16, "direct"), (16, "pgbouncer")]
+    for point in points:
+        assert (point["lost"], point["duplicated"], point["stuck_running"]) == (0, 0, 0), point
+        assert point["trials_per_min"] > 0 and point["claim_p50_ms"] > 0
+        for key in ("claim_p99_ms", "report_p99_ms", "tell_p99_ms", "server_connections_peak"):
+            assert point[key] > 0, key
+    direct, bounced = points
+    assert direct["server_connections_peak"] <= 16 * PoolSettings().max_connections
+    assert bounced["server_connections_peak"] <= 20  # the benchmark's PgBouncer pool size

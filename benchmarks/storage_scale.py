@@ -1,0 +1,353 @@
+"""Many simulated workers on one PostgreSQL, directly and through PgBouncer: does the
+study hold (nothing lost, duplicated or stuck), what does each step cost, and how many
+server connections does it take.
+
+A simulated worker runs hpo's real worker loop, the one ``hpo worker`` runs
+(``hpo.worker.claim_trial`` under the study lock, ``run_one`` with its heartbeat thread,
+``tell``, ``retry_on_disconnect``), with a stand-in objective that sleeps instead of
+training (no torch in these processes): ``--epochs`` "epochs" of ``--epoch-s`` seconds
+each (uniform in the range), one ``report`` + ``should_prune`` per epoch (the spec's median
+pruner), heartbeats every ``--heartbeat-s`` seconds. ``--workers`` are processes x
+``--threads`` threads (threads where memory binds: each thread has its own storage and so
+its own connection pool, like a process; they share one process's CPU).
+
+Per point (workers, via): trials finished per minute; p50/p99 latency of claim, report
+(``report`` + ``should_prune``) and tell; peak server connections to the study's database
+(``pg_stat_activity``, sampled every 50 ms); database CPU seconds per trial (``/proc`` of
+the backends serving that database, sampled: backends that live < 0.2 s are missed);
+lost / duplicated / stuck-RUNNING trials from the final study. Claim latency is also
+given without each worker's first claim (``claim_steady_p99_ms``): all workers start at
+once, so first claims queue behind each other under the study lock. ``--kill 0.1`` SIGKILLs a
+tenth of the worker processes once a third of the trials finished: their trials must be
+re-queued (after ``--grace-s``) and finished by the others, the total exact.
+
+Databases ``hpo12_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after.
+PgBouncer (Debian package) is started on a free loopback port by ``tests/pgbouncer.py``.
+
+  uv run python benchmarks/storage_scale.py --quick --json scale.json
+  uv run python benchmarks/storage_scale.py --workers 8,64,256 --via direct,pgbouncer
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/pgbouncer.py
+
+from hpo.spec import parse_spec  # noqa: E402
+from hpo.storage import retry_on_disconnect  # noqa: E402
+from hpo.study import create_or_load_study, load_study, superseded_trials  # noqa: E402
+from hpo.worker import StopSignal, claim_trial, run_one  # noqa: E402
+
+STUDY = "scale"
+SPEC = {
+    "seed": 0,
+    "dataset": {"kind": "synthetic", "train_size": 64, "val_size": 32, "image_size": 32},
+    "model": {"name": "small-cnn"},
+    "search": {
+        "batch_size_min": 16,
+        "batch_size_max": 64,
+        "lr_low": 1e-4,
+        "lr_high": 1.0,
+        "weight_decay_low": 1e-6,
+        "weight_decay_high": 1e-3,
+        "optimizer": "sgd",
+    },
+    "budget": {"epochs": 10, "n_trials": 10},
+    "pruner": {"kind": "median", "min_epochs": 3, "n_startup_trials": 5},
+    "sampler": {"kind": "random", "seed": 0},
+    "objective": {"metric": "val_auc"},
+}
+
+
+class SleepObjective:
+    """Stands in for ``hpo.objective.Objective``: sleeps per epoch, reports, may prune."""
+
+    checkpoint_root = None
+
+    def __init__(self, epochs: int, epoch_s: tuple[float, float], timings: dict) -> None:
+        self.epochs, self.epoch_s, self.timings = epochs, epoch_s, timings
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        quality = 1 - abs(math.log10(lr) + 2) / 4
+        value = 0.5
+        for epoch in range(1, self.epochs + 1):
+            time.sleep(random.uniform(*self.epoch_s))
+            value = 0.5 + 0.4 * quality * (1 - math.exp(-epoch / 3)) + random.gauss(0, 0.01)
+            started = time.perf_counter()
+            trial.report(value, epoch)
+            prune = trial.should_prune()
+            self.timings["report"].append(time.perf_counter() - started)
+            if prune:
+                raise optuna.TrialPruned()
+        return value
+
+
+def _simulated_worker(url: str, total: int, args: argparse.Namespace, timings: dict) -> None:
+    """``hpo.worker.run_worker``'s loop, less device, data and torch."""
+    loaded = load_study(STUDY, url, parallel=True)
+    loaded.study.sampler.reseed_rng()
+    objective = SleepObjective(args.epochs, args.epoch_s, timings)
+    tell = loaded.study.tell
+
+    def timed_tell(*a, **k):
+        started = time.perf_counter()
+        try:
+            return tell(*a, **k)
+        finally:
+            timings["tell"].append(time.perf_counter() - started)
+
+    loaded.study.tell = timed_tell  # run_one tells through the study
+    stop = StopSignal()
+    claimed_before = False
+    while True:
+        started = time.perf_counter()
+        claimed = retry_on_disconnect(lambda: claim_trial(loaded, total), what="claim", url=url)
+        # Each worker's first claim queues behind all workers starting at once; kept apart.
+        key = "claim" if claimed_before else "claim_first"
+        timings[key].append(time.perf_counter() - started)
+        claimed_before = True
+        if claimed == "done":
+            break
+        if claimed == "wait":
+            time.sleep(min(2.0, args.heartbeat_s))
+            continue
+        timings["numbers"].append(claimed.number)
+        run_one(loaded, claimed, objective, stop)
+    loaded.storage.engine.dispose()
+
+
+def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
+    timings: dict = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+    barrier.wait()
+    threads = [
+        threading.Thread(target=_simulated_worker, args=(url, total, args, timings))
+        for _ in range(args.threads)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    Path(out).write_text(json.dumps(timings))
+
+
+class DatabaseMonitor:
+    """Peak server connections to one database, and the CPU its backends used."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self.database, self.peak = database, 0
+        self.cpu_ticks: dict[int, int] = {}
+        self._engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        query = sqlalchemy.text("SELECT pid FROM pg_stat_activity WHERE datname = :name")
+        last_cpu = 0.0
+        with self._engine.connect() as connection:
+            while not self._stop.wait(0.05):
+                pids = connection.execute(query, {"name": self.database}).scalars().all()
+                self.peak = max(self.peak, len(pids))
+                if time.monotonic() - last_cpu >= 0.2:
+                    last_cpu = time.monotonic()
+                    for pid in pids:
+                        with contextlib.suppress(OSError, IndexError, ValueError):
+                            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                            self.cpu_ticks[pid] = int(fields[11]) + int(fields[12])
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> DatabaseMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._engine.dispose()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_point(
+    workers: int, via: str, args: argparse.Namespace, index: int, port: int | None
+) -> dict:
+    admin = make_url(args.url)
+    database = f"hpo12_scale_{os.getpid()}_{index}"
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        connection.exec_driver_sql(f"CREATE DATABASE {database}")
+    direct = admin.set(database=database).render_as_string(hide_password=False)
+    url = direct
+    if via == "pgbouncer":
+        url = make_url(direct).set(host="127.0.0.1", port=port)
+        url = url.render_as_string(hide_password=False)
+    try:
+        spec = parse_spec(SPEC | {"budget": {"epochs": args.epochs, "n_trials": 10}},
+                          source="storage_scale", default_name=STUDY)  # fmt: skip
+        create_or_load_study(spec, url, parallel=True).storage.engine.dispose()
+        total = workers * args.trials_per_worker
+        processes = max(1, workers // args.threads)
+        outputs = [Path(args.tmp) / f"point{index}-{n}.json" for n in range(processes)]
+        context = multiprocessing.get_context("fork")
+        barrier = context.Barrier(processes + 1)
+        children = [
+            context.Process(target=_worker_process, args=(url, total, args, str(out), barrier))
+            for out in outputs
+        ]
+        for child in children:
+            child.start()
+        killed = 0
+        with DatabaseMonitor(args.url, database) as monitor:
+            barrier.wait()
+            started = time.monotonic()
+            victims = random.sample(children, round(args.kill * processes)) if args.kill else []
+            while any(child.is_alive() for child in children):
+                if victims and _finished(direct) >= total / 3:
+                    for child in victims:
+                        os.kill(child.pid, signal.SIGKILL)
+                    killed, victims = len(victims), []
+                time.sleep(0.5)
+            wall = time.monotonic() - started
+        timings = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+        for out in outputs:
+            if out.exists():
+                for key, values in json.loads(out.read_text()).items():
+                    timings[key] += values
+        storage_check = _integrity(direct, total, timings["numbers"])
+        finished = storage_check.pop("finished")
+        return {
+            "workers": workers,
+            "via": via,
+            "processes": processes,
+            "threads_per_process": args.threads,
+            "killed_workers": killed * args.threads,
+            "trials": total,
+            "wall_s": round(wall, 1),
+            "trials_per_min": round(finished / wall * 60, 1),
+            "claim_p50_ms": round(_percentile(timings["claim"] + timings["claim_first"], 0.5), 1),
+            "claim_p99_ms": round(_percentile(timings["claim"] + timings["claim_first"], 0.99), 1),
+            "claim_steady_p99_ms": round(_percentile(timings["claim"], 0.99), 1),
+            "first_claim_max_ms": round(_percentile(timings["claim_first"], 1.0), 1),
+            "report_p50_ms": round(_percentile(timings["report"], 0.5), 1),
+            "report_p99_ms": round(_percentile(timings["report"], 0.99), 1),
+            "tell_p50_ms": round(_percentile(timings["tell"], 0.5), 1),
+            "tell_p99_ms": round(_percentile(timings["tell"], 0.99), 1),
+            "server_connections_peak": monitor.peak,
+            "db_cpu_s_per_trial": round(monitor.cpu_seconds / max(1, finished), 3),
+            **storage_check,
+        }
+    finally:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        engine.dispose()
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+
+
+def _finished(url: str) -> int:
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(t.state in done for t in _trials(url))
+
+
+def _integrity(url: str, total: int, claimed_numbers: list[int]) -> dict:
+    """lost: fewer counted finished trials than the total; duplicated: more, or a trial
+    number claimed twice; stuck: RUNNING or WAITING at the end."""
+    trials = _trials(url)
+    replaced = superseded_trials(trials)
+    counted = [t for t in trials if t.number not in replaced]
+    finished = [t for t in counted if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    claimed_twice = sum(n - 1 for n in Counter(claimed_numbers).values() if n > 1)
+    stuck = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    states = Counter(t.state.name for t in counted)
+    return {
+        "finished": len(finished),
+        "states": dict(states),
+        "retried": len(replaced),
+        "lost": max(0, total - len(counted)),
+        "duplicated": max(0, len(counted) - total) + claimed_twice,
+        "stuck_running": len(stuck),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--workers", default="8,64,256", help="comma-separated sweep")
+    parser.add_argument("--via", default="direct,pgbouncer")
+    parser.add_argument("--threads", type=int, default=4, help="simulated workers per process")
+    parser.add_argument("--trials-per-worker", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epoch-s", default="0.5,2", help="min,max seconds of one epoch")
+    parser.add_argument("--heartbeat-s", type=float, default=2)
+    parser.add_argument("--grace-s", type=float, default=10)
+    parser.add_argument("--pgbouncer-pool", type=int, default=20)
+    parser.add_argument("--kill", type=float, default=0, help="fraction of processes to kill -9")
+    parser.add_argument("--quick", action="store_true", help="16 workers, both paths, short")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.workers, args.epochs, args.epoch_s, args.trials_per_worker = "16", 4, "0.2,0.5", 2
+    args.epoch_s = tuple(float(x) for x in args.epoch_s.split(","))
+    # hpo.settings reads these in every process (forked children inherit them).
+    os.environ.update(HPO_HEARTBEAT_S=str(args.heartbeat_s), HPO_GRACE_S=str(args.grace_s))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import tempfile
+
+    from tests.pgbouncer import pgbouncer
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        args.tmp = tmp
+        port = None
+        if "pgbouncer" in args.via:
+            port = stack.enter_context(pgbouncer(pool_size=args.pgbouncer_pool))
+        index = 0
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for via in args.via.split(","):
+                index += 1
+                result = run_point(workers, via, args, index, port)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
