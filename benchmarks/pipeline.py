@@ -416,6 +416,21 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
     }
 
 
+def flat_e2e(e2e: dict[str, Any]) -> dict[str, float]:
+    """The (c) figures as flat numbers for ``--json``: the ratios, the samples/s and the
+    seconds per epoch of each phase (``e2e_s_per_epoch_gap_pass``, ...)."""
+    flat = {
+        "e2e_vs_step": e2e["e2e_vs_step"],
+        "e2e_vs_separate_step": e2e["e2e_vs_separate_step"],
+        "e2e_trial_samples_per_s": e2e["trial_samples_per_s"],
+        "e2e_in_trial_step_samples_per_s": e2e["in_trial_step_samples_per_s"],
+        "e2e_separate_step_samples_per_s": e2e["separate_step_samples_per_s"],
+    }
+    for phase, seconds in e2e["seconds_per_epoch"].items():
+        flat[f"e2e_s_per_epoch_{phase.replace(' ', '_')}"] = seconds
+    return flat
+
+
 def describe_e2e(result: dict[str, Any]) -> str:
     shares = ", ".join(
         f"{phase} {result['seconds_per_epoch'][phase]:.2f} s ({result['share_of_trial'][phase]:.0%})"
@@ -469,8 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         e2e = e2e_vs_step(args.model, args.batch_size, args.e2e_rounds, args.device,
                           epochs=args.e2e_epochs, train_size=args.e2e_train_size,
                           val_size=args.e2e_val_size)  # fmt: skip
-        result["e2e_vs_step"] = e2e["e2e_vs_step"]
-        result["e2e"] = e2e
+        result.update(flat_e2e(e2e))
         print(describe_e2e(e2e) + f"; load {_load():.1f}", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
