@@ -67,7 +67,7 @@ import hpo.objective as hpo_objective
 import hpo.train as hpo_train
 from hpo.checkpoint import TrialCheckpoint
 from hpo.data import DeviceBatcher, _draw_synthetic, batch_indices, channel_stats, load_splits
-from hpo.device import select_device
+from hpo.device import select_device, start_on_this_node
 from hpo.models import build_model
 from hpo.objective import Objective, train_trial
 from hpo.spec import StudySpec, TrialParams, load_spec
@@ -373,7 +373,7 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
     sizes = {"train_size": train_size, "val_size": val_size}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=sizes)})
-    setup = select_device(spec.training)
+    setup = start_on_this_node(spec.training)  # as a worker does
     splits = load_splits(spec.dataset)
     samples = spec.budget.epochs * (len(splits[0]) // batch_size) * batch_size
     measured = []
