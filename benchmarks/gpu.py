@@ -56,7 +56,7 @@ from hpo.device import (  # noqa: E402
     DeviceSetup,
     is_out_of_memory,
     release_device_memory,
-    select_device,
+    start_on_this_node,
 )
 from hpo.models import build_model  # noqa: E402
 from hpo.spec import StudySpec, TrialParams  # noqa: E402
@@ -202,7 +202,19 @@ def hpo_cell(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int, secon
 
 def naive_cell(model_name: str, root: Path, device: torch.device, batch_size: int,
                workers: int, seconds: float, max_steps: int) -> dict[str, Any]:  # fmt: skip
-    """The naive path: torchvision ``PCAM`` + ``DataLoader`` feeding an fp32 NCHW model."""
+    """The naive path: torchvision ``PCAM`` + ``DataLoader`` feeding an fp32 NCHW model,
+    with torch's default backend flags (no cudnn.benchmark, no TF32 matmuls), as a plain
+    script runs."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False
+    try:
+        return _naive_cell(model_name, root, device, batch_size, workers, seconds, max_steps)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _naive_cell(model_name: str, root: Path, device: torch.device, batch_size: int,
+                workers: int, seconds: float, max_steps: int) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(0)
     model = build_model(model_name).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -337,7 +349,7 @@ def model_cells(model: str, root: Path, batch_sizes: list[int],
         "pruner": {"kind": "none"},
         "training": {"device": args.device},
     })  # fmt: skip
-    setup = select_device(spec.training)
+    setup = start_on_this_node(spec.training)  # as a worker: cudnn.benchmark, TF32, ...
     splits = load_splits(spec.dataset)
     measure = (args.seconds, args.max_steps)
     cells = []

@@ -67,7 +67,7 @@ import hpo.objective as hpo_objective
 import hpo.train as hpo_train
 from hpo.checkpoint import TrialCheckpoint
 from hpo.data import DeviceBatcher, _draw_synthetic, batch_indices, channel_stats, load_splits
-from hpo.device import select_device
+from hpo.device import select_device, start_on_this_node
 from hpo.models import build_model
 from hpo.objective import Objective, train_trial
 from hpo.spec import StudySpec, TrialParams, load_spec
@@ -373,7 +373,7 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
     sizes = {"train_size": train_size, "val_size": val_size}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=sizes)})
-    setup = select_device(spec.training)
+    setup = start_on_this_node(spec.training)  # as a worker does
     splits = load_splits(spec.dataset)
     samples = spec.budget.epochs * (len(splits[0]) // batch_size) * batch_size
     measured = []
@@ -414,6 +414,21 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
         "seconds_per_epoch": {k: v / epochs_run for k, v in middle["seconds"].items()},
         "share_of_trial": {k: v / middle["wall"] for k, v in middle["seconds"].items()},
     }
+
+
+def flat_e2e(e2e: dict[str, Any]) -> dict[str, float]:
+    """The (c) figures as flat numbers for ``--json``: the ratios, the samples/s and the
+    seconds per epoch of each phase (``e2e_s_per_epoch_gap_pass``, ...)."""
+    flat = {
+        "e2e_vs_step": e2e["e2e_vs_step"],
+        "e2e_vs_separate_step": e2e["e2e_vs_separate_step"],
+        "e2e_trial_samples_per_s": e2e["trial_samples_per_s"],
+        "e2e_in_trial_step_samples_per_s": e2e["in_trial_step_samples_per_s"],
+        "e2e_separate_step_samples_per_s": e2e["separate_step_samples_per_s"],
+    }
+    for phase, seconds in e2e["seconds_per_epoch"].items():
+        flat[f"e2e_s_per_epoch_{phase.replace(' ', '_')}"] = seconds
+    return flat
 
 
 def describe_e2e(result: dict[str, Any]) -> str:
@@ -469,8 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         e2e = e2e_vs_step(args.model, args.batch_size, args.e2e_rounds, args.device,
                           epochs=args.e2e_epochs, train_size=args.e2e_train_size,
                           val_size=args.e2e_val_size)  # fmt: skip
-        result["e2e_vs_step"] = e2e["e2e_vs_step"]
-        result["e2e"] = e2e
+        result.update(flat_e2e(e2e))
         print(describe_e2e(e2e) + f"; load {_load():.1f}", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
