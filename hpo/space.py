@@ -13,6 +13,7 @@ import math
 
 import optuna
 
+from hpo.pruning import BatchSizeFloorPruner, SameBatchSizePruner
 from hpo.spec import StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
@@ -91,19 +92,34 @@ def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner, with the warm-up that protects large batches early on.
 
-    Intermediate values are reported at step = epoch (1-based). ``min_epochs`` becomes
-    MedianPruner's ``n_warmup_steps`` (no pruning at steps below it) and Hyperband's
-    ``min_resource`` (its first rung), so every trial trains at least that many epochs.
+    Intermediate values are reported at step = report number (1-based; with
+    ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
+    the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
+    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` and
+    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``).
     """
     config = spec.pruner
+    pruner: optuna.pruners.BasePruner
     if config.kind == "median":
-        return optuna.pruners.MedianPruner(
+        pruner = optuna.pruners.MedianPruner(
             n_startup_trials=config.n_startup_trials, n_warmup_steps=config.min_epochs
         )
-    if config.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(
+    elif config.kind == "percentile":
+        pruner = optuna.pruners.PercentilePruner(
+            config.percentile,
+            n_startup_trials=config.n_startup_trials,
+            n_warmup_steps=config.min_epochs,
+        )
+    elif config.kind == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(
             min_resource=config.min_epochs,
             max_resource=spec.budget.epochs,
             reduction_factor=config.reduction_factor,
         )
-    return optuna.pruners.NopPruner()
+    else:
+        return optuna.pruners.NopPruner()
+    if config.stratify_by_batch_size:
+        pruner = SameBatchSizePruner(pruner, BATCH_PARAM)
+    if config.min_trials_per_batch_size > 0:
+        pruner = BatchSizeFloorPruner(pruner, BATCH_PARAM, config.min_trials_per_batch_size)
+    return pruner

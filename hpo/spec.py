@@ -172,16 +172,39 @@ class BudgetSpec(_Table):
 class PrunerSpec(_Table):
     """Early stopping of bad trials.
 
-    Pruning compares trials at the same epoch, i.e. after the same number of samples. Large
-    batches take fewer optimizer updates per epoch and so look worse early; ``min_epochs``
-    is the warm-up: no trial is pruned before it has trained that many epochs (Median:
-    ``n_warmup_steps``; Hyperband: ``min_resource``).
+    Pruning compares trials at the same report (with ``budget.unit = "epochs"``, the same
+    epoch, i.e. after the same number of samples). Large batches take fewer optimizer
+    updates per epoch and so look worse early; three settings keep that from condemning a
+    batch size wholesale:
+
+    - ``min_epochs``, the warm-up: no trial is pruned before its report number
+      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; Hyperband: ``min_resource``).
+    - ``stratify_by_batch_size`` (median/percentile only): a trial is compared only with
+      trials of its own batch size; ``n_startup_trials`` then counts per batch size.
+    - ``min_trials_per_batch_size``, the floor: no trial is pruned while its batch size
+      has fewer than this many complete trials.
+
+    The last two default off so a study file, or a study stored before they existed, keeps
+    pruning exactly as before; the shipped study files turn them on.
     """
 
-    kind: Literal["median", "hyperband", "none"] = "median"
+    kind: Literal["median", "percentile", "hyperband", "none"] = "median"
     min_epochs: PositiveInt = 2
     n_startup_trials: int = Field(5, ge=0)
     reduction_factor: int = Field(3, ge=2)
+    # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
+    # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
+    percentile: float = Field(50.0, gt=0.0, lt=100.0)
+    stratify_by_batch_size: bool = False
+    min_trials_per_batch_size: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_stratify(self) -> PrunerSpec:
+        if self.stratify_by_batch_size and self.kind not in ("median", "percentile"):
+            raise ValueError(
+                f"stratify_by_batch_size needs kind 'median' or 'percentile', not {self.kind!r}"
+            )
+        return self
 
 
 class SamplerSpec(_Table):
