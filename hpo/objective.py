@@ -26,6 +26,7 @@ from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch
 from hpo.checkpoint import TrialCheckpoint
 from hpo.data import PatchSet, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.resource import TrainingBudget
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -103,8 +104,10 @@ class Objective:
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
         run = build_run(self.spec, params, self.setup, seed=seed)
         checkpoint = self._resume(trial, run)
-        steps = len(data.train) // params.batch_size
-        self.progress.start(trial.number, params, self.spec.budget.epochs, steps)
+        budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
+        trial.set_user_attr("budget_unit", budget.unit)
+        steps_per_report = budget.updates_at(1) or budget.steps_per_epoch
+        self.progress.start(trial.number, params, budget.reports, steps_per_report)
         try:
             fit(
                 run, data, self.setup, self.spec, params,
@@ -116,7 +119,7 @@ class Objective:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
-            record_tally(trial, run.tally, started)
+            record_tally(trial, run.tally, started, budget=budget)
             self.progress.finish()
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
@@ -175,15 +178,26 @@ class Objective:
         )
 
 
-def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
-    """Store the per-trial metrics as user attributes (also on pruned and failed trials)."""
+def record_tally(
+    trial: optuna.Trial, tally: Tally, started: float, *, budget: TrainingBudget | None = None
+) -> None:
+    """Store the per-trial metrics as user attributes (also on pruned and failed trials).
+
+    The resource spent is recorded in all three budget units, whichever the study uses:
+    ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
+    updates) and ``train_seconds`` (training time, evaluation not counted).
+    ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
+    """
     seconds = tally.train_seconds
     attrs: dict[str, float | int] = {
         "epochs_completed": len(tally.history),
         "n_updates": tally.updates,
+        "train_seconds": seconds,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
         "wall_time_s": time.perf_counter() - started,
     }
+    if budget is not None:
+        attrs["train_epochs"] = budget.epochs(tally.updates)
     if tally.history:
         last = tally.history[-1]
         attrs.update(

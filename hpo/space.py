@@ -113,7 +113,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     elif config.kind == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(
             min_resource=config.min_epochs,
-            max_resource=spec.budget.epochs,
+            max_resource=spec.budget.report_count,
             reduction_factor=config.reduction_factor,
         )
     else:

@@ -163,10 +163,59 @@ class SearchSpec(_Table):
         return [2**k for k in range(low, high + 1)]
 
 
+# Reports per trial when ``budget.reports`` is not set and the unit is not epochs.
+DEFAULT_REPORTS = 4
+
+
 class BudgetSpec(_Table):
-    epochs: PositiveInt
+    """How much training each trial gets, and how many trials.
+
+    ``unit`` says what "the same amount of training" means across batch sizes:
+
+    - ``epochs`` (default): equal samples seen (``epochs`` passes over the training set);
+      B = 512 then takes 32x fewer optimizer updates than B = 16.
+    - ``steps``: equal optimizer updates (``steps``); large batches see more data (the
+      "train longer" regime of Hoffer et al., 2017).
+    - ``seconds``: equal training time (``seconds``, evaluation not counted); on a GPU
+      large batches process more samples per second.
+
+    Each trial reports its metric ``reports`` times, at fractions 1/reports, 2/reports, …
+    of the budget in its unit, so the pruner compares trials at the same resource; the
+    cosine LR schedule spans the budget in the same unit. Without ``reports`` a trial
+    reports after every epoch (unit ``epochs``, as before) or ``DEFAULT_REPORTS`` times.
+    """
+
+    unit: Literal["epochs", "steps", "seconds"] = "epochs"
+    epochs: PositiveInt | None = None
+    steps: PositiveInt | None = None
+    seconds: float | None = Field(None, gt=0)
+    reports: PositiveInt | None = None
     n_trials: PositiveInt = 20
     timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_unit(self) -> BudgetSpec:
+        amounts = {"epochs": self.epochs, "steps": self.steps, "seconds": self.seconds}
+        if amounts[self.unit] is None:
+            raise ValueError(f"unit {self.unit!r} needs '{self.unit}' (the budget per trial)")
+        for name, value in amounts.items():
+            if name != self.unit and value is not None:
+                raise ValueError(f"'{name}' is set but unit is {self.unit!r}; set one of them")
+        return self
+
+    @property
+    def amount(self) -> float:
+        """The budget per trial in ``unit``."""
+        return float(
+            {"epochs": self.epochs, "steps": self.steps, "seconds": self.seconds}[self.unit] or 0
+        )
+
+    @property
+    def report_count(self) -> int:
+        """How many times each trial reports (and may be pruned)."""
+        if self.reports is not None:
+            return self.reports
+        return self.epochs if self.unit == "epochs" and self.epochs else DEFAULT_REPORTS
 
 
 class PrunerSpec(_Table):
@@ -265,11 +314,14 @@ class StudySpec(_Table):
                 f"search.batch_size_max = {self.search.batch_size_max} is larger than the "
                 f"training set ({train_size} patches)"
             )
-        if self.pruner.kind != "none" and self.pruner.min_epochs > self.budget.epochs:
-            raise ValueError(
-                f"pruner.min_epochs = {self.pruner.min_epochs} exceeds budget.epochs = "
-                f"{self.budget.epochs}"
+        reports = self.budget.report_count
+        if self.pruner.kind != "none" and self.pruner.min_epochs > reports:
+            counted = (
+                f"budget.epochs = {reports}"
+                if self.budget.unit == "epochs" and self.budget.reports is None
+                else f"budget.reports = {reports}"
             )
+            raise ValueError(f"pruner.min_epochs = {self.pruner.min_epochs} exceeds {counted}")
         grids = (
             ("grid_lr", self.search.lr_low, self.search.lr_high),
             ("grid_weight_decay", self.search.weight_decay_low, self.search.weight_decay_high),
