@@ -19,7 +19,7 @@ from hpo.spec import StudySpec, TrialParams
 BATCH_PARAM = "log2_batch_size"
 
 __all__ = ["BATCH_PARAM", "TrialParams", "grid_search_space", "grid_size", "make_pruner"]
-__all__ += ["make_sampler", "sample_params"]
+__all__ += ["first_round", "make_sampler", "sample_params"]
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -67,6 +67,36 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
 
 def grid_size(spec: StudySpec) -> int:
     return math.prod(len(values) for values in grid_search_space(spec).values())
+
+
+def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
+    """One trial per batch size, smallest first: the trials queued when a study with
+    ``sampler.cover_batch_sizes`` is created.
+
+    Why a queued round rather than a sampler rule: TPE (and GP) draw the batch size
+    jointly with the LR and can leave a batch size untried for a whole small study; a
+    queued trial is tried whatever the sampler does, is visible as WAITING in ``hpo
+    status`` and the dashboard, is the same for every worker (queued once, under the
+    study lock) and works with every sampler. Together with
+    ``pruner.min_trials_per_batch_size >= 1`` each batch size gets one full-budget trial.
+
+    LR: the geometric middle of the range at the middle batch size, scaled by the
+    square-root rule (halfway, on a log scale, between the linear rule and no dependence)
+    and kept inside the range; weight decay: the geometric middle of its range.
+    """
+    search = spec.search
+    log2_sizes = [int(math.log2(b)) for b in search.batch_sizes]
+    middle = (log2_sizes[0] + log2_sizes[-1]) / 2
+    lr_middle = math.sqrt(search.lr_low * search.lr_high)
+    weight_decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
+    return [
+        {
+            BATCH_PARAM: log2,
+            "lr": min(search.lr_high, max(search.lr_low, lr_middle * 2 ** ((log2 - middle) / 2))),
+            "weight_decay": weight_decay,
+        }
+        for log2 in log2_sizes
+    ]
 
 
 def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:

@@ -257,11 +257,25 @@ class PrunerSpec(_Table):
 
 
 class SamplerSpec(_Table):
+    """How trials are proposed.
+
+    ``cover_batch_sizes`` queues a first round of one trial per batch size when the study
+    is created (``hpo.space.first_round``), so every batch size is tried however the
+    sampler's draws fall; off by default so existing study files draw as before.
+    """
+
     kind: Literal["tpe", "gp", "random", "grid"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(8, ge=0)
     grid_lr: list[Annotated[float, Field(gt=0)]] | None = None
     grid_weight_decay: list[Annotated[float, Field(gt=0)]] | None = None
+    cover_batch_sizes: bool = False
+
+    @model_validator(mode="after")
+    def _check_cover(self) -> SamplerSpec:
+        if self.cover_batch_sizes and self.kind == "grid":
+            raise ValueError("cover_batch_sizes is for tpe, gp and random (a grid covers them)")
+        return self
 
 
 class ObjectiveSpec(_Table):

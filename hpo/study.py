@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.caps import BatchSizeCapSampler
-from hpo.space import make_pruner, make_sampler
+from hpo.space import first_round, make_pruner, make_sampler
 from hpo.spec import StudySpec, load_spec, spec_differences
 from hpo.storage import (
     SPEC_ATTR,
@@ -81,6 +81,9 @@ def create_or_load_study(
         stored = ref.user_attrs().get(SPEC_ATTR)
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
+            if spec.sampler.cover_batch_sizes:
+                for params in first_round(spec):
+                    study.enqueue_trial(params, user_attrs={"queued_by": "cover_batch_sizes"})
         else:
             check_same_spec(StudySpec.from_json(stored), spec)
     return LoadedStudy(study, storage, spec, ref)
