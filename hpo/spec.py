@@ -249,9 +249,9 @@ class PrunerSpec(_Table):
 
     @model_validator(mode="after")
     def _check_stratify(self) -> PrunerSpec:
-        if self.stratify_by_batch_size and self.kind not in ("median", "percentile"):
+        if self.stratify_by_batch_size and self.kind == "hyperband":
             raise ValueError(
-                f"stratify_by_batch_size needs kind 'median' or 'percentile', not {self.kind!r}"
+                "stratify_by_batch_size needs kind 'median' or 'percentile', not 'hyperband'"
             )
         return self
 
@@ -261,7 +261,8 @@ class SamplerSpec(_Table):
 
     ``cover_batch_sizes`` queues a first round of one trial per batch size when the study
     is created (``hpo.space.first_round``), so every batch size is tried however the
-    sampler's draws fall; off by default so existing study files draw as before.
+    sampler's draws fall; off by default so existing study files draw as before. A grid
+    covers every batch size by itself, so with ``kind = "grid"`` it is ignored.
     """
 
     kind: Literal["tpe", "gp", "random", "grid"] = "tpe"
@@ -270,12 +271,6 @@ class SamplerSpec(_Table):
     grid_lr: list[Annotated[float, Field(gt=0)]] | None = None
     grid_weight_decay: list[Annotated[float, Field(gt=0)]] | None = None
     cover_batch_sizes: bool = False
-
-    @model_validator(mode="after")
-    def _check_cover(self) -> SamplerSpec:
-        if self.cover_batch_sizes and self.kind == "grid":
-            raise ValueError("cover_batch_sizes is for tpe, gp and random (a grid covers them)")
-        return self
 
 
 class ObjectiveSpec(_Table):

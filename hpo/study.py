@@ -81,7 +81,7 @@ def create_or_load_study(
         stored = ref.user_attrs().get(SPEC_ATTR)
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
-            if spec.sampler.cover_batch_sizes:
+            if spec.sampler.cover_batch_sizes and spec.sampler.kind != "grid":
                 for params in first_round(spec):
                     study.enqueue_trial(params, user_attrs={"queued_by": "cover_batch_sizes"})
         else:

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from hpo.data import load_splits
 from hpo.space import BATCH_PARAM, first_round
-from hpo.spec import SpecError, StudySpec, load_spec, parse_spec
+from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
 from tests.conftest import train_trial
 
@@ -69,8 +69,9 @@ def test_every_batch_size_completes_in_a_tiny_study(tiny_study: Path, tmp_path: 
     assert {t.params[BATCH_PARAM] for t in complete} == {4, 5, 6}
 
 
-def test_a_grid_needs_no_cover(tiny_study: Path) -> None:
-    data = load_spec("tiny").model_dump(mode="json")
-    data["sampler"].update(kind="grid", cover_batch_sizes=True)
-    with pytest.raises(SpecError, match="sampler: cover_batch_sizes is for tpe"):
-        parse_spec(data, source="tiny.toml", default_name="tiny")
+def test_a_grid_queues_no_round(tiny_study: Path, tmp_path: Path) -> None:
+    data = _spec(tiny_study, cover=True).model_dump()
+    data["sampler"]["kind"] = "grid"
+    data["pruner"]["kind"] = "none"
+    loaded = create_or_load_study(StudySpec.model_validate(data), f"sqlite:///{tmp_path / 'g.db'}")
+    assert loaded.study.get_trials() == []

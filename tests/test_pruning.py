@@ -152,7 +152,7 @@ def test_spec_stored_before_the_new_fields_loads_with_them_off(tiny_study: Path)
     assert type(make_pruner(spec)) is optuna.pruners.MedianPruner
 
 
-def test_stratify_needs_a_median_or_percentile_pruner(tiny_study: Path) -> None:
+def test_stratify_cannot_apply_to_hyperband(tiny_study: Path) -> None:
     data = load_spec("tiny").model_dump(mode="json")
     data["pruner"].update(kind="hyperband", stratify_by_batch_size=True)
     with pytest.raises(SpecError, match="pruner: stratify_by_batch_size needs kind") as error:
