@@ -124,11 +124,18 @@ class Objective:
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
         """Sampled parameters, the batch size clamped to the cap read now: an enqueued
-        trial skips the sampler, and the cap may have fallen since the sampler drew."""
+        trial skips the sampler, and the cap may have fallen since the sampler drew. With
+        ``training.above_cap = "accumulate"`` the batch size stays and the cap becomes the
+        micro-batch size (user attrs ``micro_batch_size``, ``accumulation_steps``)."""
         params = sample_params(trial, self.spec)
         cap = None if self.study is None else read_batch_cap(self.study, self.setup.name)
         clamped = clamp_batch_size(params.batch_size, cap)
-        if clamped != params.batch_size:
+        if self.spec.training.above_cap == "accumulate":
+            if clamped != params.batch_size:
+                params = dataclasses.replace(params, micro_batch_size=clamped)
+            trial.set_user_attr("micro_batch_size", clamped)
+            trial.set_user_attr("accumulation_steps", params.accumulation_steps)
+        elif clamped != params.batch_size:
             trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
             trial.set_user_attr("batch_size", clamped)
             params = dataclasses.replace(params, batch_size=clamped)
@@ -170,7 +177,8 @@ class Objective:
         release_device_memory(self.setup.device.type)
         new_cap = None
         if self.study is not None:
-            new_cap = lower_batch_cap(self.study, self.setup.name, params.batch_size)
+            failed = params.micro_batch_size or params.batch_size  # what did not fit
+            new_cap = lower_batch_cap(self.study, self.setup.name, failed)
         trial.set_user_attr("batch_size_cap_after_oom", new_cap)
         return TrialOutOfMemory(
             f"trial {trial.number}: out of memory on {self.setup.name} at batch size "

@@ -62,10 +62,18 @@ class TrialParams:
     batch_size: int
     lr: float
     weight_decay: float
+    # Samples per forward/backward pass when ``batch_size`` is above the device's cap and
+    # the study accumulates (``training.above_cap = "accumulate"``); None: one pass.
+    micro_batch_size: int | None = None
 
     @property
     def log2_batch_size(self) -> int:
         return int(math.log2(self.batch_size))
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward/backward passes per optimizer update (1 without accumulation)."""
+        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
 
 
 class _Table(BaseModel):
@@ -299,6 +307,11 @@ class TrainingSpec(_Table):
     color_jitter: float = Field(0.0, ge=0.0, le=0.5)
     num_threads: PositiveInt | None = None
     checkpoint_dir: Path | None = None
+    # A drawn batch size above the device's probed cap: "clamp" trains the cap instead (a
+    # different point than the sampler asked for); "accumulate" trains the drawn batch
+    # size as micro-batches at the cap with gradients accumulated (one optimizer update per
+    # batch). BatchNorm then sees micro-batch statistics ("ghost batch norm").
+    above_cap: Literal["clamp", "accumulate"] = "clamp"
 
 
 class StudySpec(_Table):

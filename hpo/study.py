@@ -52,7 +52,10 @@ class LoadedStudy:
 
     def keep_batch_sizes_within_cap(self, device_name: str) -> None:
         """Wrap the study's sampler in ``device_name``'s batch-size cap (workers only:
-        the device is known once the worker has resolved it)."""
+        the device is known once the worker has resolved it). A study that accumulates
+        above the cap (``training.above_cap``) keeps the drawn batch sizes."""
+        if self.spec.training.above_cap == "accumulate":
+            return
         if not isinstance(self.study.sampler, BatchSizeCapSampler):
             self.study.sampler = BatchSizeCapSampler(self.study.sampler, self.storage, device_name)
 

@@ -153,6 +153,36 @@ def prepare_data(
     return TrainingData(train, val, probe, batcher)
 
 
+def train_step_accumulated(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    setup: DeviceSetup,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    micro_batch_size: int,
+) -> torch.Tensor:
+    """One optimizer update on one batch, run as forward/backward passes of
+    ``micro_batch_size`` samples whose gradients add up to the whole batch's: each pass's
+    mean loss is weighted by its share of the batch. Returns the batch's mean loss,
+    detached. Without BatchNorm the update equals ``train_step``'s (to float tolerance);
+    with it, each pass normalizes by its own micro-batch statistics."""
+    optimizer.zero_grad(set_to_none=True)
+    total = images.shape[0]
+    loss_sum = torch.zeros((), device=images.device)
+    for part_images, part_targets in zip(
+        images.split(micro_batch_size), targets.split(micro_batch_size), strict=True
+    ):
+        with autocast(setup):
+            loss = F.cross_entropy(model(part_images).float(), part_targets)
+        weighted = loss * (part_images.shape[0] / total)
+        scaler.scale(weighted).backward()
+        loss_sum += weighted.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_sum
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -229,6 +259,7 @@ def train_epoch(
     stop_at: Callable[[Tally], bool] | None = None,
     lr_factor: Callable[[Tally], float] | None = None,
     sync_every_step: bool = False,
+    micro_batch_size: int | None = None,
 ) -> float:
     """One pass over the training set (the last partial batch dropped, so every update
     sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged.
@@ -238,6 +269,8 @@ def train_epoch(
     base LR times its value (a schedule in updates or seconds); without it the epoch-wise
     scheduler steps once at the end of each full pass. ``sync_every_step`` waits for the
     device after every update, so the time counted is the time the update took.
+    ``micro_batch_size`` (below ``batch_size``) accumulates gradients over passes of that
+    many samples (``train_step_accumulated``).
     """
     run.model.train()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
@@ -255,7 +288,12 @@ def train_epoch(
         if lr_factor is not None:
             set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+        if micro_batch_size is not None and micro_batch_size < batch_size:
+            loss_sum += train_step_accumulated(
+                run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size
+            )
+        else:
+            loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
         steps += 1
         run.batches_left -= 1
         count_update(run.tally, batch_size, since=last)
@@ -301,6 +339,7 @@ def train_to_report(
     batch_size: int,
     augment: bool,
     on_step: Callable[[float], None],
+    micro_batch_size: int | None = None,
 ) -> float:
     """Train until ``budget``'s report point ``report``: whole passes, the last one
     stopped where the report falls. Returns the mean training loss since the last report
@@ -319,7 +358,7 @@ def train_to_report(
         loss = train_epoch(
             run, data, setup, batch_size=batch_size, augment=augment, on_step=on_step,
             stop_at=reached, lr_factor=None if budget.unit == "epochs" else cosine,
-            sync_every_step=budget.unit == "seconds",
+            sync_every_step=budget.unit == "seconds", micro_batch_size=micro_batch_size,
         )  # fmt: skip
         losses.append((loss, run.tally.updates - before))
     if len(losses) == 1:
@@ -354,6 +393,7 @@ def fit(
         train_loss = train_to_report(
             run, data, setup, budget, epoch, batch_size=params.batch_size,
             augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
+            micro_batch_size=params.micro_batch_size,
         )  # fmt: skip
         (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
             run.model, data.val, data.batcher, setup, eval_batch
