@@ -70,7 +70,9 @@ def quick(spec: StudySpec) -> StudySpec:
     )
 
 
-def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
+def optimize(spec: StudySpec, seed: int, database: Path) -> tuple[StudySpec, optuna.Study, float]:
+    """Run the study (spec and sampler seeded with ``seed``); the seeded spec, the study
+    and the wall time in seconds."""
     spec = _with(spec, sampler={"seed": seed}).model_copy(update={"seed": seed})
     loaded = create_or_load_study(spec, f"sqlite:///{database}")
     splits = load_splits(spec.dataset)
@@ -78,11 +80,26 @@ def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
     loaded.study.optimize(
         lambda trial: train_trial(trial, spec, splits=splits), n_trials=spec.budget.n_trials
     )
-    wall = time.perf_counter() - started
-    trials = loaded.study.get_trials(deepcopy=False)
+    return spec, loaded.study, time.perf_counter() - started
+
+
+def best_per_batch_size(study: optuna.Study, spec: StudySpec) -> dict[int, float | None]:
+    """The best complete value at each batch size of the range (None: no complete trial)."""
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    best: dict[int, float | None] = {b: None for b in spec.search.batch_sizes}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        batch_size = int(trial.user_attrs["batch_size"])
+        current = best.get(batch_size)
+        if current is None or sign * float(trial.value) > sign * current:
+            best[batch_size] = float(trial.value)
+    return best
+
+
+def summarize(study: optuna.Study, spec: StudySpec, seed: int, wall: float) -> dict:
+    trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     values = [float(t.value) for t in complete if t.value is not None]
-    fit = fit_lr_scaling(loaded.study)
+    fit = fit_lr_scaling(study)
 
     def per_batch(state: TrialState) -> dict[int, int]:
         counted = Counter(int(t.user_attrs["batch_size"]) for t in trials if t.state == state)
@@ -96,6 +113,7 @@ def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
         "states": dict(Counter(t.state.name for t in trials)),
         "complete_per_batch_size": per_batch(TrialState.COMPLETE),
         "pruned_per_batch_size": per_batch(TrialState.PRUNED),
+        "best_per_batch_size": best_per_batch_size(study, spec),
         "alpha": fit.alpha,
         "alpha_interval": [fit.alpha_low, fit.alpha_high],
         "best": best,
@@ -103,6 +121,11 @@ def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
         "best_minus_median": None if best is None else best - median,
         "epochs_trained": sum(t.user_attrs.get("train_epochs", 0.0) for t in trials),
     }
+
+
+def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
+    spec, study, wall = optimize(spec, seed, database)
+    return summarize(study, spec, seed, wall)
 
 
 def main(argv: list[str] | None = None) -> dict:
