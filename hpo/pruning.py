@@ -72,6 +72,19 @@ class SameBatchSizePruner(optuna.pruners.BasePruner):
         return self.base.prune(view, trial)  # type: ignore[arg-type]
 
 
+def complete_trials_like(study: optuna.Study, trial: FrozenTrial, param: str) -> int:
+    """Complete trials with ``trial``'s value of ``param`` (``trial`` itself excluded)."""
+    complete: Sequence[FrozenTrial] = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,)
+    )
+    value = trial.params[param]
+    return sum(_same_param(t, param, value) for t in complete if t.number != trial.number)
+
+
+def _protected(study: optuna.Study, trial: FrozenTrial, param: str, min_complete: int) -> bool:
+    return param not in trial.params or complete_trials_like(study, trial, param) < min_complete
+
+
 class BatchSizeFloorPruner(optuna.pruners.BasePruner):
     """``base``, except that no trial is pruned while its batch size has fewer than
     ``min_complete`` COMPLETE trials.
@@ -80,7 +93,7 @@ class BatchSizeFloorPruner(optuna.pruners.BasePruner):
     guarantees N full-budget answers per batch size in a sequential study: a protected
     trial that diverges does not use up the protection. With parallel workers, trials of
     one batch size running at the same time are all protected until N have completed; that
-    costs some budget, never coverage.
+    costs some budget, never coverage. (For Hyperband use ``FlooredHyperbandPruner``.)
     """
 
     def __init__(self, base: optuna.pruners.BasePruner, param: str, min_complete: int) -> None:
@@ -89,16 +102,25 @@ class BatchSizeFloorPruner(optuna.pruners.BasePruner):
         self.min_complete = min_complete
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        if self.param not in trial.params:
-            return False
-        if self.complete_trials_like(study, trial) < self.min_complete:
+        if _protected(study, trial, self.param, self.min_complete):
             return False
         return self.base.prune(study, trial)
 
-    def complete_trials_like(self, study: optuna.Study, trial: FrozenTrial) -> int:
-        """Complete trials with ``trial``'s batch size (``trial`` itself excluded)."""
-        complete: Sequence[FrozenTrial] = study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE,)
-        )
-        value = trial.params[self.param]
-        return sum(_same_param(t, self.param, value) for t in complete if t.number != trial.number)
+
+class FlooredHyperbandPruner(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband with the same floor as ``BatchSizeFloorPruner``.
+
+    A subclass rather than a wrapper: Optuna hands samplers only the trials of the
+    current trial's Hyperband bracket when ``isinstance(study.pruner, HyperbandPruner)``
+    (optuna.pruners._filter_study), and a wrapper would silently turn that off.
+    """
+
+    def __init__(self, *, param: str, min_complete: int, **hyperband: Any) -> None:
+        super().__init__(**hyperband)
+        self.param = param
+        self.min_complete = min_complete
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if _protected(study, trial, self.param, self.min_complete):
+            return False
+        return super().prune(study, trial)

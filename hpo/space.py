@@ -13,7 +13,7 @@ import math
 
 import optuna
 
-from hpo.pruning import BatchSizeFloorPruner, SameBatchSizePruner
+from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
 from hpo.spec import StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
@@ -141,11 +141,16 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             n_warmup_steps=config.min_epochs,
         )
     elif config.kind == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(
-            min_resource=config.min_epochs,
-            max_resource=spec.budget.report_count,
-            reduction_factor=config.reduction_factor,
-        )
+        hyperband = {
+            "min_resource": config.min_epochs,
+            "max_resource": spec.budget.report_count,
+            "reduction_factor": config.reduction_factor,
+        }
+        if config.min_trials_per_batch_size > 0:
+            return FlooredHyperbandPruner(
+                param=BATCH_PARAM, min_complete=config.min_trials_per_batch_size, **hyperband
+            )
+        return optuna.pruners.HyperbandPruner(**hyperband)
     else:
         return optuna.pruners.NopPruner()
     if config.stratify_by_batch_size:

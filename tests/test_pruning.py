@@ -14,7 +14,7 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo.pruning import BatchSizeFloorPruner, SameBatchSizePruner
+from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
 from hpo.space import BATCH_PARAM, make_pruner
 from hpo.spec import SpecError, StudySpec, load_spec, parse_spec
 
@@ -139,7 +139,23 @@ def test_make_pruner_wraps_as_the_spec_says(tiny_study: Path) -> None:
     assert isinstance(percentile, optuna.pruners.PercentilePruner)
     assert percentile._percentile == 75.0
     hyperband = make_pruner(_spec(tiny_study, kind="hyperband", min_trials_per_batch_size=1))
-    assert isinstance(hyperband.base, optuna.pruners.HyperbandPruner)
+    # still a HyperbandPruner, so Optuna keeps giving samplers the bracket's trials only
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert isinstance(hyperband, FlooredHyperbandPruner) and hyperband.min_complete == 1
+
+
+def test_floored_hyperband_protects_an_uncovered_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hyperband's own decision (here: always prune) applies only to covered batch sizes."""
+    monkeypatch.setattr(optuna.pruners.HyperbandPruner, "prune", lambda self, study, trial: True)
+    hyperband = FlooredHyperbandPruner(
+        param=BATCH_PARAM, min_complete=1, min_resource=1, max_resource=4, reduction_factor=2
+    )
+    study = optuna.create_study(direction="maximize", pruner=hyperband)
+    _add_complete(study, SMALL, 0.9)
+    assert not _decision(study, LARGE, 0.5, step=1)
+    assert _decision(study, SMALL, 0.5, step=1)
 
 
 def test_spec_stored_before_the_new_fields_loads_with_them_off(tiny_study: Path) -> None:
