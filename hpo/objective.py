@@ -30,6 +30,7 @@ from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
 from hpo.data import PatchSet, class_names, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.resource import TrainingBudget
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -115,8 +116,10 @@ class Objective:
         data = prepare_data(self.splits, self.setup, self.spec.training)
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
         run, checkpoint = self._resume(trial, params, seed)
-        steps = len(data.train) // params.batch_size
-        self.progress.start(trial.number, params, self.spec.budget.epochs, steps)
+        budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
+        trial.set_user_attr("budget_unit", budget.unit)
+        steps_per_report = budget.updates_at(1) or budget.steps_per_epoch
+        self.progress.start(trial.number, params, budget.reports, steps_per_report)
         try:
             fit(
                 run, data, self.setup, self.spec, params,
@@ -128,16 +131,23 @@ class Objective:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
-            record_tally(trial, run.tally, started)
+            record_tally(trial, run.tally, started, budget=budget)
             self.progress.finish()
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
         """Sampled parameters, the batch size clamped to the cap read now: an enqueued
-        trial skips the sampler, and the cap may have fallen since the sampler drew."""
+        trial skips the sampler, and the cap may have fallen since the sampler drew. With
+        ``training.above_cap = "accumulate"`` the batch size stays and the cap becomes the
+        micro-batch size (user attrs ``micro_batch_size``, ``accumulation_steps``)."""
         params = sample_params(trial, self.spec)
         cap = None if self.study is None else read_batch_cap(self.study, self.setup.name)
         clamped = clamp_batch_size(params.batch_size, cap)
-        if clamped != params.batch_size:
+        if self.spec.training.above_cap == "accumulate":
+            if clamped != params.batch_size:
+                params = dataclasses.replace(params, micro_batch_size=clamped)
+            trial.set_user_attr("micro_batch_size", clamped)
+            trial.set_user_attr("accumulation_steps", params.accumulation_steps)
+        elif clamped != params.batch_size:
             trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
             trial.set_user_attr("batch_size", clamped)
             params = dataclasses.replace(params, batch_size=clamped)
@@ -206,7 +216,8 @@ class Objective:
         release_device_memory(self.setup.device.type)
         new_cap = None
         if self.study is not None:
-            new_cap = lower_batch_cap(self.study, self.setup.name, params.batch_size)
+            failed = params.micro_batch_size or params.batch_size  # what did not fit
+            new_cap = lower_batch_cap(self.study, self.setup.name, failed)
         trial.set_user_attr("batch_size_cap_after_oom", new_cap)
         return TrialOutOfMemory(
             f"trial {trial.number}: out of memory on {self.setup.name} at batch size "
@@ -214,15 +225,26 @@ class Objective:
         )
 
 
-def record_tally(trial: optuna.Trial, tally: Tally, started: float) -> None:
-    """Store the per-trial metrics as user attributes (also on pruned and failed trials)."""
+def record_tally(
+    trial: optuna.Trial, tally: Tally, started: float, *, budget: TrainingBudget | None = None
+) -> None:
+    """Store the per-trial metrics as user attributes (also on pruned and failed trials).
+
+    The resource spent is recorded in all three budget units, whichever the study uses:
+    ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
+    updates) and ``train_seconds`` (training time, evaluation not counted).
+    ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
+    """
     seconds = tally.train_seconds
     attrs: dict[str, float | int | list[float | None] | None] = {
         "epochs_completed": len(tally.history),
         "n_updates": tally.updates,
+        "train_seconds": seconds,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
         "wall_time_s": time.perf_counter() - started,
     }
+    if budget is not None:
+        attrs["train_epochs"] = budget.epochs(tally.updates)
     if tally.history:
         last = tally.history[-1]
         attrs.update(

@@ -13,12 +13,13 @@ import math
 
 import optuna
 
+from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
 from hpo.spec import StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
 
 __all__ = ["BATCH_PARAM", "TrialParams", "grid_search_space", "grid_size", "make_pruner"]
-__all__ += ["make_sampler", "sample_params"]
+__all__ += ["first_round", "make_sampler", "sample_params"]
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -68,6 +69,36 @@ def grid_size(spec: StudySpec) -> int:
     return math.prod(len(values) for values in grid_search_space(spec).values())
 
 
+def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
+    """One trial per batch size, smallest first: the trials queued when a study with
+    ``sampler.cover_batch_sizes`` is created.
+
+    Why a queued round rather than a sampler rule: TPE (and GP) draw the batch size
+    jointly with the LR and can leave a batch size untried for a whole small study; a
+    queued trial is tried whatever the sampler does, is visible as WAITING in ``hpo
+    status`` and the dashboard, is the same for every worker (queued once, under the
+    study lock) and works with every sampler. Together with
+    ``pruner.min_trials_per_batch_size >= 1`` each batch size gets one full-budget trial.
+
+    LR: the geometric middle of the range at the middle batch size, scaled by the
+    square-root rule (halfway, on a log scale, between the linear rule and no dependence)
+    and kept inside the range; weight decay: the geometric middle of its range.
+    """
+    search = spec.search
+    log2_sizes = [int(math.log2(b)) for b in search.batch_sizes]
+    middle = (log2_sizes[0] + log2_sizes[-1]) / 2
+    lr_middle = math.sqrt(search.lr_low * search.lr_high)
+    weight_decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
+    return [
+        {
+            BATCH_PARAM: log2,
+            "lr": min(search.lr_high, max(search.lr_low, lr_middle * 2 ** ((log2 - middle) / 2))),
+            "weight_decay": weight_decay,
+        }
+        for log2 in log2_sizes
+    ]
+
+
 def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:
     """The spec's Optuna sampler. ``parallel`` turns on TPE's constant liar, so workers
     sharing a study do not all propose the point that looks best while the others are
@@ -91,19 +122,39 @@ def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner, with the warm-up that protects large batches early on.
 
-    Intermediate values are reported at step = epoch (1-based). ``min_epochs`` becomes
-    MedianPruner's ``n_warmup_steps`` (no pruning at steps below it) and Hyperband's
-    ``min_resource`` (its first rung), so every trial trains at least that many epochs.
+    Intermediate values are reported at step = report number (1-based; with
+    ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
+    the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
+    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` and
+    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``).
     """
     config = spec.pruner
+    pruner: optuna.pruners.BasePruner
     if config.kind == "median":
-        return optuna.pruners.MedianPruner(
+        pruner = optuna.pruners.MedianPruner(
             n_startup_trials=config.n_startup_trials, n_warmup_steps=config.min_epochs
         )
-    if config.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=config.min_epochs,
-            max_resource=spec.budget.epochs,
-            reduction_factor=config.reduction_factor,
+    elif config.kind == "percentile":
+        pruner = optuna.pruners.PercentilePruner(
+            config.percentile,
+            n_startup_trials=config.n_startup_trials,
+            n_warmup_steps=config.min_epochs,
         )
-    return optuna.pruners.NopPruner()
+    elif config.kind == "hyperband":
+        hyperband = {
+            "min_resource": config.min_epochs,
+            "max_resource": spec.budget.report_count,
+            "reduction_factor": config.reduction_factor,
+        }
+        if config.min_trials_per_batch_size > 0:
+            return FlooredHyperbandPruner(
+                param=BATCH_PARAM, min_complete=config.min_trials_per_batch_size, **hyperband
+            )
+        return optuna.pruners.HyperbandPruner(**hyperband)
+    else:
+        return optuna.pruners.NopPruner()
+    if config.stratify_by_batch_size:
+        pruner = SameBatchSizePruner(pruner, BATCH_PARAM)
+    if config.min_trials_per_batch_size > 0:
+        pruner = BatchSizeFloorPruner(pruner, BATCH_PARAM, config.min_trials_per_batch_size)
+    return pruner

@@ -70,10 +70,18 @@ class TrialParams:
     batch_size: int
     lr: float
     weight_decay: float
+    # Samples per forward/backward pass when ``batch_size`` is above the device's cap and
+    # the study accumulates (``training.above_cap = "accumulate"``); None: one pass.
+    micro_batch_size: int | None = None
 
     @property
     def log2_batch_size(self) -> int:
         return int(math.log2(self.batch_size))
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward/backward passes per optimizer update (1 without accumulation)."""
+        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
 
 
 class _Table(BaseModel):
@@ -226,34 +234,115 @@ class SearchSpec(_Table):
         return [2**k for k in range(low, high + 1)]
 
 
+# Reports per trial when ``budget.reports`` is not set and the unit is not epochs.
+DEFAULT_REPORTS = 4
+
+
 class BudgetSpec(_Table):
-    epochs: PositiveInt = Field(le=MAX_EPOCHS)
+    """How much training each trial gets, and how many trials.
+
+    ``unit`` says what "the same amount of training" means across batch sizes:
+
+    - ``epochs`` (default): equal samples seen (``epochs`` passes over the training set);
+      B = 512 then takes 32x fewer optimizer updates than B = 16.
+    - ``steps``: equal optimizer updates (``steps``); large batches see more data (the
+      "train longer" regime of Hoffer et al., 2017).
+    - ``seconds``: equal training time (``seconds``, evaluation not counted); on a GPU
+      large batches process more samples per second.
+
+    Each trial reports its metric ``reports`` times, at fractions 1/reports, 2/reports, …
+    of the budget in its unit, so the pruner compares trials at the same resource; the
+    cosine LR schedule spans the budget in the same unit. Without ``reports`` a trial
+    reports after every epoch (unit ``epochs``, as before) or ``DEFAULT_REPORTS`` times.
+    """
+
+    unit: Literal["epochs", "steps", "seconds"] = "epochs"
+    epochs: PositiveInt | None = Field(None, le=MAX_EPOCHS)
+    steps: PositiveInt | None = None
+    seconds: Float | None = Field(None, gt=0)
+    reports: PositiveInt | None = None
     n_trials: PositiveInt = 20
     timeout_s: Float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_unit(self) -> BudgetSpec:
+        amounts = {"epochs": self.epochs, "steps": self.steps, "seconds": self.seconds}
+        if amounts[self.unit] is None:
+            raise ValueError(f"unit {self.unit!r} needs '{self.unit}' (the budget per trial)")
+        for name, value in amounts.items():
+            if name != self.unit and value is not None:
+                raise ValueError(f"'{name}' is set but unit is {self.unit!r}; set one of them")
+        return self
+
+    @property
+    def amount(self) -> float:
+        """The budget per trial in ``unit``."""
+        return float(
+            {"epochs": self.epochs, "steps": self.steps, "seconds": self.seconds}[self.unit] or 0
+        )
+
+    @property
+    def report_count(self) -> int:
+        """How many times each trial reports (and may be pruned)."""
+        if self.reports is not None:
+            return self.reports
+        return self.epochs if self.unit == "epochs" and self.epochs else DEFAULT_REPORTS
 
 
 class PrunerSpec(_Table):
     """Early stopping of bad trials.
 
-    Pruning compares trials at the same epoch, i.e. after the same number of samples. Large
-    batches take fewer optimizer updates per epoch and so look worse early; ``min_epochs``
-    is the warm-up: no trial is pruned before it has trained that many epochs (Median:
-    ``n_warmup_steps``; Hyperband: ``min_resource``).
+    Pruning compares trials at the same report (with ``budget.unit = "epochs"``, the same
+    epoch, i.e. after the same number of samples). Large batches take fewer optimizer
+    updates per epoch and so look worse early; three settings keep that from condemning a
+    batch size wholesale:
+
+    - ``min_epochs``, the warm-up: no trial is pruned before its report number
+      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; Hyperband: ``min_resource``).
+    - ``stratify_by_batch_size`` (median/percentile only): a trial is compared only with
+      trials of its own batch size; ``n_startup_trials`` then counts per batch size.
+    - ``min_trials_per_batch_size``, the floor: no trial is pruned while its batch size
+      has fewer than this many complete trials.
+
+    The last two default off so a study file, or a study stored before they existed, keeps
+    pruning exactly as before; the shipped study files turn them on.
     """
 
-    kind: Literal["median", "hyperband", "none"] = "median"
+    kind: Literal["median", "percentile", "hyperband", "none"] = "median"
     min_epochs: PositiveInt = 2
     n_startup_trials: Count = 5
     reduction_factor: Int = Field(3, ge=2, le=1000)
+    # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
+    # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
+    percentile: Float = Field(50.0, gt=0.0, lt=100.0)
+    stratify_by_batch_size: bool = False
+    min_trials_per_batch_size: Count = 0
+
+    @model_validator(mode="after")
+    def _check_stratify(self) -> PrunerSpec:
+        if self.stratify_by_batch_size and self.kind == "hyperband":
+            raise ValueError(
+                "stratify_by_batch_size needs kind 'median' or 'percentile', not 'hyperband'"
+            )
+        return self
 
 
 class SamplerSpec(_Table):
+    """How trials are proposed.
+
+    ``cover_batch_sizes`` queues a first round of one trial per batch size when the study
+    is created (``hpo.space.first_round``), so every batch size is tried however the
+    sampler's draws fall; off by default so existing study files draw as before. A grid
+    covers every batch size by itself, so with ``kind = "grid"`` it is ignored.
+    """
+
     kind: Literal["tpe", "gp", "random", "grid"] = "tpe"
     seed: Seed | None = 0
     n_startup_trials: Count = 8
     # Absent means "the default grid"; an empty list is an error, not silently replaced.
     grid_lr: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
     grid_weight_decay: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
+    cover_batch_sizes: bool = False
 
 
 class ObjectiveSpec(_Table):
@@ -282,6 +371,11 @@ class TrainingSpec(_Table):
     color_jitter: Float = Field(0.0, ge=0.0, le=0.5)
     num_threads: PositiveInt | None = Field(None, le=4096)
     checkpoint_dir: FilePath | None = None
+    # A drawn batch size above the device's probed cap: "clamp" trains the cap instead (a
+    # different point than the sampler asked for); "accumulate" trains the drawn batch
+    # size as micro-batches at the cap with gradients accumulated (one optimizer update per
+    # batch). BatchNorm then sees micro-batch statistics ("ghost batch norm").
+    above_cap: Literal["clamp", "accumulate"] = "clamp"
 
 
 class StudySpec(_Table):
@@ -306,11 +400,14 @@ class StudySpec(_Table):
                 f"search.batch_size_max = {self.search.batch_size_max} is larger than the "
                 f"training set ({train_size} patches)"
             )
-        if self.pruner.kind != "none" and self.pruner.min_epochs > self.budget.epochs:
-            raise ValueError(
-                f"pruner.min_epochs = {self.pruner.min_epochs} exceeds budget.epochs = "
-                f"{self.budget.epochs}"
+        reports = self.budget.report_count
+        if self.pruner.kind != "none" and self.pruner.min_epochs > reports:
+            counted = (
+                f"budget.epochs = {reports}"
+                if self.budget.unit == "epochs" and self.budget.reports is None
+                else f"budget.reports = {reports}"
             )
+            raise ValueError(f"pruner.min_epochs = {self.pruner.min_epochs} exceeds {counted}")
         grids = (
             ("grid_lr", self.search.lr_low, self.search.lr_high),
             ("grid_weight_decay", self.search.weight_decay_low, self.search.weight_decay_high),

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.caps import BatchSizeCapSampler
-from hpo.space import make_pruner, make_sampler
+from hpo.space import first_round, make_pruner, make_sampler
 from hpo.spec import StudySpec, load_spec, spec_differences
 from hpo.sqlite_guard import require_sqlite_file
 from hpo.storage import (
@@ -57,7 +57,10 @@ class LoadedStudy:
 
     def keep_batch_sizes_within_cap(self, device_name: str) -> None:
         """Wrap the study's sampler in ``device_name``'s batch-size cap (workers only:
-        the device is known once the worker has resolved it)."""
+        the device is known once the worker has resolved it). A study that accumulates
+        above the cap (``training.above_cap``) keeps the drawn batch sizes."""
+        if self.spec.training.above_cap == "accumulate":
+            return
         if not isinstance(self.study.sampler, BatchSizeCapSampler):
             self.study.sampler = BatchSizeCapSampler(self.study.sampler, self.storage, device_name)
 
@@ -87,6 +90,9 @@ def create_or_load_study(
         if stored is None:
             ref.set_user_attr(SPEC_ATTR, spec.to_json())
             name_the_objective(study, spec.objective.metric)
+            if spec.sampler.cover_batch_sizes and spec.sampler.kind != "grid":
+                for params in first_round(spec):
+                    study.enqueue_trial(params, user_attrs={"queued_by": "cover_batch_sizes"})
         else:
             check_same_spec(
                 StudySpec.from_json(stored, source=f"the spec stored on study {spec.name!r}"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
 from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
+from hpo.resource import TrainingBudget, cosine_factor
 from hpo.spec import ModelSpec, SearchSpec, StudySpec, TrainingSpec, TrialParams
 
 # Checking the loss for NaN forces a device sync; on CUDA do it every few steps only.
@@ -79,9 +80,15 @@ class TrainingRun:
     scaler: torch.amp.GradScaler
     generator: torch.Generator
     tally: Tally = field(default_factory=Tally)
+    # The pass over the training set in progress when a report fell inside it (a budget
+    # not in whole epochs): its remaining batches, and how many. Not checkpointed: a run
+    # resumed there starts a fresh pass.
+    epoch_batches: Iterator[torch.Tensor] | None = None
+    batches_left: int = 0
 
     @property
     def epochs_done(self) -> int:
+        """Reports done (with one report per epoch, the epochs)."""
         return len(self.tally.history)
 
 
@@ -133,12 +140,15 @@ def build_run(
     seed: int,
     num_classes: int = 2,
 ) -> TrainingRun:
-    """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded."""
+    """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
+
+    (With ``budget.unit`` steps or seconds the epoch-wise scheduler is not stepped: ``fit``
+    sets the cosine LR before every update from the share of the budget spent.)"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model_on(spec.model, setup, num_classes=num_classes)
     optimizer = make_optimizer(model, spec.search, params)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)
     return TrainingRun(model, optimizer, scheduler, scaler, generator)
 
@@ -157,6 +167,36 @@ def prepare_data(
     )
     probe = train.subset(torch.arange(min(len(train), TRAIN_EVAL_SAMPLES)))
     return TrainingData(train, val, probe, batcher)
+
+
+def train_step_accumulated(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    setup: DeviceSetup,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    micro_batch_size: int,
+) -> torch.Tensor:
+    """One optimizer update on one batch, run as forward/backward passes of
+    ``micro_batch_size`` samples whose gradients add up to the whole batch's: each pass's
+    mean loss is weighted by its share of the batch. Returns the batch's mean loss,
+    detached. Without BatchNorm the update equals ``train_step``'s (to float tolerance);
+    with it, each pass normalizes by its own micro-batch statistics."""
+    optimizer.zero_grad(set_to_none=True)
+    total = images.shape[0]
+    loss_sum = torch.zeros((), device=images.device)
+    for part_images, part_targets in zip(
+        images.split(micro_batch_size), targets.split(micro_batch_size), strict=True
+    ):
+        with autocast(setup):
+            loss = F.cross_entropy(model(part_images).float(), part_targets)
+        weighted = loss * (part_images.shape[0] / total)
+        scaler.scale(weighted).backward()
+        loss_sum += weighted.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_sum
 
 
 def train_step(
@@ -261,24 +301,46 @@ def train_epoch(
     batch_size: int,
     augment: bool,
     on_step: Callable[[float], None],
+    stop_at: Callable[[Tally], bool] | None = None,
+    lr_factor: Callable[[Tally], float] | None = None,
+    sync_every_step: bool = False,
+    micro_batch_size: int | None = None,
     noise_every: int = NOISE_SCALE_EVERY,
 ) -> float:
     """One pass over the training set (the last partial batch dropped, so every update
     sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged.
 
-    Every ``noise_every``-th update (0: never) also measures the gradient noise scale
-    (``hpo.noise.noise_scale_step``); the epoch's estimate is appended to
-    ``run.tally.b_simple``."""
+    ``stop_at`` ends the pass early, after the first update at which it holds; the next
+    call goes on with the same pass. ``lr_factor`` sets the LR before every update to the
+    base LR times its value (a schedule in updates or seconds); without it the epoch-wise
+    scheduler steps once at the end of each full pass. ``sync_every_step`` waits for the
+    device after every update, so the time counted is the time the update took.
+    ``micro_batch_size`` (below ``batch_size``) accumulates gradients over passes of that
+    many samples (``train_step_accumulated``). Every ``noise_every``-th update (0: never)
+    of a batch trained whole also measures the gradient noise scale
+    (``hpo.noise.noise_scale_step``) into ``run.tally.noise``.
+    """
     run.model.train()
-    started = time.perf_counter()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
+    if sync_every_step:
+        check_every = 1
     loss_sum = torch.zeros((), device=setup.device)
     steps = 0
-    for indices in batch_indices(
-        len(data.train), batch_size, generator=run.generator, drop_last=True
-    ):
+    if run.epoch_batches is None:
+        run.epoch_batches = batch_indices(
+            len(data.train), batch_size, generator=run.generator, drop_last=True
+        )
+        run.batches_left = len(data.train) // batch_size
+    last = time.perf_counter()
+    for indices in run.epoch_batches:
+        if lr_factor is not None:
+            set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        if noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
+        if micro_batch_size is not None and micro_batch_size < batch_size:
+            loss_sum += train_step_accumulated(
+                run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size
+            )
+        elif noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
             loss_sum += noise_scale_step(
                 run.model, run.optimizer, run.scaler, autocast(setup), images, targets,
                 run.tally.noise,
@@ -286,20 +348,76 @@ def train_epoch(
         else:
             loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
         steps += 1
-        run.tally.updates += 1
+        run.batches_left -= 1
+        count_update(run.tally, batch_size, since=last)
+        last = time.perf_counter()
         if steps % check_every == 0:
             running = float(loss_sum) / steps
             if not math.isfinite(running):
                 raise Diverged(f"loss diverged at epoch {run.epochs_done + 1}, step {steps}")
             on_step(running)
-    run.scheduler.step()
+        if stop_at is not None and stop_at(run.tally):
+            break
+    if run.batches_left == 0:
+        run.epoch_batches = None
+        if lr_factor is None:
+            run.scheduler.step()
     train_loss = float(loss_sum) / max(steps, 1)
-    run.tally.train_seconds += time.perf_counter() - started
-    run.tally.train_samples += steps * batch_size
-    run.tally.b_simple.append(run.tally.noise.b_simple())
+    run.tally.train_seconds += time.perf_counter() - last  # the device finishing its queue
     if not math.isfinite(train_loss):
         raise Diverged(f"loss diverged at epoch {run.epochs_done + 1}")
     return train_loss
+
+
+def count_update(tally: Tally, batch_size: int, *, since: float) -> None:
+    """Count one optimizer update of ``batch_size`` samples that started at ``since``."""
+    tally.updates += 1
+    tally.train_samples += batch_size
+    tally.train_seconds += time.perf_counter() - since
+
+
+def set_lr_factor(run: TrainingRun, factor: float) -> None:
+    """Every parameter group's LR becomes its base LR times ``factor``."""
+    for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * factor
+
+
+def train_to_report(
+    run: TrainingRun,
+    data: TrainingData,
+    setup: DeviceSetup,
+    budget: TrainingBudget,
+    report: int,
+    *,
+    batch_size: int,
+    augment: bool,
+    on_step: Callable[[float], None],
+    micro_batch_size: int | None = None,
+) -> float:
+    """Train until ``budget``'s report point ``report``: whole passes, the last one
+    stopped where the report falls. Returns the mean training loss since the last report
+    (NaN when the report point was already reached). With one report per epoch this is
+    exactly one ``train_epoch``."""
+
+    def reached(tally: Tally) -> bool:
+        return budget.reached(report, tally.updates, tally.train_seconds)
+
+    def cosine(tally: Tally) -> float:
+        return cosine_factor(budget.fraction(tally.updates, tally.train_seconds))
+
+    losses: list[tuple[float, int]] = []
+    while not reached(run.tally):
+        before = run.tally.updates
+        loss = train_epoch(
+            run, data, setup, batch_size=batch_size, augment=augment, on_step=on_step,
+            stop_at=reached, lr_factor=None if budget.unit == "epochs" else cosine,
+            sync_every_step=budget.unit == "seconds", micro_batch_size=micro_batch_size,
+        )  # fmt: skip
+        losses.append((loss, run.tally.updates - before))
+    if len(losses) == 1:
+        return losses[0][0]
+    updates = sum(count for _, count in losses)
+    return sum(loss * count for loss, count in losses) / updates if updates else math.nan
 
 
 def fit(
@@ -312,29 +430,35 @@ def fit(
     on_step: Callable[[int, float], None] = lambda epoch, loss: None,
     on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
 ) -> Tally:
-    """Train from ``run``'s state (fresh or resumed) to ``budget.epochs``.
+    """Train from ``run``'s state (fresh or resumed) to the end of its budget.
 
-    After every epoch: evaluation on the validation set, then ``on_epoch`` (which may
-    raise to stop: pruning). After the last epoch also, in eval mode, on the first
-    ``TRAIN_EVAL_SAMPLES`` training patches: ``train_acc`` for the generalization gap.
-    Only the last epoch's gap is read (a trial's ``train_acc`` and ``generalization_gap``
-    attrs), and that pass cost 20-25% of a demo trial when it ran every epoch; measured at
-    the last epoch only, it is the same measure (same patches, same mode, same weights),
-    so earlier epochs carry ``train_acc = None`` and a pruned trial has no gap.
-    Raises Diverged, and lets an OOM through to the caller.
+    The budget is ``budget.epochs``, ``budget.steps`` or ``budget.seconds`` by
+    ``budget.unit`` (``hpo.resource``). At each of its ``reports`` evenly spaced report
+    points (by default after every epoch): evaluation on the validation set and the
+    gradient noise scale's estimate appended to ``tally.b_simple``, then ``on_epoch`` with
+    ``metrics.epoch`` = the report number, which may raise to stop (pruning). After the
+    last report also, in eval mode, on the first ``TRAIN_EVAL_SAMPLES`` training patches:
+    ``train_acc`` for the generalization gap. Only the last report's gap is read (a
+    trial's ``train_acc`` and ``generalization_gap`` attrs), and that pass cost 20-25% of
+    a demo trial when it ran every epoch; measured at the end only, it is the same measure
+    (same patches, same mode, same weights), so earlier reports carry ``train_acc = None``
+    and a pruned trial has no gap. Raises Diverged, and lets an OOM through to the caller.
     """
     training = spec.training
     eval_batch = training.eval_batch_size
-    for epoch in range(run.epochs_done + 1, spec.budget.epochs + 1):
-        train_loss = train_epoch(
-            run, data, setup, batch_size=params.batch_size, augment=training.augment,
-            on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
+    budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
+    for epoch in range(run.epochs_done + 1, budget.reports + 1):
+        train_loss = train_to_report(
+            run, data, setup, budget, epoch, batch_size=params.batch_size,
+            augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
+            micro_batch_size=params.micro_batch_size,
         )  # fmt: skip
         (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
             run.model, data.val, data.batcher, setup, eval_batch
         )
+        run.tally.b_simple.append(run.tally.noise.b_simple())
         train_acc = None
-        if epoch == spec.budget.epochs:
+        if epoch == budget.reports:
             (_, train_acc, _), eval_batch = evaluate_within_memory(
                 run.model, data.train_probe, data.batcher, setup, eval_batch
             )

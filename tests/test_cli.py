@@ -29,7 +29,7 @@ def _shrunken_demo(studies_dir: Path) -> None:
         ("batch_size_max = 512", "batch_size_max = 64"),
         ("epochs = 4", "epochs = 2"),
         ("min_epochs = 2", "min_epochs = 1"),
-        ("n_startup_trials = 4", "n_startup_trials = 1"),
+        ("n_startup_trials = 2", "n_startup_trials = 1"),
     ]:
         assert old in text, old
         text = text.replace(old, new)

@@ -1,0 +1,196 @@
+"""Is hpo's answer right? The demo study against a dense grid on the same task.
+
+Ground truth: every batch size of the range x ``--lrs`` log-spaced LRs x 1 weight decay
+(the geometric middle of its range), no pruning, the full budget, ``--grid-seeds`` seeds; a
+config's value is its mean over seeds. Then the study as shipped ("fair") and the old
+policy ("old": equal epochs, median pruner over all trials, TPE alone; see
+``fair_search.policies``), ``--hpo-seeds`` seeds each. Printed as JSON, per policy:
+
+- ``grid_best``, ``hpo_best`` (median over seeds of each run's best);
+- ``hpo_epochs_fraction``: median training of one hpo run (epochs summed over its trials,
+  ``train_epochs``) / one pass of the grid (every config once);
+- ``per_b_shortfall``: for each batch size, the grid's best there minus hpo's best there
+  (median over seeds; null when a run has no complete trial at that batch size);
+- ``alpha_grid`` (the fit on the grid's best LR per batch size) and ``alpha_hpo`` (each
+  run's fit, with its 95% interval), and whether the grid's α lies in each interval;
+- ``pruning_regret``: the grid's top-10% configs (at least one), enqueued into the first
+  seed's study after it has run, and how many the policy's pruner prunes (goal 0).
+
+Goals (issue 9): hpo_best >= grid_best - 0.005 with hpo_epochs_fraction <= 0.3; every
+per_b_shortfall <= 0.01; the grid's α inside hpo's interval; pruning regret 0.
+
+Run: ``uv run python benchmarks/answer_quality.py --json answer.json`` (hours on 2 CPU
+cores; ``--quick`` shrinks everything to seconds for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from hpo.data import load_splits
+from hpo.objective import train_trial
+from hpo.report.analysis import fit_lr_scaling
+from hpo.space import BATCH_PARAM
+from hpo.spec import StudySpec, load_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fair_search  # noqa: E402  (a sibling script, not a package)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log_spaced(low: float, high: float, count: int) -> list[float]:
+    if count == 1:
+        return [math.sqrt(low * high)]
+    return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
+
+
+def grid(spec: StudySpec, lrs: int, seeds: int) -> dict:
+    """Every (B, lr) config trained to the end, once per seed; values averaged over seeds."""
+    search = spec.search
+    weight_decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
+    configs = [
+        {BATCH_PARAM: int(math.log2(b)), "lr": lr, "weight_decay": weight_decay}
+        for b in search.batch_sizes
+        for lr in log_spaced(search.lr_low, search.lr_high, lrs)
+    ]
+    values: dict[tuple[int, float], list[float]] = {}
+    epochs_per_seed = 0.0
+    for seed in range(seeds):
+        seeded = spec.model_copy(update={"seed": seed})
+        study = optuna.create_study(
+            direction=spec.objective.direction, pruner=optuna.pruners.NopPruner()
+        )
+        for config in configs:
+            study.enqueue_trial(config)
+        splits = load_splits(seeded.dataset)
+        study.optimize(
+            lambda t, seeded=seeded, splits=splits: train_trial(t, seeded, splits=splits),
+            n_trials=len(configs),
+        )
+        epochs = 0.0
+        for trial in study.trials:
+            key = (int(trial.params[BATCH_PARAM]), float(trial.params["lr"]))
+            value = trial.value if trial.state == TrialState.COMPLETE else 0.5  # diverged
+            values.setdefault(key, []).append(float(value))
+            epochs += trial.user_attrs.get("train_epochs", 0.0)
+        epochs_per_seed = epochs
+    mean = {key: statistics.mean(v) for key, v in values.items()}
+    return {"mean": mean, "epochs_per_seed": epochs_per_seed, "weight_decay": weight_decay}
+
+
+def grid_alpha(spec: StudySpec, mean: dict[tuple[int, float], float]) -> dict:
+    """α fitted on the grid's best LR at each batch size (``fit_lr_scaling``, top 1)."""
+    study = optuna.create_study(direction=spec.objective.direction)
+    high = int(math.log2(spec.search.batch_size_max))
+    distributions = {
+        BATCH_PARAM: IntDistribution(int(math.log2(spec.search.batch_size_min)), high),
+        "lr": FloatDistribution(spec.search.lr_low, spec.search.lr_high, log=True),
+    }
+    for (log2_batch_size, lr), value in mean.items():
+        study.add_trial(
+            create_trial(
+                params={BATCH_PARAM: log2_batch_size, "lr": lr},
+                distributions=distributions,
+                value=value,
+                user_attrs={"batch_size": 2**log2_batch_size},
+            )
+        )
+    fit = fit_lr_scaling(study, top_k=1)
+    return {"alpha": fit.alpha, "interval": [fit.alpha_low, fit.alpha_high]}
+
+
+def pruning_regret(
+    study: optuna.Study, spec: StudySpec, top: list[tuple[int, float]], weight_decay: float
+) -> int:
+    """Enqueue ``top`` configs into ``study`` (its pruner as configured) and count the pruned."""
+    before = len(study.trials)
+    for log2_batch_size, lr in top:
+        study.enqueue_trial({BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay})
+    splits = load_splits(spec.dataset)
+    study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=len(top))
+    return sum(t.state == TrialState.PRUNED for t in study.trials[before:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
+    parser.add_argument("--lrs", type=int, default=5)
+    parser.add_argument("--grid-seeds", type=int, default=2)
+    parser.add_argument("--hpo-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(args.study)
+    if args.quick:
+        spec = fair_search.quick(spec)
+    truth = grid(spec, args.lrs, args.grid_seeds)
+    mean = truth["mean"]
+    grid_best = max(mean.values())
+    grid_per_b = {
+        b: max(v for (log2, _), v in mean.items() if 2**log2 == b) for b in spec.search.batch_sizes
+    }
+    alpha_grid = grid_alpha(spec, mean)
+    ranked = sorted(mean, key=mean.get, reverse=True)
+    top = ranked[: max(1, len(ranked) // 10)]
+    result: dict = {
+        "grid_best": grid_best,
+        "grid_best_per_batch_size": grid_per_b,
+        "grid_epochs": truth["epochs_per_seed"],
+        "alpha_grid": alpha_grid,
+        "policies": {},
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        for name, policy in fair_search.policies(spec).items():
+            runs, regret = [], None
+            for seed in range(args.hpo_seeds):
+                database = Path(directory) / f"{name}-{seed}.db"
+                seeded, study, wall = fair_search.optimize(policy, seed, database)
+                runs.append(fair_search.summarize(study, seeded, seed, wall))
+                if seed == 0:
+                    regret = pruning_regret(study, seeded, top, truth["weight_decay"])
+            shortfall = {}
+            for b in spec.search.batch_sizes:
+                found = [r["best_per_batch_size"][b] for r in runs]
+                shortfall[b] = None if None in found else grid_per_b[b] - statistics.median(found)
+            bests = [r["best"] for r in runs if r["best"] is not None]
+            intervals = [r["alpha_interval"] for r in runs]
+            result["policies"][name] = {
+                "hpo_best": statistics.median(bests) if bests else None,
+                "hpo_epochs_fraction": statistics.median(r["epochs_trained"] for r in runs)
+                / truth["epochs_per_seed"],
+                "per_b_shortfall": shortfall,
+                "alpha_hpo": [[r["alpha"], *r["alpha_interval"]] for r in runs],
+                "alpha_grid_inside": [
+                    None
+                    if low is None or alpha_grid["alpha"] is None
+                    else low <= alpha_grid["alpha"] <= high
+                    for low, high in intervals
+                ],
+                "pruning_regret": regret,
+                "top_configs": len(top),
+                "runs": runs,
+            }
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

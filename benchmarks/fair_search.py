@@ -1,0 +1,159 @@
+"""The demo study under the old search policy and the fair one, side by side.
+
+- old: equal epochs, Optuna's median pruner over all trials, TPE alone (the demo before
+  issue 9: ``stratify_by_batch_size``, ``min_trials_per_batch_size`` and
+  ``cover_batch_sizes`` off, the pruner's startup back at 4 trials).
+- fair: ``studies/demo.toml`` as shipped: a first round of one trial per batch size, the
+  median pruner comparing a trial only with its own batch size, and no pruning at a batch
+  size until 2 of its trials have completed.
+
+Each policy runs the study once per seed, trials one after another in this process through
+``hpo.study.create_or_load_study`` (SQLite in a temp dir) and ``hpo.objective.train_trial``.
+Printed per policy and seed: wall time, trials by state, complete and pruned per batch
+size, the fitted α with its 95% interval (``hpo.report.analysis.fit_lr_scaling``), the
+best and median complete value, and the training spent (epochs summed over trials).
+
+Run: ``uv run python benchmarks/fair_search.py --json fair.json`` (``--quick`` shrinks the
+task to seconds, for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from hpo.data import load_splits
+from hpo.objective import train_trial
+from hpo.report.analysis import fit_lr_scaling
+from hpo.spec import StudySpec, load_spec
+from hpo.study import create_or_load_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _with(spec: StudySpec, **tables: dict) -> StudySpec:
+    data = json.loads(spec.to_json())
+    for table, fields in tables.items():
+        data[table].update(fields)
+    return StudySpec.model_validate(data)
+
+
+def policies(spec: StudySpec) -> dict[str, StudySpec]:
+    old = _with(
+        spec,
+        pruner={
+            "stratify_by_batch_size": False,
+            "min_trials_per_batch_size": 0,
+            "n_startup_trials": 4,
+        },
+        sampler={"cover_batch_sizes": False},
+    )
+    return {"old": old, "fair": spec}
+
+
+def quick(spec: StudySpec) -> StudySpec:
+    return _with(
+        spec,
+        dataset={"train_size": 128, "val_size": 64, "image_size": 32, "cache_dir": None},
+        search={"batch_size_max": 64},
+        budget={"epochs": 1, "n_trials": 4},
+        pruner={"min_epochs": 1},
+    )
+
+
+def optimize(spec: StudySpec, seed: int, database: Path) -> tuple[StudySpec, optuna.Study, float]:
+    """Run the study (spec and sampler seeded with ``seed``); the seeded spec, the study
+    and the wall time in seconds."""
+    spec = _with(spec, sampler={"seed": seed}).model_copy(update={"seed": seed})
+    loaded = create_or_load_study(spec, f"sqlite:///{database}")
+    splits = load_splits(spec.dataset)
+    started = time.perf_counter()
+    loaded.study.optimize(
+        lambda trial: train_trial(trial, spec, splits=splits), n_trials=spec.budget.n_trials
+    )
+    return spec, loaded.study, time.perf_counter() - started
+
+
+def best_per_batch_size(study: optuna.Study, spec: StudySpec) -> dict[int, float | None]:
+    """The best complete value at each batch size of the range (None: no complete trial)."""
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    best: dict[int, float | None] = {b: None for b in spec.search.batch_sizes}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        batch_size = int(trial.user_attrs["batch_size"])
+        current = best.get(batch_size)
+        if current is None or sign * float(trial.value) > sign * current:
+            best[batch_size] = float(trial.value)
+    return best
+
+
+def summarize(study: optuna.Study, spec: StudySpec, seed: int, wall: float) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    values = [float(t.value) for t in complete if t.value is not None]
+    fit = fit_lr_scaling(study)
+
+    def per_batch(state: TrialState) -> dict[int, int]:
+        counted = Counter(int(t.user_attrs["batch_size"]) for t in trials if t.state == state)
+        return {b: counted.get(b, 0) for b in spec.search.batch_sizes}
+
+    best = max(values) if values else None
+    median = statistics.median(values) if values else None
+    return {
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "states": dict(Counter(t.state.name for t in trials)),
+        "complete_per_batch_size": per_batch(TrialState.COMPLETE),
+        "pruned_per_batch_size": per_batch(TrialState.PRUNED),
+        "best_per_batch_size": best_per_batch_size(study, spec),
+        "alpha": fit.alpha,
+        "alpha_interval": [fit.alpha_low, fit.alpha_high],
+        "best": best,
+        "median_complete": median,
+        "best_minus_median": None if best is None else best - median,
+        "epochs_trained": sum(t.user_attrs.get("train_epochs", 0.0) for t in trials),
+    }
+
+
+def run_study(spec: StudySpec, seed: int, database: Path) -> dict:
+    spec, study, wall = optimize(spec, seed, database)
+    return summarize(study, spec, seed, wall)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(args.study)
+    if args.quick:
+        spec = quick(spec)
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        for name, policy in policies(spec).items():
+            results[name] = [
+                run_study(policy, seed, Path(directory) / f"{name}-{seed}.db")
+                for seed in range(args.seeds)
+            ]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

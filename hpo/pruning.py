@@ -1,0 +1,126 @@
+"""Pruning that cannot condemn a batch size wholesale.
+
+Optuna's Median/Percentile pruner compares a trial's intermediate value with the other
+trials' values at the same step. Across batch sizes that comparison is unfair: at equal
+epochs B = 512 has taken 32x fewer optimizer updates than B = 16 and looks worse early, so
+every large-batch trial can be pruned before one has finished (issue 9: the demo pruned
+every B = 256 and B = 512 trial at epoch 2). Two wrappers, both around Optuna's own
+pruners and both keyed on the trial's ``log2_batch_size`` parameter:
+
+- ``SameBatchSizePruner``: the inner pruner sees only the trials of the trial's own batch
+  size, so a large-batch trial is compared with large-batch trials only. Its
+  ``n_startup_trials`` then counts complete trials *of that batch size*.
+- ``BatchSizeFloorPruner``: a trial is never pruned while its batch size has fewer than
+  ``min_complete`` complete trials, so every batch size gets that many full-budget answers
+  before any of its trials can be stopped early.
+
+This module knows the parameter only by the name it is given (``hpo.space`` passes
+``BATCH_PARAM``), so it imports no other hpo module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+
+def _same_param(trial: FrozenTrial, param: str, value: Any) -> bool:
+    return param in trial.params and trial.params[param] == value
+
+
+class _TrialsWithParam:
+    """A read-only view of a study that lists only the trials whose ``param`` equals
+    ``value``. Optuna's Percentile/Median pruner reads a study through ``get_trials`` and
+    ``direction`` only (optuna/pruners/_percentile.py); everything else is delegated."""
+
+    def __init__(self, study: optuna.Study, param: str, value: Any) -> None:
+        self._study = study
+        self._param = param
+        self._value = value
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if _same_param(t, self._param, self._value)]
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class SameBatchSizePruner(optuna.pruners.BasePruner):
+    """``base`` (a Median or Percentile pruner) applied to the trials of one batch size.
+
+    A trial without the parameter yet (it has not sampled it) is never pruned.
+    """
+
+    def __init__(self, base: optuna.pruners.BasePruner, param: str) -> None:
+        self.base = base
+        self.param = param
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if self.param not in trial.params:
+            return False
+        view = _TrialsWithParam(study, self.param, trial.params[self.param])
+        return self.base.prune(view, trial)  # type: ignore[arg-type]
+
+
+def complete_trials_like(study: optuna.Study, trial: FrozenTrial, param: str) -> int:
+    """Complete trials with ``trial``'s value of ``param`` (``trial`` itself excluded)."""
+    complete: Sequence[FrozenTrial] = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,)
+    )
+    value = trial.params[param]
+    return sum(_same_param(t, param, value) for t in complete if t.number != trial.number)
+
+
+def _protected(study: optuna.Study, trial: FrozenTrial, param: str, min_complete: int) -> bool:
+    return param not in trial.params or complete_trials_like(study, trial, param) < min_complete
+
+
+class BatchSizeFloorPruner(optuna.pruners.BasePruner):
+    """``base``, except that no trial is pruned while its batch size has fewer than
+    ``min_complete`` COMPLETE trials.
+
+    Counting complete trials (rather than "the first N trials by number") is what
+    guarantees N full-budget answers per batch size in a sequential study: a protected
+    trial that diverges does not use up the protection. With parallel workers, trials of
+    one batch size running at the same time are all protected until N have completed; that
+    costs some budget, never coverage. (For Hyperband use ``FlooredHyperbandPruner``.)
+    """
+
+    def __init__(self, base: optuna.pruners.BasePruner, param: str, min_complete: int) -> None:
+        self.base = base
+        self.param = param
+        self.min_complete = min_complete
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if _protected(study, trial, self.param, self.min_complete):
+            return False
+        return self.base.prune(study, trial)
+
+
+class FlooredHyperbandPruner(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband with the same floor as ``BatchSizeFloorPruner``.
+
+    A subclass rather than a wrapper: Optuna hands samplers only the trials of the
+    current trial's Hyperband bracket when ``isinstance(study.pruner, HyperbandPruner)``
+    (optuna.pruners._filter_study), and a wrapper would silently turn that off.
+    """
+
+    def __init__(self, *, param: str, min_complete: int, **hyperband: Any) -> None:
+        super().__init__(**hyperband)
+        self.param = param
+        self.min_complete = min_complete
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if _protected(study, trial, self.param, self.min_complete):
+            return False
+        return super().prune(study, trial)

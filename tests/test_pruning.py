@@ -1,0 +1,176 @@
+"""Pruning that cannot condemn a batch size wholesale: stratified comparison and a floor.
+
+Built on hand-made trials (``optuna.trial.create_trial``), so each test states exactly
+which trials a pruning decision is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
+from hpo.space import BATCH_PARAM, make_pruner
+from hpo.spec import SpecError, StudySpec, load_spec, parse_spec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SMALL, LARGE = 4, 9  # log2 of B = 16 and B = 512
+DISTRIBUTIONS = {
+    BATCH_PARAM: IntDistribution(SMALL, LARGE),
+    "lr": FloatDistribution(1e-4, 1.0, log=True),
+}
+
+
+def _spec(tiny_study: Path, **pruner: object) -> StudySpec:
+    data = load_spec("tiny").model_dump()
+    data["budget"]["epochs"] = 4
+    data["pruner"].update(pruner)
+    return StudySpec.model_validate(data)
+
+
+def _add_complete(study: optuna.Study, log2_batch_size: int, value: float) -> None:
+    """A finished trial of one batch size that reported ``value`` at every step 1-4."""
+    study.add_trial(
+        create_trial(
+            params={BATCH_PARAM: log2_batch_size, "lr": 0.01},
+            distributions=DISTRIBUTIONS,
+            value=value,
+            intermediate_values={step: value for step in range(1, 5)},
+        )
+    )
+
+
+def _running(study: optuna.Study, log2_batch_size: int) -> optuna.Trial:
+    study.enqueue_trial({BATCH_PARAM: log2_batch_size, "lr": 0.01})
+    return study.ask(DISTRIBUTIONS)
+
+
+def _decision(study: optuna.Study, log2_batch_size: int, value: float, step: int = 2) -> bool:
+    trial = _running(study, log2_batch_size)
+    trial.report(value, step)
+    pruned = trial.should_prune()
+    study.tell(trial, state=TrialState.FAIL)  # out of the way of the next decision
+    return pruned
+
+
+def _study(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Five good small-batch trials (0.90) and two weaker large-batch ones (0.70, 0.72)."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (0.90, 0.91, 0.92, 0.89, 0.90):
+        _add_complete(study, SMALL, value)
+    for value in (0.70, 0.72):
+        _add_complete(study, LARGE, value)
+    return study
+
+
+def test_unstratified_median_prunes_a_large_batch_by_the_small_batches() -> None:
+    """The failure this module exists for: a large-batch trial as good as its own kind is
+    pruned because small batches look better at the same epoch."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    assert _decision(_study(median), LARGE, 0.73)
+
+
+def test_stratified_compares_a_large_batch_only_with_its_own_batch_size() -> None:
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    study = _study(SameBatchSizePruner(median, BATCH_PARAM))
+    assert not _decision(study, LARGE, 0.73)  # above the large-batch median (0.71)
+    assert _decision(study, LARGE, 0.65)  # below it: pruned, stratified does prune
+    assert _decision(study, SMALL, 0.85)  # small batches are judged by small batches
+
+
+def test_stratified_startup_counts_complete_trials_of_the_same_batch_size() -> None:
+    """With n_startup_trials = 3 and only two complete B = 512 trials, no B = 512 trial is
+    pruned, however many small-batch trials are complete."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    study = _study(SameBatchSizePruner(median, BATCH_PARAM))
+    assert not _decision(study, LARGE, 0.10)
+    assert _decision(study, SMALL, 0.10)
+
+
+def test_floor_protects_a_batch_size_until_it_has_enough_complete_trials() -> None:
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    study = optuna.create_study(
+        direction="maximize", pruner=BatchSizeFloorPruner(median, BATCH_PARAM, min_complete=2)
+    )
+    for value in (0.90, 0.91, 0.92):
+        _add_complete(study, SMALL, value)
+    assert not _decision(study, LARGE, 0.50)  # no complete B = 512 yet
+    _add_complete(study, LARGE, 0.70)
+    assert not _decision(study, LARGE, 0.50)  # one
+    _add_complete(study, LARGE, 0.71)
+    assert _decision(study, LARGE, 0.50)  # two: the floor is met, the median decides
+    assert _decision(study, SMALL, 0.50)  # a covered batch size was never protected
+
+
+def test_floor_does_not_count_pruned_or_failed_trials() -> None:
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    study = optuna.create_study(
+        direction="maximize", pruner=BatchSizeFloorPruner(median, BATCH_PARAM, min_complete=1)
+    )
+    _add_complete(study, SMALL, 0.9)
+    for state in (TrialState.PRUNED, TrialState.FAIL):
+        study.add_trial(
+            create_trial(
+                params={BATCH_PARAM: LARGE, "lr": 0.01},
+                distributions=DISTRIBUTIONS,
+                state=state,
+                intermediate_values={1: 0.1, 2: 0.1},
+            )
+        )
+    assert not _decision(study, LARGE, 0.5)
+
+
+def test_make_pruner_wraps_as_the_spec_says(tiny_study: Path) -> None:
+    plain = make_pruner(_spec(tiny_study, kind="median"))
+    assert type(plain) is optuna.pruners.MedianPruner  # defaults: exactly as before
+    floor = make_pruner(
+        _spec(tiny_study, kind="median", stratify_by_batch_size=True, min_trials_per_batch_size=2)
+    )
+    assert isinstance(floor, BatchSizeFloorPruner) and floor.min_complete == 2
+    assert isinstance(floor.base, SameBatchSizePruner)
+    assert isinstance(floor.base.base, optuna.pruners.MedianPruner)
+    percentile = make_pruner(_spec(tiny_study, kind="percentile", percentile=75.0))
+    assert isinstance(percentile, optuna.pruners.PercentilePruner)
+    assert percentile._percentile == 75.0
+    hyperband = make_pruner(_spec(tiny_study, kind="hyperband", min_trials_per_batch_size=1))
+    # still a HyperbandPruner, so Optuna keeps giving samplers the bracket's trials only
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert isinstance(hyperband, FlooredHyperbandPruner) and hyperband.min_complete == 1
+
+
+def test_floored_hyperband_protects_an_uncovered_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hyperband's own decision (here: always prune) applies only to covered batch sizes."""
+    monkeypatch.setattr(optuna.pruners.HyperbandPruner, "prune", lambda self, study, trial: True)
+    hyperband = FlooredHyperbandPruner(
+        param=BATCH_PARAM, min_complete=1, min_resource=1, max_resource=4, reduction_factor=2
+    )
+    study = optuna.create_study(direction="maximize", pruner=hyperband)
+    _add_complete(study, SMALL, 0.9)
+    assert not _decision(study, LARGE, 0.5, step=1)
+    assert _decision(study, SMALL, 0.5, step=1)
+
+
+def test_spec_stored_before_the_new_fields_loads_with_them_off(tiny_study: Path) -> None:
+    stored = json.loads(load_spec("tiny").to_json())
+    for field in ("percentile", "stratify_by_batch_size", "min_trials_per_batch_size"):
+        del stored["pruner"][field]
+    spec = StudySpec.from_json(json.dumps(stored))
+    assert not spec.pruner.stratify_by_batch_size
+    assert spec.pruner.min_trials_per_batch_size == 0
+    assert type(make_pruner(spec)) is optuna.pruners.MedianPruner
+
+
+def test_stratify_cannot_apply_to_hyperband(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump(mode="json")
+    data["pruner"].update(kind="hyperband", stratify_by_batch_size=True)
+    with pytest.raises(SpecError, match="pruner: stratify_by_batch_size needs kind") as error:
+        parse_spec(data, source="tiny.toml", default_name="tiny")
+    assert "\n" not in str(error.value)
