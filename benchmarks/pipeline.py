@@ -312,7 +312,9 @@ def one_trial(spec: StudySpec, setup, splits, batch_size: int, directory: Path,
     """One trial as a worker runs it (ask, fit with report/prune and a checkpoint after every
     epoch, user attrs, tell) on SQLite; returns its wall seconds. With ``clock``, the
     phases are timed by wrapping the functions a trial calls."""
-    spec = spec.model_copy(update={"name": name})
+    # Only the trial enqueued here: no first round per batch size (sampler.cover_batch_sizes).
+    sampler = spec.sampler.model_copy(update={"cover_batch_sizes": False})
+    spec = spec.model_copy(update={"name": name, "sampler": sampler})
     loaded = create_or_load_study(spec, f"sqlite:///{directory / 'e2e.db'}")
     loaded.study.enqueue_trial(
         {"log2_batch_size": int(np.log2(batch_size)), "lr": 0.01, "weight_decay": 1e-4}

@@ -27,7 +27,6 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo import checkpoint as checkpoint_module
-from hpo import worker as worker_module
 from hpo.caps import CLAMPED_ATTR
 from hpo.checkpoint import (
     UNREADABLE_DIR,
@@ -436,7 +435,6 @@ def test_a_worker_whose_saves_fail_completes_its_trials_and_counts_the_failures(
     create_or_load_study(spec, url)
     _inject(monkeypatch, "fsync", errno.EIO)
     monkeypatch.setattr(checkpoint_module, "check_checkpoint_dir", lambda root: None)
-    monkeypatch.setattr(worker_module, "check_checkpoint_dir", lambda root: None)
     node = NodeSettings(checkpoint_dir=tmp_path / "checkpoints")
     result = run_worker(spec.name, url, total_trials=1, node=node)
 
