@@ -194,7 +194,10 @@ def _inject(monkeypatch: pytest.MonkeyPatch, phase: str, code: int) -> None:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     phase=st.sampled_from(["mkdir", "write", "fsync", "replace"]),
@@ -301,7 +304,10 @@ def valid_checkpoint_bytes(spec, setup, tmp_path_factory) -> bytes:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
 def test_a_damaged_checkpoint_loads_or_is_moved_aside(
@@ -373,7 +379,7 @@ def test_a_retry_of_a_truncated_checkpoint_restarts_from_epoch_zero_and_complete
     assert path.is_file()  # the retry's own checkpoint
 
 
-@settings(max_examples=50, deadline=None)
+@settings(derandomize=True, max_examples=50, deadline=None)
 @given(
     attrs=st.dictionaries(
         st.sampled_from(

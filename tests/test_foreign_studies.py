@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import optuna
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution, IntDistribution
 from typer.testing import CliRunner
@@ -22,6 +22,7 @@ odd_values = st.one_of(
 )  # fmt: skip
 
 
+@settings(derandomize=True)
 @given(value=odd_values)
 def test_any_stored_batch_size_is_a_batch_size_or_skipped(value) -> None:
     trial = optuna.trial.create_trial(value=0.5, user_attrs={"batch_size": value})
@@ -31,6 +32,7 @@ def test_any_stored_batch_size_is_a_batch_size_or_skipped(value) -> None:
     assert batch_size is None or (isinstance(batch_size, int) and batch_size >= 1)
 
 
+@settings(derandomize=True)
 @given(name=st.text(max_size=80))
 def test_a_name_in_markdown_is_plain_text(name: str) -> None:
     shown = _plain(name)

@@ -166,7 +166,10 @@ def check_contract(path: Path) -> StudySpec | None:
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(document=documents())
 @example(document={**BASE, "search": {**BASE["search"], "lr_high": math.inf}})
@@ -187,7 +190,10 @@ def test_a_generated_study_file_is_valid_or_one_clear_error(
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     data=st.one_of(
@@ -217,7 +223,10 @@ class Created(Exception):
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(document=documents())
 def test_launch_with_a_generated_study_file_exits_2_in_one_line_before_the_study_exists(

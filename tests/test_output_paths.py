@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -14,6 +14,7 @@ from hpo.cli import app
 from hpo.paths import OutputDirError, check_writable_dir, safe_component
 
 
+@settings(derandomize=True)
 @given(name=st.text(max_size=300))
 def test_a_default_directory_from_any_name_stays_under_its_parent(name: str) -> None:
     component = safe_component(name)
@@ -23,6 +24,7 @@ def test_a_default_directory_from_any_name_stays_under_its_parent(name: str) -> 
     assert (parent / component).resolve().parent == parent
 
 
+@settings(derandomize=True)
 @given(a=st.text(max_size=50), b=st.text(max_size=50))
 def test_different_names_get_different_directories(a: str, b: str) -> None:
     if a != b:

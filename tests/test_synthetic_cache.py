@@ -48,7 +48,10 @@ def test_concurrent_writers_each_get_whole_patches(tmp_path: Path, fresh) -> Non
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(cut=st.floats(0.0, 0.999), junk=st.binary(max_size=64))
 def test_a_damaged_cache_file_is_regenerated(
