@@ -29,6 +29,11 @@ CUDA_FINITE_CHECK_EVERY = 16
 # Train accuracy for the generalization gap is measured in eval mode on this many patches,
 # after the last epoch only (see ``fit``).
 TRAIN_EVAL_SAMPLES = 2048
+# On CPU, evaluation runs in batches of at most this many patches: small-cnn at 48 px
+# evaluated 3,265-3,753 patches/s in batches of 64 and 833-1,077 in batches of 512 on the
+# shared 2-core machine (load 2.5-4.6; docs/benchmarks.md, issue 13). Eval mode: the
+# metrics do not depend on the batch size.
+CPU_EVAL_BATCH_MAX = 64
 
 
 class Diverged(RuntimeError):
@@ -446,6 +451,8 @@ def fit(
     """
     training = spec.training
     eval_batch = training.eval_batch_size
+    if setup.device.type == "cpu":
+        eval_batch = min(eval_batch, CPU_EVAL_BATCH_MAX)
     budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
     for epoch in range(run.epochs_done + 1, budget.reports + 1):
         train_loss = train_to_report(

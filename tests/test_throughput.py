@@ -11,10 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import hpo.train as hpo_train
 from hpo.data import load_splits
 from hpo.device import select_device
 from hpo.spec import StudySpec, TrialParams, load_spec
 from hpo.train import (
+    CPU_EVAL_BATCH_MAX,
     TRAIN_EVAL_SAMPLES,
     TrainingData,
     TrainingRun,
@@ -129,3 +131,23 @@ def test_gpu_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
         for side in ("hpo", "naive"):
             assert cell[side]["samples_per_s"] > 0
             assert 0.0 <= cell[side]["input_stall"] <= 1.0
+
+
+def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, run, data = _fitted(tiny_study, epochs=1)
+    setup = select_device(spec.training)
+    small = evaluate(run.model, data.val, data.batcher, setup, CPU_EVAL_BATCH_MAX)
+    large = evaluate(run.model, data.val, data.batcher, setup, 512)
+    assert small[1:] == pytest.approx(large[1:]) and small[0] == pytest.approx(large[0], rel=1e-4)
+
+    used: list[int] = []
+
+    def recording(model, patches, batcher, setup, batch_size):  # the signature hpo calls
+        used.append(batch_size)
+        return small
+
+    monkeypatch.setattr(hpo_train, "evaluate", recording)
+    _fitted(tiny_study, epochs=1)
+    assert used and set(used) == {min(spec.training.eval_batch_size, CPU_EVAL_BATCH_MAX)}
