@@ -78,10 +78,19 @@ SPEC = {
 }
 
 
+class _NoProgress:
+    """What the worker tells a terminal about a trial: nothing here (hpo.objective's
+    SilentProgress would import torch)."""
+
+    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
+        pass
+
+
 class SleepObjective:
     """Stands in for ``hpo.objective.Objective``: sleeps per epoch, reports, may prune."""
 
     checkpoint_root = None
+    progress = _NoProgress()
 
     def __init__(self, epochs: int, epoch_s: tuple[float, float], timings: dict) -> None:
         self.epochs, self.epoch_s, self.timings = epochs, epoch_s, timings
