@@ -331,27 +331,12 @@ def train_epoch(
         check_every = 1
     loss_sum = torch.zeros((), device=setup.device)
     steps = 0
-    if run.epoch_batches is None:
-        run.epoch_batches = batch_indices(
-            len(data.train), batch_size, generator=run.generator, drop_last=True
-        )
-        run.batches_left = len(data.train) // batch_size
     last = time.perf_counter()
-    for indices in run.epoch_batches:
+    for indices in _pass_batches(run, data, batch_size):
         if lr_factor is not None:
             set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        if micro_batch_size is not None and micro_batch_size < batch_size:
-            loss_sum += train_step_accumulated(
-                run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size
-            )
-        elif noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
-            loss_sum += noise_scale_step(
-                run.model, run.optimizer, run.scaler, autocast(setup), images, targets,
-                run.tally.noise,
-            )  # fmt: skip
-        else:
-            loss_sum += train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+        loss_sum += _update(run, setup, images, targets, micro_batch_size, noise_every)
         steps += 1
         run.batches_left -= 1
         count_update(run.tally, batch_size, since=last)
@@ -372,6 +357,41 @@ def train_epoch(
     if not math.isfinite(train_loss):
         raise Diverged(f"loss diverged at epoch {run.epochs_done + 1}")
     return train_loss
+
+
+def _pass_batches(run: TrainingRun, data: TrainingData, batch_size: int) -> Iterator[torch.Tensor]:
+    """The batches left in the current pass over the training set (a new shuffled pass
+    when the last one ended); a pass stopped at a report point goes on next time."""
+    if run.epoch_batches is None:
+        run.epoch_batches = batch_indices(
+            len(data.train), batch_size, generator=run.generator, drop_last=True
+        )
+        run.batches_left = len(data.train) // batch_size
+    return run.epoch_batches
+
+
+def _update(
+    run: TrainingRun,
+    setup: DeviceSetup,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    micro_batch_size: int | None,
+    noise_every: int,
+) -> torch.Tensor:
+    """One optimizer update on one batch: accumulated over micro-batches when the batch is
+    above them, else a plain step, or every ``noise_every``-th a step that also measures
+    the gradient noise scale."""
+    batch_size = images.shape[0]
+    if micro_batch_size is not None and micro_batch_size < batch_size:
+        return train_step_accumulated(
+            run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size
+        )
+    if noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
+        return noise_scale_step(
+            run.model, run.optimizer, run.scaler, autocast(setup), images, targets,
+            run.tally.noise,
+        )  # fmt: skip
+    return train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
 
 
 def count_update(tally: Tally, batch_size: int, *, since: float) -> None:

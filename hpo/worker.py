@@ -57,6 +57,7 @@ from hpo.study import (
 )
 
 if TYPE_CHECKING:
+    from hpo.device import DeviceSetup
     from hpo.objective import Objective, TrialProgress
 
 logger = logging.getLogger(__name__)
@@ -320,11 +321,7 @@ def run_worker(
     """
     # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
     # worker (benchmarks/storage_scale.py) stays a small process.
-    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.data import class_counts, load_splits
     from hpo.device import start_on_this_node
-    from hpo.models import check_model
-    from hpo.objective import Objective, SilentProgress
 
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
@@ -338,21 +335,9 @@ def run_worker(
     budget = study_budget(loaded.study)
     if budget.finished >= total_trials and not budget.running:
         return result
-    check_data_root(spec, source=f"study {study_name!r} on this node")
-    check_checkpoint_dir(checkpoint_root(spec))
-    check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
-    splits = load_splits(spec.dataset)
-    counts = class_counts(spec.dataset, splits)
-    loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
-    # Before claiming a trial: e.g. a factory this node cannot import is exit 2 here.
-    check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))
-    objective = Objective(
-        spec, setup, splits, loaded.ref, checkpoint_root(spec),
-        progress or SilentProgress(),
-    )  # fmt: skip
+    objective = _objective_on_this_node(loaded, spec, setup, progress)
     stop = StopSignal()
     stop.install()
-    poll_s = min(5.0, heartbeat_settings()[0])
     started = time.monotonic()
     while not stop.requested:
         if timeout_s is not None and time.monotonic() - started >= timeout_s:
@@ -365,7 +350,7 @@ def run_worker(
         if claimed == "done":
             break
         if claimed == "wait":
-            stop.sleep(poll_s)
+            stop.sleep(min(5.0, heartbeat_settings()[0]))
             continue
         state, reason = run_one(loaded, claimed, objective, stop, guard)
         result.states[state.name] += 1
@@ -374,11 +359,38 @@ def run_worker(
     if stop.requested:
         logger.warning("worker stopped by %s", stop.requested)
         result.stopped_by = stop.requested
-    result.failed_saves = objective.failed_saves
-    if result.failed_saves:
+    _log_failed_saves(result, objective.failed_saves)
+    return result
+
+
+def _objective_on_this_node(
+    loaded: LoadedStudy, spec: StudySpec, setup: DeviceSetup, progress: TrialProgress | None
+) -> Objective:
+    """Everything a trial needs from this node, checked before the first claim (exit 2 for
+    a missing data root, an unusable checkpoint directory, too many threads, a model or
+    factory this node cannot build), with the data loaded once."""
+    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
+    from hpo.data import class_counts, load_splits
+    from hpo.models import check_model
+    from hpo.objective import Objective, SilentProgress
+
+    check_data_root(spec, source=f"study {loaded.name!r} on this node")
+    check_checkpoint_dir(checkpoint_root(spec))
+    check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
+    splits = load_splits(spec.dataset)
+    counts = class_counts(spec.dataset, splits)
+    loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
+    check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))
+    return Objective(
+        spec, setup, splits, loaded.ref, checkpoint_root(spec), progress or SilentProgress()
+    )
+
+
+def _log_failed_saves(result: WorkerRun, failed_saves: int) -> None:
+    result.failed_saves = failed_saves
+    if failed_saves:
         logger.warning(
             "worker summary: %d checkpoint save(s) failed (see the warnings above); those "
             "trials kept training and their results, but would have resumed from an older "
-            "epoch after a crash", result.failed_saves,
+            "epoch after a crash", failed_saves,
         )  # fmt: skip
-    return result
