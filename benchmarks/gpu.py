@@ -34,12 +34,10 @@ default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import naive_loader, write_pcam  # noqa: E402  (the sibling benchmark)
+from pipeline import GpuUtilization, naive_loader, write_pcam  # noqa: E402  (the sibling benchmark)
 
 from hpo.data import batch_indices, load_splits  # noqa: E402
 from hpo.device import (  # noqa: E402
@@ -65,62 +63,27 @@ from hpo.train import build_run, prepare_data, train_step  # noqa: E402
 # --------------------------------------------------------------------------- measuring
 
 
-class GpuBusy:
-    """Samples the GPU's utilization (%) every 0.1 s while active; empty on CPU."""
+class GpuBusy(GpuUtilization):
+    """pipeline's GPU utilization sampler, every 0.1 s, reading NVML when ``pynvml`` is
+    installed (else pipeline's reading: torch's, else nvidia-smi's); empty on CPU."""
+
+    interval_s = 0.1
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.samples = device, []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._read = self._reader() if device.type == "cuda" else None
+        super().__init__(device)
+        nvml = self._nvml_reader() if device.type == "cuda" else None
+        if nvml is not None:
+            self._read = nvml  # type: ignore[method-assign]
 
-    def _reader(self) -> Callable[[], float | None]:
-        index = self.device.index or 0
+    def _nvml_reader(self) -> Callable[[], float | None] | None:
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
             return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception:
-            pass
-
-        def fallback() -> float | None:
-            try:
-                return float(torch.cuda.utilization(self.device))
-            except Exception:
-                query = [
-                    "nvidia-smi",
-                    "--query-gpu=utilization.gpu",
-                    "--format=csv,noheader,nounits",
-                ]
-                out = subprocess.run(query, capture_output=True, text=True, timeout=5)
-                return float(out.stdout.split()[index]) if out.returncode == 0 else None
-
-        return fallback
-
-    def __enter__(self) -> GpuBusy:
-        if self._read is not None:
-            read = self._read
-
-            def loop() -> None:
-                while not self._stop.wait(0.1):
-                    value = read()
-                    if value is not None:
-                        self.samples.append(value)
-
-            self._thread = threading.Thread(target=loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.samples) if self.samples else None
+            return None
 
 
 def _sync(device: torch.device) -> None:

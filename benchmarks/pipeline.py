@@ -121,15 +121,17 @@ class GpuUtilization:
                     ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
                     capture_output=True, text=True, timeout=5, check=True,
                 ).stdout  # fmt: skip
-                return float(out.split()[0])
+                return float(out.split()[self.device.index or 0])
             except Exception:
                 return None
+
+    interval_s = 0.2
 
     def __enter__(self) -> GpuUtilization:
         if self.device.type == "cuda":
 
             def loop() -> None:
-                while not self._stop.wait(0.2):
+                while not self._stop.wait(self.interval_s):
                     value = self._read()
                     if value is not None:
                         self.samples.append(value)
