@@ -92,9 +92,10 @@ def launch(
     setup_logging()
     node = node_settings(data_root, device, threads, checkpoint_dir)
     spec = load_spec(study, check_paths=node.data_root is None)
-    select_device(spec.on_node(node).training)  # a GPU this node lacks: exit 2 before anything
-    check_checkpoint_dir(checkpoint_root(spec.on_node(node)))  # likewise a checkpoint dir
-    check_cpu_count(spec.on_node(node).training.num_threads, THREADS_SOURCES)
+    here = spec.on_node(node)  # the spec as this node runs it
+    select_device(here.training)  # a GPU this node lacks: exit 2 before anything
+    check_checkpoint_dir(checkpoint_root(here))  # likewise a checkpoint dir
+    check_cpu_count(here.training.num_threads, THREADS_SOURCES)
     if not local_devices_have_gpus():
         check_cpu_count(workers, "--workers")
     check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
