@@ -14,6 +14,9 @@ two norms from one ordinary update: the batch's two halves are forwarded and bac
 one after the other (the gradient after the first half gives g_small, after both g_big), so
 there is no extra forward pass and the optimizer sees the full batch's mean gradient.
 A model with batch norm normalizes each half with its own statistics on a measured step.
+A batch trained as accumulation micro-batches (``training.above_cap = "accumulate"``) is
+split already: the first micro-batch is the small batch and the whole batch the big one
+(``record_split_measurement``), so measuring there changes nothing in the update.
 
 Torch only; nothing here knows about Optuna.
 """
@@ -118,11 +121,27 @@ def noise_scale_step(
         scaler.scale(loss).backward()
         losses.append(loss.detach())
         norms.append(gradient_sq_norm(model))
-    # The first half's gradient is (half/batch)·g_small; after both it is g_big.
-    unscale = scaler.get_scale() ** -2 if scaler.is_enabled() else 1.0
-    small_sq = norms[0] * unscale * (batch / half) ** 2
-    big_sq = norms[1] * unscale
-    estimate.update(small_sq, big_sq, half, batch)
+    record_split_measurement(estimate, scaler, norms[0], norms[1], half, batch)
     scaler.step(optimizer)
     scaler.update()
     return losses[0] + losses[1]
+
+
+def record_split_measurement(
+    estimate: NoiseScaleEstimate,
+    scaler: torch.amp.GradScaler,
+    first_sq: torch.Tensor,
+    total_sq: torch.Tensor,
+    first_size: int,
+    total_size: int,
+) -> None:
+    """Fold one measurement from a batch split into passes whose losses are weighted by
+    their share of the batch (``noise_scale_step``'s halves, or the accumulation
+    micro-batches of ``hpo.train.train_step_accumulated``): ``first_sq`` is the squared
+    gradient norm after the first pass's backward (``first_size`` examples), ``total_sq``
+    after all of them (``total_size``). The first pass's gradient is
+    (first_size/total_size)·g_small, so |g_small|² is ``first_sq`` rescaled by the square
+    of the inverse; under the fp16 grad scaler both norms are unscaled first."""
+    unscale = scaler.get_scale() ** -2 if scaler.is_enabled() else 1.0
+    small_sq = first_sq * unscale * (total_size / first_size) ** 2
+    estimate.update(small_sq, total_sq * unscale, first_size, total_size)

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
-from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
+from hpo.noise import (
+    NOISE_SCALE_EVERY,
+    NoiseScaleEstimate,
+    gradient_sq_norm,
+    noise_scale_step,
+    record_split_measurement,
+)
 from hpo.resource import TrainingBudget, cosine_factor
 from hpo.spec import ModelSpec, SearchSpec, StudySpec, TrainingSpec, TrialParams
 
@@ -182,23 +188,35 @@ def train_step_accumulated(
     images: torch.Tensor,
     targets: torch.Tensor,
     micro_batch_size: int,
+    noise: NoiseScaleEstimate | None = None,
 ) -> torch.Tensor:
     """One optimizer update on one batch, run as forward/backward passes of
     ``micro_batch_size`` samples whose gradients add up to the whole batch's: each pass's
     mean loss is weighted by its share of the batch. Returns the batch's mean loss,
     detached. Without BatchNorm the update equals ``train_step``'s (to float tolerance);
-    with it, each pass normalizes by its own micro-batch statistics."""
+    with it, each pass normalizes by its own micro-batch statistics.
+
+    With ``noise`` given, the micro-batches double as the noise scale's two batch sizes
+    (``hpo.noise.record_split_measurement``): the gradient's squared norm after the first
+    micro-batch's backward is the small batch, after the last one the whole batch. No
+    extra forward pass and the update is unchanged: only two norms are taken."""
     optimizer.zero_grad(set_to_none=True)
     total = images.shape[0]
     loss_sum = torch.zeros((), device=images.device)
-    for part_images, part_targets in zip(
-        images.split(micro_batch_size), targets.split(micro_batch_size), strict=True
-    ):
+    parts = list(zip(images.split(micro_batch_size), targets.split(micro_batch_size), strict=True))
+    first_sq = None
+    for part_images, part_targets in parts:
         with autocast(setup):
             loss = F.cross_entropy(model(part_images).float(), part_targets)
         weighted = loss * (part_images.shape[0] / total)
         scaler.scale(weighted).backward()
         loss_sum += weighted.detach()
+        if noise is not None and first_sq is None and len(parts) > 1:
+            first_sq = gradient_sq_norm(model)
+    if first_sq is not None:
+        record_split_measurement(
+            noise, scaler, first_sq, gradient_sq_norm(model), parts[0][1].shape[0], total
+        )
     scaler.step(optimizer)
     scaler.update()
     return loss_sum
@@ -322,8 +340,9 @@ def train_epoch(
     device after every update, so the time counted is the time the update took.
     ``micro_batch_size`` (below ``batch_size``) accumulates gradients over passes of that
     many samples (``train_step_accumulated``). Every ``noise_every``-th update (0: never)
-    of a batch trained whole also measures the gradient noise scale
-    (``hpo.noise.noise_scale_step``) into ``run.tally.noise``.
+    also measures the gradient noise scale into ``run.tally.noise``: from the first
+    micro-batch and the whole batch when accumulating, else from two half-batch passes
+    (``hpo.noise.noise_scale_step``).
     """
     run.model.train()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
@@ -379,14 +398,17 @@ def _update(
     noise_every: int,
 ) -> torch.Tensor:
     """One optimizer update on one batch: accumulated over micro-batches when the batch is
-    above them, else a plain step, or every ``noise_every``-th a step that also measures
-    the gradient noise scale."""
+    above them, else a plain step. Every ``noise_every``-th update also measures the
+    gradient noise scale: from the micro-batches when accumulating, else as a step of two
+    half-batch passes (``noise_scale_step``)."""
     batch_size = images.shape[0]
+    measure = bool(noise_every) and (run.tally.updates + 1) % noise_every == 0
     if micro_batch_size is not None and micro_batch_size < batch_size:
         return train_step_accumulated(
-            run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size
-        )
-    if noise_every and (run.tally.updates + 1) % noise_every == 0 and batch_size >= 2:
+            run.model, run.optimizer, run.scaler, setup, images, targets, micro_batch_size,
+            run.tally.noise if measure else None,
+        )  # fmt: skip
+    if measure and batch_size >= 2:
         return noise_scale_step(
             run.model, run.optimizer, run.scaler, autocast(setup), images, targets,
             run.tally.noise,
