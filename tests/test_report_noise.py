@@ -7,13 +7,16 @@ import random
 
 import optuna
 import pytest
+from optuna.trial import FrozenTrial, create_trial
 
+from hpo.report import batch_size_table, summarize
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     describe_critical_batch_size,
     fit_lr_ridge,
     measured_b_simple,
 )
+from tests.test_report import DISTRIBUTIONS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -75,3 +78,54 @@ def test_summary_markdown_names_the_critical_batch_size() -> None:
 
     text = summary_markdown(collect(scaling_study(1.0), "val_auc"))
     assert "critical batch size is about" in text and "B_noise" in text
+
+
+def _trial(batch_size: int, value: float, b_simple: float | None, curve=None) -> FrozenTrial:
+    """A complete trial as ``hpo`` stores it, with its B_simple (last and per epoch)."""
+    attrs: dict[str, object] = {"batch_size": batch_size}
+    if b_simple is not None:
+        attrs["b_simple"] = b_simple
+        attrs["b_simple_per_epoch"] = list(curve or [b_simple])
+    return create_trial(
+        value=value,
+        params={"log2_batch_size": int(math.log2(batch_size)), "lr": 0.01, "weight_decay": 1e-4},
+        distributions=DISTRIBUTIONS,
+        user_attrs=attrs,
+        intermediate_values={1: value},
+    )
+
+
+def _study_with_b_simple() -> optuna.Study:
+    """B = 32: the best trial measured 150.2, a worse one 900; B = 64: one trial, 1,234.4;
+    B = 128: a complete trial that recorded no B_simple."""
+    study = optuna.create_study(direction="maximize", study_name="noise")
+    for batch_size, value, b_simple in [
+        (32, 0.9, 150.2),
+        (32, 0.7, 900.0),
+        (64, 0.8, 1234.4),
+        (128, 0.6, None),
+    ]:
+        study.add_trial(_trial(batch_size, value, b_simple))
+    return study
+
+
+def test_batch_size_table_b_simple_is_the_best_trials_last_value() -> None:
+    headers, rows = batch_size_table(summarize(_study_with_b_simple(), "val_auc"))
+    column = headers.index("b_simple")
+    assert [(row[0], row[column], row[headers.index("trial")]) for row in rows] == [
+        ("32", "150", "0"),
+        ("64", "1,234", "2"),
+        ("128", "-", "3"),
+    ]
+
+
+def test_status_prints_the_b_simple_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo.cli.app import console
+    from hpo.cli.render import print_summary
+
+    monkeypatch.setattr(console, "width", 160)  # wide enough that no header wraps
+    with console.capture() as captured:
+        print_summary(_study_with_b_simple(), "val_auc")
+    table = captured.get()
+    assert "b_simple" in table
+    assert "1,234" in table and "150" in table

@@ -74,6 +74,9 @@ class BatchSizeRow:
     best_weight_decay: float | None
     best_trial: int | None
     generalization_gap: float | None
+    # The best trial's gradient noise scale at its last epoch (user attr ``b_simple``): the
+    # same trial as the other best_* fields, so a row reads as one trial.
+    best_b_simple: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 best_weight_decay=top.params.get("weight_decay") if top else None,
                 best_trial=top.number if top else None,
                 generalization_gap=_gap(top) if top else None,
+                best_b_simple=_b_simple(top) if top else None,
             )
         )
     return StudySummary(
@@ -135,6 +139,15 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         best=best,
         by_batch_size=rows,
     )
+
+
+def _b_simple(trial: FrozenTrial) -> float | None:
+    """The trial's last measured B_simple; None when it recorded none (too few updates, or
+    a study from before issue 10) or stored something that is not a finite number."""
+    value = trial.user_attrs.get("b_simple")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _gap(trial: FrozenTrial) -> float | None:

@@ -71,6 +71,7 @@ def _table(data: ReportData) -> list[str]:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "gap: train − val accuracy of the best trial at its last epoch."]
+    lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
     return lines
 
 
