@@ -68,10 +68,12 @@ class NoiseScaleEstimate:
         self.weight = keep * self.weight + (1 - keep)
 
     def b_simple(self) -> float | None:
-        """tr(Σ) / |G|², or None before any measurement or while the |G|² average is not
-        positive (early on, when the true gradient is small next to its noise)."""
+        """tr(Σ) / |G|², or None before any measurement or while either average is not
+        positive: each is a difference of noisy norms, and with few measurements (a short
+        epoch at a large batch) the |G|² average, or more rarely the tr(Σ) one, can come
+        out ≤ 0, where the ratio is no noise scale at all (the demo stored -33 once)."""
         weight, gradient_sq, trace = (float(v) for v in (self.weight, self.gradient_sq, self.trace))
-        if weight <= 0 or gradient_sq <= 0 or not math.isfinite(trace / gradient_sq):
+        if weight <= 0 or gradient_sq <= 0 or trace <= 0 or not math.isfinite(trace / gradient_sq):
             return None
         return trace / gradient_sq
 

@@ -189,6 +189,18 @@ def test_non_finite_measurement_is_skipped() -> None:
     assert estimate.to_dict() == before
 
 
+def test_a_non_positive_average_gives_no_b_simple() -> None:
+    negative_trace = NoiseScaleEstimate()
+    # |g_small|² < |g_big|²: the tr(Σ) estimate is negative, the |G|² one positive.
+    negative_trace.update(torch.tensor(1.0), torch.tensor(1.2), 16, 32)
+    assert float(negative_trace.trace) < 0 < float(negative_trace.gradient_sq)
+    assert negative_trace.b_simple() is None
+    negative_gradient = NoiseScaleEstimate()
+    negative_gradient.update(torch.tensor(3.0), torch.tensor(1.2), 16, 32)
+    assert float(negative_gradient.gradient_sq) < 0 < float(negative_gradient.trace)
+    assert negative_gradient.b_simple() is None
+
+
 def test_training_measures_b_simple_with_bf16_autocast_and_channels_last() -> None:
     spec = parse_spec(
         tomllib.loads(tiny_study_text(train_size=256, epochs=2)), source="test", default_name="t"

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, create_trial
 
-from hpo.report import batch_size_table, summarize
+from hpo.report import (
+    attach_report,
+    batch_size_table,
+    collect,
+    figure_models,
+    summarize,
+    write_report,
+)
+from hpo.report.figures import Band, Line, Markers
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     describe_critical_batch_size,
@@ -58,6 +67,17 @@ def test_measured_b_simple_takes_the_best_complete_trials() -> None:
         130.0,
         3,
     )
+
+
+def test_a_stored_non_positive_b_simple_counts_as_not_measured() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(32, 0.9, -33.0, curve=[None, -33.0]))  # as the demo once stored
+    study.add_trial(_trial(32, 0.8, 40.0, curve=[20.0, 40.0]))
+    assert measured_b_simple(study).median == 40.0
+    headers, rows = batch_size_table(summarize(study, "val_auc"))
+    assert rows[0][headers.index("b_simple")] == "-"  # the best trial's, not another's
+    (curve,) = collect(study, "val_auc").noise_curves
+    assert curve.values == ((1, 20.0), (2, 40.0))
 
 
 def test_summary_names_the_critical_batch_size_and_whether_they_agree() -> None:
@@ -129,3 +149,140 @@ def test_status_prints_the_b_simple_column(monkeypatch: pytest.MonkeyPatch) -> N
     table = captured.get()
     assert "b_simple" in table
     assert "1,234" in table and "150" in table
+
+
+PLANTED_B_NOISE = 128.0
+BATCH_SIZES = (16, 32, 64, 128, 256, 512)
+
+
+def ridge_study(seed: int = 0) -> optuna.Study:
+    """Per batch size, 6 learning rates around the ridge ε_opt(B) = 0.4 / (1 + 128 / B);
+    the objective falls off quadratically in log2(lr / ε_opt). Every trial records a
+    B_simple series that grows over its 4 epochs (the first epoch unmeasured, ``null``):
+    the top 3 of each batch size end near 100 + B/4, the others at 9,999 (so a figure
+    that draws the wrong trials shows it)."""
+    rng = random.Random(seed)
+    study = optuna.create_study(direction="maximize", study_name="ridge")
+    for batch_size in BATCH_SIZES:
+        best_lr = 0.4 / (1 + PLANTED_B_NOISE / batch_size)
+        for rank, offset in enumerate((0.0, 0.3, -0.3, 1.0, -1.2, 1.6)):
+            lr = best_lr * 2.0 ** (offset + rng.uniform(-0.05, 0.05))
+            value = 0.92 - 0.04 * offset**2 + rng.uniform(-0.001, 0.001)
+            last = 100.0 + batch_size / 4 if rank < 3 else 9999.0
+            series = [None, last / 2, last * 0.8, last]
+            study.add_trial(
+                create_trial(
+                    value=value,
+                    params={
+                        "log2_batch_size": int(math.log2(batch_size)),
+                        "lr": lr,
+                        "weight_decay": 1e-4,
+                    },
+                    distributions=DISTRIBUTIONS,
+                    user_attrs={
+                        "batch_size": batch_size,
+                        "b_simple": last,
+                        "b_simple_per_epoch": series,
+                    },
+                    intermediate_values={e: value for e in range(1, 5)},
+                )
+            )
+    return study
+
+
+def _top3_numbers(study: optuna.Study) -> set[int]:
+    top = set()
+    for batch_size in BATCH_SIZES:
+        mine = [t for t in study.trials if t.user_attrs["batch_size"] == batch_size]
+        top |= {t.number for t in sorted(mine, key=lambda t: -t.value)[:3]}
+    return top
+
+
+def test_noise_figure_draws_b_simple_of_the_top_trials_of_each_batch_size() -> None:
+    study = ridge_study()
+    model = figure_models(collect(study, "val_auc"))["noise_scale"]
+    curves, ridge = model.panels
+    lines = [layer for layer in curves.layers if isinstance(layer, Line) and layer.group]
+    assert {int(line.hover.split(",")[0].removeprefix("trial ")) for line in lines} == (
+        _top3_numbers(study)
+    )
+    assert len(lines) == 3 * len(BATCH_SIZES)
+    for line in lines:
+        batch_size = int(line.group)
+        assert line.x == (2, 3, 4)  # the unmeasured first epoch is a gap
+        assert line.y[-1] == pytest.approx(100.0 + batch_size / 4)
+    # Coloured by batch size: one colour and one legend entry per B.
+    assert len({line.color for line in lines}) == len(BATCH_SIZES)
+    assert sorted(line.label for line in lines if line.show_legend) == sorted(
+        f"B = {b}" for b in BATCH_SIZES
+    )
+    (band,) = [layer for layer in curves.layers if isinstance(layer, Band)]
+    assert (band.lower, band.upper) == ((16, 16), (512, 512))
+    assert band.x == (2, 4)
+
+
+def test_noise_figure_draws_both_fits_of_the_lr_ridge() -> None:
+    data = collect(ridge_study(), "val_auc")
+    _, ridge = figure_models(data)["noise_scale"].panels
+    lines = {layer.label.split(",")[0]: layer for layer in ridge.layers if isinstance(layer, Line)}
+    power_law = lines["power law lr* ∝ B^α"]
+    saturating = lines["ε_max / (1 + B_noise / B)"]
+    assert power_law.x == saturating.x and power_law.x[0] == 16 and power_law.x[-1] == 512
+    for x, y in zip(power_law.x, power_law.y, strict=True):
+        assert y == pytest.approx(data.fit.lr_at(x))
+    # The ridge curve is the fitted ε_max/(1 + B_noise/B), and it recovers the planted one.
+    assert data.ridge.b_noise_low <= PLANTED_B_NOISE <= data.ridge.b_noise_high
+    for x, y in zip(saturating.x, saturating.y, strict=True):
+        assert y == pytest.approx(data.ridge.eps_max / (1 + data.ridge.b_noise / x))
+    best = [
+        layer for layer in ridge.layers if isinstance(layer, Markers) and layer.symbol == "star"
+    ]
+    assert best[0].x == BATCH_SIZES
+
+
+def test_noise_figure_marks_measured_b_simple_and_b_noise() -> None:
+    data = collect(ridge_study(), "val_auc")
+    model = figure_models(data)["noise_scale"]
+    curves, _ = model.panels
+    references = {layer.label: layer.y for layer in curves.layers if isinstance(layer, Line)}
+    assert references["measured B_simple (median)"] == (data.noise_scale.median,) * 2
+    assert references["ridge B_noise"] == (data.ridge.b_noise,) * 2
+    assert "B_simple" in model.subtitle[0] and "B_noise" in model.subtitle[0]
+    # The B_simple axis is read in batch sizes: power-of-two ticks spanning all it draws.
+    assert curves.y.ticks[0] <= 16 and curves.y.ticks[-1] >= max(references["ridge B_noise"])
+
+
+def test_noise_figure_without_measurements_still_draws_the_ridge() -> None:
+    from tests.test_report import scaling_study
+
+    model = figure_models(collect(scaling_study(1.0), "val_auc"))["noise_scale"]
+    curves, ridge = model.panels
+    assert "no trial has measured one yet" in curves.title
+    assert any(isinstance(layer, Line) for layer in ridge.layers)
+    empty = figure_models(collect(optuna.create_study(), "val_auc"))["noise_scale"]
+    assert empty.message is not None and not empty.panels
+
+
+def test_noise_figure_is_written_linked_and_attached(tmp_path: Path) -> None:
+    from optuna.artifacts import get_all_artifact_meta
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="s")
+    for trial in ridge_study().trials:
+        study.add_trial(trial)
+    report = write_report(study, tmp_path / "out", metric="val_auc")
+    png = tmp_path / "out" / "noise_scale.png"
+    assert png in report.files and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "B_noise" in (tmp_path / "out" / "noise_scale.html").read_text()
+    names = {trace.name for trace in report.figures["noise_scale"].data}
+    assert "studied batch sizes 16–512" in names and "best per B" in names
+    assert any(name.startswith("ε_max / (1 + B_noise / B)") for name in names)
+    summary = report.summary_path.read_text()
+    assert "[noise_scale.png](noise_scale.png)" in summary
+    assert "[noise_scale.html](noise_scale.html)" in summary
+
+    study_id = storage.get_study_id_from_name("s")
+    attach_report(study, report, tmp_path / "artifacts", storage=storage, study_id=study_id)
+    attrs = storage.get_study_system_attrs(study_id)
+    assert any(key.startswith("dashboard:plot_data:hpo-noise_scale:") for key in attrs)
+    assert "hpo-noise_scale.png" in {m.filename for m in get_all_artifact_meta(study)}

@@ -19,9 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
+    NoiseScaleCurve,
     RidgeFit,
+    b_simple_curves,
     fit_lr_ridge,
     measured_b_simple,
+    positive_b_simple,
 )
 
 # How many of the best complete trials of each batch size enter the α fit. One (the best
@@ -143,11 +146,9 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
 
 def _b_simple(trial: FrozenTrial) -> float | None:
     """The trial's last measured B_simple; None when it recorded none (too few updates, or
-    a study from before issue 10) or stored something that is not a finite number."""
-    value = trial.user_attrs.get("b_simple")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
+    a study from before issue 10) or stored something that is not a positive number (a
+    negative ratio of two noisy averages, stored before ``b_simple()`` refused those)."""
+    return positive_b_simple(trial.user_attrs.get("b_simple"))
 
 
 def _gap(trial: FrozenTrial) -> float | None:
@@ -297,9 +298,10 @@ def fit_lr_scaling(
     )
 
 
-def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
-    """(batch size, lr) of the ``top_k`` best complete trials of each batch size, and the
-    batch sizes that have any. Trials without an lr cannot enter the fit and are skipped."""
+def top_trials_by_batch_size(study: optuna.Study, top_k: int) -> dict[int, list[FrozenTrial]]:
+    """The ``top_k`` best complete trials of each batch size, best first: the trials the α
+    fit, the LR ridge and the B_simple curves are drawn from. Trials without an lr cannot
+    enter the fit and are skipped."""
     maximize = _is_maximize(study)
     complete = [t for t in _complete(study.get_trials(deepcopy=False)) if "lr" in t.params]
     by_batch: dict[int, list[FrozenTrial]] = {}
@@ -307,11 +309,18 @@ def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]
         batch_size = trial_batch_size(trial)
         if batch_size is not None:
             by_batch.setdefault(batch_size, []).append(trial)
-    points: list[tuple[int, float]] = []
-    for batch_size in sorted(by_batch):
-        ranked = sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)
-        points.extend((batch_size, float(t.params["lr"])) for t in ranked[:top_k])
-    return points, tuple(sorted(by_batch))
+    return {
+        batch_size: sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)[:top_k]
+        for batch_size in sorted(by_batch)
+    }
+
+
+def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
+    """(batch size, lr) of the ``top_k`` best complete trials of each batch size, and the
+    batch sizes that have any."""
+    top = top_trials_by_batch_size(study, top_k)
+    points = [(b, float(t.params["lr"])) for b, trials in top.items() for t in trials]
+    return points, tuple(top)
 
 
 def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
@@ -408,6 +417,8 @@ class ReportData:
     # The critical batch size two ways (hpo.report.noise_scale); None when not computed.
     ridge: RidgeFit | None = None
     noise_scale: MeasuredNoiseScale | None = None
+    # B_simple per epoch of the fit's trials (the top_k of each batch size), for the figure.
+    noise_curves: list[NoiseScaleCurve] = field(default_factory=list)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -437,4 +448,5 @@ def collect(
         importances_reason=reason,
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
         noise_scale=measured_b_simple(study, top_k=top_k),
+        noise_curves=b_simple_curves(top_trials_by_batch_size(study, top_k)),
     )

@@ -1,4 +1,4 @@
-"""Figure models: for each of the report's five figures, exactly what is drawn.
+"""Figure models: for each of the report's six figures, exactly what is drawn.
 
 A model is plain data (titles, axes, and layers of markers, lines, the α band and bars) with
 every number already computed from ``ReportData``. The plotly renderer (HTML, dashboard) and
@@ -18,20 +18,32 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hpo.report.analysis import ReportData, ScalingFit, TrialPoint
+from hpo.report.noise_scale import NoiseScaleCurve
 
-FIGURE_NAMES = ("lr_scaling", "objective_plane", "generalization", "learning_curves", "importances")
+FIGURE_NAMES = (
+    "lr_scaling",
+    "objective_plane",
+    "generalization",
+    "learning_curves",
+    "importances",
+    "noise_scale",
+)
 FIGURE_TITLES = {
     "lr_scaling": "Best learning rate per batch size (lr* ∝ B^α)",
     "objective_plane": "Objective over batch size × learning rate",
     "generalization": "Best value and generalization gap per batch size",
     "learning_curves": "Learning curves by batch size",
     "importances": "Parameter importances",
+    "noise_scale": "Gradient noise scale and the critical batch size",
 }
 # Points on the fitted line, the α band and the reference rules, spread evenly in log B
 # between the smallest and the largest fitted batch size: enough for a smooth band edge.
 CURVE_POINTS = 21
 # Royal blue, as hex so that both renderers can give the band its opacity.
 BAND_COLOR = "#4169e1"
+# The studied batch-size range behind the B_simple curves, and the ridge ε_max/(1+B_noise/B).
+RANGE_COLOR = "#808080"
+RIDGE_COLOR = "darkorange"
 
 
 @dataclass(frozen=True)
@@ -151,7 +163,7 @@ class FigureModel:
 
 
 def figure_models(data: ReportData) -> dict[str, FigureModel]:
-    """The five figure models, in ``FIGURE_NAMES`` order."""
+    """The six figure models, in ``FIGURE_NAMES`` order."""
     return {name: FIGURE_BUILDERS[name](data) for name in FIGURE_NAMES}
 
 
@@ -435,10 +447,177 @@ def importances_figure(data: ReportData) -> FigureModel:
     return FigureModel("importances", title, panels=(panel,))
 
 
+# --------------------------------------------------------------------------- noise scale
+
+
+def power_of_two_ticks(values: list[float], most: int = 10) -> tuple[int, ...]:
+    """Powers of two from just below the smallest to just above the largest of ``values``
+    (positive), every other one when there would be more than ``most``: the B_simple axis
+    is read in batch sizes."""
+    low = math.floor(math.log2(min(values)))
+    high = math.ceil(math.log2(max(values)))
+    exponents = list(range(low, high + 1))
+    while len(exponents) > most:
+        exponents = exponents[::2]
+    return tuple(2**e for e in exponents)
+
+
+def _noise_subtitle(data: ReportData) -> tuple[str, ...]:
+    """The two numbers side by side: measured B_simple (median of the best trials) and the
+    ridge's B_noise, each with its spread."""
+    parts = []
+    measured = data.noise_scale
+    if measured is not None and measured.median is not None:
+        parts.append(
+            f"B_simple {measured.median:,.0f} (quartiles {measured.low:,.0f}–{measured.high:,.0f},"
+            f" {measured.n_trials} best trials, last epoch)"
+        )
+    ridge = data.ridge
+    if ridge is not None and ridge.b_noise is not None:
+        interval = (
+            f" [{ridge.b_noise_low:,.0f}, {ridge.b_noise_high:,.0f}]"
+            if ridge.b_noise_low is not None and ridge.b_noise_high is not None
+            else ""
+        )
+        parts.append(f"ridge B_noise {ridge.b_noise:,.0f}{interval}")
+    return (" · ".join(parts),) if parts else ("no B_simple measured and no ridge fitted yet",)
+
+
+def _noise_curve_layers(
+    data: ReportData, curves: list[NoiseScaleCurve], colors: dict[int, str]
+) -> tuple[list[Layer], list[float]]:
+    """The studied batch-size range as a band across the epochs, one line per trial
+    coloured by its batch size (one legend entry per B), and the measured median and the
+    ridge's B_noise as horizontal references. Also every y drawn, for the ticks."""
+    epochs = [epoch for curve in curves for epoch, _ in curve.values] or [1]
+    first, last = min(epochs), max(epochs)
+    if first == last:
+        first, last = first - 0.5, last + 0.5
+    low_b, high_b = min(data.batch_sizes), max(data.batch_sizes)
+    layers: list[Layer] = [
+        Band(
+            f"studied batch sizes {low_b}–{high_b}",
+            x=(first, last),
+            lower=(low_b, low_b),
+            upper=(high_b, high_b),
+            color=RANGE_COLOR,
+            opacity=0.18,
+        )
+    ]
+    ys = [float(low_b), float(high_b)]
+    shown: set[int] = set()
+    for curve in curves:
+        lr = "" if curve.lr is None else f", lr {curve.lr:.2g}"
+        layers.append(
+            Line(
+                f"B = {curve.batch_size}",
+                x=tuple(epoch for epoch, _ in curve.values),
+                y=tuple(value for _, value in curve.values),
+                color=colors[curve.batch_size],
+                markers=True,
+                marker_size=5,
+                group=str(curve.batch_size),
+                show_legend=curve.batch_size not in shown,
+                hover=f"trial {curve.number}, B = {curve.batch_size}{lr}",
+            )
+        )
+        shown.add(curve.batch_size)
+        ys += [value for _, value in curve.values]
+    references = []
+    if data.noise_scale is not None and data.noise_scale.median is not None:
+        references.append(("measured B_simple (median)", data.noise_scale.median, "black"))
+    if data.ridge is not None and data.ridge.b_noise is not None:
+        references.append(("ridge B_noise", data.ridge.b_noise, RIDGE_COLOR))
+    for label, value, color in references:
+        layers.append(Line(label, (first, last), (value, value), color=color, width=2, dash="dash"))
+        ys.append(value)
+    return layers, ys
+
+
+def _ridge_layers(data: ReportData) -> list[Layer]:
+    """The fitted points and the best per B, the power law lr* ∝ B^α and the ridge
+    ε_opt(B) = ε_max / (1 + B_noise / B), both drawn over the same batch sizes."""
+    fit = data.fit
+    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
+    layers: list[Layer] = [
+        Markers(
+            f"top {fit.top_k} per B (fitted)",
+            x=tuple(b for b, _ in fit.points),
+            y=tuple(lr for _, lr in fit.points),
+            color="royalblue",
+            size=8,
+        ),
+        Markers(
+            "best per B",
+            x=tuple(r.batch_size for r in bests),
+            y=tuple(r.best_lr for r in bests),
+            color="crimson",
+            symbol="star",
+            size=12,
+            front=True,
+        ),
+    ]
+    if fit.alpha is None:
+        return layers
+    xs = fit_grid(fit)
+    layers.append(
+        Line(
+            f"power law lr* ∝ B^α, α = {fit.alpha:.2f}",
+            xs,
+            tuple(fit.lr_at(x) for x in xs),
+            color="royalblue",
+            width=2.5,
+        )
+    )
+    ridge = data.ridge
+    if ridge is not None and ridge.b_noise is not None:
+        layers.append(
+            Line(
+                f"ε_max / (1 + B_noise / B), B_noise = {ridge.b_noise:,.0f}",
+                xs,
+                tuple(ridge.lr_at(x) for x in xs),
+                color=RIDGE_COLOR,
+                width=2.5,
+                dash="dash",
+            )
+        )
+    return layers
+
+
+def noise_scale_figure(data: ReportData) -> FigureModel:
+    """Two panels. Left: B_simple over training (per epoch) of the top trials of each
+    batch size, coloured by B, over the studied batch-size range (shaded): where the curves
+    run above the band, every studied batch is below the critical batch size. Right: the
+    LR ridge (best lr per B) with both fits, the power law and ε_max/(1 + B_noise/B)."""
+    title = FIGURE_TITLES["noise_scale"]
+    curves = data.noise_curves
+    if not curves and not data.fit.points:
+        message = "No complete trial yet: nothing to compare (B_simple is measured in training)."
+        return FigureModel("noise_scale", title, message=message)
+    subtitle = _noise_subtitle(data)
+    curve_layers, ys = _noise_curve_layers(data, curves, _colors(data.batch_sizes))
+    curve_title = (
+        f"B_simple per epoch, top {data.fit.top_k} trials per B"
+        if curves
+        else "B_simple: no trial has measured one yet"
+    )
+    panels = (
+        Panel(
+            Axis("epoch", integer=True),
+            Axis("B_simple (examples)", log_base=2, ticks=power_of_two_ticks(ys)),
+            tuple(curve_layers),
+            title=curve_title,
+        ),
+        Panel(_batch_axis(data), LR_AXIS, tuple(_ridge_layers(data)), title="LR ridge, both fits"),
+    )
+    return FigureModel("noise_scale", title, subtitle, panels=panels)
+
+
 FIGURE_BUILDERS: dict[str, Callable[[ReportData], FigureModel]] = {
     "lr_scaling": lr_scaling_figure,
     "objective_plane": objective_plane_figure,
     "generalization": generalization_figure,
     "learning_curves": learning_curves_figure,
     "importances": importances_figure,
+    "noise_scale": noise_scale_figure,
 }

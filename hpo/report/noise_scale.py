@@ -92,12 +92,22 @@ def fit_lr_ridge(
     return RidgeFit(eps_max, b_noise, pick(tail), pick(1 - tail), len(points))
 
 
+def positive_b_simple(value: object) -> float | None:
+    """A stored B_simple as a float, or None unless it is a positive finite number: a
+    non-positive ratio (two noisy averages, one ≤ 0) is no noise scale."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
 def measured_b_simple(study: optuna.Study, *, top_k: int = 5) -> MeasuredNoiseScale:
-    """B_simple of the ``top_k`` best complete trials that recorded one."""
+    """B_simple of the ``top_k`` best complete trials that recorded a positive one."""
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if isinstance(t.user_attrs.get("b_simple"), int | float)
+        if positive_b_simple(t.user_attrs.get("b_simple")) is not None
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked: list[FrozenTrial] = sorted(complete, key=lambda t: t.value, reverse=maximize)
@@ -108,6 +118,42 @@ def measured_b_simple(study: optuna.Study, *, top_k: int = 5) -> MeasuredNoiseSc
         return MeasuredNoiseScale(values[0], values[0], values[0], 1)
     quartiles = statistics.quantiles(values, n=4, method="inclusive")
     return MeasuredNoiseScale(statistics.median(values), quartiles[0], quartiles[2], len(values))
+
+
+@dataclass(frozen=True)
+class NoiseScaleCurve:
+    """One trial's B_simple at each report (epoch) it had one: (report, value) pairs."""
+
+    number: int
+    batch_size: int
+    lr: float | None
+    values: tuple[tuple[int, float], ...]
+
+
+def b_simple_curves(top_trials: dict[int, list[FrozenTrial]]) -> list[NoiseScaleCurve]:
+    """B_simple over training (user attr ``b_simple_per_epoch``) of the given trials: the
+    best complete trials of each batch size, ranked (``analysis.top_trials_by_batch_size``,
+    the same trials the α fit and the ridge use). Ordered by batch size, then rank.
+
+    Only positive finite values are kept (they are drawn on a log axis): an epoch before
+    the first measurement, or while the |G|² average is not positive, stores ``null``,
+    and such epochs are gaps. A trial with none left is not a curve.
+    """
+    curves = []
+    for batch_size in sorted(top_trials):
+        for trial in top_trials[batch_size]:
+            series = trial.user_attrs.get("b_simple_per_epoch")
+            if not isinstance(series, list):
+                continue
+            values = tuple(
+                (report, positive)
+                for report, value in enumerate(series, start=1)
+                if (positive := positive_b_simple(value)) is not None
+            )
+            if values:
+                lr = trial.params.get("lr")
+                curves.append(NoiseScaleCurve(trial.number, batch_size, lr, values))
+    return curves
 
 
 def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) -> str:

@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 # Horizontal legends below the plot, so the dashboard's half-width cards keep the plot wide.
-LEGEND_Y = {"lr_scaling": -0.22, "objective_plane": -0.15, "generalization": -0.2}
+LEGEND_Y = {
+    "lr_scaling": -0.22,
+    "objective_plane": -0.15,
+    "generalization": -0.2,
+    "noise_scale": -0.25,
+}
 SYMBOLS = {"circle": None, "star": "star", "x": "x"}
 
 

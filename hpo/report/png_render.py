@@ -26,7 +26,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
 
 # Figure sizes in inches; figures not named here are 7.5 × 5.
-SIZES = {"lr_scaling": (7.5, 5.8), "generalization": (10.0, 4.2), "importances": (7.0, 3.2)}
+SIZES = {
+    "lr_scaling": (7.5, 5.8),
+    "generalization": (10.0, 4.2),
+    "importances": (7.0, 3.2),
+    "noise_scale": (11.5, 5.0),
+}
 EMPTY_SIZE = (7.5, 3.0)
 LEGEND_COLUMNS = {"learning_curves": 2}
 # Pixel sizes of the model → matplotlib points: line widths, and marker diameters (scatter
