@@ -96,8 +96,11 @@ def test_summary_markdown_names_the_critical_batch_size() -> None:
     from hpo.report import collect, summary_markdown
     from tests.test_report import scaling_study
 
-    text = summary_markdown(collect(scaling_study(1.0), "val_auc"))
+    text = summary_markdown(collect(ridge_study(), "val_auc"))
     assert "critical batch size is about" in text and "B_noise" in text
+    # lr* ∝ B over the whole range: the ridge only bounds B_noise from below.
+    linear = summary_markdown(collect(scaling_study(1.0), "val_auc"))
+    assert "critical batch size lies above the largest studied batch size" in linear
 
 
 def _trial(batch_size: int, value: float, b_simple: float | None, curve=None) -> FrozenTrial:
@@ -286,3 +289,27 @@ def test_noise_figure_is_written_linked_and_attached(tmp_path: Path) -> None:
     attrs = storage.get_study_system_attrs(study_id)
     assert any(key.startswith("dashboard:plot_data:hpo-noise_scale:") for key in attrs)
     assert "hpo-noise_scale.png" in {m.filename for m in get_all_artifact_meta(study)}
+
+
+def test_noise_figure_breaks_a_curve_at_an_unmeasured_epoch() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(32, 0.9, 80.0, curve=[None, 40.0, None, 60.0, 80.0]))
+    study.add_trial(_trial(64, 0.8, 50.0, curve=[50.0]))
+    data = collect(study, "val_auc")
+    curves, _ = figure_models(data)["noise_scale"].panels
+    segments = [(layer.x, layer.show_legend) for layer in curves.layers if layer.label == "B = 32"]
+    assert segments == [((2,), True), ((4, 5), False)]
+
+
+def test_a_ridge_flat_over_the_studied_batches_is_called_a_bound_not_a_value() -> None:
+    flat = fit_lr_ridge([(b, 0.02 * (1.05 if i % 2 else 0.95)) for i, b in enumerate(BATCH_SIZES)])
+    assert flat.edge == "low" and flat.b_noise < 16
+    text = describe_critical_batch_size(flat, MeasuredNoiseScale(None, None, None, 0))
+    assert "flat over the studied batch sizes" in text
+    assert "critical batch size lies below the smallest studied batch size" in text
+    rising = fit_lr_ridge([(b, 1e-4 * b) for b in BATCH_SIZES])
+    assert rising.edge == "high"
+    assert "above the largest" in describe_critical_batch_size(
+        rising, MeasuredNoiseScale(None, None, None, 0)
+    )
+    assert fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1)).edge is None

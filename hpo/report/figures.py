@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hpo.report.analysis import ReportData, ScalingFit, TrialPoint
-from hpo.report.noise_scale import NoiseScaleCurve
+from hpo.report.noise_scale import NoiseScaleCurve, examples
 
 FIGURE_NAMES = (
     "lr_scaling",
@@ -462,6 +462,20 @@ def power_of_two_ticks(values: list[float], most: int = 10) -> tuple[int, ...]:
     return tuple(2**e for e in exponents)
 
 
+def consecutive_runs(
+    values: tuple[tuple[int, float], ...],
+) -> list[tuple[tuple[int, float], ...]]:
+    """(epoch, value) pairs split where an epoch is missing, so a line is not drawn across
+    an unmeasured epoch as if it had been measured."""
+    runs: list[list[tuple[int, float]]] = []
+    for epoch, value in values:
+        if runs and runs[-1][-1][0] == epoch - 1:
+            runs[-1].append((epoch, value))
+        else:
+            runs.append([(epoch, value)])
+    return [tuple(run) for run in runs]
+
+
 def _noise_subtitle(data: ReportData) -> tuple[str, ...]:
     """The two numbers side by side: measured B_simple (median of the best trials) and the
     ridge's B_noise, each with its spread."""
@@ -469,18 +483,26 @@ def _noise_subtitle(data: ReportData) -> tuple[str, ...]:
     measured = data.noise_scale
     if measured is not None and measured.median is not None:
         parts.append(
-            f"B_simple {measured.median:,.0f} (quartiles {measured.low:,.0f}–{measured.high:,.0f},"
-            f" {measured.n_trials} best trials, last epoch)"
+            f"B_simple {examples(measured.median)} (quartiles {examples(measured.low)}–"
+            f"{examples(measured.high)}, {measured.n_trials} best trials, last epoch)"
         )
     ridge = data.ridge
     if ridge is not None and ridge.b_noise is not None:
         interval = (
-            f" [{ridge.b_noise_low:,.0f}, {ridge.b_noise_high:,.0f}]"
+            f" [{examples(ridge.b_noise_low)}, {examples(ridge.b_noise_high)}]"
             if ridge.b_noise_low is not None and ridge.b_noise_high is not None
             else ""
         )
-        parts.append(f"ridge B_noise {ridge.b_noise:,.0f}{interval}")
-    return (" · ".join(parts),) if parts else ("no B_simple measured and no ridge fitted yet",)
+        where = {"low": "flat ridge, ", "high": "ridge still rising, "}.get(ridge.edge or "", "")
+        parts.append(f"{where}ridge B_noise {examples(ridge.b_noise)}{interval}")
+    lines = [" · ".join(parts) if parts else "no B_simple measured and no ridge fitted yet"]
+    measured_at = {curve.batch_size for curve in data.noise_curves}
+    missing = [b for b in data.fit.batch_sizes if b not in measured_at]
+    if data.noise_curves and missing:
+        # Measured every NOISE_SCALE_EVERY-th update: a short trial at a large batch
+        # may have too few updates (or only non-positive estimates) to show one.
+        lines.append(f"no B_simple among the top trials at B = {', '.join(map(str, missing))}")
+    return tuple(lines)
 
 
 def _noise_curve_layers(
@@ -508,25 +530,27 @@ def _noise_curve_layers(
     shown: set[int] = set()
     for curve in curves:
         lr = "" if curve.lr is None else f", lr {curve.lr:.2g}"
-        layers.append(
-            Line(
-                f"B = {curve.batch_size}",
-                x=tuple(epoch for epoch, _ in curve.values),
-                y=tuple(value for _, value in curve.values),
-                color=colors[curve.batch_size],
-                markers=True,
-                marker_size=5,
-                group=str(curve.batch_size),
-                show_legend=curve.batch_size not in shown,
-                hover=f"trial {curve.number}, B = {curve.batch_size}{lr}",
+        for run in consecutive_runs(curve.values):
+            layers.append(
+                Line(
+                    f"B = {curve.batch_size}",
+                    x=tuple(epoch for epoch, _ in run),
+                    y=tuple(value for _, value in run),
+                    color=colors[curve.batch_size],
+                    markers=True,
+                    marker_size=5,
+                    group=str(curve.batch_size),
+                    show_legend=curve.batch_size not in shown,
+                    hover=f"trial {curve.number}, B = {curve.batch_size}{lr}",
+                )
             )
-        )
-        shown.add(curve.batch_size)
+            shown.add(curve.batch_size)
         ys += [value for _, value in curve.values]
     references = []
     if data.noise_scale is not None and data.noise_scale.median is not None:
         references.append(("measured B_simple (median)", data.noise_scale.median, "black"))
-    if data.ridge is not None and data.ridge.b_noise is not None:
+    # A B_noise on the edge of the ridge's searched range is only a bound: not drawn.
+    if data.ridge is not None and data.ridge.b_noise is not None and data.ridge.edge is None:
         references.append(("ridge B_noise", data.ridge.b_noise, RIDGE_COLOR))
     for label, value, color in references:
         layers.append(Line(label, (first, last), (value, value), color=color, width=2, dash="dash"))
@@ -573,7 +597,7 @@ def _ridge_layers(data: ReportData) -> list[Layer]:
     if ridge is not None and ridge.b_noise is not None:
         layers.append(
             Line(
-                f"ε_max / (1 + B_noise / B), B_noise = {ridge.b_noise:,.0f}",
+                f"ε_max / (1 + B_noise / B), B_noise = {examples(ridge.b_noise)}",
                 xs,
                 tuple(ridge.lr_at(x) for x in xs),
                 color=RIDGE_COLOR,

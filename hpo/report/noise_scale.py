@@ -18,6 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 # The grid B_noise is searched on, relative to the studied batch sizes (log-spaced).
 _GRID_POINTS = 241
 _GRID_SPAN = 2.0**8
+# B_noise this far below the smallest (above the largest) studied batch size is a bound.
+EDGE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,30 @@ class RidgeFit:
     b_noise_low: float | None
     b_noise_high: float | None
     n_points: int
+    # The smallest and largest fitted batch sizes: B_noise far outside them is a bound.
+    smallest_batch: float | None = None
+    largest_batch: float | None = None
 
     def lr_at(self, batch_size: float) -> float:
         if self.eps_max is None or self.b_noise is None:
             raise ValueError("no ridge was fitted")
         return self.eps_max / (1 + self.b_noise / batch_size)
+
+    @property
+    def edge(self) -> str | None:
+        """Whether B_noise is only a bound. "low": at most a quarter of the smallest
+        fitted batch size, where ε_opt is within 20% of ε_max at every studied B
+        (1 / (1 + 1/4) = 0.8): the ridge is flat there, every studied batch is above the
+        critical one, and the data pin down no more (the fit may even land on the
+        searched grid's lower end, min B / 256). "high": at least 4× the largest, where
+        ε_opt is within 20% of linear in B throughout. None in between: a value."""
+        if self.b_noise is None or self.smallest_batch is None or self.largest_batch is None:
+            return None
+        if self.b_noise <= self.smallest_batch / EDGE_FACTOR:
+            return "low"
+        if self.b_noise >= self.largest_batch * EDGE_FACTOR:
+            return "high"
+        return None
 
 
 @dataclass(frozen=True)
@@ -78,8 +99,9 @@ def fit_lr_ridge(
     grid = [low * math.exp(i * step) for i in range(_GRID_POINTS)]
     floats = [(float(b), float(lr)) for b, lr in points]
     b_noise, eps_max = _fit(floats, grid)
+    ends = {"smallest_batch": float(batch_sizes[0]), "largest_batch": float(batch_sizes[-1])}
     if len(points) < 3:
-        return RidgeFit(eps_max, b_noise, None, None, len(points))
+        return RidgeFit(eps_max, b_noise, None, None, len(points), **ends)
     rng = random.Random(seed)
     draws = []
     for _ in range(bootstrap):
@@ -89,7 +111,7 @@ def fit_lr_ridge(
     draws.sort()
     tail = (1 - confidence) / 2
     pick = lambda q: draws[min(len(draws) - 1, int(q * len(draws)))]  # noqa: E731
-    return RidgeFit(eps_max, b_noise, pick(tail), pick(1 - tail), len(points))
+    return RidgeFit(eps_max, b_noise, pick(tail), pick(1 - tail), len(points), **ends)
 
 
 def positive_b_simple(value: object) -> float | None:
@@ -156,23 +178,41 @@ def b_simple_curves(top_trials: dict[int, list[FrozenTrial]]) -> list[NoiseScale
     return curves
 
 
+def examples(value: float) -> str:
+    """A noise scale or batch size in examples: whole numbers from 10 up, two significant
+    digits below (a ridge flat over the studied batches puts B_noise below 1)."""
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
 def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) -> str:
     """One paragraph for the summary; always contains "critical batch size"."""
     parts = []
     if ridge.b_noise is not None:
         interval = (
-            f" (interval {ridge.b_noise_low:,.0f} to {ridge.b_noise_high:,.0f})"
-            if ridge.b_noise_low is not None
+            f" (interval {examples(ridge.b_noise_low)} to {examples(ridge.b_noise_high)})"
+            if ridge.b_noise_low is not None and ridge.b_noise_high is not None
             else ""
         )
+        fitted = f"fits B_noise ≈ {examples(ridge.b_noise)}{interval}"
+        if ridge.edge == "low":
+            fitted = (
+                f"is flat over the studied batch sizes: its B_noise ≈ {examples(ridge.b_noise)}"
+                f"{interval} is below a quarter of the smallest, so only an upper bound"
+            )
+        elif ridge.edge == "high":
+            fitted = (
+                "still rises about linearly at the largest batch size: its B_noise ≈ "
+                f"{examples(ridge.b_noise)}{interval} is over 4× the largest, so only a "
+                "lower bound"
+            )
         parts.append(
-            f"The LR ridge ε_opt(B) = ε_max / (1 + B_noise / B) fits B_noise ≈ "
-            f"{ridge.b_noise:,.0f}{interval}, ε_max = {ridge.eps_max:.3g}."
+            f"The LR ridge ε_opt(B) = ε_max / (1 + B_noise / B) {fitted}, "
+            f"ε_max = {ridge.eps_max:.3g}."
         )
     if measured.median is not None:
         parts.append(
-            f"The measured gradient noise scale B_simple is {measured.median:,.0f} "
-            f"(quartiles {measured.low:,.0f} to {measured.high:,.0f}, "
+            f"The measured gradient noise scale B_simple is {examples(measured.median)} "
+            f"(quartiles {examples(measured.low)} to {examples(measured.high)}, "
             f"{measured.n_trials} best trials, last epoch)."
         )
     estimate = measured.median if measured.median is not None else ridge.b_noise
@@ -181,8 +221,20 @@ def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) 
             "The critical batch size cannot be estimated yet: it needs complete trials at "
             "two or more batch sizes or a measured B_simple."
         )
+    if measured.median is None and ridge.edge == "low":
+        parts.append(
+            "From the ridge alone, the critical batch size lies below the smallest studied "
+            "batch size: every studied batch buys throughput, not fewer steps."
+        )
+        return " ".join(parts)
+    if measured.median is None and ridge.edge == "high":
+        parts.append(
+            "From the ridge alone, the critical batch size lies above the largest studied "
+            "batch size: up to there a larger batch still means fewer steps."
+        )
+        return " ".join(parts)
     parts.append(
-        f"The critical batch size is about {estimate:,.0f}: batches above it buy "
+        f"The critical batch size is about {examples(estimate)}: batches above it buy "
         "throughput, not fewer steps."
     )
     if ridge.b_noise is not None and measured.median is not None:
