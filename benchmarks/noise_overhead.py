@@ -7,6 +7,10 @@ Two figures on the demo task (small CNN, the device's precision and memory forma
 2. end to end: train epochs with ``noise_every = 0`` and ``= k`` alternately and compare
    the samples/s the Tally records (median over repeats).
 
+With ``--micro-batch M`` both figures are for an accumulated update (micro-batches of M,
+``training.above_cap = "accumulate"``): the measured kind is ``train_step_accumulated``
+taking its two gradient norms, the plain kind the same update without them.
+
 Run: ``flock /tmp/hpo-bench.lock uv run python benchmarks/noise_overhead.py``
 """
 
@@ -23,7 +27,14 @@ from hpo.data import batch_indices, load_splits
 from hpo.device import select_device
 from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
 from hpo.spec import TrialParams, load_spec
-from hpo.train import autocast, build_run, prepare_data, train_epoch, train_step
+from hpo.train import (
+    autocast,
+    build_run,
+    prepare_data,
+    train_epoch,
+    train_step,
+    train_step_accumulated,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -38,7 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--every", type=int, default=NOISE_SCALE_EVERY, help="k (default)")
     parser.add_argument("--steps", type=int, default=60, help="step pairs per batch size (60)")
     parser.add_argument("--repeats", type=int, default=4, help="epoch pairs (4)")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="accumulate in micro-batches of this size"
+    )
     args = parser.parse_args(argv)
+    micro = args.micro_batch
 
     spec = load_spec(args.study)
     setup = select_device(spec.training)
@@ -55,7 +70,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for kind in ("plain", "measured") if step % 2 else ("measured", "plain"):
                 _sync(setup.device)
                 started = time.perf_counter()
-                if kind == "plain":
+                if micro is not None:
+                    train_step_accumulated(
+                        run.model, run.optimizer, run.scaler, setup, images, targets, micro,
+                        estimate if kind == "measured" else None,
+                    )  # fmt: skip
+                elif kind == "plain":
                     train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
                 else:
                     noise_scale_step(
@@ -74,14 +94,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for every in order:
                 before = (run.tally.train_samples, run.tally.train_seconds)
                 train_epoch(run, data, setup, batch_size=batch_size, augment=False,
-                            on_step=lambda loss: None, noise_every=every)  # fmt: skip
+                            on_step=lambda loss: None, noise_every=every,
+                            micro_batch_size=micro)  # fmt: skip
                 samples = run.tally.train_samples - before[0]
                 speeds[every].append(samples / (run.tally.train_seconds - before[1]))
         off = statistics.median(speeds[0])
         on = statistics.median(speeds[args.every])
         end_to_end = 1 - on / off
+        how = "" if micro is None else f", accumulated in {micro}s"
         print(
-            f"B={batch_size} ({setup.name}, {setup.precision}): measured step "
+            f"B={batch_size}{how} ({setup.name}, {setup.precision}): measured step "
             f"{ratio:.2f}x a plain step -> {per_step:.1%} at k={args.every}; epochs: "
             f"{off:,.0f} vs {on:,.0f} samples/s ({end_to_end:+.1%} slower); "
             f"B_simple {run.tally.noise.b_simple()}",
