@@ -102,8 +102,9 @@ def report(
     ] = 3,
 ) -> None:
     """Figures of how the best learning rate scales with batch size (α in lr* ∝ B^α), the
-    objective over batch size × learning rate, generalization gap, learning curves and
-    parameter importances, as PNG + HTML with a markdown summary."""
+    objective over batch size × learning rate, generalization gap, learning curves,
+    parameter importances and the gradient noise scale against the LR ridge (the critical
+    batch size), as PNG + HTML with a markdown summary."""
     from hpo.dashboard import default_artifact_dir
     from hpo.paths import check_writable_dir, safe_component
     from hpo.report import run_report

@@ -4,7 +4,8 @@ What a batch-size study is for is a handful of pictures a generic HPO dashboard 
 draw: the objective over the batch size × learning-rate plane, how the best learning rate
 scales with batch size (lr* ∝ B^α, against the linear rule α = 1 and the square-root rule
 α = 0.5), the generalization gap per batch size, learning curves coloured by batch size,
-and parameter importances. ``write_report`` writes them as PNG (matplotlib) and interactive
+parameter importances, and the gradient noise scale B_simple against the LR ridge (the
+critical batch size). ``write_report`` writes them as PNG (matplotlib) and interactive
 HTML (plotly) with a markdown summary; ``attach_report`` puts the same figures, the PNGs
 and the summary on the study so optuna-dashboard shows them.
 
