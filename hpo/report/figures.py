@@ -549,7 +549,7 @@ def _noise_curve_layers(
     references = []
     if data.noise_scale is not None and data.noise_scale.median is not None:
         references.append(("measured B_simple (median)", data.noise_scale.median, "black"))
-    # A B_noise on the edge of the ridge's searched range is only a bound: not drawn.
+    # A B_noise far outside the studied batch sizes is only a bound (RidgeFit.edge): not drawn.
     if data.ridge is not None and data.ridge.b_noise is not None and data.ridge.edge is None:
         references.append(("ridge B_noise", data.ridge.b_noise, RIDGE_COLOR))
     for label, value, color in references:
