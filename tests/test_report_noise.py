@@ -313,3 +313,15 @@ def test_a_ridge_flat_over_the_studied_batches_is_called_a_bound_not_a_value() -
         rising, MeasuredNoiseScale(None, None, None, 0)
     )
     assert fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1)).edge is None
+
+
+def test_noise_figure_names_unmeasured_batch_sizes_and_makes_room_for_them() -> None:
+    from hpo.report import plotly_figure
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(32, 0.9, 80.0, curve=[40.0, 80.0]))
+    study.add_trial(_trial(256, 0.8, None))  # too few updates for a measurement
+    model = figure_models(collect(study, "val_auc"))["noise_scale"]
+    assert model.subtitle[-1] == "no B_simple among the top trials at B = 256"
+    # Two subtitle lines: the HTML's top margin grows so they clear the panel titles.
+    assert plotly_figure(model).layout.margin.t > 80

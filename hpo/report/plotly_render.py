@@ -32,6 +32,7 @@ LEGEND_Y = {
     "noise_scale": -0.25,
 }
 SYMBOLS = {"circle": None, "star": "star", "x": "x"}
+SUBTITLE_LINE_PX = 20
 
 
 def plotly_figure(model: FigureModel) -> go.Figure:
@@ -54,6 +55,10 @@ def plotly_figure(model: FigureModel) -> go.Figure:
         for col, panel in enumerate(model.panels, start=1):
             _draw_panel(figure, panel, col)
     layout: dict[str, Any] = {"title": {"text": title}}
+    if len(model.subtitle) > 1:
+        # plotly's default top margin (80 px) fits a title and one subtitle line; more
+        # lines would run into the panel titles.
+        layout["margin"] = {"t": 80 + SUBTITLE_LINE_PX * (len(model.subtitle) - 1) + 20}
     if model.name in LEGEND_Y:
         layout["legend"] = {"orientation": "h", "y": LEGEND_Y[model.name]}
     figure.update_layout(**layout)
