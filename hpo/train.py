@@ -42,12 +42,18 @@ class Diverged(RuntimeError):
 
 @dataclass
 class EpochMetrics:
+    """One report's numbers. ``train_samples_per_s`` is the training throughput since the
+    previous report (samples over training time, evaluation not counted): what a log line
+    shows per epoch, where the trial's ``samples_per_s`` attr is the whole run's. None in
+    checkpoints written before it was recorded."""
+
     epoch: int
     train_loss: float
     train_acc: float | None  # measured after the last epoch only; None before it
     val_loss: float
     val_acc: float
     val_auc: float
+    train_samples_per_s: float | None = None
 
     def objective(self, metric: str) -> float:
         return float(getattr(self, metric))
@@ -475,6 +481,7 @@ def fit(
         eval_batch = min(eval_batch, CPU_EVAL_BATCH_MAX)
     budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
     for epoch in range(run.epochs_done + 1, budget.reports + 1):
+        samples_before, seconds_before = run.tally.train_samples, run.tally.train_seconds
         train_loss = train_to_report(
             run, data, setup, budget, epoch, batch_size=params.batch_size,
             augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
@@ -489,7 +496,11 @@ def fit(
             (_, train_acc, _), eval_batch = evaluate_within_memory(
                 run.model, data.train_probe, data.batcher, setup, eval_batch
             )
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, val_auc)
+        seconds = run.tally.train_seconds - seconds_before
+        samples_per_s = (run.tally.train_samples - samples_before) / seconds if seconds else None
+        metrics = EpochMetrics(
+            epoch, train_loss, train_acc, val_loss, val_acc, val_auc, samples_per_s
+        )
         run.tally.history.append(metrics)
         on_epoch(metrics)
     return run.tally
