@@ -23,6 +23,8 @@ from hpo.report.noise_scale import (
     fit_lr_ridge,
     measured_b_simple,
 )
+from hpo.spec import describe_metric
+from hpo.study import stored_class_counts
 
 # How many of the best complete trials of each batch size enter the α fit. One (the best
 # alone) is at the mercy of the sampler's luck; the top three average that out while staying
@@ -87,6 +89,19 @@ class StudySummary:
     state_counts: dict[str, int]
     best: FrozenTrial | None
     by_batch_size: list[BatchSizeRow]
+    # Patches per class of each split, as the workers stored them ({} when unknown).
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        """The dataset's classes (0 while no worker has stored the counts)."""
+        return len(self.class_counts.get("train", {}))
+
+    @property
+    def metric_description(self) -> str:
+        """``val_auc``, or past two classes ``val_auc: macro one-vs-rest AUC over 3
+        classes`` (``hpo.spec.describe_metric``)."""
+        return describe_metric(self.metric, self.n_classes)
 
 
 def _is_maximize(study: optuna.Study) -> bool:
@@ -134,6 +149,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         state_counts=dict(counts),
         best=best,
         by_batch_size=rows,
+        class_counts=stored_class_counts(study),
     )
 
 
