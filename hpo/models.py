@@ -174,7 +174,7 @@ def build_from_spec(model: ModelSpec, *, num_classes: int = 2) -> nn.Module:
     )
 
 
-def check_model(model: ModelSpec, *, image_size: int, num_classes: int = 2) -> None:
+def check_model(model: ModelSpec, *, image_size: int, num_classes: int) -> None:
     """Build the model and run one forward pass of two ``image_size`` patches on the CPU in
     eval mode; ModelError naming the field (``model.name`` or ``model.factory``) unless the
     output is a (2, num_classes) tensor. The commands that train call this once, before a

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
+from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats, num_classes
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
 from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
@@ -133,9 +133,9 @@ def make_optimizer(
     return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
 
-def build_model_on(
-    model: ModelSpec, setup: DeviceSetup, *, num_classes: int = 2
-) -> torch.nn.Module:
+def build_model_on(model: ModelSpec, setup: DeviceSetup, *, num_classes: int) -> torch.nn.Module:
+    """The model on the device in its memory format, with a ``num_classes``-wide head
+    (``hpo.data.num_classes``: no default, so no caller gets a head for another dataset)."""
     built = build_model(
         model.name, pretrained=model.pretrained, factory=model.factory, num_classes=num_classes
     )
@@ -149,15 +149,15 @@ def build_run(
     setup: DeviceSetup,
     *,
     seed: int,
-    num_classes: int = 2,
 ) -> TrainingRun:
-    """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
+    """A fresh model (its head sized for the spec's dataset, ``hpo.data.num_classes``),
+    optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
 
     (With ``budget.unit`` steps or seconds the epoch-wise scheduler is not stepped: ``fit``
     sets the cosine LR before every update from the share of the budget spent.)"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model_on(spec.model, setup, num_classes=num_classes)
+    model = build_model_on(spec.model, setup, num_classes=num_classes(spec.dataset))
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)

@@ -79,12 +79,12 @@ def test_replace_head_without_a_head_names_the_field() -> None:
 
 def test_an_unknown_model_name_is_a_model_error() -> None:
     with pytest.raises(ModelError, match=r"^model\.name: unknown model 'resnet7'"):
-        check_model(ModelSpec(name="resnet7"), image_size=32)
+        check_model(ModelSpec(name="resnet7"), image_size=32, num_classes=2)
 
 
 def test_a_model_that_cannot_take_the_patch_size_fails_the_check() -> None:
     with pytest.raises(ModelError, match=r"^model\.name: forward pass on 2×3×32×32 patches failed"):
-        check_model(ModelSpec(name="vit_b_16"), image_size=32)
+        check_model(ModelSpec(name="vit_b_16"), image_size=32, num_classes=2)
 
 
 FACTORY_MODULE = """
