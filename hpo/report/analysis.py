@@ -383,12 +383,21 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
 
 
 def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
-    """Optuna's own importance evaluator (PED-ANOVA by default) and, if it cannot run, why."""
+    """Optuna's own importance evaluator (PED-ANOVA by default) and, if it cannot run, why.
+
+    A parameter whose distribution is single-valued in every trial was never drawn (hpo's
+    ``batch_size``, the display copy of ``log2_batch_size``, ``hpo.space``): it is left
+    out, where PED-ANOVA would list it at 0 and warn about each of its one-trial regimes."""
     complete = _complete(study.get_trials(deepcopy=False))
     if len(complete) < 2:
         return {}, f"{len(complete)} complete trial(s); importances need at least 2"
+    params = sorted(
+        {name for t in complete for name, d in t.distributions.items() if not d.single()}
+    )
+    if not params:
+        return {}, "no parameter varies across the complete trials"
     try:
-        values = optuna.importance.get_param_importances(study, evaluator=None)
+        values = optuna.importance.get_param_importances(study, evaluator=None, params=params)
     except (ValueError, RuntimeError) as error:
         return {}, f"Optuna could not evaluate importances: {error}"
     if not values:
