@@ -53,7 +53,10 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
         int(math.log2(search.batch_size_max)),
     )
     batch_size = 2**log2_batch_size
-    trial.suggest_int(BATCH_SIZE_PARAM, batch_size, batch_size, log=True)
+    # A FixedTrial (a configuration replayed: benchmarks, a notebook) stores nothing to
+    # display, and it would refuse a parameter its dict does not name.
+    if not isinstance(trial, optuna.trial.FixedTrial):
+        trial.suggest_int(BATCH_SIZE_PARAM, batch_size, batch_size, log=True)
     lr = trial.suggest_float("lr", search.lr_low, search.lr_high, log=True)
     weight_decay = trial.suggest_float(
         "weight_decay", search.weight_decay_low, search.weight_decay_high, log=True

@@ -179,3 +179,11 @@ def test_median_pruner_never_prunes_before_the_warm_up(tiny_study: Path) -> None
     assert not bad.should_prune()
     bad.report(0.1, 2)
     assert bad.should_prune()
+
+
+def test_a_fixed_trial_replays_the_three_drawn_parameters_only(tiny_study: Path) -> None:
+    """Benchmarks and notebooks replay a configuration with optuna's FixedTrial, which
+    refuses any parameter its dict does not name: the display copy is not asked there."""
+    fixed = {BATCH_PARAM: 5, "lr": 0.01, "weight_decay": 1e-4}
+    params = sample_params(optuna.trial.FixedTrial(fixed), load_spec("tiny"))
+    assert (params.batch_size, params.lr, params.weight_decay) == (32, 0.01, 1e-4)
