@@ -168,7 +168,7 @@ def build_model(
     return _torchvision_model(str(name), pretrained=pretrained, num_classes=num_classes)
 
 
-def build_from_spec(model: ModelSpec, *, num_classes: int = 2) -> nn.Module:
+def build_from_spec(model: ModelSpec, *, num_classes: int) -> nn.Module:
     return build_model(
         model.name, pretrained=model.pretrained, num_classes=num_classes, factory=model.factory
     )

@@ -43,8 +43,9 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     the slice/contour/rank/parallel-coordinate axes) but never a user attr among them, so
     this is the only way it shows "batch_size 16" there. No sampler ever sees it: Optuna
     takes a single-valued distribution's one value without asking the sampler, and the
-    relative samplers' search spaces (TPE, GP) and the importance evaluators keep only
-    distributions equal in every trial, which (B, B) for different B are not.
+    relative samplers' search spaces (TPE, GP) keep only distributions equal in every
+    trial, which (B, B) for different B are not. Optuna's PED-ANOVA gives it importance 0
+    (nothing spreads inside one value); ``hpo report`` leaves it out.
     """
     search = spec.search
     log2_batch_size = trial.suggest_int(
