@@ -314,13 +314,26 @@ BINARY_CLASSES = ("normal", "tumor")  # PCam's labels 0 and 1; the synthetic set
 
 def class_names(dataset: DatasetSpec) -> list[str]:
     """The class of each label, in label order: ImageFolder's sorted class directories,
-    else PCam's two (normal, tumor)."""
+    else PCam's two (normal, tumor). DataError when the ImageFolder root has no class
+    directory (or is not there)."""
     if dataset.kind != "imagefolder":
         return list(BINARY_CLASSES)
     from torchvision.datasets.folder import find_classes
 
     assert dataset.root is not None
-    return find_classes(str(dataset.root))[0]
+    try:
+        return find_classes(str(dataset.root))[0]
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise DataError(
+            f"{dataset.root}: not an image folder (expected one sub-directory per class): {error}"
+        ) from None
+
+
+def num_classes(dataset: DatasetSpec) -> int:
+    """How many outputs the model's head has: one per class of ``class_names``. Every
+    command that builds a model for a study (a trial, ``hpo probe``, the model check)
+    asks this, so a head is never sized for a different dataset."""
+    return len(class_names(dataset))
 
 
 def class_counts(

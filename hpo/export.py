@@ -69,6 +69,10 @@ def best_configuration(
         "study": summary.study_name,
         "trial": best.number,
         "metric": metric,
+        # Past two classes, what the metric is (as hpo status and the report say it).
+        "metric_description": (
+            summary.metric_description if summary.metric_description != metric else None
+        ),
         "direction": summary.direction,
         "value": best.value,
         "batch_size": trial_batch_size(best),

@@ -168,13 +168,13 @@ def build_model(
     return _torchvision_model(str(name), pretrained=pretrained, num_classes=num_classes)
 
 
-def build_from_spec(model: ModelSpec, *, num_classes: int = 2) -> nn.Module:
+def build_from_spec(model: ModelSpec, *, num_classes: int) -> nn.Module:
     return build_model(
         model.name, pretrained=model.pretrained, num_classes=num_classes, factory=model.factory
     )
 
 
-def check_model(model: ModelSpec, *, image_size: int, num_classes: int = 2) -> None:
+def check_model(model: ModelSpec, *, image_size: int, num_classes: int) -> None:
     """Build the model and run one forward pass of two ``image_size`` patches on the CPU in
     eval mode; ModelError naming the field (``model.name`` or ``model.factory``) unless the
     output is a (2, num_classes) tensor. The commands that train call this once, before a

@@ -28,7 +28,7 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
-from hpo.data import PatchSet, class_names, load_splits
+from hpo.data import PatchSet, load_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
@@ -160,8 +160,7 @@ class Objective:
         predecessor saved (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there
         was none). An unreadable checkpoint is moved aside and the retry starts from epoch
         0 on a fresh run (user attr ``checkpoint_unreadable`` says why and where it went)."""
-        num_classes = len(class_names(self.spec.dataset))
-        run = build_run(self.spec, params, self.setup, seed=seed, num_classes=num_classes)
+        run = build_run(self.spec, params, self.setup, seed=seed)
         if self.checkpoint_root is None:
             return run, None
         checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
@@ -174,7 +173,7 @@ class Objective:
         except CheckpointUnreadable as unreadable:
             logger.warning("trial %d starts from epoch 0: %s", trial.number, unreadable)
             trial.set_user_attr("checkpoint_unreadable", str(unreadable)[:500])
-            run = build_run(self.spec, params, self.setup, seed=seed, num_classes=num_classes)
+            run = build_run(self.spec, params, self.setup, seed=seed)
             resumed_from = 0
         trial.set_user_attr("resumed_from_epoch", resumed_from)
         return run, checkpoint

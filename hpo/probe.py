@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hpo.caps import PROBE_ATTR_PREFIX, read_batch_cap, write_batch_cap
-from hpo.data import DeviceBatcher
+from hpo.data import DeviceBatcher, num_classes
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -69,8 +69,9 @@ def _measure(
 ) -> ProbeRow:
     """Time ``steps`` training steps at ``batch_size`` on random patches (after ``warmup``)."""
     size, device = spec.dataset.image_size, setup.device
+    classes = num_classes(spec.dataset)  # the head the trials train, so the same memory
     torch.manual_seed(0)
-    model = build_model_on(spec.model, setup)
+    model = build_model_on(spec.model, setup, num_classes=classes)
     lr = math.sqrt(spec.search.lr_low * spec.search.lr_high)
     weight_decay = math.sqrt(spec.search.weight_decay_low * spec.search.weight_decay_high)
     optimizer = make_optimizer(model, spec.search, TrialParams(batch_size, lr, weight_decay))
@@ -79,7 +80,7 @@ def _measure(
         torch.full((3,), 128.0), torch.full((3,), 64.0), device, channels_last=setup.channels_last
     )
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-    labels = torch.randint(0, 2, (batch_size,))
+    labels = torch.randint(0, classes, (batch_size,))
     generator = torch.Generator().manual_seed(0)
     saved_bytes = 0
 

@@ -2,8 +2,11 @@
 
 Batch size is sampled as the integer exponent ``log2_batch_size`` (ordered, so TPE and GP
 see 32 as lying between 16 and 64); ``batch_size = 2 ** log2_batch_size`` is what training
-uses and is stored as a user attribute so the dashboard shows it. Learning rate and weight
-decay are log-uniform. The three are coupled (the best LR grows with batch size, roughly
+uses. It is stored twice for people to read: as the user attr ``batch_size`` (the batch size
+actually trained, after any device cap) and as the parameter ``batch_size`` with a
+single-valued distribution (``BATCH_SIZE_PARAM``, see ``sample_params``), which is what
+makes optuna-dashboard show it wherever it shows a trial's parameters. Learning rate and
+weight decay are log-uniform. The three are coupled (the best LR grows with batch size, roughly
 linearly or as its square root), which is why TPE runs with ``multivariate=True``.
 """
 
@@ -17,24 +20,48 @@ from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchS
 from hpo.spec import StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
+# The batch size as a trial parameter, for display only: IntDistribution(B, B, log=True).
+BATCH_SIZE_PARAM = "batch_size"
 
-__all__ = ["BATCH_PARAM", "TrialParams", "grid_search_space", "grid_size", "make_pruner"]
+__all__ = [
+    "BATCH_PARAM",
+    "BATCH_SIZE_PARAM",
+    "TrialParams",
+    "grid_search_space",
+    "grid_size",
+    "make_pruner",
+]
 __all__ += ["first_round", "make_sampler", "sample_params"]
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
-    """Ask the trial for (batch size, lr, weight decay) inside the spec's space."""
+    """Ask the trial for (batch size, lr, weight decay) inside the spec's space.
+
+    The sampler draws ``log2_batch_size``; the batch size then becomes the parameter
+    ``batch_size`` too, suggested as ``IntDistribution(B, B, log=True)``. optuna-dashboard
+    lists a trial's parameters (best-trial card, trial list, the table's ``Param`` columns,
+    the slice/contour/rank/parallel-coordinate axes) but never a user attr among them, so
+    this is the only way it shows "batch_size 16" there. No sampler ever sees it: Optuna
+    takes a single-valued distribution's one value without asking the sampler, and the
+    relative samplers' search spaces (TPE, GP) keep only distributions equal in every
+    trial, which (B, B) for different B are not. Optuna's PED-ANOVA gives it importance 0
+    (nothing spreads inside one value); ``hpo report`` leaves it out.
+    """
     search = spec.search
     log2_batch_size = trial.suggest_int(
         BATCH_PARAM,
         int(math.log2(search.batch_size_min)),
         int(math.log2(search.batch_size_max)),
     )
+    batch_size = 2**log2_batch_size
+    # A FixedTrial (a configuration replayed: benchmarks, a notebook) stores nothing to
+    # display, and it would refuse a parameter its dict does not name.
+    if not isinstance(trial, optuna.trial.FixedTrial):
+        trial.suggest_int(BATCH_SIZE_PARAM, batch_size, batch_size, log=True)
     lr = trial.suggest_float("lr", search.lr_low, search.lr_high, log=True)
     weight_decay = trial.suggest_float(
         "weight_decay", search.weight_decay_low, search.weight_decay_high, log=True
     )
-    batch_size = 2**log2_batch_size
     trial.set_user_attr("batch_size", batch_size)
     return TrialParams(batch_size=batch_size, lr=lr, weight_decay=weight_decay)
 

@@ -353,6 +353,24 @@ class ObjectiveSpec(_Table):
         return "minimize" if self.metric == "val_loss" else "maximize"
 
 
+# What each objective metric is past two classes (``hpo.train.evaluate`` computes them);
+# with two classes each is the plain binary metric its name says.
+MULTICLASS_METRICS = {
+    "val_auc": "macro one-vs-rest AUC",
+    "val_acc": "top-1 accuracy",
+    "val_loss": "cross-entropy",
+}
+
+
+def describe_metric(metric: str, n_classes: int) -> str:
+    """The objective's name, and past two classes what it is (``"val_auc: macro one-vs-rest
+    AUC over 3 classes"``): the one wording ``hpo status``, the report and ``hpo export``
+    use. A name hpo does not know (a study from another tool) stays as it is."""
+    if n_classes <= 2 or metric not in MULTICLASS_METRICS:
+        return metric
+    return f"{metric}: {MULTICLASS_METRICS[metric]} over {n_classes} classes"
+
+
 class TrainingSpec(_Table):
     """How a trial trains on the device it gets.
 

@@ -101,6 +101,19 @@ def create_or_load_study(
     return LoadedStudy(study, storage, spec, ref)
 
 
+def stored_class_counts(study: optuna.Study) -> dict[str, dict[str, int]]:
+    """The patches per class of each split stored on the study (``CLASS_COUNTS_ATTR``);
+    ``{}`` before a worker has loaded the data, or when what is stored is not that shape
+    (a study another tool wrote)."""
+    counts = study.user_attrs.get(CLASS_COUNTS_ATTR)
+    if not isinstance(counts, dict) or not all(
+        isinstance(split, dict) and all(isinstance(n, int) for n in split.values())
+        for split in counts.values()
+    ):
+        return {}
+    return counts
+
+
 def name_the_objective(study: optuna.Study, metric: str) -> None:
     """Name the objective on the study (optuna-dashboard shows ``val_auc``, not
     "Objective 0"). ``set_metric_names`` is marked experimental since Optuna 3.2 and has

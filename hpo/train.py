@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats
+from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats, num_classes
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
 from hpo.noise import (
@@ -48,12 +48,18 @@ class Diverged(RuntimeError):
 
 @dataclass
 class EpochMetrics:
+    """One report's numbers. ``train_samples_per_s`` is the training throughput since the
+    previous report (samples over training time, evaluation not counted): what a log line
+    shows per epoch, where the trial's ``samples_per_s`` attr is the whole run's. None in
+    checkpoints written before it was recorded."""
+
     epoch: int
     train_loss: float
     train_acc: float | None  # measured after the last epoch only; None before it
     val_loss: float
     val_acc: float
     val_auc: float
+    train_samples_per_s: float | None = None
 
     def objective(self, metric: str) -> float:
         return float(getattr(self, metric))
@@ -133,9 +139,9 @@ def make_optimizer(
     return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
 
-def build_model_on(
-    model: ModelSpec, setup: DeviceSetup, *, num_classes: int = 2
-) -> torch.nn.Module:
+def build_model_on(model: ModelSpec, setup: DeviceSetup, *, num_classes: int) -> torch.nn.Module:
+    """The model on the device in its memory format, with a ``num_classes``-wide head
+    (``hpo.data.num_classes``: no default, so no caller gets a head for another dataset)."""
     built = build_model(
         model.name, pretrained=model.pretrained, factory=model.factory, num_classes=num_classes
     )
@@ -149,15 +155,15 @@ def build_run(
     setup: DeviceSetup,
     *,
     seed: int,
-    num_classes: int = 2,
 ) -> TrainingRun:
-    """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
+    """A fresh model (its head sized for the spec's dataset, ``hpo.data.num_classes``),
+    optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
 
     (With ``budget.unit`` steps or seconds the epoch-wise scheduler is not stepped: ``fit``
     sets the cosine LR before every update from the share of the budget spent.)"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model_on(spec.model, setup, num_classes=num_classes)
+    model = build_model_on(spec.model, setup, num_classes=num_classes(spec.dataset))
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)
@@ -497,6 +503,7 @@ def fit(
         eval_batch = min(eval_batch, CPU_EVAL_BATCH_MAX)
     budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
     for epoch in range(run.epochs_done + 1, budget.reports + 1):
+        samples_before, seconds_before = run.tally.train_samples, run.tally.train_seconds
         train_loss = train_to_report(
             run, data, setup, budget, epoch, batch_size=params.batch_size,
             augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
@@ -511,7 +518,11 @@ def fit(
             (_, train_acc, _), eval_batch = evaluate_within_memory(
                 run.model, data.train_probe, data.batcher, setup, eval_batch
             )
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, val_auc)
+        seconds = run.tally.train_seconds - seconds_before
+        samples_per_s = (run.tally.train_samples - samples_before) / seconds if seconds else None
+        metrics = EpochMetrics(
+            epoch, train_loss, train_acc, val_loss, val_acc, val_auc, samples_per_s
+        )
         run.tally.history.append(metrics)
         on_epoch(metrics)
     return run.tally

@@ -370,7 +370,7 @@ def _objective_on_this_node(
     a missing data root, an unusable checkpoint directory, too many threads, a model or
     factory this node cannot build), with the data loaded once."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.data import class_counts, load_splits
+    from hpo.data import class_counts, load_splits, num_classes
     from hpo.models import check_model
     from hpo.objective import Objective, SilentProgress
 
@@ -380,7 +380,9 @@ def _objective_on_this_node(
     splits = load_splits(spec.dataset)
     counts = class_counts(spec.dataset, splits)
     loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
-    check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))
+    check_model(
+        spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(spec.dataset)
+    )
     return Objective(
         spec, setup, splits, loaded.ref, checkpoint_root(spec), progress or SilentProgress()
     )

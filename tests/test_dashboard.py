@@ -7,6 +7,7 @@ Locally the browser test skips (with the reason) when Chromium cannot start; in 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -26,6 +27,8 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.dashboard import dashboard_command, default_artifact_dir, is_loopback
 from hpo.report import run_report
+from hpo.space import BATCH_PARAM, sample_params
+from hpo.spec import load_spec
 from hpo.storage import mask_url
 from tests.test_report import scaling_study
 
@@ -230,3 +233,47 @@ def test_artifacts_default_to_beside_the_sqlite_file(tmp_path: Path, monkeypatch
     )
     monkeypatch.setenv("HPO_ARTIFACTS", str(tmp_path / "shared"))
     assert default_artifact_dir("postgresql+psycopg://u@h/db") == tmp_path / "shared"
+
+
+@pytest.mark.browser
+def test_browser_shows_the_batch_size_as_a_number_wherever_params_are_shown(
+    browser, dashboard_server: str, report_study: tuple[str, int], tiny_study: Path
+) -> None:
+    """A trial sampled by hpo with log2_batch_size 4 shows batch_size 16 in the best-trial
+    card, the trial list's parameters and the trial table's columns (Smart Selection)."""
+    url, _ = report_study
+    spec = load_spec("tiny")
+    study = optuna.create_study(storage=url, study_name="bs-display", direction="maximize")
+    study.enqueue_trial({BATCH_PARAM: 4, "lr": 0.01, "weight_decay": 1e-4})
+    study.optimize(lambda trial: sample_params(trial, spec).lr, n_trials=1)
+    with urllib.request.urlopen(f"{dashboard_server}/api/studies", timeout=30) as response:
+        studies = json.load(response)["study_summaries"]
+    study_id = next(s["study_id"] for s in studies if s["study_name"] == "bs-display")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+
+    page.goto(f"{dashboard_server}/dashboard/studies/{study_id}")
+    best = page.get_by_text("Params = [")
+    best.wait_for()  # the best-trial card
+    assert "batch_size: 16," in (best.text_content() or "")
+    assert "log2_batch_size: 4," in (best.text_content() or "")
+
+    page.goto(f"{dashboard_server}/dashboard/studies/{study_id}/trials")
+    shown = page.get_by_text("batch_size 16", exact=True)
+    shown.first.wait_for()
+    assert shown.count() == 2  # the trial's Parameter list and its User Attributes
+    assert page.get_by_text("log2_batch_size 4", exact=True).count() == 1
+
+    # 0.21's trial table (Optuna's trials as columns) sits on the "Smart Selection" page.
+    page.goto(f"{dashboard_server}/dashboard/studies/{study_id}/smartSelection")
+    header = page.locator("th", has_text="Param batch_size")
+    header.wait_for()
+    # A header's text is its title, then the sort button's label on a second line.
+    headers = [text.split("\n")[0].strip() for text in page.locator("thead th").all_inner_texts()]
+    column = headers.index("Param batch_size")
+    assert column < headers.index("Param log2_batch_size")  # sorted by name: listed first
+    cells = [
+        text.strip() for text in page.locator("tbody tr").first.locator("td").all_inner_texts()
+    ]
+    assert cells[column] == "16" and cells[headers.index("Param log2_batch_size")] == "4"
+    assert cells[headers.index("UserAttribute batch_size")] == "16"

@@ -79,12 +79,12 @@ def test_replace_head_without_a_head_names_the_field() -> None:
 
 def test_an_unknown_model_name_is_a_model_error() -> None:
     with pytest.raises(ModelError, match=r"^model\.name: unknown model 'resnet7'"):
-        check_model(ModelSpec(name="resnet7"), image_size=32)
+        check_model(ModelSpec(name="resnet7"), image_size=32, num_classes=2)
 
 
 def test_a_model_that_cannot_take_the_patch_size_fails_the_check() -> None:
     with pytest.raises(ModelError, match=r"^model\.name: forward pass on 2×3×32×32 patches failed"):
-        check_model(ModelSpec(name="vit_b_16"), image_size=32)
+        check_model(ModelSpec(name="vit_b_16"), image_size=32, num_classes=2)
 
 
 FACTORY_MODULE = """
@@ -183,3 +183,54 @@ def test_a_worker_that_cannot_import_the_factory_exits_2_before_claiming(
     assert result.exit_code == 2, result.output
     assert "model.factory: cannot import 'userpkg.nets:tiny': ModuleNotFoundError" in result.stderr
     assert optuna.load_study(study_name="tiny", storage="sqlite:///hpo.db").trials == []
+
+
+def test_hpo_probe_measures_a_user_factory(studies_dir, factory_module) -> None:
+    _factory_study(studies_dir, f"{factory_module}:tiny")
+    result = CliRunner().invoke(
+        app, ["probe", "--study", "tiny", "--storage", "sqlite:///hpo.db", "--steps", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "batch-size cap stored for 'cpu': 64" in result.output
+
+
+@pytest.fixture
+def torch_cache(tmp_path: Path) -> Path:
+    """An empty torch hub directory for the test (``$TORCH_HOME/hub``), restored after."""
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub" / "checkpoints"
+    torch.hub.set_dir(before)
+
+
+def test_pretrained_weights_load_from_torchs_cache(torch_cache: Path) -> None:
+    """The file torchvision would download, already in the cache, is what is loaded (no
+    network); the ImageNet head is then replaced."""
+    saved = tv.resnet18().state_dict()
+    torch_cache.mkdir(parents=True)
+    file = tv.get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[-1]
+    torch.save(saved, torch_cache / file)
+    model = build_model("resnet18", pretrained=True, num_classes=3)
+    assert torch.equal(model.conv1.weight, saved["conv1.weight"])
+    assert model.fc.out_features == 3
+
+
+def test_pretrained_weights_offline_exit_2_naming_the_file(
+    studies_dir, torch_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    text = tiny_study_text(epochs=1).replace(
+        'name = "small-cnn"', 'name = "resnet18"\npretrained = true'
+    )
+    (studies_dir / "tiny.toml").write_text(text)
+    result = CliRunner().invoke(app, ["launch", "--study", "tiny", "--n-trials", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "model.pretrained: could not load resnet18 ImageNet weights (resnet18-" in lines[0]
+    assert "URLError" in lines[0] and "pretrained = false" in lines[0]

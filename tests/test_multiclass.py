@@ -4,6 +4,7 @@ the per-class counts stored on the study."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,14 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.data import DeviceBatcher, PatchSet, class_counts, load_splits
 from hpo.device import select_device
-from hpo.spec import DatasetSpec, TrainingSpec
-from hpo.study import CLASS_COUNTS_ATTR
+from hpo.report import summarize
+from hpo.spec import DatasetSpec, TrainingSpec, describe_metric
+from hpo.study import CLASS_COUNTS_ATTR, stored_class_counts
 from hpo.train import evaluate
 from tests.conftest import tiny_study_text
 
 CLASSES = ("adipose", "stroma", "tumor")
+THREE_CLASS_AUC = "val_auc: macro one-vs-rest AUC over 3 classes"
 
 
 def write_three_class_folder(root: Path, per_class: int = 20, size: int = 16) -> None:
@@ -123,9 +126,34 @@ def test_a_three_class_imagefolder_study_end_to_end(studies_dir: Path, tmp_path:
     }
     status = runner.invoke(app, ["status", "--study", "tiny"])
     assert status.exit_code == 0, status.output
-    assert "val_auc: macro one-vs-rest AUC over 3 classes" in status.output
+    assert f"maximize {THREE_CLASS_AUC})" in status.output
     assert "patches per class" in status.output
     for name in CLASSES:
         assert any(
             name in line and "15" in line and "5" in line for line in status.output.splitlines()
         )
+
+    # The report and the export say the same, in the same words.
+    report = runner.invoke(app, ["report", "--study", "tiny", "--out", "out", "--no-attach"])
+    assert report.exit_code == 0, report.output
+    summary = (Path("out") / "summary.md").read_text()
+    assert f"objective: maximize {THREE_CLASS_AUC}." in summary
+    exported = runner.invoke(app, ["export", "--study", "tiny"])
+    assert exported.exit_code == 0, exported.output
+    configuration = json.loads(exported.stdout)
+    assert configuration["metric"] == "val_auc"
+    assert configuration["metric_description"] == THREE_CLASS_AUC
+
+
+def test_the_metric_is_described_past_two_classes_only() -> None:
+    assert describe_metric("val_acc", 5) == "val_acc: top-1 accuracy over 5 classes"
+    assert describe_metric("val_loss", 3) == "val_loss: cross-entropy over 3 classes"
+    assert describe_metric("val_auc", 2) == "val_auc"
+    assert describe_metric("objective", 3) == "objective"  # a study from another tool
+
+
+def test_class_counts_another_tool_stored_are_ignored() -> None:
+    study = optuna.create_study()
+    study.set_user_attr(CLASS_COUNTS_ATTR, {"train": ["a", "b", "c"]})
+    assert stored_class_counts(study) == {}
+    assert summarize(study, "val_auc").metric_description == "val_auc"

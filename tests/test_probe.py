@@ -23,6 +23,7 @@ from hpo.space import make_sampler, sample_params
 from hpo.spec import load_spec
 from hpo.storage import StudyRef, open_storage
 from hpo.study import create_or_load_study
+from tests.conftest import tiny_study_text
 
 
 @pytest.fixture
@@ -111,3 +112,33 @@ def test_hpo_probe_prints_the_table_and_stores_the_cap(tiny_study: Path, storage
     assert "batch sizes on cpu" in result.output
     assert "batch-size cap stored for 'cpu': 64" in result.output
     assert read_batch_cap(StudyRef.by_name(open_storage(storage_url), "tiny"), "cpu") == 64
+
+
+def test_probe_builds_the_head_for_the_datasets_classes(
+    studies_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3-class ImageFolder study is probed with the 3-wide head its trials train (the
+    head and its gradients are part of the memory measured), on labels of all 3 classes."""
+    from hpo import probe
+    from tests.test_multiclass import write_three_class_folder
+
+    write_three_class_folder(tmp_path / "patches", per_class=4)
+    text = tiny_study_text(epochs=1).replace(
+        'kind = "synthetic"\ntrain_size = 256\nval_size = 128\nimage_size = 32',
+        f'kind = "imagefolder"\nroot = "{tmp_path / "patches"}"\nimage_size = 16',
+    )
+    (studies_dir / "tiny.toml").write_text(text)
+    built: list[torch.nn.Module] = []
+
+    def build_model_on(*args, **kwargs) -> torch.nn.Module:
+        built.append(model := real_build_model_on(*args, **kwargs))
+        return model
+
+    real_build_model_on = probe.build_model_on
+    monkeypatch.setattr(probe, "build_model_on", build_model_on)
+
+    result = probe_batch_sizes(load_spec("tiny"), steps=1, warmup=0)
+
+    assert all(row.fits for row in result.rows) and len(built) == len(result.rows) == 3
+    heads = [[m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1] for model in built]
+    assert {head.out_features for head in heads} == {3}

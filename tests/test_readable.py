@@ -33,7 +33,7 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
     console = Console(file=out, width=80, highlight=False, soft_wrap=True)
     progress = LineProgress("[node-7 gpu 3] ", console)
     progress.start(12, TrialParams(batch_size=256, lr=0.0123, weight_decay=3.4e-5), 4, 1024)
-    progress.epoch_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765), "val_auc")
+    progress.epoch_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765, 12345.6), "val_auc")
     progress.finish()
     progress.ended(12, "COMPLETE", 0.8765, None)
     progress.ended(13, "PRUNED", None, "diverged")
@@ -46,7 +46,9 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
         lines[0],
     )
     assert re.fullmatch(
-        STAMP + r"\[node-7 gpu 3\] trial  12 epoch 1/4 loss 0\.693 val_auc 0\.8765", lines[1]
+        STAMP + r"\[node-7 gpu 3\] trial  12 epoch 1/4 loss 0\.693 val_auc 0\.8765 "
+        r"12,346 samples/s",
+        lines[1],
     )
     assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  12 complete 0\.8765", lines[2])
     assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  13 pruned \(diverged\)", lines[3])
@@ -58,7 +60,21 @@ def test_launch_off_a_terminal_prints_lines_not_a_bar(tiny_study: Path) -> None:
     result = CliRunner().invoke(app, ["launch", "--study", "tiny", "--n-trials", "1"])
     assert result.exit_code == 0, result.output
     assert re.search(STAMP + r"trial   0 started B=\d+", result.output)
-    assert re.search(STAMP + r"trial   0 epoch 2/2 loss [\d.]+ val_auc [\d.]+", result.output)
+    epochs = re.findall(
+        STAMP + r"trial   0 epoch (\d)/2 loss [\d.]+ val_auc [\d.]+ ([\d,.]+) samples/s$",
+        result.output,
+        re.M,
+    )
+    assert [epoch for epoch, _ in epochs] == ["1", "2"]
+    rates = [float(rate.replace(",", "")) for _, rate in epochs]
+    # A small CNN on 32 px patches on a shared CPU trains hundreds to thousands of samples
+    # per second; 0 or millions would be a wrong clock.
+    assert all(5 < rate < 1e6 for rate in rates)
+    # Each line is its own epoch's rate: the whole run's (the trial's samples_per_s, all
+    # samples over all training time) is their weighted harmonic mean, so it lies between.
+    trial = optuna.load_study(study_name="tiny", storage="sqlite:///hpo.db").trials[0]
+    overall = trial.user_attrs["samples_per_s"]
+    assert min(rates) * 0.99 - 1 <= overall <= max(rates) * 1.01 + 1
     assert re.search(
         STAMP + r"trial   0 (complete [\d.]+|pruned( \(diverged\))?)$", result.output, re.M
     )

@@ -9,7 +9,15 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo.space import grid_search_space, grid_size, make_pruner, make_sampler, sample_params
+from hpo.space import (
+    BATCH_PARAM,
+    BATCH_SIZE_PARAM,
+    grid_search_space,
+    grid_size,
+    make_pruner,
+    make_sampler,
+    sample_params,
+)
 from hpo.spec import StudySpec, load_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -52,6 +60,40 @@ def test_batch_size_is_an_ordered_integer_exponent(tiny_study: Path) -> None:
     assert isinstance(distribution, optuna.distributions.IntDistribution)
     assert (distribution.low, distribution.high) == (4, 6)
     assert trial.distributions["lr"].log and trial.distributions["weight_decay"].log
+
+
+@pytest.mark.parametrize("sampler_class", [optuna.samplers.TPESampler, optuna.samplers.GPSampler])
+def test_the_batch_size_is_also_a_parameter_no_sampler_ever_draws(
+    tiny_study: Path, sampler_class: type
+) -> None:
+    """For the dashboard: ``batch_size`` = 2 ** ``log2_batch_size`` as a single-valued
+    parameter. TPE (multivariate) and GP model the exponent and never see the copy."""
+    relative: list[set[str]] = []
+    independent: list[str] = []
+
+    class Spy(sampler_class):
+        def infer_relative_search_space(self, study, trial):
+            space = super().infer_relative_search_space(study, trial)
+            relative.append(set(space))
+            return space
+
+        def sample_independent(self, study, trial, name, distribution):
+            independent.append(name)
+            return super().sample_independent(study, trial, name, distribution)
+
+    spec = load_spec("tiny")
+    options = {"multivariate": True} if sampler_class is optuna.samplers.TPESampler else {}
+    study = optuna.create_study(sampler=Spy(seed=0, n_startup_trials=3, **options))
+    study.optimize(lambda trial: sample_params(trial, spec).lr, n_trials=6)
+
+    for trial in study.trials:
+        batch_size = 2 ** trial.params[BATCH_PARAM]
+        assert trial.params[BATCH_SIZE_PARAM] == batch_size
+        assert trial.distributions[BATCH_SIZE_PARAM] == optuna.distributions.IntDistribution(
+            batch_size, batch_size, log=True
+        )
+    assert BATCH_SIZE_PARAM not in independent and BATCH_PARAM in independent
+    assert relative[-1] == {BATCH_PARAM, "lr", "weight_decay"}
 
 
 def test_grid_covers_every_combination(tiny_study: Path) -> None:
@@ -137,3 +179,11 @@ def test_median_pruner_never_prunes_before_the_warm_up(tiny_study: Path) -> None
     assert not bad.should_prune()
     bad.report(0.1, 2)
     assert bad.should_prune()
+
+
+def test_a_fixed_trial_replays_the_three_drawn_parameters_only(tiny_study: Path) -> None:
+    """Benchmarks and notebooks replay a configuration with optuna's FixedTrial, which
+    refuses any parameter its dict does not name: the display copy is not asked there."""
+    fixed = {BATCH_PARAM: 5, "lr": 0.01, "weight_decay": 1e-4}
+    params = sample_params(optuna.trial.FixedTrial(fixed), load_spec("tiny"))
+    assert (params.batch_size, params.lr, params.weight_decay) == (32, 0.01, 1e-4)

@@ -11,6 +11,15 @@ from hpo.spec import TrialParams
 from hpo.train import EpochMetrics
 
 
+def throughput(metrics: EpochMetrics) -> str:
+    """The report interval's training throughput (``hpo.train.fit``) as ``" 1,234
+    samples/s"``, or nothing when it was not measured (a report that trained no step)."""
+    rate = metrics.train_samples_per_s
+    if rate is None:
+        return ""
+    return f" {rate:,.0f} samples/s" if rate >= 100 else f" {rate:.3g} samples/s"
+
+
 class LineProgress:
     """One line per event, each with a timestamp and the worker's label: for several
     processes sharing a terminal, and for logs (CI, Slurm, nohup), where a live bar would
@@ -47,7 +56,7 @@ class LineProgress:
     def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
         self._print(
             f"{self.prefix} epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} "
-            f"{objective_name} {metrics.objective(objective_name):.4f}"
+            f"{objective_name} {metrics.objective(objective_name):.4f}{throughput(metrics)}"
         )
 
     def finish(self) -> None:
@@ -103,7 +112,9 @@ class BarProgress:
         )
 
     def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
-        self.last_metric = f"{objective_name} {metrics.objective(objective_name):.4f}"
+        self.last_metric = (
+            f"{objective_name} {metrics.objective(objective_name):.4f}{throughput(metrics)}"
+        )
         self.progress.update(
             self.trial_task,
             completed=metrics.epoch * self.steps,

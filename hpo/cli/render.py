@@ -18,18 +18,15 @@ if TYPE_CHECKING:
 def print_summary(study: optuna.Study, metric: str) -> None:
     """Trials by state, the best trial, and the best-per-batch-size table."""
     from hpo.report import batch_size_table, summarize
-    from hpo.study import CLASS_COUNTS_ATTR
 
     summary = summarize(study, metric)
     counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
-    class_counts = study.user_attrs.get(CLASS_COUNTS_ATTR) or {}
     console.print(
         f"study [bold]{escape(summary.study_name)}[/] ({summary.direction} "
-        f"{describe_metric(metric, len(class_counts.get('train', {})))}): "
-        f"{counts or 'no trials'}"
+        f"{escape(summary.metric_description)}): {counts or 'no trials'}"
     )
-    if class_counts:
-        print_class_counts(class_counts)
+    if summary.class_counts:
+        print_class_counts(summary.class_counts)
     if summary.best is not None:
         best = summary.best
         console.print(
@@ -44,18 +41,6 @@ def print_summary(study: optuna.Study, metric: str) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-
-
-def describe_metric(metric: str, n_classes: int) -> str:
-    """The objective's name, with how AUC and accuracy extend past two classes."""
-    if n_classes <= 2:
-        return metric
-    how = {
-        "val_auc": "macro one-vs-rest AUC",
-        "val_acc": "top-1 accuracy",
-        "val_loss": "cross-entropy",
-    }
-    return f"{metric}: {how[metric]} over {n_classes} classes"
 
 
 def print_class_counts(counts: dict[str, dict[str, int]]) -> None:

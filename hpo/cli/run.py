@@ -22,7 +22,7 @@ from hpo.cli.app import (
 )
 from hpo.cli.render import print_dashboard_hint, print_probe, print_summary
 from hpo.settings import default_omp_wait_policy
-from hpo.spec import load_spec
+from hpo.spec import check_data_root, load_spec
 
 TrialsOption = Annotated[
     int | None,
@@ -81,6 +81,7 @@ def launch(
     default_omp_wait_policy()  # before torch is imported
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress, LineProgress
+    from hpo.data import num_classes
     from hpo.device import select_device
     from hpo.launcher import local_devices, local_devices_have_gpus, run_worker_processes
     from hpo.models import check_model
@@ -98,7 +99,11 @@ def launch(
     check_cpu_count(here.training.num_threads, THREADS_SOURCES)
     if not local_devices_have_gpus():
         check_cpu_count(workers, "--workers")
-    check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
+    # Before the study exists, with the head the trials will train (this node's data).
+    check_data_root(here, source=f"study {spec.name!r} on this node")
+    check_model(
+        spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(here.dataset)
+    )
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)

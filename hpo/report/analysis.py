@@ -26,6 +26,8 @@ from hpo.report.noise_scale import (
     measured_b_simple,
     positive_b_simple,
 )
+from hpo.spec import describe_metric
+from hpo.study import stored_class_counts
 
 # How many of the best complete trials of each batch size enter the α fit. One (the best
 # alone) is at the mercy of the sampler's luck; the top three average that out while staying
@@ -93,6 +95,19 @@ class StudySummary:
     state_counts: dict[str, int]
     best: FrozenTrial | None
     by_batch_size: list[BatchSizeRow]
+    # Patches per class of each split, as the workers stored them ({} when unknown).
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        """The dataset's classes (0 while no worker has stored the counts)."""
+        return len(self.class_counts.get("train", {}))
+
+    @property
+    def metric_description(self) -> str:
+        """``val_auc``, or past two classes ``val_auc: macro one-vs-rest AUC over 3
+        classes`` (``hpo.spec.describe_metric``)."""
+        return describe_metric(self.metric, self.n_classes)
 
 
 def _is_maximize(study: optuna.Study) -> bool:
@@ -141,6 +156,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         state_counts=dict(counts),
         best=best,
         by_batch_size=rows,
+        class_counts=stored_class_counts(study),
     )
 
 
@@ -389,12 +405,21 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
 
 
 def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
-    """Optuna's own importance evaluator (PED-ANOVA by default) and, if it cannot run, why."""
+    """Optuna's own importance evaluator (PED-ANOVA by default) and, if it cannot run, why.
+
+    A parameter whose distribution is single-valued in every trial was never drawn (hpo's
+    ``batch_size``, the display copy of ``log2_batch_size``, ``hpo.space``): it is left
+    out, where PED-ANOVA would list it at 0 and warn about each of its one-trial regimes."""
     complete = _complete(study.get_trials(deepcopy=False))
     if len(complete) < 2:
         return {}, f"{len(complete)} complete trial(s); importances need at least 2"
+    params = sorted(
+        {name for t in complete for name, d in t.distributions.items() if not d.single()}
+    )
+    if not params:
+        return {}, "no parameter varies across the complete trials"
     try:
-        values = optuna.importance.get_param_importances(study, evaluator=None)
+        values = optuna.importance.get_param_importances(study, evaluator=None, params=params)
     except (ValueError, RuntimeError) as error:
         return {}, f"Optuna could not evaluate importances: {error}"
     if not values:

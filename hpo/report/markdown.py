@@ -50,7 +50,8 @@ def _overview(data: ReportData) -> list[str]:
     lines = [
         f"# {_plain(data.study_name)}: batch size × learning rate",
         "",
-        f"{total} trials ({counts or 'none'}); objective: {summary.direction} {data.metric}.",
+        f"{total} trials ({counts or 'none'}); objective: {summary.direction} "
+        f"{summary.metric_description}.",
     ]
     if summary.best is not None:
         best = summary.best
