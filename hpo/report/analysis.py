@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     RidgeFit,
@@ -395,6 +396,8 @@ class ReportData:
     # The critical batch size two ways (hpo.report.noise_scale); None when not computed.
     ridge: RidgeFit | None = None
     noise_scale: MeasuredNoiseScale | None = None
+    # Value against time to train (hpo.report.cost); None when not computed.
+    cost: CostView | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -408,9 +411,11 @@ def collect(
     *,
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
+    cost_tolerance: float = DEFAULT_COST_TOLERANCE,
 ) -> ReportData:
     """Read the study once and compute all the analysis the report needs. ``metric`` only
-    names the objective in labels; the values are the study's own."""
+    names the objective in labels; the values are the study's own. ``cost_tolerance`` is
+    how close to the best (relative) a faster trial must be for the cost sentence."""
     values, reason = importances(study)
     fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
     return ReportData(
@@ -424,4 +429,5 @@ def collect(
         importances_reason=reason,
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
         noise_scale=measured_b_simple(study, top_k=top_k),
+        cost=cost_view(study, metric, batch_size_of=trial_batch_size, tolerance=cost_tolerance),
     )

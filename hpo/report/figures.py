@@ -1,4 +1,4 @@
-"""Figure models: for each of the report's five figures, exactly what is drawn.
+"""Figure models: for each of the report's figures, exactly what is drawn.
 
 A model is plain data (titles, axes, and layers of markers, lines, the α band and bars) with
 every number already computed from ``ReportData``. The plotly renderer (HTML, dashboard) and
@@ -18,14 +18,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hpo.report.analysis import ReportData, ScalingFit, TrialPoint
+from hpo.report.cost import CostPoint, percent
 
-FIGURE_NAMES = ("lr_scaling", "objective_plane", "generalization", "learning_curves", "importances")
+FIGURE_NAMES = (
+    "lr_scaling",
+    "objective_plane",
+    "generalization",
+    "learning_curves",
+    "importances",
+    "cost",
+)
 FIGURE_TITLES = {
     "lr_scaling": "Best learning rate per batch size (lr* ∝ B^α)",
     "objective_plane": "Objective over batch size × learning rate",
     "generalization": "Best value and generalization gap per batch size",
     "learning_curves": "Learning curves by batch size",
     "importances": "Parameter importances",
+    "cost": "Value vs time to train, with the Pareto front",
 }
 # Points on the fitted line, the α band and the reference rules, spread evenly in log B
 # between the smallest and the largest fitted batch size: enough for a smooth band edge.
@@ -43,6 +52,9 @@ class Axis:
     log_base: int | None = None
     ticks: tuple[int, ...] | None = None
     integer: bool = False
+    # Label a log axis's ticks as plain numbers (5, 10, 20), not powers of ten: for an axis
+    # spanning less than a few decades, such as seconds of training.
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -435,10 +447,115 @@ def importances_figure(data: ReportData) -> FigureModel:
     return FigureModel("importances", title, panels=(panel,))
 
 
+# --------------------------------------------------------------------------- cost
+
+
+def cost_figure(data: ReportData) -> FigureModel:
+    """Two panels: every complete trial's value against its time to train (one colour per
+    batch size) with the Pareto front, the best trial and the fastest trial on the front
+    within the tolerance of it; and the throughput of each batch size. The subtitle is the
+    summary's sentence, so the picture and the words say the same."""
+    title = FIGURE_TITLES["cost"]
+    view = data.cost
+    if view is None or not view.points:
+        reason = view.describe() if view is not None else "No cost view computed."
+        return FigureModel("cost", title, message=reason)
+    subtitle = tuple(textwrap.wrap(view.describe(), 110))
+    colors = _colors(sorted({p.batch_size for p in view.points}))
+    layers: list[Layer] = []
+    for batch_size in sorted(colors):
+        mine = [p for p in view.points if p.batch_size == batch_size]
+        layers.append(
+            Markers(
+                f"B = {batch_size}",
+                x=tuple(p.train_seconds for p in mine),
+                y=tuple(p.value for p in mine),
+                color=colors[batch_size],
+                size=9,
+                outline=0.5,
+                hover=tuple(_cost_hover(p, data.metric) for p in mine),
+            )
+        )
+    front = view.front
+    layers.append(
+        Line(
+            "Pareto front",
+            x=tuple(p.train_seconds for p in front),
+            y=tuple(p.value for p in front),
+            color="black",
+            width=1.5,
+            dash="dash",
+        )
+    )
+    best, chosen = view.best, view.fastest_within
+    assert best is not None and chosen is not None
+    if chosen.number != best.number:
+        layers.append(
+            Markers(
+                f"fastest within {percent(view.tolerance)} of the best (B = {chosen.batch_size})",
+                x=(chosen.train_seconds,),
+                y=(chosen.value,),
+                color="darkorange",
+                symbol="star",
+                size=16,
+                outline=0.5,
+                front=True,
+            )
+        )
+    layers.append(
+        Markers(
+            f"best (B = {best.batch_size})",
+            x=(best.train_seconds,),
+            y=(best.value,),
+            color="crimson",
+            symbol="star",
+            size=16,
+            outline=0.5,
+            front=True,
+        )
+    )
+    rates = [r for r in view.by_batch_size if r.samples_per_s is not None]
+    throughput = Line(
+        "samples/s",
+        x=tuple(r.batch_size for r in rates),
+        y=tuple(r.samples_per_s for r in rates),
+        markers=True,
+        show_legend=False,  # the axis says what it is
+    )
+    panels = (
+        Panel(
+            Axis("training time per trial (s)", log_base=10, plain=True),
+            Axis(data.metric),
+            tuple(layers),
+            title=f"{data.metric} vs time to train (complete trials)",
+        ),
+        Panel(
+            _batch_axis(data),
+            Axis("samples/s"),
+            (throughput,),
+            title="throughput per batch size (median)",
+        ),
+    )
+    return FigureModel("cost", title, subtitle, panels=panels)
+
+
+def _cost_hover(point: CostPoint, metric: str) -> str:
+    lines = [f"trial {point.number}", f"B={point.batch_size}", f"{metric}={point.value:.4f}"]
+    lines.append(f"{point.train_seconds:.3g} s of training")
+    if point.samples_per_s:
+        lines.append(f"{point.samples_per_s:,.0f} samples/s")
+    if point.n_updates is not None:
+        lines.append(f"{point.n_updates} updates")
+    if point.train_epochs is not None:
+        lines.append(f"{point.train_epochs:.3g} epochs")
+    return "\n".join(lines)
+
+
 FIGURE_BUILDERS: dict[str, Callable[[ReportData], FigureModel]] = {
     "lr_scaling": lr_scaling_figure,
     "objective_plane": objective_plane_figure,
     "generalization": generalization_figure,
     "learning_curves": learning_curves_figure,
     "importances": importances_figure,
+    "cost": cost_figure,
 }

@@ -44,7 +44,7 @@ def write_report(
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Report:
-    """Write the five figures (``NAME.png`` and ``NAME.html``) and ``summary.md`` to ``out_dir``.
+    """Write every figure (``NAME.png`` and ``NAME.html``) and ``summary.md`` to ``out_dir``.
 
     Both files of a figure are drawn from one figure model, so they show the same numbers.
     The HTML files share one ``plotly.min.js`` written beside them, so they work offline.

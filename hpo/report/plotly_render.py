@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 # Horizontal legends below the plot, so the dashboard's half-width cards keep the plot wide.
-LEGEND_Y = {"lr_scaling": -0.22, "objective_plane": -0.15, "generalization": -0.2}
+LEGEND_Y = {"lr_scaling": -0.22, "objective_plane": -0.15, "generalization": -0.2, "cost": -0.2}
 SYMBOLS = {"circle": None, "star": "star", "x": "x"}
 
 
@@ -94,6 +94,8 @@ def _axis(axis: Axis) -> dict[str, Any]:
         spec["ticktext"] = [str(tick) for tick in axis.ticks]
     if axis.integer:
         spec["dtick"] = 1
+    if axis.plain:
+        spec["tickformat"] = "~g"
     return spec
 
 

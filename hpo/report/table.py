@@ -4,6 +4,7 @@ that shows it (``hpo status``'s rich table, the report's markdown summary)."""
 from __future__ import annotations
 
 from hpo.report.analysis import StudySummary
+from hpo.report.cost import CostView
 
 
 def format_cell(value: float | None, spec: str) -> str:
@@ -37,5 +38,38 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             "-" if row.best_trial is None else str(row.best_trial),
         ]
         for row in summary.by_batch_size
+    ]
+    return headers, rows
+
+
+def cost_table(view: CostView) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (text, right-aligned) of the cost view per batch size: the best
+    complete trial's value and its shortfall from the study's best, what that trial took
+    (training seconds, optimizer updates, epochs), the batch size's median throughput,
+    and whether that trial is on the Pareto front of value vs time to train."""
+    headers = [
+        "batch size",
+        f"best {view.metric}",
+        "below best",
+        "train s",
+        "samples/s",
+        "updates",
+        "epochs",
+        "front",
+        "trial",
+    ]
+    rows = [
+        [
+            str(row.batch_size),
+            format(row.best_value, ".4f"),
+            format(row.shortfall, ".2%"),
+            format(row.train_seconds, ".3g"),
+            format_cell(row.samples_per_s, ",.0f"),
+            "-" if row.n_updates is None else str(row.n_updates),
+            format_cell(row.train_epochs, ".3g"),
+            "yes" if row.on_front else "",
+            str(row.best_trial),
+        ]
+        for row in view.by_batch_size
     ]
     return headers, rows
