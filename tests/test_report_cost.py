@@ -211,3 +211,23 @@ def test_attach_puts_the_cost_png_in_the_note(tmp_path: Path) -> None:
     graph_ids = {key.split(":")[2] for key in attrs if key.startswith("dashboard:plot_data:")}
     assert "hpo-cost" in graph_ids
     assert "![value vs time to train](/artifacts/" in get_note(study)
+
+
+def test_report_command_prints_the_cost_sentence_at_the_given_tolerance(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = optuna.create_study(storage=url, direction="maximize", study_name="cost")
+    for trial in planted().trials:
+        study.add_trial(trial)
+    common = ["report", "--study", "cost", "--storage", url, "--no-attach"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "B = 256 gets within 0.28% of the best objective" in result.output
+    tight = CliRunner().invoke(
+        app, [*common, "--out", str(tmp_path / "b"), "--cost-tolerance", "0.002"]
+    )
+    assert tight.exit_code == 0, tight.output
+    assert "B = 64 gets within 0.17%" in tight.output
