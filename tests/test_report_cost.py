@@ -231,3 +231,51 @@ def test_report_command_prints_the_cost_sentence_at_the_given_tolerance(tmp_path
     )
     assert tight.exit_code == 0, tight.output
     assert "B = 64 gets within 0.17%" in tight.output
+
+
+# ------------------------------------------------------- the one table, with the unit
+
+
+def test_the_batch_size_table_names_the_unit_and_what_each_batch_size_spent() -> None:
+    from hpo.report import batch_size_table, summarize
+    from hpo.report.table import table_title
+
+    study = planted()
+    add(study, 16, 0.0, 1.0, state=TrialState.FAIL)  # a failed trial spent nothing counted
+    summary = summarize(study, "val_auc")
+    headers, rows = batch_size_table(summary)
+    assert headers[:4] == ["batch size", "complete", "pruned", "epochs spent"]
+    assert rows[0][:4] == ["16", "3", "1", "32.0"]  # 4 finished trials × 8 epochs
+    assert table_title(summary) == "best per batch size (budget.unit = epochs)"
+
+
+def test_a_study_in_steps_spends_updates(tmp_path: Path) -> None:
+    from hpo.report import batch_size_table, summarize
+
+    study = optuna.create_study(direction="maximize")
+    add(study, 64, 0.9, 10.0, unit="steps")
+    add(study, 64, 0.8, 3.0, unit="steps", state=TrialState.PRUNED)
+    headers, rows = batch_size_table(summarize(study, "val_auc"))
+    assert headers[3] == "steps spent" and rows[0][3] == "512"  # 2 × 256 updates
+
+
+def test_hpo_status_shows_complete_pruned_and_the_unit(tiny_study: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+    from hpo.spec import load_spec
+    from hpo.study import create_or_load_study
+
+    url = "sqlite:///status.db"
+    study = create_or_load_study(load_spec("tiny"), url).study
+    add(study, 32, 0.9, 10.0, unit="steps")
+    add(study, 32, 0.7, 2.0, unit="steps", state=TrialState.PRUNED)
+    add(study, 64, 0.7, 2.0, unit="steps", state=TrialState.PRUNED)
+    result = CliRunner().invoke(app, ["status", "--study", "tiny", "--storage", url])
+    assert result.exit_code == 0, result.output
+    assert "best per batch size (budget.unit = steps)" in result.output
+    assert "steps" in result.output and "spent" in result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("│")]
+    cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines]
+    assert ["32", "1", "1", "1024"] in [row[:4] for row in cells]
+    assert ["64", "0", "1", "256"] in [row[:4] for row in cells]

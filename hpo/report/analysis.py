@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
+from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view, recorded_budget_unit
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     RidgeFit,
@@ -75,6 +75,9 @@ class BatchSizeRow:
     best_weight_decay: float | None
     best_trial: int | None
     generalization_gap: float | None
+    # The training resource the batch size's COMPLETE and PRUNED trials spent together, in
+    # the study's budget unit (``StudySummary.budget_unit``): where the budget went.
+    spent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class StudySummary:
     state_counts: dict[str, int]
     best: FrozenTrial | None
     by_batch_size: list[BatchSizeRow]
+    # What "the same amount of training" meant: epochs, steps or seconds (the trials'
+    # ``budget_unit``); None for a study whose trials do not record it.
+    budget_unit: str | None = None
 
 
 def _is_maximize(study: optuna.Study) -> bool:
@@ -111,6 +117,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
     best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
 
     rows = []
+    unit = recorded_budget_unit(trials)
     batch_sizes = sorted({b for t in trials if (b := trial_batch_size(t)) is not None})
     for batch_size in batch_sizes:
         mine = [t for t in trials if trial_batch_size(t) == batch_size]
@@ -126,6 +133,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 best_weight_decay=top.params.get("weight_decay") if top else None,
                 best_trial=top.number if top else None,
                 generalization_gap=_gap(top) if top else None,
+                spent=_spent(mine, unit),
             )
         )
     return StudySummary(
@@ -135,7 +143,30 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         state_counts=dict(counts),
         best=best,
         by_batch_size=rows,
+        budget_unit=unit,
     )
+
+
+# The user attr that holds a trial's resource in each budget unit (hpo.objective.record_tally).
+SPENT_ATTRS = {"epochs": "train_epochs", "steps": "n_updates", "seconds": "train_seconds"}
+
+
+def _spent(trials: list[FrozenTrial], unit: str | None) -> float | None:
+    """The resource the COMPLETE and PRUNED ``trials`` spent together in ``unit``; None
+    without a unit or when none of them records it."""
+    if unit not in SPENT_ATTRS:
+        return None
+    values = [
+        float(t.user_attrs[SPENT_ATTRS[unit]])
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and _is_number(t.user_attrs.get(SPENT_ATTRS[unit]))
+    ]
+    return sum(values) if values else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _gap(trial: FrozenTrial) -> float | None:

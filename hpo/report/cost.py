@@ -208,7 +208,7 @@ def cost_view(
         for p in sorted(raw, key=lambda p: p.number)
     )
     rows = _by_batch_size(points, throughput, maximize=maximize)
-    return CostView(metric, maximize, tolerance, _unit(trials), points, rows)
+    return CostView(metric, maximize, tolerance, recorded_budget_unit(trials), points, rows)
 
 
 def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> CostPoint | None:
@@ -230,9 +230,10 @@ def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> 
     )
 
 
-def _unit(trials: list[FrozenTrial]) -> str | None:
-    """The budget unit the trials were trained in (the most common, for a study whose
-    trials disagree, which hpo never writes); None when none records one."""
+def recorded_budget_unit(trials: list[FrozenTrial]) -> str | None:
+    """The budget unit the trials were trained in (user attr ``budget_unit``; the most
+    common, for a study whose trials disagree, which hpo never writes); None when none
+    records one (a study from before budget units, or from another tool)."""
     units = Counter(
         str(t.user_attrs["budget_unit"]) for t in trials if "budget_unit" in t.user_attrs
     )

@@ -73,6 +73,12 @@ def _table(data: ReportData) -> list[str]:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "gap: train − val accuracy of the best trial at its last epoch."]
+    unit = data.summary.budget_unit
+    if unit is not None:
+        lines[-1] += (
+            f" Trials were compared at equal {unit} (budget.unit); {unit} spent: what the "
+            "batch size's complete and pruned trials trained together."
+        )
     return lines
 
 

@@ -12,14 +12,29 @@ def format_cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# How the resource spent is written in each budget unit.
+SPENT_FORMATS = {"epochs": ".1f", "steps": ".0f", "seconds": ",.0f"}
+
+
+def table_title(summary: StudySummary) -> str:
+    """The table's title, naming the budget unit the trials were compared in."""
+    if summary.budget_unit is None:
+        return "best per batch size"
+    return f"best per batch size (budget.unit = {summary.budget_unit})"
+
+
 def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (all cells text, every column right-aligned) of the best complete
-    trial per batch size: counts, objective (4 decimals), lr (3 significant digits), weight
-    decay (2), train − val gap (signed, 3 decimals) and the trial's number."""
+    trial per batch size: counts, the resource its trials spent in the study's budget unit
+    (a column only when the trials record one), objective (4 decimals), lr (3 significant
+    digits), weight decay (2), train − val gap (signed, 3 decimals) and the trial's number."""
+    unit = summary.budget_unit
+    spent = [f"{unit} spent"] if unit in SPENT_FORMATS else []
     headers = [
         "batch size",
         "complete",
         "pruned",
+        *spent,
         f"best {summary.metric}",
         "lr",
         "weight decay",
@@ -31,6 +46,7 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             str(row.batch_size),
             str(row.n_complete),
             str(row.n_pruned),
+            *([format_cell(row.spent, SPENT_FORMATS[unit])] if spent else []),
             format_cell(row.best_value, ".4f"),
             format_cell(row.best_lr, ".3g"),
             format_cell(row.best_weight_decay, ".2g"),
