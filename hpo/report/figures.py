@@ -203,6 +203,13 @@ def _complete_markers(points: list[TrialPoint], metric: str, label: str, **style
     )
 
 
+def _report_name(data: ReportData) -> str:
+    """What a reported step is: an epoch in a study budgeted in epochs (or one that does not
+    record its unit), else a report, at a fixed share of the budget in its unit."""
+    unit = data.summary.budget_unit
+    return "epoch" if unit in (None, "epochs") else f"report (budget in {unit})"
+
+
 def _colors(batch_sizes: list[int]) -> dict[int, str]:
     """One Viridis colour per batch size, small B dark, large B bright (plotly 'rgb(…)')."""
     from plotly.colors import sample_colorscale
@@ -345,7 +352,7 @@ def objective_plane_figure(data: ReportData) -> FigureModel:
         title=data.metric,
     )
     pruned_hover = tuple(
-        f"trial {p.number} (pruned at epoch {p.last_step})\nB={p.batch_size}"
+        f"trial {p.number} (pruned at {_report_name(data)} {p.last_step})\nB={p.batch_size}"
         + (f"\n{data.metric}={p.value:.4f}" if p.value is not None else "")
         for p in pruned
     )
@@ -430,7 +437,9 @@ def learning_curves_figure(data: ReportData) -> FigureModel:
             )
         )
         shown.add(point.batch_size)
-    panel = Panel(x=Axis("epoch", integer=True), y=Axis(data.metric), layers=tuple(lines))
+    panel = Panel(
+        x=Axis(_report_name(data), integer=True), y=Axis(data.metric), layers=tuple(lines)
+    )
     return FigureModel("learning_curves", title, panels=(panel,))
 
 
