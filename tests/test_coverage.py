@@ -174,3 +174,31 @@ def test_concurrent_claims_queue_one_retry_per_need(tiny_study: Path, tmp_path: 
         claimed = list(pool.map(lambda w: claim_trial(w, total_trials=20), workers))
     assert all(not isinstance(trial, str) for trial in claimed)
     assert len(_cover_trials(loaded.study, 4)) == 2  # one retry, claimed by one worker
+
+
+def test_a_worker_retries_a_diverged_first_round_batch_size_until_it_completes(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end through ``run_worker``: B = 16's first-round trial diverges (training is
+    stubbed out: the question is which trials the worker runs, not how they train)."""
+    from hpo.objective import Objective
+    from hpo.worker import run_worker
+
+    def train(self: Objective, trial: optuna.Trial, params: object) -> float:
+        if params.batch_size == 16 and "cover_attempt" not in trial.user_attrs:
+            trial.set_user_attr("fail_reason", "diverged")
+            raise optuna.TrialPruned("diverged")
+        return 0.8
+
+    monkeypatch.setattr(Objective, "_train", train)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = _spec(tiny_study, cover=True)
+    create_or_load_study(spec, url)
+    run = run_worker(spec.name, url, total_trials=5)
+    assert run.states == {"COMPLETE": 4, "PRUNED": 1}
+    study = optuna.load_study(study_name=spec.name, storage=url)
+    trials = study.get_trials()
+    assert [t.params[BATCH_PARAM] for t in trials[:4]] == [4, 5, 6, 4]  # the retry is next
+    assert trials[3].state == TrialState.COMPLETE
+    assert trials[3].user_attrs["cover_attempt"] == 1
+    assert trials[3].params["lr"] == pytest.approx(trials[0].params["lr"] / 4)
