@@ -97,6 +97,9 @@ def test_the_bar_counts_reports_and_the_budget_in_its_unit(
     assert task.fields["status"] == status
     assert task.total == total
     assert task.completed == (3.5 if unit == "seconds" else 24)
+    bar.finish()
+    (study,) = [t for t in bar.progress.tasks if t.id == bar.study_task]
+    assert study.fields["status"] == "1/3"  # trials, counted apart from the budget
 
 
 @pytest.mark.parametrize(

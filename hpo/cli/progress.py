@@ -86,7 +86,10 @@ class BarProgress:
             console=console,
             transient=False,
         )
-        self.study_task = self.progress.add_task("trials", total=total_trials, status="")
+        self.total_trials = total_trials
+        self.study_task = self.progress.add_task(
+            "trials", total=total_trials, status=f"0/{total_trials}"
+        )
         self.trial_task: TaskID | None = None
         self.budget: TrainingBudget | None = None
         self.last_metric = ""
@@ -126,6 +129,8 @@ class BarProgress:
 
     def finish(self) -> None:
         self.progress.advance(self.study_task)
+        (task,) = [t for t in self.progress.tasks if t.id == self.study_task]
+        self.progress.update(self.study_task, status=f"{task.completed:g}/{self.total_trials}")
 
     def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
         pass  # the bars show the running trial; the summary table shows the ended ones

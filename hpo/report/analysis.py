@@ -460,5 +460,13 @@ def collect(
         importances_reason=reason,
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
         noise_scale=measured_b_simple(study, top_k=top_k),
-        cost=cost_view(study, metric, batch_size_of=trial_batch_size, tolerance=cost_tolerance),
+        cost=_cost_view_quietly(study, metric, cost_tolerance),
     )
+
+
+def _cost_view_quietly(study: optuna.Study, metric: str, tolerance: float) -> CostView:
+    """The cost view, without warning a second time about a trial whose batch size is not
+    one (``summarize`` has already named it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return cost_view(study, metric, batch_size_of=trial_batch_size, tolerance=tolerance)
