@@ -112,8 +112,8 @@ class CostView:
             return text + (
                 f"The best trial ({best.number}, B = {best.batch_size}, {self.metric} "
                 f"{best.value:.4f}, {_seconds(best.train_seconds)} of training) is also the "
-                f"fastest within {tolerance} of the best: no complete trial "
-                "trains faster for that little loss."
+                f"fastest within {tolerance} of the best: no faster complete trial comes "
+                "that close."
             )
         speed = best.train_seconds / chosen.train_seconds
         text += (
