@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
 from hpo.worker import claim_trial
 from tests.conftest import train_trial
+from tests.databases import scratch_database
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -164,8 +167,24 @@ def test_a_complete_trial_at_the_batch_size_ends_the_need(tiny_study: Path) -> N
     assert coverage_retries(spec, study.get_trials(), room=0) == []
 
 
-def test_concurrent_claims_queue_one_retry_per_need(tiny_study: Path, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+@contextlib.contextmanager
+def _storage(backend: str, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'c.db'}"
+    else:
+        with scratch_database(backend, prefix="h9r_") as url:
+            yield url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_concurrent_claims_queue_one_retry_per_need(
+    backend: str, tiny_study: Path, tmp_path: Path
+) -> None:
+    with _storage(backend, tmp_path) as url:
+        _one_retry_from_concurrent_claims(tiny_study, url)
+
+
+def _one_retry_from_concurrent_claims(tiny_study: Path, url: str) -> None:
     spec = _spec(tiny_study, cover=True, batch_size_max=32)
     loaded = create_or_load_study(spec, url)
     _claim_and_end(loaded, TrialState.PRUNED)
