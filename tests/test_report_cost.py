@@ -279,3 +279,29 @@ def test_hpo_status_shows_complete_pruned_and_the_unit(tiny_study: Path) -> None
     cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines]
     assert ["32", "1", "1", "1024"] in [row[:4] for row in cells]
     assert ["64", "0", "1", "256"] in [row[:4] for row in cells]
+
+
+def test_odd_user_attrs_from_another_tool_are_left_out_not_fatal(tmp_path: Path) -> None:
+    study = planted()
+    for attrs in (
+        {"train_seconds": "fast", "samples_per_s": True},
+        {"train_seconds": float("nan"), "n_updates": float("inf")},
+        {"train_seconds": -3.0, "budget_unit": 123},
+        {"train_seconds": 2.0, "samples_per_s": "many", "n_updates": "x", "train_epochs": None},
+    ):
+        study.add_trial(
+            create_trial(
+                value=0.95,
+                params={"log2_batch_size": 6, "lr": 0.01, "weight_decay": 1e-4},
+                distributions=DISTRIBUTIONS,
+                user_attrs=attrs,
+            )
+        )
+    data = collect(study, "val_auc")
+    odd = [p for p in data.cost.points if p.value == 0.95]
+    assert [(p.train_seconds, p.samples_per_s, p.n_updates) for p in odd] == [(2.0, None, None)]
+    assert data.cost.best.value == 0.95 and data.summary.budget_unit == "epochs"
+    write_report(study, tmp_path)  # every file, no traceback
+    alone = optuna.create_study(direction="maximize")
+    alone.add_trial(study.trials[-2])  # budget_unit = 123
+    assert collect(alone).summary.budget_unit is None

@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 # How close to the best value ("within 1% of the best") a faster trial must come to be
 # named in the summary's sentence: relative to the best value, so the same for AUC and loss.
 DEFAULT_COST_TOLERANCE = 0.01
+# The values ``budget.unit`` can take (hpo.spec.BudgetSpec).
+BUDGET_UNITS = ("epochs", "steps", "seconds")
 
 
 @dataclass(frozen=True)
@@ -233,9 +235,10 @@ def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> 
 def recorded_budget_unit(trials: list[FrozenTrial]) -> str | None:
     """The budget unit the trials were trained in (user attr ``budget_unit``; the most
     common, for a study whose trials disagree, which hpo never writes); None when none
-    records one (a study from before budget units, or from another tool)."""
+    records one (a study from before budget units, or from another tool; a value that is
+    not a unit is ignored)."""
     units = Counter(
-        str(t.user_attrs["budget_unit"]) for t in trials if "budget_unit" in t.user_attrs
+        unit for t in trials if (unit := t.user_attrs.get("budget_unit")) in BUDGET_UNITS
     )
     return units.most_common(1)[0][0] if units else None
 
