@@ -528,6 +528,7 @@ def cost_figure(data: ReportData) -> FigureModel:
         "samples/s",
         x=tuple(r.batch_size for r in rates),
         y=tuple(r.samples_per_s for r in rates),
+        color="royalblue",
         markers=True,
         show_legend=False,  # the axis says what it is
     )

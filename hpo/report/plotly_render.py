@@ -49,6 +49,11 @@ def plotly_figure(model: FigureModel) -> go.Figure:
         for col, panel in enumerate(model.panels, start=1):
             _draw_panel(figure, panel, col)
     layout: dict[str, Any] = {"title": {"text": title}}
+    if len(model.subtitle) > 1:
+        # Room for every subtitle line above the plots (and the subplot titles): plotly's
+        # default top margin (100 px) holds the title and one line.
+        layout["margin"] = {"t": 80 + 20 * len(model.subtitle)}
+        layout["title"].update(y=0.98, yanchor="top")  # hang the lines from the top
     if model.name in LEGEND_Y:
         layout["legend"] = {"orientation": "h", "y": LEGEND_Y[model.name]}
     figure.update_layout(**layout)
