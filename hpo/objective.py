@@ -47,13 +47,16 @@ class TrialOutOfMemory(RuntimeError):
 
 
 class TrialProgress(Protocol):
-    """What a trial tells the terminal (implemented in ``hpo.cli.progress``)."""
+    """What a trial tells the terminal (implemented in ``hpo.cli.progress``). Progress is
+    counted in the study's budget unit: ``report`` is the report number (1-based; an
+    epoch only with ``budget.unit = "epochs"`` and one report per epoch), and ``tally``
+    says what the run has spent so far (updates, training seconds)."""
 
-    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None: ...
+    def start(self, trial_number: int, params: TrialParams, budget: TrainingBudget) -> None: ...
 
-    def step(self, epoch: int, loss: float) -> None: ...
+    def step(self, report: int, loss: float, tally: Tally) -> None: ...
 
-    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None: ...
+    def report_end(self, metrics: EpochMetrics, objective_name: str, tally: Tally) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -62,13 +65,13 @@ class TrialProgress(Protocol):
 
 
 class SilentProgress:
-    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
+    def start(self, trial_number: int, params: TrialParams, budget: TrainingBudget) -> None:
         pass
 
-    def step(self, epoch: int, loss: float) -> None:
+    def step(self, report: int, loss: float, tally: Tally) -> None:
         pass
 
-    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+    def report_end(self, metrics: EpochMetrics, objective_name: str, tally: Tally) -> None:
         pass
 
     def finish(self) -> None:
@@ -118,12 +121,11 @@ class Objective:
         run, checkpoint = self._resume(trial, params, seed)
         budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
         trial.set_user_attr("budget_unit", budget.unit)
-        steps_per_report = budget.updates_at(1) or budget.steps_per_epoch
-        self.progress.start(trial.number, params, budget.reports, steps_per_report)
+        self.progress.start(trial.number, params, budget)
         try:
             fit(
                 run, data, self.setup, self.spec, params,
-                on_step=self.progress.step,
+                on_step=lambda report, loss: self.progress.step(report, loss, run.tally),
                 on_epoch=lambda metrics: self._after_epoch(trial, run, metrics, checkpoint),
             )  # fmt: skip
             return run.tally.history[-1].objective(self.spec.objective.metric)
@@ -187,14 +189,14 @@ class Objective:
     ) -> None:
         """Show, report, prune, checkpoint: what happens between two epochs."""
         metric = self.spec.objective.metric
-        self.progress.epoch_end(metrics, metric)
+        self.progress.report_end(metrics, metric, run.tally)
         value = metrics.objective(metric)
         if not math.isfinite(value):
-            raise Diverged(f"{metric} is {value} at epoch {metrics.epoch}")
+            raise Diverged(f"{metric} is {value} at report {metrics.epoch}")
         trial.report(value, metrics.epoch)
         if trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
-            raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: {metric} = {value:.4f}")
+            raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")
         if checkpoint is not None:
             self._save(trial, run, checkpoint)
 

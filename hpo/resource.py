@@ -68,6 +68,37 @@ class TrainingBudget:
         """Updates expressed in epochs (passes over the training set)."""
         return updates / self.steps_per_epoch
 
+    # What a progress display counts: the budget in its own unit, so a bar fills at the
+    # pace the pruner compares trials at (updates for epochs and steps, seconds otherwise).
+
+    @property
+    def progress_total(self) -> float:
+        """The bar's total: updates in the whole budget, or its seconds."""
+        total = self.total_updates
+        return float(self.amount if total is None else total)
+
+    def progress_done(self, updates: int, seconds: float) -> float:
+        """How much of ``progress_total`` is done (never past it)."""
+        done = seconds if self.total_updates is None else float(updates)
+        return min(done, self.progress_total)
+
+    def describe(self) -> str:
+        """The budget in words: "8 epochs, 4 reports (16 updates per epoch)"."""
+        amount = f"{self.amount:g} s" if self.unit == "seconds" else f"{self.amount:g} {self.unit}"
+        reports = f"{self.reports} report{'s' if self.reports != 1 else ''}"
+        return f"{amount}, {reports} ({self.steps_per_epoch} updates per epoch)"
+
+    def describe_spent(self, updates: int, seconds: float) -> str:
+        """What a trial has spent, in the budget's unit against its total first, then in
+        the other two units: "1.5/8 epochs, 24 updates, 3.1 s" (steps: "24/512 steps,
+        1.5 epochs, 3.1 s"; seconds: "3.1/60 s, 24 updates, 1.5 epochs")."""
+        epochs = f"{self.epochs(updates):.3g}"
+        if self.unit == "epochs":
+            return f"{epochs}/{self.amount:g} epochs, {updates} updates, {seconds:.3g} s"
+        if self.unit == "steps":
+            return f"{updates}/{self.amount:g} steps, {epochs} epochs, {seconds:.3g} s"
+        return f"{seconds:.3g}/{self.amount:g} s, {updates} updates, {epochs} epochs"
+
 
 def cosine_factor(fraction: float) -> float:
     """The cosine schedule's multiplier of the base LR after ``fraction`` of the budget:

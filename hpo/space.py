@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
 from hpo.spec import StudySpec, TrialParams
@@ -31,7 +32,20 @@ __all__ = [
     "grid_size",
     "make_pruner",
 ]
-__all__ += ["first_round", "make_sampler", "sample_params"]
+__all__ += ["first_round", "make_sampler", "sample_params", "coverage_retries"]
+
+# User attr of the trials queued to cover the batch-size axis (the first round and its
+# retries), and the attempt number of a retry (the first round is attempt 0).
+COVER_ATTR = "queued_by"
+COVER_VALUE = "cover_batch_sizes"
+COVER_ATTEMPT_ATTR = "cover_attempt"
+# Retries per batch size after its first-round trial ends without a complete result: a
+# bound, so a batch size that cannot train (diverges at every LR, above every cap) costs at
+# most 1 + COVER_RETRIES trials and never loops.
+COVER_RETRIES = 2
+# Each retry's LR is the first round's times this, per attempt (two octaves lower): the
+# usual way a first-round trial fails is divergence, an LR too high for its batch size.
+COVER_LR_FACTOR = 0.25
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -124,6 +138,53 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
         }
         for log2 in log2_sizes
     ]
+
+
+def coverage_retries(
+    spec: StudySpec, trials: list[FrozenTrial], room: int
+) -> list[tuple[dict[str, float | int], int]]:
+    """Trials to queue so that coverage holds: for each batch size with no COMPLETE trial,
+    nothing RUNNING or WAITING at it, and fewer than ``1 + COVER_RETRIES`` coverage trials
+    so far, one more trial (params, attempt number), smallest batch size first, at most
+    ``room`` of them (the trials the study's budget still allows).
+
+    The retry's LR is the first round's × ``COVER_LR_FACTOR`` ** attempt, kept inside the
+    range; weight decay as in the first round. Pure: the caller (``hpo.study``) queues
+    them under the study lock, so every worker sees the same trials and a need is met
+    once (the queued trial is WAITING, then RUNNING, at that batch size: no second one).
+    A batch size is read from the trial's params, or for a WAITING trial from its fixed
+    params: the batch size the study asked for, so a trial clamped to a device's cap
+    still counts for the batch size it was queued at.
+    """
+    if room <= 0:
+        return []
+    by_batch: dict[int, list[FrozenTrial]] = {}
+    for trial in trials:
+        log2 = trial.params.get(
+            BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
+        )
+        if log2 is not None:
+            by_batch.setdefault(int(log2), []).append(trial)
+    pending = (TrialState.RUNNING, TrialState.WAITING)
+    retries = []
+    for first in first_round(spec):
+        mine = by_batch.get(int(first[BATCH_PARAM]), [])
+        if any(_completed(t) or t.state in pending for t in mine):
+            continue
+        attempt = sum(t.user_attrs.get(COVER_ATTR) == COVER_VALUE for t in mine)
+        if attempt > COVER_RETRIES:
+            continue
+        lr = max(spec.search.lr_low, float(first["lr"]) * COVER_LR_FACTOR**attempt)
+        retries.append(({**first, "lr": lr}, attempt))
+    return retries[:room]
+
+
+def _completed(trial: FrozenTrial) -> bool:
+    return (
+        trial.state == TrialState.COMPLETE
+        and trial.value is not None
+        and math.isfinite(trial.value)
+    )
 
 
 def make_sampler(spec: StudySpec, *, parallel: bool = False) -> optuna.samplers.BaseSampler:

@@ -332,7 +332,10 @@ class SamplerSpec(_Table):
 
     ``cover_batch_sizes`` queues a first round of one trial per batch size when the study
     is created (``hpo.space.first_round``), so every batch size is tried however the
-    sampler's draws fall; off by default so existing study files draw as before. A grid
+    sampler's draws fall, and queues another (a lower LR, at most two more) for a batch
+    size whose coverage trials all ended without a complete result
+    (``hpo.study.keep_batch_sizes_covered``); off by default so existing study files draw
+    as before. A grid
     covers every batch size by itself, so with ``kind = "grid"`` it is ignored.
     """
 

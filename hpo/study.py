@@ -20,7 +20,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.caps import BatchSizeCapSampler
-from hpo.space import first_round, make_pruner, make_sampler
+from hpo.space import (
+    COVER_ATTEMPT_ATTR,
+    COVER_ATTR,
+    COVER_VALUE,
+    coverage_retries,
+    first_round,
+    make_pruner,
+    make_sampler,
+)
 from hpo.spec import StudySpec, load_spec, spec_differences
 from hpo.sqlite_guard import require_sqlite_file
 from hpo.storage import (
@@ -92,7 +100,7 @@ def create_or_load_study(
             name_the_objective(study, spec.objective.metric)
             if spec.sampler.cover_batch_sizes and spec.sampler.kind != "grid":
                 for params in first_round(spec):
-                    study.enqueue_trial(params, user_attrs={"queued_by": "cover_batch_sizes"})
+                    study.enqueue_trial(params, user_attrs={COVER_ATTR: COVER_VALUE})
         else:
             check_same_spec(
                 StudySpec.from_json(stored, source=f"the spec stored on study {spec.name!r}"),
@@ -112,6 +120,29 @@ def stored_class_counts(study: optuna.Study) -> dict[str, dict[str, int]]:
     ):
         return {}
     return counts
+
+
+def keep_batch_sizes_covered(loaded: LoadedStudy, room: int) -> list[int]:
+    """With ``sampler.cover_batch_sizes``, queue another trial at each batch size whose
+    coverage trials all ended without a complete result (``hpo.space.coverage_retries``:
+    a lower LR, at most ``COVER_RETRIES`` per batch size, at most ``room`` in all).
+    Returns the batch sizes queued for.
+
+    The caller must hold the study lock (``hpo.worker.claim_trial`` does): the decision
+    reads the trials and queues in one step, so of several workers claiming at once
+    exactly one queues for a need, and the others see its WAITING trial.
+    """
+    spec = loaded.spec
+    if not spec.sampler.cover_batch_sizes or spec.sampler.kind == "grid":
+        return []
+    trials = loaded.study.get_trials(deepcopy=False)
+    queued = []
+    for params, attempt in coverage_retries(spec, trials, room):
+        loaded.study.enqueue_trial(
+            params, user_attrs={COVER_ATTR: COVER_VALUE, COVER_ATTEMPT_ATTR: attempt}
+        )
+        queued.append(2 ** int(params["log2_batch_size"]))
+    return queued
 
 
 def name_the_objective(study: optuna.Study, metric: str) -> None:

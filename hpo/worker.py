@@ -51,6 +51,7 @@ from hpo.study import (
     CLASS_COUNTS_ATTR,
     LoadedStudy,
     Outcome,
+    keep_batch_sizes_covered,
     load_study,
     original_trial_number,
     study_budget,
@@ -80,9 +81,11 @@ def _quiet_optuna_warnings() -> Iterator[None]:
 def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     """Start a trial if the study-wide budget allows: a trial, or ``"wait"``/``"done"``.
 
-    Under the study lock: fail trials whose worker vanished (which re-queues them), then
+    Under the study lock: fail trials whose worker vanished (which re-queues them), queue
+    another trial for a batch size left uncovered (``keep_batch_sizes_covered``), then
     start a re-queued or enqueued trial if there is one, else a new one, if finished +
-    running < total and, for a grid study, grid points are left. ``"wait"``: the budget is handed out but trials still run elsewhere.
+    running < total and, for a grid study, grid points are left. ``"wait"``: the budget
+    is handed out but trials still run elsewhere.
     """
     study = loaded.study
     with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
@@ -92,6 +95,9 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
             return "wait" if budget.running else "done"
         if budget.waiting == 0 and grid_exhausted(study):
             return "wait" if budget.running else "done"
+        room = total_trials - budget.finished - budget.running - budget.waiting
+        for batch_size in keep_batch_sizes_covered(loaded, room):
+            logger.info("batch size %d has no complete trial: queued another", batch_size)
         trial = study.ask()
         # Optuna never fails a RUNNING trial without a heartbeat: record one now, so a
         # worker that dies before its heartbeat thread starts still gets its trial retried.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -10,10 +13,12 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo.data import load_splits
-from hpo.space import BATCH_PARAM, first_round
+from hpo.space import BATCH_PARAM, COVER_RETRIES, coverage_retries, first_round
 from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
+from hpo.worker import claim_trial
 from tests.conftest import train_trial
+from tests.databases import scratch_database
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -75,3 +80,144 @@ def test_a_grid_queues_no_round(tiny_study: Path, tmp_path: Path) -> None:
     data["pruner"]["kind"] = "none"
     loaded = create_or_load_study(StudySpec.model_validate(data), f"sqlite:///{tmp_path / 'g.db'}")
     assert loaded.study.get_trials() == []
+
+
+# ---------------------------------------------------------------- coverage holds
+
+
+def _claim_and_end(loaded, state: TrialState) -> optuna.trial.FrozenTrial:
+    """Claim the next trial as a worker does and end it without training it."""
+    trial = claim_trial(loaded, total_trials=20)
+    assert not isinstance(trial, str)
+    trial.suggest_int(BATCH_PARAM, 4, 6)
+    trial.suggest_float("lr", 1e-3, 0.3, log=True)
+    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    if state == TrialState.COMPLETE:
+        return loaded.study.tell(trial, 0.8)
+    return loaded.study.tell(trial, state=state)
+
+
+def _cover_trials(study: optuna.Study, log2: int) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials()
+        if t.user_attrs.get("queued_by") == "cover_batch_sizes"
+        and t.system_attrs["fixed_params"][BATCH_PARAM] == log2
+    ]
+
+
+def test_a_diverged_first_round_trial_gets_one_retry_at_a_lower_lr(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    loaded = create_or_load_study(_spec(tiny_study, cover=True), f"sqlite:///{tmp_path / 'r.db'}")
+    first = _claim_and_end(loaded, TrialState.PRUNED)  # B = 16 diverged (pruned)
+    assert first.params[BATCH_PARAM] == 4
+    for _ in range(2):  # B = 32 and B = 64 complete; each claim checks coverage
+        _claim_and_end(loaded, TrialState.COMPLETE)
+    retries = _cover_trials(loaded.study, 4)
+    assert len(retries) == 2  # the first round's trial and exactly one retry
+    retry = retries[1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["cover_attempt"] == 1
+    assert retry.system_attrs["fixed_params"]["lr"] == pytest.approx(first.params["lr"] / 4)
+    assert {t.system_attrs["fixed_params"][BATCH_PARAM] for t in
+            loaded.study.get_trials(states=(TrialState.WAITING,))} == {4}  # fmt: skip
+
+
+def test_coverage_retries_are_bounded(tiny_study: Path, tmp_path: Path) -> None:
+    loaded = create_or_load_study(
+        _spec(tiny_study, cover=True, batch_size_max=32), f"sqlite:///{tmp_path / 'b.db'}"
+    )
+    for _ in range(8):  # B = 16 fails every time, B = 32 completes
+        trial = claim_trial(loaded, total_trials=20)
+        assert not isinstance(trial, str)
+        log2 = trial.suggest_int(BATCH_PARAM, 4, 5)
+        trial.suggest_float("lr", 1e-3, 0.3, log=True)
+        trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+        if log2 == 4:
+            loaded.study.tell(trial, state=TrialState.FAIL)
+        else:
+            loaded.study.tell(trial, 0.8)
+    cover = _cover_trials(loaded.study, 4)
+    assert len(cover) == 1 + COVER_RETRIES
+    assert [t.user_attrs.get("cover_attempt", 0) for t in cover] == [0, 1, 2]
+    lrs = [t.params["lr"] for t in cover]
+    assert lrs[1] == pytest.approx(lrs[0] / 4)
+    assert lrs[2] == max(1e-3, lrs[0] / 16)  # kept inside the range
+
+
+def test_a_complete_trial_at_the_batch_size_ends_the_need(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, cover=True, batch_size_max=32)
+    study = optuna.create_study(direction="maximize")
+    for log2, state in ((4, TrialState.PRUNED), (4, TrialState.COMPLETE), (5, TrialState.FAIL)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=0.8 if state == TrialState.COMPLETE else None,
+                params={BATCH_PARAM: log2, "lr": 0.01, "weight_decay": 1e-4},
+                distributions={
+                    BATCH_PARAM: optuna.distributions.IntDistribution(4, 5),
+                    "lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True),
+                    "weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
+                },
+                user_attrs={"queued_by": "cover_batch_sizes"},
+            )
+        )
+    retries = coverage_retries(spec, study.get_trials(), room=5)
+    assert [(params[BATCH_PARAM], attempt) for params, attempt in retries] == [(5, 1)]
+    assert coverage_retries(spec, study.get_trials(), room=0) == []
+
+
+@contextlib.contextmanager
+def _storage(backend: str, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'c.db'}"
+    else:
+        with scratch_database(backend, prefix="h9r_") as url:
+            yield url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_concurrent_claims_queue_one_retry_per_need(
+    backend: str, tiny_study: Path, tmp_path: Path
+) -> None:
+    with _storage(backend, tmp_path) as url:
+        _one_retry_from_concurrent_claims(tiny_study, url)
+
+
+def _one_retry_from_concurrent_claims(tiny_study: Path, url: str) -> None:
+    spec = _spec(tiny_study, cover=True, batch_size_max=32)
+    loaded = create_or_load_study(spec, url)
+    _claim_and_end(loaded, TrialState.PRUNED)
+    workers = [create_or_load_study(spec, url) for _ in range(4)]  # each its own storage
+    with ThreadPoolExecutor(len(workers)) as pool:
+        claimed = list(pool.map(lambda w: claim_trial(w, total_trials=20), workers))
+    assert all(not isinstance(trial, str) for trial in claimed)
+    assert len(_cover_trials(loaded.study, 4)) == 2  # one retry, claimed by one worker
+
+
+def test_a_worker_retries_a_diverged_first_round_batch_size_until_it_completes(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end through ``run_worker``: B = 16's first-round trial diverges (training is
+    stubbed out: the question is which trials the worker runs, not how they train)."""
+    from hpo.objective import Objective
+    from hpo.worker import run_worker
+
+    def train(self: Objective, trial: optuna.Trial, params: object) -> float:
+        if params.batch_size == 16 and "cover_attempt" not in trial.user_attrs:
+            trial.set_user_attr("fail_reason", "diverged")
+            raise optuna.TrialPruned("diverged")
+        return 0.8
+
+    monkeypatch.setattr(Objective, "_train", train)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = _spec(tiny_study, cover=True)
+    create_or_load_study(spec, url)
+    run = run_worker(spec.name, url, total_trials=5)
+    assert run.states == {"COMPLETE": 4, "PRUNED": 1}
+    study = optuna.load_study(study_name=spec.name, storage=url)
+    trials = study.get_trials()
+    assert [t.params[BATCH_PARAM] for t in trials[:4]] == [4, 5, 6, 4]  # the retry is next
+    assert trials[3].state == TrialState.COMPLETE
+    assert trials[3].user_attrs["cover_attempt"] == 1
+    assert trials[3].params["lr"] == pytest.approx(trials[0].params["lr"] / 4)

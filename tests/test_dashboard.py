@@ -162,6 +162,8 @@ def test_browser_shows_study_trial_count_and_attached_scaling_figure(
     assert "α = " in (scaling_title.first.text_content() or "")
     # The noise-scale figure (issue 10) is shown with the others.
     page.locator(".gtitle", has_text="Gradient noise scale").first.wait_for()
+    # The cost view is attached too (this study records no training times: its message).
+    page.locator(".gtitle", has_text="Value vs time to train").first.wait_for()
     page.wait_for_timeout(1000)  # let the remaining plots finish drawing
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     assert STUDY_NAME in page.inner_text("body")

@@ -8,14 +8,16 @@ import re
 from pathlib import Path
 
 import optuna
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.cli.progress import LineProgress
+from hpo.cli.progress import BarProgress, LineProgress
+from hpo.resource import TrainingBudget
 from hpo.spec import TrialParams, load_spec
 from hpo.study import create_or_load_study
-from hpo.train import EpochMetrics
+from hpo.train import EpochMetrics, Tally
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
@@ -32,8 +34,10 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
     out = io.StringIO()
     console = Console(file=out, width=80, highlight=False, soft_wrap=True)
     progress = LineProgress("[node-7 gpu 3] ", console)
-    progress.start(12, TrialParams(batch_size=256, lr=0.0123, weight_decay=3.4e-5), 4, 1024)
-    progress.epoch_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765, 12345.6), "val_auc")
+    budget = TrainingBudget("epochs", 4, 4, 1024)
+    progress.start(12, TrialParams(batch_size=256, lr=0.0123, weight_decay=3.4e-5), budget)
+    tally = Tally(updates=1024, train_samples=1024 * 256, train_seconds=12.5)
+    progress.report_end(EpochMetrics(1, 0.6931, 0.5, 0.7, 0.51, 0.8765, 12345.6), "val_auc", tally)
     progress.finish()
     progress.ended(12, "COMPLETE", 0.8765, None)
     progress.ended(13, "PRUNED", None, "diverged")
@@ -42,12 +46,12 @@ def test_progress_lines_off_a_terminal_are_whole_timestamped_and_labelled() -> N
     assert len(lines) == 5
     assert re.fullmatch(
         STAMP + r"\[node-7 gpu 3\] trial  12 started B=256 lr=1\.23e-02 wd=3\.4e-05 "
-        r"\(4 epochs of 1024 steps\)",
+        r"\(budget 4 epochs, 4 reports \(1024 updates per epoch\)\)",
         lines[0],
     )
     assert re.fullmatch(
-        STAMP + r"\[node-7 gpu 3\] trial  12 epoch 1/4 loss 0\.693 val_auc 0\.8765 "
-        r"12,346 samples/s",
+        STAMP + r"\[node-7 gpu 3\] trial  12 report 1/4 \(1/4 epochs, 1024 updates, 12\.5 s\) "
+        r"loss 0\.693 val_auc 0\.8765 12,346 samples/s",
         lines[1],
     )
     assert re.fullmatch(STAMP + r"\[node-7 gpu 3\] trial  12 complete 0\.8765", lines[2])
@@ -61,7 +65,8 @@ def test_launch_off_a_terminal_prints_lines_not_a_bar(tiny_study: Path) -> None:
     assert result.exit_code == 0, result.output
     assert re.search(STAMP + r"trial   0 started B=\d+", result.output)
     epochs = re.findall(
-        STAMP + r"trial   0 epoch (\d)/2 loss [\d.]+ val_auc [\d.]+ ([\d,.]+) samples/s$",
+        STAMP + r"trial   0 report (\d)/2 \(\d/2 epochs, \d+ updates, [\d.]+ s\) loss [\d.]+ "
+        r"val_auc [\d.]+ ([\d,.]+) samples/s$",
         result.output,
         re.M,
     )
@@ -79,3 +84,57 @@ def test_launch_off_a_terminal_prints_lines_not_a_bar(tiny_study: Path) -> None:
         STAMP + r"trial   0 (complete [\d.]+|pruned( \(diverged\))?)$", result.output, re.M
     )
     assert "trials ━" not in result.output and "trials  " not in result.output
+
+
+@pytest.mark.parametrize(
+    ("unit", "amount", "status", "total"),
+    [
+        ("epochs", 4, "report 2/4 · 1.5/4 epochs · loss 0.500 val_auc 0.8000", 64),
+        ("steps", 100, "report 2/4 · 24/100 steps · loss 0.500 val_auc 0.8000", 100),
+        ("seconds", 60, "report 2/4 · 3.5/60 s · loss 0.500 val_auc 0.8000", 60),
+    ],
+)
+def test_the_bar_counts_reports_and_the_budget_in_its_unit(
+    unit: str, amount: float, status: str, total: float
+) -> None:
+    console = Console(file=io.StringIO(), width=200)
+    bar = BarProgress(3, console)
+    budget = TrainingBudget(unit, amount, 4, 16)
+    bar.start(7, TrialParams(batch_size=64, lr=0.01, weight_decay=1e-4), budget)
+    tally = Tally(updates=24, train_samples=24 * 64, train_seconds=3.5)
+    bar.step(2, 0.7, tally)
+    bar.report_end(EpochMetrics(2, 0.5, None, 0.6, 0.7, 0.8), "val_auc", tally)
+    (task,) = [t for t in bar.progress.tasks if t.id == bar.trial_task]
+    assert task.fields["status"] == status
+    assert task.total == total
+    assert task.completed == (3.5 if unit == "seconds" else 24)
+    bar.finish()
+    (study,) = [t for t in bar.progress.tasks if t.id == bar.study_task]
+    assert study.fields["status"] == "1/3"  # trials, counted apart from the budget
+
+
+@pytest.mark.parametrize(
+    ("unit", "amount", "started", "report"),
+    [
+        (
+            "steps",
+            100,
+            "budget 100 steps, 4 reports",
+            "report 1/4 (24/100 steps, 1.5 epochs, 3.5 s)",
+        ),
+        ("seconds", 60, "budget 60 s, 4 reports", "report 1/4 (3.5/60 s, 24 updates, 1.5 epochs)"),
+    ],
+)
+def test_log_lines_name_what_they_count_in_the_studys_unit(
+    unit: str, amount: float, started: str, report: str
+) -> None:
+    out = io.StringIO()
+    progress = LineProgress("", Console(file=out, width=80, highlight=False, soft_wrap=True))
+    budget = TrainingBudget(unit, amount, 4, 16)
+    progress.start(3, TrialParams(batch_size=64, lr=0.01, weight_decay=1e-4), budget)
+    tally = Tally(updates=24, train_samples=24 * 64, train_seconds=3.5)
+    progress.report_end(EpochMetrics(1, 0.5, None, 0.6, 0.7, 0.8), "val_auc", tally)
+    first, second = out.getvalue().splitlines()
+    assert f"({started} (16 updates per epoch))" in first
+    assert f"trial   3 {report} loss 0.500 val_auc 0.8000" in second
+    assert " epoch " not in second

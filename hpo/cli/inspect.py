@@ -100,11 +100,23 @@ def report(
             help="Best complete trials per batch size that enter the fit of lr* ∝ B^α.",
         ),
     ] = 3,
+    cost_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--cost-tolerance",
+            min=0.0,
+            help=(
+                "How close to the best value (a share of it: 0.01 = within 1%) a faster "
+                "trial must come to be named in the cost view's sentence."
+            ),
+        ),
+    ] = 0.01,
 ) -> None:
     """Figures of how the best learning rate scales with batch size (α in lr* ∝ B^α), the
     objective over batch size × learning rate, generalization gap, learning curves,
-    parameter importances and the gradient noise scale against the LR ridge (the critical
-    batch size), as PNG + HTML with a markdown summary."""
+    parameter importances, the gradient noise scale against the LR ridge (the critical
+    batch size) and value vs time to train (the Pareto front), as PNG + HTML with a
+    markdown summary."""
     from hpo.dashboard import default_artifact_dir
     from hpo.paths import check_writable_dir, safe_component
     from hpo.report import run_report
@@ -114,8 +126,17 @@ def report(
     out_dir = out or Path("reports") / safe_component(study)
     check_writable_dir(out_dir, "--out")
     artifact_dir = (artifacts or default_artifact_dir(storage_url)) if attach else None
-    result = run_report(study, storage_url, out_dir, artifact_dir=artifact_dir, top_k=top_k)
+    result = run_report(
+        study,
+        storage_url,
+        out_dir,
+        artifact_dir=artifact_dir,
+        top_k=top_k,
+        cost_tolerance=cost_tolerance,
+    )
     console.print(result.data.fit.describe(), markup=False, soft_wrap=True)
+    if result.data.cost is not None:
+        console.print(result.data.cost.describe(), markup=False, soft_wrap=True)
     console.print(
         f"wrote {len(result.files)} files to {out_dir} (summary.md; PNG and HTML figures)",
         markup=False,

@@ -1,14 +1,21 @@
-"""What a running trial shows in the terminal (``hpo.objective.TrialProgress``)."""
+"""What a running trial shows in the terminal (``hpo.objective.TrialProgress``).
+
+Both displays count in the study's budget unit (``budget.unit``): "report k/N", the
+points at which the pruner compares trials, and the resource spent in that unit against
+the trial's budget (then in the other two units), so a steps or seconds study does not
+read as if it counted epochs.
+"""
 
 from __future__ import annotations
 
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from hpo.resource import TrainingBudget
 from hpo.spec import TrialParams
-from hpo.train import EpochMetrics
+from hpo.train import EpochMetrics, Tally
 
 
 def throughput(metrics: EpochMetrics) -> str:
@@ -30,7 +37,7 @@ class LineProgress:
         # soft_wrap: a line longer than the console (80 columns off a terminal) stays whole.
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.prefix = ""
-        self.epochs = 0
+        self.budget: TrainingBudget | None = None
 
     def __enter__(self) -> LineProgress:
         return self
@@ -42,21 +49,24 @@ class LineProgress:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.console.print(f"{stamp} {self.label}{text}", markup=False, soft_wrap=True)
 
-    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
-        self.epochs = epochs
+    def start(self, trial_number: int, params: TrialParams, budget: TrainingBudget) -> None:
+        self.budget = budget
         self.prefix = f"trial {trial_number:>3}"
         self._print(
             f"{self.prefix} started B={params.batch_size} lr={params.lr:.2e} "
-            f"wd={params.weight_decay:.1e} ({epochs} epochs of {steps} steps)"
+            f"wd={params.weight_decay:.1e} (budget {budget.describe()})"
         )
 
-    def step(self, epoch: int, loss: float) -> None:
+    def step(self, report: int, loss: float, tally: Tally) -> None:
         pass
 
-    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+    def report_end(self, metrics: EpochMetrics, objective_name: str, tally: Tally) -> None:
+        assert self.budget is not None
+        spent = self.budget.describe_spent(tally.updates, tally.train_seconds)
         self._print(
-            f"{self.prefix} epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} "
-            f"{objective_name} {metrics.objective(objective_name):.4f}{throughput(metrics)}"
+            f"{self.prefix} report {metrics.epoch}/{self.budget.reports} ({spent}) "
+            f"loss {metrics.train_loss:.3f} {objective_name} "
+            f"{metrics.objective(objective_name):.4f}{throughput(metrics)}"
         )
 
     def finish(self) -> None:
@@ -72,22 +82,25 @@ class LineProgress:
 
 
 class BarProgress:
-    """A live bar for the running trial (epoch, step, loss, val metric) and one for the study."""
+    """A live bar for the running trial and one for the study. The trial's bar fills in
+    the budget's unit (updates for epochs and steps, seconds for seconds) and its status
+    reads "report k/N · spent/total unit · loss · metric"."""
 
     def __init__(self, total_trials: int, console: Console | None = None) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
         )
-        self.study_task = self.progress.add_task("trials", total=total_trials, status="")
-        self.trial_task = None
-        self.epochs = 0
-        self.steps = 0
+        self.total_trials = total_trials
+        self.study_task = self.progress.add_task(
+            "trials", total=total_trials, status=f"0/{total_trials}"
+        )
+        self.trial_task: TaskID | None = None
+        self.budget: TrainingBudget | None = None
         self.last_metric = ""
 
     def __enter__(self) -> BarProgress:
@@ -97,32 +110,38 @@ class BarProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def start(self, trial_number: int, params: TrialParams, epochs: int, steps: int) -> None:
-        self.epochs, self.steps, self.last_metric = epochs, steps, ""
+    def start(self, trial_number: int, params: TrialParams, budget: TrainingBudget) -> None:
+        self.budget, self.last_metric = budget, ""
         description = f"trial {trial_number} B={params.batch_size} lr={params.lr:.1e} wd={params.weight_decay:.0e}"
         if self.trial_task is not None:
             self.progress.remove_task(self.trial_task)
-        self.trial_task = self.progress.add_task(description, total=epochs * steps, status="")
-
-    def step(self, epoch: int, loss: float) -> None:
-        self.progress.update(
-            self.trial_task,
-            advance=1,
-            status=f"epoch {epoch}/{self.epochs} loss {loss:.3f} {self.last_metric}",
+        self.trial_task = self.progress.add_task(
+            description, total=budget.progress_total, status=f"report 0/{budget.reports}"
         )
 
-    def epoch_end(self, metrics: EpochMetrics, objective_name: str) -> None:
+    def _show(self, report: int, tally: Tally, loss: float) -> None:
+        assert self.budget is not None and self.trial_task is not None
+        spent = self.budget.describe_spent(tally.updates, tally.train_seconds).split(", ")[0]
+        self.progress.update(
+            self.trial_task,
+            completed=self.budget.progress_done(tally.updates, tally.train_seconds),
+            status=f"report {report}/{self.budget.reports} · {spent} · loss {loss:.3f} "
+            f"{self.last_metric}".rstrip(),
+        )
+
+    def step(self, report: int, loss: float, tally: Tally) -> None:
+        self._show(report, tally, loss)
+
+    def report_end(self, metrics: EpochMetrics, objective_name: str, tally: Tally) -> None:
         self.last_metric = (
             f"{objective_name} {metrics.objective(objective_name):.4f}{throughput(metrics)}"
         )
-        self.progress.update(
-            self.trial_task,
-            completed=metrics.epoch * self.steps,
-            status=f"epoch {metrics.epoch}/{self.epochs} loss {metrics.train_loss:.3f} {self.last_metric}",
-        )
+        self._show(metrics.epoch, tally, metrics.train_loss)
 
     def finish(self) -> None:
         self.progress.advance(self.study_task)
+        (task,) = [t for t in self.progress.tasks if t.id == self.study_task]
+        self.progress.update(self.study_task, status=f"{task.completed:g}/{self.total_trials}")
 
     def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
         pass  # the bars show the running trial; the summary table shows the ended ones

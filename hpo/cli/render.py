@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 def print_summary(study: optuna.Study, metric: str) -> None:
     """Trials by state, the best trial, and the best-per-batch-size table."""
     from hpo.report import batch_size_table, summarize
+    from hpo.report.table import table_title
 
     summary = summarize(study, metric)
     counts = ", ".join(f"{state.lower()} {n}" for state, n in sorted(summary.state_counts.items()))
@@ -35,7 +36,7 @@ def print_summary(study: optuna.Study, metric: str) -> None:
             f"weight_decay {best.params['weight_decay']:.3g}"
         )
     headers, rows = batch_size_table(summary)
-    table = Table(title="best per batch size")
+    table = Table(title=table_title(summary))
     for column in headers:
         table.add_column(column, justify="right")
     for row in rows:

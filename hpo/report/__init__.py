@@ -4,14 +4,16 @@ What a batch-size study is for is a handful of pictures a generic HPO dashboard 
 draw: the objective over the batch size × learning-rate plane, how the best learning rate
 scales with batch size (lr* ∝ B^α, against the linear rule α = 1 and the square-root rule
 α = 0.5), the generalization gap per batch size, learning curves coloured by batch size,
-parameter importances, and the gradient noise scale B_simple against the LR ridge (the
-critical batch size). ``write_report`` writes them as PNG (matplotlib) and interactive
+parameter importances, the gradient noise scale B_simple against the LR ridge (the
+critical batch size), and the cost view (value vs time to train with its Pareto front:
+which batch size gets close to the best for less). ``write_report`` writes them as PNG (matplotlib) and interactive
 HTML (plotly) with a markdown summary; ``attach_report`` puts the same figures, the PNGs
 and the summary on the study so optuna-dashboard shows them.
 
 Data flows one way, one module each:
 
 - ``analysis``: pure analysis of the trials (``collect`` → ``ReportData``); draws nothing.
+  ``noise_scale`` and ``cost`` are pure analysis too, one concept each.
 - ``figures``: one figure model per figure, every drawn number computed there (the α band
   once, for both renderers).
 - ``plotly_render``, ``png_render``: thin renderers that only draw a figure model.
@@ -41,6 +43,7 @@ from hpo.report.analysis import (
     trial_points,
 )
 from hpo.report.attach import ATTACHED_PREFIX, attach_report
+from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES, FigureModel, figure_models
 from hpo.report.files import Report, write_report
 from hpo.report.markdown import summary_markdown
@@ -51,6 +54,9 @@ from hpo.report.table import batch_size_table
 
 __all__ = [
     "ATTACHED_PREFIX",
+    "DEFAULT_COST_TOLERANCE",
+    "CostView",
+    "cost_view",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_TOP_K",
     "FIGURE_NAMES",

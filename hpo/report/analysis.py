@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view, recorded_budget_unit
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     NoiseScaleCurve,
@@ -82,6 +83,9 @@ class BatchSizeRow:
     # The best trial's gradient noise scale at its last epoch (user attr ``b_simple``): the
     # same trial as the other best_* fields, so a row reads as one trial.
     best_b_simple: float | None = None
+    # The training resource the batch size's COMPLETE and PRUNED trials spent together, in
+    # the study's budget unit (``StudySummary.budget_unit``): where the budget went.
+    spent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ class StudySummary:
     by_batch_size: list[BatchSizeRow]
     # Patches per class of each split, as the workers stored them ({} when unknown).
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What "the same amount of training" meant: epochs, steps or seconds (the trials'
+    # ``budget_unit``); None for a study whose trials do not record it.
+    budget_unit: str | None = None
 
     @property
     def n_classes(self) -> int:
@@ -131,6 +138,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
     best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
 
     rows = []
+    unit = recorded_budget_unit(trials)
     batch_sizes = sorted({b for t in trials if (b := trial_batch_size(t)) is not None})
     for batch_size in batch_sizes:
         mine = [t for t in trials if trial_batch_size(t) == batch_size]
@@ -147,6 +155,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 best_trial=top.number if top else None,
                 generalization_gap=_gap(top) if top else None,
                 best_b_simple=_b_simple(top) if top else None,
+                spent=_spent(mine, unit),
             )
         )
     return StudySummary(
@@ -157,6 +166,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         best=best,
         by_batch_size=rows,
         class_counts=stored_class_counts(study),
+        budget_unit=unit,
     )
 
 
@@ -165,6 +175,28 @@ def _b_simple(trial: FrozenTrial) -> float | None:
     a study from before issue 10) or stored something that is not a positive number (a
     negative ratio of two noisy averages, stored before ``b_simple()`` refused those)."""
     return positive_b_simple(trial.user_attrs.get("b_simple"))
+
+
+# The user attr that holds a trial's resource in each budget unit (hpo.objective.record_tally).
+SPENT_ATTRS = {"epochs": "train_epochs", "steps": "n_updates", "seconds": "train_seconds"}
+
+
+def _spent(trials: list[FrozenTrial], unit: str | None) -> float | None:
+    """The resource the COMPLETE and PRUNED ``trials`` spent together in ``unit``; None
+    without a unit or when none of them records it."""
+    if unit not in SPENT_ATTRS:
+        return None
+    values = [
+        float(t.user_attrs[SPENT_ATTRS[unit]])
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and _is_number(t.user_attrs.get(SPENT_ATTRS[unit]))
+    ]
+    return sum(values) if values else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _gap(trial: FrozenTrial) -> float | None:
@@ -444,6 +476,8 @@ class ReportData:
     noise_scale: MeasuredNoiseScale | None = None
     # B_simple per epoch of the fit's trials (the top_k of each batch size), for the figure.
     noise_curves: list[NoiseScaleCurve] = field(default_factory=list)
+    # Value against time to train (hpo.report.cost); None when not computed.
+    cost: CostView | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -457,9 +491,11 @@ def collect(
     *,
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
+    cost_tolerance: float = DEFAULT_COST_TOLERANCE,
 ) -> ReportData:
     """Read the study once and compute all the analysis the report needs. ``metric`` only
-    names the objective in labels; the values are the study's own."""
+    names the objective in labels; the values are the study's own. ``cost_tolerance`` is
+    how close to the best (relative) a faster trial must be for the cost sentence."""
     values, reason = importances(study)
     fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
     return ReportData(
@@ -474,4 +510,13 @@ def collect(
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
         noise_scale=measured_b_simple(study, top_k=top_k),
         noise_curves=b_simple_curves(top_trials_by_batch_size(study, top_k)),
+        cost=_cost_view_quietly(study, metric, cost_tolerance),
     )
+
+
+def _cost_view_quietly(study: optuna.Study, metric: str, tolerance: float) -> CostView:
+    """The cost view, without warning a second time about a trial whose batch size is not
+    one (``summarize`` has already named it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return cost_view(study, metric, batch_size_of=trial_batch_size, tolerance=tolerance)

@@ -64,6 +64,8 @@ def attach_report(
     note += (
         "\n![best learning rate per batch size]"
         f"(/artifacts/{study_id}/{artifact_ids['lr_scaling']})\n\n"
+        "![value vs time to train]"
+        f"(/artifacts/{study_id}/{artifact_ids['cost']})\n\n"
         "The interactive figures are on the study's main page, the PNGs under Study "
         "Artifacts there. Regenerate all of this with `hpo report`.\n"
     )

@@ -1,4 +1,4 @@
-"""Figure models: for each of the report's six figures, exactly what is drawn.
+"""Figure models: for each of the report's figures, exactly what is drawn.
 
 A model is plain data (titles, axes, and layers of markers, lines, the α band and bars) with
 every number already computed from ``ReportData``. The plotly renderer (HTML, dashboard) and
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hpo.report.analysis import ReportData, ScalingFit, TrialPoint
+from hpo.report.cost import CostPoint, percent
 from hpo.report.noise_scale import NoiseScaleCurve, examples
 
 FIGURE_NAMES = (
@@ -27,6 +28,7 @@ FIGURE_NAMES = (
     "learning_curves",
     "importances",
     "noise_scale",
+    "cost",
 )
 FIGURE_TITLES = {
     "lr_scaling": "Best learning rate per batch size (lr* ∝ B^α)",
@@ -35,6 +37,7 @@ FIGURE_TITLES = {
     "learning_curves": "Learning curves by batch size",
     "importances": "Parameter importances",
     "noise_scale": "Gradient noise scale and the critical batch size",
+    "cost": "Value vs time to train, with the Pareto front",
 }
 # Points on the fitted line, the α band and the reference rules, spread evenly in log B
 # between the smallest and the largest fitted batch size: enough for a smooth band edge.
@@ -55,6 +58,9 @@ class Axis:
     log_base: int | None = None
     ticks: tuple[int, ...] | None = None
     integer: bool = False
+    # Label a log axis's ticks as plain numbers (5, 10, 20), not powers of ten: for an axis
+    # spanning less than a few decades, such as seconds of training.
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,13 @@ def _complete_markers(points: list[TrialPoint], metric: str, label: str, **style
     )
 
 
+def _report_name(data: ReportData) -> str:
+    """What a reported step is: an epoch in a study budgeted in epochs (or one that does not
+    record its unit), else a report, at a fixed share of the budget in its unit."""
+    unit = data.summary.budget_unit
+    return "epoch" if unit in (None, "epochs") else f"report (budget in {unit})"
+
+
 def _colors(batch_sizes: list[int]) -> dict[int, str]:
     """One Viridis colour per batch size, small B dark, large B bright (plotly 'rgb(…)')."""
     from plotly.colors import sample_colorscale
@@ -345,7 +358,7 @@ def objective_plane_figure(data: ReportData) -> FigureModel:
         title=data.metric,
     )
     pruned_hover = tuple(
-        f"trial {p.number} (pruned at epoch {p.last_step})\nB={p.batch_size}"
+        f"trial {p.number} (pruned at {_report_name(data)} {p.last_step})\nB={p.batch_size}"
         + (f"\n{data.metric}={p.value:.4f}" if p.value is not None else "")
         for p in pruned
     )
@@ -430,7 +443,9 @@ def learning_curves_figure(data: ReportData) -> FigureModel:
             )
         )
         shown.add(point.batch_size)
-    panel = Panel(x=Axis("epoch", integer=True), y=Axis(data.metric), layers=tuple(lines))
+    panel = Panel(
+        x=Axis(_report_name(data), integer=True), y=Axis(data.metric), layers=tuple(lines)
+    )
     return FigureModel("learning_curves", title, panels=(panel,))
 
 
@@ -637,6 +652,111 @@ def noise_scale_figure(data: ReportData) -> FigureModel:
     return FigureModel("noise_scale", title, subtitle, panels=panels)
 
 
+# --------------------------------------------------------------------------- cost
+
+
+def cost_figure(data: ReportData) -> FigureModel:
+    """Two panels: every complete trial's value against its time to train (one colour per
+    batch size) with the Pareto front, the best trial and the fastest trial on the front
+    within the tolerance of it; and the throughput of each batch size. The subtitle is the
+    summary's sentence, so the picture and the words say the same."""
+    title = FIGURE_TITLES["cost"]
+    view = data.cost
+    if view is None or not view.points:
+        reason = view.describe() if view is not None else "No cost view computed."
+        return FigureModel("cost", title, message=reason)
+    subtitle = tuple(textwrap.wrap(view.describe(), 110))
+    colors = _colors(sorted({p.batch_size for p in view.points}))
+    layers: list[Layer] = []
+    for batch_size in sorted(colors):
+        mine = [p for p in view.points if p.batch_size == batch_size]
+        layers.append(
+            Markers(
+                f"B = {batch_size}",
+                x=tuple(p.train_seconds for p in mine),
+                y=tuple(p.value for p in mine),
+                color=colors[batch_size],
+                size=9,
+                outline=0.5,
+                hover=tuple(_cost_hover(p, data.metric) for p in mine),
+            )
+        )
+    front = view.front
+    layers.append(
+        Line(
+            "Pareto front",
+            x=tuple(p.train_seconds for p in front),
+            y=tuple(p.value for p in front),
+            color="black",
+            width=1.5,
+            dash="dash",
+        )
+    )
+    best, chosen = view.best, view.fastest_within
+    assert best is not None and chosen is not None
+    if chosen.number != best.number:
+        layers.append(
+            Markers(
+                f"fastest within {percent(view.tolerance)} of the best (B = {chosen.batch_size})",
+                x=(chosen.train_seconds,),
+                y=(chosen.value,),
+                color="darkorange",
+                symbol="star",
+                size=16,
+                outline=0.5,
+                front=True,
+            )
+        )
+    layers.append(
+        Markers(
+            f"best (B = {best.batch_size})",
+            x=(best.train_seconds,),
+            y=(best.value,),
+            color="crimson",
+            symbol="star",
+            size=16,
+            outline=0.5,
+            front=True,
+        )
+    )
+    rates = [r for r in view.by_batch_size if r.samples_per_s is not None]
+    throughput = Line(
+        "samples/s",
+        x=tuple(r.batch_size for r in rates),
+        y=tuple(r.samples_per_s for r in rates),
+        color="royalblue",
+        markers=True,
+        show_legend=False,  # the axis says what it is
+    )
+    panels = (
+        Panel(
+            Axis("training time per trial (s)", log_base=10, plain=True),
+            Axis(data.metric),
+            tuple(layers),
+            title=f"{data.metric} vs time to train (complete trials)",
+        ),
+        Panel(
+            _batch_axis(data),
+            Axis("samples/s"),
+            (throughput,),
+            title="throughput per batch size (median)",
+        ),
+    )
+    return FigureModel("cost", title, subtitle, panels=panels)
+
+
+def _cost_hover(point: CostPoint, metric: str) -> str:
+    lines = [f"trial {point.number}", f"B={point.batch_size}", f"{metric}={point.value:.4f}"]
+    lines.append(f"{point.train_seconds:.3g} s of training")
+    if point.samples_per_s:
+        lines.append(f"{point.samples_per_s:,.0f} samples/s")
+    if point.n_updates is not None:
+        lines.append(f"{point.n_updates} updates")
+    if point.train_epochs is not None:
+        lines.append(f"{point.train_epochs:.3g} epochs")
+    return "\n".join(lines)
+
+
 FIGURE_BUILDERS: dict[str, Callable[[ReportData], FigureModel]] = {
     "lr_scaling": lr_scaling_figure,
     "objective_plane": objective_plane_figure,
@@ -644,4 +764,5 @@ FIGURE_BUILDERS: dict[str, Callable[[ReportData], FigureModel]] = {
     "learning_curves": learning_curves_figure,
     "importances": importances_figure,
     "noise_scale": noise_scale_figure,
+    "cost": cost_figure,
 }

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from hpo.report.analysis import DEFAULT_CONFIDENCE, DEFAULT_TOP_K, ReportData, collect
+from hpo.report.cost import DEFAULT_COST_TOLERANCE
 from hpo.report.figures import FIGURE_NAMES, figure_models
 from hpo.report.markdown import summary_markdown
 from hpo.report.plotly_render import plotly_figure
@@ -43,14 +44,15 @@ def write_report(
     *,
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
+    cost_tolerance: float = DEFAULT_COST_TOLERANCE,
 ) -> Report:
-    """Write the five figures (``NAME.png`` and ``NAME.html``) and ``summary.md`` to ``out_dir``.
+    """Write every figure (``NAME.png`` and ``NAME.html``) and ``summary.md`` to ``out_dir``.
 
     Both files of a figure are drawn from one figure model, so they show the same numbers.
     The HTML files share one ``plotly.min.js`` written beside them, so they work offline.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = collect(study, metric, top_k=top_k, confidence=confidence)
+    data = collect(study, metric, top_k=top_k, confidence=confidence, cost_tolerance=cost_tolerance)
     models = figure_models(data)
     files: list[Path] = []
     figures: dict[str, go.Figure] = {}

@@ -9,7 +9,7 @@ import html
 from hpo.report.analysis import ReportData, trial_batch_size
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
 from hpo.report.noise_scale import describe_critical_batch_size
-from hpo.report.table import batch_size_table, format_cell
+from hpo.report.table import batch_size_table, cost_table, format_cell
 
 
 def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
@@ -27,6 +27,8 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.cost is not None:
+        lines += _cost(data)
     if data.importances:
         ranked = sorted(data.importances.items(), key=lambda item: -item[1])
         lines += [
@@ -72,7 +74,34 @@ def _table(data: ReportData) -> list[str]:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "gap: train − val accuracy of the best trial at its last epoch."]
+    unit = data.summary.budget_unit
+    if unit is not None:
+        lines[-1] += (
+            f" Trials were compared at equal {unit} (budget.unit); {unit} spent: what the "
+            "batch size's complete and pruned trials trained together."
+        )
     lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
+    return lines
+
+
+def _cost(data: ReportData) -> list[str]:
+    """The cost view: the trade-off sentence and, per batch size, what its best cost."""
+    assert data.cost is not None
+    lines = ["", "## What each batch size's best cost to train", "", data.cost.describe(), ""]
+    if not data.cost.by_batch_size:
+        return lines
+    headers, rows = cost_table(data.cost)
+    lines += [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join("---:" for _ in headers) + " |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [
+        "",
+        "train s: training time of the best trial (evaluation not counted); samples/s: the "
+        "median over the batch size's complete and pruned trials; front: the best trial is on "
+        "the Pareto front of value vs training time.",
+    ]
     return lines
 
 

@@ -30,9 +30,9 @@ LEGEND_Y = {
     "objective_plane": -0.15,
     "generalization": -0.2,
     "noise_scale": -0.25,
+    "cost": -0.2,
 }
 SYMBOLS = {"circle": None, "star": "star", "x": "x"}
-SUBTITLE_LINE_PX = 20
 
 
 def plotly_figure(model: FigureModel) -> go.Figure:
@@ -56,9 +56,10 @@ def plotly_figure(model: FigureModel) -> go.Figure:
             _draw_panel(figure, panel, col)
     layout: dict[str, Any] = {"title": {"text": title}}
     if len(model.subtitle) > 1:
-        # plotly's default top margin (80 px) fits a title and one subtitle line; more
-        # lines would run into the panel titles.
-        layout["margin"] = {"t": 80 + SUBTITLE_LINE_PX * (len(model.subtitle) - 1) + 20}
+        # Room for every subtitle line above the plots (and the subplot titles): plotly's
+        # default top margin (100 px) holds the title and one line.
+        layout["margin"] = {"t": 80 + 20 * len(model.subtitle)}
+        layout["title"].update(y=0.98, yanchor="top")  # hang the lines from the top
     if model.name in LEGEND_Y:
         layout["legend"] = {"orientation": "h", "y": LEGEND_Y[model.name]}
     figure.update_layout(**layout)
@@ -104,6 +105,8 @@ def _axis(axis: Axis) -> dict[str, Any]:
         spec["ticktext"] = [str(tick) for tick in axis.ticks]
     if axis.integer:
         spec["dtick"] = 1
+    if axis.plain:
+        spec["tickformat"] = "~g"
     return spec
 
 

@@ -8,6 +8,7 @@ GUI backend: figures are made with ``matplotlib.figure.Figure`` directly).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from hpo.report.figures import (
@@ -31,9 +32,12 @@ SIZES = {
     "generalization": (10.0, 4.2),
     "importances": (7.0, 3.2),
     "noise_scale": (11.5, 5.0),
+    "cost": (12.0, 5.4),
 }
 EMPTY_SIZE = (7.5, 3.0)
 LEGEND_COLUMNS = {"learning_curves": 2}
+# Figures whose legend goes beside the plot: their points fill every corner of it.
+LEGEND_OUTSIDE = {"cost"}
 # Pixel sizes of the model → matplotlib points: line widths, and marker diameters (scatter
 # sizes are areas in points², hence squared). Chosen to look like the HTML at 110 dpi.
 LINE_SCALE = 0.8
@@ -54,7 +58,8 @@ def png_figure(model: FigureModel) -> MplFigure:
     figure = _new_figure(*SIZES.get(model.name, (7.5, 5.0)))
     axes_row = figure.subplots(1, len(model.panels), squeeze=False)[0]
     for axes, panel in zip(axes_row, model.panels, strict=True):
-        _draw_panel(figure, axes, panel, LEGEND_COLUMNS.get(model.name, 1))
+        outside = model.name in LEGEND_OUTSIDE
+        _draw_panel(figure, axes, panel, LEGEND_COLUMNS.get(model.name, 1), outside=outside)
     if len(model.panels) == 1:
         axes_row[0].set_title(title, **title_style)
     else:
@@ -77,7 +82,9 @@ def _empty(title: str, message: str, title_style: dict[str, Any]) -> MplFigure:
     return figure
 
 
-def _draw_panel(figure: MplFigure, axes: Any, panel: Panel, legend_columns: int) -> None:
+def _draw_panel(
+    figure: MplFigure, axes: Any, panel: Panel, legend_columns: int, *, outside: bool = False
+) -> None:
     for layer in panel.layers:
         _draw_layer(figure, axes, layer)
     _set_axis(axes, "x", panel.x)
@@ -87,7 +94,8 @@ def _draw_panel(figure: MplFigure, axes: Any, panel: Panel, legend_columns: int)
     if panel.title:
         axes.set_title(panel.title)
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8, ncols=legend_columns)
+        where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}
+        axes.legend(fontsize=8, ncols=legend_columns, **where)
 
 
 def _set_axis(axes: Any, which: str, axis: Axis) -> None:
@@ -99,6 +107,20 @@ def _set_axis(axes: Any, which: str, axis: Axis) -> None:
         getattr(axes, f"set_{which}label")(axis.title)
     if axis.integer:
         getattr(axes, f"{which}axis").get_major_locator().set_params(integer=True)
+    if axis.plain:
+        from matplotlib.ticker import FuncFormatter
+
+        getattr(axes, f"{which}axis").set_major_formatter(FuncFormatter(_plain_tick))
+        getattr(axes, f"{which}axis").set_minor_formatter(FuncFormatter(_plain_tick))
+
+
+def _plain_tick(value: float, _position: object = None) -> str:
+    """A log axis's tick as a plain number, only at 1, 2, 3 and 5 × a power of ten (every
+    minor tick labelled would run into each other)."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (1.0, 2.0, 3.0, 5.0) else ""
 
 
 def _draw_layer(figure: MplFigure, axes: Any, layer: Layer) -> None:

@@ -12,6 +12,7 @@ from optuna.storages import BaseStorage
 
 from hpo.report.analysis import DEFAULT_CONFIDENCE, DEFAULT_TOP_K
 from hpo.report.attach import attach_report
+from hpo.report.cost import DEFAULT_COST_TOLERANCE
 from hpo.report.files import Report, write_report
 
 
@@ -41,11 +42,14 @@ def run_report(
     artifact_dir: Path | None,
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
+    cost_tolerance: float = DEFAULT_COST_TOLERANCE,
 ) -> Report:
     """What ``hpo report`` does: load the study, write the files, and attach them to the
     study unless ``artifact_dir`` is None."""
     study, storage, study_id, metric = load_study_for_report(study_name, storage_url)
-    report = write_report(study, out_dir, metric, top_k=top_k, confidence=confidence)
+    report = write_report(
+        study, out_dir, metric, top_k=top_k, confidence=confidence, cost_tolerance=cost_tolerance
+    )
     if artifact_dir is not None:
         attach_report(study, report, artifact_dir, storage=storage, study_id=study_id)
     return report

@@ -4,6 +4,7 @@ that shows it (``hpo status``'s rich table, the report's markdown summary)."""
 from __future__ import annotations
 
 from hpo.report.analysis import StudySummary
+from hpo.report.cost import CostView
 
 
 def format_cell(value: float | None, spec: str) -> str:
@@ -11,17 +12,32 @@ def format_cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# How the resource spent is written in each budget unit.
+SPENT_FORMATS = {"epochs": ".1f", "steps": ".0f", "seconds": ",.0f"}
+
+
+def table_title(summary: StudySummary) -> str:
+    """The table's title, naming the budget unit the trials were compared in."""
+    if summary.budget_unit is None:
+        return "best per batch size"
+    return f"best per batch size (budget.unit = {summary.budget_unit})"
+
+
 def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (all cells text, every column right-aligned) of the best complete
-    trial per batch size: counts, objective (4 decimals), lr (3 significant digits), weight
-    decay (2), train − val gap (signed, 3 decimals), B_simple (whole examples) and the
-    trial's number. Every cell after the counts is the best trial's, b_simple included:
-    its gradient noise scale at its last epoch (not a median over the batch size's
-    trials), so a row reads as one trial."""
+    trial per batch size: counts, the resource its trials spent in the study's budget unit
+    (a column only when the trials record one), objective (4 decimals), lr (3 significant
+    digits), weight decay (2), train − val gap (signed, 3 decimals), B_simple (whole
+    examples) and the trial's number. Every cell after the counts and the resource spent is
+    the best trial's, b_simple included: its gradient noise scale at its last epoch (not a
+    median over the batch size's trials), so a row reads as one trial."""
+    unit = summary.budget_unit
+    spent = [f"{unit} spent"] if unit in SPENT_FORMATS else []
     headers = [
         "batch size",
         "complete",
         "pruned",
+        *spent,
         f"best {summary.metric}",
         "lr",
         "weight decay",
@@ -34,6 +50,7 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             str(row.batch_size),
             str(row.n_complete),
             str(row.n_pruned),
+            *([format_cell(row.spent, SPENT_FORMATS[unit])] if spent else []),
             format_cell(row.best_value, ".4f"),
             format_cell(row.best_lr, ".3g"),
             format_cell(row.best_weight_decay, ".2g"),
@@ -42,5 +59,38 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             "-" if row.best_trial is None else str(row.best_trial),
         ]
         for row in summary.by_batch_size
+    ]
+    return headers, rows
+
+
+def cost_table(view: CostView) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (text, right-aligned) of the cost view per batch size: the best
+    complete trial's value and its shortfall from the study's best, what that trial took
+    (training seconds, optimizer updates, epochs), the batch size's median throughput,
+    and whether that trial is on the Pareto front of value vs time to train."""
+    headers = [
+        "batch size",
+        f"best {view.metric}",
+        "below best",
+        "train s",
+        "samples/s",
+        "updates",
+        "epochs",
+        "front",
+        "trial",
+    ]
+    rows = [
+        [
+            str(row.batch_size),
+            format(row.best_value, ".4f"),
+            format(row.shortfall, ".2%"),
+            format(row.train_seconds, ".3g"),
+            format_cell(row.samples_per_s, ",.0f"),
+            "-" if row.n_updates is None else str(row.n_updates),
+            format_cell(row.train_epochs, ".3g"),
+            "yes" if row.on_front else "",
+            str(row.best_trial),
+        ]
+        for row in view.by_batch_size
     ]
     return headers, rows
