@@ -28,7 +28,7 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
-from hpo.data import PatchSet, class_names, load_splits
+from hpo.data import PatchSet, class_names, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
@@ -278,7 +278,7 @@ def train_trial(
     objective = Objective(
         spec,
         select_device(spec.training),
-        splits if splits is not None else load_splits(spec.dataset),
+        splits if splits is not None else study_splits(spec),
         study=study,
         checkpoint_root=checkpoint_root,
     )

@@ -57,6 +57,7 @@ from hpo.study import (
 )
 
 if TYPE_CHECKING:
+    from hpo.data import PatchSet
     from hpo.device import DeviceSetup
     from hpo.objective import Objective, TrialProgress
 
@@ -310,6 +311,7 @@ def run_worker(
     parallel: bool = False,
     local_spec: StudySpec | None = None,
     node: NodeSettings | None = None,
+    splits: tuple[PatchSet, PatchSet] | None = None,
 ) -> WorkerRun:
     """Run trials until the study holds ``total_trials`` finished trials or time runs out.
 
@@ -317,7 +319,9 @@ def run_worker(
     number of nodes together finish exactly that many. ``timeout_s`` stops starting new
     trials after that many seconds. Raises DeviceUnavailable / DataError before any trial
     when this node cannot run the study, and CheckpointDirError when the checkpoint
-    directory is a file, read-only or cannot be created.
+    directory is a file, read-only or cannot be created. ``splits``: the data already
+    loaded and checked by the caller (``hpo launch`` checks it before creating the study,
+    and its in-process worker trains on the same tensors instead of reading them twice).
     """
     # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
     # worker (benchmarks/storage_scale.py) stays a small process.
@@ -335,7 +339,7 @@ def run_worker(
     budget = study_budget(loaded.study)
     if budget.finished >= total_trials and not budget.running:
         return result
-    objective = _objective_on_this_node(loaded, spec, setup, progress)
+    objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
     stop = StopSignal()
     stop.install()
     started = time.monotonic()
@@ -364,20 +368,25 @@ def run_worker(
 
 
 def _objective_on_this_node(
-    loaded: LoadedStudy, spec: StudySpec, setup: DeviceSetup, progress: TrialProgress | None
+    loaded: LoadedStudy,
+    spec: StudySpec,
+    setup: DeviceSetup,
+    progress: TrialProgress | None,
+    splits: tuple[PatchSet, PatchSet] | None = None,
 ) -> Objective:
     """Everything a trial needs from this node, checked before the first claim (exit 2 for
     a missing data root, an unusable checkpoint directory, too many threads, a model or
-    factory this node cannot build), with the data loaded once."""
+    factory this node cannot build, data that cannot be trained on: ``hpo.datacheck``),
+    with the data loaded once."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.data import class_counts, load_splits
+    from hpo.data import class_counts, study_splits
     from hpo.models import check_model
     from hpo.objective import Objective, SilentProgress
 
     check_data_root(spec, source=f"study {loaded.name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
     check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
-    splits = load_splits(spec.dataset)
+    splits = study_splits(spec) if splits is None else splits
     counts = class_counts(spec.dataset, splits)
     loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
     check_model(spec.model, image_size=spec.dataset.image_size, num_classes=len(counts["train"]))

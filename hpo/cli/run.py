@@ -81,6 +81,7 @@ def launch(
     default_omp_wait_policy()  # before torch is imported
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress, LineProgress
+    from hpo.data import study_splits
     from hpo.device import select_device
     from hpo.launcher import local_devices, local_devices_have_gpus, run_worker_processes
     from hpo.models import check_model
@@ -99,6 +100,9 @@ def launch(
     if not local_devices_have_gpus():
         check_cpu_count(workers, "--workers")
     check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
+    # The data checked before the study exists too (hpo.datacheck); the in-process worker
+    # trains on these tensors, child workers load (and check) their own.
+    splits = study_splits(here)
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
@@ -113,8 +117,12 @@ def launch(
         # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
         bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
         with bar:
-            code = run_worker(spec.name, storage_url, progress=bar, node=node, **run).exit_code
+            result = run_worker(
+                spec.name, storage_url, progress=bar, node=node, splits=splits, **run
+            )
+        code = result.exit_code
     else:
+        del splits  # each child holds its own copy
         devices = local_devices(workers)
         code = run_worker_processes(spec.name, storage_url, devices=devices, node=node, **run)
     print_summary(loaded.study, spec.objective.metric)
