@@ -31,6 +31,7 @@ from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialChec
 from hpo.data import PatchSet, class_names, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
+from hpo.settings import kill_point
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -109,6 +110,10 @@ class Objective:
         # gone, so freeing memory really frees it.
         raise self._out_of_memory(trial, params)
 
+    def _on_step(self, epoch: int, loss: float) -> None:
+        kill_point("step")  # tests only: a kill -9 mid-epoch ($HPO_TEST_KILL_AT)
+        self.progress.step(epoch, loss)
+
     def _train(self, trial: optuna.Trial, params: TrialParams) -> float:
         """Fit with a report and a pruning decision after every epoch; the objective at the
         last epoch. Per-trial user attrs are written however it ends."""
@@ -123,7 +128,7 @@ class Objective:
         try:
             fit(
                 run, data, self.setup, self.spec, params,
-                on_step=self.progress.step,
+                on_step=self._on_step,
                 on_epoch=lambda metrics: self._after_epoch(trial, run, metrics, checkpoint),
             )  # fmt: skip
             return run.tally.history[-1].objective(self.spec.objective.metric)

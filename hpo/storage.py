@@ -351,6 +351,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 if existing is None:
                     trial = compat.add_new_trial(self, session, study_id, template)
                     created = _from_template(template, trial.trial_id, trial.number)
+                    if template.state == TrialState.RUNNING:
+                        self._first_heartbeat(session, trial.trial_id)
             if existing is not None:  # our earlier attempt committed it
                 return optuna.storages.RDBStorage.get_trial(self, existing)
             return created
@@ -400,11 +402,29 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                     compat.set_trial_system_attr_in_session(
                         self, session, trial_id, CLAIM_TOKEN_ATTR, token
                     )
+                    self._first_heartbeat(session, trial_id)
                     return True
             except sqlalchemy.exc.IntegrityError:
                 return False
 
         return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
+
+    def _first_heartbeat(self, session: Any, trial_id: int) -> None:
+        """Record the trial's heartbeat in the transaction that makes it RUNNING.
+
+        Optuna never fails a RUNNING trial that has no heartbeat row (its stale check skips
+        it), and a worker killed between the claim and its first separate heartbeat would
+        leave the trial RUNNING for ever: no retry, and every other worker waiting on it.
+        In one transaction there is no such moment (``tests/test_kill_phases.py``).
+        """
+        if self.heartbeat_interval is None:
+            return
+        models = compat.rdb_models()
+        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+        if heartbeat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+        else:
+            heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
 
 
 def _from_template(template: FrozenTrial, trial_id: int, number: int) -> FrozenTrial:

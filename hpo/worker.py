@@ -43,7 +43,13 @@ from optuna.trial import TrialState
 
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import RetryWithCleanAttrs
-from hpo.settings import THREADS_SOURCES, NodeSettings, check_cpu_count, heartbeat_settings
+from hpo.settings import (
+    THREADS_SOURCES,
+    NodeSettings,
+    check_cpu_count,
+    heartbeat_settings,
+    kill_point,
+)
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
@@ -94,9 +100,9 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
         if budget.waiting == 0 and grid_exhausted(study):
             return "wait" if budget.running else "done"
         trial = study.ask()
-        # Optuna never fails a RUNNING trial without a heartbeat: record one now, so a
-        # worker that dies before its heartbeat thread starts still gets its trial retried.
-        loaded.storage.record_heartbeat(loaded.trial_id(trial))
+        # RUNNING with its first heartbeat, in one transaction (hpo.storage's claim): a
+        # worker killed from here on still gets its trial failed and retried after the grace.
+        kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
         return trial
 
 
@@ -289,11 +295,13 @@ def run_one(
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         if "fail_reason" not in trial.user_attrs:
             trial.set_user_attr("fail_reason", f"error: {type(error).__name__}: {error}"[:500])
+    kill_point("tell")  # tests only: trained, not yet told
     retry_on_disconnect(
         lambda: study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
                            skip_if_finished=True),
         what="tell", url=loaded.storage.url,
     )  # fmt: skip
+    kill_point("told")  # tests only: told, its checkpoints not yet cleaned up
     reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
     objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
