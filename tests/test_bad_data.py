@@ -461,6 +461,7 @@ def test_launch_with_bad_data_exits_2_in_one_line_before_the_study_exists(
     assert len(lines) == 1 and lines[0].startswith("error: ") and named.name in lines[0], lines
     assert "Traceback" not in result.output
     assert not Path("x.db").exists()
+    assert not (studies_dir.parent / "checkpoints").exists()  # a failed launch leaves nothing
 
 
 @pytest.mark.parametrize(
