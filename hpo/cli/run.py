@@ -66,8 +66,9 @@ def launch(
             "--workers",
             min=1,
             help=(
-                "Local worker processes sharing the study: one GPU each when there are "
-                "enough GPUs, else the CPU cores split between them."
+                "Local worker processes sharing the study (at most the CPU cores this "
+                "process may use): the GPUs dealt out round-robin when there are any, and "
+                "the CPU cores split between them."
             ),
         ),
     ] = 1,
@@ -83,7 +84,7 @@ def launch(
     from hpo.cli.progress import BarProgress, LineProgress
     from hpo.data import study_splits
     from hpo.device import select_device
-    from hpo.launcher import local_devices, local_devices_have_gpus, run_worker_processes
+    from hpo.launcher import local_devices, run_worker_processes
     from hpo.models import check_model
     from hpo.settings import THREADS_SOURCES, check_cpu_count
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
@@ -97,8 +98,9 @@ def launch(
     select_device(here.training)  # a GPU this node lacks: exit 2 before anything
     check_checkpoint_dir(checkpoint_root(here))  # likewise a checkpoint dir
     check_cpu_count(here.training.num_threads, THREADS_SOURCES)
-    if not local_devices_have_gpus():
-        check_cpu_count(workers, "--workers")
+    # GPU or not, each worker is a process that draws and uploads its batches on a core:
+    # more workers than cores only queue for them (and 10000 fail to fork).
+    check_cpu_count(workers, "--workers")
     check_model(spec.model, image_size=spec.dataset.image_size)  # before the study exists
     # The data checked before the study exists too (hpo.datacheck); the in-process worker
     # trains on these tensors, child workers load (and check) their own.
