@@ -28,11 +28,22 @@ RETRY_REASON_ATTR = "retried_because"
 
 def retry_user_attrs(failed: FrozenTrial) -> dict[str, object]:
     """The user attrs a retry of ``failed`` starts with."""
-    attrs = {key: value for key, value in failed.user_attrs.items() if key in PARAMETER_ATTRS}
-    reason = failed.user_attrs.get("fail_reason")
+    return clean_retry_attrs(failed.user_attrs)
+
+
+def clean_retry_attrs(attrs: dict[str, object]) -> dict[str, object]:
+    """Of a retry's user attrs, the ones it may start with: the parameter attrs, and
+    ``retried_because`` (taken from an inherited ``fail_reason`` when it has none).
+
+    Applied when a retry is queued (from its predecessor's attrs) and again when it is
+    claimed (``hpo.storage``, from its own), because a retry queued by an older hpo, or by
+    Optuna's own callback, already holds everything its predecessor had.
+    """
+    clean = {key: value for key, value in attrs.items() if key in PARAMETER_ATTRS}
+    reason = attrs.get(RETRY_REASON_ATTR, attrs.get("fail_reason"))
     if reason is not None:
-        attrs[RETRY_REASON_ATTR] = reason
-    return attrs
+        clean[RETRY_REASON_ATTR] = reason
+    return clean
 
 
 class RetryWithCleanAttrs(RetryHeartbeatStaleTrialCallback):
