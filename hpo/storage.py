@@ -466,7 +466,9 @@ def _clean_claimed_retry(session: Any, trial: Any) -> None:
         if key not in clean:
             session.delete(row)
     for key, value in clean.items():
-        if key not in stored:
+        if key in stored:
+            stored[key].value_json = json.dumps(value)
+        else:
             session.add(
                 models.TrialUserAttributeModel(
                     trial_id=trial.trial_id, key=key, value_json=json.dumps(value)

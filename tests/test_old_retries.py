@@ -70,7 +70,8 @@ def test_a_claimed_old_retry_keeps_only_what_a_retry_may_start_with(
     assert claimed.user_attrs == clean_retry_attrs(attrs)
     assert "fail_reason" not in claimed.user_attrs
     assert set(claimed.user_attrs) <= PARAMETER_ATTRS | {RETRY_REASON_ATTR}
-    reason = attrs.get(RETRY_REASON_ATTR, attrs.get("fail_reason"))
+    reason = attrs.get("fail_reason")  # the predecessor's: the latest reason
+    reason = attrs.get(RETRY_REASON_ATTR) if reason is None else reason
     assert claimed.user_attrs.get(RETRY_REASON_ATTR) == reason
 
 
