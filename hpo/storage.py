@@ -285,8 +285,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     rule is written above ``_IDEMPOTENT_METHODS``)."""
 
     # Per thread (a class attribute: RDBStorage pickles its instance state, a local cannot
-    # be pickled). Set by ``heartbeat_with_claim``.
-    _heartbeat_on_claim = threading.local()
+    # be pickled). Set by ``claiming``.
+    _claim_state = threading.local()
 
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
@@ -356,7 +356,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 if existing is None:
                     trial = compat.add_new_trial(self, session, study_id, template)
                     created = _from_template(template, trial.trial_id, trial.number)
-                    if template.state == TrialState.RUNNING:
+                    if template.state == TrialState.RUNNING and self._in_claim():
                         self._first_heartbeat(session, trial.trial_id)
             if existing is not None:  # our earlier attempt committed it
                 return optuna.storages.RDBStorage.get_trial(self, existing)
@@ -407,8 +407,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                     compat.set_trial_system_attr_in_session(
                         self, session, trial_id, CLAIM_TOKEN_ATTR, token
                     )
-                    self._first_heartbeat(session, trial_id)
-                    _clean_claimed_retry(session, trial)
+                    if self._in_claim():
+                        self._first_heartbeat(session, trial_id)
+                        _clean_claimed_retry(session, trial)
                     return True
             except sqlalchemy.exc.IntegrityError:
                 return False
@@ -416,27 +417,30 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
 
     @contextlib.contextmanager
-    def heartbeat_with_claim(self) -> Iterator[None]:
-        """Inside the block, a trial made RUNNING (``study.ask``: a new trial, or a queued
-        one claimed) gets its first heartbeat in the same transaction.
+    def claiming(self) -> Iterator[None]:
+        """hpo's claim: inside the block, a trial made RUNNING (``study.ask``: a new trial,
+        or a queued one claimed) gets, in the same transaction, its first heartbeat and,
+        when it is a retry, clean user attrs (``_clean_claimed_retry``).
 
         Optuna never fails a RUNNING trial that has no heartbeat row (its stale check skips
         it), so a worker killed between the claim and a separate first heartbeat would
         leave its trial RUNNING for ever: no retry, and every other worker waiting on it.
         In one transaction there is no such moment (``tests/test_kill_phases.py``). Only
-        inside the block, because Optuna's own tests (which this storage passes) rely on
-        a trial asked without a heartbeat never going stale.
+        inside the block, so that outside hpo's worker this storage behaves as Optuna's
+        own tests (which it passes) expect: a trial asked without a heartbeat never goes
+        stale, and a retry keeps what Optuna's callback copied.
         """
-        self._heartbeat_on_claim.active = True
+        self._claim_state.active = True
         try:
             yield
         finally:
-            self._heartbeat_on_claim.active = False
+            self._claim_state.active = False
+
+    def _in_claim(self) -> bool:
+        return bool(getattr(self._claim_state, "active", False))
 
     def _first_heartbeat(self, session: Any, trial_id: int) -> None:
-        if self.heartbeat_interval is None or not getattr(
-            self._heartbeat_on_claim, "active", False
-        ):
+        if self.heartbeat_interval is None:
             return
         models = compat.rdb_models()
         heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)

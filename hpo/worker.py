@@ -99,9 +99,9 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
             return "wait" if budget.running else "done"
         if budget.waiting == 0 and grid_exhausted(study):
             return "wait" if budget.running else "done"
-        with loaded.storage.heartbeat_with_claim():
-            # RUNNING with its first heartbeat, in one transaction: a worker killed from
-            # here on still gets its trial failed and retried after the grace period.
+        with loaded.storage.claiming():
+            # RUNNING with its first heartbeat (and a retry with clean attrs) in one
+            # transaction: a worker killed from here on still gets its trial retried.
             trial = study.ask()
         kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
         return trial

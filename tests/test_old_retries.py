@@ -20,7 +20,7 @@ from hpo.caps import CLAMPED_ATTR
 from hpo.retry import PARAMETER_ATTRS, RETRY_REASON_ATTR, clean_retry_attrs
 from hpo.settings import NodeSettings
 from hpo.spec import parse_spec
-from hpo.storage import open_storage
+from hpo.storage import ReconnectingRDBStorage, open_storage
 from hpo.study import create_or_load_study
 from hpo.worker import run_worker
 
@@ -48,7 +48,7 @@ def _queue_old_style_retry(study: optuna.Study, attrs: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> optuna.storages.RDBStorage:
+def storage(tmp_path_factory: pytest.TempPathFactory) -> ReconnectingRDBStorage:
     """One database for every generated case (a study each): creating Optuna's tables
     is most of a case's time."""
     return open_storage(f"sqlite:///{tmp_path_factory.mktemp('old') / 'hpo.db'}")
@@ -57,12 +57,13 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> optuna.storages.RDBStor
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(attrs=st.dictionaries(st.sampled_from(KEYS), VALUES))
 def test_a_claimed_old_retry_keeps_only_what_a_retry_may_start_with(
-    storage: optuna.storages.RDBStorage, attrs: dict
+    storage: ReconnectingRDBStorage, attrs: dict
 ) -> None:
     study = optuna.create_study(storage=storage)
     _queue_old_style_retry(study, attrs)
 
-    retry = study.ask()  # claims the queued retry (WAITING -> RUNNING)
+    with storage.claiming():  # as hpo's worker claims (hpo.worker.claim_trial)
+        retry = study.ask()  # the queued retry: WAITING -> RUNNING
     study.tell(retry, 0.5)
 
     claimed = study.trials[-1]
@@ -76,12 +77,22 @@ def test_a_claimed_old_retry_keeps_only_what_a_retry_may_start_with(
 
 
 def test_an_enqueued_trial_that_is_no_retry_keeps_its_attrs(
-    storage: optuna.storages.RDBStorage,
+    storage: ReconnectingRDBStorage,
 ) -> None:
     study = optuna.create_study(storage=storage)
     study.enqueue_trial({}, user_attrs={"note": "by hand", "fail_reason": "not a retry"})
-    trial = study.ask()
+    with storage.claiming():
+        trial = study.ask()
     assert trial.user_attrs == {"note": "by hand", "fail_reason": "not a retry"}
+
+
+def test_outside_hpos_claim_a_retry_keeps_what_optunas_callback_copied(
+    storage: ReconnectingRDBStorage,
+) -> None:
+    """Optuna's own semantics (and its storage tests) hold outside ``claiming``."""
+    study = optuna.create_study(storage=storage)
+    _queue_old_style_retry(study, {"fail_reason": "old", "worker": "w"})
+    assert study.ask().user_attrs == {"fail_reason": "old", "worker": "w"}
 
 
 def test_a_worker_completing_an_old_retry_leaves_no_inherited_reason(tmp_path: Path) -> None:
