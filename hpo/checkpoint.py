@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from hpo.paths import OutputDirError, check_writable_dir
+from hpo.settings import kill_point
 from hpo.spec import StudySpec
 from hpo.train import Tally, TrainingRun
 
@@ -122,7 +123,9 @@ class TrialCheckpoint:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _write_durably(temporary, buffer.getbuffer())
+            kill_point("checkpoint-write")  # tests only: written, not yet renamed
             os.replace(temporary, self.path)
+            self._remove_stale_temporaries()
         except OSError as error:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
@@ -130,6 +133,14 @@ class TrialCheckpoint:
                 f"checkpoint {self.path} after epoch {run.epochs_done} not saved: "
                 f"{_os_reason(error)}"
             ) from error
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left beside the checkpoint (a kill -9
+        between the write and the rename). Only one worker at a time runs a trial's retry
+        chain, and this one has just renamed its own, so any left is a dead process's."""
+        for stale in self.path.parent.glob(f".{FILE_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
     def load_into(self, run: TrainingRun) -> int:
         """Restore the saved state into ``run`` if there is a file; returns the epochs it

@@ -27,16 +27,22 @@ import torch
 import torch.nn.functional as F
 
 from hpo.compat import pcam_file_names, pcam_folder
-from hpo.errors import UserError
-from hpo.spec import DatasetSpec
+from hpo.datacheck import (
+    DataError,
+    check_requested,
+    check_splits,
+    decode_image,
+    image_files,
+    pcam_split,
+    reading,
+)
+from hpo.spec import DatasetSpec, StudySpec
+
+__all__ = ["DataError", "PatchSet", "class_counts", "class_names", "load_splits", "study_splits"]
 
 logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
-
-
-class DataError(UserError):
-    """Data that cannot be loaded; the message names the directory or files expected."""
 
 
 @dataclass(frozen=True)
@@ -177,21 +183,28 @@ def _read_pcam_split(root: Path, split: str, limit: int | None, seed: int) -> Pa
             "contains 'pcam/')"
         ) from None
     folder = pcam_folder(dataset)
-    with h5py.File(folder / names[0], "r") as x_file, h5py.File(folder / names[1], "r") as y_file:
-        images, targets = x_file["x"], y_file["y"]
+    x_path, y_path = folder / names[0], folder / names[1]
+    with contextlib.ExitStack() as files:
+        with reading(x_path):
+            x_file = files.enter_context(h5py.File(x_path, "r"))
+        with reading(y_path):
+            y_file = files.enter_context(h5py.File(y_path, "r"))
+        images, labels = pcam_split(x_file, y_file, x_path, y_path)
         total = images.shape[0]
-        mapped = _memory_map(images)
-        if limit is None or limit >= total:
-            x, y = (images[:] if mapped is None else mapped), targets[:]
-        else:
-            # A seeded subset read in sorted order: h5py reads ascending indices efficiently.
-            generator = np.random.default_rng(seed)
-            chosen = np.sort(generator.choice(total, size=limit, replace=False))
-            x, y = (images[chosen] if mapped is None else mapped[chosen]), targets[chosen]
+        check_requested(f"{split}_size", limit, total, str(x_path))
+        with reading(x_path):
+            mapped = _memory_map(images)
+            if limit is None or limit == total:
+                x, y = (images[:] if mapped is None else mapped), labels
+            else:
+                # A seeded subset read in sorted order: h5py reads ascending indices fast.
+                generator = np.random.default_rng(seed)
+                chosen = np.sort(generator.choice(total, size=limit, replace=False))
+                x, y = (images[chosen] if mapped is None else mapped[chosen]), labels[chosen]
     # N×H×W×C viewed as N×C×H×W: channels_last in memory, no copy (a mapped file stays
     # mapped, shared by every worker process on the node through the page cache).
     tensor = torch.from_numpy(x).permute(0, 3, 1, 2)
-    return PatchSet(tensor, torch.from_numpy(y.reshape(-1).astype(np.int64)))
+    return PatchSet(tensor, torch.from_numpy(y))
 
 
 def _memory_map(dataset) -> np.ndarray | None:
@@ -228,24 +241,15 @@ def _stratified_split(
 
 
 def _read_imagefolder(root: Path, size: int) -> PatchSet:
-    from torchvision.datasets import ImageFolder
+    """Every image under ``root``'s class directories, decoded once (each checked by
+    ``hpo.datacheck.decode_image``) and resized to ``size``."""
     from torchvision.transforms.functional import pil_to_tensor
 
-    try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as error:
-        raise DataError(
-            f"{root}: not an image folder (expected one sub-directory per class with "
-            f"images in it): {error}"
-        ) from None
-    if len(folder.classes) < 2:
-        raise DataError(
-            f"{root}: found {len(folder.classes)} class {folder.classes}; a classifier needs "
-            "at least two class directories (e.g. normal/ and tumor/)"
-        )
-    images = torch.empty((len(folder), 3, size, size), dtype=torch.uint8)
-    for index, (path, _) in enumerate(folder.samples):
-        image = pil_to_tensor(folder.loader(path).convert("RGB"))
+    classes = class_names_in(root)
+    samples = image_files(root, classes)
+    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    for index, (path, _) in enumerate(samples):
+        image = pil_to_tensor(decode_image(path))
         if image.shape[1:] != (size, size):
             image = (
                 F.interpolate(
@@ -256,7 +260,27 @@ def _read_imagefolder(root: Path, size: int) -> PatchSet:
                 .byte()
             )
         images[index] = image
-    return PatchSet(images, torch.tensor(folder.targets, dtype=torch.long))
+    return PatchSet(images, torch.tensor([label for _, label in samples], dtype=torch.long))
+
+
+def class_names_in(root: Path) -> list[str]:
+    """The class directories of an ImageFolder at ``root``, sorted (their labels, in order).
+    Raises DataError unless there are at least two."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        classes = find_classes(str(root))[0]
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        raise DataError(
+            f"{root}: not an image folder (expected one sub-directory per class with "
+            f"images in it): {error}"
+        ) from None
+    if len(classes) < 2:
+        raise DataError(
+            f"{root}: found {len(classes)} class {classes}; a classifier needs "
+            "at least two class directories (e.g. normal/ and tumor/)"
+        )
+    return classes
 
 
 # --------------------------------------------------------------------------- entry point
@@ -278,10 +302,13 @@ def _take(patches: PatchSet, limit: int | None, seed: int) -> PatchSet:
     return patches.subset(torch.randperm(len(patches), generator=generator)[:limit])
 
 
-def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
+def load_splits(dataset: DatasetSpec, *, min_train_patches: int = 1) -> tuple[PatchSet, PatchSet]:
     """The (train, val) splits the spec describes, as uint8 tensors at ``image_size``.
 
-    Raises DataError when files are missing or malformed.
+    Every kind passes through ``hpo.datacheck``: raises DataError (one line naming the
+    file or field) when files are missing, unreadable or malformed, when the spec asks for
+    more patches than there are, or when the training split has fewer than
+    ``min_train_patches`` (pass the study's ``search.batch_size_max``).
     """
     if dataset.kind == "synthetic":
         assert dataset.train_size is not None and dataset.val_size is not None
@@ -302,11 +329,21 @@ def load_splits(dataset: DatasetSpec) -> tuple[PatchSet, PatchSet]:
         train_idx, val_idx = _stratified_split(
             everything.labels, dataset.val_fraction, dataset.seed
         )
+        where = f"{dataset.root} after dataset.val_fraction = {dataset.val_fraction}"
+        check_requested("train_size", dataset.train_size, len(train_idx), f"{where} (train)")
+        check_requested("val_size", dataset.val_size, len(val_idx), f"{where} (val)")
         train = _take(everything.subset(train_idx), dataset.train_size, dataset.seed)
         val = _take(everything.subset(val_idx), dataset.val_size, dataset.seed + 1)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"dataset {dataset.kind}: empty split (train {len(train)}, val {len(val)})")
-    return _resize(train, dataset.image_size), _resize(val, dataset.image_size)
+    train, val = _resize(train, dataset.image_size), _resize(val, dataset.image_size)
+    num_classes = len(class_names(dataset))
+    check_splits(dataset, train, val, num_classes=num_classes, min_train_patches=min_train_patches)
+    return train, val
+
+
+def study_splits(spec: StudySpec) -> tuple[PatchSet, PatchSet]:
+    """The splits a study trains on, checked against its largest batch size (what a worker
+    and ``hpo launch`` load, once, before any trial)."""
+    return load_splits(spec.dataset, min_train_patches=spec.search.batch_size_max)
 
 
 BINARY_CLASSES = ("normal", "tumor")  # PCam's labels 0 and 1; the synthetic set mimics them
@@ -318,15 +355,8 @@ def class_names(dataset: DatasetSpec) -> list[str]:
     directory (or is not there)."""
     if dataset.kind != "imagefolder":
         return list(BINARY_CLASSES)
-    from torchvision.datasets.folder import find_classes
-
     assert dataset.root is not None
-    try:
-        return find_classes(str(dataset.root))[0]
-    except (FileNotFoundError, NotADirectoryError) as error:
-        raise DataError(
-            f"{dataset.root}: not an image folder (expected one sub-directory per class): {error}"
-        ) from None
+    return class_names_in(dataset.root)
 
 
 def num_classes(dataset: DatasetSpec) -> int:

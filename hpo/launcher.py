@@ -7,7 +7,6 @@ the children, which re-queue their running trials and exit.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from hpo.settings import (
     LABEL_ENV,
     STORAGE_ENV,
     NodeSettings,
+    available_cores,
     env,
     environment,
 )
@@ -78,9 +78,11 @@ def _child_env(
 ) -> dict[str, str]:
     child = environment() | node.to_env()
     child[STORAGE_ENV] = storage_url
+    # Every child gets its share of the cores, a GPU worker too: its CPU ops (the batch
+    # draw, the optimizer's bookkeeping) would otherwise each start one thread per core.
+    child.setdefault("OMP_NUM_THREADS", str(threads))
     if device is None:
         child[LABEL_ENV] = f"[w{index}] "
-        child.setdefault("OMP_NUM_THREADS", str(threads))
     else:
         child[LABEL_ENV] = f"[gpu{device}] "
         child[CUDA_VISIBLE_ENV] = device
@@ -97,11 +99,10 @@ def run_worker_processes(
     node: NodeSettings | None = None,
 ) -> int:
     """One ``hpo worker`` child per entry of ``devices``: a GPU (``CUDA_VISIBLE_DEVICES``
-    set to it) or None (a CPU worker; the cores are split between the CPU workers).
-    Returns the worst exit code of the children."""
+    set to it) or None (a CPU worker). The cores this process may use are split between
+    all the children. Returns the worst exit code of the children."""
     node = node or NodeSettings()
-    cpu_workers = sum(device is None for device in devices)
-    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+    threads = max(1, available_cores() // max(len(devices), 1))
     command = worker_command(study_name, total_trials, timeout_s)
     children: list[subprocess.Popen[bytes]] = []
     for index, device in enumerate(devices):
@@ -144,10 +145,6 @@ def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.0
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-
-
-def local_devices_have_gpus() -> bool:
-    return bool(resolve_gpus("all"))
 
 
 def local_devices(workers: int) -> list[str | None]:

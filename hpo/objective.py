@@ -28,9 +28,10 @@ import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
-from hpo.data import PatchSet, load_splits
+from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
+from hpo.settings import kill_point
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
@@ -112,6 +113,10 @@ class Objective:
         # gone, so freeing memory really frees it.
         raise self._out_of_memory(trial, params)
 
+    def _on_step(self, report: int, loss: float, tally: Tally) -> None:
+        kill_point("step")  # tests only: a kill -9 mid-epoch ($HPO_TEST_KILL_AT)
+        self.progress.step(report, loss, tally)
+
     def _train(self, trial: optuna.Trial, params: TrialParams) -> float:
         """Fit with a report and a pruning decision after every epoch; the objective at the
         last epoch. Per-trial user attrs are written however it ends."""
@@ -125,7 +130,7 @@ class Objective:
         try:
             fit(
                 run, data, self.setup, self.spec, params,
-                on_step=lambda report, loss: self.progress.step(report, loss, run.tally),
+                on_step=lambda report, loss: self._on_step(report, loss, run.tally),
                 on_epoch=lambda metrics: self._after_epoch(trial, run, metrics, checkpoint),
             )  # fmt: skip
             return run.tally.history[-1].objective(self.spec.objective.metric)
@@ -279,7 +284,7 @@ def train_trial(
     objective = Objective(
         spec,
         select_device(spec.training),
-        splits if splits is not None else load_splits(spec.dataset),
+        splits if splits is not None else study_splits(spec),
         study=study,
         checkpoint_root=checkpoint_root,
     )

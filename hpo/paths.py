@@ -3,6 +3,7 @@ from names that come from outside (a study name in the storage may be anything).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -20,10 +21,22 @@ class OutputDirError(UserError):
 
 def check_writable_dir(path: Path, what: str) -> None:
     """Raise OutputDirError (one line, naming ``what``) unless ``path`` is, or can be made,
-    a directory this process can write a file into and fsync."""
+    a directory this process can write a file into and fsync.
+
+    Nothing is created: a missing ``path`` is judged by its nearest existing ancestor (a
+    directory that takes a probe file, with no file in the way), and the writer makes the
+    directory when it first writes. A command that fails after this check (an unknown
+    study, bad data) so leaves no empty ``reports/x`` or checkpoint directory behind.
+    """
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".hpo-write-test.{os.getpid()}.{time.monotonic_ns()}"
+        if "\x00" in str(path):  # Path.exists() would just say False
+            raise ValueError("embedded null byte")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        probe = existing / f".hpo-write-test.{os.getpid()}.{time.monotonic_ns()}"
         try:
             with open(probe, "wb") as handle:
                 handle.write(b"hpo")

@@ -27,12 +27,28 @@ RETRY_REASON_ATTR = "retried_because"
 
 
 def retry_user_attrs(failed: FrozenTrial) -> dict[str, object]:
-    """The user attrs a retry of ``failed`` starts with."""
-    attrs = {key: value for key, value in failed.user_attrs.items() if key in PARAMETER_ATTRS}
-    reason = failed.user_attrs.get("fail_reason")
+    """The user attrs a retry of ``failed`` starts with (its reason is ``failed``'s own
+    ``fail_reason``, not an older one ``failed`` was retried for)."""
+    attrs = {key: value for key, value in failed.user_attrs.items() if key != RETRY_REASON_ATTR}
+    return clean_retry_attrs(attrs)
+
+
+def clean_retry_attrs(attrs: dict[str, object]) -> dict[str, object]:
+    """Of a retry's user attrs, the ones it may start with: the parameter attrs, and
+    ``retried_because``: an inherited ``fail_reason`` (its predecessor's, the latest
+    reason) when there is one, else the ``retried_because`` it has.
+
+    Applied when a retry is queued (from its predecessor's attrs) and again when it is
+    claimed (``hpo.storage``, from its own), because a retry queued by an older hpo, or by
+    Optuna's own callback, already holds everything its predecessor had.
+    """
+    clean = {key: value for key, value in attrs.items() if key in PARAMETER_ATTRS}
+    reason = attrs.get("fail_reason")
+    if reason is None:
+        reason = attrs.get(RETRY_REASON_ATTR)
     if reason is not None:
-        attrs[RETRY_REASON_ATTR] = reason
-    return attrs
+        clean[RETRY_REASON_ATTR] = reason
+    return clean
 
 
 class RetryWithCleanAttrs(RetryHeartbeatStaleTrialCallback):

@@ -220,3 +220,29 @@ def check_cpu_count(value: int | None, what: str) -> None:
 
 def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+# --------------------------------------------------------------------------- fault injection
+
+KILL_AT_ENV = "HPO_TEST_KILL_AT"
+# The phases a worker can be killed at, in the order a trial reaches them (tests only).
+KILL_PHASES = ("claimed", "step", "checkpoint-write", "tell", "told")
+_phase_counts: dict[str, int] = {}
+
+
+def kill_point(phase: str) -> None:
+    """Test-only fault injection: SIGKILL this process the n-th time it reaches ``phase``
+    when ``$HPO_TEST_KILL_AT`` is ``phase`` or ``phase:n`` (``tests/test_kill_phases.py``).
+
+    A kill -9 at a chosen point of a trial (just claimed, mid-epoch, between a checkpoint's
+    write and its rename, before and after the tell) reached deterministically, with no
+    sleep-and-hope timing. Unset (always, outside those tests) it is one dictionary lookup.
+    """
+    wanted = os.environ.get(KILL_AT_ENV)
+    if not wanted or wanted.split(":")[0] != phase:
+        return
+    _phase_counts[phase] = _phase_counts.get(phase, 0) + 1
+    if _phase_counts[phase] == int(wanted.partition(":")[2] or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -47,7 +48,7 @@ from sqlalchemy.exc import ArgumentError
 
 from hpo import compat
 from hpo.errors import UserError
-from hpo.retry import RetryWithCleanAttrs
+from hpo.retry import RetryWithCleanAttrs, clean_retry_attrs
 from hpo.settings import (
     STORAGE_ENV,
     PoolSettings,
@@ -283,6 +284,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     and whose writes happen exactly once even when a commit's acknowledgement is lost (the
     rule is written above ``_IDEMPOTENT_METHODS``)."""
 
+    # Per thread (a class attribute: RDBStorage pickles its instance state, a local cannot
+    # be pickled). Set by ``claiming``.
+    _claim_state = threading.local()
+
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
@@ -351,6 +356,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 if existing is None:
                     trial = compat.add_new_trial(self, session, study_id, template)
                     created = _from_template(template, trial.trial_id, trial.number)
+                    if template.state == TrialState.RUNNING and self._in_claim():
+                        self._first_heartbeat(session, trial.trial_id)
             if existing is not None:  # our earlier attempt committed it
                 return optuna.storages.RDBStorage.get_trial(self, existing)
             return created
@@ -400,11 +407,77 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                     compat.set_trial_system_attr_in_session(
                         self, session, trial_id, CLAIM_TOKEN_ATTR, token
                     )
+                    if self._in_claim():
+                        self._first_heartbeat(session, trial_id)
+                        _clean_claimed_retry(session, trial)
                     return True
             except sqlalchemy.exc.IntegrityError:
                 return False
 
         return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
+
+    @contextlib.contextmanager
+    def claiming(self) -> Iterator[None]:
+        """hpo's claim: inside the block, a trial made RUNNING (``study.ask``: a new trial,
+        or a queued one claimed) gets, in the same transaction, its first heartbeat and,
+        when it is a retry, clean user attrs (``_clean_claimed_retry``).
+
+        Optuna never fails a RUNNING trial that has no heartbeat row (its stale check skips
+        it), so a worker killed between the claim and a separate first heartbeat would
+        leave its trial RUNNING for ever: no retry, and every other worker waiting on it.
+        In one transaction there is no such moment (``tests/test_kill_phases.py``). Only
+        inside the block, so that outside hpo's worker this storage behaves as Optuna's
+        own tests (which it passes) expect: a trial asked without a heartbeat never goes
+        stale, and a retry keeps what Optuna's callback copied.
+        """
+        self._claim_state.active = True
+        try:
+            yield
+        finally:
+            self._claim_state.active = False
+
+    def _in_claim(self) -> bool:
+        return bool(getattr(self._claim_state, "active", False))
+
+    def _first_heartbeat(self, session: Any, trial_id: int) -> None:
+        if self.heartbeat_interval is None:
+            return
+        models = compat.rdb_models()
+        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+        if heartbeat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+        else:
+            heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
+
+
+def _clean_claimed_retry(session: Any, trial: Any) -> None:
+    """A retry being claimed keeps only the user attrs a retry may start with
+    (``hpo.retry.clean_retry_attrs``), in the claim's transaction: one queued by an older
+    hpo still carries its predecessor's ``fail_reason``, metrics and worker, which would
+    otherwise end up on a retry that completes (Optuna has no call that deletes an attr)."""
+    models = compat.rdb_models()
+    lineage = models.TrialSystemAttributeModel.find_by_trial_and_key(
+        trial, "retry_history", session
+    )
+    if lineage is None:
+        return
+    rows = session.query(models.TrialUserAttributeModel).filter(
+        models.TrialUserAttributeModel.trial_id == trial.trial_id
+    )
+    stored = {row.key: row for row in rows}
+    clean = clean_retry_attrs({key: json.loads(row.value_json) for key, row in stored.items()})
+    for key, row in stored.items():
+        if key not in clean:
+            session.delete(row)
+    for key, value in clean.items():
+        if key in stored:
+            stored[key].value_json = json.dumps(value)
+        else:
+            session.add(
+                models.TrialUserAttributeModel(
+                    trial_id=trial.trial_id, key=key, value_json=json.dumps(value)
+                )
+            )
 
 
 def _from_template(template: FrozenTrial, trial_id: int, number: int) -> FrozenTrial:
@@ -502,7 +575,7 @@ def engine_options(url: str, pool: PoolSettings) -> dict[str, Any]:
     }
 
 
-def open_storage(url: str, *, attempts: int = 3) -> optuna.storages.RDBStorage:
+def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     """Optuna's RDB storage for ``url``, with heartbeats, retry of vanished trials and
     reconnects (see the module docstring).
 

@@ -33,6 +33,7 @@ from hpo.spec import StudySpec, load_spec, spec_differences
 from hpo.sqlite_guard import require_sqlite_file
 from hpo.storage import (
     SPEC_ATTR,
+    ReconnectingRDBStorage,
     StorageError,
     StudyNotFound,
     StudyRef,
@@ -52,7 +53,7 @@ class LoadedStudy:
     """An Optuna study with the storage it was opened on and the spec stored on it."""
 
     study: optuna.Study
-    storage: optuna.storages.RDBStorage
+    storage: ReconnectingRDBStorage  # what open_storage returns
     spec: StudySpec
     ref: StudyRef
 

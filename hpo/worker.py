@@ -43,7 +43,13 @@ from optuna.trial import TrialState
 
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import RetryWithCleanAttrs
-from hpo.settings import THREADS_SOURCES, NodeSettings, check_cpu_count, heartbeat_settings
+from hpo.settings import (
+    THREADS_SOURCES,
+    NodeSettings,
+    check_cpu_count,
+    heartbeat_settings,
+    kill_point,
+)
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import retry_on_disconnect, study_lock
@@ -58,6 +64,7 @@ from hpo.study import (
 )
 
 if TYPE_CHECKING:
+    from hpo.data import PatchSet
     from hpo.device import DeviceSetup
     from hpo.objective import Objective, TrialProgress
 
@@ -98,10 +105,11 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
         room = total_trials - budget.finished - budget.running - budget.waiting
         for batch_size in keep_batch_sizes_covered(loaded, room):
             logger.info("batch size %d has no complete trial: queued another", batch_size)
-        trial = study.ask()
-        # Optuna never fails a RUNNING trial without a heartbeat: record one now, so a
-        # worker that dies before its heartbeat thread starts still gets its trial retried.
-        loaded.storage.record_heartbeat(loaded.trial_id(trial))
+        with loaded.storage.claiming():
+            # RUNNING with its first heartbeat (and a retry with clean attrs) in one
+            # transaction: a worker killed from here on still gets its trial retried.
+            trial = study.ask()
+        kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
         return trial
 
 
@@ -294,11 +302,13 @@ def run_one(
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         if "fail_reason" not in trial.user_attrs:
             trial.set_user_attr("fail_reason", f"error: {type(error).__name__}: {error}"[:500])
+    kill_point("tell")  # tests only: trained, not yet told
     retry_on_disconnect(
         lambda: study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
                            skip_if_finished=True),
         what="tell", url=loaded.storage.url,
     )  # fmt: skip
+    kill_point("told")  # tests only: told, its checkpoints not yet cleaned up
     reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
     objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
@@ -316,6 +326,7 @@ def run_worker(
     parallel: bool = False,
     local_spec: StudySpec | None = None,
     node: NodeSettings | None = None,
+    splits: tuple[PatchSet, PatchSet] | None = None,
 ) -> WorkerRun:
     """Run trials until the study holds ``total_trials`` finished trials or time runs out.
 
@@ -323,7 +334,9 @@ def run_worker(
     number of nodes together finish exactly that many. ``timeout_s`` stops starting new
     trials after that many seconds. Raises DeviceUnavailable / DataError before any trial
     when this node cannot run the study, and CheckpointDirError when the checkpoint
-    directory is a file, read-only or cannot be created.
+    directory is a file, read-only or cannot be created. ``splits``: the data already
+    loaded and checked by the caller (``hpo launch`` checks it before creating the study,
+    and its in-process worker trains on the same tensors instead of reading them twice).
     """
     # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
     # worker (benchmarks/storage_scale.py) stays a small process.
@@ -341,7 +354,7 @@ def run_worker(
     budget = study_budget(loaded.study)
     if budget.finished >= total_trials and not budget.running:
         return result
-    objective = _objective_on_this_node(loaded, spec, setup, progress)
+    objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
     stop = StopSignal()
     stop.install()
     started = time.monotonic()
@@ -370,20 +383,25 @@ def run_worker(
 
 
 def _objective_on_this_node(
-    loaded: LoadedStudy, spec: StudySpec, setup: DeviceSetup, progress: TrialProgress | None
+    loaded: LoadedStudy,
+    spec: StudySpec,
+    setup: DeviceSetup,
+    progress: TrialProgress | None,
+    splits: tuple[PatchSet, PatchSet] | None = None,
 ) -> Objective:
     """Everything a trial needs from this node, checked before the first claim (exit 2 for
     a missing data root, an unusable checkpoint directory, too many threads, a model or
-    factory this node cannot build), with the data loaded once."""
+    factory this node cannot build, data that cannot be trained on: ``hpo.datacheck``),
+    with the data loaded once."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.data import class_counts, load_splits, num_classes
+    from hpo.data import class_counts, num_classes, study_splits
     from hpo.models import check_model
     from hpo.objective import Objective, SilentProgress
 
     check_data_root(spec, source=f"study {loaded.name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
     check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
-    splits = load_splits(spec.dataset)
+    splits = study_splits(spec) if splits is None else splits
     counts = class_counts(spec.dataset, splits)
     loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
     check_model(

@@ -41,6 +41,29 @@ def test_counts_beyond_the_cores_exit_2_before_the_study_exists(
     assert not (tiny_study.parent.parent / "hpo.db").exists()
 
 
+@pytest.mark.parametrize("gpus", [["0"], ["0", "1", "2", "3"]])
+def test_workers_beyond_the_cores_exit_2_on_a_gpu_node_too(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch, gpus: list[str]
+) -> None:
+    monkeypatch.setattr(launcher, "resolve_gpus", lambda _: gpus)
+    result = CliRunner().invoke(
+        app, ["launch", "--study", "tiny", "--workers", str(available_cores() + 1)]
+    )
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "--workers" in line and f"{available_cores()} CPU core(s)" in line
+    assert not (tiny_study.parent.parent / "hpo.db").exists()
+
+
+@pytest.mark.parametrize("device", [None, "0"])
+def test_every_child_gets_its_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch, device: str | None
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = launcher._child_env("sqlite:///x.db", launcher.NodeSettings(), device, 0, threads=3)
+    assert env["OMP_NUM_THREADS"] == "3"
+
+
 def test_a_spec_asking_for_more_threads_than_cores_exits_2(tiny_study: Path) -> None:
     threads = available_cores() + 1
     tiny_study.write_text(tiny_study_text(extra=f"[training]\nnum_threads = {threads}\n"))

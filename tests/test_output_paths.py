@@ -51,3 +51,28 @@ def test_report_out_to_a_file_is_exit_2_in_one_line(tmp_path: Path, make) -> Non
 def test_a_nul_in_a_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OutputDirError, match="not usable"):
         check_writable_dir(tmp_path / "a\x00b", "--out")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_checking_a_directory_creates_nothing(tmp_path: Path, depth: int) -> None:
+    out = tmp_path.joinpath(*[f"d{level}" for level in range(depth)])
+    check_writable_dir(out, "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("create_database", [False, True])
+@pytest.mark.parametrize("out", [None, "nested/out"])
+def test_a_report_of_an_unknown_study_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, create_database: bool, out: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if create_database:
+        from hpo.storage import open_storage
+
+        open_storage("sqlite:///x.db").engine.dispose()
+    command = ["report", "--study", "nope", "--storage", "sqlite:///x.db"]
+    result = CliRunner().invoke(app, command + (["--out", out] if out else []))
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "nope" in line and "not found" in line
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "nested").exists()

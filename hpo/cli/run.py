@@ -66,8 +66,9 @@ def launch(
             "--workers",
             min=1,
             help=(
-                "Local worker processes sharing the study: one GPU each when there are "
-                "enough GPUs, else the CPU cores split between them."
+                "Local worker processes sharing the study (at most the CPU cores this "
+                "process may use): the GPUs dealt out round-robin when there are any, and "
+                "the CPU cores split between them."
             ),
         ),
     ] = 1,
@@ -81,9 +82,9 @@ def launch(
     default_omp_wait_policy()  # before torch is imported
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.cli.progress import BarProgress, LineProgress
-    from hpo.data import num_classes
+    from hpo.data import num_classes, study_splits
     from hpo.device import select_device
-    from hpo.launcher import local_devices, local_devices_have_gpus, run_worker_processes
+    from hpo.launcher import local_devices, run_worker_processes
     from hpo.models import check_model
     from hpo.settings import THREADS_SOURCES, check_cpu_count
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
@@ -97,13 +98,17 @@ def launch(
     select_device(here.training)  # a GPU this node lacks: exit 2 before anything
     check_checkpoint_dir(checkpoint_root(here))  # likewise a checkpoint dir
     check_cpu_count(here.training.num_threads, THREADS_SOURCES)
-    if not local_devices_have_gpus():
-        check_cpu_count(workers, "--workers")
+    # GPU or not, each worker is a process that draws and uploads its batches on a core:
+    # more workers than cores only queue for them (and 10000 fail to fork).
+    check_cpu_count(workers, "--workers")
     # Before the study exists, with the head the trials will train (this node's data).
     check_data_root(here, source=f"study {spec.name!r} on this node")
     check_model(
         spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(here.dataset)
     )
+    # The data checked before the study exists too (hpo.datacheck); the in-process worker
+    # trains on these tensors, child workers load (and check) their own.
+    splits = study_splits(here)
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
@@ -118,8 +123,12 @@ def launch(
         # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
         bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
         with bar:
-            code = run_worker(spec.name, storage_url, progress=bar, node=node, **run).exit_code
+            result = run_worker(
+                spec.name, storage_url, progress=bar, node=node, splits=splits, **run
+            )
+        code = result.exit_code
     else:
+        del splits  # each child holds its own copy
         devices = local_devices(workers)
         code = run_worker_processes(spec.name, storage_url, devices=devices, node=node, **run)
     print_summary(loaded.study, spec.objective.metric)
