@@ -55,12 +55,15 @@ def _free_port() -> int:
 class PrivatePostgres:
     """One throwaway server: ``start``, ``stop``, ``restart``; ``url(database)``."""
 
-    def __init__(self, max_connections: int = 100) -> None:
+    def __init__(self, max_connections: int = 100, *, fast: bool = False) -> None:
         self.bin = _binaries()
         self.root = Path(tempfile.mkdtemp(prefix="h12-private-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.max_connections = max_connections
+        # fsync off: for tests that restart a server, not for benchmarks (it makes every
+        # commit cheaper than on a real database).
+        self.fast = fast
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
@@ -80,7 +83,7 @@ class PrivatePostgres:
     def start(self) -> None:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root}"
-            f" -c max_connections={self.max_connections} -c fsync=off -c shared_buffers=32MB"
+            f" -c max_connections={self.max_connections}" + (" -c fsync=off" if self.fast else "")
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
                   "-w", "-t", "60", "start")  # fmt: skip
@@ -119,9 +122,11 @@ class PrivatePostgres:
 
 
 @contextlib.contextmanager
-def private_postgres(max_connections: int = 100) -> Iterator[PrivatePostgres]:
+def private_postgres(
+    max_connections: int = 100, *, fast: bool = False
+) -> Iterator[PrivatePostgres]:
     """A started private server; stopped and deleted afterwards, whatever happened."""
-    server = PrivatePostgres(max_connections)
+    server = PrivatePostgres(max_connections, fast=fast)
     try:
         server.init()
         server.start()

@@ -119,7 +119,7 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
 def restartable_postgres() -> Iterator[PrivatePostgres]:
     """A private server this test may restart (never the shared one other suites use)."""
     try:
-        server = PrivatePostgres()
+        server = PrivatePostgres(fast=True)
         try:
             server.init()
             server.start()
