@@ -17,7 +17,9 @@ import pytest
 import sqlalchemy
 import tomllib
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
+from hpo.cli import app
 from hpo.settings import PoolSettings, SettingsError
 from hpo.spec import parse_spec
 from hpo.storage import engine_options, open_storage
@@ -251,6 +253,42 @@ def test_more_workers_than_pgbouncer_server_connections_start_at_once_and_claim_
     assert len(claimed_after) == starters and max(claimed_after) < bound_s
     assert not [r.message for r in caplog.records if "unreachable" in r.message]
     assert {t.state for t in counted} == {TrialState.COMPLETE}
+
+
+def _connections_to(database: str) -> int:
+    engine = sqlalchemy.create_engine(ADMIN_URLS["postgresql"])
+    try:
+        with engine.connect() as connection:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = :name"
+            return connection.execute(sqlalchemy.text(query), {"name": database}).scalar()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["launch", "--study", "tiny", "--workers", "2"],
+        ["worker", "--study", "tiny", "--gpus", "all"],
+    ],
+    ids=["launch --workers", "worker --gpus"],
+)
+def test_a_parent_of_worker_processes_holds_no_connection_while_they_train(
+    postgres: str, tiny_study: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # The parent waits for its children for the whole run: an idle pooled connection
+    # there is one server connection per node for nothing.
+    _create_study(postgres)
+    held: list[int] = []
+
+    def children_train(*args: object, **kwargs: object) -> int:
+        held.append(_connections_to(_database(postgres)))
+        return 0
+
+    monkeypatch.setattr("hpo.launcher.run_worker_processes", children_train)
+    result = CliRunner().invoke(app, [*command, "--storage", postgres])
+    assert held == [0], result.output
 
 
 @pytest.mark.db
