@@ -57,7 +57,7 @@ class PrivatePostgres:
 
     def __init__(self, max_connections: int = 100, *, fast: bool = False) -> None:
         self.bin = _binaries()
-        self.root = Path(tempfile.mkdtemp(prefix="h12-private-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="hpo-private-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.max_connections = max_connections

@@ -143,7 +143,7 @@ def test_workers_without_pre_ping_ride_out_a_postgresql_restart(
     # No pre-ping: every pooled connection is dead after the restart, and the first
     # statement on each fails; hpo's retry (not a ping) must carry the workers through.
     server = restartable_postgres
-    url = server.create_database("h12_restart")
+    url = server.create_database("hpo_restart")
     create_or_load_study(_spec(epochs=3, train_size=256, pruner="none"), url, parallel=True)
     env = worker_env(url, tmp_path / "checkpoints", HPO_DB_PRE_PING="0")
     workers = [start_worker("tiny", 4, env, tmp_path) for _ in range(2)]
