@@ -19,10 +19,20 @@ lost / duplicated / stuck-RUNNING trials from the final study. Claim latency is 
 given without each worker's first claim (``claim_steady_p99_ms``): all workers start at
 once, so first claims queue behind each other under the study lock. ``--kill 0.1`` SIGKILLs a
 tenth of the worker processes once a third of the trials finished: their trials must be
-re-queued (after ``--grace-s``) and finished by the others, the total exact.
+re-queued (after ``--grace-s``) and finished by the others, the total exact
+(``killed_trials``: the trials RUNNING in the killed processes; ``killed_trials_requeued``:
+those of them failed and re-queued, whose retries then count in the total).
+``retried_errors``: storage calls that failed for a lost or refused connection and were
+retried (``hpo.storage.retry_on_disconnect``'s warnings), e.g. PgBouncer's
+``query_wait_timeout``. ``--start-spread-s S`` starts the workers at random moments over
+S seconds instead of all at once (a Slurm array or a Kubernetes Job starts its pods over
+seconds to minutes).
 
-Databases ``hpo12_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after.
-PgBouncer (Debian package) is started on a free loopback port by ``tests/pgbouncer.py``.
+Databases ``h12_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after;
+``--private-postgres N`` runs the whole sweep on a private PostgreSQL started for it
+(``tests/private_postgres.py``) with ``max_connections = N``, for points that need more
+connections than a shared server allows. PgBouncer (Debian package) is started on a free
+loopback port by ``tests/pgbouncer.py``.
 
   uv run python benchmarks/storage_scale.py --quick --json scale.json
   uv run python benchmarks/storage_scale.py --workers 8,64,256 --via direct,pgbouncer
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -128,6 +139,7 @@ def _simulated_worker(url: str, total: int, args: argparse.Namespace, timings: d
     loaded.study.tell = timed_tell  # run_one tells through the study
     stop = StopSignal()
     claimed_before = False
+    time.sleep(random.uniform(0, args.start_spread_s))
     while True:
         started = time.perf_counter()
         claimed = retry_on_disconnect(lambda: claim_trial(loaded, total), what="claim", url=url)
@@ -145,8 +157,22 @@ def _simulated_worker(url: str, total: int, args: argparse.Namespace, timings: d
     loaded.storage.engine.dispose()
 
 
+class _RetryCounter(logging.Handler):
+    """Counts ``retry_on_disconnect``'s warnings: storage calls retried after a lost,
+    refused or timed-out connection."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "unreachable during" in record.getMessage()
+
+
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
     timings: dict = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+    retries = _RetryCounter()
+    logging.getLogger("hpo.storage").addHandler(retries)
     barrier.wait()
     threads = [
         threading.Thread(target=_simulated_worker, args=(url, total, args, timings))
@@ -156,6 +182,7 @@ def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, ba
         thread.start()
     for thread in threads:
         thread.join()
+    timings["retried_errors"] = [retries.count]
     Path(out).write_text(json.dumps(timings))
 
 
@@ -208,7 +235,7 @@ def run_point(
     workers: int, via: str, args: argparse.Namespace, index: int, port: int | None
 ) -> dict:
     admin = make_url(args.url)
-    database = f"hpo12_scale_{os.getpid()}_{index}"
+    database = f"h12_scale_{os.getpid()}_{index}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
@@ -233,7 +260,7 @@ def run_point(
         ]
         for child in children:
             child.start()
-        killed = 0
+        killed, killed_trials = 0, []
         with DatabaseMonitor(args.url, database) as monitor:
             barrier.wait()
             started = time.monotonic()
@@ -242,22 +269,29 @@ def run_point(
                 if victims and _finished(direct) >= total / 3:
                     for child in victims:
                         os.kill(child.pid, signal.SIGKILL)
+                    killed_trials = _running_in(direct, {child.pid for child in victims})
                     killed, victims = len(victims), []
                 time.sleep(0.5)
             wall = time.monotonic() - started
         timings = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+        timings["retried_errors"] = []
         for out in outputs:
             if out.exists():
                 for key, values in json.loads(out.read_text()).items():
                     timings[key] += values
         storage_check = _integrity(direct, total, timings["numbers"])
         finished = storage_check.pop("finished")
+        requeued = storage_check.pop("replaced")
         return {
             "workers": workers,
             "via": via,
             "processes": processes,
             "threads_per_process": args.threads,
             "killed_workers": killed * args.threads,
+            "killed_trials": len(killed_trials),
+            "killed_trials_requeued": len(set(killed_trials) & requeued),
+            "start_spread_s": args.start_spread_s,
+            "retried_errors": sum(timings["retried_errors"]),
             "trials": total,
             "wall_s": round(wall, 1),
             "trials_per_min": round(finished / wall * 60, 1),
@@ -287,6 +321,17 @@ def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()
 
 
+def _running_in(url: str, pids: set[int]) -> list[int]:
+    """Numbers of the trials RUNNING in processes ``pids`` (``run_one`` stores the worker's
+    host:pid on each trial)."""
+    return [
+        t.number
+        for t in _trials(url)
+        if t.state == TrialState.RUNNING
+        and int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1]) in pids
+    ]
+
+
 def _finished(url: str) -> int:
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return sum(t.state in done for t in _trials(url))
@@ -304,6 +349,7 @@ def _integrity(url: str, total: int, claimed_numbers: list[int]) -> dict:
     states = Counter(t.state.name for t in counted)
     return {
         "finished": len(finished),
+        "replaced": replaced,
         "states": dict(states),
         "retried": len(replaced),
         "lost": max(0, total - len(counted)),
@@ -325,6 +371,18 @@ def main() -> None:
     parser.add_argument("--grace-s", type=float, default=10)
     parser.add_argument("--pgbouncer-pool", type=int, default=20)
     parser.add_argument("--kill", type=float, default=0, help="fraction of processes to kill -9")
+    parser.add_argument(
+        "--start-spread-s",
+        type=float,
+        default=0,
+        help="start each worker at a random moment within this many seconds",
+    )
+    parser.add_argument(
+        "--private-postgres",
+        type=int,
+        metavar="MAX_CONNECTIONS",
+        help="run on a private PostgreSQL with this max_connections",
+    )
     parser.add_argument("--quick", action="store_true", help="16 workers, both paths, short")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -340,13 +398,16 @@ def main() -> None:
     import tempfile
 
     from tests.pgbouncer import pgbouncer
+    from tests.private_postgres import private_postgres
 
     results = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         args.tmp = tmp
+        if args.private_postgres:
+            args.url = stack.enter_context(private_postgres(args.private_postgres)).url()
         port = None
         if "pgbouncer" in args.via:
-            port = stack.enter_context(pgbouncer(pool_size=args.pgbouncer_pool))
+            port = stack.enter_context(pgbouncer(args.pgbouncer_pool, server_url=args.url))
         index = 0
         for workers in [int(w) for w in args.workers.split(",")]:
             for via in args.via.split(","):

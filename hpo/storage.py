@@ -575,6 +575,42 @@ def engine_options(url: str, pool: PoolSettings) -> dict[str, Any]:
     }
 
 
+class SchemaVersionError(StorageError):
+    """The storage's tables were made by an Optuna with another schema than this one."""
+
+
+def check_schema_version(storage: optuna.storages.RDBStorage) -> None:
+    """Raise SchemaVersionError unless the tables' schema is the installed Optuna's.
+
+    Optuna's own check (``RDBStorage(skip_compatibility_check=False)``) holds a session,
+    i.e. one connection inside an open transaction, while ``get_current_version`` opens a
+    second. Behind PgBouncer's transaction pooling the open transaction pins a server
+    connection, so more workers starting at once than PgBouncer has server connections
+    each pin one and wait for a second: all stall until PgBouncer's ``query_wait_timeout``
+    (120 s) drops some (docs/scale.md). This check reads the stored revision on one
+    connection (``get_current_version``; the head and the known revisions come from the
+    migration scripts installed with Optuna, not from the database), with the same
+    verdicts: equal passes, an older known revision needs ``optuna storage upgrade``, an
+    unknown one was written by a newer Optuna.
+    """
+    current = storage.get_current_version()
+    head = storage.get_head_version()
+    if current == head:
+        return
+    where = mask_url(storage.url)
+    if current in storage.get_all_versions():
+        raise SchemaVersionError(
+            f"storage {where} has Optuna schema {current!r}, older than {head!r} of the "
+            f"installed Optuna {optuna.__version__}: upgrade it once, with no worker running "
+            "('optuna storage upgrade --storage URL')"
+        )
+    raise SchemaVersionError(
+        f"storage {where} has Optuna schema {current!r}, unknown to the installed Optuna "
+        f"{optuna.__version__} (schema {head!r}): it was written by a newer Optuna; install "
+        "that version here"
+    )
+
+
 def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     """Optuna's RDB storage for ``url``, with heartbeats, retry of vanished trials and
     reconnects (see the module docstring).
@@ -582,6 +618,9 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     SQLite gets WAL journaling and a 60 s busy timeout, so several local worker processes
     can share one file. Opening is tried ``attempts`` times: two processes creating the
     tables of a fresh database at once can collide, and the second try then finds them.
+    The schema version is checked with ``check_schema_version`` (one connection at a time,
+    so any number of workers can start at once through PgBouncer); a schema of another
+    Optuna raises SchemaVersionError at once, without retries.
     """
     backend = make_url(url).get_backend_name()
     engine_kwargs = engine_options(url, PoolSettings.from_env())
@@ -593,16 +632,24 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
                 storage = ReconnectingRDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
+                    skip_compatibility_check=True,  # check_schema_version below instead
                     heartbeat_interval=interval,
                     grace_period=grace,
                     heartbeat_stale_trial_callback=RetryWithCleanAttrs(
                         max_retry=MAX_RETRIES, inherit_intermediate_values=True
                     ),
                 )
+            try:
+                check_schema_version(storage)
+            except SchemaVersionError:
+                storage.engine.dispose()
+                raise
             if backend == "sqlite" and sqlite_path(url) is not None:
                 with storage.engine.connect() as connection:
                     connection.exec_driver_sql("PRAGMA journal_mode=WAL")
             return storage
+        except SchemaVersionError:
+            raise
         except Exception as error:  # driver errors have no common base; the message is what counts
             if attempt < attempts and not isinstance(error, (ImportError, ArgumentError)):
                 time.sleep(0.5 * attempt * random.uniform(0.5, 1.5))

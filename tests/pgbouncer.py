@@ -59,16 +59,16 @@ def _wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 10)
 
 
 @contextlib.contextmanager
-def pgbouncer(pool_size: int = 20) -> Iterator[int]:
-    """Start PgBouncer in front of the test PostgreSQL; yields its port. ``pool_size``
-    server connections per database and user (``default_pool_size``)."""
+def pgbouncer(pool_size: int = 20, server_url: str | None = None) -> Iterator[int]:
+    """Start PgBouncer in front of the test PostgreSQL (or ``server_url``'s server); yields
+    its port. ``pool_size`` server connections per database and user (``default_pool_size``)."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not os.path.exists(binary):
         message = "pgbouncer is not installed (apt-get install pgbouncer)"
         if os.environ.get("HPO_REQUIRE_DB"):
             pytest.fail(f"HPO_REQUIRE_DB is set and {message}")
         pytest.skip(message)
-    server = make_url(ADMIN_URLS["postgresql"])
+    server = make_url(server_url or ADMIN_URLS["postgresql"])
     directory = Path(tempfile.mkdtemp(prefix="hpo-pgbouncer-"))
     directory.chmod(0o755)
     port = _free_port()

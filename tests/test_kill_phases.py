@@ -129,7 +129,8 @@ def _assert_nothing_lost(run: Killed) -> None:
         (retry,) = retries
         assert trials[0].state == TrialState.FAIL
         if run.phase != "claimed-new":
-            assert retry.params == FIRST
+            # The three drawn parameters, and the batch size shown beside them (hpo.space).
+            assert retry.params == {**FIRST, "batch_size": 2 ** FIRST["log2_batch_size"]}
         assert retry.user_attrs["resumed_from_epoch"] == resumed_from
         assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))
     assert not list(run.checkpoints.rglob("*.tmp"))  # a killed write leaves no debris

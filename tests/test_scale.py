@@ -4,6 +4,7 @@ without pre-ping, and workers through a real PgBouncer in transaction pooling mo
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -16,17 +17,20 @@ import pytest
 import sqlalchemy
 import tomllib
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
+from hpo.cli import app
 from hpo.settings import PoolSettings, SettingsError
 from hpo.spec import parse_spec
 from hpo.storage import engine_options, open_storage
-from hpo.study import create_or_load_study, superseded_trials
+from hpo.study import create_or_load_study, load_study, superseded_trials
+from hpo.worker import claim_trial
 
 from .conftest import tiny_study_text
 from .databases import ADMIN_URLS, logs, scratch_database, start_worker, wait_all, worker_env
 from .pgbouncer import pgbouncer, through
 
-PREFIX = "hpo12_"
+PREFIX = "h12_"
 
 
 def _spec(**kwargs):
@@ -203,6 +207,88 @@ def test_workers_through_pgbouncer_share_two_server_connections(
     assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
     assert 1 <= connections.peak <= 2
+
+
+@pytest.mark.db
+def test_more_workers_than_pgbouncer_server_connections_start_at_once_and_claim_promptly(
+    postgres: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Eight workers open the storage at the same instant through a PgBouncer with two
+    # server connections. With Optuna's own schema check (a session held open while a
+    # second connection is opened) each pinned a server connection and waited for another
+    # until PgBouncer's query_wait_timeout (120 s), then retried (docs/scale.md).
+    starters, bound_s = 8, 30.0
+    caplog.set_level(logging.WARNING, logger="hpo.storage")
+    with pgbouncer(pool_size=2) as port:
+        bounced = through(postgres, port)
+        _create_study(bounced)
+        barrier = threading.Barrier(starters)
+        claimed_after: list[float] = []
+        errors: list[BaseException] = []
+
+        def start_and_claim() -> None:
+            try:
+                barrier.wait()
+                started = time.monotonic()
+                loaded = load_study("tiny", bounced, parallel=True)
+                trial = claim_trial(loaded, starters)
+                assert not isinstance(trial, str), trial
+                claimed_after.append(time.monotonic() - started)
+                loaded.study.tell(trial, 0.5)
+                loaded.storage.engine.dispose()
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=start_and_claim, daemon=True) for _ in range(starters)]
+        deadline = time.monotonic() + bound_s
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        stalled = sum(thread.is_alive() for thread in threads)
+        counted = _finished_exactly(bounced, starters) if not stalled else []
+
+    assert not stalled, f"{stalled} of {starters} workers still starting after {bound_s}s"
+    assert not errors, errors
+    assert len(claimed_after) == starters and max(claimed_after) < bound_s
+    assert not [r.message for r in caplog.records if "unreachable" in r.message]
+    assert {t.state for t in counted} == {TrialState.COMPLETE}
+
+
+def _connections_to(database: str) -> int:
+    engine = sqlalchemy.create_engine(ADMIN_URLS["postgresql"])
+    try:
+        with engine.connect() as connection:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = :name"
+            return connection.execute(sqlalchemy.text(query), {"name": database}).scalar()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["launch", "--study", "tiny", "--workers", "2"],
+        ["worker", "--study", "tiny", "--gpus", "all"],
+    ],
+    ids=["launch --workers", "worker --gpus"],
+)
+def test_a_parent_of_worker_processes_holds_no_connection_while_they_train(
+    postgres: str, tiny_study: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # The parent waits for its children for the whole run: an idle pooled connection
+    # there is one server connection per node for nothing.
+    _create_study(postgres)
+    held: list[int] = []
+
+    def children_train(*args: object, **kwargs: object) -> int:
+        held.append(_connections_to(_database(postgres)))
+        return 0
+
+    monkeypatch.setattr("hpo.launcher.run_worker_processes", children_train)
+    result = CliRunner().invoke(app, [*command, "--storage", postgres])
+    assert held == [0], result.output
 
 
 @pytest.mark.db

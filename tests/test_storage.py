@@ -15,7 +15,13 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.launcher import GpuSelectionError, resolve_gpus
 from hpo.spec import parse_spec
-from hpo.storage import StorageError, is_connection_error, mask_url, open_storage
+from hpo.storage import (
+    SchemaVersionError,
+    StorageError,
+    is_connection_error,
+    mask_url,
+    open_storage,
+)
 from hpo.study import LoadedStudy, create_or_load_study, study_budget
 from hpo.worker import claim_trial
 
@@ -68,6 +74,67 @@ def test_sqlite_storage_uses_wal_so_local_workers_can_share_it(tmp_path: Path) -
     open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     with sqlite3.connect(tmp_path / "hpo.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _stamp_schema(path: Path, revision: str) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+
+
+def test_a_storage_of_an_older_optuna_schema_is_one_error_naming_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    open_storage(f"sqlite:///{tmp_path / 'hpo.db'}").engine.dispose()
+    older = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hpo.db'}").get_all_versions()[1]
+    _stamp_schema(tmp_path / "hpo.db", older)
+    with pytest.raises(SchemaVersionError, match="optuna storage upgrade") as error:
+        open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    assert older in str(error.value) and "\n" not in str(error.value)
+    assert isinstance(error.value, StorageError)  # a UserError: one line, exit 2
+
+
+def test_a_storage_of_a_newer_optuna_schema_is_one_error_naming_the_fix(tmp_path: Path) -> None:
+    open_storage(f"sqlite:///{tmp_path / 'hpo.db'}").engine.dispose()
+    _stamp_schema(tmp_path / "hpo.db", "v99.0.0.a")
+    with pytest.raises(SchemaVersionError, match="written by a newer Optuna"):
+        open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", attempts=3)
+
+
+def test_status_on_a_storage_of_another_schema_exits_2_with_one_line(tmp_path: Path) -> None:
+    open_storage(f"sqlite:///{tmp_path / 'hpo.db'}").engine.dispose()
+    _stamp_schema(tmp_path / "hpo.db", "v99.0.0.a")
+    result = runner.invoke(
+        app, ["status", "--study", "tiny", "--storage", f"sqlite:///{tmp_path / 'hpo.db'}"]
+    )
+    assert result.exit_code == 2
+    assert "newer Optuna" in result.output and "Traceback" not in result.output
+
+
+def test_opening_a_storage_never_holds_two_connections_at_once(tmp_path: Path) -> None:
+    # Optuna's own schema check holds a session while it opens a second connection; behind
+    # PgBouncer that stalls more simultaneous starters than its pool (docs/scale.md).
+    import sqlalchemy
+
+    open_storage(f"sqlite:///{tmp_path / 'hpo.db'}").engine.dispose()  # tables exist
+    held, peak = 0, 0
+
+    def checkout(*args: object) -> None:
+        nonlocal held, peak
+        held += 1
+        peak = max(peak, held)
+
+    def checkin(*args: object) -> None:
+        nonlocal held
+        held -= 1
+
+    sqlalchemy.event.listen(sqlalchemy.pool.Pool, "checkout", checkout)
+    sqlalchemy.event.listen(sqlalchemy.pool.Pool, "checkin", checkin)
+    try:
+        open_storage(f"sqlite:///{tmp_path / 'hpo.db'}").engine.dispose()
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.pool.Pool, "checkout", checkout)
+        sqlalchemy.event.remove(sqlalchemy.pool.Pool, "checkin", checkin)
+    assert peak == 1
 
 
 def test_lost_connection_errors_are_retried_and_others_are_not() -> None:

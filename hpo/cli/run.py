@@ -119,6 +119,9 @@ def launch(
         f"running {new_trials} more with {workers} worker(s)"
     )
     run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
+    # The worker (in this process or in each child) opens its own pool: close this one's
+    # idle connection, or it sits on the database for the whole run (docs/scale.md).
+    loaded.storage.engine.dispose()
     if workers == 1:
         # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
         bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
@@ -204,6 +207,8 @@ def worker(
         total_trials=n_trials or loaded.spec.budget.n_trials,
         timeout_s=timeout or loaded.spec.budget.timeout_s,
     )
+    # Read before the pool is closed below: the children's trials are counted from here.
+    first_number = len(loaded.study.get_trials(deepcopy=False)) if gpus is not None else 0
     # The worker (or each child) opens its own pool: close this one's idle connections, or
     # every worker process holds them for its whole run (docs/scale.md).
     loaded.storage.engine.dispose()
@@ -219,7 +224,6 @@ def worker(
     if not devices:
         errors.print("warning: --gpus all: this node sees no GPU; running one CPU worker")
         devices = [None]
-    first_number = len(loaded.study.get_trials(deepcopy=False))
     code = run_worker_processes(study, storage_url, devices=devices, node=node, **run)
     _finish(code, run_outcome(loaded.study, first_number))
 
