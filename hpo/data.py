@@ -53,6 +53,20 @@ class PatchSet:
         return PatchSet(self.images[indices], self.labels[indices])
 
 
+@dataclass(frozen=True)
+class PreparedPatches:
+    """A split already normalized on the device, as ``DeviceBatcher.take`` returns its
+    batches without augmentation (float, the batcher's memory format), so evaluating it
+    again is forward passes only. ``images[i:j]`` of a channels_last tensor stays
+    channels_last. Built by ``DeviceBatcher.prepare``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
@@ -456,6 +470,24 @@ class DeviceBatcher:
             with _one_thread():
                 return self._prepare(patches.images[indices], patches.labels[indices], generator)
         return self._prepare(patches.images[indices], patches.labels[indices], generator)
+
+    def prepare(
+        self, patches: PatchSet, *, max_bytes: int, chunk: int = 256
+    ) -> PreparedPatches | None:
+        """All of ``patches`` prepared for evaluation once (``take`` without augmentation,
+        ``chunk`` at a time), or None when the float copy would exceed ``max_bytes`` (the
+        caller then prepares batch by batch). Each patch is normalized on its own, so every
+        value equals what ``take`` gives that patch in any batch."""
+        count = len(patches)
+        if count == 0 or count * patches.images[0].numel() * 4 > max_bytes:
+            return None
+        parts = [
+            self.take(patches, indices)
+            for indices in batch_indices(count, chunk, generator=None, drop_last=False)
+        ]
+        images = torch.cat([images for images, _ in parts])
+        labels = torch.cat([labels for _, labels in parts])
+        return PreparedPatches(images.contiguous(memory_format=self.memory_format), labels)
 
     def _prepare(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None

@@ -151,3 +151,49 @@ def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
     monkeypatch.setattr(hpo_train, "evaluate", recording)
     _fitted(tiny_study, epochs=1)
     assert used and set(used) == {min(spec.training.eval_batch_size, CPU_EVAL_BATCH_MAX)}
+
+
+# ------------------------------------------------- the validation split prepared once
+
+
+def test_the_prepared_validation_split_gives_exactly_the_per_batch_metrics(
+    tiny_study: Path,
+) -> None:
+    spec, run, data = _fitted(tiny_study, epochs=1)
+    setup = select_device(spec.training)
+    assert data.val_prepared is not None and data.val_for_eval is data.val_prepared
+    per_batch = evaluate(run.model, data.val, data.batcher, setup, CPU_EVAL_BATCH_MAX)
+    prepared = evaluate(run.model, data.val_prepared, data.batcher, setup, CPU_EVAL_BATCH_MAX)
+    assert prepared == per_batch  # the same inputs, bit for bit, so the same numbers
+    images, labels = data.batcher.take(data.val, torch.arange(len(data.val)))
+    assert torch.equal(data.val_prepared.images, images)
+    assert torch.equal(data.val_prepared.labels, labels)
+
+
+def test_fit_evaluates_the_prepared_split_and_prepares_no_validation_batch(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(tiny_study)
+    setup = select_device(spec.training)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    taken: list[int] = []
+    original_take = type(data.batcher).take
+
+    def recording_take(batcher, patches, indices, generator=None):
+        taken.append(id(patches))
+        return original_take(batcher, patches, indices, generator)
+
+    monkeypatch.setattr(type(data.batcher), "take", recording_take)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    fit(build_run(spec, params, setup, seed=0), data, setup, spec, params)
+    assert id(data.val) not in taken and id(data.train) in taken
+
+
+def test_a_validation_split_above_the_memory_bound_is_prepared_batch_by_batch(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(tiny_study)
+    setup = select_device(spec.training)
+    monkeypatch.setattr(hpo_train, "EVAL_PREPARED_MAX_BYTES", 1)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    assert data.val_prepared is None and data.val_for_eval is data.val
