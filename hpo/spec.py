@@ -376,6 +376,10 @@ class TrainingSpec(_Table):
     # size as micro-batches at the cap with gradients accumulated (one optimizer update per
     # batch). BatchNorm then sees micro-batch statistics ("ghost batch norm").
     above_cap: Literal["clamp", "accumulate"] = "clamp"
+    # torch.compile (inductor) on every trial's model. Off by default: on the reference CPU
+    # the first compile took minutes and saved less than that per demo trial
+    # (docs/benchmarks.md, issue 13, benchmarks/compile.py); it pays only over long trials.
+    compile: bool = False
 
 
 class StudySpec(_Table):

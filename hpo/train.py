@@ -157,13 +157,19 @@ def build_run(
     seed: int,
     num_classes: int = 2,
 ) -> TrainingRun:
-    """A fresh model, optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
+    """A fresh model (compiled with ``training.compile``), optimizer, cosine schedule over
+    ``budget.epochs`` and RNG, seeded.
 
     (With ``budget.unit`` steps or seconds the epoch-wise scheduler is not stepped: ``fit``
     sets the cosine LR before every update from the share of the budget spent.)"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model_on(spec.model, setup, num_classes=num_classes)
+    if spec.training.compile:
+        # In place: the state dict keeps its keys, so checkpoints load either way. A later
+        # model of the same architecture in this process reuses the compiled graph (no new
+        # compile, measured), and other processes read inductor's on-disk cache.
+        model.compile()
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)
