@@ -197,3 +197,25 @@ def test_a_validation_split_above_the_memory_bound_is_prepared_batch_by_batch(
     monkeypatch.setattr(hpo_train, "EVAL_PREPARED_MAX_BYTES", 1)
     data = prepare_data(load_splits(spec.dataset), setup, spec.training)
     assert data.val_prepared is None and data.val_for_eval is data.val
+
+
+# ------------------------------------------------------------------ training.compile
+
+
+@pytest.mark.parametrize("compile_setting", [False, True])
+def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_keys(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch, compile_setting: bool
+) -> None:
+    """Off by default (it did not pay on CPU: docs/benchmarks.md, issue 13). On, the model
+    is compiled in place, so a checkpoint's keys are the eager model's (no ``_orig_mod.``)."""
+    spec = load_spec(tiny_study)
+    assert spec.training.compile is False
+    training = spec.training.model_copy(update={"compile": compile_setting})
+    spec = spec.model_copy(update={"training": training})
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    setup = select_device(spec.training)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    run = build_run(spec, params, setup, seed=0)
+    assert compiled == ([run.model] if compile_setting else [])
+    assert not any(key.startswith("_orig_mod") for key in run.model.state_dict())
