@@ -219,3 +219,11 @@ def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_key
     run = build_run(spec, params, setup, seed=0)
     assert compiled == ([run.model] if compile_setting else [])
     assert not any(key.startswith("_orig_mod") for key in run.model.state_dict())
+
+
+def test_compile_benchmark_times_an_eager_trial_step_and_forward() -> None:
+    """Smoke test of benchmarks/compile.py's per-process measurement (eager only: a cold
+    inductor compile takes minutes on the shared CPU, too long for the suite)."""
+    figures = _script("compile").measure("eager", "small-cnn", 16, 8, 1)
+    assert figures["mode"] == "eager" and figures["step_s"] > 0 and figures["forward_s"] > 0
+    assert "second_instance_first_step_extra_s" not in figures  # compiled runs only
