@@ -44,7 +44,15 @@ def _time_steps(run, setup, images, targets, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+    _sync(setup)
     return (time.perf_counter() - start) / steps
+
+
+def _sync(setup) -> None:
+    import torch
+
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _time_forward(model, setup, images, repeats: int) -> float:
@@ -58,11 +66,14 @@ def _time_forward(model, setup, images, repeats: int) -> float:
         for _ in range(repeats):
             with autocast(setup):
                 model(images)
+    _sync(setup)
     model.train()
     return (time.perf_counter() - start) / repeats
 
 
-def measure(mode: str, model_name: str, image_size: int, batch_size: int, steps: int) -> dict:
+def measure(
+    mode: str, model_name: str, image_size: int, batch_size: int, steps: int, device: str = "cpu"
+) -> dict:
     """One process's figures (``mode`` eager or compiled); run in a child interpreter."""
     from hpo.settings import default_omp_wait_policy
 
@@ -78,7 +89,7 @@ def measure(mode: str, model_name: str, image_size: int, batch_size: int, steps:
     spec = demo.model_copy(
         update={
             "model": demo.model.model_copy(update={"name": model_name}),
-            "training": demo.training.model_copy(update={"device": "cpu"}),
+            "training": demo.training.model_copy(update={"device": device}),
         }
     )
     setup = start_on_this_node(spec.training)
@@ -122,7 +133,7 @@ def _child(mode: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     command = [sys.executable, __file__, "--child", mode, "--model", args.model,
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps)]  # fmt: skip
+               "--steps", str(args.steps), "--device", args.device]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{done.stderr[-3000:]}")
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="small-cnn", help="model name (small-cnn)")
     parser.add_argument("--image-size", type=int, default=48, help="patch side, px (48)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (64)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (10)")
     parser.add_argument(
@@ -152,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
     if args.child is not None:
-        figures = measure(args.child, args.model, args.image_size, args.batch_size, args.steps)
+        figures = measure(
+            args.child, args.model, args.image_size, args.batch_size, args.steps, args.device
+        )
         print(json.dumps(figures), flush=True)
         return figures
 
