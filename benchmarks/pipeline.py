@@ -403,7 +403,8 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
             wall = one_trial(spec, setup, splits, batch_size, directory, f"e2e{index}", clock)
             measured.append({"bare_step": bare, "trial": samples / wall,
                              "seconds": dict(clock.seconds), "wall": wall,
-                             "plain_steps": clock.calls["step"]})  # fmt: skip
+                             "plain_steps": clock.calls["step"],
+                             "storage_calls": clock.calls["storage"]})  # fmt: skip
     for entry in measured:
         # The plain steps' rate; the trial's samples include the noise-scale updates'.
         entry["in_trial_step"] = entry["plain_steps"] * batch_size / entry["seconds"]["step"]
@@ -432,6 +433,8 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
         ],
         "seconds_per_epoch": {k: v / epochs_run for k, v in middle["seconds"].items()},
         "share_of_trial": {k: v / middle["wall"] for k, v in middle["seconds"].items()},
+        # Calls into the SQL storage (Optuna's and hpo's, nested ones included) per epoch.
+        "storage_calls_per_epoch": middle["storage_calls"] / epochs_run,
     }
 
 
@@ -444,6 +447,7 @@ def flat_e2e(e2e: dict[str, Any]) -> dict[str, float]:
         "e2e_trial_samples_per_s": e2e["trial_samples_per_s"],
         "e2e_in_trial_step_samples_per_s": e2e["in_trial_step_samples_per_s"],
         "e2e_separate_step_samples_per_s": e2e["separate_step_samples_per_s"],
+        "e2e_storage_calls_per_epoch": e2e["storage_calls_per_epoch"],
     }
     for phase, seconds in e2e["seconds_per_epoch"].items():
         flat[f"e2e_s_per_epoch_{phase.replace(' ', '_')}"] = seconds
@@ -460,7 +464,7 @@ def describe_e2e(result: dict[str, Any]) -> str:
         f"{result['trial_samples_per_s']:,.0f}/s vs its steps {result['in_trial_step_samples_per_s']:,.0f}/s "
         f"= {result['e2e_vs_step']:.2f} (vs the separately timed step "
         f"{result['separate_step_samples_per_s']:,.0f}/s: {result['e2e_vs_separate_step']:.2f}); "
-        f"per epoch: {shares}"
+        f"per epoch: {shares}; {result['storage_calls_per_epoch']:.0f} storage calls"
     )
 
 
