@@ -59,6 +59,20 @@ class PatchSet:
         return PatchSet(self.images[indices], self.labels[indices])
 
 
+@dataclass(frozen=True)
+class PreparedPatches:
+    """A split already normalized on the device, as ``DeviceBatcher.take`` returns its
+    batches without augmentation (float, the batcher's memory format), so evaluating it
+    again is forward passes only. ``images[i:j]`` of a channels_last tensor stays
+    channels_last. Built by ``DeviceBatcher.prepare``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
@@ -407,18 +421,32 @@ def batch_indices(
 def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal/vertical flips and 90° rotations, decided per sample, applied in
     whole-batch ops. Histology has no canonical orientation, so all 8 dihedral
-    transforms are label-preserving. ``generator`` lives on the CPU (seeded per trial)."""
-    count = images.shape[0]
+    transforms are label-preserving. ``generator`` lives on the CPU (seeded per trial).
+
+    Draw ``d`` in 0..7: a horizontal flip when ``d & 4``, then ``d & 3`` quarter turns.
+    Done as one gather of every sample's pixels through its transform's index map
+    (``_dihedral_maps``): the same pixels as flipping and rotating, 3.7 → 1.3 ms per
+    64×3×48×48 uint8 batch in one thread (load 14, issue 13) against the former
+    flip + per-turn ``index_put``."""
+    count, channels, height, width = images.shape
+    if height != width:
+        raise ValueError(f"90° rotations need square patches, got {height}×{width}")
     draws = torch.randint(0, 8, (count,), generator=generator).to(images.device)
-    flip = (draws & 4).bool().view(-1, 1, 1, 1)
-    images = torch.where(flip, images.flip(3), images)
-    turns = draws & 3
-    out = images.clone()
-    for k in (1, 2, 3):
-        selected = torch.nonzero(turns == k).flatten()
-        if selected.numel():
-            out[selected] = images[selected].rot90(k, dims=(2, 3))
-    return out
+    index = _dihedral_maps(height, images.device)[draws].unsqueeze(1)
+    pixels = images.flatten(2).gather(2, index.expand(count, channels, -1))
+    return pixels.view(count, channels, height, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _dihedral_maps(size: int, device: torch.device) -> torch.Tensor:
+    """8 × size² source indices: row ``d`` is where each pixel of draw ``d``'s transform
+    (flip when ``d & 4``, then ``d & 3`` quarter turns) comes from."""
+    grid = torch.arange(size * size, device=device).view(1, 1, size, size)
+    maps = []
+    for draw in range(8):
+        flipped = grid.flip(3) if draw & 4 else grid
+        maps.append(flipped.rot90(draw & 3, dims=(2, 3)).reshape(-1))
+    return torch.stack(maps)
 
 
 def color_jitter(
@@ -499,6 +527,24 @@ class DeviceBatcher:
             with _one_thread():
                 return self._prepare(patches.images[indices], patches.labels[indices], generator)
         return self._prepare(patches.images[indices], patches.labels[indices], generator)
+
+    def prepare(
+        self, patches: PatchSet, *, max_bytes: int, chunk: int = 256
+    ) -> PreparedPatches | None:
+        """All of ``patches`` prepared for evaluation once (``take`` without augmentation,
+        ``chunk`` at a time), or None when the float copy would exceed ``max_bytes`` (the
+        caller then prepares batch by batch). Each patch is normalized on its own, so every
+        value equals what ``take`` gives that patch in any batch."""
+        count = len(patches)
+        if count == 0 or count * patches.images[0].numel() * 4 > max_bytes:
+            return None
+        parts = [
+            self.take(patches, indices)
+            for indices in batch_indices(count, chunk, generator=None, drop_last=False)
+        ]
+        images = torch.cat([images for images, _ in parts])
+        labels = torch.cat([labels for _, labels in parts])
+        return PreparedPatches(images.contiguous(memory_format=self.memory_format), labels)
 
     def _prepare(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None

@@ -397,6 +397,11 @@ class TrainingSpec(_Table):
     # size as micro-batches at the cap with gradients accumulated (one optimizer update per
     # batch). BatchNorm then sees micro-batch statistics ("ghost batch norm").
     above_cap: Literal["clamp", "accumulate"] = "clamp"
+    # torch.compile (inductor) on every trial's model. Off by default: on the reference CPU
+    # the first compile took 55 s and the compiled small-cnn step was slower than eager
+    # (0.48x, bf16; docs/benchmarks.md, issue 13, benchmarks/compile.py). Turn it on only
+    # where that benchmark shows a faster step and trials are long enough to repay it.
+    compile: bool = False
 
 
 class StudySpec(_Table):

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpo.data import DeviceBatcher, PatchSet, batch_indices, channel_stats, num_classes
+from hpo.data import (
+    DeviceBatcher,
+    PatchSet,
+    PreparedPatches,
+    batch_indices,
+    channel_stats,
+    num_classes,
+)
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
 from hpo.models import build_model
 from hpo.noise import (
@@ -40,6 +47,12 @@ TRAIN_EVAL_SAMPLES = 2048
 # shared 2-core machine (load 2.5-4.6; docs/benchmarks.md, issue 13). Eval mode: the
 # metrics do not depend on the batch size.
 CPU_EVAL_BATCH_MAX = 64
+# The validation split is normalized on the device once per trial and evaluated at every
+# report from that copy when it fits in this many bytes (float32: 9,700 patches at 48 px,
+# 2,400 at 96 px); larger splits are prepared batch by batch at every report. On CPU that
+# preparation was ~20% of an evaluation pass (demo, small-cnn, B = 64: 2,465 vs 3,163
+# patches/s without it, load 6.5; docs/benchmarks.md, issue 13).
+EVAL_PREPARED_MAX_BYTES = 256 * 2**20
 
 
 class Diverged(RuntimeError):
@@ -117,6 +130,12 @@ class TrainingData:
     val: PatchSet
     train_probe: PatchSet  # the first patches of train, for the generalization gap
     batcher: DeviceBatcher
+    # ``val`` normalized once on the device (None when above EVAL_PREPARED_MAX_BYTES).
+    val_prepared: PreparedPatches | None = None
+
+    @property
+    def val_for_eval(self) -> PatchSet | PreparedPatches:
+        return self.val_prepared if self.val_prepared is not None else self.val
 
 
 def autocast(setup: DeviceSetup) -> torch.autocast:
@@ -156,14 +175,20 @@ def build_run(
     *,
     seed: int,
 ) -> TrainingRun:
-    """A fresh model (its head sized for the spec's dataset, ``hpo.data.num_classes``),
-    optimizer, cosine schedule over ``budget.epochs`` and RNG, seeded.
+    """A fresh model (its head sized for the spec's dataset, ``hpo.data.num_classes``;
+    compiled with ``training.compile``), optimizer, cosine schedule over ``budget.epochs``
+    and RNG, seeded.
 
     (With ``budget.unit`` steps or seconds the epoch-wise scheduler is not stepped: ``fit``
     sets the cosine LR before every update from the share of the budget spent.)"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model_on(spec.model, setup, num_classes=num_classes(spec.dataset))
+    if spec.training.compile:
+        # In place: the state dict keeps its keys, so checkpoints load either way. A later
+        # model of the same architecture in this process reuses the compiled graph (no new
+        # compile, measured), and other processes read inductor's on-disk cache.
+        model.compile()
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)
@@ -183,7 +208,8 @@ def prepare_data(
         color_jitter=training.color_jitter if training.augment else 0.0,
     )
     probe = train.subset(torch.arange(min(len(train), TRAIN_EVAL_SAMPLES)))
-    return TrainingData(train, val, probe, batcher)
+    val_prepared = batcher.prepare(val, max_bytes=EVAL_PREPARED_MAX_BYTES)
+    return TrainingData(train, val, probe, batcher, val_prepared)
 
 
 def train_step_accumulated(
@@ -267,22 +293,36 @@ def binary_auc(score: torch.Tensor, label: torch.Tensor) -> float:
     return float((positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def _eval_batches(
+    patches: PatchSet | PreparedPatches, batcher: DeviceBatcher, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``patches`` in order, ``batch_size`` at a time, ready for the model: slices of a
+    prepared split, else each batch drawn and prepared now."""
+    if isinstance(patches, PreparedPatches):
+        for start in range(0, len(patches), batch_size):
+            stop = start + batch_size
+            yield patches.images[start:stop], patches.labels[start:stop]
+        return
+    for indices in batch_indices(len(patches), batch_size, generator=None, drop_last=False):
+        yield batcher.take(patches, indices)
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
-    patches: PatchSet,
+    patches: PatchSet | PreparedPatches,
     batcher: DeviceBatcher,
     setup: DeviceSetup,
     batch_size: int,
 ) -> tuple[float, float, float]:
-    """(loss, accuracy, AUC) on ``patches`` in eval mode. AUC is the tumour class's ROC
-    AUC for two classes and the macro one-vs-rest AUC for more (the mean over the classes
-    present of each class's ROC AUC against the rest); 0.5 when only one class is present
-    (it is undefined there)."""
+    """(loss, accuracy, AUC) on ``patches`` in eval mode (a split, or one already prepared
+    by ``DeviceBatcher.prepare``: the same numbers, without preparing it again). AUC is the
+    tumour class's ROC AUC for two classes and the macro one-vs-rest AUC for more (the
+    mean over the classes present of each class's ROC AUC against the rest); 0.5 when
+    only one class is present (it is undefined there)."""
     model.eval()
     losses, probabilities, labels = [], [], []
-    for indices in batch_indices(len(patches), batch_size, generator=None, drop_last=False):
-        images, targets = batcher.take(patches, indices)
+    for images, targets in _eval_batches(patches, batcher, batch_size):
         with autocast(setup):
             logits = model(images)
         logits = logits.float()
@@ -305,7 +345,7 @@ def evaluate(
 
 def evaluate_within_memory(
     model: torch.nn.Module,
-    patches: PatchSet,
+    patches: PatchSet | PreparedPatches,
     batcher: DeviceBatcher,
     setup: DeviceSetup,
     batch_size: int,
@@ -510,7 +550,7 @@ def fit(
             micro_batch_size=params.micro_batch_size,
         )  # fmt: skip
         (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
-            run.model, data.val, data.batcher, setup, eval_batch
+            run.model, data.val_for_eval, data.batcher, setup, eval_batch
         )
         run.tally.b_simple.append(run.tally.noise.b_simple())
         train_acc = None

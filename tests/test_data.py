@@ -173,6 +173,28 @@ def test_augmentation_is_per_sample_dihedral_and_batched() -> None:
     assert len(kinds) >= 6  # decided per sample, not once per batch
 
 
+def _flip_then_rotate(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation as it was before the gather (issue 13): the reference it must equal."""
+    draws = torch.randint(0, 8, (images.shape[0],), generator=generator)
+    flip = (draws & 4).bool().view(-1, 1, 1, 1)
+    images = torch.where(flip, images.flip(3), images)
+    out = images.clone()
+    for k in (1, 2, 3):
+        selected = torch.nonzero((draws & 3) == k).flatten()
+        out[selected] = images[selected].rot90(k, dims=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize(("count", "size", "seed"), [(64, 48, 0), (16, 96, 1), (7, 5, 2)])
+def test_augmentation_draws_and_moves_pixels_exactly_as_flip_then_rotate(
+    count: int, size: int, seed: int
+) -> None:
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8)
+    ours, reference = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    assert torch.equal(augment_batch(images, ours), _flip_then_rotate(images, reference))
+    assert torch.equal(ours.get_state(), reference.get_state())  # the same random stream
+
+
 def test_device_batcher_normalizes_to_float_channels_last() -> None:
     images = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
     batcher = DeviceBatcher(

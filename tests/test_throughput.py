@@ -151,3 +151,79 @@ def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
     monkeypatch.setattr(hpo_train, "evaluate", recording)
     _fitted(tiny_study, epochs=1)
     assert used and set(used) == {min(spec.training.eval_batch_size, CPU_EVAL_BATCH_MAX)}
+
+
+# ------------------------------------------------- the validation split prepared once
+
+
+def test_the_prepared_validation_split_gives_exactly_the_per_batch_metrics(
+    tiny_study: Path,
+) -> None:
+    spec, run, data = _fitted(tiny_study, epochs=1)
+    setup = select_device(spec.training)
+    assert data.val_prepared is not None and data.val_for_eval is data.val_prepared
+    per_batch = evaluate(run.model, data.val, data.batcher, setup, CPU_EVAL_BATCH_MAX)
+    prepared = evaluate(run.model, data.val_prepared, data.batcher, setup, CPU_EVAL_BATCH_MAX)
+    assert prepared == per_batch  # the same inputs, bit for bit, so the same numbers
+    images, labels = data.batcher.take(data.val, torch.arange(len(data.val)))
+    assert torch.equal(data.val_prepared.images, images)
+    assert torch.equal(data.val_prepared.labels, labels)
+
+
+def test_fit_evaluates_the_prepared_split_and_prepares_no_validation_batch(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(tiny_study)
+    setup = select_device(spec.training)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    taken: list[int] = []
+    original_take = type(data.batcher).take
+
+    def recording_take(batcher, patches, indices, generator=None):
+        taken.append(id(patches))
+        return original_take(batcher, patches, indices, generator)
+
+    monkeypatch.setattr(type(data.batcher), "take", recording_take)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    fit(build_run(spec, params, setup, seed=0), data, setup, spec, params)
+    assert id(data.val) not in taken and id(data.train) in taken
+
+
+def test_a_validation_split_above_the_memory_bound_is_prepared_batch_by_batch(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(tiny_study)
+    setup = select_device(spec.training)
+    monkeypatch.setattr(hpo_train, "EVAL_PREPARED_MAX_BYTES", 1)
+    data = prepare_data(load_splits(spec.dataset), setup, spec.training)
+    assert data.val_prepared is None and data.val_for_eval is data.val
+
+
+# ------------------------------------------------------------------ training.compile
+
+
+@pytest.mark.parametrize("compile_setting", [False, True])
+def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_keys(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch, compile_setting: bool
+) -> None:
+    """Off by default (it did not pay on CPU: docs/benchmarks.md, issue 13). On, the model
+    is compiled in place, so a checkpoint's keys are the eager model's (no ``_orig_mod.``)."""
+    spec = load_spec(tiny_study)
+    assert spec.training.compile is False
+    training = spec.training.model_copy(update={"compile": compile_setting})
+    spec = spec.model_copy(update={"training": training})
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    setup = select_device(spec.training)
+    params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
+    run = build_run(spec, params, setup, seed=0)
+    assert compiled == ([run.model] if compile_setting else [])
+    assert not any(key.startswith("_orig_mod") for key in run.model.state_dict())
+
+
+def test_compile_benchmark_times_an_eager_trial_step_and_forward() -> None:
+    """Smoke test of benchmarks/compile.py's per-process measurement (eager only: a cold
+    inductor compile takes minutes on the shared CPU, too long for the suite)."""
+    figures = _script("compile").measure("eager", "small-cnn", 16, 8, 1)
+    assert figures["mode"] == "eager" and figures["step_s"] > 0 and figures["forward_s"] > 0
+    assert "second_instance_first_step_extra_s" not in figures  # compiled runs only
