@@ -65,11 +65,12 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
 
     With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
     else computed and written there."""
-    key = {"spec": json.loads(spec.to_json()), "lrs": lrs, "seeds": seeds}
+    wanted = {"spec": json.loads(spec.to_json()), "lrs": lrs, "seeds": seeds}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored["key"] != key:
-            raise SystemExit(f"{cache} holds another grid (study, --lrs or --grid-seeds differ)")
+        if stored["key"] != wanted:
+            differ = _differences(stored["key"], wanted)
+            raise SystemExit(f"{cache} holds another grid: {', '.join(differ)} differ")
         mean = {(int(log2), float(lr)): value for log2, lr, value in stored["mean"]}
         return {**stored["grid"], "mean": mean}
     search = spec.search
@@ -104,8 +105,18 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
     result = {"epochs_per_seed": epochs_per_seed, "weight_decay": weight_decay}
     if cache is not None:
         rows = [[log2, lr, value] for (log2, lr), value in mean.items()]
-        cache.write_text(json.dumps({"key": key, "grid": result, "mean": rows}, indent=1))
+        cache.write_text(json.dumps({"key": wanted, "grid": result, "mean": rows}, indent=1))
     return {**result, "mean": mean}
+
+
+def _differences(stored: object, current: object, where: str = "") -> list[str]:
+    """The dotted names at which two JSON values differ (a study field, ``lrs``, ``seeds``)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        names = sorted(set(stored) | set(current))
+        return [
+            d for n in names for d in _differences(stored.get(n), current.get(n), f"{where}.{n}")
+        ]
+    return [] if stored == current else [where.lstrip(".")]
 
 
 def grid_alpha(spec: StudySpec, mean: dict[tuple[int, float], float]) -> dict:
