@@ -29,6 +29,11 @@ runs a subset of the policies.
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+from hpo.settings import default_omp_wait_policy
+
+default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
+
 import argparse
 import json
 import math
@@ -49,7 +54,7 @@ from hpo.space import BATCH_PARAM
 from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fair_search  # noqa: E402  (a sibling script, not a package)
+import fair_search  # (a sibling script, not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,11 @@ task to seconds, for the test suite).
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+from hpo.settings import default_omp_wait_policy
+
+default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
+
 import argparse
 import json
 import statistics
