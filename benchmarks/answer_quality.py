@@ -19,11 +19,20 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
 Goals (issue 9): hpo_best >= grid_best - 0.005 with hpo_epochs_fraction <= 0.3; every
 per_b_shortfall <= 0.01; the grid's α inside hpo's interval; pruning regret 0.
 
-Run: ``uv run python benchmarks/answer_quality.py --json answer.json`` (hours on 2 CPU
-cores; ``--quick`` shrinks everything to seconds for the test suite).
+Run: ``uv run python benchmarks/answer_quality.py --json answer.json`` (an hour or more on 2
+CPU cores; ``--quick`` shrinks everything to seconds for the test suite). To split it into
+parts (e.g. to hold a shared benchmark lock for less time), ``--grid-cache grid.json``
+stores the grid's results after it has run and reuses them on the next call (refused if the
+study, LRs or seeds differ), ``--only grid`` stops after the grid, and ``--policies fair``
+runs a subset of the policies.
 """
 
 from __future__ import annotations
+
+# ruff: noqa: E402
+from hpo.settings import default_omp_wait_policy
+
+default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
 
 import argparse
 import json
@@ -45,7 +54,7 @@ from hpo.space import BATCH_PARAM
 from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fair_search  # noqa: E402  (a sibling script, not a package)
+import fair_search  # (a sibling script, not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +65,19 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
     return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
 
 
-def grid(spec: StudySpec, lrs: int, seeds: int) -> dict:
-    """Every (B, lr) config trained to the end, once per seed; values averaged over seeds."""
+def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> dict:
+    """Every (B, lr) config trained to the end, once per seed; values averaged over seeds.
+
+    With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
+    else computed and written there."""
+    wanted = {"spec": json.loads(spec.to_json()), "lrs": lrs, "seeds": seeds}
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["key"] != wanted:
+            differ = _differences(stored["key"], wanted)
+            raise SystemExit(f"{cache} holds another grid: {', '.join(differ)} differ")
+        mean = {(int(log2), float(lr)): value for log2, lr, value in stored["mean"]}
+        return {**stored["grid"], "mean": mean}
     search = spec.search
     weight_decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
     configs = [
@@ -86,8 +106,22 @@ def grid(spec: StudySpec, lrs: int, seeds: int) -> dict:
             values.setdefault(key, []).append(float(value))
             epochs += trial.user_attrs.get("train_epochs", 0.0)
         epochs_per_seed = epochs
-    mean = {key: statistics.mean(v) for key, v in values.items()}
-    return {"mean": mean, "epochs_per_seed": epochs_per_seed, "weight_decay": weight_decay}
+    mean = {config: statistics.mean(v) for config, v in values.items()}
+    result = {"epochs_per_seed": epochs_per_seed, "weight_decay": weight_decay}
+    if cache is not None:
+        rows = [[log2, lr, value] for (log2, lr), value in mean.items()]
+        cache.write_text(json.dumps({"key": wanted, "grid": result, "mean": rows}, indent=1))
+    return {**result, "mean": mean}
+
+
+def _differences(stored: object, current: object, where: str = "") -> list[str]:
+    """The dotted names at which two JSON values differ (a study field, ``lrs``, ``seeds``)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        names = sorted(set(stored) | set(current))
+        return [
+            d for n in names for d in _differences(stored.get(n), current.get(n), f"{where}.{n}")
+        ]
+    return [] if stored == current else [where.lstrip(".")]
 
 
 def grid_alpha(spec: StudySpec, mean: dict[tuple[int, float], float]) -> dict:
@@ -132,13 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
+    parser.add_argument("--only", choices=("all", "grid"), default="all")
+    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, fair")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.study)
     if args.quick:
         spec = fair_search.quick(spec)
-    truth = grid(spec, args.lrs, args.grid_seeds)
+    truth = grid(spec, args.lrs, args.grid_seeds, args.grid_cache)
     mean = truth["mean"]
     grid_best = max(mean.values())
     grid_per_b = {
@@ -151,11 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
         "grid_best": grid_best,
         "grid_best_per_batch_size": grid_per_b,
         "grid_epochs": truth["epochs_per_seed"],
+        "grid_values": [[2**log2, lr, value] for (log2, lr), value in sorted(mean.items())],
         "alpha_grid": alpha_grid,
         "policies": {},
     }
+    chosen = [name for name in args.policies.split(",") if name]
     with tempfile.TemporaryDirectory() as directory:
         for name, policy in fair_search.policies(spec).items():
+            if args.only == "grid" or name not in chosen:
+                continue
             runs, regret = [], None
             for seed in range(args.hpo_seeds):
                 database = Path(directory) / f"{name}-{seed}.db"

@@ -19,6 +19,11 @@ task to seconds, for the test suite).
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+from hpo.settings import default_omp_wait_policy
+
+default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
+
 import argparse
 import json
 import statistics
@@ -64,8 +69,8 @@ def quick(spec: StudySpec) -> StudySpec:
     return _with(
         spec,
         dataset={"train_size": 128, "val_size": 64, "image_size": 32, "cache_dir": None},
-        search={"batch_size_max": 64},
-        budget={"epochs": 1, "n_trials": 4},
+        search={"batch_size_min": 16, "batch_size_max": 64},
+        budget={"epochs": 1, "reports": None, "n_trials": 4},
         pruner={"min_epochs": 1},
     )
 

@@ -16,7 +16,8 @@ the figures are medians over rounds.
     samples/s = (train + val patches) / wall time.
 
 (c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
-    (studies/demo.toml: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
+    (studies/demo.toml; its figures in docs/benchmarks.md are from before issue 9's demo
+    redesign: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
     a trial's training samples over its wall time (one trial as a worker runs it on
     SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
     the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch

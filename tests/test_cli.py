@@ -22,13 +22,14 @@ def _shrunken_demo(studies_dir: Path) -> None:
     """studies/demo.toml with the dataset and budget shrunk to seconds."""
     text = (REPO / "studies/demo.toml").read_text()
     for old, new in [
-        ("train_size = 2048", "train_size = 256"),
+        ("train_size = 4096", "train_size = 256"),
         ("val_size = 1024", "val_size = 128"),
-        ("image_size = 48", "image_size = 32"),
         ('cache_dir = ".hpo-cache"', ""),
-        ("batch_size_max = 512", "batch_size_max = 64"),
-        ("epochs = 4", "epochs = 2"),
+        ("batch_size_min = 8", "batch_size_min = 16"),
+        ("batch_size_max = 128", "batch_size_max = 64"),
         ("min_epochs = 2", "min_epochs = 1"),
+        ("epochs = 2", "epochs = 1"),
+        ("reports = 4", "reports = 2"),
         ("n_startup_trials = 2", "n_startup_trials = 1"),
     ]:
         assert old in text, old

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,26 @@ def test_answer_quality_quick_compares_hpo_with_the_grid(tmp_path: Path) -> None
     assert None not in fair["per_b_shortfall"].values()  # the fair policy covers every B
     assert fair["pruning_regret"] in (0, 1) and fair["top_configs"] == 1
     assert fair["hpo_epochs_fraction"] > 0
+
+
+def test_answer_quality_reuses_its_cached_grid_and_refuses_another(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "answer_quality", REPO / "benchmarks/answer_quality.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache = tmp_path / "grid.json"
+    argv = ["--quick", "--lrs", "2", "--grid-seeds", "1", "--threads", "1", "--only", "grid"]
+    first = module.main([*argv, "--grid-cache", str(cache)])
+    assert cache.is_file() and first["policies"] == {}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached grid was trained again")
+
+    module.train_trial = no_training
+    again = module.main([*argv, "--grid-cache", str(cache)])
+    assert again["grid_values"] == first["grid_values"]
+    assert again["alpha_grid"] == first["alpha_grid"]
+    with pytest.raises(SystemExit, match="another grid: lrs differ"):
+        module.main([*argv[:2], "3", *argv[3:], "--grid-cache", str(cache)])

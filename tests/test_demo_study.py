@@ -1,0 +1,32 @@
+"""The shipped demo study is designed to show an answer (issue 9): what can be checked
+without training it. Its measured figures (complete trials per batch size, the α interval,
+best − median) are in docs/benchmarks.md; benchmarks/answer_quality.py checks it against a
+dense grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpo.space import first_round
+from hpo.spec import load_spec
+
+DEMO = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
+
+
+def test_demo_spans_at_least_five_batch_sizes() -> None:
+    assert len(load_spec(DEMO).search.batch_sizes) >= 5
+
+
+def test_demo_trains_on_at_least_32_times_its_largest_batch_size() -> None:
+    spec = load_spec(DEMO)
+    # 32 updates per epoch at the largest batch size: enough steps for it to be judged.
+    assert spec.dataset.train_size >= 32 * spec.search.batch_size_max
+
+
+def test_demo_runs_the_fair_policy() -> None:
+    spec = load_spec(DEMO)
+    assert spec.sampler.cover_batch_sizes and spec.pruner.stratify_by_batch_size
+    assert spec.pruner.min_trials_per_batch_size >= 2
+    # Enough trials for the first round plus a second complete trial at every batch size.
+    assert spec.budget.n_trials >= 2 * len(spec.search.batch_sizes)
+    assert len(first_round(spec)) == len(spec.search.batch_sizes)
