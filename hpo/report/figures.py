@@ -308,6 +308,31 @@ def _fit_layers(fit: ScalingFit) -> list[Layer]:
     return layers
 
 
+def _fitted_and_best_markers(data: ReportData, size: int) -> list[Layer]:
+    """The LR points the α fit used (the top trials of each batch size) and the best trial
+    of each batch size (a star ``size + 4``): what both LR-against-B panels show."""
+    fit = data.fit
+    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
+    return [
+        Markers(
+            f"top {fit.top_k} per B (fitted)",
+            x=tuple(b for b, _ in fit.points),
+            y=tuple(lr for _, lr in fit.points),
+            color="royalblue",
+            size=size,
+        ),
+        Markers(
+            "best per B",
+            x=tuple(r.batch_size for r in bests),
+            y=tuple(r.best_lr for r in bests),
+            color="crimson",
+            symbol="star",
+            size=size + 4,
+            front=True,
+        ),
+    ]
+
+
 def lr_scaling_figure(data: ReportData) -> FigureModel:
     """Best learning rate per batch size: all complete trials, the fitted top ones, the
     best of each B, and the fit with its α band against the linear and square-root rules."""
@@ -316,25 +341,9 @@ def lr_scaling_figure(data: ReportData) -> FigureModel:
     complete = _complete_points(data)
     if not complete:
         return FigureModel("lr_scaling", title, subtitle, message="No complete trials yet.")
-    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
     layers: list[Layer] = [
         _complete_markers(complete, data.metric, "complete trials", color="lightgray", size=7),
-        Markers(
-            f"top {fit.top_k} per B (fitted)",
-            x=tuple(b for b, _ in fit.points),
-            y=tuple(lr for _, lr in fit.points),
-            color="royalblue",
-            size=9,
-        ),
-        Markers(
-            "best per B",
-            x=tuple(r.batch_size for r in bests),
-            y=tuple(r.best_lr for r in bests),
-            color="crimson",
-            symbol="star",
-            size=13,
-            front=True,
-        ),
+        *_fitted_and_best_markers(data, size=9),
         *_fit_layers(fit),
     ]
     panel = Panel(x=_batch_axis(data), y=LR_AXIS, layers=tuple(layers))
@@ -577,25 +586,7 @@ def _ridge_layers(data: ReportData) -> list[Layer]:
     """The fitted points and the best per B, the power law lr* ∝ B^α and the ridge
     ε_opt(B) = ε_max / (1 + B_noise / B), both drawn over the same batch sizes."""
     fit = data.fit
-    bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
-    layers: list[Layer] = [
-        Markers(
-            f"top {fit.top_k} per B (fitted)",
-            x=tuple(b for b, _ in fit.points),
-            y=tuple(lr for _, lr in fit.points),
-            color="royalblue",
-            size=8,
-        ),
-        Markers(
-            "best per B",
-            x=tuple(r.batch_size for r in bests),
-            y=tuple(r.best_lr for r in bests),
-            color="crimson",
-            symbol="star",
-            size=12,
-            front=True,
-        ),
-    ]
+    layers: list[Layer] = _fitted_and_best_markers(data, size=8)
     if fit.alpha is None:
         return layers
     xs = fit_grid(fit)
