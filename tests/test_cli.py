@@ -136,3 +136,12 @@ def test_spec_json_has_no_secrets_or_paths_that_differ_between_nodes(studies_dir
     _shrunken_demo(studies_dir)
     stored = json.loads(load_spec("demo").to_json())
     assert stored["dataset"]["kind"] == "synthetic" and stored["name"] == "demo"
+
+
+def test_help_lists_each_command_as_one_flowing_paragraph() -> None:
+    """Docstrings are wrapped at 100 columns in the source; the help must reflow them to
+    the terminal (markdown mode), not keep the source's line breaks mid-sentence."""
+    top = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"})
+    assert top.exit_code == 0
+    report_line = next(line for line in top.output.splitlines() if " report " in line)
+    assert "the objective over batch size × learning rate, generalization gap" in report_line

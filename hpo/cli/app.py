@@ -27,6 +27,9 @@ app = typer.Typer(
         "batch size (powers of two), learning rate and weight decay, on Optuna with SQL storage."
     ),
     no_args_is_help=True,
+    # Markdown: the help reflows each docstring paragraph to the terminal instead of keeping
+    # the source's line breaks (every command's summary spans several source lines).
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
