@@ -123,7 +123,7 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
         focus = rng.uniform(size * 0.2, size * 0.8, 2)
         for _ in range(n_nuclei):
             if rng.random() < a:  # crowded around the focus
-                cy, cx = np.clip(focus + rng.normal(0, size * 0.16, 2), 0, size - 1)
+                cy, cx = np.clip(focus + rng.normal(0, size * 0.25, 2), 0, size - 1)
             else:
                 cy, cx = rng.uniform(0, size, 2)
             radius = float(np.clip(rng.normal(3.4, 0.6 + 0.8 * a), 1.5, 10))

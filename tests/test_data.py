@@ -73,11 +73,11 @@ def test_synthetic_looks_like_h_and_e_with_crowded_tumour_nuclei() -> None:
     my, mx = (weights * ys).sum(dim=(1, 2)), (weights * xs).sum(dim=(1, 2))
     squared = (ys - my.view(-1, 1, 1)) ** 2 + (xs - mx.view(-1, 1, 1)) ** 2
     spread = (weights * squared).sum(dim=(1, 2)).sqrt()
-    assert spread[tumour].mean() < 0.9 * spread[normal].mean()
+    assert spread[tumour].mean() < 0.95 * spread[normal].mean()
     # ...but the classes overlap: a threshold on that spread alone is far from perfect.
     threshold = (spread[tumour].mean() + spread[normal].mean()) / 2
     accuracy = ((spread < threshold).long() == patches.labels).float().mean()
-    assert 0.6 < accuracy < 0.9
+    assert 0.56 < accuracy < 0.85
 
 
 def test_synthetic_is_cached_in_memory_and_on_disk(tmp_path: Path) -> None:
