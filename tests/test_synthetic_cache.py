@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hpo.data
 from hpo.data import synthetic_patches
 
 generate = synthetic_patches.__wrapped__  # past the per-process lru_cache: the file is tested
@@ -71,3 +72,21 @@ def test_a_cache_dir_that_cannot_be_written_costs_only_the_cache(tmp_path: Path,
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert _equal(generate(COUNT, SEED, afile / "cache"), fresh)
+
+
+def test_a_cache_written_by_another_generator_version_is_not_reused(
+    tmp_path: Path, fresh, monkeypatch
+) -> None:
+    # What an older generator left: same count and seed, other patches, its own version.
+    monkeypatch.setattr(hpo.data, "SYNTHETIC_VERSION", "v1")
+    monkeypatch.setattr(hpo.data, "_draw_synthetic", lambda count, seed: generate_zeros(count))
+    old = generate(COUNT, SEED, tmp_path)
+    monkeypatch.undo()
+    assert _equal(generate(COUNT, SEED, tmp_path), fresh)  # not the old file's patches
+    assert not _equal(old, fresh) and len(list(tmp_path.glob("synthetic-*.pt"))) == 2
+
+
+def generate_zeros(count: int):
+    return hpo.data.PatchSet(
+        torch.zeros((count, 3, 96, 96), dtype=torch.uint8), torch.zeros(count, dtype=torch.long)
+    )
