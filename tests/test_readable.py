@@ -138,3 +138,13 @@ def test_log_lines_name_what_they_count_in_the_studys_unit(
     assert f"({started} (16 updates per epoch))" in first
     assert f"trial   3 {report} loss 0.500 val_auc 0.8000" in second
     assert " epoch " not in second
+
+
+def test_status_off_a_terminal_prints_the_table_whole(tiny_study: Path) -> None:
+    """A log has no width: the per-batch-size table must not be cut to 80 columns."""
+    runner = CliRunner()
+    assert runner.invoke(app, ["launch", "--study", "tiny", "--n-trials", "1"]).exit_code == 0
+    result = runner.invoke(app, ["status", "--study", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert "complete" in result.output and "weight decay" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -13,6 +14,19 @@ if TYPE_CHECKING:
     import optuna
 
     from hpo.probe import ProbeResult
+
+
+# Off a terminal (a log file, CI, Slurm, `nohup`) rich assumes 80 columns and cuts the
+# cells of a wide table ("0.71…"): a log has no width, so tables get this much room there.
+LOG_TABLE_WIDTH = 200
+
+
+def print_table(table: Table) -> None:
+    """A table at the terminal's width, or whole (up to LOG_TABLE_WIDTH) off a terminal."""
+    if console.is_terminal:
+        console.print(table)
+    else:  # rich caps a print's width at the console's, so a wider console for this one
+        Console(file=console.file, width=LOG_TABLE_WIDTH, highlight=False).print(table)
 
 
 def print_summary(study: optuna.Study, metric: str) -> None:
@@ -41,7 +55,7 @@ def print_summary(study: optuna.Study, metric: str) -> None:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    print_table(table)
 
 
 def print_class_counts(counts: dict[str, dict[str, int]]) -> None:
@@ -53,7 +67,7 @@ def print_class_counts(counts: dict[str, dict[str, int]]) -> None:
         table.add_column(split, justify="right")
     for name in counts[splits[0]]:
         table.add_row(name, *(str(counts[split].get(name, 0)) for split in splits))
-    console.print(table)
+    print_table(table)
 
 
 def print_probe(result: ProbeResult, cap: int | None) -> None:
@@ -68,7 +82,7 @@ def print_probe(result: ProbeResult, cap: int | None) -> None:
             "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:,.0f}",
             row.note,
         )
-    console.print(table)
+    print_table(table)
     console.print(f"peak memory: {result.memory_method}")
     console.print(f"batch-size cap stored for {result.device_name!r}: {cap if cap else 'none'}")
 
