@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segments
 from rich.table import Table
 
 from hpo.cli.app import console
@@ -25,8 +25,12 @@ def print_table(table: Table) -> None:
     """A table at the terminal's width, or whole (up to LOG_TABLE_WIDTH) off a terminal."""
     if console.is_terminal:
         console.print(table)
-    else:  # rich caps a print's width at the console's, so a wider console for this one
-        Console(file=console.file, width=LOG_TABLE_WIDTH, highlight=False).print(table)
+        return
+    # rich caps a print's width at the console's: render at the log width, then print
+    # the finished lines (soft-wrapped, so not cut again) through the same console.
+    options = console.options.update_width(max(console.width, LOG_TABLE_WIDTH))
+    lines = console.render_lines(table, options, pad=False, new_lines=True)
+    console.print(Segments(segment for line in lines for segment in line), soft_wrap=True)
 
 
 def print_summary(study: optuna.Study, metric: str) -> None:
