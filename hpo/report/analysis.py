@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view, recorded_budget_unit
+from hpo.report.cost import (
+    DEFAULT_COST_TOLERANCE,
+    CostView,
+    cost_view,
+    finite_number,
+    recorded_budget_unit,
+)
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     NoiseScaleCurve,
@@ -186,17 +192,13 @@ def _spent(trials: list[FrozenTrial], unit: str | None) -> float | None:
     without a unit or when none of them records it."""
     if unit not in SPENT_ATTRS:
         return None
-    values = [
-        float(t.user_attrs[SPENT_ATTRS[unit]])
+    spent = [
+        finite_number(t.user_attrs, SPENT_ATTRS[unit])
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and _is_number(t.user_attrs.get(SPENT_ATTRS[unit]))
     ]
+    values = [value for value in spent if value is not None]
     return sum(values) if values else None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _gap(trial: FrozenTrial) -> float | None:

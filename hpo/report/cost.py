@@ -153,7 +153,9 @@ def _seconds(value: float) -> str:
     return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
 
 
-def _number(attrs: dict, key: str) -> float | None:
+def finite_number(attrs: dict, key: str) -> float | None:
+    """``attrs[key]`` as a float when it is a finite number (not a bool); else None: user
+    attrs may have been written by another tool."""
     value = attrs.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -198,7 +200,7 @@ def cost_view(
         batch_size = batch_size_of(trial)
         if batch_size is None:
             continue
-        samples_per_s = _number(trial.user_attrs, "samples_per_s")
+        samples_per_s = finite_number(trial.user_attrs, "samples_per_s")
         if samples_per_s:
             throughput.setdefault(batch_size, []).append(samples_per_s)
         point = _point(trial, batch_size, samples_per_s)
@@ -214,13 +216,13 @@ def cost_view(
 
 
 def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> CostPoint | None:
-    seconds = _number(trial.user_attrs, "train_seconds")
+    seconds = finite_number(trial.user_attrs, "train_seconds")
     value = trial.value
     if trial.state != TrialState.COMPLETE or value is None or not math.isfinite(value):
         return None
     if not seconds or seconds <= 0:
         return None
-    updates = _number(trial.user_attrs, "n_updates")
+    updates = finite_number(trial.user_attrs, "n_updates")
     return CostPoint(
         number=trial.number,
         batch_size=batch_size,
@@ -228,7 +230,7 @@ def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> 
         train_seconds=seconds,
         samples_per_s=samples_per_s,
         n_updates=None if updates is None else int(updates),
-        train_epochs=_number(trial.user_attrs, "train_epochs"),
+        train_epochs=finite_number(trial.user_attrs, "train_epochs"),
     )
 
 
