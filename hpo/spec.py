@@ -401,7 +401,14 @@ class TrainingSpec(_Table):
     # the first compile took 55 s and the compiled small-cnn step was slower than eager
     # (0.48x, bf16; docs/benchmarks.md, issue 13, benchmarks/compile.py). Turn it on only
     # where that benchmark shows a faster step and trials are long enough to repay it.
-    compile: bool = False
+    # true is inductor's default mode; "reduce-overhead" adds CUDA graphs, for a GPU step
+    # bound by the host launching kernels (benchmarks/gpu_step.py measures both).
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+
+    @property
+    def compile_mode(self) -> str | None:
+        """``torch.compile``'s mode for ``compile``: None for inductor's default."""
+        return self.compile if self.compile in ("reduce-overhead", "max-autotune") else None
 
 
 class StudySpec(_Table):

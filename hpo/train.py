@@ -188,7 +188,7 @@ def build_run(
         # In place: the state dict keeps its keys, so checkpoints load either way. A later
         # model of the same architecture in this process reuses the compiled graph (no new
         # compile, measured), and other processes read inductor's on-disk cache.
-        model.compile()
+        model.compile(mode=spec.training.compile_mode)
     optimizer = make_optimizer(model, spec.search, params)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.budget.epochs or 1)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.uses_grad_scaler)

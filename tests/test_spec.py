@@ -7,10 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.spec import SpecError, StudySpec, load_spec, resolve_study_path, spec_differences
+from hpo.spec import (
+    SpecError,
+    StudySpec,
+    TrainingSpec,
+    load_spec,
+    resolve_study_path,
+    spec_differences,
+)
 from tests.conftest import tiny_study_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,3 +236,11 @@ def test_real_entry_point_prints_one_line_and_no_traceback(studies_dir: Path) ->
     assert "Traceback" not in completed.stderr + completed.stdout
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: studies/bad.toml: search:")
+
+
+@pytest.mark.parametrize("value", ["fast", 1.5, "reduce_overhead"])
+def test_training_compile_accepts_only_a_bool_or_a_torch_compile_mode(value: object) -> None:
+    """``training.compile`` is true/false or one of torch.compile's modes; anything else is
+    rejected naming the field (a typo must not silently train eagerly)."""
+    with pytest.raises(ValidationError, match="compile"):
+        TrainingSpec.model_validate({"compile": value})

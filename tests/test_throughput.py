@@ -133,6 +133,29 @@ def test_gpu_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
             assert 0.0 <= cell[side]["input_stall"] <= 1.0
 
 
+def test_gpu_step_lever_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
+    """benchmarks/gpu_step.py's smoke test: each lever's step is timed on hpo's real run,
+    the fused optimizer really replaces the run's SGD, and one checkpoint is costed."""
+    out = tmp_path / "step.json"
+    _script("gpu_step").main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [v["variant"] for v in result["variants"]] == ["eager", "eager_fused"]
+    for variant in result["variants"]:
+        assert "error" not in variant, variant
+        assert variant["samples_per_s"] > 0 and variant["limit_samples_per_s"] > 0
+    assert result["checkpoint"]["save_s"] > 0 and result["checkpoint"]["file_mib"] > 0
+
+
+def test_gpu_step_fused_variant_keeps_the_trial_optimizers_settings(tiny_study: Path) -> None:
+    spec = load_spec(tiny_study)
+    setup = select_device(spec.training)
+    params = TrialParams(batch_size=16, lr=0.02, weight_decay=3e-4)
+    run = _script("gpu_step").variant_run(spec, setup, params, "eager_fused")
+    group = run.optimizer.param_groups[0]
+    assert group["fused"] is True
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.02, 3e-4, 0.9)
+
+
 def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
     tiny_study: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,9 +225,12 @@ def test_a_validation_split_above_the_memory_bound_is_prepared_batch_by_batch(
 # ------------------------------------------------------------------ training.compile
 
 
-@pytest.mark.parametrize("compile_setting", [False, True])
+@pytest.mark.parametrize(
+    ("compile_setting", "mode"),
+    [(False, None), (True, None), ("default", None), ("reduce-overhead", "reduce-overhead")],
+)
 def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_keys(
-    tiny_study: Path, monkeypatch: pytest.MonkeyPatch, compile_setting: bool
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch, compile_setting: bool | str, mode: str | None
 ) -> None:
     """Off by default (it did not pay on CPU: docs/benchmarks.md, issue 13). On, the model
     is compiled in place, so a checkpoint's keys are the eager model's (no ``_orig_mod.``)."""
@@ -212,12 +238,14 @@ def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_key
     assert spec.training.compile is False
     training = spec.training.model_copy(update={"compile": compile_setting})
     spec = spec.model_copy(update={"training": training})
-    compiled: list[torch.nn.Module] = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    compiled: list[tuple[torch.nn.Module, str | None]] = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((self, k.get("mode")))
+    )
     setup = select_device(spec.training)
     params = TrialParams(batch_size=32, lr=0.05, weight_decay=1e-5)
     run = build_run(spec, params, setup, seed=0)
-    assert compiled == ([run.model] if compile_setting else [])
+    assert compiled == ([(run.model, mode)] if compile_setting else [])
     assert not any(key.startswith("_orig_mod") for key in run.model.state_dict())
 
 
