@@ -14,7 +14,8 @@ same step (``hpo.train.train_step`` on a run from ``hpo.train.build_run``) under
 
 For each: compile seconds (the first steps' extra time), steady samples/s on one prepared
 batch (``limit``) and on hpo's real batches (``DeviceBatcher`` from the uint8 split, as a
-trial draws them), the GPU's busy % meanwhile (NVML), and peak memory. Then the cost of
+trial draws them), the GPU's busy % meanwhile (NVML), peak memory, and the host-GPU
+synchronizations per update (torch's sync debug mode). Then the cost of
 one checkpoint of that run (serialize, write + fsync, rename), which a trial pays per
 report. Prints JSON (and writes it with ``--json``).
 
@@ -37,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,7 @@ def measure_variant(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int
     limit = timed_steps(step, _repeat(first), setup.device, seconds=seconds, max_steps=max_steps)
     real = timed_steps(step, batches(), setup.device, seconds=seconds, max_steps=max_steps)
     steady_step_s = batch_size / limit["samples_per_s"]
+    syncs = syncs_per_step(step, batches(), setup.device)
     return {
         "variant": variant,
         "compile_s": max(0.0, warm_s - WARM_STEPS * steady_step_s),
@@ -115,8 +118,28 @@ def measure_variant(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int
         "samples_per_s": real["samples_per_s"],
         "gpu_busy_pct": real["gpu_busy_pct"],
         "peak_memory_mib": real["peak_memory_mib"],
+        "host_syncs_per_step": syncs,
         "run": run,
     }
+
+
+def syncs_per_step(step, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device, steps: int = 8) -> float | None:  # fmt: skip
+    """Operations that make the host wait for the GPU, per update with real batches, as
+    torch's sync debug mode reports them (a blocking host-to-device copy is one): each
+    one idles the GPU while the host prepares and launches what comes next. None on CPU."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step(*next(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return len(caught) / steps
 
 
 def _repeat(

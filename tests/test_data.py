@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import h5py
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hpo.data as hpo_data
 from hpo.data import (
     DataError,
     DeviceBatcher,
@@ -18,6 +20,7 @@ from hpo.data import (
     batch_indices,
     load_splits,
     synthetic_patches,
+    to_device,
 )
 from hpo.spec import DatasetSpec
 
@@ -221,3 +224,68 @@ def test_device_batcher_normalizes_to_float_channels_last() -> None:
     assert torch.allclose(out[:, 0], torch.zeros(1)) and torch.allclose(
         out[:, 1], torch.full((1,), 5.0)
     )
+
+
+# ------------------------------------------------------------- host-to-device copies
+
+
+def test_to_device_on_cuda_pins_and_queues_the_copy_without_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blocking host-to-device copy makes torch wait for the whole CUDA stream: each
+    batch drawn that way left the GPU idle while the host prepared the next one."""
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def pin_memory(self: torch.Tensor) -> torch.Tensor:
+        calls.append(("pin_memory", (), {}))
+        return self
+
+    def to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(("to", args, kwargs))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    cuda = torch.device("cuda")
+    to_device(torch.zeros(4), cuda)
+    assert calls == [("pin_memory", (), {}), ("to", (cuda,), {"non_blocking": True})]
+
+
+def test_to_device_on_cpu_is_a_plain_copy() -> None:
+    tensor = torch.arange(6)
+    assert torch.equal(to_device(tensor, torch.device("cpu")), tensor)
+
+
+def test_a_batch_reaches_the_device_only_through_the_non_blocking_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """images, labels, the augmentation draw and the colour-jitter draws: five copies per
+    augmented batch, all through ``to_device``; and no other ``.to(`` in hpo/data.py runs
+    per batch (only the batcher's constructor and ``to_device`` itself hold one)."""
+    copied: list[tuple[int, ...]] = []
+    original = hpo_data.to_device
+
+    def recording(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        copied.append(tuple(tensor.shape))
+        return original(tensor, device)
+
+    monkeypatch.setattr(hpo_data, "to_device", recording)
+    batcher = DeviceBatcher(
+        torch.full((3,), 128.0), torch.full((3,), 64.0), torch.device("cpu"),
+        channels_last=False, color_jitter=0.05,
+    )  # fmt: skip
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    batcher(images, torch.tensor([0, 1, 0, 1]), torch.Generator().manual_seed(0))
+    assert sorted(copied) == sorted([(4, 3, 8, 8), (4,), (4,), (4, 3, 1, 1), (4, 3, 1, 1)])
+
+    tree = ast.parse(Path(hpo_data.__file__).read_text())
+    holders = {
+        function.name
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for call in ast.walk(function)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "to"
+    }
+    assert holders <= {"to_device", "__init__"}, holders
