@@ -58,7 +58,13 @@ from hpo.device import (  # noqa: E402
 )
 from hpo.models import build_model  # noqa: E402
 from hpo.spec import StudySpec, TrialParams  # noqa: E402
-from hpo.train import build_run, prepare_data, train_step  # noqa: E402
+from hpo.train import (  # noqa: E402
+    TrainingData,
+    TrainingRun,
+    build_run,
+    prepare_data,
+    train_step,
+)
 
 # --------------------------------------------------------------------------- measuring
 
@@ -139,13 +145,12 @@ def _cell(real: dict[str, Any], limit: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def hpo_cell(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int, seconds: float,
-             max_steps: int) -> dict[str, Any]:  # fmt: skip
-    """hpo's path: ``DeviceBatcher`` batches (augmented, on the device) into ``train_step``."""
-    params = TrialParams(batch_size=batch_size, lr=0.01, weight_decay=1e-4)
-    run = build_run(spec, params, setup, seed=0)
-    data = prepare_data(splits, setup, spec.training)
-    run.model.train()
+def trial_step(run: TrainingRun, data: TrainingData, setup: DeviceSetup, batch_size: int) -> tuple[
+    Callable[[torch.Tensor, torch.Tensor], object],
+    Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+]:  # fmt: skip
+    """``run``'s training step as a trial takes it, and an endless stream of its batches as
+    a trial draws them (by index from the uint8 split, augmented by ``DeviceBatcher``)."""
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> object:
         return train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
@@ -157,6 +162,16 @@ def hpo_cell(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int, secon
             ):
                 yield data.batcher.take(data.train, indices, run.generator)
 
+    return step, batches
+
+
+def hpo_cell(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int, seconds: float,
+             max_steps: int) -> dict[str, Any]:  # fmt: skip
+    """hpo's path: ``DeviceBatcher`` batches (augmented, on the device) into ``train_step``."""
+    params = TrialParams(batch_size=batch_size, lr=0.01, weight_decay=1e-4)
+    run = build_run(spec, params, setup, seed=0)
+    run.model.train()
+    step, batches = trial_step(run, prepare_data(splits, setup, spec.training), setup, batch_size)
     limit = timed_steps(step, _repeat(next(batches())), setup.device,
                         seconds=seconds, max_steps=max_steps)  # fmt: skip
     real = timed_steps(step, batches(), setup.device, seconds=seconds, max_steps=max_steps)
@@ -298,20 +313,26 @@ def run_hpo_commands(directory: Path, root: Path, batch_sizes: list[int],
     }
 
 
-def model_cells(model: str, root: Path, batch_sizes: list[int],
-                args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
-    """hpo's and the naive pipeline's figures for ``model`` at every batch size."""
-    spec = StudySpec.model_validate({
-        "name": "gpu-bench",
+def bench_spec(name: str, root: Path, model: str, batch_size_min: int, batch_size_max: int,
+               device: str) -> StudySpec:  # fmt: skip
+    """A one-epoch study over PCam-format files at ``root``, for timing steps only."""
+    return StudySpec.model_validate({
+        "name": name,
         "dataset": {"kind": "pcam", "root": str(root)},
         "model": {"name": model},
-        "search": {"batch_size_min": min(batch_sizes), "batch_size_max": max(batch_sizes),
+        "search": {"batch_size_min": batch_size_min, "batch_size_max": batch_size_max,
                    "lr_low": 1e-3, "lr_high": 0.1,
                    "weight_decay_low": 1e-5, "weight_decay_high": 1e-3},
         "budget": {"epochs": 1},
         "pruner": {"kind": "none"},
-        "training": {"device": args.device},
+        "training": {"device": device},
     })  # fmt: skip
+
+
+def model_cells(model: str, root: Path, batch_sizes: list[int],
+                args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+    """hpo's and the naive pipeline's figures for ``model`` at every batch size."""
+    spec = bench_spec("gpu-bench", root, model, min(batch_sizes), max(batch_sizes), args.device)
     setup = start_on_this_node(spec.training)  # as a worker: cudnn.benchmark, TF32, ...
     splits = load_splits(spec.dataset)
     measure = (args.seconds, args.max_steps)
@@ -385,11 +406,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["cells"] += model_cells(model, root, batch_sizes, args)
         if not args.skip_commands:
             result.update(run_hpo_commands(directory, root, batch_sizes, args))
+    return emit(result, args.json)
+
+
+def emit(result: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """``result`` with the load average, printed as JSON and written to ``path`` if given."""
     result["load_1min"] = os.getloadavg()[0]
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    if path is not None:
+        path.write_text(text + "\n")
     return result
 
 

@@ -34,7 +34,6 @@ default_omp_wait_policy()  # as hpo's entry points do, before torch is imported
 import argparse
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,22 +45,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import timed_steps  # noqa: E402  (the sibling benchmark)
+from gpu import _repeat, _sync, bench_spec, emit, timed_steps, trial_step  # noqa: E402  (the sibling benchmark)
 from pipeline import write_pcam  # noqa: E402
 
 from hpo.checkpoint import TrialCheckpoint  # noqa: E402
-from hpo.data import batch_indices, load_splits  # noqa: E402
+from hpo.data import load_splits  # noqa: E402
 from hpo.device import DeviceSetup, start_on_this_node  # noqa: E402
 from hpo.spec import StudySpec, TrialParams  # noqa: E402
-from hpo.train import TrainingRun, build_run, prepare_data, train_step  # noqa: E402
+from hpo.train import TrainingRun, build_run, prepare_data  # noqa: E402
 
 VARIANTS = ("eager", "eager_fused", "compile", "compile_reduce_overhead")
 WARM_STEPS = 4
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def variant_run(
@@ -88,18 +82,7 @@ def measure_variant(spec: StudySpec, setup: DeviceSetup, splits, batch_size: int
                     variant: str, seconds: float, max_steps: int) -> dict[str, Any]:  # fmt: skip
     params = TrialParams(batch_size=batch_size, lr=0.01, weight_decay=1e-4)
     run = variant_run(spec, setup, params, variant)
-    data = prepare_data(splits, setup, spec.training)
-
-    def step(images: torch.Tensor, targets: torch.Tensor) -> object:
-        return train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            for indices in batch_indices(
-                len(data.train), batch_size, generator=run.generator, drop_last=True
-            ):
-                yield data.batcher.take(data.train, indices, run.generator)
-
+    step, batches = trial_step(run, prepare_data(splits, setup, spec.training), setup, batch_size)
     first = next(batches())
     start = time.perf_counter()
     for _ in range(WARM_STEPS):  # compile; CUDA graphs warm up, then record, then replay
@@ -140,13 +123,6 @@ def syncs_per_step(step, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return len(caught) / steps
-
-
-def _repeat(
-    batch: tuple[torch.Tensor, torch.Tensor],
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield batch
 
 
 def checkpoint_cost(run: TrainingRun, directory: Path, repeats: int = 3) -> dict[str, float]:
@@ -190,17 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hpo-bench-step-") as temporary:
         directory = Path(temporary)
         root = write_pcam(directory / "data", {"train": args.n_train, "val": 64})
-        spec = StudySpec.model_validate({
-            "name": "gpu-step",
-            "dataset": {"kind": "pcam", "root": str(root)},
-            "model": {"name": args.model},
-            "search": {"batch_size_min": args.batch_size, "batch_size_max": 2 * args.batch_size,
-                       "lr_low": 1e-3, "lr_high": 0.1,
-                       "weight_decay_low": 1e-5, "weight_decay_high": 1e-3},
-            "budget": {"epochs": 1},
-            "pruner": {"kind": "none"},
-            "training": {"device": args.device},
-        })  # fmt: skip
+        spec = bench_spec("gpu-step", root, args.model, args.batch_size, 2 * args.batch_size,
+                          args.device)  # fmt: skip
         setup = start_on_this_node(spec.training)
         splits = load_splits(spec.dataset)
         result: dict[str, Any] = {
@@ -223,12 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["variants"].append(figures)
             print(json.dumps(figures), flush=True)
             del run
-    result["load_1min"] = os.getloadavg()[0]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
