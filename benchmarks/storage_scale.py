@@ -22,6 +22,10 @@ tenth of the worker processes once a third of the trials finished: their trials 
 re-queued (after ``--grace-s``) and finished by the others, the total exact
 (``killed_trials``: the trials RUNNING in the killed processes; ``killed_trials_requeued``:
 those of them failed and re-queued, whose retries then count in the total).
+``lock_held_p50_ms`` / ``lock_held_p99_ms``: how long a worker held the study lock (claims
+and re-queues), and ``lock_holder_cpu_share``: the CPU time the holding thread got while it
+held the lock over that wall time (a starved holder makes every waiter wait longer);
+``load_avg``: ``/proc/loadavg``'s 1-minute figure at the start and end of the point.
 ``retried_errors``: storage calls that failed for a lost or refused connection and were
 retried (``hpo.storage.retry_on_disconnect``'s warnings), e.g. PgBouncer's
 ``query_wait_timeout``. ``--start-spread-s S`` starts the workers at random moments over
@@ -67,6 +71,8 @@ from hpo.spec import parse_spec  # noqa: E402
 from hpo.storage import retry_on_disconnect  # noqa: E402
 from hpo.study import create_or_load_study, load_study, superseded_trials  # noqa: E402
 from hpo.worker import StopSignal, claim_trial, run_one  # noqa: E402
+
+TIMED = ("claim", "claim_first", "report", "tell", "numbers", "lock_held", "lock_held_cpu")
 
 STUDY = "scale"
 SPEC = {
@@ -169,8 +175,33 @@ class _RetryCounter(logging.Handler):
         self.count += "unreachable during" in record.getMessage()
 
 
+def _time_the_study_lock(timings: dict) -> None:
+    """Record, in this process, how long each hold of the study lock lasts, and how much
+    CPU the holding thread got meanwhile."""
+    import hpo.worker
+
+    real = hpo.worker.study_lock
+
+    @contextlib.contextmanager
+    def timed(*args, **kwargs):
+        with real(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                yield
+            finally:
+                timings["lock_held"].append(time.perf_counter() - wall)
+                timings["lock_held_cpu"].append(time.thread_time() - cpu)
+
+    hpo.worker.study_lock = timed
+
+
+def _load_avg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
-    timings: dict = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+    timings: dict = {key: [] for key in TIMED}
+    _time_the_study_lock(timings)
     retries = _RetryCounter()
     logging.getLogger("hpo.storage").addHandler(retries)
     barrier.wait()
@@ -261,6 +292,7 @@ def run_point(
         for child in children:
             child.start()
         killed, killed_trials = 0, []
+        load_start = _load_avg()
         with DatabaseMonitor(args.url, database) as monitor:
             barrier.wait()
             started = time.monotonic()
@@ -273,7 +305,7 @@ def run_point(
                     killed, victims = len(victims), []
                 time.sleep(0.5)
             wall = time.monotonic() - started
-        timings = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+        timings: dict = {key: [] for key in TIMED}
         timings["retried_errors"] = []
         for out in outputs:
             if out.exists():
@@ -303,6 +335,12 @@ def run_point(
             "report_p99_ms": round(_percentile(timings["report"], 0.99), 1),
             "tell_p50_ms": round(_percentile(timings["tell"], 0.5), 1),
             "tell_p99_ms": round(_percentile(timings["tell"], 0.99), 1),
+            "lock_held_p50_ms": round(_percentile(timings["lock_held"], 0.5), 1),
+            "lock_held_p99_ms": round(_percentile(timings["lock_held"], 0.99), 1),
+            "lock_holder_cpu_share": round(
+                sum(timings["lock_held_cpu"]) / max(1e-9, sum(timings["lock_held"])), 2
+            ),
+            "load_avg": [load_start, _load_avg()],
             "server_connections_peak": monitor.peak,
             "db_cpu_s_per_trial": round(monitor.cpu_seconds / max(1, finished), 3),
             **storage_check,
