@@ -471,24 +471,18 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             )
         return [int(row[0]) for row in rows]
 
-    def start_trial(self, study_id: int, *, queued: bool) -> int:
-        """The storage half of ``Study.ask``: claim the first WAITING trial another
-        worker has not claimed (when ``queued``: the caller knows some are waiting), else
-        create a new RUNNING trial. Returns its id; ``optuna.Trial(study, id)`` is the
-        other half, and needs no lock (``hpo.worker.claim_trial``).
-
-        ``Study.ask`` finds the waiting trials through Optuna's cache layer, which
-        re-reads every unfinished trial of the study first; here that is one query, and
-        none when nothing waits.
-        """
-        if queued:
-            for trial_id in self.waiting_trial_ids(study_id):
-                try:
-                    if self.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                        return trial_id
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue  # finished by another process meanwhile, as in Study.ask
-        return self.create_new_trial(study_id)
+    def claim_waiting_trial(self, study_id: int) -> int | None:
+        """Make the first WAITING (enqueued or re-queued) trial that no other worker
+        claimed first RUNNING: its id, or None. ``Study.ask``'s first half, which finds the
+        waiting trials through Optuna's cache layer, i.e. after re-reading every
+        unfinished trial of the study; here that is one query."""
+        for trial_id in self.waiting_trial_ids(study_id):
+            try:
+                if self.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished by another process meanwhile, as in Study.ask
+        return None
 
     @contextlib.contextmanager
     def claiming(self) -> Iterator[None]:

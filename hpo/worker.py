@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
+from hpo import compat
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import (
@@ -118,20 +119,25 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
         with loaded.storage.claiming():
             # RUNNING with its first heartbeat (and a retry with clean attrs) in one
             # transaction: a worker killed from here on still gets its trial retried.
-            trial_id = loaded.storage.start_trial(
-                loaded.ref.study_id, queued=bool(budget.waiting or queued)
-            )
+            trial_id = None
+            if budget.waiting or queued:
+                trial_id = loaded.storage.claim_waiting_trial(loaded.ref.study_id)
+            was_queued = trial_id is not None
+            if trial_id is None:
+                trial_id = compat.study_storage(study).create_new_trial(loaded.ref.study_id)
         if grid:
-            trial = _build_trial(study, trial_id)
+            trial = _build_trial(study, trial_id, was_queued)
     kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-    return trial if grid else _build_trial(study, trial_id)
+    return trial if grid else _build_trial(study, trial_id, was_queued)
 
 
-def _build_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
-    """``optuna.Trial`` for a trial made RUNNING by ``start_trial`` (the rest of
-    ``Study.ask``). Reading the study's trials first puts the trial into the study's
-    cache layer, which ``suggest_*`` writes through (it knows trials it has read)."""
-    study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:
+    """``optuna.Trial`` for a trial this worker made RUNNING (the rest of ``Study.ask``).
+    A queued trial was created by another process: the study's cache layer, which
+    ``suggest_*`` writes through, learns of it by reading the study's trials first (a
+    new trial was created through the cache, which knows it)."""
+    if was_queued:
+        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return optuna.Trial(study, trial_id)
 
 
