@@ -280,7 +280,9 @@ def run_point(
         url = make_url(direct).set(host="127.0.0.1", port=port)
         url = url.render_as_string(hide_password=False)
     try:
-        spec = parse_spec(SPEC | {"budget": {"epochs": args.epochs, "n_trials": 10}},
+        pruner = SPEC["pruner"] if args.pruner == "median" else {"kind": "none"}
+        budget = {"epochs": args.epochs, "n_trials": 10}
+        spec = parse_spec(SPEC | {"budget": budget, "pruner": pruner},
                           source="storage_scale", default_name=STUDY)  # fmt: skip
         create_or_load_study(spec, url, parallel=True).storage.engine.dispose()
         total = workers * args.trials_per_worker
@@ -320,6 +322,7 @@ def run_point(
         return {
             "workers": workers,
             "via": via,
+            "pruner": args.pruner,
             "processes": processes,
             "threads_per_process": args.threads,
             "killed_workers": killed * args.threads,
@@ -413,6 +416,13 @@ def main() -> None:
     parser.add_argument("--heartbeat-s", type=float, default=2)
     parser.add_argument("--grace-s", type=float, default=10)
     parser.add_argument("--pgbouncer-pool", type=int, default=20)
+    parser.add_argument(
+        "--pruner",
+        default="median",
+        choices=("median", "none"),
+        help="the study's pruner: median (the default: reads the study's trials at every "
+        "report) or none",
+    )
     parser.add_argument("--kill", type=float, default=0, help="fraction of processes to kill -9")
     parser.add_argument(
         "--start-spread-s",
