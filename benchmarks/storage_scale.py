@@ -22,9 +22,11 @@ tenth of the worker processes once a third of the trials finished: their trials 
 re-queued (after ``--grace-s``) and finished by the others, the total exact
 (``killed_trials``: the trials RUNNING in the killed processes; ``killed_trials_requeued``:
 those of them failed and re-queued, whose retries then count in the total).
-``lock_wait_p50_ms`` / ``lock_wait_p99_ms``: how long a worker waited for the study lock,
-``lock_held_p50_ms`` / ``lock_held_p99_ms``: how long it held it (claims and re-queues), and ``lock_holder_cpu_share``: the CPU time the holding thread got while it
-held the lock over that wall time (a starved holder makes every waiter wait longer);
+``lock_wait_p50_ms`` / ``lock_wait_p99_ms``: how long a worker waited for the study lock;
+``lock_held_p50_ms`` / ``lock_held_p99_ms``: how long it held it (claims and re-queues);
+``lock_busy_share``: the share of the point's wall time the lock was held at all;
+``lock_holder_cpu_share``: the CPU time the holding thread got while it held the lock,
+over that wall time (a starved holder makes every waiter wait longer);
 ``load_avg``: ``/proc/loadavg``'s 1-minute figure at the start and end of the point.
 ``retried_errors``: storage calls that failed for a lost or refused connection and were
 retried (``hpo.storage.retry_on_disconnect``'s warnings), e.g. PgBouncer's
@@ -345,6 +347,7 @@ def run_point(
             "lock_wait_p99_ms": round(_percentile(timings["lock_wait"], 0.99), 1),
             "lock_held_p50_ms": round(_percentile(timings["lock_held"], 0.5), 1),
             "lock_held_p99_ms": round(_percentile(timings["lock_held"], 0.99), 1),
+            "lock_busy_share": round(sum(timings["lock_held"]) / wall, 3),
             "lock_holder_cpu_share": round(
                 sum(timings["lock_held_cpu"]) / max(1e-9, sum(timings["lock_held"])), 2
             ),
