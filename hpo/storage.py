@@ -486,8 +486,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     @contextlib.contextmanager
     def claiming(self) -> Iterator[None]:
-        """hpo's claim: inside the block, a trial made RUNNING (``study.ask``: a new trial,
-        or a queued one claimed) gets, in the same transaction, its first heartbeat and,
+        """hpo's claim: inside the block, a trial made RUNNING (a new one, or a queued one
+        claimed: ``hpo.worker.claim_trial``) gets, in the same transaction, its first heartbeat and,
         when it is a retry, clean user attrs (``_clean_claimed_retry``).
 
         Optuna never fails a RUNNING trial that has no heartbeat row (its stale check skips
