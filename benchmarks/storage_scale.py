@@ -22,6 +22,12 @@ tenth of the worker processes once a third of the trials finished: their trials 
 re-queued (after ``--grace-s``) and finished by the others, the total exact
 (``killed_trials``: the trials RUNNING in the killed processes; ``killed_trials_requeued``:
 those of them failed and re-queued, whose retries then count in the total).
+``lock_wait_p50_ms`` / ``lock_wait_p99_ms``: how long a worker waited for the study lock;
+``lock_held_p50_ms`` / ``lock_held_p99_ms``: how long it held it (claims and re-queues);
+``lock_busy_share``: the share of the point's wall time the lock was held at all;
+``lock_holder_cpu_share``: the CPU time the holding thread got while it held the lock,
+over that wall time (a starved holder makes every waiter wait longer);
+``load_avg``: ``/proc/loadavg``'s 1-minute figure at the start and end of the point.
 ``retried_errors``: storage calls that failed for a lost or refused connection and were
 retried (``hpo.storage.retry_on_disconnect``'s warnings), e.g. PgBouncer's
 ``query_wait_timeout``. ``--start-spread-s S`` starts the workers at random moments over
@@ -67,6 +73,9 @@ from hpo.spec import parse_spec  # noqa: E402
 from hpo.storage import retry_on_disconnect  # noqa: E402
 from hpo.study import create_or_load_study, load_study, superseded_trials  # noqa: E402
 from hpo.worker import StopSignal, claim_trial, run_one  # noqa: E402
+
+TIMED = ("claim", "claim_first", "report", "tell", "numbers")
+TIMED += ("lock_wait", "lock_held", "lock_held_cpu")
 
 STUDY = "scale"
 SPEC = {
@@ -169,8 +178,35 @@ class _RetryCounter(logging.Handler):
         self.count += "unreachable during" in record.getMessage()
 
 
+def _time_the_study_lock(timings: dict) -> None:
+    """Record, in this process, how long each hold of the study lock lasts, and how much
+    CPU the holding thread got meanwhile."""
+    import hpo.worker
+
+    real = hpo.worker.study_lock
+
+    @contextlib.contextmanager
+    def timed(*args, **kwargs):
+        asked = time.perf_counter()
+        with real(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            timings["lock_wait"].append(wall - asked)
+            try:
+                yield
+            finally:
+                timings["lock_held"].append(time.perf_counter() - wall)
+                timings["lock_held_cpu"].append(time.thread_time() - cpu)
+
+    hpo.worker.study_lock = timed
+
+
+def _load_avg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
-    timings: dict = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+    timings: dict = {key: [] for key in TIMED}
+    _time_the_study_lock(timings)
     retries = _RetryCounter()
     logging.getLogger("hpo.storage").addHandler(retries)
     barrier.wait()
@@ -246,7 +282,9 @@ def run_point(
         url = make_url(direct).set(host="127.0.0.1", port=port)
         url = url.render_as_string(hide_password=False)
     try:
-        spec = parse_spec(SPEC | {"budget": {"epochs": args.epochs, "n_trials": 10}},
+        pruner = SPEC["pruner"] if args.pruner == "median" else {"kind": "none"}
+        budget = {"epochs": args.epochs, "n_trials": 10}
+        spec = parse_spec(SPEC | {"budget": budget, "pruner": pruner},
                           source="storage_scale", default_name=STUDY)  # fmt: skip
         create_or_load_study(spec, url, parallel=True).storage.engine.dispose()
         total = workers * args.trials_per_worker
@@ -261,6 +299,7 @@ def run_point(
         for child in children:
             child.start()
         killed, killed_trials = 0, []
+        load_start = _load_avg()
         with DatabaseMonitor(args.url, database) as monitor:
             barrier.wait()
             started = time.monotonic()
@@ -273,7 +312,7 @@ def run_point(
                     killed, victims = len(victims), []
                 time.sleep(0.5)
             wall = time.monotonic() - started
-        timings = {"claim": [], "claim_first": [], "report": [], "tell": [], "numbers": []}
+        timings: dict = {key: [] for key in TIMED}
         timings["retried_errors"] = []
         for out in outputs:
             if out.exists():
@@ -285,6 +324,7 @@ def run_point(
         return {
             "workers": workers,
             "via": via,
+            "pruner": args.pruner,
             "processes": processes,
             "threads_per_process": args.threads,
             "killed_workers": killed * args.threads,
@@ -303,6 +343,15 @@ def run_point(
             "report_p99_ms": round(_percentile(timings["report"], 0.99), 1),
             "tell_p50_ms": round(_percentile(timings["tell"], 0.5), 1),
             "tell_p99_ms": round(_percentile(timings["tell"], 0.99), 1),
+            "lock_wait_p50_ms": round(_percentile(timings["lock_wait"], 0.5), 1),
+            "lock_wait_p99_ms": round(_percentile(timings["lock_wait"], 0.99), 1),
+            "lock_held_p50_ms": round(_percentile(timings["lock_held"], 0.5), 1),
+            "lock_held_p99_ms": round(_percentile(timings["lock_held"], 0.99), 1),
+            "lock_busy_share": round(sum(timings["lock_held"]) / wall, 3),
+            "lock_holder_cpu_share": round(
+                sum(timings["lock_held_cpu"]) / max(1e-9, sum(timings["lock_held"])), 2
+            ),
+            "load_avg": [load_start, _load_avg()],
             "server_connections_peak": monitor.peak,
             "db_cpu_s_per_trial": round(monitor.cpu_seconds / max(1, finished), 3),
             **storage_check,
@@ -370,6 +419,13 @@ def main() -> None:
     parser.add_argument("--heartbeat-s", type=float, default=2)
     parser.add_argument("--grace-s", type=float, default=10)
     parser.add_argument("--pgbouncer-pool", type=int, default=20)
+    parser.add_argument(
+        "--pruner",
+        default="median",
+        choices=("median", "none"),
+        help="the study's pruner: median (the default: reads the study's trials at every "
+        "report) or none",
+    )
     parser.add_argument("--kill", type=float, default=0, help="fraction of processes to kill -9")
     parser.add_argument(
         "--start-spread-s",

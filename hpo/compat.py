@@ -72,6 +72,16 @@ def set_trial_system_attr_in_session(
     )
 
 
+# The cache layer a Study keeps its storage behind (``Study._storage``, an
+# ``optuna.storages._CachedStorage`` around an RDBStorage). hpo's claim creates a new trial
+# through it, as ``Study.ask`` does: the cache then knows the trial, and ``suggest_*``
+# (which writes through the cache) works without first re-reading every unfinished trial
+# of the study. ``Study.ask`` itself cannot be used: it looks for waiting trials through
+# that same re-read, under the study lock.
+def study_storage(study: Any) -> Any:
+    return study._storage
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
 

@@ -64,6 +64,18 @@ class LoadedStudy:
     def trial_id(self, trial: optuna.Trial | FrozenTrial) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.ref.study_id, trial.number)
 
+    def budget(self) -> Budget:
+        """``study_budget`` counted by the database (``ReconnectingRDBStorage.count_trials``:
+        two aggregate queries, whatever the number of trials), for the claim under the
+        study lock. Assumes what hpo and Optuna's retry callbacks guarantee: only FAIL
+        trials are re-queued."""
+        counts = self.storage.count_trials(self.ref.study_id)
+        return Budget(
+            finished=sum(counts[state] for state in FINISHED_STATES) - counts.requeued,
+            running=counts[TrialState.RUNNING],
+            waiting=counts[TrialState.WAITING],
+        )
+
     def keep_batch_sizes_within_cap(self, device_name: str) -> None:
         """Wrap the study's sampler in ``device_name``'s batch-size cap (workers only:
         the device is known once the worker has resolved it). A study that accumulates

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
+from hpo import compat
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import RetryWithCleanAttrs
 from hpo.settings import (
@@ -88,38 +89,70 @@ def _quiet_optuna_warnings() -> Iterator[None]:
 def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     """Start a trial if the study-wide budget allows: a trial, or ``"wait"``/``"done"``.
 
-    Under the study lock: fail trials whose worker vanished (which re-queues them), queue
-    another trial for a batch size left uncovered (``keep_batch_sizes_covered``), then
-    start a re-queued or enqueued trial if there is one, else a new one, if finished +
-    running < total and, for a grid study, grid points are left. ``"wait"``: the budget
-    is handed out but trials still run elsewhere.
+    Under the study lock, only what must be serial: fail trials whose worker vanished
+    (which re-queues them), count the budget (``LoadedStudy.budget``: two aggregate
+    queries), queue another trial for a batch size left uncovered
+    (``keep_batch_sizes_covered``), then make a trial RUNNING: a re-queued or enqueued
+    one if there is one, else a new one, if finished + running < total and, for a grid
+    study, grid points are left. ``"wait"``: the budget is handed out but trials still
+    run elsewhere.
+
+    The ``optuna.Trial`` is built after the lock is released: its trial already holds
+    its slot of the budget, and sampling happens later anyway, at ``suggest_*`` (Optuna
+    samples lazily, relative parameters included). A grid trial is built under the lock:
+    ``GridSampler.before_trial`` picks its grid point there, and two workers must not
+    pick the same one.
     """
     study = loaded.study
+    grid = _grid_sampler(study) is not None
     with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
         optuna.storages.fail_stale_trials(study)
-        budget = study_budget(study)
+        budget = loaded.budget()
         if budget.finished + budget.running >= total_trials:
             return "wait" if budget.running else "done"
         if budget.waiting == 0 and grid_exhausted(study):
             return "wait" if budget.running else "done"
         room = total_trials - budget.finished - budget.running - budget.waiting
-        for batch_size in keep_batch_sizes_covered(loaded, room):
+        queued = keep_batch_sizes_covered(loaded, room)
+        for batch_size in queued:
             logger.info("batch size %d has no complete trial: queued another", batch_size)
         with loaded.storage.claiming():
             # RUNNING with its first heartbeat (and a retry with clean attrs) in one
             # transaction: a worker killed from here on still gets its trial retried.
-            trial = study.ask()
-        kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-        return trial
+            trial_id = None
+            if budget.waiting or queued:
+                trial_id = loaded.storage.claim_waiting_trial(loaded.ref.study_id)
+            was_queued = trial_id is not None
+            if trial_id is None:
+                trial_id = compat.study_storage(study).create_new_trial(loaded.ref.study_id)
+        if grid:
+            trial = _build_trial(study, trial_id, was_queued)
+    kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
+    return trial if grid else _build_trial(study, trial_id, was_queued)
+
+
+def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:
+    """``optuna.Trial`` for a trial this worker made RUNNING (the rest of ``Study.ask``).
+    A queued trial was created by another process: the study's cache layer, which
+    ``suggest_*`` writes through, learns of it by reading the study's trials first (a
+    new trial was created through the cache, which knows it)."""
+    if was_queued:
+        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return optuna.Trial(study, trial_id)
+
+
+def _grid_sampler(study: optuna.Study) -> optuna.samplers.GridSampler | None:
+    sampler = study.sampler
+    if isinstance(sampler, BatchSizeCapSampler):
+        sampler = sampler.base
+    return sampler if isinstance(sampler, optuna.samplers.GridSampler) else None
 
 
 def grid_exhausted(study: optuna.Study) -> bool:
     """True for a grid study whose every grid point has a trial (a running one counts): the
     study is done even if ``total_trials`` is larger."""
-    sampler = study.sampler
-    if isinstance(sampler, BatchSizeCapSampler):
-        sampler = sampler.base
-    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+    sampler = _grid_sampler(study)
+    return sampler is not None and sampler.is_exhausted(study)
 
 
 def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:

@@ -49,3 +49,13 @@ def test_optuna_still_has_what_hpo_writes_its_retry_tokens_with(tmp_path) -> Non
     with compat.rdb_session(storage) as session:
         assert session.query(models.StudyModel).count() == 0
     storage.engine.dispose()
+
+
+def test_a_study_still_keeps_its_storage_behind_optunas_cache_layer() -> None:
+    """hpo's claim creates a new trial through it, as Study.ask does."""
+    storage = optuna.storages.RDBStorage("sqlite://")
+    study = optuna.create_study(storage=storage)
+    cache = compat.study_storage(study)
+    assert isinstance(cache, optuna.storages._CachedStorage)
+    trial_id = cache.create_new_trial(storage.get_study_id_from_name(study.study_name))
+    optuna.Trial(study, trial_id).suggest_float("x", 0.0, 1.0)  # writes through the cache

@@ -1,0 +1,252 @@
+"""The claim (``hpo.worker.claim_trial``): exact study totals under concurrent claimers, and
+a critical section that holds the study lock only for what must be serial.
+
+Every worker claims under one study lock, so what the claim does under it is paid once
+per trial by the whole fleet, one worker at a time. It must neither read every trial of
+the study (Optuna's cache layer re-reads each unfinished trial with all its rows: at
+256 RUNNING trials that held the lock ~0.5 s per claim) nor run the sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import tomllib
+from optuna.trial import TrialState
+
+import hpo.worker
+from hpo.spec import parse_spec
+from hpo.storage import ReconnectingRDBStorage
+from hpo.study import create_or_load_study, load_study, study_budget, superseded_trials
+from hpo.worker import claim_trial, requeue
+
+from .conftest import tiny_study_text
+from .databases import scratch_database
+
+
+def _spec(sampler: str = "random"):
+    text = tiny_study_text(sampler=sampler)
+    return parse_spec(tomllib.loads(text), source="test", default_name="tiny")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
+                        pytest.param("mariadb", marks=pytest.mark.db)])  # fmt: skip
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hpo.db'}"
+    else:
+        with scratch_database(request.param) as url:
+            yield url
+
+
+class LockWatch:
+    """Wraps ``hpo.worker.study_lock``: ``held`` is True while this thread holds it, and
+    ``statements`` counts the SQL statements a storage's engine ran meanwhile."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._local = threading.local()
+        self.statements_held: list[int] = []
+        self._count = 0
+        real = hpo.worker.study_lock
+
+        @contextlib.contextmanager
+        def watched(*args: object, **kwargs: object) -> Iterator[None]:
+            with real(*args, **kwargs):
+                self._local.held, before = True, self._count
+                try:
+                    yield
+                finally:
+                    self._local.held = False
+                    self.statements_held.append(self._count - before)
+
+        monkeypatch.setattr(hpo.worker, "study_lock", watched)
+
+    @property
+    def held(self) -> bool:
+        return bool(getattr(self._local, "held", False))
+
+    def count_statements(self, engine: sqlalchemy.Engine) -> None:
+        def count(*args: object) -> None:
+            self._count += 1
+
+        sqlalchemy.event.listen(engine, "before_cursor_execute", count)
+
+
+def _finish(loaded, trial: optuna.Trial) -> None:
+    trial.suggest_float("x", 0.0, 1.0)
+    loaded.study.tell(trial, 0.5)
+
+
+def test_concurrent_claimers_start_exactly_the_total(storage_url: str) -> None:
+    # Six claimers, each with its own storage (as separate workers), race for 18 trials
+    # while some are enqueued and some re-queued (a retry takes its predecessor's place).
+    total, claimers = 18, 6
+    create_or_load_study(_spec(), storage_url).storage.engine.dispose()
+    seed = load_study("tiny", storage_url)
+    for x in (0.1, 0.2, 0.3):
+        seed.study.enqueue_trial({"x": x})
+    seed.storage.engine.dispose()
+    claimed: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(claimers)
+
+    def claim_until_done() -> None:
+        try:
+            loaded = load_study("tiny", storage_url, parallel=True)
+            barrier.wait()
+            while (trial := claim_trial(loaded, total)) != "done":
+                if trial == "wait":
+                    time.sleep(0.05)
+                    continue
+                claimed.append(trial.number)
+                if trial.number % 4 == 1:
+                    requeue(loaded, trial, "worker stopped (test)")
+                else:
+                    _finish(loaded, trial)
+            loaded.storage.engine.dispose()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=claim_until_done) for _ in range(claimers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(claimed) == len(set(claimed)), sorted(claimed)
+    check = load_study("tiny", storage_url)
+    trials = check.study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    counted = [t for t in trials if t.number not in superseded_trials(trials)]
+    assert len(counted) == total, [(t.number, t.state.name) for t in trials]
+    assert superseded_trials(trials), "no trial was re-queued: the test lost its point"
+    assert check.budget() == study_budget(check.study)
+    check.storage.engine.dispose()
+
+
+def test_the_budget_counted_by_the_database_is_the_budget_of_the_trials(
+    storage_url: str,
+) -> None:
+    create_or_load_study(_spec(), storage_url).storage.engine.dispose()
+    loaded = load_study("tiny", storage_url)
+    for end in ("complete", "pruned", "fail", "requeue", "requeue", "running"):
+        trial = claim_trial(loaded, 100)
+        trial.suggest_float("x", 0.0, 1.0)
+        if end == "complete":
+            loaded.study.tell(trial, 0.7)
+        elif end in ("pruned", "fail"):
+            loaded.study.tell(trial, state=TrialState[end.upper()])
+        elif end == "requeue":
+            requeue(loaded, trial, "worker stopped (test)")
+    loaded.study.enqueue_trial({"x": 0.5})
+    budget = loaded.budget()
+    assert budget == study_budget(loaded.study)
+    # Trials 3 and 4 were re-queued (4 is 3's retry, claimed next) and do not count; 5,
+    # 4's retry, runs; 6 was enqueued.
+    assert (budget.finished, budget.running, budget.waiting) == (3, 1, 1)
+    loaded.storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+def test_the_claim_reads_no_trial_under_the_study_lock(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same statements whether 2 or 30 trials run elsewhere, and no trial read with its
+    # params, attrs and values (Optuna's _get_trials): before, the budget and Study.ask's
+    # look for waiting trials each re-read every RUNNING trial under the lock.
+    monkeypatch.setenv("HPO_GRACE_S", "3600")  # the RUNNING trials here have no worker
+    watch = LockWatch(monkeypatch)
+    reads_held: list[bool] = []
+    real_get_trials = ReconnectingRDBStorage._get_trials
+
+    def get_trials(self, *args: object, **kwargs: object):
+        reads_held.append(watch.held)
+        return real_get_trials(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", get_trials)
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'hpo.db'}"
+        else:
+            url = stack.enter_context(scratch_database(backend))
+        create_or_load_study(_spec(), url).storage.engine.dispose()
+        running = load_study("tiny", url)
+        claimer = load_study("tiny", url)
+        watch.count_statements(claimer.storage.engine)
+        statements = {}
+        for others in (2, 30):
+            while len(running.study.get_trials(states=(TrialState.RUNNING,))) < others:
+                trial = claim_trial(running, 1000)
+                trial.suggest_float("x", 0.0, 1.0)
+                trial.report(0.5, 1)
+            watch.statements_held.clear()
+            for _ in range(3):
+                _finish(claimer, claim_trial(claimer, 1000))
+            statements[others] = watch.statements_held[-1]
+        running.storage.engine.dispose()
+        claimer.storage.engine.dispose()
+
+    assert reads_held and not any(reads_held), "a claim read whole trials under the lock"
+    assert statements[2] == statements[30] <= 15, statements
+
+
+def test_the_sampler_runs_after_the_study_lock_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = LockWatch(monkeypatch)
+    calls: list[tuple[str, bool]] = []
+
+    class RecordingSampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):
+            calls.append(("before_trial", watch.held))
+            super().before_trial(study, trial)
+
+        def sample_independent(self, study, trial, name, distribution):
+            calls.append(("sample_independent", watch.held))
+            return super().sample_independent(study, trial, name, distribution)
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    create_or_load_study(_spec(), url).storage.engine.dispose()
+    loaded = load_study("tiny", url)
+    loaded.study.sampler = RecordingSampler(seed=0)
+    for _ in range(3):
+        _finish(loaded, claim_trial(loaded, 10))
+
+    assert {name for name, _ in calls} == {"before_trial", "sample_independent"}
+    assert not [name for name, held in calls if held], calls
+
+
+def test_a_grid_trial_takes_its_grid_point_under_the_study_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GridSampler.before_trial picks an unvisited grid point: two workers picking at once
+    # could pick the same one, so for the grid that stays under the lock.
+    watch = LockWatch(monkeypatch)
+    held: list[bool] = []
+    real = optuna.samplers.GridSampler.before_trial
+
+    def before_trial(self, study, trial):
+        held.append(watch.held)
+        real(self, study, trial)
+
+    monkeypatch.setattr(optuna.samplers.GridSampler, "before_trial", before_trial)
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    create_or_load_study(_spec("grid"), url).storage.engine.dispose()
+    loaded = load_study("tiny", url)
+    loaded.keep_batch_sizes_within_cap("cpu")  # as a worker does (hpo.caps: grid's after_trial)
+    grid_ids = []
+    while (trial := claim_trial(loaded, 100)) not in ("done", "wait"):
+        grid_ids.append(loaded.study.get_trials()[-1].system_attrs["grid_id"])
+        loaded.study.tell(trial, 0.5)
+
+    assert held and all(held)
+    assert sorted(grid_ids) == list(range(len(grid_ids))) and len(grid_ids) > 1
