@@ -82,6 +82,15 @@ def study_storage(study: Any) -> Any:
     return study._storage
 
 
+# The per-thread list of all trials that samplers read (``Study._get_trials(use_cache=True)``:
+# TPE, GP, QMC, CMA-ES). ``Study.ask`` and ``Study.tell`` empty it so that each trial samples
+# from the study as it is now; hpo's claim replaces ``ask`` and must empty it too, or a
+# trial started after one that ended without a tell (re-queued on OOM or a signal) would
+# sample from a history that misses every trial other workers finished meanwhile.
+def forget_cached_trials(study: Any) -> None:
+    study._thread_local.cached_all_trials = None
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
 

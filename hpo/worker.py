@@ -136,6 +136,7 @@ def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna
     A queued trial was created by another process: the study's cache layer, which
     ``suggest_*`` writes through, learns of it by reading the study's trials first (a
     new trial was created through the cache, which knows it)."""
+    compat.forget_cached_trials(study)  # as Study.ask: sample from the study as it is now
     if was_queued:
         study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return optuna.Trial(study, trial_id)

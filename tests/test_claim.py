@@ -250,3 +250,25 @@ def test_a_grid_trial_takes_its_grid_point_under_the_study_lock(
 
     assert held and all(held)
     assert sorted(grid_ids) == list(range(len(grid_ids))) and len(grid_ids) > 1
+
+
+def test_each_claimed_trial_samples_from_the_study_as_it_is_now(tmp_path: Path) -> None:
+    """The claim stands in for ``Study.ask``, which empties the trial list samplers cache
+    per thread (TPE reads it): a trial must see a trial another worker finished since
+    this thread last read the study."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    loaded = create_or_load_study(_spec("tpe"), url)
+    other = load_study("tiny", url)
+    first = claim_trial(loaded, 100)
+    first.suggest_float("x", 0.0, 1.0)
+    requeue(loaded, first, "signal")
+    # Anything that reads through the cache between two claims (a callback, a sampler's
+    # hook) fills it: the next claim must not hand that snapshot to its trial's sampler.
+    loaded.study._get_trials(deepcopy=False, use_cache=True)
+    elsewhere = claim_trial(other, 100)
+    other.study.tell(elsewhere, 0.5)
+    claim_trial(loaded, 100)
+    complete = loaded.study._get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True
+    )
+    assert [t.number for t in complete] == [elsewhere.number]

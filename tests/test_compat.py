@@ -59,3 +59,13 @@ def test_a_study_still_keeps_its_storage_behind_optunas_cache_layer() -> None:
     assert isinstance(cache, optuna.storages._CachedStorage)
     trial_id = cache.create_new_trial(storage.get_study_id_from_name(study.study_name))
     optuna.Trial(study, trial_id).suggest_float("x", 0.0, 1.0)  # writes through the cache
+
+
+def test_a_study_still_caches_all_trials_per_thread_for_its_samplers() -> None:
+    """hpo's claim empties that cache as Study.ask does (``compat.forget_cached_trials``)."""
+    study = optuna.create_study(storage=optuna.storages.RDBStorage("sqlite://"))
+    study.enqueue_trial({})
+    study._get_trials(deepcopy=False, use_cache=True)
+    assert study._thread_local.cached_all_trials is not None
+    compat.forget_cached_trials(study)
+    assert study._thread_local.cached_all_trials is None
