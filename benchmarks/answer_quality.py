@@ -70,7 +70,7 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
 
     With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
     else computed and written there."""
-    wanted = {"spec": json.loads(spec.to_json()), "lrs": lrs, "seeds": seeds}
+    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["key"] != wanted:
@@ -112,6 +112,17 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
         rows = [[log2, lr, value] for (log2, lr), value in mean.items()]
         cache.write_text(json.dumps({"key": wanted, "grid": result, "mean": rows}, indent=1))
     return {**result, "mean": mean}
+
+
+def grid_fields(spec: StudySpec) -> dict:
+    """The study's fields a grid's values depend on: not the pruner, the sampler, or how many
+    trials a search draws (so a cached grid outlives a change to the search policy)."""
+    fields = json.loads(spec.to_json())
+    for name in ("pruner", "sampler"):
+        fields.pop(name, None)
+    for name in ("n_trials", "timeout_s"):
+        fields["budget"].pop(name, None)
+    return fields
 
 
 def _differences(stored: object, current: object, where: str = "") -> list[str]:
@@ -160,7 +171,7 @@ def pruning_regret(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
-    parser.add_argument("--lrs", type=int, default=5)
+    parser.add_argument("--lrs", type=int, default=9)
     parser.add_argument("--grid-seeds", type=int, default=2)
     parser.add_argument("--hpo-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

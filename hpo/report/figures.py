@@ -309,13 +309,14 @@ def _fit_layers(fit: ScalingFit) -> list[Layer]:
 
 
 def _fitted_and_best_markers(data: ReportData, size: int) -> list[Layer]:
-    """The LR points the α fit used (the top trials of each batch size) and the best trial
-    of each batch size (a star ``size + 4``): what both LR-against-B panels show."""
+    """The α fit's point per batch size (the geometric mean LR of its near-best trials)
+    and the best trial of each batch size (a star ``size + 4``): what both LR-against-B
+    panels show."""
     fit = data.fit
     bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
     return [
         Markers(
-            f"top {fit.top_k} per B (fitted)",
+            "best LR per B (fitted: near-best trials)",
             x=tuple(b for b, _ in fit.points),
             y=tuple(lr for _, lr in fit.points),
             color="royalblue",
@@ -334,8 +335,8 @@ def _fitted_and_best_markers(data: ReportData, size: int) -> list[Layer]:
 
 
 def lr_scaling_figure(data: ReportData) -> FigureModel:
-    """Best learning rate per batch size: all complete trials, the fitted top ones, the
-    best of each B, and the fit with its α band against the linear and square-root rules."""
+    """Best learning rate per batch size: all complete trials, the fitted point of each B
+    (near-best trials averaged), the best of each B, and the fit with its α band against the linear and square-root rules."""
     fit = data.fit
     title, subtitle = _fit_title(fit)
     complete = _complete_points(data)
