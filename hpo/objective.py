@@ -126,6 +126,7 @@ class Objective:
         run, checkpoint = self._resume(trial, params, seed)
         budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
         trial.set_user_attr("budget_unit", budget.unit)
+        trial.set_user_attr("budget_per_report", budget.amount / budget.reports)
         self.progress.start(trial.number, params, budget)
         try:
             fit(

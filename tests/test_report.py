@@ -51,6 +51,7 @@ def add_trial(
     *,
     state: TrialState = TrialState.COMPLETE,
     epochs: int = 4,
+    user_attrs: dict[str, Any] | None = None,
 ) -> None:
     """One finished trial as `hpo` stores it: params, batch size, accuracies, curve."""
     curve = {epoch: value - 0.05 * (epochs - epoch) for epoch in range(1, epochs + 1)}
@@ -68,6 +69,7 @@ def add_trial(
                 "val_acc": val_acc,
                 "train_acc": val_acc + 0.002 * math.log2(batch_size),
                 "generalization_gap": 0.002 * math.log2(batch_size),
+                **(user_attrs or {}),
             },
             intermediate_values=curve,
         )
@@ -407,3 +409,26 @@ def test_report_command_on_unknown_study_exits_2(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "study 'nope' not found" in result.output
+
+
+@pytest.mark.parametrize(
+    ("unit", "per_report", "axis"),
+    [
+        ("epochs", 0.5, "report (every 0.5 epochs)"),  # the demo: 2 epochs, 4 reports
+        ("epochs", 1.0, "epoch"),
+        ("steps", 128.0, "report (every 128 steps)"),
+        ("seconds", 15.0, "report (every 15 s)"),
+        (None, None, "epoch"),  # a study from before budgets were recorded
+    ],
+)
+def test_learning_curves_axis_names_what_a_report_is(
+    unit: str | None, per_report: float | None, axis: str
+) -> None:
+    from hpo.report.figures import learning_curves_figure
+
+    study = optuna.create_study(direction="maximize")
+    budget = {} if unit is None else {"budget_unit": unit, "budget_per_report": per_report}
+    for batch_size in (16, 32):
+        add_trial(study, batch_size, 0.01, 0.8, user_attrs=budget)
+    (panel,) = learning_curves_figure(collect(study, "val_auc")).panels
+    assert panel.x.title == axis

@@ -114,6 +114,9 @@ class StudySummary:
     # What "the same amount of training" meant: epochs, steps or seconds (the trials'
     # ``budget_unit``); None for a study whose trials do not record it.
     budget_unit: str | None = None
+    # How much of the budget (in ``budget_unit``) lies between two reports (the trials'
+    # ``budget_per_report``); None for a study whose trials do not record it.
+    budget_per_report: float | None = None
 
     @property
     def n_classes(self) -> int:
@@ -177,7 +180,19 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         by_batch_size=rows,
         class_counts=stored_class_counts(study),
         budget_unit=unit,
+        budget_per_report=_recorded_per_report(trials),
     )
+
+
+def _recorded_per_report(trials: list[FrozenTrial]) -> float | None:
+    """The budget between two reports the trials recorded (the most common positive value;
+    a study's trials share one budget)."""
+    recorded = Counter(
+        float(value)
+        for t in trials
+        if (value := finite_number(t.user_attrs, "budget_per_report")) is not None and value > 0
+    )
+    return recorded.most_common(1)[0][0] if recorded else None
 
 
 def _b_simple(trial: FrozenTrial) -> float | None:
