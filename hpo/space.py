@@ -148,7 +148,8 @@ def coverage_retries(
     so far, one more trial (params, attempt number), smallest batch size first, at most
     ``room`` of them (the trials the study's budget still allows).
 
-    The retry's LR is the first round's × ``COVER_LR_FACTOR`` ** attempt, kept inside the
+    A failed trial that was re-queued is left out: its retry counts in its place. The
+    retry's LR is the first round's × ``COVER_LR_FACTOR`` ** attempt, kept inside the
     range; weight decay as in the first round. Pure: the caller (``hpo.study``) queues
     them under the study lock, so every worker sees the same trials and a need is met
     once (the queued trial is WAITING, then RUNNING, at that batch size: no second one).
@@ -158,8 +159,15 @@ def coverage_retries(
     """
     if room <= 0:
         return []
+    # A trial stopped and re-queued (a stop signal, a vanished worker) is no attempt: its
+    # retry carries its coverage attrs (hpo.retry.PARAMETER_ATTRS) and counts in its place.
+    superseded = {
+        int(history[-1]) for t in trials if (history := t.system_attrs.get("retry_history"))
+    }
     by_batch: dict[int, list[FrozenTrial]] = {}
     for trial in trials:
+        if trial.number in superseded:
+            continue
         log2 = trial.params.get(
             BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
         )
