@@ -11,8 +11,10 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   ``train_epochs``) / one pass of the grid (every config once);
 - ``per_b_shortfall``: for each batch size, the grid's best there minus hpo's best there
   (median over seeds; null when a run has no complete trial at that batch size);
-- ``alpha_grid`` (the fit on the grid's best LR per batch size) and ``alpha_hpo`` (each
-  run's fit, with its 95% interval), and whether the grid's α lies in each interval;
+- ``alpha_grid`` (the fit on the grid's best LR per batch size, between grid points: the
+  vertex of a parabola in log LR through the best grid LR and its neighbours; and
+  ``best_point``, on the best grid LR itself) and ``alpha_hpo`` (each run's fit, with its
+  95% interval), and whether each grid α lies in each interval;
 - ``pruning_regret``: the grid's top-10% configs (at least one), enqueued into the first
   seed's study after it has run, and how many the policy's pruner prunes (goal 0).
 
@@ -209,6 +211,14 @@ def pruning_regret(
     return sum(t.state == TrialState.PRUNED for t in study.trials[before:])
 
 
+def _inside(alpha: float | None, intervals: list[list[float | None]]) -> list[bool | None]:
+    """Per run, whether ``alpha`` lies in its interval (None without one)."""
+    return [
+        None if low is None or high is None or alpha is None else low <= alpha <= high
+        for low, high in intervals
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
     parser.add_argument("--policies", default="old,fair", help="comma-separated: old, fair")
+    parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -245,13 +256,17 @@ def main(argv: list[str] | None = None) -> dict:
         "policies": {},
     }
     chosen = [name for name in args.policies.split(",") if name]
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.keep or Path(scratch)
+        directory.mkdir(parents=True, exist_ok=True)
         for name, policy in fair_search.policies(spec).items():
             if args.only == "grid" or name not in chosen:
                 continue
             runs, regret = [], None
             for seed in range(args.hpo_seeds):
                 database = Path(directory) / f"{name}-{seed}.db"
+                if database.exists():
+                    raise SystemExit(f"{database} exists: --keep needs a fresh directory")
                 seeded, study, wall = fair_search.optimize(policy, seed, database)
                 runs.append(fair_search.summarize(study, seeded, seed, wall))
                 if seed == 0:
@@ -268,12 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
                 / truth["epochs_per_seed"],
                 "per_b_shortfall": shortfall,
                 "alpha_hpo": [[r["alpha"], *r["alpha_interval"]] for r in runs],
-                "alpha_grid_inside": [
-                    None
-                    if low is None or alpha_grid["alpha"] is None
-                    else low <= alpha_grid["alpha"] <= high
-                    for low, high in intervals
-                ],
+                "alpha_grid_inside": _inside(alpha_grid["alpha"], intervals),
+                "alpha_grid_best_point_inside": _inside(
+                    alpha_grid["best_point"]["alpha"], intervals
+                ),
                 "pruning_regret": regret,
                 "top_configs": len(top),
                 "runs": runs,

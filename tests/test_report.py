@@ -432,3 +432,27 @@ def test_learning_curves_axis_names_what_a_report_is(
         add_trial(study, batch_size, 0.01, 0.8, user_attrs=budget)
     (panel,) = learning_curves_figure(collect(study, "val_auc")).panels
     assert panel.x.title == axis
+
+
+def test_a_best_lr_at_the_edge_of_what_was_tried_is_flagged() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.80)  # B = 16: best at the lowest LR tried there
+    add_trial(study, 16, 0.04, 0.70)
+    add_trial(study, 32, 0.005, 0.70)  # B = 32: bracketed by worse trials on both sides...
+    add_trial(study, 32, 0.02, 0.80)
+    add_trial(study, 32, 0.08, 0.60, state=TrialState.PRUNED)  # ...this one at its report
+    add_trial(study, 64, 0.04, 0.80)
+    add_trial(study, 64, 0.16, 0.79)  # B = 64: worse above, nothing tried below
+    fit = fit_lr_scaling(study)
+    assert set(fit.unbracketed) == {(16, "below"), (64, "below")}
+    assert "Caution: at B = 16 (lowest), B = 64 (lowest) the best trial" in fit.describe()
+
+
+def test_a_pruned_trial_better_than_the_best_at_its_report_brackets_nothing() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.70)
+    add_trial(study, 16, 0.04, 0.90, state=TrialState.PRUNED)  # ahead at its last report
+    add_trial(study, 16, 0.002, 0.60)
+    add_trial(study, 32, 0.02, 0.80)
+    assert (16, "above") in fit_lr_scaling(study).unbracketed
+    assert (16, "below") not in fit_lr_scaling(study).unbracketed

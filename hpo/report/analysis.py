@@ -264,6 +264,10 @@ class ScalingFit:
     batch_sizes: tuple[int, ...] = field(default=())
     trials: tuple[tuple[int, float], ...] = field(default=())
     near_best: float = DEFAULT_NEAR_BEST
+    # Batch sizes whose best trial is at the lowest ("below") or highest ("above") LR of
+    # their complete trials: the optimum there is not bracketed by a worse trial on that
+    # side and may lie further out, which no interval from these points can know.
+    unbracketed: tuple[tuple[int, str], ...] = field(default=())
 
     @property
     def n_points(self) -> int:
@@ -315,7 +319,20 @@ class ScalingFit:
             text += "inside the interval."
         if flat:
             text += " α = 0 (no dependence on batch size) is not ruled out."
-        return text
+        return text + self._describe_unbracketed()
+
+    def _describe_unbracketed(self) -> str:
+        if not self.unbracketed:
+            return ""
+        sides = ", ".join(
+            f"B = {b} ({'lowest' if side == 'below' else 'highest'})"
+            for b, side in self.unbracketed
+        )
+        return (
+            f" Caution: at {sides} the best trial is the extreme LR tried there, so that batch "
+            "size's optimum may lie further out than its point, and α further from the fit "
+            "than the interval says."
+        )
 
 
 def _student_t_quantile(probability: float, dof: int) -> float:
@@ -349,6 +366,7 @@ def fit_lr_scaling(
         for b, trials in near.items()
     ]
     batch_sizes = tuple(near)
+    unbracketed = _unbracketed(study, {b: trials[0] for b, trials in near.items()})
     common = {
         "points": tuple(points),
         "top_k": top_k,
@@ -356,6 +374,7 @@ def fit_lr_scaling(
         "batch_sizes": batch_sizes,
         "trials": tuple((b, float(t.params["lr"])) for b, trials in near.items() for t in trials),
         "near_best": near_best,
+        "unbracketed": unbracketed,
     }
     if len(batch_sizes) < 2:
         found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
@@ -387,6 +406,40 @@ def fit_lr_scaling(
         intercept=intercept,
         **common,
     )
+
+
+def _unbracketed(study: optuna.Study, best: dict[int, FrozenTrial]) -> tuple[tuple[int, str], ...]:
+    """(batch size, side) for each side of a batch size's best LR with no worse trial of
+    that batch size: a complete trial with a worse value, or a pruned one that was worse
+    than the best trial at the report it was pruned at (the same resource)."""
+    maximize = _is_maximize(study)
+    worse_lrs: dict[int, list[float]] = {b: [] for b in best}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        batch_size = trial_batch_size(trial)
+        if batch_size not in best or "lr" not in trial.params or trial is best[batch_size]:
+            continue
+        top = best[batch_size]
+        if trial.state == TrialState.COMPLETE:
+            mine, theirs = trial.value, top.value
+        elif trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            mine, theirs = trial.intermediate_values[step], top.intermediate_values.get(step)
+        else:
+            continue
+        if (
+            mine is not None
+            and theirs is not None
+            and (mine < theirs if maximize else mine > theirs)
+        ):
+            worse_lrs[batch_size].append(float(trial.params["lr"]))
+    found = []
+    for batch_size, trial in best.items():
+        lr = float(trial.params["lr"])
+        if not any(other < lr for other in worse_lrs[batch_size]):
+            found.append((batch_size, "below"))
+        if not any(other > lr for other in worse_lrs[batch_size]):
+            found.append((batch_size, "above"))
+    return tuple(found)
 
 
 def near_best_trials(
