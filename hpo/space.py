@@ -46,6 +46,9 @@ COVER_RETRIES = 2
 # Each retry's LR is the first round's times this, per attempt (two octaves lower): the
 # usual way a first-round trial fails is divergence, an LR too high for its batch size.
 COVER_LR_FACTOR = 0.25
+# With ``sampler.first_round_lrs`` > 1, the first round's LRs at one batch size are this
+# factor apart (two octaves: on the demo's task about the width of the top of the LR curve).
+FIRST_ROUND_LR_SPREAD = 4.0
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -111,7 +114,8 @@ def grid_size(spec: StudySpec) -> int:
 
 
 def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
-    """One trial per batch size, smallest first: the trials queued when a study with
+    """``sampler.first_round_lrs`` trials per batch size, smallest batch size first (one
+    trial per batch size at each LR, lowest LR first): the trials queued when a study with
     ``sampler.cover_batch_sizes`` is created.
 
     Why a queued round rather than a sampler rule: TPE (and GP) draw the batch size
@@ -123,8 +127,26 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
 
     LR: the geometric middle of the range at the middle batch size, scaled by the
     square-root rule (halfway, on a log scale, between the linear rule and no dependence)
-    and kept inside the range; weight decay: the geometric middle of its range.
+    and kept inside the range; with more than one LR per batch size, LRs a factor
+    ``FIRST_ROUND_LR_SPREAD`` apart centred on that one (issue 9: with the rule's LR alone,
+    the best trial at the ends of the batch-size range was that round trial in every seed,
+    so the α fit echoed the rule). Weight decay: the geometric middle of its range.
     """
+    count = spec.sampler.first_round_lrs
+    rounds = []
+    for index in range(count):
+        factor = FIRST_ROUND_LR_SPREAD ** (index - (count - 1) / 2)
+        for params in round_at_the_rule(spec):
+            lr = min(spec.search.lr_high, max(spec.search.lr_low, float(params["lr"]) * factor))
+            trial = {**params, "lr": lr}
+            if trial not in rounds:  # two LRs clamped to the same end of a narrow range
+                rounds.append(trial)
+    return rounds
+
+
+def round_at_the_rule(spec: StudySpec) -> list[dict[str, float | int]]:
+    """One trial per batch size at the square-root rule's LR (see ``first_round``): the
+    base every coverage retry lowers its LR from."""
     search = spec.search
     log2_sizes = [int(math.log2(b)) for b in search.batch_sizes]
     middle = (log2_sizes[0] + log2_sizes[-1]) / 2
@@ -175,7 +197,7 @@ def coverage_retries(
             by_batch.setdefault(int(log2), []).append(trial)
     pending = (TrialState.RUNNING, TrialState.WAITING)
     retries = []
-    for first in first_round(spec):
+    for first in round_at_the_rule(spec):
         mine = by_batch.get(int(first[BATCH_PARAM]), [])
         if any(_completed(t) or t.state in pending for t in mine):
             continue

@@ -346,6 +346,10 @@ class SamplerSpec(_Table):
     grid_lr: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
     grid_weight_decay: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
     cover_batch_sizes: bool = False
+    # LRs per batch size in that first round: the square-root rule's LR alone (1), or LRs a
+    # factor 4 apart centred on it (2: ×½ and ×2), so the round brackets each batch size's
+    # optimum instead of anchoring the fit to the rule's LR.
+    first_round_lrs: int = Field(1, ge=1, le=4)
 
 
 class ObjectiveSpec(_Table):

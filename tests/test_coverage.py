@@ -49,6 +49,28 @@ def test_first_round_lr_stays_inside_a_narrow_range(tiny_study: Path) -> None:
     assert min(lrs) == 0.01 and max(lrs) == 0.011
 
 
+def test_a_two_lr_round_brackets_the_rules_lr_at_every_batch_size(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, cover=True, batch_size_min=16, batch_size_max=64)
+    at_the_rule = {p[BATCH_PARAM]: p["lr"] for p in first_round(spec)}
+    two = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"first_round_lrs": 2})}
+    )
+    round_ = first_round(two)
+    assert [p[BATCH_PARAM] for p in round_] == [4, 5, 6, 4, 5, 6]  # lower LRs first
+    for low, high in zip(round_[:3], round_[3:], strict=True):
+        assert low["lr"] == pytest.approx(at_the_rule[low[BATCH_PARAM]] / 2)
+        assert high["lr"] == pytest.approx(at_the_rule[high[BATCH_PARAM]] * 2)
+
+
+def test_a_two_lr_round_in_a_narrow_range_queues_no_duplicate(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, cover=True, lr_low=0.01, lr_high=0.011, batch_size_max=32)
+    two = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"first_round_lrs": 2})}
+    )
+    round_ = first_round(two)
+    assert len(round_) == len({(p[BATCH_PARAM], p["lr"]) for p in round_}) == 4
+
+
 def test_a_new_study_queues_the_round_once(tiny_study: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cover.db'}"
     spec = _spec(tiny_study, cover=True)
