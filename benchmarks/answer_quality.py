@@ -26,7 +26,9 @@ CPU cores; ``--quick`` shrinks everything to seconds for the test suite). To spl
 parts (e.g. to hold a shared benchmark lock for less time), ``--grid-cache grid.json``
 stores the grid's results after it has run and reuses them on the next call (refused if the
 study, LRs or seeds differ), ``--only grid`` stops after the grid, and ``--policies fair``
-runs a subset of the policies.
+runs a subset of the policies; ``--keep DIR`` keeps each search's SQLite study there (for
+``hpo report`` or a second look; the seed-0 studies also hold the regret trials, after the
+first 30).
 """
 
 from __future__ import annotations

@@ -80,6 +80,12 @@ def test_the_grids_best_lr_at_the_end_of_the_range_is_that_grid_point() -> None:
     assert module.grid_best_lrs(mean) == {16: 1e-3}
 
 
+def test_each_runs_interval_is_checked_for_the_grids_alpha() -> None:
+    inside = _answer_quality()._inside
+    assert inside(0.5, [[0.0, 1.0], [None, None], [0.6, 1.0]]) == [True, None, False]
+    assert inside(None, [[0.0, 1.0]]) == [None]
+
+
 def test_answer_quality_cached_grid_outlives_a_change_of_pruner_or_sampler(
     tmp_path: Path,
 ) -> None:
