@@ -264,9 +264,10 @@ class ScalingFit:
     batch_sizes: tuple[int, ...] = field(default=())
     trials: tuple[tuple[int, float], ...] = field(default=())
     near_best: float = DEFAULT_NEAR_BEST
-    # Batch sizes whose best trial is at the lowest ("below") or highest ("above") LR of
-    # their complete trials: the optimum there is not bracketed by a worse trial on that
-    # side and may lie further out, which no interval from these points can know.
+    # Batch sizes with no worse trial (complete, or pruned and behind the best at its last
+    # report) below ("below") or above ("above") their best trial's LR: the optimum there is
+    # not bracketed on that side and may lie further out, which no interval from these
+    # points can know.
     unbracketed: tuple[tuple[int, str], ...] = field(default=())
 
     @property
@@ -416,7 +417,9 @@ def _unbracketed(study: optuna.Study, best: dict[int, FrozenTrial]) -> tuple[tup
     worse_lrs: dict[int, list[float]] = {b: [] for b in best}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         batch_size = trial_batch_size(trial)
-        if batch_size not in best or "lr" not in trial.params or trial is best[batch_size]:
+        if batch_size not in best or "lr" not in trial.params:
+            continue
+        if trial.number == best[batch_size].number:
             continue
         top = best[batch_size]
         if trial.state == TrialState.COMPLETE:
