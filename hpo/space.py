@@ -243,20 +243,24 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     Intermediate values are reported at step = report number (1-based; with
     ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
     the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
-    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` and
-    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``).
+    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` (with
+    ``compare_with_pruned``) and ``min_trials_per_batch_size`` wrap it (``hpo.pruning``);
+    ``min_trials_at_report`` is Optuna's ``n_min_trials``.
     """
     config = spec.pruner
     pruner: optuna.pruners.BasePruner
     if config.kind == "median":
         pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=config.n_startup_trials, n_warmup_steps=config.min_epochs
+            n_startup_trials=config.n_startup_trials,
+            n_warmup_steps=config.min_epochs,
+            n_min_trials=config.min_trials_at_report,
         )
     elif config.kind == "percentile":
         pruner = optuna.pruners.PercentilePruner(
             config.percentile,
             n_startup_trials=config.n_startup_trials,
             n_warmup_steps=config.min_epochs,
+            n_min_trials=config.min_trials_at_report,
         )
     elif config.kind == "hyperband":
         hyperband = {
@@ -272,7 +276,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     else:
         return optuna.pruners.NopPruner()
     if config.stratify_by_batch_size:
-        pruner = SameBatchSizePruner(pruner, BATCH_PARAM)
+        pruner = SameBatchSizePruner(pruner, BATCH_PARAM, include_pruned=config.compare_with_pruned)
     if config.min_trials_per_batch_size > 0:
         pruner = BatchSizeFloorPruner(pruner, BATCH_PARAM, config.min_trials_per_batch_size)
     return pruner
