@@ -56,7 +56,9 @@ def policies(spec: StudySpec) -> dict[str, StudySpec]:
     old = _with(
         spec,
         pruner={
+            "kind": "median",
             "stratify_by_batch_size": False,
+            "compare_with_pruned": False,
             "min_trials_per_batch_size": 0,
             "n_startup_trials": 4,
         },
