@@ -11,8 +11,10 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   ``train_epochs``) / one pass of the grid (every config once);
 - ``per_b_shortfall``: for each batch size, the grid's best there minus hpo's best there
   (median over seeds; null when a run has no complete trial at that batch size);
-- ``alpha_grid`` (the fit on the grid's best LR per batch size) and ``alpha_hpo`` (each
-  run's fit, with its 95% interval), and whether the grid's α lies in each interval;
+- ``alpha_grid`` (the fit on the grid's best LR per batch size, between grid points: the
+  vertex of a parabola in log LR through the best grid LR and its neighbours; and
+  ``best_point``, on the best grid LR itself) and ``alpha_hpo`` (each run's fit, with its
+  95% interval), and whether each grid α lies in each interval;
 - ``pruning_regret``: the grid's top-10% configs (at least one), enqueued into the first
   seed's study after it has run, and how many the policy's pruner prunes (goal 0).
 
@@ -24,7 +26,9 @@ CPU cores; ``--quick`` shrinks everything to seconds for the test suite). To spl
 parts (e.g. to hold a shared benchmark lock for less time), ``--grid-cache grid.json``
 stores the grid's results after it has run and reuses them on the next call (refused if the
 study, LRs or seeds differ), ``--only grid`` stops after the grid, and ``--policies fair``
-runs a subset of the policies.
+runs a subset of the policies; ``--keep DIR`` keeps each search's SQLite study there (for
+``hpo report`` or a second look; the seed-0 studies also hold the regret trials, after the
+first 30).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
 
     With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
     else computed and written there."""
-    wanted = {"spec": json.loads(spec.to_json()), "lrs": lrs, "seeds": seeds}
+    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["key"] != wanted:
@@ -114,6 +118,17 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
     return {**result, "mean": mean}
 
 
+def grid_fields(spec: StudySpec) -> dict:
+    """The study's fields a grid's values depend on: not the pruner, the sampler, or how many
+    trials a search draws (so a cached grid outlives a change to the search policy)."""
+    fields = json.loads(spec.to_json())
+    for name in ("pruner", "sampler"):
+        fields.pop(name, None)
+    for name in ("n_trials", "timeout_s"):
+        fields["budget"].pop(name, None)
+    return fields
+
+
 def _differences(stored: object, current: object, where: str = "") -> list[str]:
     """The dotted names at which two JSON values differ (a study field, ``lrs``, ``seeds``)."""
     if isinstance(stored, dict) and isinstance(current, dict):
@@ -124,25 +139,66 @@ def _differences(stored: object, current: object, where: str = "") -> list[str]:
     return [] if stored == current else [where.lstrip(".")]
 
 
+def grid_best_lrs(mean: dict[tuple[int, float], float], maximize: bool = True) -> dict[int, float]:
+    """The grid's best LR at each batch size, between grid points: the vertex of the
+    parabola in log LR through its best LR and that LR's two neighbours (kept within half a
+    step of the best, where the parabola is trusted); the best LR itself at the range's ends.
+    On a grid LRs 3/8 decade apart, the best grid point alone moves α in steps of 0.1-0.3."""
+    sign = 1.0 if maximize else -1.0
+    best = {}
+    for log2_batch_size in sorted({log2 for log2, _ in mean}):
+        row = sorted((lr, sign * v) for (log2, lr), v in mean.items() if log2 == log2_batch_size)
+        top = max(range(len(row)), key=lambda i: row[i][1])
+        if top in (0, len(row) - 1):
+            best[2**log2_batch_size] = row[top][0]
+            continue
+        (low_lr, below), (lr, peak), (high_lr, above) = row[top - 1 : top + 2]
+        curvature = below - 2 * peak + above
+        step = math.log2(high_lr / lr)  # log-spaced: the same on both sides
+        offset = 0.0 if curvature >= 0 else 0.5 * (below - above) / curvature
+        best[2**log2_batch_size] = lr * 2.0 ** (step * max(-0.5, min(0.5, offset)))
+    return best
+
+
 def grid_alpha(spec: StudySpec, mean: dict[tuple[int, float], float]) -> dict:
-    """α fitted on the grid's best LR at each batch size (``fit_lr_scaling``, top 1)."""
+    """α on the grid: ``fit_lr_scaling`` over one point per batch size at the grid's best LR
+    between grid points (``grid_best_lrs``: the reference), and at its best grid point
+    (``best_point``: what the grid alone says, coarser)."""
+    maximize = spec.objective.direction == "maximize"
+    by_vertex = _fit_points(spec, grid_best_lrs(mean, maximize))
+    by_point = {}
+    for (log2_batch_size, lr), value in mean.items():
+        current = by_point.get(2**log2_batch_size)
+        better = current is None or (value > current[1] if maximize else value < current[1])
+        if better:
+            by_point[2**log2_batch_size] = (lr, value)
+    at_point = _fit_points(spec, {b: lr for b, (lr, _) in by_point.items()})
+    return {**by_vertex, "best_point": at_point}
+
+
+def _fit_points(spec: StudySpec, best_lrs: dict[int, float]) -> dict:
+    """``fit_lr_scaling`` on one trial per batch size at ``best_lrs``."""
     study = optuna.create_study(direction=spec.objective.direction)
     high = int(math.log2(spec.search.batch_size_max))
     distributions = {
         BATCH_PARAM: IntDistribution(int(math.log2(spec.search.batch_size_min)), high),
         "lr": FloatDistribution(spec.search.lr_low, spec.search.lr_high, log=True),
     }
-    for (log2_batch_size, lr), value in mean.items():
+    for batch_size, lr in best_lrs.items():
         study.add_trial(
             create_trial(
-                params={BATCH_PARAM: log2_batch_size, "lr": lr},
+                params={BATCH_PARAM: int(math.log2(batch_size)), "lr": lr},
                 distributions=distributions,
-                value=value,
-                user_attrs={"batch_size": 2**log2_batch_size},
+                value=1.0,
+                user_attrs={"batch_size": batch_size},
             )
         )
     fit = fit_lr_scaling(study, top_k=1)
-    return {"alpha": fit.alpha, "interval": [fit.alpha_low, fit.alpha_high]}
+    return {
+        "alpha": fit.alpha,
+        "interval": [fit.alpha_low, fit.alpha_high],
+        "best_lr_per_batch_size": {b: lr for b, lr in fit.points},
+    }
 
 
 def pruning_regret(
@@ -157,10 +213,18 @@ def pruning_regret(
     return sum(t.state == TrialState.PRUNED for t in study.trials[before:])
 
 
+def _inside(alpha: float | None, intervals: list[list[float | None]]) -> list[bool | None]:
+    """Per run, whether ``alpha`` lies in its interval (None without one)."""
+    return [
+        None if low is None or high is None or alpha is None else low <= alpha <= high
+        for low, high in intervals
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
-    parser.add_argument("--lrs", type=int, default=5)
+    parser.add_argument("--lrs", type=int, default=9)
     parser.add_argument("--grid-seeds", type=int, default=2)
     parser.add_argument("--hpo-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -169,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
     parser.add_argument("--policies", default="old,fair", help="comma-separated: old, fair")
+    parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -193,13 +258,17 @@ def main(argv: list[str] | None = None) -> dict:
         "policies": {},
     }
     chosen = [name for name in args.policies.split(",") if name]
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.keep or Path(scratch)
+        directory.mkdir(parents=True, exist_ok=True)
         for name, policy in fair_search.policies(spec).items():
             if args.only == "grid" or name not in chosen:
                 continue
             runs, regret = [], None
             for seed in range(args.hpo_seeds):
                 database = Path(directory) / f"{name}-{seed}.db"
+                if database.exists():
+                    raise SystemExit(f"{database} exists: --keep needs a fresh directory")
                 seeded, study, wall = fair_search.optimize(policy, seed, database)
                 runs.append(fair_search.summarize(study, seeded, seed, wall))
                 if seed == 0:
@@ -216,12 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
                 / truth["epochs_per_seed"],
                 "per_b_shortfall": shortfall,
                 "alpha_hpo": [[r["alpha"], *r["alpha_interval"]] for r in runs],
-                "alpha_grid_inside": [
-                    None
-                    if low is None or alpha_grid["alpha"] is None
-                    else low <= alpha_grid["alpha"] <= high
-                    for low, high in intervals
-                ],
+                "alpha_grid_inside": _inside(alpha_grid["alpha"], intervals),
+                "alpha_grid_best_point_inside": _inside(
+                    alpha_grid["best_point"]["alpha"], intervals
+                ),
                 "pruning_regret": regret,
                 "top_configs": len(top),
                 "runs": runs,

@@ -56,7 +56,9 @@ def policies(spec: StudySpec) -> dict[str, StudySpec]:
     old = _with(
         spec,
         pruner={
+            "kind": "median",
             "stratify_by_batch_size": False,
+            "compare_with_pruned": False,
             "min_trials_per_batch_size": 0,
             "n_startup_trials": 4,
         },
@@ -121,6 +123,8 @@ def summarize(study: optuna.Study, spec: StudySpec, seed: int, wall: float) -> d
         "best_per_batch_size": best_per_batch_size(study, spec),
         "alpha": fit.alpha,
         "alpha_interval": [fit.alpha_low, fit.alpha_high],
+        "alpha_points": {b: lr for b, lr in fit.points},  # the fit's best LR per batch size
+        "alpha_unbracketed": [f"{b} {side}" for b, side in fit.unbracketed],
         "best": best,
         "median_complete": median,
         "best_minus_median": None if best is None else best - median,

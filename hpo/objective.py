@@ -126,6 +126,7 @@ class Objective:
         run, checkpoint = self._resume(trial, params, seed)
         budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
         trial.set_user_attr("budget_unit", budget.unit)
+        trial.set_user_attr("budget_per_report", budget.amount / budget.reports)
         self.progress.start(trial.number, params, budget)
         try:
             fit(
@@ -199,7 +200,9 @@ class Objective:
         if not math.isfinite(value):
             raise Diverged(f"{metric} is {value} at report {metrics.epoch}")
         trial.report(value, metrics.epoch)
-        if trial.should_prune():
+        # Never at the last report: the budget is spent, so pruning would save nothing and
+        # throw away a full-budget result (issue 9: 1-2 trials per demo-sized run were).
+        if metrics.epoch < self.spec.budget.report_count and trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")
         if checkpoint is not None:

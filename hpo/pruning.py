@@ -14,6 +14,16 @@ pruners and both keyed on the trial's ``log2_batch_size`` parameter:
   ``min_complete`` complete trials, so every batch size gets that many full-budget answers
   before any of its trials can be stopped early.
 
+``SameBatchSizePruner(..., include_pruned=True)`` also hands the inner pruner the PRUNED
+trials. Optuna's Percentile/Median pruner compares with COMPLETE trials only; with two or
+three complete trials per batch size those are survivors, kept because they were good at
+the first pruning report, so their median there is biased upward and a config whose curve
+starts slow and ends best is pruned (issue 9's pruning regret: the grid's B = 128 at
+LR 0.032, 0.674 at report 2 against the complete trials' 0.689 and 0.693; the pruned
+trials that reached report 2 put the median at 0.645). A pruned trial's intermediate
+values are real measurements at the reports it reached, and Optuna reads a trial only at
+the report being judged, so a trial pruned earlier is simply absent from later medians.
+
 This module knows the parameter only by the name it is given (``hpo.space`` passes
 ``BATCH_PARAM``), so it imports no other hpo module.
 """
@@ -33,17 +43,24 @@ def _same_param(trial: FrozenTrial, param: str, value: Any) -> bool:
 
 class _TrialsWithParam:
     """A read-only view of a study that lists only the trials whose ``param`` equals
-    ``value``. Optuna's Percentile/Median pruner reads a study through ``get_trials`` and
-    ``direction`` only (optuna/pruners/_percentile.py); everything else is delegated."""
+    ``value`` and, with ``include_pruned``, answers a request for COMPLETE trials with the
+    COMPLETE and PRUNED ones. Optuna's Percentile/Median pruner reads a study through
+    ``get_trials`` and ``direction`` only (optuna/pruners/_percentile.py); everything else
+    is delegated."""
 
-    def __init__(self, study: optuna.Study, param: str, value: Any) -> None:
+    def __init__(
+        self, study: optuna.Study, param: str, value: Any, include_pruned: bool = False
+    ) -> None:
         self._study = study
         self._param = param
         self._value = value
+        self._include_pruned = include_pruned
 
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
+        if self._include_pruned and states is not None and TrialState.COMPLETE in states:
+            states = (*states, TrialState.PRUNED)
         trials = self._study.get_trials(deepcopy=deepcopy, states=states)
         return [t for t in trials if _same_param(t, self._param, self._value)]
 
@@ -58,17 +75,25 @@ class _TrialsWithParam:
 class SameBatchSizePruner(optuna.pruners.BasePruner):
     """``base`` (a Median or Percentile pruner) applied to the trials of one batch size.
 
-    A trial without the parameter yet (it has not sampled it) is never pruned.
+    With ``include_pruned`` the comparison at a report counts every trial of that batch
+    size that reached it, PRUNED as well as COMPLETE (see the module docstring); the inner
+    pruner's ``n_startup_trials`` then counts both too. A trial without the parameter yet
+    (it has not sampled it) is never pruned.
     """
 
-    def __init__(self, base: optuna.pruners.BasePruner, param: str) -> None:
+    def __init__(
+        self, base: optuna.pruners.BasePruner, param: str, include_pruned: bool = False
+    ) -> None:
         self.base = base
         self.param = param
+        self.include_pruned = include_pruned
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         if self.param not in trial.params:
             return False
-        view = _TrialsWithParam(study, self.param, trial.params[self.param])
+        view = _TrialsWithParam(
+            study, self.param, trial.params[self.param], include_pruned=self.include_pruned
+        )
         return self.base.prune(view, trial)  # type: ignore[arg-type]
 
 

@@ -21,8 +21,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 # User attrs that describe the parameters, not how a run went: the batch size the
-# parameters mean and the value the cap clamped it from (hpo.space, hpo.caps).
-PARAMETER_ATTRS = frozenset({"batch_size", "batch_size_clamped_from"})
+# parameters mean and the value the cap clamped it from (hpo.space, hpo.caps), and why the
+# trial was queued: a coverage trial's retry is that coverage trial, at the same attempt
+# (hpo.space.COVER_ATTR, COVER_ATTEMPT_ATTR), so a stop signal uses up no attempt.
+PARAMETER_ATTRS = frozenset({"batch_size", "batch_size_clamped_from", "queued_by", "cover_attempt"})
 RETRY_REASON_ATTR = "retried_because"
 
 

@@ -46,6 +46,9 @@ COVER_RETRIES = 2
 # Each retry's LR is the first round's times this, per attempt (two octaves lower): the
 # usual way a first-round trial fails is divergence, an LR too high for its batch size.
 COVER_LR_FACTOR = 0.25
+# With ``sampler.first_round_lrs`` > 1, the first round's LRs at one batch size are this
+# factor apart (two octaves: on the demo's task about the width of the top of the LR curve).
+FIRST_ROUND_LR_SPREAD = 4.0
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -111,7 +114,8 @@ def grid_size(spec: StudySpec) -> int:
 
 
 def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
-    """One trial per batch size, smallest first: the trials queued when a study with
+    """``sampler.first_round_lrs`` trials per batch size, smallest batch size first (one
+    trial per batch size at each LR, lowest LR first): the trials queued when a study with
     ``sampler.cover_batch_sizes`` is created.
 
     Why a queued round rather than a sampler rule: TPE (and GP) draw the batch size
@@ -123,8 +127,26 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
 
     LR: the geometric middle of the range at the middle batch size, scaled by the
     square-root rule (halfway, on a log scale, between the linear rule and no dependence)
-    and kept inside the range; weight decay: the geometric middle of its range.
+    and kept inside the range; with more than one LR per batch size, LRs a factor
+    ``FIRST_ROUND_LR_SPREAD`` apart centred on that one (issue 9: with the rule's LR alone,
+    the best trial at the ends of the batch-size range was that round trial in every seed,
+    so the α fit echoed the rule). Weight decay: the geometric middle of its range.
     """
+    count = spec.sampler.first_round_lrs
+    rounds = []
+    for index in range(count):
+        factor = FIRST_ROUND_LR_SPREAD ** (index - (count - 1) / 2)
+        for params in round_at_the_rule(spec):
+            lr = min(spec.search.lr_high, max(spec.search.lr_low, float(params["lr"]) * factor))
+            trial = {**params, "lr": lr}
+            if trial not in rounds:  # two LRs clamped to the same end of a narrow range
+                rounds.append(trial)
+    return rounds
+
+
+def round_at_the_rule(spec: StudySpec) -> list[dict[str, float | int]]:
+    """One trial per batch size at the square-root rule's LR (see ``first_round``): the
+    base every coverage retry lowers its LR from."""
     search = spec.search
     log2_sizes = [int(math.log2(b)) for b in search.batch_sizes]
     middle = (log2_sizes[0] + log2_sizes[-1]) / 2
@@ -148,7 +170,8 @@ def coverage_retries(
     so far, one more trial (params, attempt number), smallest batch size first, at most
     ``room`` of them (the trials the study's budget still allows).
 
-    The retry's LR is the first round's × ``COVER_LR_FACTOR`` ** attempt, kept inside the
+    A failed trial that was re-queued is left out: its retry counts in its place. The
+    retry's LR is the first round's × ``COVER_LR_FACTOR`` ** attempt, kept inside the
     range; weight decay as in the first round. Pure: the caller (``hpo.study``) queues
     them under the study lock, so every worker sees the same trials and a need is met
     once (the queued trial is WAITING, then RUNNING, at that batch size: no second one).
@@ -158,8 +181,15 @@ def coverage_retries(
     """
     if room <= 0:
         return []
+    # A trial stopped and re-queued (a stop signal, a vanished worker) is no attempt: its
+    # retry carries its coverage attrs (hpo.retry.PARAMETER_ATTRS) and counts in its place.
+    superseded = {
+        int(history[-1]) for t in trials if (history := t.system_attrs.get("retry_history"))
+    }
     by_batch: dict[int, list[FrozenTrial]] = {}
     for trial in trials:
+        if trial.number in superseded:
+            continue
         log2 = trial.params.get(
             BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
         )
@@ -167,7 +197,7 @@ def coverage_retries(
             by_batch.setdefault(int(log2), []).append(trial)
     pending = (TrialState.RUNNING, TrialState.WAITING)
     retries = []
-    for first in first_round(spec):
+    for first in round_at_the_rule(spec):
         mine = by_batch.get(int(first[BATCH_PARAM]), [])
         if any(_completed(t) or t.state in pending for t in mine):
             continue
@@ -213,20 +243,24 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     Intermediate values are reported at step = report number (1-based; with
     ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
     the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
-    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` and
-    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``).
+    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` (with
+    ``compare_with_pruned``) and ``min_trials_per_batch_size`` wrap it (``hpo.pruning``);
+    ``min_trials_at_report`` is Optuna's ``n_min_trials``.
     """
     config = spec.pruner
     pruner: optuna.pruners.BasePruner
     if config.kind == "median":
         pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=config.n_startup_trials, n_warmup_steps=config.min_epochs
+            n_startup_trials=config.n_startup_trials,
+            n_warmup_steps=config.min_epochs,
+            n_min_trials=config.min_trials_at_report,
         )
     elif config.kind == "percentile":
         pruner = optuna.pruners.PercentilePruner(
             config.percentile,
             n_startup_trials=config.n_startup_trials,
             n_warmup_steps=config.min_epochs,
+            n_min_trials=config.min_trials_at_report,
         )
     elif config.kind == "hyperband":
         hyperband = {
@@ -242,7 +276,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     else:
         return optuna.pruners.NopPruner()
     if config.stratify_by_batch_size:
-        pruner = SameBatchSizePruner(pruner, BATCH_PARAM)
+        pruner = SameBatchSizePruner(pruner, BATCH_PARAM, include_pruned=config.compare_with_pruned)
     if config.min_trials_per_batch_size > 0:
         pruner = BatchSizeFloorPruner(pruner, BATCH_PARAM, config.min_trials_per_batch_size)
     return pruner

@@ -303,6 +303,11 @@ class PrunerSpec(_Table):
       trials of its own batch size; ``n_startup_trials`` then counts per batch size.
     - ``min_trials_per_batch_size``, the floor: no trial is pruned while its batch size
       has fewer than this many complete trials.
+    - ``compare_with_pruned`` (with ``stratify_by_batch_size``): the median/percentile at a
+      report counts every trial of the batch size that reached it, PRUNED as well as
+      COMPLETE, not only the complete survivors (``hpo.pruning``).
+    - ``min_trials_at_report``: no pruning at a report fewer than this many compared trials
+      reached (Optuna's ``n_min_trials``).
 
     The last two default off so a study file, or a study stored before they existed, keeps
     pruning exactly as before; the shipped study files turn them on.
@@ -317,6 +322,8 @@ class PrunerSpec(_Table):
     percentile: Float = Field(50.0, gt=0.0, lt=100.0)
     stratify_by_batch_size: bool = False
     min_trials_per_batch_size: Count = 0
+    compare_with_pruned: bool = False
+    min_trials_at_report: PositiveInt = 1
 
     @model_validator(mode="after")
     def _check_stratify(self) -> PrunerSpec:
@@ -324,6 +331,8 @@ class PrunerSpec(_Table):
             raise ValueError(
                 "stratify_by_batch_size needs kind 'median' or 'percentile', not 'hyperband'"
             )
+        if self.compare_with_pruned and not self.stratify_by_batch_size:
+            raise ValueError("compare_with_pruned needs stratify_by_batch_size = true")
         return self
 
 
@@ -346,6 +355,10 @@ class SamplerSpec(_Table):
     grid_lr: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
     grid_weight_decay: list[Annotated[Float, Field(gt=0)]] | None = Field(None, min_length=1)
     cover_batch_sizes: bool = False
+    # LRs per batch size in that first round: the square-root rule's LR alone (1), or LRs a
+    # factor 4 apart centred on it (2: ×½ and ×2), so the round brackets each batch size's
+    # optimum instead of anchoring the fit to the rule's LR.
+    first_round_lrs: int = Field(1, ge=1, le=4)
 
 
 class ObjectiveSpec(_Table):

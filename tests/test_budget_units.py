@@ -116,6 +116,7 @@ def test_equal_epochs_give_large_batches_fewer_updates(tiny_study: Path) -> None
         assert sorted(trial.intermediate_values) == [1, 2, 3, 4]  # every half epoch
         assert trial.user_attrs["train_epochs"] == 2.0
         assert trial.user_attrs["budget_unit"] == "epochs"
+        assert trial.user_attrs["budget_per_report"] == 0.5  # what the report's axis says
         assert trial.user_attrs["train_seconds"] > 0
     assert (small.user_attrs["n_updates"], large.user_attrs["n_updates"]) == (16, 4)
 

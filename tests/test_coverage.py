@@ -16,7 +16,7 @@ from hpo.data import load_splits
 from hpo.space import BATCH_PARAM, COVER_RETRIES, coverage_retries, first_round
 from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
-from hpo.worker import claim_trial
+from hpo.worker import claim_trial, requeue
 from tests.conftest import train_trial
 from tests.databases import scratch_database
 
@@ -47,6 +47,28 @@ def test_first_round_lr_stays_inside_a_narrow_range(tiny_study: Path) -> None:
     spec = _spec(tiny_study, cover=True, lr_low=0.01, lr_high=0.011, batch_size_max=128)
     lrs = [p["lr"] for p in first_round(spec)]
     assert min(lrs) == 0.01 and max(lrs) == 0.011
+
+
+def test_a_two_lr_round_brackets_the_rules_lr_at_every_batch_size(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, cover=True, batch_size_min=16, batch_size_max=64)
+    at_the_rule = {p[BATCH_PARAM]: p["lr"] for p in first_round(spec)}
+    two = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"first_round_lrs": 2})}
+    )
+    round_ = first_round(two)
+    assert [p[BATCH_PARAM] for p in round_] == [4, 5, 6, 4, 5, 6]  # lower LRs first
+    for low, high in zip(round_[:3], round_[3:], strict=True):
+        assert low["lr"] == pytest.approx(at_the_rule[low[BATCH_PARAM]] / 2)
+        assert high["lr"] == pytest.approx(at_the_rule[high[BATCH_PARAM]] * 2)
+
+
+def test_a_two_lr_round_in_a_narrow_range_queues_no_duplicate(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, cover=True, lr_low=0.01, lr_high=0.011, batch_size_max=32)
+    two = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"first_round_lrs": 2})}
+    )
+    round_ = first_round(two)
+    assert len(round_) == len({(p[BATCH_PARAM], p["lr"]) for p in round_}) == 4
 
 
 def test_a_new_study_queues_the_round_once(tiny_study: Path, tmp_path: Path) -> None:
@@ -121,6 +143,38 @@ def test_a_diverged_first_round_trial_gets_one_retry_at_a_lower_lr(
     assert retry.system_attrs["fixed_params"]["lr"] == pytest.approx(first.params["lr"] / 4)
     assert {t.system_attrs["fixed_params"][BATCH_PARAM] for t in
             loaded.study.get_trials(states=(TrialState.WAITING,))} == {4}  # fmt: skip
+
+
+def test_a_coverage_trial_stopped_by_a_signal_keeps_its_attempt(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    # SIGTERM re-queues a running trial (hpo.worker.requeue): the stop is no attempt, so the
+    # retry is the same coverage trial, and only its own end counts.
+    loaded = create_or_load_study(_spec(tiny_study, cover=True), f"sqlite:///{tmp_path / 's.db'}")
+    trial = claim_trial(loaded, total_trials=20)
+    assert not isinstance(trial, str)
+    trial.suggest_int(BATCH_PARAM, 4, 6)
+    first_lr = trial.suggest_float("lr", 1e-3, 0.3, log=True)
+    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    requeue(loaded, trial, "worker stopped (SIGTERM)")
+    (retry,) = loaded.study.get_trials(states=(TrialState.WAITING,))[-1:]
+    assert retry.user_attrs["queued_by"] == "cover_batch_sizes"
+    assert retry.user_attrs.get("cover_attempt", 0) == 0
+    assert coverage_retries(loaded.spec, loaded.study.get_trials(), room=5) == []
+    # The retry (claimed last: the other batch sizes' round trials are ahead of it) prunes.
+    for _ in range(3):
+        _claim_and_end(
+            loaded, TrialState.COMPLETE if _next_log2(loaded) != 4 else TrialState.PRUNED
+        )
+    ((params, attempt),) = coverage_retries(loaded.spec, loaded.study.get_trials(), room=5)
+    assert attempt == 1  # before: 2, the stop counted as an attempt
+    assert params[BATCH_PARAM] == 4 and params["lr"] == pytest.approx(first_lr / 4)
+
+
+def _next_log2(loaded) -> int:
+    """The batch size (log2) of the WAITING trial the next claim takes (Optuna: oldest)."""
+    waiting = loaded.study.get_trials(states=(TrialState.WAITING,))
+    return int(waiting[0].system_attrs["fixed_params"][BATCH_PARAM])
 
 
 def test_coverage_retries_are_bounded(tiny_study: Path, tmp_path: Path) -> None:

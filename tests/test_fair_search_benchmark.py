@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,60 @@ def test_answer_quality_quick_compares_hpo_with_the_grid(tmp_path: Path) -> None
     assert None not in fair["per_b_shortfall"].values()  # the fair policy covers every B
     assert fair["pruning_regret"] in (0, 1) and fair["top_configs"] == 1
     assert fair["hpo_epochs_fraction"] > 0
+
+
+def _answer_quality():
+    spec = importlib.util.spec_from_file_location(
+        "answer_quality", REPO / "benchmarks/answer_quality.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grids_best_lr_lies_between_grid_points_at_the_parabolas_vertex() -> None:
+    module = _answer_quality()
+    lrs = module.log_spaced(1e-3, 1.0, 9)  # 3/8 decade apart
+
+    def value(lr: float, best: float) -> float:
+        return 0.74 - 0.05 * math.log2(lr / best) ** 2
+
+    truth = {16: 0.0123, 32: 0.0301, 64: 0.0577}  # none on a grid point
+    mean = {(int(math.log2(b)), lr): value(lr, best) for b, best in truth.items() for lr in lrs}
+    found = module.grid_best_lrs(mean)
+    for batch_size, best in truth.items():
+        assert found[batch_size] == pytest.approx(best, rel=1e-6)
+    minimized = module.grid_best_lrs({key: -v for key, v in mean.items()}, maximize=False)
+    assert minimized == pytest.approx(found)
+
+
+def test_the_grids_best_lr_at_the_end_of_the_range_is_that_grid_point() -> None:
+    module = _answer_quality()
+    mean = {(4, 1e-3): 0.7, (4, 1e-2): 0.6, (4, 1e-1): 0.5}
+    assert module.grid_best_lrs(mean) == {16: 1e-3}
+
+
+def test_each_runs_interval_is_checked_for_the_grids_alpha() -> None:
+    inside = _answer_quality()._inside
+    assert inside(0.5, [[0.0, 1.0], [None, None], [0.6, 1.0]]) == [True, None, False]
+    assert inside(None, [[0.0, 1.0]]) == [None]
+
+
+def test_answer_quality_cached_grid_outlives_a_change_of_pruner_or_sampler(
+    tmp_path: Path,
+) -> None:
+    module = _answer_quality()
+    spec = module.load_spec(REPO / "studies/demo.toml")
+    other = spec.model_copy(
+        update={
+            "pruner": spec.pruner.model_copy(update={"min_trials_per_batch_size": 3}),
+            "budget": spec.budget.model_copy(update={"n_trials": 40}),
+        }
+    )
+    assert module.grid_fields(other) == module.grid_fields(spec)
+    longer = spec.model_copy(update={"budget": spec.budget.model_copy(update={"epochs": 3})})
+    assert module.grid_fields(longer) != module.grid_fields(spec)
 
 
 def test_answer_quality_reuses_its_cached_grid_and_refuses_another(tmp_path: Path) -> None:

@@ -160,7 +160,13 @@ def test_floored_hyperband_protects_an_uncovered_batch_size(
 
 def test_spec_stored_before_the_new_fields_loads_with_them_off(tiny_study: Path) -> None:
     stored = json.loads(load_spec("tiny").to_json())
-    for field in ("percentile", "stratify_by_batch_size", "min_trials_per_batch_size"):
+    for field in (
+        "percentile",
+        "stratify_by_batch_size",
+        "min_trials_per_batch_size",
+        "compare_with_pruned",
+        "min_trials_at_report",
+    ):
         del stored["pruner"][field]
     spec = StudySpec.from_json(json.dumps(stored))
     assert not spec.pruner.stratify_by_batch_size
@@ -174,3 +180,83 @@ def test_stratify_cannot_apply_to_hyperband(tiny_study: Path) -> None:
     with pytest.raises(SpecError, match="pruner: stratify_by_batch_size needs kind") as error:
         parse_spec(data, source="tiny.toml", default_name="tiny")
     assert "\n" not in str(error.value)
+
+
+def _add_pruned(study: optuna.Study, log2_batch_size: int, values: dict[int, float]) -> None:
+    """A trial of one batch size pruned after reporting ``values`` (step -> value)."""
+    study.add_trial(
+        create_trial(
+            params={BATCH_PARAM: log2_batch_size, "lr": 0.01},
+            distributions=DISTRIBUTIONS,
+            state=TrialState.PRUNED,
+            intermediate_values=values,
+        )
+    )
+
+
+def _late_bloomer_study(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Issue 9's seed-0 B = 128 at report 2: two complete survivors (0.693, 0.689) and three
+    trials pruned at report 2 below them; a good small-batch crowd beside them."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (0.72, 0.73, 0.74):
+        _add_complete(study, SMALL, value)
+    for value in (0.693, 0.689):
+        _add_complete(study, LARGE, value)
+    for value in (0.600, 0.620, 0.645):
+        _add_pruned(study, LARGE, {1: value - 0.02, 2: value})
+    return study
+
+
+def test_a_late_bloomer_is_pruned_by_the_complete_survivors_alone() -> None:
+    """The old rule (Optuna's: COMPLETE trials only): 0.674 is below the survivors' median."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2)
+    assert _decision(_late_bloomer_study(SameBatchSizePruner(median, BATCH_PARAM)), LARGE, 0.674)
+
+
+def test_with_pruned_trials_counted_the_late_bloomer_is_kept() -> None:
+    """Every B = 128 trial that reached report 2 (0.600, 0.620, 0.645, 0.689, 0.693): the
+    median is 0.645 and 0.674 is above it; a poor trial is still pruned."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2)
+    study = _late_bloomer_study(SameBatchSizePruner(median, BATCH_PARAM, include_pruned=True))
+    assert not _decision(study, LARGE, 0.674)
+    assert _decision(study, LARGE, 0.630)
+
+
+def test_a_pruned_trial_counts_only_at_the_reports_it_reached() -> None:
+    """Trials pruned at report 2 have no value at report 3, so there the median is the two
+    complete trials' (0.691) and a trial at 0.680 is pruned."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2)
+    study = _late_bloomer_study(SameBatchSizePruner(median, BATCH_PARAM, include_pruned=True))
+    assert _decision(study, LARGE, 0.680, step=3)
+
+
+def test_pruned_trials_of_other_batch_sizes_are_not_counted() -> None:
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2)
+    study = _late_bloomer_study(SameBatchSizePruner(median, BATCH_PARAM, include_pruned=True))
+    for _ in range(5):
+        _add_pruned(study, SMALL, {1: 0.1, 2: 0.1})
+    assert _decision(study, LARGE, 0.630)  # the B = 128 median is still 0.645
+
+
+def test_make_pruner_passes_compare_with_pruned_and_min_trials_at_report(
+    tiny_study: Path,
+) -> None:
+    pruner = make_pruner(
+        _spec(
+            tiny_study,
+            kind="median",
+            stratify_by_batch_size=True,
+            compare_with_pruned=True,
+            min_trials_at_report=4,
+        )
+    )
+    assert isinstance(pruner, SameBatchSizePruner) and pruner.include_pruned
+    assert pruner.base._n_min_trials == 4
+    assert not make_pruner(_spec(tiny_study, stratify_by_batch_size=True)).include_pruned
+
+
+def test_compare_with_pruned_needs_stratification(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump(mode="json")
+    data["pruner"].update(compare_with_pruned=True)
+    with pytest.raises(SpecError, match="compare_with_pruned needs stratify_by_batch_size"):
+        parse_spec(data, source="tiny.toml", default_name="tiny")

@@ -51,6 +51,7 @@ def add_trial(
     *,
     state: TrialState = TrialState.COMPLETE,
     epochs: int = 4,
+    user_attrs: dict[str, Any] | None = None,
 ) -> None:
     """One finished trial as `hpo` stores it: params, batch size, accuracies, curve."""
     curve = {epoch: value - 0.05 * (epochs - epoch) for epoch in range(1, epochs + 1)}
@@ -68,6 +69,7 @@ def add_trial(
                 "val_acc": val_acc,
                 "train_acc": val_acc + 0.002 * math.log2(batch_size),
                 "generalization_gap": 0.002 * math.log2(batch_size),
+                **(user_attrs or {}),
             },
             intermediate_values=curve,
         )
@@ -98,8 +100,59 @@ def test_best_lr_doubling_with_batch_size_gives_alpha_one_within_its_interval() 
     assert fit.alpha == pytest.approx(1.0, abs=0.08)
     assert fit.alpha_low < 1.0 < fit.alpha_high
     assert fit.alpha_high - fit.alpha_low < 0.3
-    assert fit.n_points == 6 * 3
+    assert fit.n_points == 6  # one estimated best LR per batch size
     assert "Consistent with the linear rule" in fit.describe()
+
+
+def floor_kept_study(alpha: float, *, seed: int = 0) -> optuna.Study:
+    """The demo's failure mode (issue 9): per batch size, the best trial near the true lr*,
+    one more within noise of it, and one the per-batch-size floor kept from pruning at an
+    LR far off (a decade above, where training diverged to chance, or below, where it
+    learned little). Values at lr*: 0.74 ± 0.002; the poor ones 0.51–0.64."""
+    rng = random.Random(seed)
+    study = optuna.create_study(direction="maximize")
+    for index, batch_size in enumerate((16, 32, 64, 128, 256)):
+        best_lr = 0.01 * (batch_size / 16) ** alpha
+        for octaves in (rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)):
+            value = 0.74 - 0.01 * octaves**2 + rng.uniform(-0.002, 0.002)
+            add_trial(study, batch_size, best_lr * 2.0**octaves, value)
+        far, value = ((10.0, 0.51), (1 / 10, 0.62))[index % 2]
+        add_trial(study, batch_size, best_lr * far, value + rng.uniform(-0.02, 0.02))
+    return study
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_a_poor_trial_kept_by_the_floor_does_not_enter_the_fit(alpha: float) -> None:
+    # Before: the top 3 of 3 complete trials per batch size were all fitted, the diverged
+    # and the slow one included, and the interval was 1.4 wide around the wrong α.
+    fit = fit_lr_scaling(floor_kept_study(alpha))
+    assert fit.contains(alpha)
+    assert fit.alpha == pytest.approx(alpha, abs=0.2)
+    assert fit.alpha_high - fit.alpha_low < 0.6
+    assert len(fit.trials) == 2 * 5 and fit.n_points == 5
+
+
+def test_near_best_trials_average_into_one_point_per_batch_size() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.800)
+    add_trial(study, 16, 0.04, 0.795)  # within 1% of 0.800: averages in (geometric mean 0.02)
+    add_trial(study, 16, 0.3, 0.780)  # 2.5% below: not an estimate of the optimum
+    add_trial(study, 32, 0.04, 0.800)
+    add_trial(study, 64, 0.08, 0.800)
+    fit = fit_lr_scaling(study)
+    assert dict(fit.points)[16] == pytest.approx(0.02)
+    assert sorted(lr for b, lr in fit.trials if b == 16) == [0.01, 0.04]
+    assert fit_lr_scaling(study, near_best=0.0).points[0] == (16, pytest.approx(0.01))
+
+
+def test_near_best_is_measured_below_the_best_of_a_minimized_objective() -> None:
+    study = optuna.create_study(direction="minimize")
+    add_trial(study, 16, 0.01, 0.400)
+    add_trial(study, 16, 0.04, 0.403)  # within 1% above the lowest loss
+    add_trial(study, 16, 0.3, 0.500)
+    add_trial(study, 32, 0.04, 0.4)
+    fit = fit_lr_scaling(study)
+    assert dict(fit.points)[16] == pytest.approx(0.02)
 
 
 def test_lr_independent_of_batch_size_gives_alpha_zero() -> None:
@@ -158,6 +211,11 @@ def test_two_points_give_alpha_but_no_interval() -> None:
 def test_empty_study_reports_no_fit() -> None:
     fit = fit_lr_scaling(optuna.create_study())
     assert fit.alpha is None and "no batch size has complete trials" in fit.reason
+
+
+def test_a_negative_near_best_is_refused() -> None:
+    with pytest.raises(ValueError, match="near_best"):
+        fit_lr_scaling(optuna.create_study(), near_best=-0.01)
 
 
 def test_write_report_writes_png_html_and_summary(tmp_path: Path) -> None:
@@ -351,3 +409,50 @@ def test_report_command_on_unknown_study_exits_2(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "study 'nope' not found" in result.output
+
+
+@pytest.mark.parametrize(
+    ("unit", "per_report", "axis"),
+    [
+        ("epochs", 0.5, "report (every 0.5 epochs)"),  # the demo: 2 epochs, 4 reports
+        ("epochs", 1.0, "epoch"),
+        ("steps", 128.0, "report (every 128 steps)"),
+        ("seconds", 15.0, "report (every 15 s)"),
+        (None, None, "epoch"),  # a study from before budgets were recorded
+    ],
+)
+def test_learning_curves_axis_names_what_a_report_is(
+    unit: str | None, per_report: float | None, axis: str
+) -> None:
+    from hpo.report.figures import learning_curves_figure
+
+    study = optuna.create_study(direction="maximize")
+    budget = {} if unit is None else {"budget_unit": unit, "budget_per_report": per_report}
+    for batch_size in (16, 32):
+        add_trial(study, batch_size, 0.01, 0.8, user_attrs=budget)
+    (panel,) = learning_curves_figure(collect(study, "val_auc")).panels
+    assert panel.x.title == axis
+
+
+def test_a_best_lr_at_the_edge_of_what_was_tried_is_flagged() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.80)  # B = 16: best at the lowest LR tried there
+    add_trial(study, 16, 0.04, 0.70)
+    add_trial(study, 32, 0.005, 0.70)  # B = 32: bracketed by worse trials on both sides...
+    add_trial(study, 32, 0.02, 0.80)
+    add_trial(study, 32, 0.08, 0.60, state=TrialState.PRUNED)  # ...this one at its report
+    add_trial(study, 64, 0.04, 0.80)
+    add_trial(study, 64, 0.16, 0.79)  # B = 64: worse above, nothing tried below
+    fit = fit_lr_scaling(study)
+    assert set(fit.unbracketed) == {(16, "below"), (64, "below")}
+    assert "Caution: at B = 16 (lowest), B = 64 (lowest) the best trial" in fit.describe()
+
+
+def test_a_pruned_trial_better_than_the_best_at_its_report_brackets_nothing() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.70)
+    add_trial(study, 16, 0.04, 0.90, state=TrialState.PRUNED)  # ahead at its last report
+    add_trial(study, 16, 0.002, 0.60)
+    add_trial(study, 32, 0.02, 0.80)
+    assert (16, "above") in fit_lr_scaling(study).unbracketed
+    assert (16, "below") not in fit_lr_scaling(study).unbracketed

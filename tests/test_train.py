@@ -109,6 +109,21 @@ def test_bad_trial_is_pruned_after_the_warm_up(tiny_study: Path) -> None:
     assert list(last.intermediate_values) == [1]
 
 
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_a_trial_is_never_pruned_at_its_last_report(tiny_study: Path) -> None:
+    """Its budget is spent: pruning there would save nothing and lose a full-budget result."""
+    spec = _spec(tiny_study, budget={"epochs": 2})
+    params = {"log2_batch_size": 4, "lr": 0.05, "weight_decay": 1e-5}
+    trial = _run(spec, [params], pruner=_AlwaysPrune()).trials[0]
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    last_only = _spec(tiny_study, budget={"epochs": 1})
+    assert _run(last_only, [params], pruner=_AlwaysPrune()).trials[0].state == TrialState.COMPLETE
+
+
 def test_cpu_uses_bf16_and_channels_last_unless_switched_off(tiny_study: Path) -> None:
     import torch
 

@@ -97,7 +97,11 @@ def report(
         typer.Option(
             "--top-k",
             min=1,
-            help="Best complete trials per batch size that enter the fit of lr* ∝ B^α.",
+            help=(
+                "Best complete trials per batch size the report draws from; those of them "
+                "within 1% of the batch size's best average into its point of the "
+                "lr* ∝ B^α fit."
+            ),
         ),
     ] = 3,
     cost_tolerance: Annotated[

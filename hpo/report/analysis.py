@@ -36,10 +36,14 @@ from hpo.report.noise_scale import (
 from hpo.spec import describe_metric
 from hpo.study import stored_class_counts
 
-# How many of the best complete trials of each batch size enter the α fit. One (the best
-# alone) is at the mercy of the sampler's luck; the top three average that out while staying
-# in the good region of the LR axis.
+# How many of the best complete trials of each batch size the report draws from (the α fit
+# averages those of them near the best; the LR ridge and the B_simple curves use them all).
 DEFAULT_TOP_K = 3
+# How close to a batch size's best value (a share of it) a complete trial must be to count
+# as an estimate of that batch size's best LR. One percent is the report's notion of "as
+# good as the best" (the cost view's default tolerance) and about the seed-to-seed spread of
+# the demo's val AUC; a trial further below is evidence of where the optimum is *not*.
+DEFAULT_NEAR_BEST = 0.01
 DEFAULT_CONFIDENCE = 0.95
 
 
@@ -110,6 +114,9 @@ class StudySummary:
     # What "the same amount of training" meant: epochs, steps or seconds (the trials'
     # ``budget_unit``); None for a study whose trials do not record it.
     budget_unit: str | None = None
+    # How much of the budget (in ``budget_unit``) lies between two reports (the trials'
+    # ``budget_per_report``); None for a study whose trials do not record it.
+    budget_per_report: float | None = None
 
     @property
     def n_classes(self) -> int:
@@ -173,7 +180,19 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         by_batch_size=rows,
         class_counts=stored_class_counts(study),
         budget_unit=unit,
+        budget_per_report=_recorded_per_report(trials),
     )
+
+
+def _recorded_per_report(trials: list[FrozenTrial]) -> float | None:
+    """The budget between two reports the trials recorded (the most common positive value;
+    a study's trials share one budget)."""
+    recorded = Counter(
+        float(value)
+        for t in trials
+        if (value := finite_number(t.user_attrs, "budget_per_report")) is not None and value > 0
+    )
+    return recorded.most_common(1)[0][0] if recorded else None
 
 
 def _b_simple(trial: FrozenTrial) -> float | None:
@@ -216,14 +235,22 @@ def _gap(trial: FrozenTrial) -> float | None:
 
 @dataclass(frozen=True)
 class ScalingFit:
-    """The fit of log2 lr = intercept + α · log2 B over the top trials of each batch size.
+    """The fit of log2 lr* = intercept + α · log2 B, one point per batch size.
 
-    ``alpha`` is None when there are fewer than two batch sizes with complete trials;
-    ``alpha_low``/``alpha_high`` (the two-sided ``confidence`` interval from Student's t on
-    the slope's standard error) are None with fewer than three points. ``reason`` says in
-    words why either is missing. The points of one batch size are not independent draws
-    (they are the best of what the sampler tried), so read the interval as a guide to how
-    well the data pin α down, not as an exact coverage probability.
+    A batch size's point is its estimated best LR: the geometric mean of the LRs of its
+    near-best complete trials (among its ``top_k`` best, those within ``near_best`` of its
+    best value, a share of it). One point per batch size, not every top trial: the trials of
+    one batch size are not independent measurements of its optimum, and a poor trial (one
+    the per-batch-size floor kept from pruning, say at an LR that diverged) measures where
+    the optimum is not. The slope's standard error then comes from how far the batch
+    sizes' optima scatter about the line, which includes how poorly a flat optimum is
+    located: the interval widens with that scatter, not with the number of trials.
+
+    ``alpha`` is None when fewer than two batch sizes have complete trials;
+    ``alpha_low``/``alpha_high`` (the two-sided ``confidence`` interval from Student's t
+    with one degree of freedom per batch size beyond two) are None with two batch sizes.
+    ``reason`` says in words why either is missing. ``trials`` are the (batch size, lr) of
+    the trials the points average.
     """
 
     alpha: float | None
@@ -235,6 +262,13 @@ class ScalingFit:
     confidence: float
     reason: str | None = None
     batch_sizes: tuple[int, ...] = field(default=())
+    trials: tuple[tuple[int, float], ...] = field(default=())
+    near_best: float = DEFAULT_NEAR_BEST
+    # Batch sizes with no worse trial (complete, or pruned and behind the best at its last
+    # report) below ("below") or above ("above") their best trial's LR: the optimum there is
+    # not bracketed on that side and may lie further out, which no interval from these
+    # points can know.
+    unbracketed: tuple[tuple[int, str], ...] = field(default=())
 
     @property
     def n_points(self) -> int:
@@ -257,8 +291,9 @@ class ScalingFit:
         if self.alpha is None:
             return f"No scaling fit: {self.reason}."
         where = (
-            f"over the top {self.top_k} complete trials of each of {len(self.batch_sizes)} "
-            f"batch sizes ({self.n_points} points, least squares in log-log)"
+            f"over the best LR of each of {len(self.batch_sizes)} batch sizes (the geometric "
+            f"mean of its complete trials within {self.near_best:.0%} of its best, at most "
+            f"{self.top_k}: {len(self.trials)} trials; least squares in log-log)"
         )
         if self.alpha_low is None:
             return f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} {where}; {self.reason}."
@@ -272,7 +307,8 @@ class ScalingFit:
             text += " The interval is too wide to tell the linear rule (α = 1) from the "
             text += "square-root rule (α = 0.5)"
             text += " or from no dependence on batch size (α = 0)" if flat else ""
-            text += "; more complete trials per batch size would narrow it."
+            text += "; more batch sizes, or complete trials that locate each batch size's "
+            text += "best LR more closely, would narrow it."
             return text
         if linear or square_root:
             inside, outside = ("linear rule (α = 1)", "square-root rule (α = 0.5)")[
@@ -284,7 +320,20 @@ class ScalingFit:
             text += "inside the interval."
         if flat:
             text += " α = 0 (no dependence on batch size) is not ruled out."
-        return text
+        return text + self._describe_unbracketed()
+
+    def _describe_unbracketed(self) -> str:
+        if not self.unbracketed:
+            return ""
+        sides = ", ".join(
+            f"B = {b} ({'lowest' if side == 'below' else 'highest'})"
+            for b, side in self.unbracketed
+        )
+        return (
+            f" Caution: at {sides} the best trial is the extreme LR tried there, so that batch "
+            "size's optimum may lie further out than its point, and α further from the fit "
+            "than the interval says."
+        )
 
 
 def _student_t_quantile(probability: float, dof: int) -> float:
@@ -298,23 +347,35 @@ def fit_lr_scaling(
     *,
     top_k: int = DEFAULT_TOP_K,
     confidence: float = DEFAULT_CONFIDENCE,
+    near_best: float = DEFAULT_NEAR_BEST,
 ) -> ScalingFit:
-    """Fit lr* ∝ B^α by least squares on (log2 B, log2 lr) of the ``top_k`` best complete
-    trials of each batch size.
+    """Fit lr* ∝ B^α by least squares on (log2 B, log2 lr*), lr* per batch size from its
+    near-best complete trials (see ``ScalingFit``).
 
-    Raises ValueError for ``top_k < 1`` or ``confidence`` outside (0, 1). Too few trials is
-    not an error: the returned fit says so in ``reason``.
+    Raises ValueError for ``top_k < 1``, ``confidence`` outside (0, 1) or a negative
+    ``near_best``. Too few trials is not an error: the returned fit says so in ``reason``.
     """
     if top_k < 1:
         raise ValueError(f"top_k = {top_k} must be at least 1")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence = {confidence} must be between 0 and 1")
-    points, batch_sizes = _top_points(study, top_k)
+    if not near_best >= 0.0:
+        raise ValueError(f"near_best = {near_best} must be 0 or more (a share of the best)")
+    near = near_best_trials(study, top_k, near_best)
+    points = [
+        (b, 2.0 ** (sum(math.log2(t.params["lr"]) for t in trials) / len(trials)))
+        for b, trials in near.items()
+    ]
+    batch_sizes = tuple(near)
+    unbracketed = _unbracketed(study, {b: trials[0] for b, trials in near.items()})
     common = {
         "points": tuple(points),
         "top_k": top_k,
         "confidence": confidence,
         "batch_sizes": batch_sizes,
+        "trials": tuple((b, float(t.params["lr"])) for b, trials in near.items() for t in trials),
+        "near_best": near_best,
+        "unbracketed": unbracketed,
     }
     if len(batch_sizes) < 2:
         found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
@@ -335,7 +396,7 @@ def fit_lr_scaling(
             alpha_low=None,
             alpha_high=None,
             intercept=intercept,
-            reason="two points give a line but no interval (it needs three or more trials)",
+            reason="two batch sizes give a line but no interval (it needs three or more)",
             **common,
         )
     half_width = _student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
@@ -346,6 +407,59 @@ def fit_lr_scaling(
         intercept=intercept,
         **common,
     )
+
+
+def _unbracketed(study: optuna.Study, best: dict[int, FrozenTrial]) -> tuple[tuple[int, str], ...]:
+    """(batch size, side) for each side of a batch size's best LR with no worse trial of
+    that batch size: a complete trial with a worse value, or a pruned one that was worse
+    than the best trial at the report it was pruned at (the same resource)."""
+    maximize = _is_maximize(study)
+    worse_lrs: dict[int, list[float]] = {b: [] for b in best}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        batch_size = trial_batch_size(trial)
+        if batch_size not in best or "lr" not in trial.params:
+            continue
+        if trial.number == best[batch_size].number:
+            continue
+        top = best[batch_size]
+        if trial.state == TrialState.COMPLETE:
+            mine, theirs = trial.value, top.value
+        elif trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            mine, theirs = trial.intermediate_values[step], top.intermediate_values.get(step)
+        else:
+            continue
+        if (
+            mine is not None
+            and theirs is not None
+            and (mine < theirs if maximize else mine > theirs)
+        ):
+            worse_lrs[batch_size].append(float(trial.params["lr"]))
+    found = []
+    for batch_size, trial in best.items():
+        lr = float(trial.params["lr"])
+        if not any(other < lr for other in worse_lrs[batch_size]):
+            found.append((batch_size, "below"))
+        if not any(other > lr for other in worse_lrs[batch_size]):
+            found.append((batch_size, "above"))
+    return tuple(found)
+
+
+def near_best_trials(
+    study: optuna.Study, top_k: int, near_best: float
+) -> dict[int, list[FrozenTrial]]:
+    """Per batch size, those of its ``top_k`` best complete trials whose value is within
+    ``near_best`` (a share of the best value's magnitude) of its best: the trials whose LRs
+    estimate that batch size's best LR. The best trial is always one."""
+    maximize = _is_maximize(study)
+    near = {}
+    for batch_size, trials in top_trials_by_batch_size(study, top_k).items():
+        best = float(trials[0].value)
+        slack = near_best * abs(best)
+        near[batch_size] = [
+            t for t in trials if (t.value >= best - slack if maximize else t.value <= best + slack)
+        ]
+    return near
 
 
 def top_trials_by_batch_size(study: optuna.Study, top_k: int) -> dict[int, list[FrozenTrial]]:
@@ -363,14 +477,6 @@ def top_trials_by_batch_size(study: optuna.Study, top_k: int) -> dict[int, list[
         batch_size: sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)[:top_k]
         for batch_size in sorted(by_batch)
     }
-
-
-def _top_points(study: optuna.Study, top_k: int) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
-    """(batch size, lr) of the ``top_k`` best complete trials of each batch size, and the
-    batch sizes that have any."""
-    top = top_trials_by_batch_size(study, top_k)
-    points = [(b, float(t.params["lr"])) for b, trials in top.items() for t in trials]
-    return points, tuple(top)
 
 
 def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:

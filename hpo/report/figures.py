@@ -210,10 +210,27 @@ def _complete_markers(points: list[TrialPoint], metric: str, label: str, **style
 
 
 def _report_name(data: ReportData) -> str:
-    """What a reported step is: an epoch in a study budgeted in epochs (or one that does not
-    record its unit), else a report, at a fixed share of the budget in its unit."""
-    unit = data.summary.budget_unit
-    return "epoch" if unit in (None, "epochs") else f"report (budget in {unit})"
+    """What a reported step is: "epoch" when a study reports once per epoch (or records no
+    budget: studies from before reports were counted did), else "report"."""
+    return "epoch" if _reports_per_epoch(data) else "report"
+
+
+def _report_axis(data: ReportData) -> str:
+    """The reported-step axis's title: "epoch", or "report (every 0.5 epochs)" from the
+    budget between two reports in the study's unit ("report (budget in steps)" when only
+    the unit is recorded)."""
+    if _reports_per_epoch(data):
+        return "epoch"
+    unit, every = data.summary.budget_unit, data.summary.budget_per_report
+    if every is None:
+        return f"report (budget in {unit})"
+    amount = f"{every:.3g} s" if unit == "seconds" else f"{every:.3g} {unit}"
+    return f"report (every {amount})"
+
+
+def _reports_per_epoch(data: ReportData) -> bool:
+    unit, every = data.summary.budget_unit, data.summary.budget_per_report
+    return unit is None or (unit == "epochs" and every is not None and every == 1.0)
 
 
 def _colors(batch_sizes: list[int]) -> dict[int, str]:
@@ -309,13 +326,14 @@ def _fit_layers(fit: ScalingFit) -> list[Layer]:
 
 
 def _fitted_and_best_markers(data: ReportData, size: int) -> list[Layer]:
-    """The LR points the α fit used (the top trials of each batch size) and the best trial
-    of each batch size (a star ``size + 4``): what both LR-against-B panels show."""
+    """The α fit's point per batch size (the geometric mean LR of its near-best trials)
+    and the best trial of each batch size (a star ``size + 4``): what both LR-against-B
+    panels show."""
     fit = data.fit
     bests = [r for r in data.summary.by_batch_size if r.best_lr is not None]
     return [
         Markers(
-            f"top {fit.top_k} per B (fitted)",
+            "best LR per B (fitted: near-best trials)",
             x=tuple(b for b, _ in fit.points),
             y=tuple(lr for _, lr in fit.points),
             color="royalblue",
@@ -334,8 +352,8 @@ def _fitted_and_best_markers(data: ReportData, size: int) -> list[Layer]:
 
 
 def lr_scaling_figure(data: ReportData) -> FigureModel:
-    """Best learning rate per batch size: all complete trials, the fitted top ones, the
-    best of each B, and the fit with its α band against the linear and square-root rules."""
+    """Best learning rate per batch size: all complete trials, the fitted point of each B
+    (near-best trials averaged), the best of each B, and the fit with its α band against the linear and square-root rules."""
     fit = data.fit
     title, subtitle = _fit_title(fit)
     complete = _complete_points(data)
@@ -453,7 +471,7 @@ def learning_curves_figure(data: ReportData) -> FigureModel:
         )
         shown.add(point.batch_size)
     panel = Panel(
-        x=Axis(_report_name(data), integer=True), y=Axis(data.metric), layers=tuple(lines)
+        x=Axis(_report_axis(data), integer=True), y=Axis(data.metric), layers=tuple(lines)
     )
     return FigureModel("learning_curves", title, panels=(panel,))
 
