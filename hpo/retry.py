@@ -61,3 +61,13 @@ class RetryWithCleanAttrs(RetryHeartbeatStaleTrialCallback):
         cleaned = copy.copy(trial)
         cleaned.user_attrs = retry_user_attrs(trial)
         super().__call__(study, cleaned)
+
+
+def superseded_trials(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that were re-queued: their retry counts in their place
+    (a retry's ``retry_history`` ends with the trial it replaces)."""
+    return {
+        int(trial.system_attrs["retry_history"][-1])
+        for trial in trials
+        if trial.system_attrs.get("retry_history")
+    }

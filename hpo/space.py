@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
+from hpo.retry import superseded_trials
 from hpo.spec import StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
@@ -183,9 +184,7 @@ def coverage_retries(
         return []
     # A trial stopped and re-queued (a stop signal, a vanished worker) is no attempt: its
     # retry carries its coverage attrs (hpo.retry.PARAMETER_ATTRS) and counts in its place.
-    superseded = {
-        int(history[-1]) for t in trials if (history := t.system_attrs.get("retry_history"))
-    }
+    superseded = superseded_trials(trials)
     by_batch: dict[int, list[FrozenTrial]] = {}
     for trial in trials:
         if trial.number in superseded:

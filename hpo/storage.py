@@ -438,7 +438,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         every call: at 256 RUNNING trials that made one claim ~0.4 s of client CPU.
         A re-queued trial is one that another trial's ``retry_history`` ends with; a
         retry's history is its predecessor's plus the predecessor, so distinct histories
-        are distinct predecessors (``hpo.study.superseded_trials`` counts the same set).
+        are distinct predecessors (``hpo.retry.superseded_trials`` counts the same set).
         """
         models = compat.rdb_models()
         trial, attr = models.TrialModel, models.TrialSystemAttributeModel

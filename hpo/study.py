@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.caps import BatchSizeCapSampler
+from hpo.retry import superseded_trials
 from hpo.space import (
     COVER_ATTEMPT_ATTR,
     COVER_ATTR,
@@ -247,15 +248,6 @@ def retried_from(trial: optuna.Trial | FrozenTrial) -> int | None:
     """The trial this one retries (the last of its retry history), or None."""
     history = trial_system_attrs(trial).get("retry_history") or []
     return int(history[-1]) if history else None
-
-
-def superseded_trials(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of failed trials that were re-queued: their retry counts in their place."""
-    return {
-        int(trial.system_attrs["retry_history"][-1])
-        for trial in trials
-        if trial.system_attrs.get("retry_history")
-    }
 
 
 # --------------------------------------------------------------------------- budget
