@@ -15,7 +15,8 @@ What makes a shared database safe for many workers:
   seconds (300), so a database restart costs a pause, not a trial.
 - **A study lock** (``study_lock``) that serializes "is there budget left? then create a
   trial", which is what makes ``--n-trials`` an exact study-wide total: a PostgreSQL
-  advisory lock, a MariaDB/MySQL ``GET_LOCK``, or a lock file for SQLite.
+  advisory lock held by one transaction that does all the work under it, a MariaDB/MySQL
+  ``GET_LOCK``, or a lock file for SQLite.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+import sqlalchemy.orm
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
@@ -65,6 +67,11 @@ MAX_RETRIES = 3
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Set while this thread's storage calls run inside one transaction (``bound_to``): a lost
+# connection there has lost the whole transaction, so no single call may be retried on a
+# new connection; the caller repeats the transaction instead.
+_one_transaction = threading.local()
 
 
 class StorageError(UserError):
@@ -180,8 +187,12 @@ def retry_on_disconnect(function: Callable[[], T], *, what: str, url: str) -> T:
     """Call ``function``; while it fails for a lost connection, wait and call it again.
 
     Backoff doubles from 0.5 s to 10 s; gives up after ``$HPO_DB_RETRY_S`` seconds (300)
-    and raises the last error. Messages name the storage with its password masked.
+    and raises the last error. Messages name the storage with its password masked. Inside
+    ``bound_to`` (one transaction) ``function`` is called once: its caller repeats the
+    whole transaction.
     """
+    if getattr(_one_transaction, "active", False):
+        return function()  # the transaction is repeated as a whole, by its caller
     deadline = time.monotonic() + db_retry_seconds()
     delay = 0.5
     while True:
@@ -343,7 +354,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     ) -> FrozenTrial:
         # Optuna's own version repeats the whole insert when the commit raises, which after
         # an ambiguous failure leaves a second trial; this one looks for its token first.
-        token = uuid.uuid4().hex
+        token = self._claim_token() or uuid.uuid4().hex
         template = copy.deepcopy(template_trial) if template_trial else _running_template()
         template.system_attrs = {**template.system_attrs, CREATE_TOKEN_ATTR: token}
         models = compat.rdb_models()
@@ -396,7 +407,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def _claim_trial(self, trial_id: int) -> bool:
         """WAITING -> RUNNING, as ``RDBStorage.set_trial_state_values`` does, plus a token:
         True when this call made the trial RUNNING, False when another worker did."""
-        token = uuid.uuid4().hex
+        token = self._claim_token() or uuid.uuid4().hex
         models = compat.rdb_models()
         attempts = _Attempts()
 
@@ -484,8 +495,49 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 continue  # finished by another process meanwhile, as in Study.ask
         return None
 
+    def trial_claimed_with(self, study_id: int, token: str) -> int | None:
+        """The id of the study's trial that a claim with ``token`` made RUNNING (created, or
+        claimed from the queue: ``claiming``), or None: what a claim whose commit failed
+        for a lost connection asks, to learn whether the commit landed."""
+        models = compat.rdb_models()
+        trial, attr = models.TrialModel, models.TrialSystemAttributeModel
+        with compat.rdb_session(self) as session:
+            found = (
+                session.query(attr.trial_id)
+                .join(trial, trial.trial_id == attr.trial_id)
+                .filter(
+                    trial.study_id == study_id,
+                    attr.key.in_(_TOKEN_ATTRS),
+                    attr.value_json == json.dumps(token),
+                )
+                .scalar()
+            )
+        return None if found is None else int(found)
+
     @contextlib.contextmanager
-    def claiming(self) -> Iterator[None]:
+    def bound_to(self, connection: sqlalchemy.Connection) -> Iterator[None]:
+        """Run every storage call this thread makes inside the block on ``connection``, in
+        the transaction open on it: each call in a savepoint (so an IntegrityError that
+        Optuna ignores undoes that call only), all committed or lost together. No call is
+        retried inside (``retry_on_disconnect``): after a lost connection the caller
+        repeats the transaction. Other threads (the heartbeat) keep their own sessions."""
+        session = sqlalchemy.orm.Session(bind=connection, join_transaction_mode="create_savepoint")
+        registry = self.scoped_session.registry
+        previous = registry() if registry.has() else None
+        registry.set(session)
+        _one_transaction.active = True
+        try:
+            yield
+        finally:
+            _one_transaction.active = False
+            session.close()
+            if previous is None:
+                registry.clear()
+            else:
+                registry.set(previous)
+
+    @contextlib.contextmanager
+    def claiming(self, token: str | None = None) -> Iterator[None]:
         """hpo's claim: inside the block, a trial made RUNNING (a new one, or a queued one
         claimed: ``hpo.worker.claim_trial``) gets, in the same transaction, its first heartbeat and,
         when it is a retry, clean user attrs (``_clean_claimed_retry``).
@@ -497,15 +549,23 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         inside the block, so that outside hpo's worker this storage behaves as Optuna's
         own tests (which it passes) expect: a trial asked without a heartbeat never goes
         stale, and a retry keeps what Optuna's callback copied.
+
+        ``token``: the client token written with the claimed or created trial, so that a
+        caller whose commit failed can find out whether it landed (``trial_claimed_with``).
         """
         self._claim_state.active = True
+        self._claim_state.token = token
         try:
             yield
         finally:
             self._claim_state.active = False
+            self._claim_state.token = None
 
     def _in_claim(self) -> bool:
         return bool(getattr(self._claim_state, "active", False))
+
+    def _claim_token(self) -> str | None:
+        return getattr(self._claim_state, "token", None) if self._in_claim() else None
 
     def _first_heartbeat(self, session: Any, trial_id: int) -> None:
         if self.heartbeat_interval is None:
@@ -745,7 +805,7 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     name = _lock_name(study_name)
     if backend == "postgresql":
         key = int.from_bytes(bytes.fromhex(name[:16]), "big", signed=True)
-        with _postgres_lock(storage.engine, key):
+        with _postgres_lock(storage, key):
             yield
     elif backend in ("mysql", "mariadb"):
         with storage.engine.connect() as connection:
@@ -775,23 +835,22 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
 
 
 @contextlib.contextmanager
-def _postgres_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
-    """Hold transaction-scoped advisory lock ``key``; a waiting worker holds no transaction.
+def _postgres_lock(storage: optuna.storages.RDBStorage, key: int) -> Iterator[None]:
+    """Hold transaction-scoped advisory lock ``key`` in one transaction that also makes
+    every storage call of the block (``ReconnectingRDBStorage.bound_to``).
 
-    A blocking ``pg_advisory_xact_lock`` would keep a transaction open while it waits.
-    Behind PgBouncer's transaction pooling that pins one server connection per waiting
-    worker, and once the waiters fill PgBouncer's pool the holder's own next statement
-    finds no server connection: a deadlock. So each try is its own short transaction, and
-    the waits between tries grow from 20 ms to 0.5 s (jittered, so waiters spread out).
+    One connection from the wait to the commit is what makes a blocking wait safe behind
+    PgBouncer's transaction pooling. Waiters each pin a server connection while they wait;
+    were the holder's own calls separate transactions, each would need another server
+    connection, and once the waiters had them all the holder could never finish. Here the
+    holder already has its connection, so the pool cannot deadlock, and PostgreSQL grants
+    the lock in the order it was asked for: first come, first served, and no worker polls.
+    A connection lost inside the block loses the transaction and the lock with it.
     """
-    delay = 0.02
-    while True:
-        with engine.begin() as connection:
-            locked = connection.execute(
-                sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}
-            ).scalar()
-            if locked:
+    with storage.engine.connect() as connection, connection.begin():
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        if isinstance(storage, ReconnectingRDBStorage):
+            with storage.bound_to(connection):
                 yield
-                return
-        time.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(delay * 2, 0.5)
+        else:
+            yield

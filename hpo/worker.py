@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ from hpo.settings import (
 )
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
-from hpo.storage import retry_on_disconnect, study_lock
+from hpo.storage import is_connection_error, retry_on_disconnect, study_lock
 from hpo.study import (
     CLASS_COUNTS_ATTR,
     LoadedStudy,
@@ -95,38 +96,56 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     (``keep_batch_sizes_covered``), then make a trial RUNNING: a re-queued or enqueued
     one if there is one, else a new one, if finished + running < total and, for a grid
     study, grid points are left. ``"wait"``: the budget is handed out but trials still
-    run elsewhere.
+    run elsewhere. On PostgreSQL all of it is one transaction (``hpo.storage.study_lock``).
 
     The ``optuna.Trial`` is built after the lock is released: its trial already holds
     its slot of the budget, and sampling happens later anyway, at ``suggest_*`` (Optuna
     samples lazily, relative parameters included). A grid trial is built under the lock:
     ``GridSampler.before_trial`` picks its grid point there, and two workers must not
     pick the same one.
+
+    A commit that fails for a lost connection may still have landed: the claim's token,
+    written with its trial, tells (``ReconnectingRDBStorage.trial_claimed_with``), so a
+    repeated claim never leaves the first one's trial RUNNING without a worker.
     """
     study = loaded.study
     grid = _grid_sampler(study) is not None
-    with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
-        optuna.storages.fail_stale_trials(study)
-        budget = loaded.budget()
-        if budget.finished + budget.running >= total_trials:
-            return "wait" if budget.running else "done"
-        if budget.waiting == 0 and grid_exhausted(study):
-            return "wait" if budget.running else "done"
-        room = total_trials - budget.finished - budget.running - budget.waiting
-        queued = keep_batch_sizes_covered(loaded, room)
-        for batch_size in queued:
-            logger.info("batch size %d has no complete trial: queued another", batch_size)
-        with loaded.storage.claiming():
-            # RUNNING with its first heartbeat (and a retry with clean attrs) in one
-            # transaction: a worker killed from here on still gets its trial retried.
-            trial_id = None
-            if budget.waiting or queued:
-                trial_id = loaded.storage.claim_waiting_trial(loaded.ref.study_id)
-            was_queued = trial_id is not None
-            if trial_id is None:
-                trial_id = compat.study_storage(study).create_new_trial(loaded.ref.study_id)
-        if grid:
-            trial = _build_trial(study, trial_id, was_queued)
+    token = uuid.uuid4().hex
+    try:
+        with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
+            optuna.storages.fail_stale_trials(study)
+            budget = loaded.budget()
+            if budget.finished + budget.running >= total_trials:
+                return "wait" if budget.running else "done"
+            if budget.waiting == 0 and grid_exhausted(study):
+                return "wait" if budget.running else "done"
+            room = total_trials - budget.finished - budget.running - budget.waiting
+            queued = keep_batch_sizes_covered(loaded, room)
+            for batch_size in queued:
+                logger.info("batch size %d has no complete trial: queued another", batch_size)
+            with loaded.storage.claiming(token):
+                # RUNNING with its first heartbeat (and a retry with clean attrs) in one
+                # transaction: a worker killed from here on still gets its trial retried.
+                trial_id = None
+                if budget.waiting or queued:
+                    trial_id = loaded.storage.claim_waiting_trial(loaded.ref.study_id)
+                was_queued = trial_id is not None
+                if trial_id is None:
+                    trial_id = compat.study_storage(study).create_new_trial(loaded.ref.study_id)
+            if grid:
+                trial = _build_trial(study, trial_id, was_queued)
+    except Exception as error:
+        if not is_connection_error(error):
+            raise
+        found = retry_on_disconnect(
+            lambda: loaded.storage.trial_claimed_with(loaded.ref.study_id, token),
+            what="claim",
+            url=loaded.storage.url,
+        )
+        if found is None:
+            raise  # nothing landed: the caller claims again
+        logger.warning("the claim's commit landed though its connection was lost: trial kept")
+        trial_id, was_queued, grid = found, True, False  # a grid trial's point is stored
     kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
     return trial if grid else _build_trial(study, trial_id, was_queued)
 

@@ -23,12 +23,13 @@ from optuna.trial import TrialState
 
 import hpo.worker
 from hpo.spec import parse_spec
-from hpo.storage import ReconnectingRDBStorage
+from hpo.storage import ReconnectingRDBStorage, retry_on_disconnect
 from hpo.study import create_or_load_study, load_study, study_budget, superseded_trials
 from hpo.worker import claim_trial, requeue
 
 from .conftest import tiny_study_text
 from .databases import scratch_database
+from .test_storage_faults import CommitThenDrop
 
 
 def _spec(sampler: str = "random"):
@@ -196,7 +197,9 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
         claimer.storage.engine.dispose()
 
     assert reads_held and not any(reads_held), "a claim read whole trials under the lock"
-    assert statements[2] == statements[30] <= 15, statements
+    # PostgreSQL: 19, of which 6 are the SAVEPOINT/RELEASE pairs around each storage call
+    # of the claim's one transaction (storage._postgres_lock); SQLite and MariaDB: 12.
+    assert statements[2] == statements[30] <= 20, statements
 
 
 def test_the_sampler_runs_after_the_study_lock_is_released(
@@ -272,3 +275,77 @@ def test_each_claimed_trial_samples_from_the_study_as_it_is_now(tmp_path: Path) 
         deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True
     )
     assert [t.number for t in complete] == [elsewhere.number]
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["new trial", "queued trial"])
+def test_a_claim_whose_commit_acknowledgement_is_lost_starts_one_trial(
+    storage_url: str, queued: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the whole claim is one transaction (storage._postgres_lock), so its
+    # calls are not retried one by one: the worker repeats the claim. A repeat after a
+    # COMMIT that landed would leave the first trial RUNNING with no worker (failed and
+    # re-run after the grace period); the claim's token tells the repeat it landed.
+    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
+    create_or_load_study(_spec(), storage_url).storage.engine.dispose()
+    loaded = load_study("tiny", storage_url)
+    if queued:
+        loaded.study.enqueue_trial({"x": 0.25})
+    fault = CommitThenDrop(loaded.storage)
+    with fault.once(during="_claim_trial" if queued else "_create_new_trial"):
+        trial = retry_on_disconnect(
+            lambda: claim_trial(loaded, 10), what="claim", url=storage_url
+        )
+    running = loaded.study.get_trials(states=(TrialState.RUNNING,))
+    assert [t.number for t in running] == [trial.number]
+    assert trial.suggest_float("x", 0.0, 1.0) == (0.25 if queued else trial.params["x"])
+    assert not loaded.study.get_trials(states=(TrialState.WAITING,))
+    loaded.storage.engine.dispose()
+
+
+@pytest.mark.db
+def test_postgresql_grants_the_study_lock_first_come_first_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Waiters block in PostgreSQL's lock queue instead of polling with backoff, which let a
+    # late poller overtake a worker that had waited minutes (issue 12: claim p99 139 s at
+    # 256 workers, with the lock held 15 ms per claim).
+    with scratch_database("postgresql") as url:
+        create_or_load_study(_spec(), url).storage.engine.dispose()
+        holder = load_study("tiny", url)
+        waiters = [load_study("tiny", url) for _ in range(4)]
+        order: list[int] = []
+        threads = []
+        with hpo.worker.study_lock(holder.storage, "tiny"):
+            for index, waiter in enumerate(waiters):
+
+                def wait_and_record(waiter=waiter, index=index) -> None:
+                    with hpo.worker.study_lock(waiter.storage, "tiny"):
+                        order.append(index)
+
+                threads.append(threading.Thread(target=wait_and_record, daemon=True))
+                threads[-1].start()
+                _wait_for_lock_waiters(url, index + 1)
+        for thread in threads:
+            thread.join(timeout=30)
+        for loaded in (holder, *waiters):
+            loaded.storage.engine.dispose()
+    assert order == [0, 1, 2, 3]
+
+
+def _wait_for_lock_waiters(url: str, count: int, timeout_s: float = 10) -> None:
+    """Until ``count`` sessions of ``url``'s database wait for an advisory lock."""
+    engine = sqlalchemy.create_engine(url)
+    query = sqlalchemy.text(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND NOT l.granted AND a.datname = current_database()"
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                if connection.execute(query).scalar() >= count:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"fewer than {count} waiters for the study lock")
+    finally:
+        engine.dispose()
