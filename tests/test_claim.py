@@ -292,9 +292,7 @@ def test_a_claim_whose_commit_acknowledgement_is_lost_starts_one_trial(
         loaded.study.enqueue_trial({"x": 0.25})
     fault = CommitThenDrop(loaded.storage)
     with fault.once(during="_claim_trial" if queued else "_create_new_trial"):
-        trial = retry_on_disconnect(
-            lambda: claim_trial(loaded, 10), what="claim", url=storage_url
-        )
+        trial = retry_on_disconnect(lambda: claim_trial(loaded, 10), what="claim", url=storage_url)
     running = loaded.study.get_trials(states=(TrialState.RUNNING,))
     assert [t.number for t in running] == [trial.number]
     assert trial.suggest_float("x", 0.0, 1.0) == (0.25 if queued else trial.params["x"])
