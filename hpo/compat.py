@@ -11,6 +11,7 @@ stay cheap for commands that never train.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,66 @@ def study_storage(study: Any) -> Any:
 # sample from a history that misses every trial other workers finished meanwhile.
 def forget_cached_trials(study: Any) -> None:
     study._thread_local.cached_all_trials = None
+
+
+# The same cache layer, taught to answer a request for *finished* trials only (what a
+# pruner asks: Median/Percentile read the COMPLETE trials, hpo's stratified wrapper the
+# COMPLETE and PRUNED ones) without re-reading the unfinished ones. Optuna's
+# ``get_all_trials`` re-reads every unfinished trial with all its rows on every call,
+# whatever ``states`` asks for: with W workers each reporting every epoch that is W^2 trial
+# reads per epoch of the fleet (issue 12: report p99 8.8 s at 256 workers, against 1.0 s
+# without a pruner). A finished trial never changes, so this asks the database for the ids
+# of trials that finished since the cache last saw them (one query on the trials table)
+# and reads only those. It keeps Optuna's invariant (a trial at or below
+# ``last_finished_trial_id`` that is not in ``unfinished_trial_ids`` is finished and
+# cached) by never moving ``last_finished_trial_id``: Optuna's own read does that.
+def finished_trials_cache(backend: Any) -> Any:
+    """A ``_CachedStorage`` around ``backend`` (an ``hpo.storage.ReconnectingRDBStorage``)
+    whose reads of finished trials only skip the unfinished ones."""
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+
+    class FinishedTrialsCache(_CachedStorage):
+        def get_all_trials(
+            self, study_id: int, deepcopy: bool = True, states: Any = None
+        ) -> list[Any]:
+            if states is None or not all(state.is_finished() for state in states):
+                return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+            with self._lock:
+                study = self._studies.setdefault(study_id, _StudyInfo())
+                ids = self._backend.finished_trial_ids(
+                    study_id, study.unfinished_trial_ids, study.last_finished_trial_id
+                )
+                new = {trial_id for trial_id in ids if not self._finished_in_cache(trial_id)}
+                if new:
+                    # Above every id (trial ids are 32-bit INTEGER): only ``new`` is read.
+                    trials = self._backend._get_trials(
+                        study_id,
+                        states=None,
+                        included_trial_ids=new,
+                        trial_id_greater_than=2**31 - 1,
+                    )
+                    self._add_trials_to_cache(study_id, trials)
+                    study.unfinished_trial_ids.difference_update(t._trial_id for t in trials)
+                chosen = sorted(
+                    (t for t in study.trials.values() if t.state in states),
+                    key=lambda t: t.number,
+                )
+            return copy.deepcopy(chosen) if deepcopy else chosen
+
+        def _finished_in_cache(self, trial_id: int) -> bool:
+            place = self._trial_id_to_study_id_and_number.get(trial_id)
+            if place is None:
+                return False
+            trial = self._studies[place[0]].trials.get(place[1])
+            return trial is not None and trial.state.is_finished()
+
+    return FinishedTrialsCache(backend)
+
+
+def read_finished_trials_incrementally(study: Any) -> None:
+    """Give ``study`` the cache layer of ``finished_trials_cache`` (a fresh one: call it
+    before the study is used)."""
+    study._storage = finished_trials_cache(study._storage._backend)
 
 
 def cpu_supports_bf16() -> bool:

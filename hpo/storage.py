@@ -253,7 +253,7 @@ _IDEMPOTENT_METHODS = (
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_best_trial", "record_heartbeat",
     "_get_stale_trial_ids", "_set_trial_param", "_get_best_trial_id", "count_trials",
-    "waiting_trial_ids",
+    "waiting_trial_ids", "finished_trial_ids",
 )  # fmt: skip
 # Calls that return trials: retried like the above, and the tokens are taken out.
 _TRIAL_READS = ("get_trial", "_get_trials", "get_trial_system_attrs")
@@ -467,6 +467,22 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 .scalar()
             )
         return TrialCounts({TrialState(state): int(n) for state, n in rows}, int(requeued or 0))
+
+    def finished_trial_ids(self, study_id: int, among: set[int], greater_than: int) -> list[int]:
+        """Ids of the study's finished trials that are in ``among`` or above
+        ``greater_than``, in one query on the trials table: how Optuna's cache layer
+        learns which trials finished since it last looked (``hpo.compat.finished_trials_cache``)."""
+        models = compat.rdb_models()
+        trial = models.TrialModel
+        seen = sqlalchemy.or_(trial.trial_id > greater_than, trial.trial_id.in_(sorted(among)))
+        finished = [state for state in TrialState if state.is_finished()]
+        with compat.rdb_session(self) as session:
+            rows = (
+                session.query(trial.trial_id)
+                .filter(trial.study_id == study_id, trial.state.in_(finished), seen)
+                .all()
+            )
+        return [int(row[0]) for row in rows]
 
     def waiting_trial_ids(self, study_id: int) -> list[int]:
         """Ids of the study's WAITING (enqueued or re-queued) trials, lowest number first

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo import compat
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import superseded_trials
 from hpo.space import (
@@ -57,6 +58,11 @@ class LoadedStudy:
     storage: ReconnectingRDBStorage  # what open_storage returns
     spec: StudySpec
     ref: StudyRef
+
+    def __post_init__(self) -> None:
+        # A pruner's read of the finished trials, at every report, skips the unfinished
+        # ones (W workers: W^2 trial reads per epoch of the fleet otherwise).
+        compat.read_finished_trials_incrementally(self.study)
 
     @property
     def name(self) -> str:

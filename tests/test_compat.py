@@ -5,6 +5,8 @@ fix ``hpo/compat.py`` (and only it)."""
 
 from __future__ import annotations
 
+import inspect
+
 import optuna
 import pytest
 
@@ -69,3 +71,20 @@ def test_a_study_still_caches_all_trials_per_thread_for_its_samplers() -> None:
     assert study._thread_local.cached_all_trials is not None
     compat.forget_cached_trials(study)
     assert study._thread_local.cached_all_trials is None
+
+
+def test_optunas_cache_layer_still_has_what_the_finished_trials_read_uses() -> None:
+    """``compat.finished_trials_cache`` subclasses it and keeps its per-study bookkeeping
+    (tests/test_finished_reads.py checks the behaviour against Optuna's own reads)."""
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+
+    info = _StudyInfo()
+    assert isinstance(info.trials, dict) and isinstance(info.unfinished_trial_ids, set)
+    assert isinstance(info.last_finished_trial_id, int)
+    cache = _CachedStorage(optuna.storages.RDBStorage("sqlite://"))
+    for name in ("_studies", "_lock", "_trial_id_to_study_id_and_number", "_backend"):
+        assert hasattr(cache, name), name
+    assert callable(cache._add_trials_to_cache)
+    assert (
+        "included_trial_ids" in inspect.signature(optuna.storages.RDBStorage._get_trials).parameters
+    )

@@ -1,0 +1,114 @@
+"""A pruner's read of the finished trials (``hpo.compat.finished_trials_cache``) reads no
+unfinished trial, and sees exactly what Optuna's own cache layer sees.
+
+Every report of every worker asks the study for its COMPLETE (and, stratified, PRUNED)
+trials. Optuna's cache layer answered that by re-reading every unfinished trial of the
+study with all its rows: W workers, W^2 trial reads per epoch of the fleet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import tomllib
+from optuna.trial import TrialState
+
+from hpo.spec import parse_spec
+from hpo.storage import ReconnectingRDBStorage
+from hpo.study import create_or_load_study, load_study
+
+from .conftest import tiny_study_text
+from .databases import scratch_database
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hpo.db'}"
+    else:
+        with scratch_database("postgresql") as database:
+            yield database
+
+
+def _study(url: str):
+    spec = parse_spec(tomllib.loads(tiny_study_text()), source="test", default_name="tiny")
+    create_or_load_study(spec, url).storage.engine.dispose()
+    return load_study("tiny", url)
+
+
+@contextlib.contextmanager
+def _trials_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The numbers of every trial read from the database with its rows."""
+    numbers: list[int] = []
+    real = ReconnectingRDBStorage._get_trials
+
+    def recorded(self, *args, **kwargs):
+        trials = real(self, *args, **kwargs)
+        numbers.extend(t.number for t in trials)
+        return trials
+
+    monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", recorded)
+    yield numbers
+
+
+def test_reading_finished_trials_reads_no_running_trial(url: str, monkeypatch) -> None:
+    elsewhere = _study(url)
+    running = [elsewhere.study.ask() for _ in range(20)]
+    for trial in running:
+        trial.report(0.5, 1)
+    done = elsewhere.study.ask()
+    elsewhere.study.tell(done, 0.7)
+    pruner = load_study("tiny", url)  # a worker whose pruner reads at each report
+    with _trials_read(monkeypatch) as read:
+        first = pruner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        again = pruner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        elsewhere.study.tell(running[3], state=TrialState.PRUNED)
+        both = pruner.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+    assert [t.number for t in first] == [t.number for t in again] == [done.number]
+    assert [(t.number, t.state) for t in both] == [
+        (running[3].number, TrialState.PRUNED),
+        (done.number, TrialState.COMPLETE),
+    ]
+    assert both[0].intermediate_values == {1: 0.5}
+    # Optuna's cache layer would have read the 20 RUNNING trials on each of the three calls.
+    assert sorted(read) == sorted([done.number, running[3].number])
+    for loaded in (elsewhere, pruner):
+        loaded.storage.engine.dispose()
+
+
+def test_finished_and_all_reads_agree_with_optunas_cache_layer(url: str) -> None:
+    # Trials start and finish in random order in another process (a trial with a lower id
+    # finishing after higher ones included); at every step the incremental cache, its full
+    # read (Optuna's own path, on the same cache) and a plain Optuna study agree.
+    rng = random.Random(0)
+    elsewhere = _study(url)
+    incremental = load_study("tiny", url)
+    plain = optuna.load_study(study_name="tiny", storage=url)
+    unfinished: list[optuna.Trial] = []
+    for step in range(60):
+        if unfinished and rng.random() < 0.5:
+            trial = unfinished.pop(rng.randrange(len(unfinished)))
+            state = rng.choice(FINISHED)
+            value = rng.random() if state == TrialState.COMPLETE else None
+            elsewhere.study.tell(trial, value, state=state)
+        else:
+            unfinished.append(elsewhere.study.ask())
+            unfinished[-1].report(rng.random(), 1)
+        states = rng.choice(
+            [(TrialState.COMPLETE,), (TrialState.COMPLETE, TrialState.PRUNED), FINISHED, None]
+        )
+        got = incremental.study.get_trials(deepcopy=False, states=states)
+        want = plain.get_trials(deepcopy=False, states=states)
+        assert [(t.number, t.state, t.value) for t in got] == [
+            (t.number, t.state, t.value) for t in want
+        ], (step, states)
+    for loaded in (elsewhere, incremental):
+        loaded.storage.engine.dispose()
