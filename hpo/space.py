@@ -208,6 +208,30 @@ def coverage_retries(
     return retries[:room]
 
 
+def coverage_may_need(spec: StudySpec, finished: list[FrozenTrial]) -> bool:
+    """False only when ``coverage_retries`` is sure to queue nothing, judged from the
+    study's *finished* trials alone (a read that skips the RUNNING ones: at hundreds of
+    workers, reading those under the study lock at every claim was the claim's main cost).
+
+    Every batch size has at least one trial from the first round on (queued with the
+    study; a re-queued one is replaced by its retry at the same batch size). A need at a
+    batch size means none of its trials is pending or completed, so all of them ended,
+    and at least one ended without a result. So: a need is possible only at a batch size
+    where a finished trial ended without a complete result and none completed.
+    """
+    if not spec.sampler.cover_batch_sizes or spec.sampler.kind == "grid":
+        return False
+    ended_without: set[int] = set()
+    completed: set[int] = set()
+    for trial in finished:
+        log2 = trial.params.get(
+            BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
+        )
+        if log2 is not None:
+            (completed if _completed(trial) else ended_without).add(int(log2))
+    return bool(ended_without - completed)
+
+
 def _completed(trial: FrozenTrial) -> bool:
     return (
         trial.state == TrialState.COMPLETE

@@ -26,6 +26,7 @@ from hpo.space import (
     COVER_ATTEMPT_ATTR,
     COVER_ATTR,
     COVER_VALUE,
+    coverage_may_need,
     coverage_retries,
     first_round,
     make_pruner,
@@ -154,6 +155,9 @@ def keep_batch_sizes_covered(loaded: LoadedStudy, room: int) -> list[int]:
     """
     spec = loaded.spec
     if not spec.sampler.cover_batch_sizes or spec.sampler.kind == "grid":
+        return []
+    finished = loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    if not coverage_may_need(spec, finished):  # read without the RUNNING trials
         return []
     trials = loaded.study.get_trials(deepcopy=False)
     queued = []

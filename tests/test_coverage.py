@@ -12,9 +12,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import hpo.worker
 from hpo.data import load_splits
-from hpo.space import BATCH_PARAM, COVER_RETRIES, coverage_retries, first_round
+from hpo.space import (
+    BATCH_PARAM,
+    COVER_RETRIES,
+    coverage_may_need,
+    coverage_retries,
+    first_round,
+)
 from hpo.spec import StudySpec, load_spec
+from hpo.storage import ReconnectingRDBStorage
 from hpo.study import create_or_load_study
 from hpo.worker import claim_trial, requeue
 from tests.conftest import train_trial
@@ -275,3 +283,83 @@ def test_a_worker_retries_a_diverged_first_round_batch_size_until_it_completes(
     assert trials[3].state == TrialState.COMPLETE
     assert trials[3].user_attrs["cover_attempt"] == 1
     assert trials[3].params["lr"] == pytest.approx(trials[0].params["lr"] / 4)
+
+
+# ------------------------------------------------- the claim's read of coverage
+
+
+def _trial_at(log2: int, state: TrialState, rng, *, cover: bool) -> optuna.trial.FrozenTrial:
+    value = rng.choice([0.8, math.inf]) if state == TrialState.COMPLETE else None
+    fixed = {BATCH_PARAM: log2, "lr": 0.01, "weight_decay": 1e-4}
+    sampled = state != TrialState.WAITING and rng.random() < 0.7  # else not sampled yet
+    return optuna.trial.create_trial(
+        state=state,
+        value=value,
+        params=fixed if sampled else {},
+        distributions={
+            BATCH_PARAM: optuna.distributions.IntDistribution(4, 6),
+            "lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True),
+            "weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
+        }
+        if sampled
+        else {},
+        user_attrs={"queued_by": "cover_batch_sizes"} if cover else {},
+        system_attrs={"fixed_params": fixed} if cover else {},
+    )
+
+
+def test_coverage_is_never_needed_where_the_finished_trials_say_it_cannot_be(
+    tiny_study: Path,
+) -> None:
+    # coverage_may_need reads only finished trials (the claim skips the RUNNING ones with
+    # it); it must be True wherever coverage_retries would queue, over many studies that
+    # keep the first-round invariant (every batch size has a trial).
+    import random
+
+    spec = _spec(tiny_study, cover=True)
+    states = list(TrialState)
+    skipped = 0
+    for seed in range(400):
+        rng = random.Random(seed)
+        trials = [_trial_at(log2, rng.choice(states), rng, cover=True) for log2 in (4, 5, 6)]
+        trials += [
+            _trial_at(rng.choice((4, 5, 6)), rng.choice(states), rng, cover=rng.random() < 0.5)
+            for _ in range(rng.randrange(6))
+        ]
+        for number, trial in enumerate(trials):
+            trial.number = number
+        finished = [t for t in trials if t.state.is_finished()]
+        if coverage_retries(spec, trials, room=10):
+            assert coverage_may_need(spec, finished), seed
+        elif not coverage_may_need(spec, finished):
+            skipped += 1
+    assert skipped >= 20  # and it does rule needs out (30 of these 400 studies)
+
+
+def test_a_claim_in_a_covered_study_reads_no_running_trial(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_GRACE_S", "3600")  # the RUNNING trials here have no worker
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    spec = _spec(tiny_study, cover=True)
+    loaded = create_or_load_study(spec, url)
+    for _ in range(3):  # the first round, one complete trial per batch size
+        _claim_and_end(loaded, TrialState.COMPLETE)
+    _claim_and_end(loaded, TrialState.PRUNED)
+    elsewhere = create_or_load_study(spec, url)
+    for _ in range(12):
+        trial = claim_trial(elsewhere, total_trials=100)
+        trial.suggest_int(BATCH_PARAM, 4, 6)
+        trial.report(0.5, 1)
+    read: list[TrialState] = []
+    real = ReconnectingRDBStorage._get_trials
+
+    def recorded(self, *args, **kwargs):
+        trials = real(self, *args, **kwargs)
+        read.extend(t.state for t in trials)
+        return trials
+
+    monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", recorded)
+    monkeypatch.setattr(hpo.worker, "_build_trial", lambda study, trial_id, was_queued: trial_id)
+    assert isinstance(claim_trial(loaded, total_trials=100), int)
+    assert TrialState.RUNNING not in read, read
