@@ -10,6 +10,7 @@ the study (Optuna's cache layer re-reads each unfinished trial with all its rows
 from __future__ import annotations
 
 import contextlib
+import datetime
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import sqlalchemy
 import tomllib
 from optuna.trial import TrialState
 
+import hpo.compat
 import hpo.worker
 from hpo.spec import parse_spec
 from hpo.storage import ReconnectingRDBStorage, retry_on_disconnect
@@ -347,3 +349,31 @@ def _wait_for_lock_waiters(url: str, count: int, timeout_s: float = 10) -> None:
         raise AssertionError(f"fewer than {count} waiters for the study lock")
     finally:
         engine.dispose()
+
+
+def test_stale_trials_are_the_ones_optuna_itself_finds(storage_url: str) -> None:
+    # hpo's _get_stale_trial_ids returns only the stale ids from one query; Optuna's loads
+    # every RUNNING trial with its heartbeat (the claim's largest cost at 256 RUNNING).
+    loaded = create_or_load_study(_spec(), storage_url)
+    storage, study_id = loaded.storage, loaded.ref.study_id
+    ages = [None, 0, 5, storage.grace_period - 5, storage.grace_period + 5, 10_000]
+    models = hpo.compat.rdb_models()
+    with hpo.compat.rdb_session(storage) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+    for age in ages:
+        trial_id = storage.create_new_trial(study_id)
+        if age is not None:  # a trial without a heartbeat is never stale
+            with hpo.compat.rdb_session(storage) as session:
+                session.add(
+                    models.TrialHeartbeatModel(
+                        trial_id=trial_id, heartbeat=now - datetime.timedelta(seconds=age)
+                    )
+                )
+    finished = storage.create_new_trial(study_id)
+    storage.record_heartbeat(finished)
+    storage.set_trial_state_values(finished, TrialState.COMPLETE, [0.5])
+
+    ours = sorted(storage._get_stale_trial_ids(study_id))
+    theirs = sorted(optuna.storages.RDBStorage._get_stale_trial_ids(storage, study_id))
+    assert ours == theirs and len(ours) == 2
+    storage.engine.dispose()
