@@ -494,6 +494,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             )
         return [int(row[0]) for row in rows]
 
+    def has_stale_trials(self, study_id: int) -> bool:
+        """Whether a RUNNING trial of the study missed its heartbeats for the grace period."""
+        return self.heartbeat_interval is not None and bool(self._get_stale_trial_ids(study_id))
+
     def finished_trial_ids(self, study_id: int, among: set[int], greater_than: int) -> list[int]:
         """Ids of the study's finished trials that are in ``among`` or above
         ``greater_than``, in one query on the trials table: how Optuna's cache layer

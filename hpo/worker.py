@@ -109,6 +109,8 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     repeated claim never leaves the first one's trial RUNNING without a worker.
     """
     study = loaded.study
+    if _budget_is_handed_out(loaded, total_trials):
+        return "wait"
     grid = _grid_sampler(study) is not None
     token = uuid.uuid4().hex
     try:
@@ -148,6 +150,21 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
         trial_id, was_queued, grid = found, True, False  # a grid trial's point is stored
     kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
     return trial if grid else _build_trial(study, trial_id, was_queued)
+
+
+def _budget_is_handed_out(loaded: LoadedStudy, total_trials: int) -> bool:
+    """True when a claim could only answer ``"wait"``, known without the study lock: the
+    budget is handed out, trials still run elsewhere, and none of them is stale (a stale
+    one would be failed and re-queued under the lock). Near the end of a study every
+    worker that finishes a trial asks, and waiting for the lock only to learn this kept
+    the lock, and behind PgBouncer its server connections, busy. ``"done"`` is always
+    decided under the lock: a trial being re-queued at that moment must not be missed."""
+    budget = loaded.budget()
+    return (
+        budget.finished + budget.running >= total_trials
+        and budget.running > 0
+        and not loaded.storage.has_stale_trials(loaded.ref.study_id)
+    )
 
 
 def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:

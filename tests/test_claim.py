@@ -377,3 +377,32 @@ def test_stale_trials_are_the_ones_optuna_itself_finds(storage_url: str) -> None
     theirs = sorted(optuna.storages.RDBStorage._get_stale_trial_ids(storage, study_id))
     assert ours == theirs and len(ours) == 2
     storage.engine.dispose()
+
+
+def test_a_claim_that_can_only_wait_takes_no_study_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Near a study's end every worker that finishes a trial claims again; when the budget
+    # is handed out and the rest runs elsewhere the answer is "wait", known without the
+    # lock. A stale trial (its worker gone) still sends the claim under the lock, where it
+    # is failed and re-queued, and this worker runs its retry.
+    monkeypatch.setenv("HPO_GRACE_S", "2")
+    monkeypatch.setenv("HPO_HEARTBEAT_S", "1")
+    watch = LockWatch(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    create_or_load_study(_spec(), url).storage.engine.dispose()
+    elsewhere = load_study("tiny", url)
+    running = claim_trial(elsewhere, 2)
+    _finish(elsewhere, claim_trial(elsewhere, 2))
+    loaded = load_study("tiny", url)
+    watch.statements_held.clear()
+
+    assert claim_trial(loaded, 2) == "wait"
+    assert watch.statements_held == []  # the lock was not taken
+    time.sleep(3)  # the other worker's trial goes stale (no heartbeat thread here)
+    retry = claim_trial(loaded, 2)
+    assert len(watch.statements_held) == 1
+    assert not isinstance(retry, str) and retry.number != running.number
+    assert loaded.study.get_trials()[running.number].state == TrialState.FAIL
+    for study in (elsewhere, loaded):
+        study.storage.engine.dispose()
