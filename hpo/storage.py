@@ -843,7 +843,8 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     """Hold a lock that every worker of ``study_name`` on any node respects.
 
     PostgreSQL: a transaction-scoped advisory lock (released at commit, or when the
-    connection dies with its worker), taken with ``pg_try_advisory_xact_lock`` and polled
+    connection dies with its worker), waited for in PostgreSQL's queue, first come first
+    served, by a transaction that then makes every storage call of the block
     (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a dedicated connection. SQLite
     (local workers only): ``flock`` on a file in the temp directory.
     """
