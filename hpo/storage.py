@@ -845,7 +845,7 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     PostgreSQL: a transaction-scoped advisory lock (released at commit, or when the
     connection dies with its worker), waited for in PostgreSQL's queue, first come first
     served, by a transaction that then makes every storage call of the block
-    (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a dedicated connection. SQLite
+    (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a connection whose one transaction, like PostgreSQL's, makes every storage call of the block. SQLite
     (local workers only): ``flock`` on a file in the temp directory.
     """
     backend = storage.engine.dialect.name
@@ -860,10 +860,15 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
                 sqlalchemy.text("SELECT GET_LOCK(:name, 60)"), {"name": name}
             ).scalar():
                 logger.warning("waiting for the lock of study %r", study_name)
+            connection.commit()  # the lock is the session's; the block gets its own transaction
             try:
-                yield
+                # As on PostgreSQL: the block's calls in one transaction on the lock's
+                # connection, committed before the lock is released.
+                with connection.begin(), _bound(storage, connection):
+                    yield
             finally:
                 connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+                connection.commit()
     elif backend == "sqlite":
         database = make_url(str(storage.url)).database or ":memory:"
         digest = hashlib.sha256(f"{Path(database).resolve()}:{study_name}".encode()).hexdigest()
@@ -896,8 +901,13 @@ def _postgres_lock(storage: optuna.storages.RDBStorage, key: int) -> Iterator[No
     """
     with storage.engine.connect() as connection, connection.begin():
         connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-        if isinstance(storage, ReconnectingRDBStorage):
-            with storage.bound_to(connection):
-                yield
-        else:
+        with _bound(storage, connection):
             yield
+
+
+def _bound(
+    storage: optuna.storages.RDBStorage, connection: sqlalchemy.Connection
+) -> contextlib.AbstractContextManager[None]:
+    if isinstance(storage, ReconnectingRDBStorage):
+        return storage.bound_to(connection)
+    return contextlib.nullcontext()
