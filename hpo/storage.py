@@ -845,8 +845,9 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     PostgreSQL: a transaction-scoped advisory lock (released at commit, or when the
     connection dies with its worker), waited for in PostgreSQL's queue, first come first
     served, by a transaction that then makes every storage call of the block
-    (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a connection whose one transaction, like PostgreSQL's, makes every storage call of the block. SQLite
-    (local workers only): ``flock`` on a file in the temp directory.
+    (``_postgres_lock``). MariaDB/MySQL: ``GET_LOCK`` on a connection whose one
+    transaction, as on PostgreSQL, makes every storage call of the block. SQLite (local
+    workers only): ``flock`` on a file in the temp directory.
     """
     backend = storage.engine.dialect.name
     name = _lock_name(study_name)
