@@ -16,7 +16,15 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   ``best_point``, on the best grid LR itself) and ``alpha_hpo`` (each run's fit, with its
   95% interval), and whether each grid α lies in each interval;
 - ``pruning_regret``: the grid's top-10% configs (at least one), enqueued into the first
-  seed's study after it has run, and how many the policy's pruner prunes (goal 0).
+  seed's study after it has run, and how many the policy's pruner prunes (goal 0);
+- ``pruning_regret_same_seed``: of those pruned, how many were a top config in their own
+  run: each pruned one is trained again with the same seed to the full budget, without
+  pruning, and counts if that final value reaches the grid's top-10% cutoff (the lowest
+  grid value among the top configs). A prune that run would have ended below the cutoff
+  was right for that seed (grid values are means over seeds; one run of a top config can
+  end poor). ``regret_trials`` lists each enqueued config: its state, the report it was
+  pruned at and its value there, the same-seed final value, and whether the replay
+  reproduced the pruned run's value at that report (``replay_matches``).
 
 Goals (issue 9): hpo_best >= grid_best - 0.005 with hpo_epochs_fraction <= 0.3; every
 per_b_shortfall <= 0.01; the grid's α inside hpo's interval; pruning regret 0.
@@ -202,15 +210,64 @@ def _fit_points(spec: StudySpec, best_lrs: dict[int, float]) -> dict:
 
 
 def pruning_regret(
-    study: optuna.Study, spec: StudySpec, top: list[tuple[int, float]], weight_decay: float
-) -> int:
-    """Enqueue ``top`` configs into ``study`` (its pruner as configured) and count the pruned."""
+    study: optuna.Study,
+    spec: StudySpec,
+    top: list[tuple[int, float]],
+    weight_decay: float,
+    cutoff: float,
+) -> dict:
+    """Enqueue ``top`` configs into ``study`` (its pruner as configured); the pruned count
+    (``pruned``), how many of those were a top config in their own run (``same_seed``:
+    replayed to the full budget with the trial's seed, final value at least ``cutoff`` in
+    the study's direction) and one row per config (``trials``)."""
     before = len(study.trials)
     for log2_batch_size, lr in top:
         study.enqueue_trial({BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay})
     splits = load_splits(spec.dataset)
     study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=len(top))
-    return sum(t.state == TrialState.PRUNED for t in study.trials[before:])
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    rows = []
+    for trial in study.trials[before:]:
+        row: dict = {
+            "batch_size": 2 ** int(trial.params[BATCH_PARAM]),
+            "lr": float(trial.params["lr"]),
+            "state": trial.state.name,
+            "value": trial.value,
+        }
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+            report = max(trial.intermediate_values)
+            replay = replay_unpruned(spec, trial, splits)
+            final = replay.value
+            row.update(
+                pruned_at_report=report,
+                value_at_prune=trial.intermediate_values[report],
+                same_seed_final=final,
+                replay_matches=replay.intermediate_values.get(report)
+                == trial.intermediate_values[report],
+                regret=final is not None and sign * final >= sign * cutoff,
+            )
+        rows.append(row)
+    pruned = sum(row["state"] == "PRUNED" for row in rows)
+    return {
+        "pruned": pruned,
+        "same_seed": sum(bool(row.get("regret")) for row in rows),
+        "trials": rows,
+    }
+
+
+def replay_unpruned(
+    spec: StudySpec, trial: optuna.trial.FrozenTrial, splits: tuple
+) -> optuna.trial.FrozenTrial:
+    """``trial``'s config trained again to the full budget with the same training seed
+    (``hpo.objective``: spec.seed + the trial's number), no pruner: what the pruned run
+    would have reached."""
+    seeded = spec.model_copy(update={"seed": spec.seed + trial.number})
+    replay = optuna.create_study(
+        direction=spec.objective.direction, pruner=optuna.pruners.NopPruner()
+    )
+    replay.enqueue_trial({k: trial.params[k] for k in (BATCH_PARAM, "lr", "weight_decay")})
+    replay.optimize(lambda t: train_trial(t, seeded, splits=splits), n_trials=1)
+    return replay.trials[0]  # its number is 0, so its seed is spec.seed + trial.number
 
 
 def _inside(alpha: float | None, intervals: list[list[float | None]]) -> list[bool | None]:
@@ -232,12 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
-    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, fair")
+    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
     parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.study)
+    chosen = fair_search.chosen_policies(spec, args.policies, shrink=args.quick)
     if args.quick:
         spec = fair_search.quick(spec)
     truth = grid(spec, args.lrs, args.grid_seeds, args.grid_cache)
@@ -257,12 +315,11 @@ def main(argv: list[str] | None = None) -> dict:
         "alpha_grid": alpha_grid,
         "policies": {},
     }
-    chosen = [name for name in args.policies.split(",") if name]
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
-        for name, policy in fair_search.policies(spec).items():
-            if args.only == "grid" or name not in chosen:
+        for name, policy in chosen.items():
+            if args.only == "grid":
                 continue
             runs, regret = [], None
             for seed in range(args.hpo_seeds):
@@ -272,7 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
                 seeded, study, wall = fair_search.optimize(policy, seed, database)
                 runs.append(fair_search.summarize(study, seeded, seed, wall))
                 if seed == 0:
-                    regret = pruning_regret(study, seeded, top, truth["weight_decay"])
+                    regret = pruning_regret(
+                        study, seeded, top, truth["weight_decay"], min(mean[c] for c in top)
+                    )
             shortfall = {}
             for b in spec.search.batch_sizes:
                 found = [r["best_per_batch_size"][b] for r in runs]
@@ -289,7 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "alpha_grid_best_point_inside": _inside(
                     alpha_grid["best_point"]["alpha"], intervals
                 ),
-                "pruning_regret": regret,
+                "pruning_regret": None if regret is None else regret["pruned"],
+                "pruning_regret_same_seed": None if regret is None else regret["same_seed"],
+                "regret_trials": None if regret is None else regret["trials"],
                 "top_configs": len(top),
                 "runs": runs,
             }

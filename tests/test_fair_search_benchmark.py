@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import optuna
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +124,37 @@ def test_answer_quality_reuses_its_cached_grid_and_refuses_another(tmp_path: Pat
     assert again["alpha_grid"] == first["alpha_grid"]
     with pytest.raises(SystemExit, match="another grid: lrs differ"):
         module.main([*argv[:2], "3", *argv[3:], "--grid-cache", str(cache)])
+
+
+class _PruneAtFirstReport(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_regret_replays_a_pruned_config_with_its_own_seed(tiny_study: Path) -> None:
+    """A pruned top config is trained again with the same seed to the full budget: the
+    replay reproduces the pruned run's value at the report it was pruned at, and it counts
+    as same-seed regret only if its final value reaches the cutoff."""
+    module = _answer_quality()
+    data = module.load_spec("tiny").model_dump()
+    data["dataset"].update(train_size=128, val_size=64)
+    data["budget"].update(epochs=1, reports=2)
+    spec = module.StudySpec.model_validate(data)
+    top = [(4, 0.01), (5, 0.03)]
+
+    def regret(cutoff: float) -> dict:
+        study = optuna.create_study(direction="maximize", pruner=_PruneAtFirstReport())
+        study.enqueue_trial({"log2_batch_size": 6, "lr": 0.01, "weight_decay": 1e-4})
+        study.optimize(lambda t: module.train_trial(t, spec), n_trials=1)  # trial 0: not top
+        return module.pruning_regret(study, spec, top, 1e-4, cutoff)
+
+    low = regret(cutoff=0.0)
+    assert low["pruned"] == 2 and low["same_seed"] == 2
+    for row in low["trials"]:
+        assert row["state"] == "PRUNED" and row["pruned_at_report"] == 1
+        assert row["replay_matches"] and row["same_seed_final"] is not None
+    high = regret(cutoff=1.01)
+    assert high["pruned"] == 2 and high["same_seed"] == 0
+    assert [r["same_seed_final"] for r in high["trials"]] == [
+        r["same_seed_final"] for r in low["trials"]
+    ]  # deterministic per seed
