@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (a sibling script, not a package)
 
 REPO = Path(__file__).resolve().parents[1]
+REGRET_ATTR = "regret_config"  # user attr of the grid's top configs enqueued for regret
 
 
 def log_spaced(low: float, high: float, count: int) -> list[float]:
@@ -220,14 +221,20 @@ def pruning_regret(
     (``pruned``), how many of those were a top config in their own run (``same_seed``:
     replayed to the full budget with the trial's seed, final value at least ``cutoff`` in
     the study's direction) and one row per config (``trials``)."""
-    before = len(study.trials)
+    # Trials still queued by the study (a first round larger than its budget) run first.
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     for log2_batch_size, lr in top:
-        study.enqueue_trial({BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay})
+        study.enqueue_trial(
+            {BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay},
+            user_attrs={REGRET_ATTR: True},
+        )
     splits = load_splits(spec.dataset)
-    study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=len(top))
+    study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=waiting + len(top))
     sign = 1.0 if spec.objective.direction == "maximize" else -1.0
     rows = []
-    for trial in study.trials[before:]:
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.user_attrs.get(REGRET_ATTR):
+            continue
         row: dict = {
             "batch_size": 2 ** int(trial.params[BATCH_PARAM]),
             "lr": float(trial.params["lr"]),
@@ -338,7 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                 shortfall[b] = None if None in found else grid_per_b[b] - statistics.median(found)
             bests = [r["best"] for r in runs if r["best"] is not None]
             intervals = [r["alpha_interval"] for r in runs]
+            fields = json.loads(policy.to_json())
             result["policies"][name] = {
+                "policy": {table: fields[table] for table in ("pruner", "sampler", "budget")},
                 "hpo_best": statistics.median(bests) if bests else None,
                 "hpo_epochs_fraction": statistics.median(r["epochs_trained"] for r in runs)
                 / truth["epochs_per_seed"],

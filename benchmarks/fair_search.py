@@ -106,7 +106,8 @@ def quick(spec: StudySpec) -> StudySpec:
         spec,
         dataset={"train_size": 128, "val_size": 64, "image_size": 32, "cache_dir": None},
         search={"batch_size_min": 16, "batch_size_max": 64},
-        budget={"epochs": 1, "reports": None, "n_trials": 4},
+        # the first round (up to 2 LRs x 3 batch sizes) and one trial of the sampler's
+        budget={"epochs": 1, "reports": None, "n_trials": 7},
         pruner={"min_epochs": 1},
     )
 

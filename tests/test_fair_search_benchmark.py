@@ -23,7 +23,7 @@ def test_fair_search_quick_reports_both_policies(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert set(results) == {"old", "fair"}
     (fair,) = results["fair"]
-    assert sum(fair["states"].values()) == 4
+    assert sum(fair["states"].values()) == 7
     # the first round gives every batch size a trial, and the floor lets each complete
     assert all(count >= 1 for count in fair["complete_per_batch_size"].values())
     assert fair["epochs_trained"] > 0 and fair["alpha"] is not None
@@ -47,6 +47,8 @@ def test_answer_quality_quick_compares_hpo_with_the_grid(tmp_path: Path) -> None
     assert None not in fair["per_b_shortfall"].values()  # the fair policy covers every B
     assert fair["pruning_regret"] in (0, 1) and fair["top_configs"] == 1
     assert fair["hpo_epochs_fraction"] > 0
+    assert fair["policy"]["budget"]["n_trials"] == 7  # the policy's fields, as run
+    assert fair["pruning_regret_same_seed"] <= fair["pruning_regret"]
 
 
 def _answer_quality():
