@@ -60,6 +60,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from hpo.data import load_splits
+from hpo.device import select_device
 from hpo.objective import train_trial
 from hpo.report.analysis import fit_lr_scaling
 from hpo.space import BATCH_PARAM
@@ -81,9 +82,9 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
 def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> dict:
     """Every (B, lr) config trained to the end, once per seed; values averaged over seeds.
 
-    With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
-    else computed and written there."""
-    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds}
+    With ``cache``: read from that file when it holds this grid (same spec, LRs, seeds and
+    numerics), else computed and written there."""
+    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds, "numerics": numerics(spec)}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["key"] != wanted:
@@ -125,6 +126,15 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
         rows = [[log2, lr, value] for (log2, lr), value in mean.items()]
         cache.write_text(json.dumps({"key": wanted, "grid": result, "mean": rows}, indent=1))
     return {**result, "mean": mean}
+
+
+def numerics(spec: StudySpec) -> dict[str, str]:
+    """The device kind and precision this process trains ``spec`` in: part of a cached
+    grid's key, since the same config and seed end at a different value in bf16 than in
+    fp32 (``training.mixed_precision`` is bf16 only on a CPU that has it), so a grid from
+    another machine is not ground truth for a search here."""
+    setup = select_device(spec.training)
+    return {"device": setup.name, "precision": setup.precision}
 
 
 def grid_fields(spec: StudySpec) -> dict:
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "grid_best": grid_best,
         "grid_best_per_batch_size": grid_per_b,
         "grid_epochs": truth["epochs_per_seed"],
+        "numerics": numerics(spec),
         "grid_values": [[2**log2, lr, value] for (log2, lr), value in sorted(mean.items())],
         "alpha_grid": alpha_grid,
         "policies": {},

@@ -160,3 +160,18 @@ def test_regret_replays_a_pruned_config_with_its_own_seed(tiny_study: Path) -> N
     assert [r["same_seed_final"] for r in high["trials"]] == [
         r["same_seed_final"] for r in low["trials"]
     ]  # deterministic per seed
+
+
+def test_a_cached_grid_from_other_numerics_is_refused(tmp_path: Path) -> None:
+    """A grid trained in fp32 on another machine is not ground truth for a bf16 search
+    here: the same config and seed end at a different value."""
+    module = _answer_quality()
+    cache = tmp_path / "grid.json"
+    argv = ["--quick", "--lrs", "2", "--grid-seeds", "1", "--threads", "1", "--only", "grid"]
+    first = module.main([*argv, "--grid-cache", str(cache)])
+    assert first["numerics"]["precision"] in ("float32", "bfloat16")
+    stored = json.loads(cache.read_text())
+    stored["key"]["numerics"]["precision"] = "float16"
+    cache.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="another grid: numerics.precision differ"):
+        module.main([*argv, "--grid-cache", str(cache)])
