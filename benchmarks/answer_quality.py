@@ -24,7 +24,10 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   was right for that seed (grid values are means over seeds; one run of a top config can
   end poor). ``regret_trials`` lists each enqueued config: its state, the report it was
   pruned at and its value there, the same-seed final value, and whether the replay
-  reproduced the pruned run's value at that report (``replay_matches``).
+  reproduced the pruned run's value at that report (``replay_matches``);
+- ``pruning_regret_all_seeds``: the same two counts over the first ``--regret-seeds``
+  seeds' studies (default 1: seed 0 only), each config once per seed: with 4 configs one
+  seed's same-seed count moves by one with the seeds the trials happen to get.
 
 Goals (issue 9): hpo_best >= grid_best - 0.005 with hpo_epochs_fraction <= 0.3; every
 per_b_shortfall <= 0.01; the grid's α inside hpo's interval; pruning regret 0.
@@ -308,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("all", "grid"), default="all")
     parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
     parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
+    parser.add_argument(
+        "--regret-seeds",
+        type=int,
+        default=1,
+        help="enqueue the grid's top configs into the first N seeds' studies (1: seed 0 only)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -339,17 +348,20 @@ def main(argv: list[str] | None = None) -> dict:
         for name, policy in chosen.items():
             if args.only == "grid":
                 continue
-            runs, regret = [], None
+            runs, regrets = [], []
             for seed in range(args.hpo_seeds):
                 database = Path(directory) / f"{name}-{seed}.db"
                 if database.exists():
                     raise SystemExit(f"{database} exists: --keep needs a fresh directory")
                 seeded, study, wall = fair_search.optimize(policy, seed, database)
                 runs.append(fair_search.summarize(study, seeded, seed, wall))
-                if seed == 0:
-                    regret = pruning_regret(
-                        study, seeded, top, truth["weight_decay"], min(mean[c] for c in top)
+                if seed < args.regret_seeds:
+                    regrets.append(
+                        pruning_regret(
+                            study, seeded, top, truth["weight_decay"], min(mean[c] for c in top)
+                        )
                     )
+            regret = regrets[0] if regrets else None
             shortfall = {}
             for b in spec.search.batch_sizes:
                 found = [r["best_per_batch_size"][b] for r in runs]
@@ -371,6 +383,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "pruning_regret": None if regret is None else regret["pruned"],
                 "pruning_regret_same_seed": None if regret is None else regret["same_seed"],
                 "regret_trials": None if regret is None else regret["trials"],
+                "pruning_regret_all_seeds": {
+                    "seeds": len(regrets),
+                    "configs": len(regrets) * len(top),
+                    "pruned": sum(r["pruned"] for r in regrets),
+                    "same_seed": sum(r["same_seed"] for r in regrets),
+                    "per_seed": [[r["pruned"], r["same_seed"]] for r in regrets],
+                    "trials": [r["trials"] for r in regrets],
+                },
                 "top_configs": len(top),
                 "runs": runs,
             }

@@ -175,3 +175,15 @@ def test_a_cached_grid_from_other_numerics_is_refused(tmp_path: Path) -> None:
     cache.write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="another grid: numerics.precision differ"):
         module.main([*argv, "--grid-cache", str(cache)])
+
+
+def test_regret_over_several_seeds_counts_each_config_once_per_seed(tmp_path: Path) -> None:
+    module = _answer_quality()
+    argv = ["--quick", "--lrs", "2", "--grid-seeds", "1", "--hpo-seeds", "2", "--threads", "1"]
+    result = module.main([*argv, "--policies", "fair", "--regret-seeds", "2"])
+    fair = result["policies"]["fair"]
+    every = fair["pruning_regret_all_seeds"]
+    assert every["seeds"] == 2 and every["configs"] == 2 * fair["top_configs"]
+    assert len(every["trials"]) == 2 and every["trials"][0] == fair["regret_trials"]
+    assert every["pruned"] == sum(pruned for pruned, _ in every["per_seed"])
+    assert every["per_seed"][0] == [fair["pruning_regret"], fair["pruning_regret_same_seed"]]
