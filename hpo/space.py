@@ -242,9 +242,10 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     Intermediate values are reported at step = report number (1-based; with
     ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
     the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
-    successive halving's and Hyperband's ``min_resource`` (their first rung). ``stratify_by_batch_size`` (with
-    ``compare_with_pruned``) and ``min_trials_per_batch_size`` wrap it (``hpo.pruning``);
-    ``min_trials_at_report`` is Optuna's ``n_min_trials``.
+    successive halving's and Hyperband's ``min_resource`` (their first rung).
+    ``stratify_by_batch_size`` (with ``compare_with_pruned``) and
+    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``); ``min_trials_at_report`` is
+    Optuna's ``n_min_trials``.
     """
     config = spec.pruner
     pruner: optuna.pruners.BasePruner

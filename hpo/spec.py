@@ -298,8 +298,9 @@ class PrunerSpec(_Table):
     batch size wholesale:
 
     - ``min_epochs``, the warm-up: no trial is pruned before its report number
-      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; Hyperband: ``min_resource``).
-    - ``stratify_by_batch_size`` (median/percentile only): a trial is compared only with
+      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; successive halving and
+      Hyperband: ``min_resource``, the first rung).
+    - ``stratify_by_batch_size`` (not Hyperband): a trial is compared only with
       trials of its own batch size; ``n_startup_trials`` then counts per batch size.
     - ``min_trials_per_batch_size``, the floor: no trial is pruned while its batch size
       has fewer than this many complete trials.
@@ -308,6 +309,9 @@ class PrunerSpec(_Table):
       COMPLETE, not only the complete survivors (``hpo.pruning``).
     - ``min_trials_at_report``: no pruning at a report fewer than this many compared trials
       reached (Optuna's ``n_min_trials``).
+
+    The last two default off so a study file, or a study stored before they existed, keeps
+    pruning exactly as before; the shipped study files turn them on.
 
     ``kind = "successive_halving"`` is Optuna's asynchronous successive halving: rungs at
     reports ``min_epochs`` × ``reduction_factor``^k; at each rung a trial goes on only if
@@ -318,9 +322,6 @@ class PrunerSpec(_Table):
     the pruned trials (``compare_with_pruned`` does not apply) and has no startup count
     (``n_startup_trials`` and ``min_trials_at_report`` do not apply; the floor
     ``min_trials_per_batch_size`` is its protection).
-
-    The last two default off so a study file, or a study stored before they existed, keeps
-    pruning exactly as before; the shipped study files turn them on.
     """
 
     kind: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
