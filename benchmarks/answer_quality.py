@@ -16,7 +16,18 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   ``best_point``, on the best grid LR itself) and ``alpha_hpo`` (each run's fit, with its
   95% interval), and whether each grid α lies in each interval;
 - ``pruning_regret``: the grid's top-10% configs (at least one), enqueued into the first
-  seed's study after it has run, and how many the policy's pruner prunes (goal 0).
+  seed's study after it has run, and how many the policy's pruner prunes (goal 0);
+- ``pruning_regret_same_seed``: of those pruned, how many were a top config in their own
+  run: each pruned one is trained again with the same seed to the full budget, without
+  pruning, and counts if that final value reaches the grid's top-10% cutoff (the lowest
+  grid value among the top configs). A prune that run would have ended below the cutoff
+  was right for that seed (grid values are means over seeds; one run of a top config can
+  end poor). ``regret_trials`` lists each enqueued config: its state, the report it was
+  pruned at and its value there, the same-seed final value, and whether the replay
+  reproduced the pruned run's value at that report (``replay_matches``);
+- ``pruning_regret_all_seeds``: the same two counts over the first ``--regret-seeds``
+  seeds' studies (default 1: seed 0 only), each config once per seed: with 4 configs one
+  seed's same-seed count moves by one with the seeds the trials happen to get.
 
 Goals (issue 9): hpo_best >= grid_best - 0.005 with hpo_epochs_fraction <= 0.3; every
 per_b_shortfall <= 0.01; the grid's α inside hpo's interval; pruning regret 0.
@@ -52,6 +63,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from hpo.data import load_splits
+from hpo.device import select_device
 from hpo.objective import train_trial
 from hpo.report.analysis import fit_lr_scaling
 from hpo.space import BATCH_PARAM
@@ -61,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (a sibling script, not a package)
 
 REPO = Path(__file__).resolve().parents[1]
+REGRET_ATTR = "regret_config"  # user attr of the grid's top configs enqueued for regret
 
 
 def log_spaced(low: float, high: float, count: int) -> list[float]:
@@ -72,9 +85,9 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
 def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> dict:
     """Every (B, lr) config trained to the end, once per seed; values averaged over seeds.
 
-    With ``cache``: read from that file when it holds this grid (same spec, LRs and seeds),
-    else computed and written there."""
-    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds}
+    With ``cache``: read from that file when it holds this grid (same spec, LRs, seeds and
+    numerics), else computed and written there."""
+    wanted = {"spec": grid_fields(spec), "lrs": lrs, "seeds": seeds, "numerics": numerics(spec)}
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["key"] != wanted:
@@ -116,6 +129,15 @@ def grid(spec: StudySpec, lrs: int, seeds: int, cache: Path | None = None) -> di
         rows = [[log2, lr, value] for (log2, lr), value in mean.items()]
         cache.write_text(json.dumps({"key": wanted, "grid": result, "mean": rows}, indent=1))
     return {**result, "mean": mean}
+
+
+def numerics(spec: StudySpec) -> dict[str, str]:
+    """The device kind and precision this process trains ``spec`` in: part of a cached
+    grid's key, since the same config and seed end at a different value in bf16 than in
+    fp32 (``training.mixed_precision`` is bf16 only on a CPU that has it), so a grid from
+    another machine is not ground truth for a search here."""
+    setup = select_device(spec.training)
+    return {"device": setup.name, "precision": setup.precision}
 
 
 def grid_fields(spec: StudySpec) -> dict:
@@ -202,15 +224,70 @@ def _fit_points(spec: StudySpec, best_lrs: dict[int, float]) -> dict:
 
 
 def pruning_regret(
-    study: optuna.Study, spec: StudySpec, top: list[tuple[int, float]], weight_decay: float
-) -> int:
-    """Enqueue ``top`` configs into ``study`` (its pruner as configured) and count the pruned."""
-    before = len(study.trials)
+    study: optuna.Study,
+    spec: StudySpec,
+    top: list[tuple[int, float]],
+    weight_decay: float,
+    cutoff: float,
+) -> dict:
+    """Enqueue ``top`` configs into ``study`` (its pruner as configured); the pruned count
+    (``pruned``), how many of those were a top config in their own run (``same_seed``:
+    replayed to the full budget with the trial's seed, final value at least ``cutoff`` in
+    the study's direction) and one row per config (``trials``)."""
+    # Trials still queued by the study (a first round larger than its budget) run first.
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     for log2_batch_size, lr in top:
-        study.enqueue_trial({BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay})
+        study.enqueue_trial(
+            {BATCH_PARAM: log2_batch_size, "lr": lr, "weight_decay": weight_decay},
+            user_attrs={REGRET_ATTR: True},
+        )
     splits = load_splits(spec.dataset)
-    study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=len(top))
-    return sum(t.state == TrialState.PRUNED for t in study.trials[before:])
+    study.optimize(lambda t: train_trial(t, spec, splits=splits), n_trials=waiting + len(top))
+    sign = 1.0 if spec.objective.direction == "maximize" else -1.0
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.user_attrs.get(REGRET_ATTR):
+            continue
+        row: dict = {
+            "batch_size": 2 ** int(trial.params[BATCH_PARAM]),
+            "lr": float(trial.params["lr"]),
+            "state": trial.state.name,
+            "value": trial.value,
+        }
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+            report = max(trial.intermediate_values)
+            replay = replay_unpruned(spec, trial, splits)
+            final = replay.value
+            row.update(
+                pruned_at_report=report,
+                value_at_prune=trial.intermediate_values[report],
+                same_seed_final=final,
+                replay_matches=replay.intermediate_values.get(report)
+                == trial.intermediate_values[report],
+                regret=final is not None and sign * final >= sign * cutoff,
+            )
+        rows.append(row)
+    pruned = sum(row["state"] == "PRUNED" for row in rows)
+    return {
+        "pruned": pruned,
+        "same_seed": sum(bool(row.get("regret")) for row in rows),
+        "trials": rows,
+    }
+
+
+def replay_unpruned(
+    spec: StudySpec, trial: optuna.trial.FrozenTrial, splits: tuple
+) -> optuna.trial.FrozenTrial:
+    """``trial``'s config trained again to the full budget with the same training seed
+    (``hpo.objective``: spec.seed + the trial's number), no pruner: what the pruned run
+    would have reached."""
+    seeded = spec.model_copy(update={"seed": spec.seed + trial.number})
+    replay = optuna.create_study(
+        direction=spec.objective.direction, pruner=optuna.pruners.NopPruner()
+    )
+    replay.enqueue_trial({k: trial.params[k] for k in (BATCH_PARAM, "lr", "weight_decay")})
+    replay.optimize(lambda t: train_trial(t, seeded, splits=splits), n_trials=1)
+    return replay.trials[0]  # its number is 0, so its seed is spec.seed + trial.number
 
 
 def _inside(alpha: float | None, intervals: list[list[float | None]]) -> list[bool | None]:
@@ -232,12 +309,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
-    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, fair")
+    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
     parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
+    parser.add_argument(
+        "--regret-seeds",
+        type=int,
+        default=1,
+        help="enqueue the grid's top configs into the first N seeds' studies (1: seed 0 only)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.study)
+    chosen = fair_search.chosen_policies(spec, args.policies, shrink=args.quick)
     if args.quick:
         spec = fair_search.quick(spec)
     truth = grid(spec, args.lrs, args.grid_seeds, args.grid_cache)
@@ -253,33 +337,40 @@ def main(argv: list[str] | None = None) -> dict:
         "grid_best": grid_best,
         "grid_best_per_batch_size": grid_per_b,
         "grid_epochs": truth["epochs_per_seed"],
+        "numerics": numerics(spec),
         "grid_values": [[2**log2, lr, value] for (log2, lr), value in sorted(mean.items())],
         "alpha_grid": alpha_grid,
         "policies": {},
     }
-    chosen = [name for name in args.policies.split(",") if name]
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
-        for name, policy in fair_search.policies(spec).items():
-            if args.only == "grid" or name not in chosen:
+        for name, policy in chosen.items():
+            if args.only == "grid":
                 continue
-            runs, regret = [], None
+            runs, regrets = [], []
             for seed in range(args.hpo_seeds):
                 database = Path(directory) / f"{name}-{seed}.db"
                 if database.exists():
                     raise SystemExit(f"{database} exists: --keep needs a fresh directory")
                 seeded, study, wall = fair_search.optimize(policy, seed, database)
                 runs.append(fair_search.summarize(study, seeded, seed, wall))
-                if seed == 0:
-                    regret = pruning_regret(study, seeded, top, truth["weight_decay"])
+                if seed < args.regret_seeds:
+                    regrets.append(
+                        pruning_regret(
+                            study, seeded, top, truth["weight_decay"], min(mean[c] for c in top)
+                        )
+                    )
+            regret = regrets[0] if regrets else None
             shortfall = {}
             for b in spec.search.batch_sizes:
                 found = [r["best_per_batch_size"][b] for r in runs]
                 shortfall[b] = None if None in found else grid_per_b[b] - statistics.median(found)
             bests = [r["best"] for r in runs if r["best"] is not None]
             intervals = [r["alpha_interval"] for r in runs]
+            fields = json.loads(policy.to_json())
             result["policies"][name] = {
+                "policy": {table: fields[table] for table in ("pruner", "sampler", "budget")},
                 "hpo_best": statistics.median(bests) if bests else None,
                 "hpo_epochs_fraction": statistics.median(r["epochs_trained"] for r in runs)
                 / truth["epochs_per_seed"],
@@ -289,7 +380,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "alpha_grid_best_point_inside": _inside(
                     alpha_grid["best_point"]["alpha"], intervals
                 ),
-                "pruning_regret": regret,
+                "pruning_regret": None if regret is None else regret["pruned"],
+                "pruning_regret_same_seed": None if regret is None else regret["same_seed"],
+                "regret_trials": None if regret is None else regret["trials"],
+                "pruning_regret_all_seeds": {
+                    "seeds": len(regrets),
+                    "configs": len(regrets) * len(top),
+                    "pruned": sum(r["pruned"] for r in regrets),
+                    "same_seed": sum(r["same_seed"] for r in regrets),
+                    "per_seed": [[r["pruned"], r["same_seed"]] for r in regrets],
+                    "trials": [r["trials"] for r in regrets],
+                },
                 "top_configs": len(top),
                 "runs": runs,
             }

@@ -3,9 +3,14 @@
 - old: equal epochs, Optuna's median pruner over all trials, TPE alone (the demo before
   issue 9: ``stratify_by_batch_size``, ``min_trials_per_batch_size`` and
   ``cover_batch_sizes`` off, the pruner's startup back at 4 trials).
-- fair: ``studies/demo.toml`` as shipped: a first round of one trial per batch size, the
-  median pruner comparing a trial only with its own batch size, and no pruning at a batch
-  size until 2 of its trials have completed.
+- median: the demo as shipped until successive halving (issue 9, stop 18): 30 trials, a
+  first round of one trial per batch size at the square-root rule's LR, the median pruner
+  from report 2 comparing a trial only with its own batch size (pruned trials counted), and
+  no pruning at a batch size until 2 of its trials have completed.
+- fair: ``studies/demo.toml`` as shipped.
+
+The old and median policies fix the study fields they are defined by (pruner, sampler,
+trial count), so they stay the same policies whatever the demo ships.
 
 Each policy runs the study once per seed, trials one after another in this process through
 ``hpo.study.create_or_load_study`` (SQLite in a temp dir) and ``hpo.objective.train_trial``.
@@ -53,18 +58,47 @@ def _with(spec: StudySpec, **tables: dict) -> StudySpec:
 
 
 def policies(spec: StudySpec) -> dict[str, StudySpec]:
+    """The policies by name, on ``spec``'s task (apply ``quick`` after, not before: the old
+    and median policies set the pruner's first report and the trial count themselves)."""
     old = _with(
         spec,
         pruner={
             "kind": "median",
+            "min_epochs": 2,
             "stratify_by_batch_size": False,
             "compare_with_pruned": False,
             "min_trials_per_batch_size": 0,
             "n_startup_trials": 4,
         },
-        sampler={"cover_batch_sizes": False},
+        sampler={"cover_batch_sizes": False, "n_startup_trials": 10},
+        budget={"n_trials": 30},
     )
-    return {"old": old, "fair": spec}
+    median = _with(
+        spec,
+        pruner={
+            "kind": "median",
+            "min_epochs": 2,
+            "n_startup_trials": 2,
+            "stratify_by_batch_size": True,
+            "min_trials_per_batch_size": 2,
+            "compare_with_pruned": True,
+            "min_trials_at_report": 1,
+        },
+        sampler={"cover_batch_sizes": True, "first_round_lrs": 1, "n_startup_trials": 10},
+        budget={"n_trials": 30},
+    )
+    return {"old": old, "median": median, "fair": spec}
+
+
+def chosen_policies(spec: StudySpec, names: str, *, shrink: bool = False) -> dict[str, StudySpec]:
+    """The comma-separated ``names`` of ``policies(spec)``, shrunk by ``quick`` if asked;
+    an unknown name is an error naming the known ones."""
+    known = policies(spec)
+    wanted = [name for name in names.split(",") if name]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown policies {', '.join(unknown)}: choose from {', '.join(known)}")
+    return {name: quick(known[name]) if shrink else known[name] for name in wanted}
 
 
 def quick(spec: StudySpec) -> StudySpec:
@@ -72,7 +106,8 @@ def quick(spec: StudySpec) -> StudySpec:
         spec,
         dataset={"train_size": 128, "val_size": 64, "image_size": 32, "cache_dir": None},
         search={"batch_size_min": 16, "batch_size_max": 64},
-        budget={"epochs": 1, "reports": None, "n_trials": 4},
+        # the first round (up to 2 LRs x 3 batch sizes) and one trial of the sampler's
+        budget={"epochs": 1, "reports": None, "n_trials": 7},
         pruner={"min_epochs": 1},
     )
 
@@ -144,15 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_spec(args.study)
-    if args.quick:
-        spec = quick(spec)
+    chosen = chosen_policies(load_spec(args.study), args.policies, shrink=args.quick)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as directory:
-        for name, policy in policies(spec).items():
+        for name, policy in chosen.items():
             results[name] = [
                 run_study(policy, seed, Path(directory) / f"{name}-{seed}.db")
                 for seed in range(args.seeds)

@@ -24,6 +24,14 @@ trials that reached report 2 put the median at 0.645). A pruned trial's intermed
 values are real measurements at the reports it reached, and Optuna reads a trial only at
 the report being judged, so a trial pruned earlier is simply absent from later medians.
 
+Successive halving (Optuna's ``SuccessiveHalvingPruner``) works inside the same wrapper:
+it reads the study through ``get_trials`` and records each trial's value at each rung it
+reaches as a system attr, and a rung's competitors are the trials holding that record, so
+stratified, a batch size's rungs hold only its own trials (``make_pruner``). Its records
+are what later trials compete with, so the floor asks it even for a protected trial
+(``BatchSizeFloorPruner(..., consult_when_protected=True)``): otherwise the floor's
+full-budget trials, the best-informed ones, would never stand at any rung.
+
 This module knows the parameter only by the name it is given (``hpo.space`` passes
 ``BATCH_PARAM``), so it imports no other hpo module.
 """
@@ -119,14 +127,31 @@ class BatchSizeFloorPruner(optuna.pruners.BasePruner):
     trial that diverges does not use up the protection. With parallel workers, trials of
     one batch size running at the same time are all protected until N have completed; that
     costs some budget, never coverage. (For Hyperband use ``FlooredHyperbandPruner``.)
+
+    ``consult_when_protected``: ask ``base`` for a protected trial too and ignore its
+    answer, for a pruner that records something at each decision (successive halving
+    stores the trial's value at each rung it reaches, the values later trials compete
+    with). Off, a protected trial costs ``base`` nothing: the median pruner re-reads the
+    study's trials at every call.
     """
 
-    def __init__(self, base: optuna.pruners.BasePruner, param: str, min_complete: int) -> None:
+    def __init__(
+        self,
+        base: optuna.pruners.BasePruner,
+        param: str,
+        min_complete: int,
+        *,
+        consult_when_protected: bool = False,
+    ) -> None:
         self.base = base
         self.param = param
         self.min_complete = min_complete
+        self.consult_when_protected = consult_when_protected
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if self.consult_when_protected:
+            decision = self.base.prune(study, trial)
+            return decision and not _protected(study, trial, self.param, self.min_complete)
         if _protected(study, trial, self.param, self.min_complete):
             return False
         return self.base.prune(study, trial)

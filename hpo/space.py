@@ -266,9 +266,10 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     Intermediate values are reported at step = report number (1-based; with
     ``budget.unit = "epochs"`` and the default reports, the epoch). ``min_epochs`` becomes
     the Median/Percentile pruner's ``n_warmup_steps`` (no pruning at steps below it) and
-    Hyperband's ``min_resource`` (its first rung). ``stratify_by_batch_size`` (with
-    ``compare_with_pruned``) and ``min_trials_per_batch_size`` wrap it (``hpo.pruning``);
-    ``min_trials_at_report`` is Optuna's ``n_min_trials``.
+    successive halving's and Hyperband's ``min_resource`` (their first rung).
+    ``stratify_by_batch_size`` (with ``compare_with_pruned``) and
+    ``min_trials_per_batch_size`` wrap it (``hpo.pruning``); ``min_trials_at_report`` is
+    Optuna's ``n_min_trials``.
     """
     config = spec.pruner
     pruner: optuna.pruners.BasePruner
@@ -284,6 +285,10 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             n_startup_trials=config.n_startup_trials,
             n_warmup_steps=config.min_epochs,
             n_min_trials=config.min_trials_at_report,
+        )
+    elif config.kind == "successive_halving":
+        pruner = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=config.min_epochs, reduction_factor=config.reduction_factor
         )
     elif config.kind == "hyperband":
         hyperband = {
@@ -301,5 +306,11 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if config.stratify_by_batch_size:
         pruner = SameBatchSizePruner(pruner, BATCH_PARAM, include_pruned=config.compare_with_pruned)
     if config.min_trials_per_batch_size > 0:
-        pruner = BatchSizeFloorPruner(pruner, BATCH_PARAM, config.min_trials_per_batch_size)
+        pruner = BatchSizeFloorPruner(
+            pruner,
+            BATCH_PARAM,
+            config.min_trials_per_batch_size,
+            # successive halving's rung records are what later trials compete with
+            consult_when_protected=config.kind == "successive_halving",
+        )
     return pruner

@@ -298,8 +298,9 @@ class PrunerSpec(_Table):
     batch size wholesale:
 
     - ``min_epochs``, the warm-up: no trial is pruned before its report number
-      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; Hyperband: ``min_resource``).
-    - ``stratify_by_batch_size`` (median/percentile only): a trial is compared only with
+      ``min_epochs`` (Median/Percentile: ``n_warmup_steps``; successive halving and
+      Hyperband: ``min_resource``, the first rung).
+    - ``stratify_by_batch_size`` (not Hyperband): a trial is compared only with
       trials of its own batch size; ``n_startup_trials`` then counts per batch size.
     - ``min_trials_per_batch_size``, the floor: no trial is pruned while its batch size
       has fewer than this many complete trials.
@@ -311,11 +312,23 @@ class PrunerSpec(_Table):
 
     The last two default off so a study file, or a study stored before they existed, keeps
     pruning exactly as before; the shipped study files turn them on.
+
+    ``kind = "successive_halving"`` is Optuna's asynchronous successive halving: rungs at
+    reports ``min_epochs`` × ``reduction_factor``^k; at each rung a trial goes on only if
+    its value is in the top 1/``reduction_factor`` of every trial (complete, pruned or
+    running) that reached that rung, so most trials stop at the first, cheap rung. With
+    ``stratify_by_batch_size`` the rung's competitors are its own batch size's trials, so
+    every batch size keeps a full-budget answer (``hpo.pruning``). It always compares with
+    the pruned trials (``compare_with_pruned`` does not apply) and has no startup count
+    (``n_startup_trials`` and ``min_trials_at_report`` do not apply; the floor
+    ``min_trials_per_batch_size`` is its protection).
     """
 
-    kind: Literal["median", "percentile", "hyperband", "none"] = "median"
+    kind: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
     min_epochs: PositiveInt = 2
     n_startup_trials: Count = 5
+    # kind = "successive_halving" / "hyperband": η, the rungs' spacing and the fraction
+    # (1/η) of a rung's trials that go on to the next.
     reduction_factor: Int = Field(3, ge=2, le=1000)
     # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
     # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
@@ -329,7 +342,13 @@ class PrunerSpec(_Table):
     def _check_stratify(self) -> PrunerSpec:
         if self.stratify_by_batch_size and self.kind == "hyperband":
             raise ValueError(
-                "stratify_by_batch_size needs kind 'median' or 'percentile', not 'hyperband'"
+                "stratify_by_batch_size needs kind 'median', 'percentile' or "
+                "'successive_halving', not 'hyperband'"
+            )
+        if self.compare_with_pruned and self.kind == "successive_halving":
+            raise ValueError(
+                "compare_with_pruned does not apply to kind 'successive_halving', which "
+                "always compares every trial that reached the rung; remove it"
             )
         if self.compare_with_pruned and not self.stratify_by_batch_size:
             raise ValueError("compare_with_pruned needs stratify_by_batch_size = true")

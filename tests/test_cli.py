@@ -27,7 +27,6 @@ def _shrunken_demo(studies_dir: Path) -> None:
         ('cache_dir = ".hpo-cache"', ""),
         ("batch_size_min = 8", "batch_size_min = 16"),
         ("batch_size_max = 128", "batch_size_max = 64"),
-        ("min_epochs = 2", "min_epochs = 1"),
         ("epochs = 2", "epochs = 1"),
         ("reports = 4", "reports = 2"),
         ("n_startup_trials = 2", "n_startup_trials = 1"),
@@ -40,7 +39,8 @@ def _shrunken_demo(studies_dir: Path) -> None:
 def test_launch_then_status_end_to_end(studies_dir: Path) -> None:
     _shrunken_demo(studies_dir)
     runner = CliRunner()
-    result = runner.invoke(app, ["launch", "--study", "demo", "--n-trials", "4"])
+    # 6: the demo's first round (two LRs at each of the 3 batch sizes left)
+    result = runner.invoke(app, ["launch", "--study", "demo", "--n-trials", "6"])
     assert result.exit_code == 0, result.output
     db = studies_dir.parent / "hpo.db"
     assert db.is_file()
@@ -51,7 +51,7 @@ def test_launch_then_status_end_to_end(studies_dir: Path) -> None:
 
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{db}")
     trials = study.get_trials()
-    assert len(trials) == 4
+    assert len(trials) == 6
     assert {t.state for t in trials} <= {
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,

@@ -27,6 +27,12 @@ def test_demo_runs_the_fair_policy() -> None:
     spec = load_spec(DEMO)
     assert spec.sampler.cover_batch_sizes and spec.pruner.stratify_by_batch_size
     assert spec.pruner.min_trials_per_batch_size >= 2
-    # Enough trials for the first round plus a second complete trial at every batch size.
-    assert spec.budget.n_trials >= 2 * len(spec.search.batch_sizes)
-    assert len(first_round(spec)) == len(spec.search.batch_sizes)
+    batch_sizes = len(spec.search.batch_sizes)
+    # The first round brackets the rule's LR at every batch size, and the floor trains both
+    # of its trials there to the end: the two complete trials per batch size.
+    assert len(first_round(spec)) == 2 * batch_sizes
+    assert {p["log2_batch_size"] for p in first_round(spec)} == {
+        b.bit_length() - 1 for b in spec.search.batch_sizes
+    }
+    # ...and the sampler still gets trials of its own, at least one per batch size.
+    assert spec.budget.n_trials >= len(first_round(spec)) + batch_sizes

@@ -260,3 +260,153 @@ def test_compare_with_pruned_needs_stratification(tiny_study: Path) -> None:
     data["pruner"].update(compare_with_pruned=True)
     with pytest.raises(SpecError, match="compare_with_pruned needs stratify_by_batch_size"):
         parse_spec(data, source="tiny.toml", default_name="tiny")
+
+
+# ------------------------------------------------------------- successive halving
+
+
+def _halving(*, min_resource: int = 1, reduction_factor: int = 2) -> optuna.pruners.BasePruner:
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=min_resource, reduction_factor=reduction_factor
+    )
+
+
+def _reached_rung(study: optuna.Study, log2_batch_size: int, value: float, step: int = 1) -> None:
+    """A trial that reported ``value`` at ``step``, asked the pruner (so successive halving
+    records it at the rung) and was then pruned."""
+    trial = _running(study, log2_batch_size)
+    trial.report(value, step)
+    trial.should_prune()
+    study.tell(trial, state=TrialState.PRUNED)
+
+
+def test_stratified_halving_ranks_a_trial_only_among_its_own_batch_size() -> None:
+    """Four large-batch trials stood at the first rung (0.60-0.66) beside four much better
+    small-batch ones: with η = 2 a large-batch trial goes on if it is in the top half of
+    its own batch size; unstratified, the small batches would condemn it."""
+    study = optuna.create_study(
+        direction="maximize", pruner=SameBatchSizePruner(_halving(), BATCH_PARAM)
+    )
+    for value in (0.90, 0.91, 0.92, 0.93):
+        _reached_rung(study, SMALL, value)
+    for value in (0.60, 0.62, 0.64, 0.66):
+        _reached_rung(study, LARGE, value)
+    assert not _decision(study, LARGE, 0.65, step=1)  # 2nd of 5 large-batch values
+    assert _decision(study, LARGE, 0.61, step=1)  # bottom half
+    assert _decision(study, SMALL, 0.85, step=1)  # small batches by small batches
+
+    unstratified = optuna.create_study(direction="maximize", pruner=_halving())
+    for value in (0.90, 0.91, 0.92, 0.93):
+        _reached_rung(unstratified, SMALL, value)
+    assert _decision(unstratified, LARGE, 0.65, step=1)
+
+
+def test_halving_keeps_a_trial_below_its_first_rung() -> None:
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=SameBatchSizePruner(_halving(min_resource=2), BATCH_PARAM),
+    )
+    for value in (0.90, 0.91, 0.92):
+        _reached_rung(study, LARGE, value, step=2)
+    assert not _decision(study, LARGE, 0.10, step=1)  # report 1 is before the first rung
+    assert _decision(study, LARGE, 0.10, step=2)
+
+
+def test_the_floor_lets_halving_record_a_protected_trial_at_its_rung() -> None:
+    """A trial kept by the floor still stands at the rung, so the next trial competes with
+    it: without the record, a poor second trial would be alone at the rung and go on."""
+    halving = SameBatchSizePruner(_halving(), BATCH_PARAM)
+    floor = BatchSizeFloorPruner(halving, BATCH_PARAM, 1, consult_when_protected=True)
+    study = optuna.create_study(direction="maximize", pruner=floor)
+    protected = _running(study, LARGE)
+    protected.report(0.70, 1)
+    assert not protected.should_prune()  # no complete B = 512 trial yet: protected
+    protected.report(0.72, 2)
+    protected.should_prune()
+    study.tell(protected, 0.75)
+    frozen = study.trials[protected.number]
+    assert frozen.system_attrs["completed_rung_0"] == 0.70
+    assert _decision(study, LARGE, 0.65, step=1)  # below the protected trial's 0.70
+    assert not _decision(study, LARGE, 0.71, step=1)
+
+
+def test_a_floor_that_does_not_consult_leaves_no_rung_record() -> None:
+    """The reason for ``consult_when_protected``: without it the protected trial never
+    reaches the pruner, and a poor next trial is the only one at the rung."""
+    floor = BatchSizeFloorPruner(SameBatchSizePruner(_halving(), BATCH_PARAM), BATCH_PARAM, 1)
+    study = optuna.create_study(direction="maximize", pruner=floor)
+    protected = _running(study, LARGE)
+    protected.report(0.70, 1)
+    assert not protected.should_prune()
+    study.tell(protected, 0.75)
+    assert "completed_rung_0" not in study.trials[protected.number].system_attrs
+    assert not _decision(study, LARGE, 0.65, step=1)
+
+
+def test_make_pruner_builds_stratified_halving_with_a_consulting_floor(tiny_study: Path) -> None:
+    pruner = make_pruner(
+        _spec(
+            tiny_study,
+            kind="successive_halving",
+            min_epochs=1,
+            reduction_factor=2,
+            stratify_by_batch_size=True,
+            min_trials_per_batch_size=2,
+        )
+    )
+    assert isinstance(pruner, BatchSizeFloorPruner) and pruner.consult_when_protected
+    assert isinstance(pruner.base, SameBatchSizePruner)
+    halving = pruner.base.base
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
+    assert halving._min_resource == 1 and halving._reduction_factor == 2
+    median = make_pruner(_spec(tiny_study, kind="median", min_trials_per_batch_size=2))
+    assert isinstance(median, BatchSizeFloorPruner) and not median.consult_when_protected
+    plain = make_pruner(_spec(tiny_study, kind="successive_halving"))
+    assert type(plain) is optuna.pruners.SuccessiveHalvingPruner
+
+
+def test_compare_with_pruned_is_refused_for_halving(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump(mode="json")
+    data["pruner"].update(
+        kind="successive_halving", stratify_by_batch_size=True, compare_with_pruned=True
+    )
+    with pytest.raises(SpecError, match="pruner: compare_with_pruned does not apply") as error:
+        parse_spec(data, source="tiny.toml", default_name="tiny")
+    assert "\n" not in str(error.value)
+
+
+def test_a_tiny_study_with_stratified_halving_prunes_and_covers_every_batch_size(
+    tiny_study: Path, tmp_path: Path
+) -> None:
+    """End to end: a first round per batch size, then trials that the stratified
+    halving pruner stops at its first rung; every batch size keeps its floor of one
+    complete trial, and every trial that reached report 1 stands at rung 0."""
+    from hpo.data import load_splits
+    from hpo.study import create_or_load_study
+    from tests.conftest import train_trial
+
+    data = load_spec("tiny").model_dump()
+    data["dataset"].update(train_size=128, val_size=64)
+    data["budget"].update(epochs=1, reports=2, n_trials=8)
+    data["pruner"].update(
+        kind="successive_halving",
+        min_epochs=1,
+        reduction_factor=2,
+        stratify_by_batch_size=True,
+        min_trials_per_batch_size=1,
+    )
+    data["sampler"].update(cover_batch_sizes=True)
+    spec = StudySpec.model_validate(data)
+    loaded = create_or_load_study(spec, f"sqlite:///{tmp_path / 'halving.db'}")
+    splits = load_splits(spec.dataset)
+    loaded.study.optimize(lambda trial: train_trial(trial, spec, splits=splits), n_trials=8)
+    trials = loaded.study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert {t.params[BATCH_PARAM] for t in complete} == {4, 5, 6}
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    for trial in trials:
+        if (
+            trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and 1 in trial.intermediate_values
+        ):
+            assert trial.system_attrs["completed_rung_0"] == trial.intermediate_values[1]
