@@ -22,11 +22,11 @@ from hpo.space import (
     first_round,
 )
 from hpo.spec import StudySpec, load_spec
-from hpo.storage import ReconnectingRDBStorage
 from hpo.study import create_or_load_study
 from hpo.worker import claim_trial, requeue
 from tests.conftest import train_trial
 from tests.databases import scratch_database
+from tests.test_finished_reads import trials_read
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -351,15 +351,7 @@ def test_a_claim_in_a_covered_study_reads_no_running_trial(
         trial = claim_trial(elsewhere, total_trials=100)
         trial.suggest_int(BATCH_PARAM, 4, 6)
         trial.report(0.5, 1)
-    read: list[TrialState] = []
-    real = ReconnectingRDBStorage._get_trials
-
-    def recorded(self, *args, **kwargs):
-        trials = real(self, *args, **kwargs)
-        read.extend(t.state for t in trials)
-        return trials
-
-    monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", recorded)
     monkeypatch.setattr(hpo.worker, "_build_trial", lambda study, trial_id, was_queued: trial_id)
-    assert isinstance(claim_trial(loaded, total_trials=100), int)
-    assert TrialState.RUNNING not in read, read
+    with trials_read(monkeypatch) as read:
+        assert isinstance(claim_trial(loaded, total_trials=100), int)
+    assert TrialState.RUNNING not in [t.state for t in read], read

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import tomllib
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.spec import parse_spec
 from hpo.storage import ReconnectingRDBStorage
@@ -44,18 +44,18 @@ def _study(url: str):
 
 
 @contextlib.contextmanager
-def _trials_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The numbers of every trial read from the database with its rows."""
-    numbers: list[int] = []
+def trials_read(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FrozenTrial]]:
+    """Every trial read from the database with its rows (``_get_trials``), as read."""
+    read: list[FrozenTrial] = []
     real = ReconnectingRDBStorage._get_trials
 
     def recorded(self, *args, **kwargs):
         trials = real(self, *args, **kwargs)
-        numbers.extend(t.number for t in trials)
+        read.extend(trials)
         return trials
 
     monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", recorded)
-    yield numbers
+    yield read
 
 
 def test_reading_finished_trials_reads_no_running_trial(url: str, monkeypatch) -> None:
@@ -66,7 +66,7 @@ def test_reading_finished_trials_reads_no_running_trial(url: str, monkeypatch) -
     done = elsewhere.study.ask()
     elsewhere.study.tell(done, 0.7)
     pruner = load_study("tiny", url)  # a worker whose pruner reads at each report
-    with _trials_read(monkeypatch) as read:
+    with trials_read(monkeypatch) as read:
         first = pruner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         again = pruner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         elsewhere.study.tell(running[3], state=TrialState.PRUNED)
@@ -79,7 +79,7 @@ def test_reading_finished_trials_reads_no_running_trial(url: str, monkeypatch) -
     ]
     assert both[0].intermediate_values == {1: 0.5}
     # Optuna's cache layer would have read the 20 RUNNING trials on each of the three calls.
-    assert sorted(read) == sorted([done.number, running[3].number])
+    assert sorted(t.number for t in read) == sorted([done.number, running[3].number])
     for loaded in (elsewhere, pruner):
         loaded.storage.engine.dispose()
 
