@@ -456,3 +456,42 @@ def test_a_pruned_trial_better_than_the_best_at_its_report_brackets_nothing() ->
     add_trial(study, 32, 0.02, 0.80)
     assert (16, "above") in fit_lr_scaling(study).unbracketed
     assert (16, "below") not in fit_lr_scaling(study).unbracketed
+
+
+def test_points_placed_on_one_line_by_a_rule_get_the_interval_their_lr_spacing_allows() -> None:
+    # Every batch size's best is the LR a rule placed (the first round: the square-root
+    # rule's LR x 2), its neighbour 4x lower: zero scatter about the line, which gave a
+    # zero-width interval. Each best LR lies somewhere between the midpoints to the LRs
+    # tried beside it: width 2 in log2 (the 4x gap, one side), sd 2 / sqrt(12).
+    study = optuna.create_study(direction="maximize")
+    batch_sizes = (16, 32, 64, 128, 256)
+    for b in batch_sizes:
+        rule = 0.01 * (b / 32) ** 0.5
+        add_trial(study, b, 2 * rule, 0.80)
+        add_trial(study, b, rule / 2, 0.70)
+    fit = fit_lr_scaling(study)
+    xs = [math.log2(b) for b in batch_sizes]
+    sxx = sum((x - sum(xs) / 5) ** 2 for x in xs)
+    floor = math.sqrt(sxx * (2**2 / 12)) / sxx
+    t = 3.182446305284263  # Student's t, 97.5 %, 3 degrees of freedom
+    assert fit.alpha == pytest.approx(0.5)
+    assert fit.resolution_bound
+    assert fit.alpha_high - fit.alpha_low == pytest.approx(2 * t * floor)
+    assert "how far apart the LRs tried" in fit.describe()
+
+
+def test_scatter_wider_than_the_lr_spacing_sets_the_interval_as_before() -> None:
+    study = optuna.create_study(direction="maximize")
+    for b, best in ((16, 0.004), (32, 0.03), (64, 0.01), (128, 0.08), (256, 0.02)):
+        for factor, value in ((1.0, 0.80), (1.1, 0.70), (1 / 1.1, 0.70)):  # LRs 10% apart
+            add_trial(study, b, best * factor, value)
+    fit = fit_lr_scaling(study)
+    xs = [math.log2(b) for b in (16, 32, 64, 128, 256)]
+    ys = [math.log2(lr) for lr in (0.004, 0.03, 0.01, 0.08, 0.02)]
+    mx, my = sum(xs) / 5, sum(ys) / 5
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
+    t = 3.182446305284263
+    assert not fit.resolution_bound
+    assert fit.alpha_high - fit.alpha_low == pytest.approx(2 * t * math.sqrt(residual / 3 / sxx))

@@ -269,6 +269,10 @@ class ScalingFit:
     # not bracketed on that side and may lie further out, which no interval from these
     # points can know.
     unbracketed: tuple[tuple[int, str], ...] = field(default=())
+    # True when the interval comes from how finely LRs were tried around each point
+    # (``_resolution_standard_error``), which was wider than the points' scatter about the
+    # line: e.g. every point a first-round trial placed by the same rule, on one line.
+    resolution_bound: bool = False
 
     @property
     def n_points(self) -> int:
@@ -309,8 +313,7 @@ class ScalingFit:
             text += " or from no dependence on batch size (α = 0)" if flat else ""
             text += "; more batch sizes, or complete trials that locate each batch size's "
             text += "best LR more closely, would narrow it."
-            return text
-        if linear or square_root:
+        elif linear or square_root:
             inside, outside = ("linear rule (α = 1)", "square-root rule (α = 0.5)")[
                 :: 1 if linear else -1
             ]
@@ -318,8 +321,15 @@ class ScalingFit:
         else:
             text += " Neither the linear rule (α = 1) nor the square-root rule (α = 0.5) lies "
             text += "inside the interval."
-        if flat:
+        if flat and not (linear and square_root):
             text += " α = 0 (no dependence on batch size) is not ruled out."
+        if self.resolution_bound:
+            text += (
+                " The interval's width comes from how far apart the LRs tried at each batch "
+                "size are (each best LR lies somewhere between its neighbours), not from the "
+                "points' scatter, which is smaller; trials at LRs between those tried would "
+                "narrow it."
+            )
         return text + self._describe_unbracketed()
 
     def _describe_unbracketed(self) -> str:
@@ -390,6 +400,10 @@ def fit_lr_scaling(
             **common,
         )
     alpha, intercept, standard_error = _least_squares(points)
+    floor = _resolution_standard_error(study, points)
+    resolution_bound = standard_error is not None and floor is not None and floor > standard_error
+    if resolution_bound:
+        standard_error = floor
     if standard_error is None:
         return ScalingFit(
             alpha=alpha,
@@ -405,8 +419,51 @@ def fit_lr_scaling(
         alpha_low=alpha - half_width,
         alpha_high=alpha + half_width,
         intercept=intercept,
+        resolution_bound=resolution_bound,
         **common,
     )
+
+
+def _resolution_standard_error(
+    study: optuna.Study, points: list[tuple[int, float]]
+) -> float | None:
+    """The slope's standard error from where each batch size's best LR can be, given the
+    LRs tried there: a floor under the one from the points' scatter.
+
+    The scatter about the line measures how well the points locate the optima only when
+    the points scatter. Trials placed by one rule (the first round: the square-root rule's
+    LR × ½ and × 2 at every batch size) can all be best and lie exactly on a line: zero
+    residual, a zero-width interval, though each optimum is known only to lie between the
+    LRs tried either side of its point. So each point's log2 LR is taken as uniform between
+    the midpoints to its nearest tried LRs (COMPLETE or PRUNED trials of that batch size)
+    below and above (one side only: the same distance both ways; none: the median of the
+    other points), standard deviation width / √12, and the slope's standard error
+    propagated from those: √(Σ (x_i − x̄)² σ_i²) / Sxx. None when no point has a neighbour.
+    """
+    tried: dict[int, list[float]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        batch_size = trial_batch_size(trial)
+        if batch_size is not None and "lr" in trial.params:
+            tried.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
+    widths: dict[int, float | None] = {}
+    for batch_size, lr in points:
+        y = math.log2(lr)
+        below = [y - t for t in tried.get(batch_size, []) if t < y - 1e-9]
+        above = [t - y for t in tried.get(batch_size, []) if t > y + 1e-9]
+        gaps = [min(side) for side in (below, above) if side]
+        widths[batch_size] = sum(gaps) / 2 if len(gaps) == 2 else (gaps[0] if gaps else None)
+    known = sorted(w for w in widths.values() if w is not None)
+    if not known:
+        return None
+    fallback = known[len(known) // 2]
+    xs = [math.log2(b) for b, _ in points]
+    mean_x = sum(xs) / len(xs)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    variance = sum(
+        (x - mean_x) ** 2 * ((widths[b] if widths[b] is not None else fallback) ** 2 / 12)
+        for x, (b, _) in zip(xs, points, strict=True)
+    )
+    return math.sqrt(variance) / sxx
 
 
 def _unbracketed(study: optuna.Study, best: dict[int, FrozenTrial]) -> tuple[tuple[int, str], ...]:
