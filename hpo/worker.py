@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 
 from hpo import compat
 from hpo.caps import BatchSizeCapSampler
-from hpo.retry import RetryWithCleanAttrs
+from hpo.retry import RetryWithCleanAttrs, superseded_trials
 from hpo.settings import (
     THREADS_SOURCES,
     NodeSettings,
@@ -195,13 +195,32 @@ def grid_exhausted(study: optuna.Study) -> bool:
 def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
     """Fail ``trial`` and queue a retry with its params and intermediate values (the same
     thing the heartbeat check does for a vanished worker). Under the study lock, so no
-    other worker sees the trial failed but not yet re-queued and stops early."""
+    other worker sees the trial failed but not yet re-queued and stops early.
+
+    On PostgreSQL and MariaDB all of it is one transaction (``study_lock``), repeated as a
+    whole after a lost connection; a repeat first looks at what the lost attempt did (its
+    COMMIT may have landed), so the trial gets one retry, never two."""
     study = loaded.study
-    with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
-        trial.set_user_attr("fail_reason", reason)
-        frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        if frozen.state == TrialState.FAIL:
-            RetryWithCleanAttrs(inherit_intermediate_values=True)(study, frozen)
+    trial_id = loaded.trial_id(trial)
+    attempts = 0
+
+    def attempt() -> None:
+        nonlocal attempts
+        attempts += 1
+        with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
+            stored = loaded.storage.get_trial(trial_id) if attempts > 1 else None
+            if stored is not None and stored.state.is_finished():
+                frozen = stored  # an earlier attempt told it
+                trials = study.get_trials(deepcopy=False)
+                if frozen.state != TrialState.FAIL or frozen.number in superseded_trials(trials):
+                    return  # ... and re-queued it, or it ended otherwise
+            else:
+                trial.set_user_attr("fail_reason", reason)
+                frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            if frozen.state == TrialState.FAIL:
+                RetryWithCleanAttrs(inherit_intermediate_values=True)(study, frozen)
+
+    retry_on_disconnect(attempt, what="re-queue", url=loaded.storage.url)
 
 
 class Heartbeat:

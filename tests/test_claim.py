@@ -406,3 +406,28 @@ def test_a_claim_that_can_only_wait_takes_no_study_lock(
     assert loaded.study.get_trials()[running.number].state == TrialState.FAIL
     for study in (elsewhere, loaded):
         study.storage.engine.dispose()
+
+
+def test_a_requeue_whose_commit_acknowledgement_is_lost_queues_one_retry(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The re-queue (a stop signal) is one transaction on PostgreSQL and MariaDB, repeated
+    # as a whole after a lost connection: the repeat must see that the lost attempt's
+    # COMMIT landed (trial FAIL, retry queued) and not queue a second retry.
+    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
+    create_or_load_study(_spec(), storage_url).storage.engine.dispose()
+    loaded = load_study("tiny", storage_url)
+    trial = claim_trial(loaded, 10)
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.report(0.5, 1)
+    fault = CommitThenDrop(loaded.storage)
+    with fault.once(during="set_trial_state_values"):
+        requeue(loaded, trial, "worker stopped (SIGTERM)")
+    trials = loaded.study.get_trials()
+    assert trials[trial.number].state == TrialState.FAIL
+    assert trials[trial.number].user_attrs["fail_reason"] == "worker stopped (SIGTERM)"
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1
+    assert waiting[0].system_attrs["retry_history"][-1] == trial.number
+    assert superseded_trials(trials) == {trial.number}
+    loaded.storage.engine.dispose()
