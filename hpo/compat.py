@@ -106,6 +106,18 @@ def forget_cached_trials(study: Any) -> None:
 def finished_trials_cache(backend: Any) -> Any:
     """A ``_CachedStorage`` around ``backend`` (an ``hpo.storage.ReconnectingRDBStorage``)
     whose reads of finished trials only skip the unfinished ones."""
+    return _finished_trials_cache_class()(backend)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _finished_trials_cache_class() -> type:
+    """The class, built on first use (importing Optuna here would slow every import of this
+    module); reachable as ``hpo.compat.FinishedTrialsCache`` (``__getattr__``), so that a
+    pickled storage finds it again."""
+    if "FinishedTrialsCache" in _CLASSES:
+        return _CLASSES["FinishedTrialsCache"]
     from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 
     class FinishedTrialsCache(_CachedStorage):
@@ -143,7 +155,16 @@ def finished_trials_cache(backend: Any) -> Any:
             trial = self._studies[place[0]].trials.get(place[1])
             return trial is not None and trial.state.is_finished()
 
-    return FinishedTrialsCache(backend)
+    FinishedTrialsCache.__module__ = __name__
+    FinishedTrialsCache.__qualname__ = "FinishedTrialsCache"
+    _CLASSES["FinishedTrialsCache"] = FinishedTrialsCache
+    return FinishedTrialsCache
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FinishedTrialsCache":
+        return _finished_trials_cache_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_finished_trials_incrementally(study: Any) -> None:

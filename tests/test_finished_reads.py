@@ -112,3 +112,18 @@ def test_finished_and_all_reads_agree_with_optunas_cache_layer(url: str) -> None
         ], (step, states)
     for loaded in (elsewhere, incremental):
         loaded.storage.engine.dispose()
+
+
+def test_the_incremental_cache_pickles_like_optunas(tmp_path: Path) -> None:
+    # Optuna's cache layer defines __getstate__/__setstate__ for pickling a study's storage;
+    # hpo's subclass must stay findable by name for that to work.
+    import pickle
+
+    loaded = _study(f"sqlite:///{tmp_path / 'hpo.db'}")
+    done = loaded.study.ask()
+    loaded.study.tell(done, 0.7)
+    cache = pickle.loads(pickle.dumps(loaded.study._storage))
+    assert type(cache).__name__ == "FinishedTrialsCache"
+    trials = cache.get_all_trials(loaded.ref.study_id, states=(TrialState.COMPLETE,))
+    assert [t.number for t in trials] == [done.number]
+    loaded.storage.engine.dispose()
