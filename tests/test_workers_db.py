@@ -52,16 +52,33 @@ def _assert_exact_total(url: str, total: int) -> list[optuna.trial.FrozenTrial]:
     return trials
 
 
-def _wait_for_checkpointed_trial(url: str, checkpoints: Path, timeout_s: float = 180):
-    """A RUNNING trial that has written at least one epoch checkpoint."""
+def _wait_for_checkpointed_trial(
+    url: str, checkpoints: Path, workers: list[subprocess.Popen], timeout_s: float = 180
+):
+    """A RUNNING trial that has written at least one epoch checkpoint. Polls one open
+    storage every 50 ms; fails at once if the workers all exit first (trials too short to
+    catch mid-run: give them more epochs or data, as MID_RUN_TRIAL does)."""
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="tiny", storage=storage)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for trial in _trials(url):
-            saved = checkpoints / "tiny" / f"trial-{trial.number}" / "checkpoint.pt"
-            if trial.state == TrialState.RUNNING and saved.is_file():
-                return trial
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            for trial in study.get_trials(states=(TrialState.RUNNING,)):
+                saved = checkpoints / "tiny" / f"trial-{trial.number}" / "checkpoint.pt"
+                if saved.is_file():
+                    return trial
+            if all(worker.poll() is not None for worker in workers):
+                pytest.fail("the workers finished before a trial was seen mid-run")
+            time.sleep(0.05)
+    finally:
+        storage.engine.dispose()
     pytest.fail("no trial reached its first checkpoint in time")
+
+
+# Trials long enough (several seconds of training) that a test sees one mid-run, after its
+# first epoch checkpoint, even on a fast CPU: at 256 patches x 3 epochs a trial took 0.5 s
+# on a bf16 CPU and the poll could miss all of them.
+MID_RUN_TRIAL = {"epochs": 4, "train_size": 2048, "pruner": "none"}
 
 
 @pytest.fixture(params=["postgresql", "mariadb"])
@@ -92,13 +109,13 @@ def test_three_workers_finish_exactly_the_study_total(any_db: str, tmp_path: Pat
 def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     postgres: str, tmp_path: Path
 ) -> None:
-    spec = _spec(epochs=4, train_size=512, pruner="none")
+    spec = _spec(**MID_RUN_TRIAL)
     create_or_load_study(spec, postgres, parallel=True)
     checkpoints = tmp_path / "checkpoints"
     env = worker_env(postgres, checkpoints)
     workers = [start_worker("tiny", 3, env, tmp_path) for _ in range(2)]
 
-    victim = _wait_for_checkpointed_trial(postgres, checkpoints)
+    victim = _wait_for_checkpointed_trial(postgres, checkpoints, workers)
     pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)
     saved = checkpoints / "tiny" / f"trial-{victim.number}" / "checkpoint.pt"
@@ -144,10 +161,10 @@ def test_workers_without_pre_ping_ride_out_a_postgresql_restart(
     # statement on each fails; hpo's retry (not a ping) must carry the workers through.
     server = restartable_postgres
     url = server.create_database("hpo_restart")
-    create_or_load_study(_spec(epochs=3, train_size=256, pruner="none"), url, parallel=True)
+    create_or_load_study(_spec(**MID_RUN_TRIAL), url, parallel=True)
     env = worker_env(url, tmp_path / "checkpoints", HPO_DB_PRE_PING="0")
     workers = [start_worker("tiny", 4, env, tmp_path) for _ in range(2)]
-    _wait_for_checkpointed_trial(url, tmp_path / "checkpoints")
+    _wait_for_checkpointed_trial(url, tmp_path / "checkpoints", workers)
 
     server.restart(down_s=3)  # clients see refused connections for 3 s, then a fresh server
     assert all(worker.poll() is None for worker in workers), "restart came too late to test"
@@ -194,10 +211,10 @@ def test_two_launches_of_one_study_share_it(postgres: str, tmp_path: Path) -> No
 def test_sigterm_requeues_the_running_trial_and_exits_quickly(
     postgres: str, tmp_path: Path
 ) -> None:
-    create_or_load_study(_spec(epochs=4, train_size=512, pruner="none"), postgres, parallel=True)
+    create_or_load_study(_spec(**MID_RUN_TRIAL), postgres, parallel=True)
     checkpoints = tmp_path / "checkpoints"
     worker = start_worker("tiny", 2, worker_env(postgres, checkpoints), tmp_path)
-    running = _wait_for_checkpointed_trial(postgres, checkpoints)
+    running = _wait_for_checkpointed_trial(postgres, checkpoints, [worker])
 
     worker.send_signal(signal.SIGTERM)
     sent = time.monotonic()
