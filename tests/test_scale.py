@@ -164,7 +164,8 @@ def test_each_worker_process_holds_at_most_two_server_connections(
 def test_workers_without_pre_ping_survive_their_connections_being_killed(
     postgres: str, tmp_path: Path
 ) -> None:
-    _create_study(postgres, epochs=3, train_size=256, val_size=64, pruner="none")
+    # Trials of a few seconds, so that connections are still there to kill on a fast CPU.
+    _create_study(postgres, epochs=3, train_size=2048, val_size=64, pruner="none")
     env = worker_env(postgres, tmp_path / "checkpoints", HPO_DB_PRE_PING="0")
     workers = [start_worker("tiny", 4, env, tmp_path) for _ in range(2)]
     admin = sqlalchemy.create_engine(ADMIN_URLS["postgresql"], isolation_level="AUTOCOMMIT")
