@@ -367,16 +367,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 # Locks the study row: trial numbers are counted, and tokens looked up, in turn.
                 models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
                 if retried:
-                    existing = (
-                        session.query(models.TrialSystemAttributeModel.trial_id)
-                        .join(models.TrialModel)
-                        .filter(
-                            models.TrialModel.study_id == study_id,
-                            models.TrialSystemAttributeModel.key == CREATE_TOKEN_ATTR,
-                            models.TrialSystemAttributeModel.value_json == json.dumps(token),
-                        )
-                        .scalar()
-                    )
+                    existing = _trial_with_token(session, study_id, token, (CREATE_TOKEN_ATTR,))
                 if existing is None:
                     trial = compat.add_new_trial(self, session, study_id, template)
                     created = _from_template(template, trial.trial_id, trial.number)
@@ -545,20 +536,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """The id of the study's trial that a claim with ``token`` made RUNNING (created, or
         claimed from the queue: ``claiming``), or None: what a claim whose commit failed
         for a lost connection asks, to learn whether the commit landed."""
-        models = compat.rdb_models()
-        trial, attr = models.TrialModel, models.TrialSystemAttributeModel
         with compat.rdb_session(self) as session:
-            found = (
-                session.query(attr.trial_id)
-                .join(trial, trial.trial_id == attr.trial_id)
-                .filter(
-                    trial.study_id == study_id,
-                    attr.key.in_(_TOKEN_ATTRS),
-                    attr.value_json == json.dumps(token),
-                )
-                .scalar()
-            )
-        return None if found is None else int(found)
+            return _trial_with_token(session, study_id, token, _TOKEN_ATTRS)
 
     @contextlib.contextmanager
     def bound_to(self, connection: sqlalchemy.Connection) -> Iterator[None]:
@@ -622,6 +601,24 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             session.add(models.TrialHeartbeatModel(trial_id=trial_id))
         else:
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
+
+
+def _trial_with_token(session: Any, study_id: int, token: str, keys: Sequence[str]) -> int | None:
+    """The id of the study's trial that holds ``token`` under one of ``keys`` (hpo's
+    client tokens), or None."""
+    models = compat.rdb_models()
+    trial, attr = models.TrialModel, models.TrialSystemAttributeModel
+    found = (
+        session.query(attr.trial_id)
+        .join(trial, trial.trial_id == attr.trial_id)
+        .filter(
+            trial.study_id == study_id,
+            attr.key.in_(keys),
+            attr.value_json == json.dumps(token),
+        )
+        .scalar()
+    )
+    return None if found is None else int(found)
 
 
 def _clean_claimed_retry(session: Any, trial: Any) -> None:
