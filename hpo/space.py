@@ -189,9 +189,7 @@ def coverage_retries(
     for trial in trials:
         if trial.number in superseded:
             continue
-        log2 = trial.params.get(
-            BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
-        )
+        log2 = _asked_batch_exponent(trial)
         if log2 is not None:
             by_batch.setdefault(int(log2), []).append(trial)
     pending = (TrialState.RUNNING, TrialState.WAITING)
@@ -224,12 +222,18 @@ def coverage_may_need(spec: StudySpec, finished: list[FrozenTrial]) -> bool:
     ended_without: set[int] = set()
     completed: set[int] = set()
     for trial in finished:
-        log2 = trial.params.get(
-            BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
-        )
+        log2 = _asked_batch_exponent(trial)
         if log2 is not None:
             (completed if _completed(trial) else ended_without).add(int(log2))
     return bool(ended_without - completed)
+
+
+def _asked_batch_exponent(trial: FrozenTrial) -> int | float | None:
+    """The trial's ``log2_batch_size``: sampled, or for a queued trial not yet sampled its
+    fixed params (the batch size the study asked for); None when it has neither."""
+    return trial.params.get(
+        BATCH_PARAM, trial.system_attrs.get("fixed_params", {}).get(BATCH_PARAM)
+    )
 
 
 def _completed(trial: FrozenTrial) -> bool:
