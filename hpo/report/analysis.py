@@ -377,7 +377,10 @@ def fit_lr_scaling(
         for b, trials in near.items()
     ]
     batch_sizes = tuple(near)
-    unbracketed = _unbracketed(study, {b: trials[0] for b, trials in near.items()})
+    # Every complete or pruned trial: which LRs were tried around each point.
+    tried = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    best = {b: trials[0] for b, trials in near.items()}
+    unbracketed = _unbracketed(_is_maximize(study), tried, best)
     common = {
         "points": tuple(points),
         "top_k": top_k,
@@ -400,7 +403,7 @@ def fit_lr_scaling(
             **common,
         )
     alpha, intercept, standard_error = _least_squares(points)
-    floor = _resolution_standard_error(study, points)
+    floor = _resolution_standard_error(tried, points)
     resolution_bound = standard_error is not None and floor is not None and floor > standard_error
     if resolution_bound:
         standard_error = floor
@@ -425,7 +428,7 @@ def fit_lr_scaling(
 
 
 def _resolution_standard_error(
-    study: optuna.Study, points: list[tuple[int, float]]
+    tried: list[FrozenTrial], points: list[tuple[int, float]]
 ) -> float | None:
     """The slope's standard error from where each batch size's best LR can be, given the
     LRs tried there: a floor under the one from the points' scatter.
@@ -440,16 +443,16 @@ def _resolution_standard_error(
     other points), standard deviation width / √12, and the slope's standard error
     propagated from those: √(Σ (x_i − x̄)² σ_i²) / Sxx. None when no point has a neighbour.
     """
-    tried: dict[int, list[float]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    log2_lrs: dict[int, list[float]] = {}
+    for trial in tried:
         batch_size = trial_batch_size(trial)
         if batch_size is not None and "lr" in trial.params:
-            tried.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
+            log2_lrs.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
     widths: dict[int, float | None] = {}
     for batch_size, lr in points:
         y = math.log2(lr)
-        below = [y - t for t in tried.get(batch_size, []) if t < y - 1e-9]
-        above = [t - y for t in tried.get(batch_size, []) if t > y + 1e-9]
+        below = [y - t for t in log2_lrs.get(batch_size, []) if t < y - 1e-9]
+        above = [t - y for t in log2_lrs.get(batch_size, []) if t > y + 1e-9]
         gaps = [min(side) for side in (below, above) if side]
         widths[batch_size] = sum(gaps) / 2 if len(gaps) == 2 else (gaps[0] if gaps else None)
     known = sorted(w for w in widths.values() if w is not None)
@@ -466,13 +469,15 @@ def _resolution_standard_error(
     return math.sqrt(variance) / sxx
 
 
-def _unbracketed(study: optuna.Study, best: dict[int, FrozenTrial]) -> tuple[tuple[int, str], ...]:
+def _unbracketed(
+    maximize: bool, tried: list[FrozenTrial], best: dict[int, FrozenTrial]
+) -> tuple[tuple[int, str], ...]:
     """(batch size, side) for each side of a batch size's best LR with no worse trial of
-    that batch size: a complete trial with a worse value, or a pruned one that was worse
-    than the best trial at the report it was pruned at (the same resource)."""
-    maximize = _is_maximize(study)
+    that batch size among ``tried`` (the complete and pruned trials): a complete trial with
+    a worse value, or a pruned one that was worse than the best trial at the report it was
+    pruned at (the same resource)."""
     worse_lrs: dict[int, list[float]] = {b: [] for b in best}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    for trial in tried:
         batch_size = trial_batch_size(trial)
         if batch_size not in best or "lr" not in trial.params:
             continue
