@@ -12,6 +12,7 @@ stay cheap for commands that never train.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +110,11 @@ def finished_trials_cache(backend: Any) -> Any:
     return _finished_trials_cache_class()(backend)
 
 
-_CLASSES: dict[str, type] = {}
-
-
+@functools.cache
 def _finished_trials_cache_class() -> type:
     """The class, built on first use (importing Optuna here would slow every import of this
     module); reachable as ``hpo.compat.FinishedTrialsCache`` (``__getattr__``), so that a
     pickled storage finds it again."""
-    if "FinishedTrialsCache" in _CLASSES:
-        return _CLASSES["FinishedTrialsCache"]
     from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 
     class FinishedTrialsCache(_CachedStorage):
@@ -157,7 +154,6 @@ def _finished_trials_cache_class() -> type:
 
     FinishedTrialsCache.__module__ = __name__
     FinishedTrialsCache.__qualname__ = "FinishedTrialsCache"
-    _CLASSES["FinishedTrialsCache"] = FinishedTrialsCache
     return FinishedTrialsCache
 
 
