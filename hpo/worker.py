@@ -201,14 +201,13 @@ def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
     whole after a lost connection; a repeat first looks at what the lost attempt did (its
     COMMIT may have landed), so the trial gets one retry, never two."""
     study = loaded.study
-    trial_id = loaded.trial_id(trial)
     attempts = 0
 
     def attempt() -> None:
         nonlocal attempts
         attempts += 1
         with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
-            stored = loaded.storage.get_trial(trial_id) if attempts > 1 else None
+            stored = loaded.storage.get_trial(loaded.trial_id(trial)) if attempts > 1 else None
             if stored is not None and stored.state.is_finished():
                 frozen = stored  # an earlier attempt told it
                 trials = study.get_trials(deepcopy=False)
