@@ -71,11 +71,24 @@ sys.path.insert(0, str(ROOT))  # tests/pgbouncer.py
 
 from hpo.spec import parse_spec  # noqa: E402
 from hpo.storage import retry_on_disconnect  # noqa: E402
-from hpo.study import create_or_load_study, load_study, superseded_trials  # noqa: E402
-from hpo.worker import StopSignal, claim_trial, run_one  # noqa: E402
+from hpo.study import LoadedStudy, create_or_load_study, load_study, superseded_trials  # noqa: E402
+from hpo.worker import (  # noqa: E402
+    StopSignal,
+    claim_trial,
+    run_one,
+    wait_before_claiming_again,
+)
 
 TIMED = ("claim", "claim_first", "report", "tell", "numbers")
-TIMED += ("lock_wait", "lock_held", "lock_held_cpu")
+TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "events")
+
+
+def _record(timings: dict, key: str, started: float, ended: float) -> None:
+    """One latency of ``key`` (``started``/``ended``: ``time.monotonic()``, which every
+    process of the machine shares), kept for the percentiles and for ``--timeline``."""
+    timings[key].append(ended - started)
+    timings["events"].append((key, started, ended - started))
+
 
 STUDY = "scale"
 SPEC = {
@@ -122,44 +135,45 @@ class SleepObjective:
         for epoch in range(1, self.epochs + 1):
             time.sleep(random.uniform(*self.epoch_s))
             value = 0.5 + 0.4 * quality * (1 - math.exp(-epoch / 3)) + random.gauss(0, 0.01)
-            started = time.perf_counter()
+            started = time.monotonic()
             trial.report(value, epoch)
             prune = trial.should_prune()
-            self.timings["report"].append(time.perf_counter() - started)
+            _record(self.timings, "report", started, time.monotonic())
             if prune:
                 raise optuna.TrialPruned()
         return value
 
 
-def _simulated_worker(url: str, total: int, args: argparse.Namespace, timings: dict) -> None:
+def _simulated_worker(
+    loaded: LoadedStudy, total: int, args: argparse.Namespace, timings: dict
+) -> None:
     """``hpo.worker.run_worker``'s loop, less device, data and torch."""
-    loaded = load_study(STUDY, url, parallel=True)
-    loaded.study.sampler.reseed_rng()
+    url = loaded.storage.url
     objective = SleepObjective(args.epochs, args.epoch_s, timings)
     tell = loaded.study.tell
 
     def timed_tell(*a, **k):
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             return tell(*a, **k)
         finally:
-            timings["tell"].append(time.perf_counter() - started)
+            _record(timings, "tell", started, time.monotonic())
 
     loaded.study.tell = timed_tell  # run_one tells through the study
     stop = StopSignal()
     claimed_before = False
     time.sleep(random.uniform(0, args.start_spread_s))
     while True:
-        started = time.perf_counter()
+        started = time.monotonic()
         claimed = retry_on_disconnect(lambda: claim_trial(loaded, total), what="claim", url=url)
         # Each worker's first claim queues behind all workers starting at once; kept apart.
         key = "claim" if claimed_before else "claim_first"
-        timings[key].append(time.perf_counter() - started)
+        _record(timings, key, started, time.monotonic())
         claimed_before = True
         if claimed == "done":
             break
         if claimed == "wait":
-            time.sleep(min(2.0, args.heartbeat_s))
+            time.sleep(wait_before_claiming_again())
             continue
         timings["numbers"].append(claimed.number)
         run_one(loaded, claimed, objective, stop)
@@ -187,14 +201,14 @@ def _time_the_study_lock(timings: dict) -> None:
 
     @contextlib.contextmanager
     def timed(*args, **kwargs):
-        asked = time.perf_counter()
+        asked = time.monotonic()
         with real(*args, **kwargs):
-            wall, cpu = time.perf_counter(), time.thread_time()
-            timings["lock_wait"].append(wall - asked)
+            wall, cpu = time.monotonic(), time.thread_time()
+            _record(timings, "lock_wait", asked, wall)
             try:
                 yield
             finally:
-                timings["lock_held"].append(time.perf_counter() - wall)
+                _record(timings, "lock_held", wall, time.monotonic())
                 timings["lock_held_cpu"].append(time.thread_time() - cpu)
 
     hpo.worker.study_lock = timed
@@ -209,10 +223,16 @@ def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, ba
     _time_the_study_lock(timings)
     retries = _RetryCounter()
     logging.getLogger("hpo.storage").addHandler(retries)
+    # Each worker opens the study before the start: on a cluster every worker starts on
+    # its own node's CPU, while here 256 would share two cores with the database, and the
+    # first claims would measure that instead of the claim.
+    studies = [load_study(STUDY, url, parallel=True) for _ in range(args.threads)]
+    for loaded in studies:
+        loaded.study.sampler.reseed_rng()
     barrier.wait()
     threads = [
-        threading.Thread(target=_simulated_worker, args=(url, total, args, timings))
-        for _ in range(args.threads)
+        threading.Thread(target=_simulated_worker, args=(loaded, total, args, timings))
+        for loaded in studies
     ]
     for thread in threads:
         thread.start()
@@ -318,6 +338,11 @@ def run_point(
             if out.exists():
                 for key, values in json.loads(out.read_text()).items():
                     timings[key] += values
+        if args.timeline:
+            events = sorted(
+                (key, round(t - started, 4), round(d, 4)) for key, t, d in timings["events"]
+            )
+            args.timelines.append({"workers": workers, "via": via, "events": events})
         storage_check = _integrity(direct, total, timings["numbers"])
         finished = storage_check.pop("finished")
         requeued = storage_check.pop("replaced")
@@ -441,7 +466,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="16 workers, both paths, short")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="write every timed call as [kind, seconds since the point started, duration]",
+    )
     args = parser.parse_args()
+    args.timelines = []
     if args.quick:
         args.workers, args.epochs, args.epoch_s, args.trials_per_worker = "16", 4, "0.2,0.5", 2
     args.epoch_s = tuple(float(x) for x in args.epoch_s.split(","))
@@ -473,6 +504,8 @@ def main() -> None:
                 results.append(result)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.timeline:
+        args.timeline.write_text(json.dumps(args.timelines) + "\n")
 
 
 if __name__ == "__main__":

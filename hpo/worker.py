@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -109,13 +110,15 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     repeated claim never leaves the first one's trial RUNNING without a worker.
     """
     study = loaded.study
-    if _budget_is_handed_out(loaded, total_trials):
+    stale = loaded.storage.has_stale_trials(loaded.ref.study_id)
+    if not stale and _budget_is_handed_out(loaded, total_trials):
         return "wait"
     grid = _grid_sampler(study) is not None
     token = uuid.uuid4().hex
     try:
         with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
-            optuna.storages.fail_stale_trials(study)
+            if stale:  # else a trial gone stale since is failed by the next claim
+                optuna.storages.fail_stale_trials(study)
             budget = loaded.budget()
             if budget.finished + budget.running >= total_trials:
                 return "wait" if budget.running else "done"
@@ -154,17 +157,14 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
 
 def _budget_is_handed_out(loaded: LoadedStudy, total_trials: int) -> bool:
     """True when a claim could only answer ``"wait"``, known without the study lock: the
-    budget is handed out, trials still run elsewhere, and none of them is stale (a stale
-    one would be failed and re-queued under the lock). Near the end of a study every
-    worker that finishes a trial asks, and waiting for the lock only to learn this kept
-    the lock, and behind PgBouncer its server connections, busy. ``"done"`` is always
-    decided under the lock: a trial being re-queued at that moment must not be missed."""
+    budget is handed out and trials still run elsewhere (the caller has checked that none
+    of them is stale: a stale one would be failed and re-queued under the lock). Near the
+    end of a study every worker that finishes a trial asks, and waiting for the lock only
+    to learn this kept the lock, and behind PgBouncer its server connections, busy.
+    ``"done"`` is always decided under the lock: a trial being re-queued at that moment
+    must not be missed."""
     budget = loaded.budget()
-    return (
-        budget.finished + budget.running >= total_trials
-        and budget.running > 0
-        and not loaded.storage.has_stale_trials(loaded.ref.study_id)
-    )
+    return budget.finished + budget.running >= total_trials and budget.running > 0
 
 
 def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:
@@ -457,7 +457,7 @@ def run_worker(
         if claimed == "done":
             break
         if claimed == "wait":
-            stop.sleep(min(5.0, heartbeat_settings()[0]))
+            stop.sleep(wait_before_claiming_again())
             continue
         state, reason = run_one(loaded, claimed, objective, stop, guard)
         result.states[state.name] += 1
@@ -468,6 +468,13 @@ def run_worker(
         result.stopped_by = stop.requested
     _log_failed_saves(result, objective.failed_saves)
     return result
+
+
+def wait_before_claiming_again() -> float:
+    """Seconds a worker told "wait" sleeps before it claims again: a heartbeat interval
+    (a trial re-queued is found no sooner), at most 5 s, spread over half of that to all
+    of it, so that a fleet whose trials ended together does not ask again in step."""
+    return min(5.0, heartbeat_settings()[0]) * random.uniform(0.5, 1.0)
 
 
 def _objective_on_this_node(

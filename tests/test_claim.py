@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -80,6 +81,22 @@ class LockWatch:
             self._count += 1
 
         sqlalchemy.event.listen(engine, "before_cursor_execute", count)
+
+
+@contextlib.contextmanager
+def far_from_utc() -> Iterator[None]:
+    """This process's local time zone set to UTC+9 for the block."""
+    machine = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if machine is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = machine
+        time.tzset()
 
 
 def _finish(loaded, trial: optuna.Trial) -> None:
@@ -159,7 +176,8 @@ def test_the_budget_counted_by_the_database_is_the_budget_of_the_trials(
     loaded.storage.engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db)])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
+                                     pytest.param("mariadb", marks=pytest.mark.db)])  # fmt: skip
 def test_the_claim_reads_no_trial_under_the_study_lock(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,6 +219,7 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
     assert reads_held and not any(reads_held), "a claim read whole trials under the lock"
     # PostgreSQL: 19, of which 6 are the SAVEPOINT/RELEASE pairs around each storage call
     # of the claim's one transaction (storage._postgres_lock); SQLite and MariaDB: 12.
+    print("STATEMENTS", backend, statements)
     assert statements[2] == statements[30] <= 20, statements
 
 
@@ -277,6 +296,46 @@ def test_each_claimed_trial_samples_from_the_study_as_it_is_now(tmp_path: Path) 
         deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True
     )
     assert [t.number for t in complete] == [elsewhere.number]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.db),
+                                     pytest.param("mariadb", marks=pytest.mark.db)])  # fmt: skip
+def test_a_claimed_new_trial_is_stored_as_optuna_stores_one(backend: str) -> None:
+    # The claim inserts its new trial with its own statements (storage._create_claimed_trial);
+    # Optuna, the dashboard and other workers must read it as one Optuna made. Trials
+    # created by Optuna itself in between (Study.ask on a plain RDBStorage, outside hpo's
+    # lock) keep the numbers dense and unique. A time zone far from UTC: Optuna keeps naive
+    # UTC and shows local time, so a start stored in local time would be off by hours.
+    with far_from_utc(), scratch_database(backend) as url:
+        create_or_load_study(_spec(), url).storage.engine.dispose()
+        loaded = load_study("tiny", url)
+        plain = optuna.load_study(study_name="tiny", storage=url)
+        before = datetime.datetime.now()
+        claimed, asked = [], []
+        for _ in range(3):
+            claimed.append(claim_trial(loaded, 100))
+            asked.append(plain.ask())  # Optuna's own new trial, as Study.ask stores it
+        after = datetime.datetime.now()
+        reader = load_study("tiny", url)  # as a worker or hpo's report reads (tokens hidden)
+        trials = reader.study.get_trials(deepcopy=False)
+        reader.storage.engine.dispose()
+        time.sleep(1.1)  # DATETIME columns may keep whole seconds (MariaDB)
+        loaded.storage.grace_period = 0  # every trial with a heartbeat row is "stale" now
+        with_heartbeat = set(loaded.storage._get_stale_trial_ids(loaded.ref.study_id))
+        loaded.storage.engine.dispose()
+    numbers = sorted(t.number for t in trials)
+    assert numbers == list(range(len(trials))), numbers
+    by_number = {t.number: t for t in trials}
+    for trial in claimed:
+        stored = by_number[trial.number]
+        assert stored.state == TrialState.RUNNING
+        assert stored.system_attrs == {} and stored.user_attrs == {} and stored.params == {}
+        # Local naive time, as Optuna returns it (stored as naive UTC): within the test.
+        slack = datetime.timedelta(seconds=1)
+        assert before - slack <= stored.datetime_start <= after + slack, stored.datetime_start
+        assert trial._cached_frozen_trial.datetime_start == stored.datetime_start
+    assert all(by_number[t.number].datetime_start <= after + slack for t in asked)
+    assert with_heartbeat == {trial._trial_id for trial in claimed}
 
 
 @pytest.mark.parametrize("queued", [False, True], ids=["new trial", "queued trial"])
