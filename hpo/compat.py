@@ -59,6 +59,11 @@ def rdb_models() -> Any:
     return models
 
 
+def rdb_not_found_message() -> str:
+    """The message of the KeyError Optuna's RDB storage raises for a missing study or trial."""
+    return rdb_models().NOT_FOUND_MSG
+
+
 def add_new_trial(storage: Any, session: Any, study_id: int, template_trial: Any) -> Any:
     """Insert a trial from ``template_trial`` in ``session`` (numbered, not committed)."""
     return storage._get_prepared_new_trial(study_id, template_trial, session)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,19 @@ def tiny_study(studies_dir: Path) -> Path:
     path = studies_dir / "tiny.toml"
     path.write_text(tiny_study_text())
     return path
+
+
+@contextlib.contextmanager
+def far_from_utc() -> Iterator[None]:
+    """This process's local time zone set to UTC+9 for the block."""
+    machine = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if machine is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = machine
+        time.tzset()

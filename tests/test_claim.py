@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from hpo.storage import ReconnectingRDBStorage, retry_on_disconnect
 from hpo.study import create_or_load_study, load_study, study_budget, superseded_trials
 from hpo.worker import claim_trial, requeue
 
-from .conftest import tiny_study_text
+from .conftest import far_from_utc, tiny_study_text
 from .databases import scratch_database
 from .test_storage_faults import CommitThenDrop
 
@@ -81,22 +80,6 @@ class LockWatch:
             self._count += 1
 
         sqlalchemy.event.listen(engine, "before_cursor_execute", count)
-
-
-@contextlib.contextmanager
-def far_from_utc() -> Iterator[None]:
-    """This process's local time zone set to UTC+9 for the block."""
-    machine = os.environ.get("TZ")
-    os.environ["TZ"] = "Asia/Tokyo"
-    time.tzset()
-    try:
-        yield
-    finally:
-        if machine is None:
-            del os.environ["TZ"]
-        else:
-            os.environ["TZ"] = machine
-        time.tzset()
 
 
 def _finish(loaded, trial: optuna.Trial) -> None:

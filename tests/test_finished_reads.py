@@ -22,7 +22,7 @@ from hpo.spec import parse_spec
 from hpo.storage import ReconnectingRDBStorage
 from hpo.study import create_or_load_study, load_study
 
-from .conftest import tiny_study_text
+from .conftest import far_from_utc, tiny_study_text
 from .databases import scratch_database
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -127,3 +127,56 @@ def test_the_incremental_cache_pickles_like_optunas(tmp_path: Path) -> None:
     trials = cache.get_all_trials(loaded.ref.study_id, states=(TrialState.COMPLETE,))
     assert [t.number for t in trials] == [done.number]
     loaded.storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
+                                     pytest.param("mariadb", marks=pytest.mark.db)])  # fmt: skip
+def test_hpos_trial_reads_return_what_optunas_own_return(backend: str, tmp_path: Path) -> None:
+    # ReconnectingRDBStorage reads trials with its own statements (_read_trials); every
+    # field must come back as Optuna's ORM builds it: every kind of distribution, values
+    # that are not finite, attrs, multi-step intermediate values, every state, and the
+    # start and end times (stored as naive UTC, handed out as local time: far from UTC, so
+    # that a time handed out as stored would be off by hours).
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(far_from_utc())
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'reads.db'}"
+        else:
+            url = stack.enter_context(scratch_database(backend))
+        plain = optuna.storages.RDBStorage(url)
+        study = optuna.create_study(storage=plain, study_name="reads", direction="maximize")
+        values = [0.25, float("inf"), float("-inf"), float("nan"), -1.5]
+        for n in range(12):
+            trial = study.ask()
+            trial.suggest_float("lr", 1e-4, 1.0, log=True)
+            trial.suggest_int("log2_batch_size", 3, 9)
+            trial.suggest_categorical("optimizer", ["sgd", "adamw", None])
+            trial.suggest_float("momentum", 0.0, 0.9, step=0.1)
+            for step in range(n % 4):
+                trial.report(values[(n + step) % len(values)], step)
+            trial.set_user_attr("history", {"loss": [0.5, 0.25], "note": "é ü", "n": n})
+            study._storage.set_trial_system_attr(trial._trial_id, "retry_history", [n])
+            state = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, None][n % 4]
+            if state is TrialState.COMPLETE:
+                study.tell(trial, values[n % len(values)])
+            elif state is not None:
+                study.tell(trial, state=state)
+        study.enqueue_trial({"lr": 0.01}, user_attrs={"queued": True})
+        study_id = plain.get_study_id_from_name("reads")
+        expected = plain.get_all_trials(study_id, deepcopy=False)
+        hpo = ReconnectingRDBStorage(url)
+        got = hpo.get_all_trials(study_id, deepcopy=False)
+        some = {t._trial_id for t in expected[::3]}
+        assert repr(hpo._get_trials(study_id, None, some, max(some))) == repr(
+            plain._get_trials(study_id, None, some, max(some))
+        )
+        singles = [hpo.get_trial(t._trial_id) for t in expected]
+        with pytest.raises(KeyError):
+            hpo.get_trial(10_000)
+        with pytest.raises(KeyError):
+            hpo.get_all_trials(study_id + 1)
+        hpo.engine.dispose()
+        plain.engine.dispose()
+    assert {t.state for t in expected} == set(TrialState)
+    assert repr(got) == repr(expected)  # repr: NaN compares unequal to itself
+    assert repr(singles) == repr(expected)
