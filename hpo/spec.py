@@ -322,9 +322,20 @@ class PrunerSpec(_Table):
     the pruned trials (``compare_with_pruned`` does not apply) and has no startup count
     (``n_startup_trials`` and ``min_trials_at_report`` do not apply; the floor
     ``min_trials_per_batch_size`` is its protection).
+
+    ``kind = "catch_up"`` prunes a trial at a report only when its value there plus the
+    largest gain from that report to the end made by any complete trial of the study stays
+    below the best complete value (of its batch size with ``stratify_by_batch_size``):
+    only a trial that could not catch up even as fast as the fastest finished curve did is
+    stopped (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report where a
+    higher LR is still behind only for being noisier early. ``n_startup_trials`` counts the
+    complete trials the margin needs (at least 1); ``compare_with_pruned`` and
+    ``min_trials_at_report`` do not apply (pruned trials have no final value).
     """
 
-    kind: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
+    kind: Literal["median", "percentile", "catch_up", "successive_halving", "hyperband", "none"] = (
+        "median"
+    )
     min_epochs: PositiveInt = 2
     n_startup_trials: Count = 5
     # kind = "successive_halving" / "hyperband": η, the rungs' spacing and the fraction
@@ -342,13 +353,18 @@ class PrunerSpec(_Table):
     def _check_stratify(self) -> PrunerSpec:
         if self.stratify_by_batch_size and self.kind == "hyperband":
             raise ValueError(
-                "stratify_by_batch_size needs kind 'median', 'percentile' or "
+                "stratify_by_batch_size needs kind 'median', 'percentile', 'catch_up' or "
                 "'successive_halving', not 'hyperband'"
             )
         if self.compare_with_pruned and self.kind == "successive_halving":
             raise ValueError(
                 "compare_with_pruned does not apply to kind 'successive_halving', which "
                 "always compares every trial that reached the rung; remove it"
+            )
+        if self.compare_with_pruned and self.kind == "catch_up":
+            raise ValueError(
+                "compare_with_pruned does not apply to kind 'catch_up', which compares with "
+                "complete trials' final values (a pruned trial has none); remove it"
             )
         if self.compare_with_pruned and not self.stratify_by_batch_size:
             raise ValueError("compare_with_pruned needs stratify_by_batch_size = true")

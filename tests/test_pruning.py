@@ -14,7 +14,12 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
+from hpo.pruning import (
+    BatchSizeFloorPruner,
+    CatchUpPruner,
+    FlooredHyperbandPruner,
+    SameBatchSizePruner,
+)
 from hpo.space import BATCH_PARAM, make_pruner
 from hpo.spec import SpecError, StudySpec, load_spec, parse_spec
 
@@ -410,3 +415,116 @@ def test_a_tiny_study_with_stratified_halving_prunes_and_covers_every_batch_size
             and 1 in trial.intermediate_values
         ):
             assert trial.system_attrs["completed_rung_0"] == trial.intermediate_values[1]
+
+
+# ------------------------------------------------------------- catch-up
+
+
+def _add_curve(
+    study: optuna.Study, log2_batch_size: int, curve: dict[int, float], lr: float = 0.01
+) -> None:
+    """A complete trial whose last report is its final value."""
+    study.add_trial(
+        create_trial(
+            params={BATCH_PARAM: log2_batch_size, "lr": lr},
+            distributions=DISTRIBUTIONS,
+            value=curve[max(curve)],
+            intermediate_values=curve,
+        )
+    )
+
+
+def _catch_up_study(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Issue 9's seed-1 B = 16 at half an epoch: the low-LR trial leads early and ends at
+    0.737; the high-LR one starts at 0.565 and gains 0.133 by the end (the margin); a
+    large-batch trial gains less."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    _add_curve(study, SMALL, {1: 0.672, 2: 0.712, 3: 0.726, 4: 0.737}, lr=0.011)
+    _add_curve(study, SMALL, {1: 0.565, 2: 0.631, 3: 0.653, 4: 0.699}, lr=0.045)
+    _add_curve(study, LARGE, {1: 0.650, 2: 0.690, 3: 0.700, 4: 0.710})
+    return study
+
+
+def test_catch_up_keeps_a_slow_starter_that_a_median_prunes() -> None:
+    """The grid's top config at 0.615 after half an epoch (it ended at 0.730): below the
+    median of its batch size, but 0.615 + 0.133 reaches the best, 0.737."""
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    assert _decision(_catch_up_study(SameBatchSizePruner(median, BATCH_PARAM)), SMALL, 0.615, 1)
+    catch_up = CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    assert not _decision(_catch_up_study(catch_up), SMALL, 0.615, step=1)
+
+
+def test_catch_up_prunes_a_trial_that_no_finished_curve_could_lift_to_the_best() -> None:
+    study = _catch_up_study(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1))
+    assert _decision(study, SMALL, 0.600, step=1)  # 0.600 + 0.134 < 0.737
+    assert _decision(study, SMALL, 0.660, step=3)  # late, the margin is 0.046: 0.706 < 0.737
+    assert not _decision(study, SMALL, 0.700, step=3)
+
+
+def test_catch_up_margin_comes_from_every_batch_size_and_the_target_from_its_own() -> None:
+    """The margin at report 1 is the largest gain of any complete trial (0.134, B = 16);
+    the target of a B = 512 trial is B = 512's best (0.710), not the study's (0.737)."""
+    study = _catch_up_study(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1))
+    assert not _decision(study, LARGE, 0.580, step=1)  # 0.714 >= 0.710
+    assert _decision(study, LARGE, 0.570, step=1)  # 0.704 < 0.710
+    unstratified = _catch_up_study(CatchUpPruner(None, n_warmup_steps=1))
+    assert _decision(unstratified, LARGE, 0.580, step=1)  # against the study's 0.737
+
+
+def test_catch_up_waits_for_its_warm_up_its_evidence_and_a_target() -> None:
+    study = _catch_up_study(CatchUpPruner(BATCH_PARAM, n_warmup_steps=2))
+    assert not _decision(study, SMALL, 0.3, step=1)  # before the warm-up
+    needy = _catch_up_study(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1, n_startup_trials=4))
+    assert not _decision(needy, SMALL, 0.3, step=1)  # 3 complete trials, 4 needed
+    alone = optuna.create_study(
+        direction="maximize", pruner=CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    )
+    _add_curve(alone, SMALL, {1: 0.6, 2: 0.7})
+    assert not _decision(alone, LARGE, 0.1, step=1)  # no complete trial at B = 512
+
+
+def test_catch_up_margin_is_never_negative() -> None:
+    """Complete trials that all lost value after report 2: a trial already at the best is
+    not pruned for a forecast of a loss."""
+    study = optuna.create_study(
+        direction="maximize", pruner=CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    )
+    _add_curve(study, SMALL, {1: 0.70, 2: 0.75, 3: 0.74})
+    _add_curve(study, SMALL, {1: 0.60, 2: 0.70, 3: 0.68})
+    assert not _decision(study, SMALL, 0.74, step=2)
+    assert _decision(study, SMALL, 0.739, step=2)
+
+
+def test_catch_up_minimizes_a_loss() -> None:
+    study = optuna.create_study(
+        direction="minimize", pruner=CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    )
+    _add_curve(study, SMALL, {1: 0.9, 2: 0.5})  # a drop of 0.4
+    _add_curve(study, SMALL, {1: 0.7, 2: 0.6})
+    assert not _decision(study, SMALL, 0.85, step=1)  # 0.45 could still beat 0.5
+    assert _decision(study, SMALL, 0.95, step=1)
+
+
+def test_make_pruner_builds_catch_up_with_its_own_stratification(tiny_study: Path) -> None:
+    pruner = make_pruner(
+        _spec(
+            tiny_study,
+            kind="catch_up",
+            min_epochs=2,
+            n_startup_trials=0,
+            stratify_by_batch_size=True,
+            min_trials_per_batch_size=2,
+        )
+    )
+    assert isinstance(pruner, BatchSizeFloorPruner) and pruner.min_complete == 2
+    assert isinstance(pruner.base, CatchUpPruner)  # not inside SameBatchSizePruner
+    assert pruner.base.param == BATCH_PARAM
+    assert (pruner.base.n_warmup_steps, pruner.base.n_startup_trials) == (2, 1)
+    assert make_pruner(_spec(tiny_study, kind="catch_up")).param is None
+
+
+def test_compare_with_pruned_is_refused_for_catch_up(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump(mode="json")
+    data["pruner"].update(kind="catch_up", stratify_by_batch_size=True, compare_with_pruned=True)
+    with pytest.raises(SpecError, match="compare_with_pruned does not apply to kind 'catch_up'"):
+        parse_spec(data, source="tiny.toml", default_name="tiny")
