@@ -308,7 +308,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         pruner = CatchUpPruner(
             BATCH_PARAM if config.stratify_by_batch_size else None,
             n_warmup_steps=config.min_epochs,
-            n_startup_trials=max(1, config.n_startup_trials),
+            n_startup_trials=max(3, config.n_startup_trials),
+            confidence=config.confidence,
         )
     elif config.kind == "successive_halving":
         pruner = optuna.pruners.SuccessiveHalvingPruner(

@@ -323,14 +323,15 @@ class PrunerSpec(_Table):
     (``n_startup_trials`` and ``min_trials_at_report`` do not apply; the floor
     ``min_trials_per_batch_size`` is its protection).
 
-    ``kind = "catch_up"`` prunes a trial at a report only when its value there plus the
-    largest gain from that report to the end made by any complete trial of the study stays
-    below the best complete value (of its batch size with ``stratify_by_batch_size``):
-    only a trial that could not catch up even as fast as the fastest finished curve did is
-    stopped (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report where a
-    higher LR is still behind only for being noisier early. ``n_startup_trials`` counts the
-    complete trials the margin needs (at least 1); ``compare_with_pruned`` and
-    ``min_trials_at_report`` do not apply (pruned trials have no final value).
+    ``kind = "catch_up"`` prunes a trial at a report only when it cannot plausibly catch
+    up with the best complete value (of its batch size with ``stratify_by_batch_size``):
+    its final value is forecast by a line through every complete trial's (value at that
+    report, final value), and the trial is pruned only when the one-sided ``confidence``
+    upper bound of that forecast's prediction interval stays below the best
+    (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report where a higher LR is
+    still behind only for being noisier early. ``n_startup_trials`` counts the complete
+    trials the line needs (at least 3); ``compare_with_pruned`` and ``min_trials_at_report``
+    do not apply (pruned trials have no final value).
     """
 
     kind: Literal["median", "percentile", "catch_up", "successive_halving", "hyperband", "none"] = (
@@ -344,6 +345,9 @@ class PrunerSpec(_Table):
     # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
     # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
     percentile: Float = Field(50.0, gt=0.0, lt=100.0)
+    # kind = "catch_up": how sure the forecast must be that a trial cannot reach the best
+    # before it is pruned (the one-sided upper prediction bound's level).
+    confidence: Float = Field(0.975, ge=0.5, lt=1.0)
     stratify_by_batch_size: bool = False
     min_trials_per_batch_size: Count = 0
     compare_with_pruned: bool = False
