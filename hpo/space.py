@@ -310,6 +310,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             n_warmup_steps=config.min_epochs,
             n_startup_trials=max(3, config.n_startup_trials),
             confidence=config.confidence,
+            near_best=config.near_best,
         )
     elif config.kind == "successive_halving":
         pruner = optuna.pruners.SuccessiveHalvingPruner(

@@ -327,11 +327,11 @@ class PrunerSpec(_Table):
     up with the best complete value (of its batch size with ``stratify_by_batch_size``):
     its final value is forecast by a line through every complete trial's (value at that
     report, final value), and the trial is pruned only when the one-sided ``confidence``
-    upper bound of that forecast's prediction interval stays below the best
-    (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report where a higher LR is
-    still behind only for being noisier early. ``n_startup_trials`` counts the complete
-    trials the line needs (at least 3); ``compare_with_pruned`` and ``min_trials_at_report``
-    do not apply (pruned trials have no final value).
+    upper bound of that forecast's prediction interval stays below the best less
+    ``near_best`` of it (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report
+    where a higher LR is still behind only for being noisier early. ``n_startup_trials``
+    counts the complete trials the line needs (at least 3); ``compare_with_pruned`` and
+    ``min_trials_at_report`` do not apply (pruned trials have no final value).
     """
 
     kind: Literal["median", "percentile", "catch_up", "successive_halving", "hyperband", "none"] = (
@@ -348,6 +348,9 @@ class PrunerSpec(_Table):
     # kind = "catch_up": how sure the forecast must be that a trial cannot reach the best
     # before it is pruned (the one-sided upper prediction bound's level).
     confidence: Float = Field(0.975, ge=0.5, lt=1.0)
+    # kind = "catch_up": a trial that may end within this share of its batch size's best is
+    # kept (the report counts trials within 1% of the best as estimates of its best LR).
+    near_best: Float = Field(0.01, ge=0.0, lt=1.0)
     stratify_by_batch_size: bool = False
     min_trials_per_batch_size: Count = 0
     compare_with_pruned: bool = False

@@ -459,6 +459,14 @@ def test_catch_up_prunes_only_a_trial_whose_forecast_cannot_reach_the_best() -> 
     assert not _decision(study, SMALL, 0.535, step=1)  # forecast 0.735
 
 
+def test_catch_up_keeps_a_trial_that_may_end_near_the_best() -> None:
+    """With ``near_best`` 0.02 the target is 0.73 - 0.0146: a forecast of 0.72 is near
+    enough to count as an estimate of the best LR; 0.71 is not."""
+    study = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1, near_best=0.02))
+    assert not _decision(study, SMALL, 0.52, step=1)
+    assert _decision(study, SMALL, 0.51, step=1)
+
+
 def test_catch_up_keeps_a_slow_starter_while_the_curves_scatter() -> None:
     """Issue 9's shape: a curve that starts low can end best (the grid's B = 16 at LR
     0.032: 0.615 after half an epoch, below the median of its batch size, then 0.730). Two
@@ -525,6 +533,7 @@ def test_make_pruner_builds_catch_up_with_its_own_stratification(tiny_study: Pat
             min_epochs=2,
             n_startup_trials=0,
             confidence=0.9,
+            near_best=0.02,
             stratify_by_batch_size=True,
             min_trials_per_batch_size=2,
         )
@@ -533,7 +542,7 @@ def test_make_pruner_builds_catch_up_with_its_own_stratification(tiny_study: Pat
     assert isinstance(pruner.base, CatchUpPruner)  # not inside SameBatchSizePruner
     assert pruner.base.param == BATCH_PARAM
     assert (pruner.base.n_warmup_steps, pruner.base.n_startup_trials) == (2, 3)
-    assert pruner.base.confidence == 0.9
+    assert (pruner.base.confidence, pruner.base.near_best) == (0.9, 0.02)
     assert make_pruner(_spec(tiny_study, kind="catch_up")).param is None
 
 
