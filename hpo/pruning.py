@@ -37,12 +37,12 @@ its batch size's best? A median ranks trials at a report where, under a cosine s
 that decays to zero at the end of the budget, the ranking among good LRs is not yet
 informative: a higher LR is noisier early and gains most in the last part of the budget
 (issue 9: the grid's B = 16 at LR 0.032 was at 0.61 after half an epoch, below 5 of the 7
-trials of its batch size, some at LRs 2 decades off, and ended at 0.730, a top result).
-So it forecasts the trial's final value from its value now, by a line through the study's
-complete trials (value at this report, final value), and prunes only when the upper end of
-that forecast's prediction interval stays below the best complete value of its batch
-size: the study's own curves say how far a curve can come back, and the interval is wide
-early and narrows as the budget is spent.
+trials of its batch size, some at LRs more than a decade off, and ended at 0.730, a top
+result). So it forecasts the trial's final value from its value now, by a line through the
+study's complete trials (value at this report, final value), and prunes only when the
+upper end of that forecast's prediction interval stays below (1% below, as shipped) the
+best complete value of its batch size: the study's own curves say how far a curve can
+come back, and the interval is wide early and narrows as the budget is spent.
 
 This module knows the parameter only by the name it is given (``hpo.space`` passes
 ``BATCH_PARAM``), so it imports no other hpo module.
@@ -202,11 +202,14 @@ class CatchUpPruner(optuna.pruners.BasePruner):
     become its batch size's best), of the study otherwise. ``near_best`` is there because
     the answer is not the best trial alone: ``hpo.report`` takes every complete trial
     within 1% of a batch size's best as an estimate of its best LR (about the demo's
-    seed-to-seed spread), so a trial that may end that close is kept. The line, not a fixed margin: a curve that starts low gains more (issue 9:
-    B = 8 at LR 0.0024 was at 0.595 after half an epoch and ended at 0.729, a gain of 0.134
-    that no complete trial of its study had made; the line through those trials bounded it
-    at 0.74). The pairs come from every complete trial, not only the batch size's: with 2-3
-    per batch size one batch size's curves bound the forecast far too tightly.
+    seed-to-seed spread), so a trial that may end that close is kept.
+
+    A line, not a fixed margin: a curve that starts low gains more (issue 9: B = 8 at LR
+    0.0024 was at 0.595 after half an epoch and ended at 0.729, a gain of 0.134 that no
+    complete trial of its study had made; the line through those trials bounded it at
+    0.723, above its batch size's best, 0.721). The pairs come from every complete trial,
+    not only the batch size's: with 2-3 per batch size one batch size's curves bound the
+    forecast far too tightly.
 
     No pruning before report ``n_warmup_steps``, nor while fewer than ``n_startup_trials``
     (at least 3: a line and its scatter) complete trials reached the report, nor when the
