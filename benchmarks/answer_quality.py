@@ -23,7 +23,8 @@ policy ("old": equal epochs, median pruner over all trials, TPE alone; see
   grid value among the top configs). A prune that run would have ended below the cutoff
   was right for that seed (grid values are means over seeds; one run of a top config can
   end poor). ``regret_trials`` lists each enqueued config: its state, the report it was
-  pruned at and its value there, the same-seed final value, and whether the replay
+  pruned at and its value there, the same-seed final value and curve (every report), and
+  whether the replay
   reproduced the pruned run's value at that report (``replay_matches``);
 - ``pruning_regret_all_seeds``: the same two counts over the first ``--regret-seeds``
   seeds' studies (default 1: seed 0 only), each config once per seed: with 4 configs one
@@ -262,6 +263,9 @@ def pruning_regret(
                 pruned_at_report=report,
                 value_at_prune=trial.intermediate_values[report],
                 same_seed_final=final,
+                same_seed_curve=[
+                    replay.intermediate_values[k] for k in sorted(replay.intermediate_values)
+                ],
                 replay_matches=replay.intermediate_values.get(report)
                 == trial.intermediate_values[report],
                 regret=final is not None and sign * final >= sign * cutoff,
@@ -309,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
-    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
+    parser.add_argument(
+        "--policies", default="old,fair", help="comma-separated: old, median, stop20, fair"
+    )
     parser.add_argument("--keep", type=Path, help="keep the search studies' SQLite files here")
     parser.add_argument(
         "--regret-seeds",

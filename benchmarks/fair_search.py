@@ -7,10 +7,13 @@
   first round of one trial per batch size at the square-root rule's LR, the median pruner
   from report 2 comparing a trial only with its own batch size (pruned trials counted), and
   no pruning at a batch size until 2 of its trials have completed.
+- stop20: the demo as shipped from stop 20 until the catch-up pruner (issue 9): 20
+  trials, a first round of two LRs per batch size (×½ and ×2 the square-root rule's), the
+  stratified median pruner from half an epoch with pruned trials counted, the floor of 2.
 - fair: ``studies/demo.toml`` as shipped.
 
-The old and median policies fix the study fields they are defined by (pruner, sampler,
-trial count), so they stay the same policies whatever the demo ships.
+The old, median and stop20 policies fix the study fields they are defined by (pruner,
+sampler, trial count), so they stay the same policies whatever the demo ships.
 
 Each policy runs the study once per seed, trials one after another in this process through
 ``hpo.study.create_or_load_study`` (SQLite in a temp dir) and ``hpo.objective.train_trial``.
@@ -87,7 +90,21 @@ def policies(spec: StudySpec) -> dict[str, StudySpec]:
         sampler={"cover_batch_sizes": True, "first_round_lrs": 1, "n_startup_trials": 10},
         budget={"n_trials": 30},
     )
-    return {"old": old, "median": median, "fair": spec}
+    stop20 = _with(
+        spec,
+        pruner={
+            "kind": "median",
+            "min_epochs": 1,
+            "n_startup_trials": 2,
+            "stratify_by_batch_size": True,
+            "min_trials_per_batch_size": 2,
+            "compare_with_pruned": True,
+            "min_trials_at_report": 1,
+        },
+        sampler={"cover_batch_sizes": True, "first_round_lrs": 2, "n_startup_trials": 10},
+        budget={"n_trials": 20},
+    )
+    return {"old": old, "median": median, "stop20": stop20, "fair": spec}
 
 
 def chosen_policies(spec: StudySpec, names: str, *, shrink: bool = False) -> dict[str, StudySpec]:
@@ -179,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--policies", default="old,fair", help="comma-separated: old, median, fair")
+    parser.add_argument(
+        "--policies", default="old,fair", help="comma-separated: old, median, stop20, fair"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

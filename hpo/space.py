@@ -17,7 +17,12 @@ import math
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
+from hpo.pruning import (
+    BatchSizeFloorPruner,
+    CatchUpPruner,
+    FlooredHyperbandPruner,
+    SameBatchSizePruner,
+)
 from hpo.retry import superseded_trials
 from hpo.spec import StudySpec, TrialParams
 
@@ -47,9 +52,11 @@ COVER_RETRIES = 2
 # Each retry's LR is the first round's times this, per attempt (two octaves lower): the
 # usual way a first-round trial fails is divergence, an LR too high for its batch size.
 COVER_LR_FACTOR = 0.25
-# With ``sampler.first_round_lrs`` > 1, the first round's LRs at one batch size are this
-# factor apart (two octaves: on the demo's task about the width of the top of the LR curve).
-FIRST_ROUND_LR_SPREAD = 4.0
+# With ``sampler.first_round_lrs`` > 1, the first round's LRs at one batch size span this
+# factor, evenly on a log scale (two octaves, ×½ … ×2 of the rule's LR: on the demo's task
+# about the width of the top of the LR curve). More LRs refine the same bracket rather than
+# widen it: 3 LRs are an octave apart, which bounds how well each optimum is located.
+FIRST_ROUND_LR_SPAN = 4.0
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -128,15 +135,19 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
 
     LR: the geometric middle of the range at the middle batch size, scaled by the
     square-root rule (halfway, on a log scale, between the linear rule and no dependence)
-    and kept inside the range; with more than one LR per batch size, LRs a factor
-    ``FIRST_ROUND_LR_SPREAD`` apart centred on that one (issue 9: with the rule's LR alone,
-    the best trial at the ends of the batch-size range was that round trial in every seed,
-    so the α fit echoed the rule). Weight decay: the geometric middle of its range.
+    and kept inside the range; with more than one LR per batch size, LRs evenly spaced on
+    a log scale over a factor ``FIRST_ROUND_LR_SPAN`` centred on that one (2: ×½ and ×2;
+    3: ×½, ×1, ×2). Issue 9: with the rule's LR alone, the best trial at the ends of the
+    batch-size range was that round trial in every seed, so the α fit echoed the rule;
+    with 2 LRs two octaves apart, each optimum is located only to within two octaves, which
+    alone makes α's 95% interval 1.2 wide at five batch sizes. Weight decay: the geometric
+    middle of its range.
     """
     count = spec.sampler.first_round_lrs
     rounds = []
     for index in range(count):
-        factor = FIRST_ROUND_LR_SPREAD ** (index - (count - 1) / 2)
+        share = index / (count - 1) - 0.5 if count > 1 else 0.0
+        factor = FIRST_ROUND_LR_SPAN**share
         for params in round_at_the_rule(spec):
             lr = min(spec.search.lr_high, max(spec.search.lr_low, float(params["lr"]) * factor))
             trial = {**params, "lr": lr}
@@ -273,7 +284,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     successive halving's and Hyperband's ``min_resource`` (their first rung).
     ``stratify_by_batch_size`` (with ``compare_with_pruned``) and
     ``min_trials_per_batch_size`` wrap it (``hpo.pruning``); ``min_trials_at_report`` is
-    Optuna's ``n_min_trials``.
+    Optuna's ``n_min_trials``. ``catch_up`` takes ``stratify_by_batch_size`` itself (its
+    target is the batch size's best; its margin comes from every complete trial).
     """
     config = spec.pruner
     pruner: optuna.pruners.BasePruner
@@ -289,6 +301,16 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             n_startup_trials=config.n_startup_trials,
             n_warmup_steps=config.min_epochs,
             n_min_trials=config.min_trials_at_report,
+        )
+    elif config.kind == "catch_up":
+        # Stratified by its own target (the batch size's best), not by a filtered view:
+        # its margin is read from every complete trial of the study.
+        pruner = CatchUpPruner(
+            BATCH_PARAM if config.stratify_by_batch_size else None,
+            n_warmup_steps=config.min_epochs,
+            n_startup_trials=max(3, config.n_startup_trials),
+            confidence=config.confidence,
+            near_best=config.near_best,
         )
     elif config.kind == "successive_halving":
         pruner = optuna.pruners.SuccessiveHalvingPruner(
@@ -307,7 +329,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(**hyperband)
     else:
         return optuna.pruners.NopPruner()
-    if config.stratify_by_batch_size:
+    if config.stratify_by_batch_size and config.kind != "catch_up":
         pruner = SameBatchSizePruner(pruner, BATCH_PARAM, include_pruned=config.compare_with_pruned)
     if config.min_trials_per_batch_size > 0:
         pruner = BatchSizeFloorPruner(

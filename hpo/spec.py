@@ -322,9 +322,21 @@ class PrunerSpec(_Table):
     the pruned trials (``compare_with_pruned`` does not apply) and has no startup count
     (``n_startup_trials`` and ``min_trials_at_report`` do not apply; the floor
     ``min_trials_per_batch_size`` is its protection).
+
+    ``kind = "catch_up"`` prunes a trial at a report only when it cannot plausibly catch
+    up with the best complete value (of its batch size with ``stratify_by_batch_size``):
+    its final value is forecast by a line through every complete trial's (value at that
+    report, final value), and the trial is pruned only when the one-sided ``confidence``
+    upper bound of that forecast's prediction interval stays below the best less
+    ``near_best`` of it (``hpo.pruning.CatchUpPruner``). It needs no ranking at a report
+    where a higher LR is still behind only for being noisier early. ``n_startup_trials``
+    counts the complete trials the line needs (at least 3); ``compare_with_pruned`` and
+    ``min_trials_at_report`` do not apply (pruned trials have no final value).
     """
 
-    kind: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
+    kind: Literal["median", "percentile", "catch_up", "successive_halving", "hyperband", "none"] = (
+        "median"
+    )
     min_epochs: PositiveInt = 2
     n_startup_trials: Count = 5
     # kind = "successive_halving" / "hyperband": η, the rungs' spacing and the fraction
@@ -333,6 +345,12 @@ class PrunerSpec(_Table):
     # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
     # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
     percentile: Float = Field(50.0, gt=0.0, lt=100.0)
+    # kind = "catch_up": how sure the forecast must be that a trial cannot reach the best
+    # before it is pruned (the one-sided upper prediction bound's level).
+    confidence: Float = Field(0.975, ge=0.5, lt=1.0)
+    # kind = "catch_up": a trial that may end within this share of its batch size's best is
+    # kept (the report counts trials within 1% of the best as estimates of its best LR).
+    near_best: Float = Field(0.01, ge=0.0, lt=1.0)
     stratify_by_batch_size: bool = False
     min_trials_per_batch_size: Count = 0
     compare_with_pruned: bool = False
@@ -342,13 +360,18 @@ class PrunerSpec(_Table):
     def _check_stratify(self) -> PrunerSpec:
         if self.stratify_by_batch_size and self.kind == "hyperband":
             raise ValueError(
-                "stratify_by_batch_size needs kind 'median', 'percentile' or "
+                "stratify_by_batch_size needs kind 'median', 'percentile', 'catch_up' or "
                 "'successive_halving', not 'hyperband'"
             )
         if self.compare_with_pruned and self.kind == "successive_halving":
             raise ValueError(
                 "compare_with_pruned does not apply to kind 'successive_halving', which "
                 "always compares every trial that reached the rung; remove it"
+            )
+        if self.compare_with_pruned and self.kind == "catch_up":
+            raise ValueError(
+                "compare_with_pruned does not apply to kind 'catch_up', which compares with "
+                "complete trials' final values (a pruned trial has none); remove it"
             )
         if self.compare_with_pruned and not self.stratify_by_batch_size:
             raise ValueError("compare_with_pruned needs stratify_by_batch_size = true")

@@ -29,7 +29,6 @@ def _shrunken_demo(studies_dir: Path) -> None:
         ("batch_size_max = 128", "batch_size_max = 64"),
         ("epochs = 2", "epochs = 1"),
         ("reports = 4", "reports = 2"),
-        ("n_startup_trials = 2", "n_startup_trials = 1"),
     ]:
         assert old in text, old
         text = text.replace(old, new)

@@ -70,6 +70,21 @@ def test_a_two_lr_round_brackets_the_rules_lr_at_every_batch_size(tiny_study: Pa
         assert high["lr"] == pytest.approx(at_the_rule[high[BATCH_PARAM]] * 2)
 
 
+def test_a_three_lr_round_refines_the_same_bracket(tiny_study: Path) -> None:
+    """3 LRs span the same ×½ … ×2 as 2 do, an octave apart, the rule's LR in the middle;
+    lower LRs first, so a floor of 2 trains the ×½ and ×1 trials to the end."""
+    spec = _spec(tiny_study, cover=True, batch_size_min=16, batch_size_max=64)
+    at_the_rule = {p[BATCH_PARAM]: p["lr"] for p in first_round(spec)}
+    three = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"first_round_lrs": 3})}
+    )
+    round_ = first_round(three)
+    assert [p[BATCH_PARAM] for p in round_] == [4, 5, 6] * 3
+    for index, factor in enumerate((0.5, 1.0, 2.0)):
+        for trial in round_[3 * index : 3 * index + 3]:
+            assert trial["lr"] == pytest.approx(at_the_rule[trial[BATCH_PARAM]] * factor)
+
+
 def test_a_two_lr_round_in_a_narrow_range_queues_no_duplicate(tiny_study: Path) -> None:
     spec = _spec(tiny_study, cover=True, lr_low=0.01, lr_high=0.011, batch_size_max=32)
     two = spec.model_copy(

@@ -155,6 +155,8 @@ def test_regret_replays_a_pruned_config_with_its_own_seed(tiny_study: Path) -> N
     for row in low["trials"]:
         assert row["state"] == "PRUNED" and row["pruned_at_report"] == 1
         assert row["replay_matches"] and row["same_seed_final"] is not None
+        assert len(row["same_seed_curve"]) == 2  # every report of the replay
+        assert row["same_seed_curve"][-1] == row["same_seed_final"]
     high = regret(cutoff=1.01)
     assert high["pruned"] == 2 and high["same_seed"] == 0
     assert [r["same_seed_final"] for r in high["trials"]] == [

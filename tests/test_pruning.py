@@ -14,7 +14,13 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo.pruning import BatchSizeFloorPruner, FlooredHyperbandPruner, SameBatchSizePruner
+from hpo.pruning import (
+    BatchSizeFloorPruner,
+    CatchUpPruner,
+    FlooredHyperbandPruner,
+    SameBatchSizePruner,
+    forecast_upper_bound,
+)
 from hpo.space import BATCH_PARAM, make_pruner
 from hpo.spec import SpecError, StudySpec, load_spec, parse_spec
 
@@ -410,3 +416,138 @@ def test_a_tiny_study_with_stratified_halving_prunes_and_covers_every_batch_size
             and 1 in trial.intermediate_values
         ):
             assert trial.system_attrs["completed_rung_0"] == trial.intermediate_values[1]
+
+
+# ------------------------------------------------------------- catch-up
+
+
+def _add_curve(
+    study: optuna.Study, log2_batch_size: int, curve: dict[int, float], lr: float = 0.01
+) -> None:
+    """A complete trial whose last report is its final value."""
+    study.add_trial(
+        create_trial(
+            params={BATCH_PARAM: log2_batch_size, "lr": lr},
+            distributions=DISTRIBUTIONS,
+            value=curve[max(curve)],
+            intermediate_values=curve,
+        )
+    )
+
+
+def _on_a_line(pruner: optuna.pruners.BasePruner, direction: str = "maximize") -> optuna.Study:
+    """Five complete B = 16 trials whose final value is their report-1 value + 0.2 exactly
+    (no scatter: the forecast's bound is the line itself); the best ends at 0.73."""
+    study = optuna.create_study(direction=direction, pruner=pruner)
+    for start in (0.40, 0.45, 0.50, 0.52, 0.53):
+        _add_curve(study, SMALL, {1: start, 2: start + 0.2})
+    return study
+
+
+def test_forecast_upper_bound_is_the_prediction_interval_by_hand() -> None:
+    """(0,0) (1,2) (2,2) (3,4): line 0.2 + 1.2 x, s = √0.4, at x = 1.5 the spread is
+    s √(1 + 1/4) and t(0.975, 2) = 4.303: 2 + 4.303 × 0.7071."""
+    pairs = [(0.0, 0.0), (1.0, 2.0), (2.0, 2.0), (3.0, 4.0)]
+    assert forecast_upper_bound(pairs, 1.5, 0.975) == pytest.approx(5.0424, abs=1e-4)
+    assert forecast_upper_bound(pairs[:2], 1.5, 0.975) is None  # no scatter to measure
+    assert forecast_upper_bound([(1.0, 0.0), (1.0, 1.0), (1.0, 2.0)], 1.0, 0.975) is None
+
+
+def test_catch_up_prunes_only_a_trial_whose_forecast_cannot_reach_the_best() -> None:
+    study = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1))
+    assert _decision(study, SMALL, 0.52, step=1)  # forecast 0.72 < 0.73
+    assert not _decision(study, SMALL, 0.535, step=1)  # forecast 0.735
+
+
+def test_catch_up_keeps_a_trial_that_may_end_near_the_best() -> None:
+    """With ``near_best`` 0.02 the target is 0.73 - 0.0146: a forecast of 0.72 is near
+    enough to count as an estimate of the best LR; 0.71 is not."""
+    study = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1, near_best=0.02))
+    assert not _decision(study, SMALL, 0.52, step=1)
+    assert _decision(study, SMALL, 0.51, step=1)
+
+
+def test_catch_up_keeps_a_slow_starter_while_the_curves_scatter() -> None:
+    """Issue 9's shape: a curve that starts low can end best (the grid's B = 16 at LR
+    0.032: 0.615 after half an epoch, below the median of its batch size, then 0.730). Two
+    complete trials off the line widen the forecast; the same 0.52 is no longer pruned,
+    while Optuna's median of the batch size (0.50) would prune a trial at 0.49."""
+    study = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1))
+    _add_curve(study, SMALL, {1: 0.42, 2: 0.70})
+    _add_curve(study, SMALL, {1: 0.51, 2: 0.66})
+    assert not _decision(study, SMALL, 0.52, step=1)
+    assert not _decision(study, SMALL, 0.49, step=1)
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
+    assert _decision(_on_a_line(SameBatchSizePruner(median, BATCH_PARAM)), SMALL, 0.49, step=1)
+
+
+def test_catch_up_lines_up_every_batch_size_and_aims_at_its_own() -> None:
+    """The line comes from the B = 16 trials; the target of a B = 512 trial is B = 512's
+    best (0.62), not the study's (0.73)."""
+    study = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1))
+    _add_curve(study, LARGE, {1: 0.42, 2: 0.62})
+    assert not _decision(study, LARGE, 0.43, step=1)  # forecast 0.63 >= 0.62
+    assert _decision(study, LARGE, 0.41, step=1)  # 0.61 < 0.62
+    unstratified = _on_a_line(CatchUpPruner(None, n_warmup_steps=1))
+    _add_curve(unstratified, LARGE, {1: 0.42, 2: 0.62})
+    assert _decision(unstratified, LARGE, 0.43, step=1)  # against the study's 0.73
+
+
+def test_catch_up_waits_for_its_warm_up_its_evidence_and_a_target() -> None:
+    assert not _decision(_on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=2)), SMALL, 0.1, 1)
+    needy = _on_a_line(CatchUpPruner(BATCH_PARAM, n_warmup_steps=1, n_startup_trials=6))
+    assert not _decision(needy, SMALL, 0.1, step=1)  # 5 complete trials, 6 needed
+    assert not _decision(_on_a_line(CatchUpPruner(BATCH_PARAM)), LARGE, 0.1, step=1)  # none
+    with pytest.raises(ValueError, match="n_startup_trials = 2 must be at least 3"):
+        CatchUpPruner(BATCH_PARAM, n_startup_trials=2)
+
+
+def test_catch_up_never_prunes_a_trial_already_at_the_best() -> None:
+    """Complete trials that all lost value after report 1 forecast a loss; a trial whose
+    value now is at least the best is still not pruned."""
+    study = optuna.create_study(
+        direction="maximize", pruner=CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    )
+    for start in (0.60, 0.70, 0.80):
+        _add_curve(study, SMALL, {1: start, 2: start - 0.1})
+    assert not _decision(study, SMALL, 0.705, step=1)  # above the best final value, 0.70
+    assert _decision(study, SMALL, 0.69, step=1)
+
+
+def test_catch_up_minimizes_a_loss() -> None:
+    """Losses 0.40 … 0.53 at report 1 that end 0.2 lower: the best ends at 0.20."""
+    study = optuna.create_study(
+        direction="minimize", pruner=CatchUpPruner(BATCH_PARAM, n_warmup_steps=1)
+    )
+    for start in (0.40, 0.45, 0.50, 0.52, 0.53):
+        _add_curve(study, SMALL, {1: start, 2: start - 0.2})
+    assert not _decision(study, SMALL, 0.395, step=1)  # forecast 0.195
+    assert _decision(study, SMALL, 0.41, step=1)  # 0.21 > 0.20
+
+
+def test_make_pruner_builds_catch_up_with_its_own_stratification(tiny_study: Path) -> None:
+    pruner = make_pruner(
+        _spec(
+            tiny_study,
+            kind="catch_up",
+            min_epochs=2,
+            n_startup_trials=0,
+            confidence=0.9,
+            near_best=0.02,
+            stratify_by_batch_size=True,
+            min_trials_per_batch_size=2,
+        )
+    )
+    assert isinstance(pruner, BatchSizeFloorPruner) and pruner.min_complete == 2
+    assert isinstance(pruner.base, CatchUpPruner)  # not inside SameBatchSizePruner
+    assert pruner.base.param == BATCH_PARAM
+    assert (pruner.base.n_warmup_steps, pruner.base.n_startup_trials) == (2, 3)
+    assert (pruner.base.confidence, pruner.base.near_best) == (0.9, 0.02)
+    assert make_pruner(_spec(tiny_study, kind="catch_up")).param is None
+
+
+def test_compare_with_pruned_is_refused_for_catch_up(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump(mode="json")
+    data["pruner"].update(kind="catch_up", stratify_by_batch_size=True, compare_with_pruned=True)
+    with pytest.raises(SpecError, match="compare_with_pruned does not apply to kind 'catch_up'"):
+        parse_spec(data, source="tiny.toml", default_name="tiny")
