@@ -528,14 +528,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """Optuna's ``RDBStorage._get_trials``, the read behind every ``get_trials``: the
         same arguments, the same trials (Optuna's storage tests run against this class),
         read by ``_read_trials``."""
-        models = compat.rdb_models()
-        trial = models.TrialModel.__table__
-        if not self._run(
-            sqlalchemy.select(models.StudyModel.__table__.c.study_id).where(
-                models.StudyModel.__table__.c.study_id == study_id
-            )
-        ):
-            raise KeyError(compat.rdb_not_found_message())
+        trial = compat.rdb_models().TrialModel.__table__
         chosen = [trial.c.study_id == study_id]
         if states is not None:
             chosen.append(trial.c.state.in_(list(states)))  # type: ignore[call-overload]
@@ -552,15 +545,21 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             chosen.append(sqlalchemy.or_(listed, trial.c.trial_id > trial_id_greater_than))
         elif trial_id_greater_than > -1:
             chosen.append(trial.c.trial_id > trial_id_greater_than)
-        trials = self._read_trials(sqlalchemy.and_(*chosen))
+        keep = None
         if len(included) > _MAX_IN_LIST:
-            wanted = set(included)
-            trials = [
-                t for t in trials if t._trial_id in wanted or t._trial_id > trial_id_greater_than
-            ]
-        return trials
+            listed_ids = set(included)
 
-    def _read_trials(self, chosen: sqlalchemy.ColumnElement[bool]) -> list[FrozenTrial]:
+            def keep(trial_id: int) -> bool:
+                return trial_id in listed_ids or trial_id > trial_id_greater_than
+
+        return self._read_trials(sqlalchemy.and_(*chosen), study_id=study_id, keep=keep)
+
+    def _read_trials(
+        self,
+        chosen: sqlalchemy.ColumnElement[bool],
+        study_id: int | None = None,
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[FrozenTrial]:
         """The trials ``chosen`` selects, by trial id, as Optuna builds them
         (``RDBStorage._build_frozen_trial_from_trial_model``), in six statements of
         SQLAlchemy Core: the trials, then their params, values, user and system attrs and
@@ -569,7 +568,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         Optuna reads the same rows through its ORM, building an ORM object per row before
         the FrozenTrial. Every worker's pruner reads each trial once it finishes, so a
         fleet of W workers reads W x trials; at 256 simulated workers on two cores that
-        ORM work was two thirds of all client CPU (py-spy, storage_scale, stop 21)."""
+        ORM work was two thirds of all client CPU (py-spy, storage_scale, stop 21).
+        ``study_id``: raise KeyError, as Optuna does, if that study does not exist.
+        ``keep``: of the trials read, build only those whose id it accepts."""
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         param = models.TrialParamModel.__table__
@@ -591,6 +592,13 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             return found
 
         with self._transaction() as connection:
+            if study_id is not None:
+                study = models.StudyModel.__table__
+                found = connection.execute(
+                    sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)
+                ).first()
+                if found is None:
+                    raise KeyError(compat.rdb_not_found_message())
             rows = connection.execute(
                 sqlalchemy.select(
                     trial.c.trial_id,
@@ -613,6 +621,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         to_step_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
         trials = []
         for trial_id, number, state, started, completed in rows:
+            if keep is not None and not keep(trial_id):
+                continue
             stored_values = values.get(trial_id)
             objective_values: list[float] | None = None
             if stored_values:
@@ -645,8 +655,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlalchemy.Connection]:
-        """A connection in a transaction: the block's own inside ``bound_to``, else one
-        of its own, committed at the end."""
+        """A connection in a transaction. Inside ``bound_to``, the block's own, in its
+        transaction, without a savepoint (a failure loses the transaction, which the
+        caller repeats as a whole); elsewhere one of its own, committed at the end."""
         connection = self._bound_connection()
         if connection is not None:
             yield connection
@@ -655,16 +666,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             yield own
 
     def _run(self, statement: sqlalchemy.Executable) -> list[sqlalchemy.Row]:
-        """The rows of one SQLAlchemy Core statement. Inside ``bound_to`` it runs on the
-        block's own connection, in its transaction, without a savepoint (a failure loses
-        the transaction, which the caller repeats as a whole); elsewhere in a transaction
-        of its own. Core, not the ORM: a claim makes these calls holding the study lock,
-        and every millisecond of client CPU there is a millisecond every waiter waits."""
-        connection = self._bound_connection()
-        if connection is not None:
+        """The rows of one SQLAlchemy Core statement, in ``_transaction``. Core, not the
+        ORM: a claim makes these calls holding the study lock, and every millisecond of
+        client CPU there is a millisecond every waiter waits."""
+        with self._transaction() as connection:
             return list(connection.execute(statement))
-        with self.engine.begin() as own:
-            return list(own.execute(statement))
 
     def _bound_connection(self) -> sqlalchemy.Connection | None:
         if getattr(_one_transaction, "storage", None) is not self:
@@ -683,18 +689,19 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         beat = models.TrialHeartbeatModel.__table__
-        [(now,)] = self._run(sqlalchemy.select(sqlalchemy.func.now()))
-        oldest = now.replace(tzinfo=None) - timedelta(seconds=grace)
-        rows = self._run(
-            sqlalchemy.select(trial.c.trial_id)
-            .join(beat, beat.c.trial_id == trial.c.trial_id)
-            .where(
-                trial.c.study_id == study_id,
-                trial.c.state == TrialState.RUNNING,
-                beat.c.heartbeat < oldest,
+        with self._transaction() as connection:
+            now = connection.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
+            oldest = now.replace(tzinfo=None) - timedelta(seconds=grace)
+            rows = connection.execute(
+                sqlalchemy.select(trial.c.trial_id)
+                .join(beat, beat.c.trial_id == trial.c.trial_id)
+                .where(
+                    trial.c.study_id == study_id,
+                    trial.c.state == TrialState.RUNNING,
+                    beat.c.heartbeat < oldest,
+                )
             )
-        )
-        return [int(row[0]) for row in rows]
+            return [int(row[0]) for row in rows]
 
     def has_stale_trials(self, study_id: int) -> bool:
         """Whether a RUNNING trial of the study missed its heartbeats for the grace period."""
