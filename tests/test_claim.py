@@ -202,7 +202,6 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
     assert reads_held and not any(reads_held), "a claim read whole trials under the lock"
     # PostgreSQL: 19, of which 6 are the SAVEPOINT/RELEASE pairs around each storage call
     # of the claim's one transaction (storage._postgres_lock); SQLite and MariaDB: 12.
-    print("STATEMENTS", backend, statements)
     assert statements[2] == statements[30] <= 20, statements
 
 
