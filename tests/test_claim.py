@@ -200,9 +200,11 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
         claimer.storage.engine.dispose()
 
     assert reads_held and not any(reads_held), "a claim read whole trials under the lock"
-    # PostgreSQL: 19, of which 6 are the SAVEPOINT/RELEASE pairs around each storage call
-    # of the claim's one transaction (storage._postgres_lock); SQLite and MariaDB: 12.
-    assert statements[2] == statements[30] <= 20, statements
+    # PostgreSQL and MariaDB, whose claim is one transaction on the lock's connection: the
+    # budget, the study row's lock, the trial count, and the trial, its token and its
+    # heartbeat inserted (Core statements, no savepoints; through Optuna's ORM it was 19 on
+    # PostgreSQL). SQLite, whose lock is a file, keeps Optuna's own create: 9.
+    assert statements[2] == statements[30] <= (9 if backend == "sqlite" else 6), statements
 
 
 def test_the_sampler_runs_after_the_study_lock_is_released(
