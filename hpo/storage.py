@@ -394,17 +394,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         locked first, as Optuna does, because its own trial creation (``enqueue_trial``
         from a process outside hpo's lock) counts trial numbers under that row lock."""
         models = compat.rdb_models()
-        study = models.StudyModel.__table__
         trial = models.TrialModel.__table__
         attr = models.TrialSystemAttributeModel.__table__
         beat = models.TrialHeartbeatModel.__table__
-        locked = connection.execute(
-            sqlalchemy.select(study.c.study_id)
-            .where(study.c.study_id == study_id)
-            .with_for_update()
-        ).first()
-        if locked is None:
-            raise KeyError(f"No study with study_id {study_id} exists.")
+        _require_study(connection, study_id, lock=True)
         number = connection.execute(
             sqlalchemy.select(sqlalchemy.func.count())
             .select_from(trial)
@@ -497,14 +490,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         attr = models.TrialSystemAttributeModel.__table__
-        requeued = (
+        lineages = (
             sqlalchemy.select(sqlalchemy.func.count(sqlalchemy.distinct(attr.c.value_json)))
             .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
             .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
             .scalar_subquery()
         )
         rows = self._run(
-            sqlalchemy.select(trial.c.state, sqlalchemy.func.count(), requeued)
+            sqlalchemy.select(trial.c.state, sqlalchemy.func.count(), lineages)
             .where(trial.c.study_id == study_id)
             .group_by(trial.c.state)
         )
@@ -593,12 +586,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
         with self._transaction() as connection:
             if study_id is not None:
-                study = models.StudyModel.__table__
-                found = connection.execute(
-                    sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)
-                ).first()
-                if found is None:
-                    raise KeyError(compat.rdb_not_found_message())
+                _require_study(connection, study_id)
             rows = connection.execute(
                 sqlalchemy.select(
                     trial.c.trial_id,
@@ -821,6 +809,15 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             session.add(models.TrialHeartbeatModel(trial_id=trial_id))
         else:
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
+
+
+def _require_study(connection: sqlalchemy.Connection, study_id: int, *, lock: bool = False) -> None:
+    """Raise KeyError, as Optuna does, when the study does not exist; with ``lock``, hold
+    its row (``FOR UPDATE``) until the transaction ends, as Optuna does to number trials."""
+    study = compat.rdb_models().StudyModel.__table__
+    select = sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)
+    if connection.execute(select.with_for_update() if lock else select).first() is None:
+        raise KeyError(compat.rdb_not_found_message())
 
 
 def _trial_with_token(session: Any, study_id: int, token: str, keys: Sequence[str]) -> int | None:
