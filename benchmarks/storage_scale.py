@@ -80,7 +80,7 @@ from hpo.worker import (  # noqa: E402
 )
 
 TIMED = ("claim", "claim_first", "report", "tell", "numbers")
-TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "events")
+TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "stale_check", "budget_check", "events")
 
 
 def _record(timings: dict, key: str, started: float, ended: float) -> None:
@@ -177,7 +177,7 @@ def _simulated_worker(
             continue
         timings["numbers"].append(claimed.number)
         run_one(loaded, claimed, objective, stop)
-    loaded.storage.engine.dispose()
+    loaded.storage.dispose()
 
 
 class _RetryCounter(logging.Handler):
@@ -192,9 +192,11 @@ class _RetryCounter(logging.Handler):
         self.count += "unreachable during" in record.getMessage()
 
 
-def _time_the_study_lock(timings: dict) -> None:
-    """Record, in this process, how long each hold of the study lock lasts, and how much
-    CPU the holding thread got meanwhile."""
+def _time_the_claims_parts(timings: dict) -> None:
+    """Record, in this process, how long each hold of the study lock lasts and how much
+    CPU the holding thread got meanwhile, and how long the claim's checks before the lock
+    take."""
+    import hpo.storage
     import hpo.worker
 
     real = hpo.worker.study_lock
@@ -213,6 +215,21 @@ def _time_the_study_lock(timings: dict) -> None:
 
     hpo.worker.study_lock = timed
 
+    # The claim's two checks before the lock, for the timeline.
+    for module, name, key in (
+        (hpo.storage.ReconnectingRDBStorage, "has_stale_trials", "stale_check"),
+        (hpo.worker, "_budget_is_handed_out", "budget_check"),
+    ):
+
+        def timed_check(*args, _real=getattr(module, name), _key=key, **kwargs):
+            started = time.monotonic()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                _record(timings, _key, started, time.monotonic())
+
+        setattr(module, name, timed_check)
+
 
 def _load_avg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
@@ -220,7 +237,7 @@ def _load_avg() -> float:
 
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
     timings: dict = {key: [] for key in TIMED}
-    _time_the_study_lock(timings)
+    _time_the_claims_parts(timings)
     retries = _RetryCounter()
     logging.getLogger("hpo.storage").addHandler(retries)
     # Each worker opens the study before the start: on a cluster every worker starts on
@@ -287,9 +304,7 @@ def _percentile(values: list[float], q: float) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_point(
-    workers: int, via: str, args: argparse.Namespace, index: int, port: int | None
-) -> dict:
+def run_point(workers: int, via: str, args: argparse.Namespace, index: int) -> dict:
     admin = make_url(args.url)
     database = f"h12_scale_{os.getpid()}_{index}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
@@ -298,9 +313,19 @@ def run_point(
         connection.exec_driver_sql(f"CREATE DATABASE {database}")
     direct = admin.set(database=database).render_as_string(hide_password=False)
     url = direct
+    stack = contextlib.ExitStack()
     if via == "pgbouncer":
+        from tests.pgbouncer import pgbouncer
+
+        lock = f"{database}_lock"
+        aliases = {lock: (database, args.lock_pool)} if args.lock_pool else {}
+        port = stack.enter_context(pgbouncer(args.pgbouncer_pool, args.url, aliases))
         url = make_url(direct).set(host="127.0.0.1", port=port)
         url = url.render_as_string(hide_password=False)
+        # Forked children inherit it; hpo.settings reads it when each opens its storage.
+        os.environ.pop("HPO_LOCK_DATABASE", None)
+        if args.lock_pool:
+            os.environ["HPO_LOCK_DATABASE"] = lock
     try:
         pruner = SPEC["pruner"] if args.pruner == "median" else {"kind": "none"}
         budget = {"epochs": args.epochs, "n_trials": 10}
@@ -349,6 +374,7 @@ def run_point(
         return {
             "workers": workers,
             "via": via,
+            "lock_pool": args.lock_pool if via == "pgbouncer" else None,
             "pruner": args.pruner,
             "processes": processes,
             "threads_per_process": args.threads,
@@ -382,6 +408,7 @@ def run_point(
             **storage_check,
         }
     finally:
+        stack.close()
         with engine.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         engine.dispose()
@@ -445,6 +472,13 @@ def main() -> None:
     parser.add_argument("--grace-s", type=float, default=10)
     parser.add_argument("--pgbouncer-pool", type=int, default=20)
     parser.add_argument(
+        "--lock-pool",
+        type=int,
+        default=0,
+        help="through PgBouncer: take the study lock on an alias of the database with this "
+        "many server connections ($HPO_LOCK_DATABASE); 0: on the database itself",
+    )
+    parser.add_argument(
         "--pruner",
         default="median",
         choices=("median", "none"),
@@ -484,7 +518,6 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import tempfile
 
-    from tests.pgbouncer import pgbouncer
     from tests.private_postgres import private_postgres
 
     results = []
@@ -492,14 +525,11 @@ def main() -> None:
         args.tmp = tmp
         if args.private_postgres:
             args.url = stack.enter_context(private_postgres(args.private_postgres)).url()
-        port = None
-        if "pgbouncer" in args.via:
-            port = stack.enter_context(pgbouncer(args.pgbouncer_pool, server_url=args.url))
         index = 0
         for workers in [int(w) for w in args.workers.split(",")]:
             for via in args.via.split(","):
                 index += 1
-                result = run_point(workers, via, args, index, port)
+                result = run_point(workers, via, args, index)
                 print(json.dumps(result), flush=True)
                 results.append(result)
     if args.json:

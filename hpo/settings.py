@@ -17,6 +17,7 @@ This is the only module that reads ``os.environ``. Two kinds of settings live he
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -33,6 +34,7 @@ DB_RETRY_ENV, DEFAULT_DB_RETRY_S = "HPO_DB_RETRY_S", 300.0
 POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "HPO_DB_POOL_SIZE", 1
 POOL_OVERFLOW_ENV, DEFAULT_POOL_OVERFLOW = "HPO_DB_MAX_OVERFLOW", 1
 PRE_PING_ENV = "HPO_DB_PRE_PING"
+LOCK_DATABASE_ENV = "HPO_LOCK_DATABASE"
 DATA_ROOT_ENV = "HPO_DATA_ROOT"
 DEVICE_ENV = "HPO_DEVICE"
 THREADS_ENV = "HPO_NUM_THREADS"
@@ -141,6 +143,22 @@ class PoolSettings:
             max_overflow=_count(POOL_OVERFLOW_ENV, DEFAULT_POOL_OVERFLOW, 0),
             pre_ping=pre_ping == "1",
         )
+
+
+def lock_database() -> str | None:
+    """``$HPO_LOCK_DATABASE``: the database name the study lock's transactions connect to
+    instead of the storage URL's, on the same server and with the same credentials; None
+    when unset. Meant for a PgBouncer alias of the study's database with a small pool of
+    its own (docs/scale.md): workers waiting for the lock then queue inside PgBouncer, in
+    order, instead of each holding one of the server connections every other call needs.
+    Raises SettingsError for a value that is not a plain database name."""
+    raw = env(LOCK_DATABASE_ENV)
+    if raw is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}", raw):
+        raise SettingsError(
+            f"${LOCK_DATABASE_ENV} = {raw!r} must be a database name (letters, digits, "
+            "'_', '.', '-', '$'; at most 63 characters), e.g. hpo_lock"
+        )
+    return raw
 
 
 @dataclass(frozen=True)

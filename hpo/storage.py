@@ -52,11 +52,13 @@ from hpo import compat
 from hpo.errors import UserError
 from hpo.retry import RetryWithCleanAttrs, clean_retry_attrs
 from hpo.settings import (
+    LOCK_DATABASE_ENV,
     STORAGE_ENV,
     PoolSettings,
     db_retry_seconds,
     env,
     heartbeat_settings,
+    lock_database,
 )
 
 DEFAULT_SQLITE_FILE = "hpo.db"
@@ -313,6 +315,70 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     # Per thread (a class attribute: RDBStorage pickles its instance state, a local cannot
     # be pickled). Set by ``claiming``.
     _claim_state = threading.local()
+    # The study lock's own URL (``use_lock_database``); None: the storage's engine.
+    lock_url: str | None = None
+
+    def use_lock_database(self, database: str) -> None:
+        """Take the study lock (``study_lock``), with the whole claim done under it, on
+        ``database`` of the same PostgreSQL server instead of the storage URL's database:
+        ``$HPO_LOCK_DATABASE``, a PgBouncer alias of the study's database whose pool is
+        a few server connections (docs/scale.md).
+
+        Why: a worker waiting for the lock waits inside a transaction, which under
+        transaction pooling holds a server connection. When hundreds of workers claim at
+        once, the waiters held all but one of the pool's connections, and every other
+        call of every worker (a report, a tell, the checks before a claim) queued for the
+        last one. With the lock on its own alias, at most its pool's few connections
+        wait in PostgreSQL; the other waiters queue in PgBouncer, first come first
+        served, holding no server connection.
+
+        Raises StorageError when ``database`` is not the storage's database (another
+        name on the server, or another server): the claim would write its trial there.
+        """
+        lock_url = make_url(self.url).set(database=database).render_as_string(hide_password=False)
+        engine = sqlalchemy.create_engine(lock_url, **self.engine_kwargs)
+        identity = sqlalchemy.text("SELECT current_database(), pg_postmaster_start_time()")
+        try:
+            with self.engine.connect() as ours, engine.connect() as theirs:
+                expected = tuple(ours.execute(identity).one())
+                reached = tuple(theirs.execute(identity).one())
+        except Exception as error:  # driver errors have no common base
+            engine.dispose()
+            raise StorageError(
+                f"cannot open the study lock's database {mask_url(lock_url)} "
+                f"(${LOCK_DATABASE_ENV}): {_safe_detail(error, lock_url)}"
+            ) from None
+        if reached != expected:
+            engine.dispose()
+            raise StorageError(
+                f"${LOCK_DATABASE_ENV} = {database!r} reaches database {reached[0]!r} "
+                f"(server started {reached[1]}), not the storage's {expected[0]!r} (server "
+                f"started {expected[1]}): it must name the storage's own database, e.g. a "
+                "PgBouncer alias of it"
+            )
+        self.lock_url, self._lock_engine = lock_url, engine
+
+    def lock_engine(self) -> sqlalchemy.Engine:
+        """The engine the study lock's transaction runs on (``use_lock_database``)."""
+        if self.lock_url is None:
+            return self.engine
+        return self._lock_engine
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the storage's and the study lock's)."""
+        self.engine.dispose()
+        if self.lock_url is not None:
+            self._lock_engine.dispose()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_lock_engine", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        if self.lock_url is not None:
+            self._lock_engine = sqlalchemy.create_engine(self.lock_url, **self.engine_kwargs)
 
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
@@ -496,7 +562,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
             .scalar_subquery()
         )
-        rows = self._run(
+        rows = self._read(
             sqlalchemy.select(trial.c.state, sqlalchemy.func.count(), lineages)
             .where(trial.c.study_id == study_id)
             .group_by(trial.c.state)
@@ -653,11 +719,30 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         with self.engine.begin() as own:
             yield own
 
-    def _run(self, statement: sqlalchemy.Executable) -> list[sqlalchemy.Row]:
-        """The rows of one SQLAlchemy Core statement, in ``_transaction``. Core, not the
-        ORM: a claim makes these calls holding the study lock, and every millisecond of
-        client CPU there is a millisecond every waiter waits."""
-        with self._transaction() as connection:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlalchemy.Connection]:
+        """A connection for reads that each need one statement. Inside ``bound_to``, the
+        block's own, in its transaction; elsewhere one in autocommit, where each statement
+        is its own transaction with no BEGIN and COMMIT round trips around it.
+
+        Why: under PgBouncer's transaction pooling a transaction holds a server
+        connection from its BEGIN to its COMMIT, across the client's round trips. With
+        256 workers claiming at once on two cores, one client round trip took tens of ms,
+        and the claim's checks before the lock (BEGIN, a read, COMMIT) held the pool's
+        connections for ~0.14 s each: the last of 512 such transactions on 20 connections
+        ended 3.5 s after the start (docs/benchmarks.md, stop 22)."""
+        connection = self._bound_connection()
+        if connection is not None:
+            yield connection
+            return
+        with self.engine.connect() as own:
+            yield own.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _read(self, statement: sqlalchemy.Executable) -> list[sqlalchemy.Row]:
+        """The rows of one SQLAlchemy Core read, on ``_reading``. Core, not the ORM: a
+        claim makes these calls holding the study lock, and every millisecond of client
+        CPU there is a millisecond every waiter waits."""
+        with self._reading() as connection:
             return list(connection.execute(statement))
 
     def _bound_connection(self) -> sqlalchemy.Connection | None:
@@ -677,7 +762,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         beat = models.TrialHeartbeatModel.__table__
-        with self._transaction() as connection:
+        with self._reading() as connection:
             now = connection.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
             oldest = now.replace(tzinfo=None) - timedelta(seconds=grace)
             rows = connection.execute(
@@ -699,30 +784,25 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """Ids of the study's finished trials that are in ``among`` or above
         ``greater_than``, in one query on the trials table: how Optuna's cache layer
         learns which trials finished since it last looked (``hpo.compat.finished_trials_cache``)."""
-        models = compat.rdb_models()
-        trial = models.TrialModel
-        seen = sqlalchemy.or_(trial.trial_id > greater_than, trial.trial_id.in_(sorted(among)))
+        trial = compat.rdb_models().TrialModel.__table__
+        seen = sqlalchemy.or_(trial.c.trial_id > greater_than, trial.c.trial_id.in_(sorted(among)))
         finished = [state for state in TrialState if state.is_finished()]
-        with compat.rdb_session(self) as session:
-            rows = (
-                session.query(trial.trial_id)
-                .filter(trial.study_id == study_id, trial.state.in_(finished), seen)
-                .all()
+        rows = self._read(
+            sqlalchemy.select(trial.c.trial_id).where(
+                trial.c.study_id == study_id, trial.c.state.in_(finished), seen
             )
+        )
         return [int(row[0]) for row in rows]
 
     def waiting_trial_ids(self, study_id: int) -> list[int]:
         """Ids of the study's WAITING (enqueued or re-queued) trials, lowest number first
         (the order ``Study.ask`` pops them in), in one query."""
-        models = compat.rdb_models()
-        trial = models.TrialModel
-        with compat.rdb_session(self) as session:
-            rows = (
-                session.query(trial.trial_id)
-                .filter(trial.study_id == study_id, trial.state == TrialState.WAITING)
-                .order_by(trial.number)
-                .all()
-            )
+        trial = compat.rdb_models().TrialModel.__table__
+        rows = self._read(
+            sqlalchemy.select(trial.c.trial_id)
+            .where(trial.c.study_id == study_id, trial.c.state == TrialState.WAITING)
+            .order_by(trial.c.number)
+        )
         return [int(row[0]) for row in rows]
 
     def claim_waiting_trial(self, study_id: int) -> int | None:
@@ -1027,6 +1107,12 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     backend = make_url(url).get_backend_name()
     engine_kwargs = engine_options(url, PoolSettings.from_env())
     interval, grace = heartbeat_settings()
+    lock_on = lock_database()
+    if lock_on is not None and backend != "postgresql":
+        raise StorageError(
+            f"${LOCK_DATABASE_ENV} is for PostgreSQL storages (through PgBouncer); "
+            f"{mask_url(url)} is {backend}: unset it"
+        )
     for attempt in range(1, attempts + 1):
         try:
             with warnings.catch_warnings():
@@ -1049,8 +1135,14 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
             if backend == "sqlite" and sqlite_path(url) is not None:
                 with storage.engine.connect() as connection:
                     connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+            if lock_on is not None:
+                try:
+                    storage.use_lock_database(lock_on)
+                except StorageError:
+                    storage.engine.dispose()
+                    raise
             return storage
-        except SchemaVersionError:
+        except StorageError:  # a wrong schema or lock database: trying again changes nothing
             raise
         except Exception as error:  # driver errors have no common base; the message is what counts
             if attempt < attempts and not isinstance(error, (ImportError, ArgumentError)):
@@ -1128,7 +1220,10 @@ def _postgres_lock(storage: optuna.storages.RDBStorage, key: int) -> Iterator[No
     the lock in the order it was asked for: first come, first served, and no worker polls.
     A connection lost inside the block loses the transaction and the lock with it.
     """
-    with storage.engine.connect() as connection, connection.begin():
+    engine = (
+        storage.lock_engine() if isinstance(storage, ReconnectingRDBStorage) else storage.engine
+    )
+    with engine.connect() as connection, connection.begin():
         connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         with _bound(storage, connection):
             yield

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,14 @@ from .databases import ADMIN_URLS
 CONFIG = """\
 [databases]
 * = host={host} port={port}
-
+{aliases}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {listen_port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {directory}/userlist.txt
+admin_users = {user}
 pool_mode = transaction
 default_pool_size = {pool_size}
 max_client_conn = 2000
@@ -59,9 +60,15 @@ def _wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 10)
 
 
 @contextlib.contextmanager
-def pgbouncer(pool_size: int = 20, server_url: str | None = None) -> Iterator[int]:
+def pgbouncer(
+    pool_size: int = 20,
+    server_url: str | None = None,
+    aliases: Mapping[str, tuple[str, int]] | None = None,
+) -> Iterator[int]:
     """Start PgBouncer in front of the test PostgreSQL (or ``server_url``'s server); yields
-    its port. ``pool_size`` server connections per database and user (``default_pool_size``)."""
+    its port. ``pool_size`` server connections per database and user (``default_pool_size``).
+    ``aliases``: name -> (database, pool size), more names for a database, each with a pool
+    of its own (as ``$HPO_LOCK_DATABASE`` wants, docs/scale.md)."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not os.path.exists(binary):
         message = "pgbouncer is not installed (apt-get install pgbouncer)"
@@ -78,7 +85,13 @@ def pgbouncer(pool_size: int = 20, server_url: str | None = None) -> Iterator[in
             port=server.port or 5432,
             listen_port=port,
             directory=directory,
+            user=server.username or "postgres",
             pool_size=pool_size,
+            aliases="".join(
+                f"{alias} = host={server.host or '127.0.0.1'} port={server.port or 5432} "
+                f"dbname={database} pool_size={size}\n"
+                for alias, (database, size) in (aliases or {}).items()
+            ),
         )
     )
     (directory / "userlist.txt").write_text(f'"{server.username or "postgres"}" ""\n')
@@ -107,3 +120,20 @@ def pgbouncer(pool_size: int = 20, server_url: str | None = None) -> Iterator[in
 def through(url: str, port: int) -> str:
     """``url`` (a scratch database on the test PostgreSQL) via PgBouncer on ``port``."""
     return make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def waiting_clients(port: int, database: str) -> int:
+    """Clients of PgBouncer on ``port`` queued for a server connection of ``database`` (an
+    alias included), from its admin console (``SHOW POOLS``)."""
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", port=port, dbname="pgbouncer", user="postgres", autocommit=True
+    ) as console:
+        cursor = console.execute("SHOW POOLS")
+        names = [column.name for column in cursor.description]
+        return sum(
+            row[names.index("cl_waiting")]
+            for row in cursor.fetchall()
+            if row[names.index("database")] == database
+        )

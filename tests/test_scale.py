@@ -20,15 +20,15 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.settings import PoolSettings, SettingsError
+from hpo.settings import PoolSettings, SettingsError, lock_database
 from hpo.spec import parse_spec
-from hpo.storage import engine_options, open_storage
+from hpo.storage import StorageError, engine_options, open_storage, study_lock
 from hpo.study import create_or_load_study, load_study, superseded_trials
 from hpo.worker import claim_trial
 
 from .conftest import tiny_study_text
 from .databases import ADMIN_URLS, logs, scratch_database, start_worker, wait_all, worker_env
-from .pgbouncer import pgbouncer, through
+from .pgbouncer import pgbouncer, through, waiting_clients
 
 PREFIX = "h12_"
 
@@ -254,6 +254,108 @@ def test_more_workers_than_pgbouncer_server_connections_start_at_once_and_claim_
     assert len(claimed_after) == starters and max(claimed_after) < bound_s
     assert not [r.message for r in caplog.records if "unreachable" in r.message]
     assert {t.state for t in counted} == {TrialState.COMPLETE}
+
+
+@pytest.mark.parametrize("value", ["hpo lock", "hpo;drop", "a" * 64, "-x"])
+def test_a_bad_lock_database_names_the_variable(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("HPO_LOCK_DATABASE", value)
+    with pytest.raises(SettingsError, match=r"\$HPO_LOCK_DATABASE = "):
+        lock_database()
+
+
+def test_a_lock_database_is_refused_for_a_storage_other_than_postgresql(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HPO_LOCK_DATABASE", "hpo_lock")
+    with pytest.raises(StorageError, match=r"HPO_LOCK_DATABASE is for PostgreSQL .* sqlite"):
+        open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
+
+
+@pytest.mark.db
+def test_a_lock_database_that_is_not_the_storages_own_is_refused(
+    postgres: str, monkeypatch
+) -> None:
+    # The claim writes its trial on the lock's connection: another database would get it.
+    monkeypatch.setenv("HPO_LOCK_DATABASE", "postgres")
+    with pytest.raises(StorageError, match=r"reaches database 'postgres'.* not the storage's"):
+        open_storage(postgres)
+    missing = sqlalchemy.engine.make_url(postgres).set(password="s3cret-pw")
+    monkeypatch.setenv("HPO_LOCK_DATABASE", "h12_no_such_database")
+    with pytest.raises(StorageError, match="cannot open the study lock's database") as raised:
+        open_storage(missing.render_as_string(hide_password=False))
+    assert "s3cret-pw" not in str(raised.value)
+
+
+@pytest.mark.db
+def test_waiters_for_the_study_lock_on_its_own_pgbouncer_pool_leave_the_main_pool_free(
+    postgres: str, monkeypatch
+) -> None:
+    # 256 workers claiming at once through a pool of 20: each waiter for the lock waits in
+    # a transaction, so 19 held a server connection and every other call of every worker
+    # queued for the last one (docs/benchmarks.md, stop 21). On an alias with a pool of its
+    # own, waiters queue in PgBouncer instead, in the order they came, and a reader finds
+    # the main pool free. Without HPO_LOCK_DATABASE the holder and the first waiter take
+    # both main connections here, and the read waits for the holder.
+    alias = f"{_database(postgres)}_lock"
+    with pgbouncer(pool_size=2, aliases={alias: (_database(postgres), 1)}) as port:
+        bounced = through(postgres, port)
+        _create_study(bounced)
+        monkeypatch.setenv("HPO_LOCK_DATABASE", alias)
+        holder, reader = load_study("tiny", bounced), load_study("tiny", bounced)
+        waiters = [load_study("tiny", bounced) for _ in range(3)]
+        order: list[int] = []
+        threads = []
+        with study_lock(holder.storage, "tiny"):
+            for index, waiter in enumerate(waiters):
+
+                def wait_and_record(waiter=waiter, index=index) -> None:
+                    with study_lock(waiter.storage, "tiny"):
+                        order.append(index)
+
+                threads.append(threading.Thread(target=wait_and_record, daemon=True))
+                threads[-1].start()
+                _until(lambda n=index + 1: waiting_clients(port, alias) >= n)
+            read = threading.Thread(target=reader.study.get_trials, daemon=True)
+            read.start()
+            read.join(timeout=10)
+            read_while_held = not read.is_alive()
+            assert waiting_clients(port, _database(postgres)) == 0
+        for thread in threads:
+            thread.join(timeout=30)
+        for loaded in (holder, reader, *waiters):
+            loaded.storage.dispose()
+    assert read_while_held, "a read waited for the study lock's holder"
+    assert order == [0, 1, 2]
+
+
+@pytest.mark.db
+def test_workers_take_the_study_lock_through_a_pgbouncer_alias(
+    postgres: str, tmp_path: Path
+) -> None:
+    # $HPO_LOCK_DATABASE reaches every worker process; their claims, made on the alias's
+    # one server connection, still give each trial of the budget to exactly one worker.
+    alias = f"{_database(postgres)}_lock"
+    with pgbouncer(pool_size=2, aliases={alias: (_database(postgres), 1)}) as port:
+        bounced = through(postgres, port)
+        _create_study(bounced, epochs=2, train_size=128, val_size=64)
+        env = worker_env(bounced, tmp_path / "checkpoints", HPO_LOCK_DATABASE=alias)
+        with ServerConnections(_database(postgres)) as connections:
+            workers = [start_worker("tiny", 6, env, tmp_path) for _ in range(3)]
+            codes = wait_all(workers)
+        counted = _finished_exactly(bounced, 6)
+
+    assert codes == [0, 0, 0], logs(tmp_path)
+    assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["worker"] for t in counted}) >= 2
+    assert 1 <= connections.peak <= 3
+
+
+def _until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
 
 
 def _connections_to(database: str) -> int:

@@ -121,7 +121,7 @@ def launch(
     run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
     # The worker (in this process or in each child) opens its own pool: close this one's
     # idle connection, or it sits on the database for the whole run (docs/scale.md).
-    loaded.storage.engine.dispose()
+    loaded.storage.dispose()
     if workers == 1:
         # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
         bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
@@ -211,7 +211,7 @@ def worker(
     first_number = len(loaded.study.get_trials(deepcopy=False)) if gpus is not None else 0
     # The worker (or each child) opens its own pool: close this one's idle connections, or
     # every worker process holds them for its whole run (docs/scale.md).
-    loaded.storage.engine.dispose()
+    loaded.storage.dispose()
     if gpus is None:
         progress = LineProgress(env(LABEL_ENV) or "")
         result = run_worker(
