@@ -55,7 +55,7 @@ from hpo.settings import (
 )
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
-from hpo.storage import is_connection_error, retry_on_disconnect, study_lock
+from hpo.storage import NoTrialAtOnce, is_connection_error, retry_on_disconnect, study_lock
 from hpo.study import (
     CLASS_COUNTS_ATTR,
     LoadedStudy,
@@ -99,6 +99,10 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     study, grid points are left. ``"wait"``: the budget is handed out but trials still
     run elsewhere. On PostgreSQL all of it is one transaction (``hpo.storage.study_lock``).
 
+    First, on PostgreSQL, the common case in one round trip (``_new_trial_at_once``): a
+    new trial when nothing is stale or waiting and the budget has room. Only when that
+    says no does the claim take the long way above.
+
     The ``optuna.Trial`` is built after the lock is released: its trial already holds
     its slot of the budget, and sampling happens later anyway, at ``suggest_*`` (Optuna
     samples lazily, relative parameters included). A grid trial is built under the lock:
@@ -110,11 +114,22 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     repeated claim never leaves the first one's trial RUNNING without a worker.
     """
     study = loaded.study
+    grid = _grid_sampler(study) is not None
+    token = uuid.uuid4().hex
+    try:
+        trial_id = None if grid else _new_trial_at_once(loaded, total_trials, token)
+        if trial_id is not None:
+            kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
+            return _build_trial(study, trial_id, was_queued=False)
+    except Exception as error:
+        if not is_connection_error(error):
+            raise
+        found = _landed(loaded, token, error)
+        kill_point("claimed")
+        return _build_trial(study, found, was_queued=True)
     stale = loaded.storage.has_stale_trials(loaded.ref.study_id)
     if not stale and _budget_is_handed_out(loaded, total_trials):
         return "wait"
-    grid = _grid_sampler(study) is not None
-    token = uuid.uuid4().hex
     try:
         with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
             if stale:  # else a trial gone stale since is failed by the next claim
@@ -142,17 +157,40 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     except Exception as error:
         if not is_connection_error(error):
             raise
-        found = retry_on_disconnect(
-            lambda: loaded.storage.trial_claimed_with(loaded.ref.study_id, token),
-            what="claim",
-            url=loaded.storage.url,
-        )
-        if found is None:
-            raise  # nothing landed: the caller claims again
-        logger.warning("the claim's commit landed though its connection was lost: trial kept")
-        trial_id, was_queued, grid = found, True, False  # a grid trial's point is stored
+        trial_id, was_queued, grid = _landed(loaded, token, error), True, False  # point stored
     kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
     return trial if grid else _build_trial(study, trial_id, was_queued)
+
+
+def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> int | None:
+    """The id of a new RUNNING trial made in one round trip, or None where the claim
+    must take the long way (``ReconnectingRDBStorage.at_once``). A study that keeps its
+    batch sizes covered always takes the long way: that decision reads the finished
+    trials under the lock (``keep_batch_sizes_covered``). Created through the study's
+    cache layer, as ``Study.ask`` creates, so the cache knows the trial."""
+    if loaded.spec.sampler.cover_batch_sizes:
+        return None
+    storage = loaded.storage
+    try:
+        with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
+            return compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
+    except NoTrialAtOnce:
+        return None
+
+
+def _landed(loaded: LoadedStudy, token: str, error: Exception) -> int:
+    """After a claim whose connection was lost (``error``): the id of the trial its
+    commit made RUNNING, found by its token; ``error`` raised again when nothing landed
+    (the caller claims again)."""
+    found = retry_on_disconnect(
+        lambda: loaded.storage.trial_claimed_with(loaded.ref.study_id, token),
+        what="claim",
+        url=loaded.storage.url,
+    )
+    if found is None:
+        raise error
+    logger.warning("the claim's commit landed though its connection was lost: trial kept")
+    return found
 
 
 def _budget_is_handed_out(loaded: LoadedStudy, total_trials: int) -> bool:
