@@ -87,8 +87,13 @@ class StudyNotFound(StorageError):
 
 
 class NoTrialAtOnce(Exception):
-    """No trial was made in one round trip (``ReconnectingRDBStorage.at_once``): a trial is
-    stale or waiting, the budget is handed out, or the storage cannot (not PostgreSQL)."""
+    """No trial was made in one round trip (``ReconnectingRDBStorage.at_once``). ``answer``:
+    the claim's answer all the same ("wait" or "done"), or None where only the long way
+    can answer (a trial is stale or waiting, or the storage is not PostgreSQL)."""
+
+    def __init__(self, answer: str | None) -> None:
+        super().__init__(answer)
+        self.answer = answer
 
 
 @dataclass(frozen=True)
@@ -432,8 +437,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         at_once = getattr(self._claim_state, "at_once", None) if self._in_claim() else None
         if template_trial is None and at_once is not None:
             created = self._create_trial_at_once(study_id, *at_once, token)
-            if created is None:
-                raise NoTrialAtOnce
+            if not isinstance(created, FrozenTrial):
+                raise NoTrialAtOnce(created)
             return created
         if template_trial is None and self._in_claim() and connection is not None:
             return self._create_claimed_trial(connection, study_id, token)
@@ -519,64 +524,50 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     def _create_trial_at_once(
         self, study_id: int, study_name: str, total_trials: int, token: str
-    ) -> FrozenTrial | None:
-        """A claim's common case in one round trip: under the study lock, when no trial is
-        stale, none waits and the budget has room, a new RUNNING trial with its token and
-        first heartbeat, as ``_create_claimed_trial`` stores it. None when any of those
-        does not hold (the caller then claims the long way: ``hpo.worker.claim_trial``),
-        or when the storage is not PostgreSQL through psycopg.
+    ) -> FrozenTrial | str | None:
+        """A claim in one round trip (``at_once``): a new RUNNING trial with its token and
+        first heartbeat, as ``_create_claimed_trial`` stores it, when no trial is stale,
+        none waits and the budget has room; else the answer ``hpo.worker.claim_trial``
+        gives for these counts ("wait": the budget is handed out and trials run
+        elsewhere; "done": none runs either), or None where only the long way can
+        answer (a trial is stale or waiting), as on anything but PostgreSQL via psycopg.
 
         Why: the lock is held from the moment it is granted to the COMMIT, and in the
         long way every statement in between waits for this client to be scheduled. With
-        256 workers claiming at once on two cores that made each hold ~14 ms, and the
-        last first claim came 7 s after the start (docs/benchmarks.md, stop 22). Here
-        BEGIN, the lock, the study row's lock, one statement that checks and inserts,
-        and COMMIT go to the server as one message, which runs them without waiting for
-        the client: the hold is the database's own work.
+        256 workers claiming at once on two cores each hold took ~14 ms, and the last
+        first claim came 7 s after the start (docs/benchmarks.md, stop 22). Here BEGIN,
+        the lock, the study row's lock, one statement that counts and inserts, and
+        COMMIT go to the server as one message, which runs them without waiting for the
+        client: the hold is the database's own work. The lock is not taken when the
+        counts before it already say "wait" (what most claims say near a study's end).
 
-        The statement that counts runs after the study row's lock, so its snapshot
-        counts a trial that Optuna's own create (which numbers under that row lock)
-        committed meanwhile; the budget is counted as ``hpo.study.LoadedStudy.budget``
+        The statement that counts and inserts runs after the study row's lock, so its
+        snapshot counts a trial that Optuna's own create (which numbers under that row
+        lock) committed meanwhile; the budget is counted as ``LoadedStudy.budget``
         counts it. Values are rendered into the SQL by SQLAlchemy (a message of several
-        statements cannot carry parameters); they are integers, a hex token and a
-        timestamp."""
+        statements cannot carry parameters): integers, a hex token and a timestamp."""
         if self.heartbeat_interval is None or self.lock_engine().dialect.driver != "psycopg":
             return None
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         attr = models.TrialSystemAttributeModel.__table__
         beat = models.TrialHeartbeatModel.__table__
+        study = models.StudyModel.__table__
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        count = sqlalchemy.func.count
-        finished = [state for state in TrialState if state.is_finished()]
-        counts = (
-            sqlalchemy.select(
-                count().filter(trial.c.state.in_(finished)).label("finished"),
-                count().filter(trial.c.state == TrialState.RUNNING).label("running"),
-                count().filter(trial.c.state == TrialState.WAITING).label("waiting"),
-                count().label("trials"),
-            )
-            .where(trial.c.study_id == study_id)
-            .cte("counts")
+        counts, requeued, stale = _claim_counts(study_id, grace)
+        handed_out = counts.c.finished - requeued.c.n + counts.c.running >= total_trials
+        surely_wait = sqlalchemy.and_(handed_out, counts.c.running > 0, stale.c.n == 0)
+        lock = (
+            sqlalchemy.select(sqlalchemy.func.pg_advisory_xact_lock(_postgres_lock_key(study_name)))
+            .select_from(counts, requeued, stale)
+            .where(sqlalchemy.not_(surely_wait))
         )
-        requeued = (
-            sqlalchemy.select(count(sqlalchemy.distinct(attr.c.value_json)).label("n"))
-            .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
-            .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
-            .cte("requeued")
+        row_lock = (
+            sqlalchemy.select(study.c.study_id)
+            .where(study.c.study_id == study_id)
+            .with_for_update()
         )
-        stale = (
-            sqlalchemy.select(count().label("n"))
-            .select_from(trial.join(beat, beat.c.trial_id == trial.c.trial_id))
-            .where(
-                trial.c.study_id == study_id,
-                trial.c.state == TrialState.RUNNING,
-                beat.c.heartbeat
-                < sqlalchemy.func.clock_timestamp()
-                - sqlalchemy.literal(timedelta(seconds=grace), sqlalchemy.Interval()),
-            )
-            .cte("stale")
-        )
+        counts, requeued, stale = _claim_counts(study_id, grace)  # after both locks
         started = datetime.now()
         created = (
             sqlalchemy.insert(trial)
@@ -590,7 +581,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                         started.astimezone(timezone.utc).replace(tzinfo=None),
                         trial.c.datetime_start.type,
                     ),
-                ).where(
+                )
+                .select_from(counts, requeued, stale)
+                .where(
                     counts.c.waiting == 0,
                     stale.c.n == 0,
                     counts.c.finished - requeued.c.n + counts.c.running < total_trials,
@@ -611,14 +604,17 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             ["trial_id", "heartbeat"],
             sqlalchemy.select(created.c.trial_id, sqlalchemy.func.clock_timestamp()),
         )
-        claim = sqlalchemy.select(created.c.trial_id, created.c.number).add_cte(
-            token_row.cte("token"), heartbeat.cte("beat")
-        )
-        study = models.StudyModel.__table__
-        row_lock = (
-            sqlalchemy.select(study.c.study_id)
-            .where(study.c.study_id == study_id)
-            .with_for_update()
+        true = sqlalchemy.true()
+        claim = (
+            sqlalchemy.select(
+                created.c.trial_id,
+                created.c.number,
+                (counts.c.finished - requeued.c.n).label("finished"),
+                counts.c.running,
+                stale.c.n.label("stale"),
+            )
+            .select_from(counts.join(requeued, true).join(stale, true).outerjoin(created, true))
+            .add_cte(token_row.cte("token"), heartbeat.cte("beat"))
         )
         with self.lock_engine().connect() as connection:
             connection = connection.execution_options(isolation_level="AUTOCOMMIT")
@@ -629,21 +625,19 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 )
                 return str(compiled)
 
-            message = "; ".join(
-                [
-                    "BEGIN",
-                    f"SELECT pg_advisory_xact_lock({_postgres_lock_key(study_name)})",
-                    sql(row_lock),
-                    sql(claim),
-                    "COMMIT",
-                ]
+            message = "; ".join(["BEGIN", sql(lock), sql(row_lock), sql(claim), "COMMIT"])
+            locked, _, ((trial_id, number, finished, running, stale_n),) = _rows_of(
+                connection, message
             )
-            row = _last_row_of(connection, message, columns=("trial_id", "number"))
-        if row is None:
-            return None
-        template = _running_template()
-        template.datetime_start = started
-        return _from_template(template, int(row[0]), int(row[1]))
+        if trial_id is not None:
+            template = _running_template()
+            template.datetime_start = started
+            return _from_template(template, int(trial_id), int(number))
+        if stale_n or finished + running < total_trials:
+            return None  # a stale or waiting trial: the long way
+        if running:
+            return "wait"
+        return "done" if locked else None
 
     def _insert_claimed_trial(
         self, connection: sqlalchemy.Connection, study_id: int, token: str, start: datetime
@@ -1101,23 +1095,65 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
 
 
-def _last_row_of(
-    connection: sqlalchemy.Connection, message: str, columns: tuple[str, ...]
-) -> tuple[Any, ...] | None:
+def _claim_counts(study_id: int, grace: float) -> tuple[Any, Any, Any]:
+    """The CTEs a claim in one message counts with: the study's trials per state
+    (``counts``: finished, running, waiting, all), its re-queued trials (``requeued``:
+    distinct retry histories, as ``count_trials``) and its stale RUNNING trials
+    (``stale``: a heartbeat older than ``grace`` seconds by the server's clock, as
+    ``_get_stale_trial_ids``)."""
+    models = compat.rdb_models()
+    trial = models.TrialModel.__table__
+    attr = models.TrialSystemAttributeModel.__table__
+    beat = models.TrialHeartbeatModel.__table__
+    count = sqlalchemy.func.count
+    finished = [state for state in TrialState if state.is_finished()]
+    counts = (
+        sqlalchemy.select(
+            count().filter(trial.c.state.in_(finished)).label("finished"),
+            count().filter(trial.c.state == TrialState.RUNNING).label("running"),
+            count().filter(trial.c.state == TrialState.WAITING).label("waiting"),
+            count().label("trials"),
+        )
+        .where(trial.c.study_id == study_id)
+        .cte("counts")
+    )
+    requeued = (
+        sqlalchemy.select(count(sqlalchemy.distinct(attr.c.value_json)).label("n"))
+        .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
+        .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
+        .cte("requeued")
+    )
+    oldest = sqlalchemy.func.clock_timestamp() - sqlalchemy.literal(
+        timedelta(seconds=grace), sqlalchemy.Interval()
+    )
+    stale = (
+        sqlalchemy.select(count().label("n"))
+        .select_from(trial.join(beat, beat.c.trial_id == trial.c.trial_id))
+        .where(
+            trial.c.study_id == study_id,
+            trial.c.state == TrialState.RUNNING,
+            beat.c.heartbeat < oldest,
+        )
+        .cte("stale")
+    )
+    return counts, requeued, stale
+
+
+def _rows_of(connection: sqlalchemy.Connection, message: str) -> list[list[tuple[Any, ...]]]:
     """Send ``message`` (several statements, no parameters: PostgreSQL's simple query
-    protocol, one round trip) on ``connection`` in autocommit, and return the row of the
-    result whose columns are ``columns``, or None. An error rolls back the transaction
-    the message opened; a lost connection is raised as SQLAlchemy's OperationalError,
-    which ``is_connection_error`` recognises."""
+    protocol, one round trip) on ``connection`` in autocommit: the rows of each of its
+    statements that return rows, in order. An error rolls back the transaction the
+    message opened; a lost connection is raised as SQLAlchemy's OperationalError, which
+    ``is_connection_error`` recognises."""
     raw = connection.connection.driver_connection
     dbapi = connection.dialect.loaded_dbapi
-    found = None
+    results = []
     try:
         with raw.cursor() as cursor:
             cursor.execute(message)
             while True:
-                if cursor.description and tuple(d.name for d in cursor.description) == columns:
-                    found = cursor.fetchone()
+                if cursor.description is not None:
+                    results.append(cursor.fetchall())
                 if not cursor.nextset():
                     break
     except dbapi.Error as error:
@@ -1129,7 +1165,7 @@ def _last_row_of(
             connection.invalidate()
             raise sqlalchemy.exc.OperationalError(message, None, error) from error
         raise sqlalchemy.exc.DBAPIError(message, None, error) from error
-    return found
+    return results
 
 
 def _require_study(connection: sqlalchemy.Connection, study_id: int, *, lock: bool = False) -> None:

@@ -117,10 +117,12 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     grid = _grid_sampler(study) is not None
     token = uuid.uuid4().hex
     try:
-        trial_id = None if grid else _new_trial_at_once(loaded, total_trials, token)
-        if trial_id is not None:
+        at_once = None if grid else _new_trial_at_once(loaded, total_trials, token)
+        if isinstance(at_once, str):
+            return at_once
+        if at_once is not None:
             kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-            return _build_trial(study, trial_id, was_queued=False)
+            return _build_trial(study, at_once, was_queued=False)
     except Exception as error:
         if not is_connection_error(error):
             raise
@@ -162,9 +164,10 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     return trial if grid else _build_trial(study, trial_id, was_queued)
 
 
-def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> int | None:
-    """The id of a new RUNNING trial made in one round trip, or None where the claim
-    must take the long way (``ReconnectingRDBStorage.at_once``). A study that keeps its
+def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> int | str | None:
+    """The id of a new RUNNING trial made in one round trip, or the claim's answer
+    ("wait", "done") from the same round trip, or None where the claim must take the
+    long way (``ReconnectingRDBStorage.at_once``). A study that keeps its
     batch sizes covered always takes the long way: that decision reads the finished
     trials under the lock (``keep_batch_sizes_covered``). Created through the study's
     cache layer, as ``Study.ask`` creates, so the cache knows the trial."""
@@ -174,8 +177,8 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
     try:
         with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
             return compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
-    except NoTrialAtOnce:
-        return None
+    except NoTrialAtOnce as no_trial:
+        return no_trial.answer
 
 
 def _landed(loaded: LoadedStudy, token: str, error: Exception) -> int:

@@ -485,15 +485,15 @@ def test_a_requeue_whose_commit_acknowledgement_is_lost_queues_one_retry(
 
 
 def _messages_at_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The one-message claims (``hpo.storage._last_row_of``) sent from here on."""
+    """The one-message claims (``hpo.storage._rows_of``) sent from here on."""
     messages: list[str] = []
-    real = hpo.storage._last_row_of
+    real = hpo.storage._rows_of
 
-    def recorded(connection, message: str, columns):
+    def recorded(connection, message: str):
         messages.append(message)
-        return real(connection, message, columns)
+        return real(connection, message)
 
-    monkeypatch.setattr(hpo.storage, "_last_row_of", recorded)
+    monkeypatch.setattr(hpo.storage, "_rows_of", recorded)
     return messages
 
 
@@ -521,7 +521,7 @@ def test_a_claim_at_once_is_one_message_of_five_statements(
             assert len(messages) == 3 and not watch.statements_held
             for message in messages:
                 statements = [part.strip().split()[0] for part in message.split(";")]
-                assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "COMMIT"], message
+                assert statements == ["BEGIN", "WITH", "SELECT", "WITH", "COMMIT"], message
                 assert "pg_advisory_xact_lock" in message and "FOR UPDATE" in message
         claimer.study.enqueue_trial({"x": 0.125})
         trial = claim_trial(claimer, 1000)
@@ -542,19 +542,19 @@ def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
     # claim's token finds the trial) or not (the claim is repeated). Either way one trial.
     monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
     sent: list[str] = []
-    real = hpo.storage._last_row_of
+    real = hpo.storage._rows_of
 
-    def lossy(connection, message: str, columns):
+    def lossy(connection, message: str):
         sent.append(message)
         if len(sent) == 1:
             if landed:
-                real(connection, message, columns)
+                real(connection, message)
             connection.invalidate()
             lost = ConnectionError("server closed the connection unexpectedly")
             raise sqlalchemy.exc.OperationalError(message, None, lost)
-        return real(connection, message, columns)
+        return real(connection, message)
 
-    monkeypatch.setattr(hpo.storage, "_last_row_of", lossy)
+    monkeypatch.setattr(hpo.storage, "_rows_of", lossy)
     with scratch_database("postgresql") as url:
         create_or_load_study(_spec(), url).storage.dispose()
         loaded = load_study("tiny", url)
@@ -565,3 +565,24 @@ def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
         loaded.storage.dispose()
     assert [t.number for t in running] == [trial.number] and len(everything) == 1
     assert len(sent) == (1 if landed else 2)
+
+
+@pytest.mark.db
+def test_a_claim_at_once_answers_wait_and_done_in_the_same_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Near a study's end most claims answer "wait": one message, not a second, long claim.
+    watch = LockWatch(monkeypatch)
+    messages = _messages_at_once(monkeypatch)
+    with scratch_database("postgresql") as url:
+        create_or_load_study(_spec(), url).storage.dispose()
+        loaded = load_study("tiny", url)
+        first, second = claim_trial(loaded, 2), claim_trial(loaded, 2)
+        messages.clear()
+        waited = claim_trial(loaded, 2)  # both trials still run
+        _finish(loaded, first)
+        _finish(loaded, second)
+        done = claim_trial(loaded, 2)
+        loaded.storage.dispose()
+    assert (waited, done) == ("wait", "done")
+    assert len(messages) == 2 and not watch.statements_held

@@ -4,6 +4,7 @@ environment (``${VAR:-default}`` interpolated as compose does)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -63,6 +64,35 @@ def test_workers_go_through_pgbouncer_in_transaction_pooling_mode() -> None:
     assert "@pgbouncer:5432/" in worker["environment"]["HPO_STORAGE"]
     assert worker["depends_on"]["pgbouncer"]["condition"] == "service_healthy"
     assert "@postgres:5432/" in SERVICES["dashboard"]["environment"]["HPO_STORAGE"]
+
+
+def test_pgbouncer_gives_the_workers_study_lock_an_alias_with_its_own_pool(
+    tmp_path: Path,
+) -> None:
+    # The image writes pgbouncer.ini from its environment, then runs the command; the
+    # command adds "<db>_lock" (docs/scale.md), once even when the container restarts.
+    pgbouncer = SERVICES["pgbouncer"]
+    environment = {k: interpolate(str(v), {"POSTGRES_PASSWORD": "x"}) for k, v in
+                   pgbouncer["environment"].items()}  # fmt: skip
+    ini = tmp_path / "pgbouncer.ini"
+    generated = "[databases]\nhpo = host=postgres port=5432 auth_user=hpo\n\n[pgbouncer]\n"
+    ini.write_text(generated)
+    shell, flag, script = pgbouncer["command"]
+    script = interpolate(script, {}).replace("/etc/pgbouncer/pgbouncer.ini", str(ini))
+    prepare, _, run = script.strip().rpartition("\n")
+    assert run == 'exec /usr/bin/pgbouncer "$ini"'
+    for _ in range(2):  # a restarted container finds its ini already written
+        subprocess.run([shell, flag, prepare], env=environment, check=True)
+    lines = ini.read_text().splitlines()
+    assert lines[:3] == [
+        "[databases]",
+        "hpo_lock = host=postgres port=5432 dbname=hpo auth_user=hpo pool_size=4",
+        "hpo = host=postgres port=5432 auth_user=hpo",
+    ]
+    worker = SERVICES["worker"]["environment"]
+    assert interpolate(worker["HPO_LOCK_DATABASE"], {}) == "hpo_lock"
+    assert interpolate(worker["HPO_LOCK_DATABASE"], {"POSTGRES_DB": "lab"}) == "lab_lock"
+    assert "@pgbouncer:5432/${POSTGRES_DB:-hpo}" in worker["HPO_STORAGE"]
 
 
 def test_postgres_has_a_volume_a_healthcheck_and_its_password_from_env() -> None:
@@ -136,9 +166,14 @@ def test_service_commands_run_against_the_local_postgresql(tmp_path: Path) -> No
     (tmp_path / "studies" / "tiny.toml").write_text(
         tiny_study_text(epochs=1, train_size=128, val_size=64)
     )
-    with scratch_database("postgresql") as url, pgbouncer() as pgbouncer_port:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(scratch_database("postgresql"))
         database = url.rsplit("/", 1)[1]
+        # The alias compose's pgbouncer command adds (HPO_LOCK_DATABASE on the workers).
+        aliases = {f"{database}_lock": (database, 4)}
+        pgbouncer_port = stack.enter_context(pgbouncer(aliases=aliases))
         env, dotenv = _service_env("worker", database, tmp_path, pgbouncer_port)
+        assert env["HPO_LOCK_DATABASE"] == f"{database}_lock"
         assert f"@127.0.0.1:{pgbouncer_port}/" in env["HPO_STORAGE"]
         healthcheck = SERVICES["postgres"]["healthcheck"]["test"][1]
         if shutil.which("pg_isready"):
