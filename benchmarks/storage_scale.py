@@ -80,7 +80,10 @@ from hpo.worker import (  # noqa: E402
 )
 
 TIMED = ("claim", "claim_first", "report", "tell", "numbers")
-TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "stale_check", "budget_check", "events")
+TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "events")
+# The claim's parts, for the timeline: the one-message claim, the long way's checks before
+# the lock, and building the optuna.Trial after it.
+TIMED += ("claim_message", "stale_check", "budget_check", "build_trial")
 
 
 def _record(timings: dict, key: str, started: float, ended: float) -> None:
@@ -194,8 +197,8 @@ class _RetryCounter(logging.Handler):
 
 def _time_the_claims_parts(timings: dict) -> None:
     """Record, in this process, how long each hold of the study lock lasts and how much
-    CPU the holding thread got meanwhile, and how long the claim's checks before the lock
-    take."""
+    CPU the holding thread got meanwhile, and how long each part of a claim takes (the
+    one-message claim, the long way's checks, building the optuna.Trial)."""
     import hpo.storage
     import hpo.worker
 
@@ -215,20 +218,23 @@ def _time_the_claims_parts(timings: dict) -> None:
 
     hpo.worker.study_lock = timed
 
-    # The claim's two checks before the lock, for the timeline.
-    for module, name, key in (
-        (hpo.storage.ReconnectingRDBStorage, "has_stale_trials", "stale_check"),
-        (hpo.worker, "_budget_is_handed_out", "budget_check"),
-    ):
-
-        def timed_check(*args, _real=getattr(module, name), _key=key, **kwargs):
+    def timed_call(real, key: str):
+        def timed(*args, **kwargs):
             started = time.monotonic()
             try:
-                return _real(*args, **kwargs)
+                return real(*args, **kwargs)
             finally:
-                _record(timings, _key, started, time.monotonic())
+                _record(timings, key, started, time.monotonic())
 
-        setattr(module, name, timed_check)
+        return timed
+
+    for owner, name, key in (
+        (hpo.storage.ReconnectingRDBStorage, "_create_trial_at_once", "claim_message"),
+        (hpo.storage.ReconnectingRDBStorage, "has_stale_trials", "stale_check"),
+        (hpo.worker, "_budget_is_handed_out", "budget_check"),
+        (hpo.worker, "_build_trial", "build_trial"),
+    ):
+        setattr(owner, name, timed_call(getattr(owner, name), key))
 
 
 def _load_avg() -> float:
