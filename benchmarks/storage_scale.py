@@ -243,6 +243,10 @@ def _load_avg() -> float:
 
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
     os.nice(args.nice)
+    if args.claim == "long":
+        import hpo.worker
+
+        hpo.worker._new_trial_at_once = lambda *a: None  # every claim under study_lock
     timings: dict = {key: [] for key in TIMED}
     _time_the_claims_parts(timings)
     retries = _RetryCounter()
@@ -396,6 +400,7 @@ def run_point(workers: int, via: str, args: argparse.Namespace, index: int) -> d
             "killed_trials_requeued": len(set(killed_trials) & requeued),
             "start_spread_s": args.start_spread_s,
             "nice": args.nice,
+            "claim": args.claim,
             "retried_errors": sum(timings["retried_errors"]),
             "trials": total,
             "wall_s": round(wall, 1),
@@ -500,6 +505,13 @@ def main() -> None:
         "report) or none",
     )
     parser.add_argument("--kill", type=float, default=0, help="fraction of processes to kill -9")
+    parser.add_argument(
+        "--claim",
+        default="at-once",
+        choices=("at-once", "long"),
+        help="at-once: hpo's claim (on PostgreSQL one message where it can); long: every "
+        "claim the long way, under study_lock (for comparison)",
+    )
     parser.add_argument(
         "--nice",
         type=int,

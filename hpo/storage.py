@@ -587,11 +587,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     ) -> str:
         """``_create_trial_at_once``'s message, with ``_TOKEN_MARK`` and ``_START_MARK`` in
         place of the claim's token and start time."""
-        models = compat.rdb_models()
-        trial = models.TrialModel.__table__
-        attr = models.TrialSystemAttributeModel.__table__
-        beat = models.TrialHeartbeatModel.__table__
-        study = models.StudyModel.__table__
+        study = compat.rdb_models().StudyModel.__table__
         counts, requeued, stale = _claim_counts(study_id, grace)
         handed_out = counts.c.finished - requeued.c.n + counts.c.running >= total_trials
         surely_wait = sqlalchemy.and_(handed_out, counts.c.running > 0, stale.c.n == 0)
@@ -606,37 +602,13 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             .with_for_update()
         )
         counts, requeued, stale = _claim_counts(study_id, grace)  # after both locks
-        created = (
-            sqlalchemy.insert(trial)
-            .from_select(
-                ["number", "study_id", "state", "datetime_start"],
-                sqlalchemy.select(
-                    counts.c.trials,
-                    sqlalchemy.literal(study_id),
-                    sqlalchemy.literal(TrialState.RUNNING, trial.c.state.type),
-                    sqlalchemy.literal(_START_MARK, trial.c.datetime_start.type),
-                )
-                .select_from(counts, requeued, stale)
-                .where(
-                    counts.c.waiting == 0,
-                    stale.c.n == 0,
-                    counts.c.finished - requeued.c.n + counts.c.running < total_trials,
-                ),
-            )
-            .returning(trial.c.trial_id, trial.c.number)
-            .cte("created")
+        room = sqlalchemy.and_(
+            counts.c.waiting == 0,
+            stale.c.n == 0,
+            counts.c.finished - requeued.c.n + counts.c.running < total_trials,
         )
-        token_row = sqlalchemy.insert(attr).from_select(
-            ["trial_id", "key", "value_json"],
-            sqlalchemy.select(
-                created.c.trial_id,
-                sqlalchemy.literal(CREATE_TOKEN_ATTR),
-                sqlalchemy.literal(json.dumps(_TOKEN_MARK)),
-            ),
-        )
-        heartbeat = sqlalchemy.insert(beat).from_select(
-            ["trial_id", "heartbeat"],
-            sqlalchemy.select(created.c.trial_id, sqlalchemy.func.clock_timestamp()),
+        created, writes = _claimed_trial_inserts(
+            study_id, counts, _START_MARK, _TOKEN_MARK, where=room, also=(requeued, stale)
         )
         true = sqlalchemy.true()
         claim = (
@@ -648,7 +620,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 stale.c.n.label("stale"),
             )
             .select_from(counts.join(requeued, true).join(stale, true).outerjoin(created, true))
-            .add_cte(token_row.cte("token"), heartbeat.cte("beat"))
+            .add_cte(*writes)
         )
         dialect = self.lock_engine().dialect
 
@@ -672,44 +644,13 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         with hundreds of clients on a busy node a round trip costs milliseconds of
         scheduling, not of database work: 256 first claims at once through PgBouncer held
         the lock ~13 ms each with the four statements (docs/benchmarks.md, stop 22)."""
-        models = compat.rdb_models()
-        trial = models.TrialModel.__table__
-        attr = models.TrialSystemAttributeModel.__table__
-        beat = models.TrialHeartbeatModel.__table__
-        created = (
-            sqlalchemy.insert(trial)
-            .from_select(
-                ["number", "study_id", "state", "datetime_start"],
-                sqlalchemy.select(
-                    sqlalchemy.func.count(),
-                    sqlalchemy.literal(study_id),
-                    sqlalchemy.literal(TrialState.RUNNING, trial.c.state.type),
-                    sqlalchemy.literal(start, trial.c.datetime_start.type),
-                )
-                .select_from(trial)
-                .where(trial.c.study_id == study_id),
-            )
-            .returning(trial.c.trial_id, trial.c.number)
-            .cte("created")
+        trial = compat.rdb_models().TrialModel.__table__
+        number = (
+            sqlalchemy.select(sqlalchemy.func.count().label("trials"))
+            .where(trial.c.study_id == study_id)
+            .cte("counts")
         )
-        writes = [
-            sqlalchemy.insert(attr)
-            .from_select(
-                ["trial_id", "key", "value_json"],
-                sqlalchemy.select(
-                    created.c.trial_id,
-                    sqlalchemy.literal(CREATE_TOKEN_ATTR),
-                    sqlalchemy.literal(json.dumps(token)),
-                ),
-            )
-            .cte("token")
-        ]
-        if self.heartbeat_interval is not None:
-            writes.append(
-                sqlalchemy.insert(beat)
-                .from_select(["trial_id"], sqlalchemy.select(created.c.trial_id))
-                .cte("beat")
-            )
+        created, writes = _claimed_trial_inserts(study_id, number, start, token)
         row = connection.execute(
             sqlalchemy.select(created.c.trial_id, created.c.number).add_cte(*writes)
         ).one()
@@ -947,8 +888,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlalchemy.Connection]:
         """A connection for reads that each need one statement. Inside ``bound_to``, the
-        block's own, in its transaction; elsewhere one in autocommit, where each statement
-        is its own transaction with no BEGIN and COMMIT round trips around it.
+        block's own, in its transaction; elsewhere, on PostgreSQL, one in autocommit, where
+        each statement is its own transaction with no BEGIN and COMMIT round trips around
+        it (psycopg sends BEGIN as a round trip of its own).
 
         Why: under PgBouncer's transaction pooling a transaction holds a server
         connection from its BEGIN to its COMMIT, across the client's round trips. With
@@ -959,6 +901,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         connection = self._bound_connection()
         if connection is not None:
             yield connection
+            return
+        if self.engine.dialect.name != "postgresql":
+            # pymysql switches autocommit with a statement each way (a round trip more
+            # than the COMMIT it saves); SQLite has no round trips.
+            with self.engine.begin() as own:
+                yield own
             return
         with self.engine.connect() as own:
             yield own.execution_options(isolation_level="AUTOCOMMIT")
@@ -1158,6 +1106,55 @@ def _claim_counts(study_id: int, grace: float) -> tuple[Any, Any, Any]:
         .cte("stale")
     )
     return counts, requeued, stale
+
+
+def _claimed_trial_inserts(
+    study_id: int,
+    counts: Any,
+    start: datetime,
+    token: str,
+    *,
+    where: Any = None,
+    also: Sequence[Any] = (),
+) -> tuple[Any, list[Any]]:
+    """A claimed trial's three inserts as data-modifying CTEs: ``created`` (the RUNNING
+    trial, numbered ``counts.c.trials``, inserted only ``where`` holds, returning its id
+    and number), and the inserts of its claim token and first heartbeat, to attach with
+    ``add_cte``. ``also``: more CTEs ``where`` reads. One PostgreSQL statement for what
+    ``_create_claimed_trial`` does in three on MariaDB."""
+    models = compat.rdb_models()
+    trial = models.TrialModel.__table__
+    attr = models.TrialSystemAttributeModel.__table__
+    beat = models.TrialHeartbeatModel.__table__
+    created = (
+        sqlalchemy.insert(trial)
+        .from_select(
+            ["number", "study_id", "state", "datetime_start"],
+            sqlalchemy.select(
+                counts.c.trials,
+                sqlalchemy.literal(study_id),
+                sqlalchemy.literal(TrialState.RUNNING, trial.c.state.type),
+                sqlalchemy.literal(start, trial.c.datetime_start.type),
+            )
+            .select_from(counts, *also)
+            .where(sqlalchemy.true() if where is None else where),
+        )
+        .returning(trial.c.trial_id, trial.c.number)
+        .cte("created")
+    )
+    token_row = sqlalchemy.insert(attr).from_select(
+        ["trial_id", "key", "value_json"],
+        sqlalchemy.select(
+            created.c.trial_id,
+            sqlalchemy.literal(CREATE_TOKEN_ATTR),
+            sqlalchemy.literal(json.dumps(token)),
+        ),
+    )
+    heartbeat = sqlalchemy.insert(beat).from_select(
+        ["trial_id", "heartbeat"],
+        sqlalchemy.select(created.c.trial_id, sqlalchemy.func.clock_timestamp()),
+    )
+    return created, [token_row.cte("token"), heartbeat.cte("beat")]
 
 
 def _rows_of(connection: sqlalchemy.Connection, message: str) -> list[list[tuple[Any, ...]]]:
