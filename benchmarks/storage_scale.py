@@ -75,6 +75,7 @@ from hpo.study import LoadedStudy, create_or_load_study, load_study, superseded_
 from hpo.worker import (  # noqa: E402
     StopSignal,
     claim_trial,
+    prepare_claims,
     run_one,
     wait_before_claiming_again,
 )
@@ -257,6 +258,7 @@ def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, ba
     studies = [load_study(STUDY, url, parallel=True) for _ in range(args.threads)]
     for loaded in studies:
         loaded.study.sampler.reseed_rng()
+        prepare_claims(loaded, total)  # as hpo worker does before its first claim
     # Threads started before the start too: started after it, each waited for the GIL
     # behind the ones already claiming, and the last began its first claim up to 3 s late.
     go = threading.Event()

@@ -557,11 +557,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             return None
         if not re.fullmatch(r"[0-9a-f]{32}", token):
             return None  # not hpo's claim token (uuid4().hex): the long way
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        key = (study_id, study_name, total_trials, grace)
-        compiled = _CLAIM_MESSAGES.get(key)
-        if compiled is None:  # once per process: 4 ms of client CPU at every claim otherwise
-            compiled = _CLAIM_MESSAGES[key] = self._claim_message(*key)
+        compiled = self.prepare_claims(study_id, study_name, total_trials)
         started = datetime.now()
         stored_start = started.astimezone(timezone.utc).replace(tzinfo=None)
         message = compiled.replace(_TOKEN_MARK, token).replace(
@@ -581,6 +577,19 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if running:
             return "wait"
         return "done" if locked else None
+
+    def prepare_claims(self, study_id: int, study_name: str, total_trials: int) -> str:
+        """The one-message claim (``_create_trial_at_once``) for this study and budget,
+        compiled once per process (compiling costs ~4 ms of client CPU, ~30 ms cold;
+        replacing the token and the time, 0.04 ms). A worker calls it before its first
+        claim, so that a fleet starting together does not compile while it claims."""
+        assert self.heartbeat_interval is not None
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        key = (study_id, study_name, total_trials, grace)
+        compiled = _CLAIM_MESSAGES.get(key)
+        if compiled is None:
+            compiled = _CLAIM_MESSAGES[key] = self._claim_message(*key)
+        return compiled
 
     def _claim_message(
         self, study_id: int, study_name: str, total_trials: int, grace: float

@@ -167,11 +167,10 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
 def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> int | str | None:
     """The id of a new RUNNING trial made in one round trip, or the claim's answer
     ("wait", "done") from the same round trip, or None where the claim must take the
-    long way (``ReconnectingRDBStorage.at_once``). A study that keeps its
-    batch sizes covered always takes the long way: that decision reads the finished
-    trials under the lock (``keep_batch_sizes_covered``). Created through the study's
-    cache layer, as ``Study.ask`` creates, so the cache knows the trial."""
-    if loaded.spec.sampler.cover_batch_sizes:
+    long way (``ReconnectingRDBStorage.at_once``; ``claims_at_once`` says where it is
+    not tried). Created through the study's cache layer, as ``Study.ask`` creates, so
+    the cache knows the trial."""
+    if not claims_at_once(loaded):
         return None
     storage = loaded.storage
     try:
@@ -179,6 +178,22 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
             return compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
     except NoTrialAtOnce as no_trial:
         return no_trial.answer
+
+
+def claims_at_once(loaded: LoadedStudy) -> bool:
+    """Whether this worker's claims try the one-message claim first: PostgreSQL through
+    psycopg, heartbeats on, and a study that does not keep its batch sizes covered (that
+    decision reads the finished trials under the lock: ``keep_batch_sizes_covered``)."""
+    storage = loaded.storage
+    if loaded.spec.sampler.cover_batch_sizes or storage.heartbeat_interval is None:
+        return False
+    return storage.lock_engine().dialect.driver == "psycopg"
+
+
+def prepare_claims(loaded: LoadedStudy, total_trials: int) -> None:
+    """Compile the one-message claim before the first claim, where one will be tried."""
+    if claims_at_once(loaded) and _grid_sampler(loaded.study) is None:
+        loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, total_trials)
 
 
 def _landed(loaded: LoadedStudy, token: str, error: Exception) -> int:
@@ -484,6 +499,7 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
+    prepare_claims(loaded, total_trials)
     stop = StopSignal()
     stop.install()
     started = time.monotonic()
