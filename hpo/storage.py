@@ -16,7 +16,9 @@ What makes a shared database safe for many workers:
 - **A study lock** (``study_lock``) that serializes "is there budget left? then create a
   trial", which is what makes ``--n-trials`` an exact study-wide total: a PostgreSQL
   advisory lock held by one transaction that does all the work under it, a MariaDB/MySQL
-  ``GET_LOCK``, or a lock file for SQLite.
+  ``GET_LOCK``, or a lock file for SQLite. On PostgreSQL a claim's common case is one
+  message that takes the lock, counts and inserts (``ReconnectingRDBStorage.at_once``),
+  optionally through a PgBouncer alias of its own (``use_lock_database``).
 """
 
 from __future__ import annotations

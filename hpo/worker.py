@@ -53,11 +53,13 @@ from hpo.settings import (
     heartbeat_settings,
     kill_point,
 )
+from hpo.space import coverage_may_need
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
 from hpo.storage import NoTrialAtOnce, is_connection_error, retry_on_disconnect, study_lock
 from hpo.study import (
     CLASS_COUNTS_ATTR,
+    FINISHED_STATES,
     LoadedStudy,
     Outcome,
     keep_batch_sizes_covered,
@@ -172,6 +174,9 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
     the cache knows the trial."""
     if not claims_at_once(loaded):
         return None
+    finished = loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    if coverage_may_need(loaded.spec, finished):
+        return None  # keep_batch_sizes_covered decides, under the lock, in the long way
     storage = loaded.storage
     try:
         with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
@@ -182,10 +187,12 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
 
 def claims_at_once(loaded: LoadedStudy) -> bool:
     """Whether this worker's claims try the one-message claim first: PostgreSQL through
-    psycopg, heartbeats on, and a study that does not keep its batch sizes covered (that
-    decision reads the finished trials under the lock: ``keep_batch_sizes_covered``)."""
+    psycopg, with heartbeats. In a study that keeps its batch sizes covered, only while
+    its finished trials say no batch size can need another coverage trial
+    (``coverage_may_need``, read before the claim: a need that arises meanwhile is
+    queued, under the lock, by the next claim)."""
     storage = loaded.storage
-    if loaded.spec.sampler.cover_batch_sizes or storage.heartbeat_interval is None:
+    if storage.heartbeat_interval is None:
         return False
     return storage.lock_engine().dialect.driver == "psycopg"
 

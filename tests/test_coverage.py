@@ -370,3 +370,41 @@ def test_a_claim_in_a_covered_study_reads_no_running_trial(
     with trials_read(monkeypatch) as read:
         assert isinstance(claim_trial(loaded, total_trials=100), int)
     assert TrialState.RUNNING not in [t.state for t in read], read
+
+
+@pytest.mark.db
+def test_a_covered_study_claims_in_one_message_once_no_batch_size_can_need_a_retry(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shipped studies keep their batch sizes covered. While a batch size has only
+    # trials that ended without a result, a claim sends no message: the long way queues
+    # its retry under the lock (keep_batch_sizes_covered). A waiting trial (the first
+    # round) also sends the claim the long way. Otherwise the claim is one message.
+    import hpo.storage
+
+    messages, long_way = [], []
+    real_rows, real_lock = hpo.storage._rows_of, hpo.worker.study_lock
+
+    def recorded(connection, message: str):
+        messages.append(message)
+        return real_rows(connection, message)
+
+    def counted(*args, **kwargs):
+        long_way.append(1)
+        return real_lock(*args, **kwargs)
+
+    monkeypatch.setattr(hpo.storage, "_rows_of", recorded)
+    monkeypatch.setattr(hpo.worker, "study_lock", counted)
+    with scratch_database("postgresql", prefix="h9r_") as url:
+        loaded = create_or_load_study(_spec(tiny_study, cover=True, batch_size_max=32), url)
+        first = _claim_and_end(loaded, TrialState.COMPLETE)  # the round: 16, then 32
+        second = _claim_and_end(loaded, TrialState.PRUNED)
+        assert (len(messages), len(long_way)) == (2, 2)  # tried; the round was waiting
+        retry = _claim_and_end(loaded, TrialState.COMPLETE)  # 32 needs one: no message
+        assert (len(messages), len(long_way)) == (2, 3)
+        assert retry.params[BATCH_PARAM] == second.params[BATCH_PARAM] != first.params[BATCH_PARAM]
+        _claim_and_end(loaded, TrialState.COMPLETE)  # covered: one message, no lock wait
+        assert (len(messages), len(long_way)) == (3, 3)
+        numbers = sorted(t.number for t in loaded.study.get_trials())
+        loaded.storage.dispose()
+    assert numbers == list(range(4))
