@@ -174,8 +174,9 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
     the cache knows the trial."""
     if not claims_at_once(loaded):
         return None
-    finished = loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    if coverage_may_need(loaded.spec, finished):
+    if loaded.spec.sampler.cover_batch_sizes and coverage_may_need(
+        loaded.spec, loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    ):
         return None  # keep_batch_sizes_covered decides, under the lock, in the long way
     storage = loaded.storage
     try:
