@@ -662,7 +662,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             .where(trial.c.study_id == study_id)
             .cte("counts")
         )
-        created, writes = _claimed_trial_inserts(study_id, number, start, token)
+        created, writes = _claimed_trial_inserts(
+            study_id, number, start, token, heartbeat=self.heartbeat_interval is not None
+        )
         row = connection.execute(
             sqlalchemy.select(created.c.trial_id, created.c.number).add_cte(*writes)
         ).one()
@@ -1126,14 +1128,15 @@ def _claimed_trial_inserts(
     start: datetime,
     token: str,
     *,
+    heartbeat: bool = True,
     where: Any = None,
     also: Sequence[Any] = (),
 ) -> tuple[Any, list[Any]]:
     """A claimed trial's three inserts as data-modifying CTEs: ``created`` (the RUNNING
     trial, numbered ``counts.c.trials``, inserted only ``where`` holds, returning its id
-    and number), and the inserts of its claim token and first heartbeat, to attach with
-    ``add_cte``. ``also``: more CTEs ``where`` reads. One PostgreSQL statement for what
-    ``_create_claimed_trial`` does in three on MariaDB."""
+    and number), and the inserts of its claim token and, with ``heartbeat``, its first
+    heartbeat, to attach with ``add_cte``. ``also``: more CTEs ``where`` reads. One
+    PostgreSQL statement for what ``_create_claimed_trial`` does in three on MariaDB."""
     models = compat.rdb_models()
     trial = models.TrialModel.__table__
     attr = models.TrialSystemAttributeModel.__table__
@@ -1162,11 +1165,14 @@ def _claimed_trial_inserts(
             sqlalchemy.literal(json.dumps(token)),
         ),
     )
-    heartbeat = sqlalchemy.insert(beat).from_select(
-        ["trial_id", "heartbeat"],
-        sqlalchemy.select(created.c.trial_id, sqlalchemy.func.clock_timestamp()),
-    )
-    return created, [token_row.cte("token"), heartbeat.cte("beat")]
+    writes = [token_row.cte("token")]
+    if heartbeat:
+        first_beat = sqlalchemy.insert(beat).from_select(
+            ["trial_id", "heartbeat"],
+            sqlalchemy.select(created.c.trial_id, sqlalchemy.func.clock_timestamp()),
+        )
+        writes.append(first_beat.cte("beat"))
+    return created, writes
 
 
 def _rows_of(connection: sqlalchemy.Connection, message: str) -> list[list[tuple[Any, ...]]]:
