@@ -83,6 +83,8 @@ _MAX_IN_LIST = 500
 # (``ReconnectingRDBStorage._claim_message``), replaced at each claim.
 _TOKEN_MARK = "0" * 32
 _START_MARK = datetime(2000, 1, 1, 0, 0, 0, 123456)
+# The states a trial ends in (COMPLETE, PRUNED, FAIL).
+_FINISHED = [state for state in TrialState if state.is_finished()]
 # Compiled one-message claims of this process, by (study id, study name, total, grace).
 _CLAIM_MESSAGES: dict[tuple[int, str, int, float], str] = {}
 
@@ -555,7 +557,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         lock) committed meanwhile; the budget is counted as ``LoadedStudy.budget``
         counts it. Values are rendered into the SQL by SQLAlchemy (a message of several
         statements cannot carry parameters): integers, a hex token and a timestamp."""
-        if self.heartbeat_interval is None or self.lock_engine().dialect.driver != "psycopg":
+        if not self.claims_at_once():
             return None
         if not re.fullmatch(r"[0-9a-f]{32}", token):
             return None  # not hpo's claim token (uuid4().hex): the long way
@@ -580,15 +582,21 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             return "wait"
         return "done" if locked else None
 
+    def claims_at_once(self) -> bool:
+        """Whether a claim can be one message here (``_create_trial_at_once``): PostgreSQL
+        through psycopg (the simple query protocol, several results), with heartbeats
+        (the message inserts the first one)."""
+        return (
+            self.heartbeat_interval is not None and self.lock_engine().dialect.driver == "psycopg"
+        )
+
     def prepare_claims(self, study_id: int, study_name: str, total_trials: int) -> str:
         """The one-message claim (``_create_trial_at_once``) for this study and budget,
         compiled once per process (compiling costs ~4 ms of client CPU, 5 ms the first
         time in a process; filling in the token and the time, 0.04 ms). A worker calls it
         before its first claim, so that a fleet starting together does not compile while
         it claims."""
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        key = (study_id, study_name, total_trials, grace)
+        key = (study_id, study_name, total_trials, self._grace_s())
         compiled = _CLAIM_MESSAGES.get(key)
         if compiled is None:
             compiled = _CLAIM_MESSAGES[key] = self._claim_message(*key)
@@ -733,15 +741,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         retry's history is its predecessor's plus the predecessor, so distinct histories
         are distinct predecessors (``hpo.retry.superseded_trials`` counts the same set).
         """
-        models = compat.rdb_models()
-        trial = models.TrialModel.__table__
-        attr = models.TrialSystemAttributeModel.__table__
-        lineages = (
-            sqlalchemy.select(sqlalchemy.func.count(sqlalchemy.distinct(attr.c.value_json)))
-            .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
-            .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
-            .scalar_subquery()
-        )
+        trial = compat.rdb_models().TrialModel.__table__
+        lineages = _requeued(study_id).scalar_subquery()
         rows = self._read(
             sqlalchemy.select(trial.c.state, sqlalchemy.func.count(), lineages)
             .where(trial.c.study_id == study_id)
@@ -944,14 +945,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         Optuna's loads every RUNNING trial with its heartbeat and compares in Python; it
         runs at every claim, under the study lock, so at 256 RUNNING trials that was the
         claim's largest cost. Trials without a heartbeat are never stale, as in Optuna."""
-        assert self.heartbeat_interval is not None
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
         models = compat.rdb_models()
         trial = models.TrialModel.__table__
         beat = models.TrialHeartbeatModel.__table__
         with self._reading() as connection:
             now = connection.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one()
-            oldest = now.replace(tzinfo=None) - timedelta(seconds=grace)
+            oldest = now.replace(tzinfo=None) - timedelta(seconds=self._grace_s())
             rows = connection.execute(
                 sqlalchemy.select(trial.c.trial_id)
                 .join(beat, beat.c.trial_id == trial.c.trial_id)
@@ -963,6 +962,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             )
             return [int(row[0]) for row in rows]
 
+    def _grace_s(self) -> float:
+        """Seconds without a heartbeat after which a RUNNING trial is stale, as Optuna
+        decides (its grace period, else two heartbeat intervals)."""
+        assert self.heartbeat_interval is not None
+        if self.grace_period is not None:
+            return self.grace_period
+        return 2 * self.heartbeat_interval
+
     def has_stale_trials(self, study_id: int) -> bool:
         """Whether a RUNNING trial of the study missed its heartbeats for the grace period."""
         return self.heartbeat_interval is not None and bool(self._get_stale_trial_ids(study_id))
@@ -973,10 +980,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         learns which trials finished since it last looked (``hpo.compat.finished_trials_cache``)."""
         trial = compat.rdb_models().TrialModel.__table__
         seen = sqlalchemy.or_(trial.c.trial_id > greater_than, trial.c.trial_id.in_(sorted(among)))
-        finished = [state for state in TrialState if state.is_finished()]
         rows = self._read(
             sqlalchemy.select(trial.c.trial_id).where(
-                trial.c.study_id == study_id, trial.c.state.in_(finished), seen
+                trial.c.study_id == study_id, trial.c.state.in_(_FINISHED), seen
             )
         )
         return [int(row[0]) for row in rows]
@@ -1078,6 +1084,19 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
 
 
+def _requeued(study_id: int) -> sqlalchemy.Select:
+    """The number of the study's re-queued trials (column ``n``): the distinct retry
+    histories its retries carry (``ReconnectingRDBStorage.count_trials``)."""
+    models = compat.rdb_models()
+    trial = models.TrialModel.__table__
+    attr = models.TrialSystemAttributeModel.__table__
+    return (
+        sqlalchemy.select(sqlalchemy.func.count(sqlalchemy.distinct(attr.c.value_json)).label("n"))
+        .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
+        .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
+    )
+
+
 def _claim_counts(study_id: int, grace: float) -> tuple[Any, Any, Any]:
     """The CTEs a claim in one message counts with: the study's trials per state
     (``counts``: finished, running, waiting, all), its re-queued trials (``requeued``:
@@ -1086,13 +1105,11 @@ def _claim_counts(study_id: int, grace: float) -> tuple[Any, Any, Any]:
     ``_get_stale_trial_ids``)."""
     models = compat.rdb_models()
     trial = models.TrialModel.__table__
-    attr = models.TrialSystemAttributeModel.__table__
     beat = models.TrialHeartbeatModel.__table__
     count = sqlalchemy.func.count
-    finished = [state for state in TrialState if state.is_finished()]
     counts = (
         sqlalchemy.select(
-            count().filter(trial.c.state.in_(finished)).label("finished"),
+            count().filter(trial.c.state.in_(_FINISHED)).label("finished"),
             count().filter(trial.c.state == TrialState.RUNNING).label("running"),
             count().filter(trial.c.state == TrialState.WAITING).label("waiting"),
             count().label("trials"),
@@ -1100,12 +1117,7 @@ def _claim_counts(study_id: int, grace: float) -> tuple[Any, Any, Any]:
         .where(trial.c.study_id == study_id)
         .cte("counts")
     )
-    requeued = (
-        sqlalchemy.select(count(sqlalchemy.distinct(attr.c.value_json)).label("n"))
-        .select_from(attr.join(trial, trial.c.trial_id == attr.c.trial_id))
-        .where(trial.c.study_id == study_id, attr.c.key == "retry_history")
-        .cte("requeued")
-    )
+    requeued = _requeued(study_id).cte("requeued")
     oldest = sqlalchemy.func.clock_timestamp() - sqlalchemy.literal(
         timedelta(seconds=grace), sqlalchemy.Interval()
     )

@@ -170,9 +170,12 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
     """The id of a new RUNNING trial made in one round trip, or the claim's answer
     ("wait", "done") from the same round trip, or None where the claim must take the
     long way (``ReconnectingRDBStorage.at_once``; ``claims_at_once`` says where it is
-    not tried). Created through the study's cache layer, as ``Study.ask`` creates, so
-    the cache knows the trial."""
-    if not claims_at_once(loaded):
+    not tried). In a study that keeps its batch sizes covered, only while its finished
+    trials say no batch size can need another coverage trial (``coverage_may_need``,
+    read before the claim: a need that arises meanwhile is queued, under the lock, by
+    the next claim). Created through the study's cache layer, as ``Study.ask`` creates,
+    so the cache knows the trial."""
+    if not loaded.storage.claims_at_once():
         return None
     if loaded.spec.sampler.cover_batch_sizes and coverage_may_need(
         loaded.spec, loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
@@ -186,21 +189,9 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
         return no_trial.answer
 
 
-def claims_at_once(loaded: LoadedStudy) -> bool:
-    """Whether this worker's claims try the one-message claim first: PostgreSQL through
-    psycopg, with heartbeats. In a study that keeps its batch sizes covered, only while
-    its finished trials say no batch size can need another coverage trial
-    (``coverage_may_need``, read before the claim: a need that arises meanwhile is
-    queued, under the lock, by the next claim)."""
-    storage = loaded.storage
-    if storage.heartbeat_interval is None:
-        return False
-    return storage.lock_engine().dialect.driver == "psycopg"
-
-
 def prepare_claims(loaded: LoadedStudy, total_trials: int) -> None:
     """Compile the one-message claim before the first claim, where one will be tried."""
-    if claims_at_once(loaded) and _grid_sampler(loaded.study) is None:
+    if loaded.storage.claims_at_once() and _grid_sampler(loaded.study) is None:
         loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, total_trials)
 
 
