@@ -535,6 +535,10 @@ class StudySpec(_Table):
     def from_json(cls, text: str, *, source: str = "stored spec") -> StudySpec:
         """The spec stored on a study. Raises SpecError naming ``source`` when it no longer
         validates (written by an older hpo, or by hand)."""
+        if _too_deep(text, _JSON_TOKENS) is not None:
+            raise SpecError(
+                f"{source} is not a JSON study spec (nested more than {MAX_NESTING} deep)"
+            )
         try:
             return cls.model_validate(json.loads(text))
         except ValidationError as error:
@@ -542,7 +546,7 @@ class StudySpec(_Table):
                 f"{source} no longer validates: {_format_validation_error(error)} "
                 "(create a new study from a corrected study file)"
             ) from None
-        except (TypeError, ValueError, RecursionError) as error:
+        except (TypeError, ValueError) as error:
             raise SpecError(f"{source} is not a JSON study spec ({error})") from None
 
 
@@ -601,6 +605,36 @@ def parse_spec(data: dict[str, Any], *, source: str, default_name: str) -> Study
         raise SpecError(f"{source}: {_format_validation_error(error)}") from None
 
 
+# A study file nests three tables deep at most. Text nested deeper is refused before it is
+# parsed: tomllib and json recurse once per level, and a parser stopped by the recursion
+# limit leaves no stack for anything else that runs at that depth (a garbage collector's
+# finalizer then fails: "Exception ignored in ...").
+MAX_NESTING = 32
+_TOML_TOKENS = re.compile(
+    r'#[^\n]*|"""(?:\\.|[^\\])*?"""|'
+    + r"'''.*?'''|"
+    + r'"(?:\\.|[^"\\\n])*"|'
+    + r"'[^'\n]*'|[\[\]{}]",
+    re.DOTALL,
+)
+_JSON_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+
+
+def _too_deep(text: str, tokens: re.Pattern[str]) -> int | None:
+    """The line on which brackets or braces outside strings and comments first nest more
+    than MAX_NESTING deep, or None. It counts without parsing, so it needs no stack."""
+    depth = 0
+    for match in tokens.finditer(text):
+        bracket = match.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > MAX_NESTING:
+                return text.count("\n", 0, match.start()) + 1
+        elif bracket in ("]", "}"):
+            depth = max(depth - 1, 0)
+    return None
+
+
 def load_spec(
     study: str | Path, studies_dir: Path | None = None, *, check_paths: bool = True
 ) -> StudySpec:
@@ -611,15 +645,20 @@ def load_spec(
     """
     path = resolve_study_path(str(study), studies_dir)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise SpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SpecError(f"{path}: not valid TOML ({error})") from None
-    except RecursionError:
-        raise SpecError(f"{path}: not a study file (nested too deeply)") from None
     except OSError as error:
         raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
+    line = _too_deep(text, _TOML_TOKENS)
+    if line is not None:
+        raise SpecError(
+            f"{path}: not a study file (nested more than {MAX_NESTING} deep on line {line})"
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML ({error})") from None
     spec = parse_spec(data, source=str(path), default_name=path.stem)
     if check_paths:
         check_data_root(spec, source=str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import optuna
@@ -277,3 +278,63 @@ def test_a_stored_spec_that_no_longer_validates_is_exit_2_for_every_command(
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and "stored on study 'tiny'" in lines[0], (command, lines)
     assert optuna.load_study(study_name="tiny", storage=url).trials == []
+
+
+def deepest_call_stack(function, *args) -> int:
+    """How many frames deeper than the caller ``function(*args)`` went."""
+    depth = deepest = 0
+
+    def profile(frame, event, arg):
+        nonlocal depth, deepest
+        if event in ("call", "c_call"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif event in ("return", "c_return", "c_exception"):
+            depth -= 1
+
+    sys.setprofile(profile)
+    try:
+        function(*args)
+    except Exception:
+        pass
+    finally:
+        sys.setprofile(None)
+    return deepest
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a = " + "[" * 5000, "a = " + "{b = " * 5000, "[[a]]\nb = " + "[" * 40 + "]" * 40],
+    ids=["arrays", "inline-tables", "just-over-the-limit"],
+)
+def test_a_deeply_nested_study_file_is_refused_without_nearing_the_recursion_limit(
+    studies_dir: Path, text: str
+) -> None:
+    # A parser stopped by the recursion limit leaves no stack for a finalizer the garbage
+    # collector runs at that depth: refused before parsing, the call stays shallow.
+    path = studies_dir / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(
+        SpecError, match=r"deep\.toml: not a study file \(nested more than 32 deep on line \d"
+    ):
+        load_spec(path)
+    assert deepest_call_stack(load_spec, path) < 100
+
+
+def test_brackets_in_comments_and_strings_do_not_count_as_nesting(studies_dir: Path) -> None:
+    path = studies_dir / "tiny.toml"
+    many = "[{" * 50
+    path.write_text(f"# {many}\n" + tiny_study_text() + f"# '''{many}\n")
+    assert load_spec(path).name == "tiny"
+    for value in (f'"{many}"', f"'{many}'", f'"""\n{many}\n"""', f"'''\n{many}\n'''"):
+        path.write_text(tiny_study_text() + f"note = {value}\n")
+        with pytest.raises(SpecError) as raised:
+            load_spec(path)
+        assert "nested" not in str(raised.value) and "note" in str(raised.value)
+
+
+def test_a_stored_spec_nested_too_deeply_is_one_clear_error() -> None:
+    with pytest.raises(
+        SpecError, match=r"stored spec is not a JSON study spec \(nested more than 32"
+    ):
+        StudySpec.from_json("[" * 100_000)
