@@ -120,11 +120,8 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     token = uuid.uuid4().hex
     try:
         at_once = None if grid else _new_trial_at_once(loaded, total_trials, token)
-        if isinstance(at_once, str):
-            return at_once
         if at_once is not None:
-            kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-            return _build_trial(study, at_once, was_queued=False)
+            return at_once
     except Exception as error:
         if not is_connection_error(error):
             raise
@@ -166,15 +163,18 @@ def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
     return trial if grid else _build_trial(study, trial_id, was_queued)
 
 
-def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> int | str | None:
-    """The id of a new RUNNING trial made in one round trip, or the claim's answer
+def _new_trial_at_once(
+    loaded: LoadedStudy, total_trials: int, token: str
+) -> optuna.Trial | str | None:
+    """A new RUNNING trial made in one round trip, or the claim's answer
     ("wait", "done") from the same round trip, or None where the claim must take the
     long way (``ReconnectingRDBStorage.at_once``; ``claims_at_once`` says where it is
     not tried). In a study that keeps its batch sizes covered, only while its finished
     trials say no batch size can need another coverage trial (``coverage_may_need``,
     read before the claim: a need that arises meanwhile is queued, under the lock, by
     the next claim). Created through the study's cache layer, as ``Study.ask`` creates,
-    so the cache knows the trial."""
+    so the cache knows the trial, and built inside ``at_once``, which hands
+    ``optuna.Trial`` the claim's answer instead of a read of the trial."""
     if not loaded.storage.claims_at_once():
         return None
     if loaded.spec.sampler.cover_batch_sizes and coverage_may_need(
@@ -184,7 +184,9 @@ def _new_trial_at_once(loaded: LoadedStudy, total_trials: int, token: str) -> in
     storage = loaded.storage
     try:
         with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
-            return compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
+            trial_id = compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
+            kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
+            return _build_trial(loaded.study, trial_id, was_queued=False)
     except NoTrialAtOnce as no_trial:
         return no_trial.answer
 

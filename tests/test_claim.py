@@ -534,6 +534,30 @@ def test_a_claim_at_once_is_one_message_of_five_statements(
 
 
 @pytest.mark.db
+def test_a_claim_at_once_builds_its_trial_from_the_answer_without_reading_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # optuna.Trial reads its trial when it is built: six statements that were two thirds
+    # of a claim's client CPU. The claim's own answer is that trial, as stored.
+    watch = LockWatch(monkeypatch)
+    messages = _messages_at_once(monkeypatch)
+    with scratch_database("postgresql") as url:
+        create_or_load_study(_spec(), url).storage.dispose()
+        loaded = load_study("tiny", url)
+        watch.count_statements(loaded.storage.engine)
+        for _ in range(3):
+            before, messages_before = watch._count, len(messages)
+            trial = claim_trial(loaded, 10)
+            assert len(messages) - messages_before == 1  # the claim
+            assert watch._count == before  # and no statement besides: nothing read back
+            built = trial._cached_frozen_trial
+            assert built == loaded.storage.get_trial(trial._trial_id)  # read from storage
+            assert built.datetime_start == loaded.storage.get_trial(trial._trial_id).datetime_start
+            _finish(loaded, trial)
+        loaded.storage.dispose()
+
+
+@pytest.mark.db
 @pytest.mark.parametrize("landed", [True, False], ids=["committed", "not sent"])
 def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
     landed: bool, monkeypatch: pytest.MonkeyPatch
