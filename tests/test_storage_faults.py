@@ -37,9 +37,9 @@ BACKENDS = [
 DISTRIBUTION = FloatDistribution(0.0, 1.0)
 
 
-def _lost_connection_error(dialect_name: str, dbapi_connection) -> Exception:
+def _lost_connection_error(dialect_name: str, driver_connection) -> Exception:
     """The error each driver raises when its connection is gone after the COMMIT."""
-    dbapi_connection.dbapi_connection.close()  # the driver's connection under the pool's proxy
+    driver_connection.close()
     if dialect_name == "sqlite":
         import sqlite3
 
@@ -54,7 +54,9 @@ def _lost_connection_error(dialect_name: str, dbapi_connection) -> Exception:
 
 
 class CommitThenDrop:
-    """Arms a storage so that its next COMMIT lands and the acknowledgement is lost."""
+    """Arms a storage so that its next COMMIT lands and the acknowledgement is lost: a
+    COMMIT, or a statement in autocommit (its own transaction, as hpo writes a trial's
+    parameter or intermediate value in one statement on PostgreSQL)."""
 
     def __init__(self, storage: ReconnectingRDBStorage) -> None:
         self.storage = storage
@@ -63,14 +65,26 @@ class CommitThenDrop:
         dialect = storage.engine.dialect
         commit = dialect.do_commit
 
+        execute = dialect.do_execute
+
         def do_commit(dbapi_connection) -> None:
             commit(dbapi_connection)
-            if self.armed:
-                self.armed = False
-                self.fired += 1
-                raise _lost_connection_error(dialect.name, dbapi_connection)
+            # the driver's connection under the pool's proxy
+            self._drop_if_armed(dialect.name, dbapi_connection.dbapi_connection)
+
+        def do_execute(cursor, statement, parameters, context=None) -> None:
+            execute(cursor, statement, parameters, context)
+            if getattr(cursor.connection, "autocommit", None) is True:  # psycopg's flag
+                self._drop_if_armed(dialect.name, cursor.connection)
 
         dialect.do_commit = do_commit
+        dialect.do_execute = do_execute
+
+    def _drop_if_armed(self, dialect_name: str, driver_connection) -> None:
+        if self.armed:
+            self.armed = False
+            self.fired += 1
+            raise _lost_connection_error(dialect_name, driver_connection)
 
     @contextlib.contextmanager
     def once(self, during: str | None = None) -> Iterator[None]:
