@@ -56,7 +56,13 @@ from hpo.settings import (
 from hpo.space import coverage_may_need
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
-from hpo.storage import NoTrialAtOnce, is_connection_error, retry_on_disconnect, study_lock
+from hpo.storage import (
+    NoTrialAtOnce,
+    ReconnectingRDBStorage,
+    is_connection_error,
+    retry_on_disconnect,
+    study_lock,
+)
 from hpo.study import (
     CLASS_COUNTS_ATTR,
     FINISHED_STATES,
@@ -290,7 +296,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        storage: optuna.storages.RDBStorage,
+        storage: ReconnectingRDBStorage,
         trial_id: int,
         interval: float,
         guard: SQLiteFileGuard | None = None,
@@ -309,8 +315,8 @@ class Heartbeat:
                     self.on_lost(problem)
                 return
             try:
-                # The unwrapped call: one try per interval, never a long blocking retry.
-                optuna.storages.RDBStorage.record_heartbeat(self.storage, self.trial_id)
+                # One try per interval, never a long blocking retry.
+                self.storage.record_heartbeat_once(self.trial_id)
             except Exception as error:
                 logger.warning("heartbeat for trial id %s not recorded: %s", self.trial_id,
                                type(error).__name__)  # fmt: skip

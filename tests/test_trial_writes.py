@@ -105,3 +105,20 @@ def test_a_waiting_trial_takes_parameters_as_in_optuna(storage) -> None:
     waiting = storage.create_new_trial(study_id, template_trial=template)
     storage.set_trial_param(waiting, "x", 0.5, FloatDistribution(0.0, 1.0))
     assert storage.get_trial(waiting).params == {"x": 0.5}
+
+
+def test_a_heartbeat_is_one_statement_that_sets_the_servers_time(storage) -> None:
+    beat = sqlalchemy.text("SELECT heartbeat, now()::timestamp FROM trial_heartbeats")
+    study_id = storage.create_new_study([StudyDirection.MAXIMIZE], "s")
+    trial = storage.create_new_trial(study_id)
+    sent = _statements(storage)
+    storage.record_heartbeat_once(trial)  # its row made
+    with storage.engine.connect() as connection:
+        ((first, _),) = connection.execute(beat).all()
+    storage.record_heartbeat_once(trial)  # its row set again
+    storage.record_heartbeat_once(trial + 1)  # no such trial: ignored, as Optuna does
+    assert len([s for s in sent if s != str(beat)]) == 3, sent
+    with storage.engine.connect() as connection:
+        ((second, now),) = connection.execute(beat).all()
+    assert first < second <= now
+    assert storage._get_stale_trial_ids(study_id) == []
