@@ -122,3 +122,21 @@ def test_a_heartbeat_is_one_statement_that_sets_the_servers_time(storage) -> Non
         ((second, now),) = connection.execute(beat).all()
     assert first < second <= now
     assert storage._get_stale_trial_ids(study_id) == []
+
+
+def test_a_trial_attribute_is_one_statement_and_replaces_the_earlier_value(storage) -> None:
+    study_id = storage.create_new_study([StudyDirection.MAXIMIZE], "s")
+    trial = storage.create_new_trial(study_id)
+    sent = _statements(storage)
+    storage.set_trial_user_attr(trial, "worker", "node-1:10")
+    storage.set_trial_user_attr(trial, "worker", {"node": 2})
+    storage.set_trial_system_attr(trial, "fixed_params", {"x": 0.5})
+    assert len(sent) == 3, sent
+    stored = storage.get_trial(trial)
+    assert stored.user_attrs == {"worker": {"node": 2}}
+    assert stored.system_attrs == {"fixed_params": {"x": 0.5}}
+    storage.set_trial_state_values(trial, TrialState.FAIL)
+    with pytest.raises(UpdateFinishedTrialError):
+        storage.set_trial_user_attr(trial, "worker", "late")
+    with pytest.raises(KeyError):
+        storage.set_trial_system_attr(trial + 1, "k", 1)
