@@ -699,6 +699,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 stored = optuna.storages.RDBStorage.get_trial(self, trial_id)
                 if stored.state == state and (values is None or stored.values == list(values)):
                     return True  # our earlier attempt committed it
+            if state.is_finished() and self.engine.dialect.name == "postgresql":
+                return self._finish_trial(trial_id, state, values)
             return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
 
         return retry_on_disconnect(attempt, what="set_trial_state_values", url=self.url)
@@ -734,7 +736,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         _, stored_shape = self._write(
             _param_insert(look_back=previous_distribution is None),
             trial_id,
-            {"name": param_name, "value": param_value_internal, "shape": shape},
+            {
+                "trial_id": trial_id,
+                "name": param_name,
+                "value": param_value_internal,
+                "shape": shape,
+            },  # fmt: skip
         )
         if stored_shape is not None and stored_shape != shape:
             super()._set_trial_param(*args)  # compatible or not, as Optuna decides
@@ -751,7 +758,31 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             return
         model = compat.rdb_models().TrialIntermediateValueModel
         stored, kind = model.intermediate_value_to_stored_repr(intermediate_value)
-        self._write(_step_upsert(), trial_id, {"step": step, "value": stored, "kind": kind})
+        values = {"trial_id": trial_id, "step": step, "value": stored, "kind": kind}
+        self._write(_step_upsert(), trial_id, values)
+
+    def _finish_trial(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None
+    ) -> bool:
+        """Optuna's ``set_trial_state_values`` to a finished state, in one statement
+        (``_finish_statement``): the state, the time it ended and the values, where the
+        trial is not finished. Every tell writes through here; Optuna's is a transaction of
+        five round trips (BEGIN, the trial for update, the values, the update, COMMIT),
+        which under PgBouncer holds a server connection across all of them."""
+        model = compat.rdb_models().TrialValueModel
+        given: dict[str, Any] = {"finished_id": trial_id, "new_state": state}
+        given["complete"] = datetime.now()  # Optuna's time: the client's
+        for objective, value in enumerate(values or ()):
+            given[f"value_{objective}"], given[f"type_{objective}"] = model.value_to_stored_repr(
+                value
+            )
+        statement = _finish_statement(len(values or ()))
+        _, finished = self._write(statement, trial_id, given)
+        if not finished:  # finished by another worker since the snapshot: as Optuna, raise
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"Trial with id {trial_id} has already finished and can not be updated."
+            )
+        return True
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         """Optuna's, on PostgreSQL in one statement (``_attr_upsert``; Optuna's is four
@@ -760,7 +791,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             super().set_trial_user_attr(trial_id, key, value)
             return
         statement = _attr_upsert(compat.rdb_models().TrialUserAttributeModel.__tablename__)
-        self._write(statement, trial_id, {"key": key, "value": json.dumps(value)})
+        self._write(
+            statement, trial_id, {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
+        )
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         """As ``set_trial_user_attr``, for a system attribute."""
@@ -768,7 +801,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             super().set_trial_system_attr(trial_id, key, value)
             return
         statement = _attr_upsert(compat.rdb_models().TrialSystemAttributeModel.__tablename__)
-        self._write(statement, trial_id, {"key": key, "value": json.dumps(value)})
+        self._write(
+            statement, trial_id, {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
+        )
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.record_heartbeat_once(trial_id)
@@ -797,7 +832,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         first column is the trial's state: its row, or Optuna's error for a trial that is
         missing (KeyError) or finished (UpdateFinishedTrialError)."""
         with self._reading() as connection:
-            row = connection.execute(statement, {"trial_id": trial_id, **values}).one_or_none()
+            row = connection.execute(statement, values).one_or_none()
         if row is None:
             raise KeyError(compat.rdb_not_found_message())
         self.check_trial_is_updatable(trial_id, row[0])
@@ -1302,13 +1337,13 @@ def _compatible(
     return True
 
 
-def _updatable() -> sqlalchemy.CTE:
-    """The study and state of the trial ``:trial_id``, for a statement that writes to it
-    only if it is not finished (``ReconnectingRDBStorage._write``)."""
+def _updatable(bound: str = "trial_id") -> sqlalchemy.CTE:
+    """The study and state of the trial whose id is bound as ``bound``, for a statement
+    that writes to it only if it is not finished (``ReconnectingRDBStorage._write``)."""
     trial = compat.rdb_models().TrialModel.__table__
     return (
         sqlalchemy.select(trial.c.study_id, trial.c.state)
-        .where(trial.c.trial_id == sqlalchemy.bindparam("trial_id"))
+        .where(trial.c.trial_id == sqlalchemy.bindparam(bound))
         .cte("target")
     )
 
@@ -1389,6 +1424,61 @@ def _attr_upsert(table_name: str) -> sqlalchemy.Select:
         .cte("written")
     )
     return sqlalchemy.select(target.c.state).add_cte(written)
+
+
+@functools.cache
+def _finish_statement(objectives: int) -> sqlalchemy.Select:
+    """``_finish_trial``'s statement for ``objectives`` values: the trial ``:finished_id``
+    set to ``:new_state`` at ``:complete`` with ``:value_N`` of ``:type_N`` for each
+    objective N,
+    if it is not finished; answers the trial's state before and whether it was set. The
+    update checks the state of the row it updates (a concurrent finish is seen)."""
+    models = compat.rdb_models()
+    trial = models.TrialModel.__table__
+    table = models.TrialValueModel.__table__
+    target = _updatable("finished_id")
+    updated = (
+        sqlalchemy.update(trial)
+        .where(
+            # Not "trial_id": a parameter named as a column of an UPDATE sets that column.
+            trial.c.trial_id == sqlalchemy.bindparam("finished_id"),
+            trial.c.state.not_in(_FINISHED),
+        )
+        .values(
+            state=sqlalchemy.bindparam("new_state", type_=trial.c.state.type),
+            datetime_complete=sqlalchemy.bindparam(
+                "complete", type_=trial.c.datetime_complete.type
+            ),
+        )
+        .returning(trial.c.trial_id)
+        .cte("updated")
+    )
+    ctes = [updated]
+    if objectives:
+        rows: Any = [
+            sqlalchemy.select(
+                updated.c.trial_id,
+                sqlalchemy.literal(n, table.c.objective.type),
+                # Cast: in a UNION, PostgreSQL takes an untyped parameter for text.
+                sqlalchemy.cast(sqlalchemy.bindparam(f"value_{n}"), table.c.value.type),
+                sqlalchemy.cast(sqlalchemy.bindparam(f"type_{n}"), table.c.value_type.type),
+            )
+            for n in range(objectives)
+        ]
+        rows = rows[0] if objectives == 1 else sqlalchemy.union_all(*rows)
+        upsert = postgresql.insert(table).from_select(
+            ["trial_id", "objective", "value", "value_type"], rows
+        )
+        ctes.append(
+            upsert.on_conflict_do_update(
+                index_elements=["trial_id", "objective"],
+                set_={"value": upsert.excluded.value, "value_type": upsert.excluded.value_type},
+            )
+            .returning(table.c.trial_id)
+            .cte("written")
+        )
+    done = sqlalchemy.select(sqlalchemy.func.count()).select_from(updated).scalar_subquery()
+    return sqlalchemy.select(target.c.state, done > 0).add_cte(*ctes)
 
 
 @functools.cache

@@ -7,6 +7,8 @@ that hand a call back to Optuna."""
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -140,3 +142,32 @@ def test_a_trial_attribute_is_one_statement_and_replaces_the_earlier_value(stora
         storage.set_trial_user_attr(trial, "worker", "late")
     with pytest.raises(KeyError):
         storage.set_trial_system_attr(trial + 1, "k", 1)
+
+
+@pytest.mark.parametrize(
+    "values", [[0.75], [0.75, float("inf"), -float("inf")]], ids=["one", "three"]
+)
+def test_a_tell_is_one_statement_that_stores_state_values_and_end(storage, values) -> None:
+    study_id = storage.create_new_study([StudyDirection.MAXIMIZE] * len(values), "s")
+    trial = storage.create_new_trial(study_id)
+    sent = _statements(storage)
+    before = datetime.datetime.now()
+    assert storage.set_trial_state_values(trial, TrialState.COMPLETE, values)
+    assert len(sent) == 1, sent
+    stored = storage.get_trial(trial)
+    assert stored.state == TrialState.COMPLETE and stored.values == values
+    assert before <= stored.datetime_complete <= datetime.datetime.now()
+    with pytest.raises(UpdateFinishedTrialError):
+        storage.set_trial_state_values(trial, TrialState.FAIL)
+    with pytest.raises(KeyError):
+        storage.set_trial_state_values(trial + 1, TrialState.FAIL)
+    assert storage.get_trial(trial).state == TrialState.COMPLETE
+
+
+def test_a_tell_without_values_is_one_statement(storage) -> None:
+    study_id = storage.create_new_study([StudyDirection.MAXIMIZE], "s")
+    trial = storage.create_new_trial(study_id)
+    sent = _statements(storage)
+    assert storage.set_trial_state_values(trial, TrialState.PRUNED)
+    assert len(sent) == 1
+    assert storage.get_trial(trial).state == TrialState.PRUNED
