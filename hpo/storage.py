@@ -785,25 +785,24 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return True
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        """Optuna's, on PostgreSQL in one statement (``_attr_upsert``; Optuna's is four
-        round trips in a transaction: BEGIN, the trial, the upsert, COMMIT)."""
-        if self.engine.dialect.name != "postgresql":
+        model = compat.rdb_models().TrialUserAttributeModel
+        if not self._set_trial_attr_at_once(model, trial_id, key, value):
             super().set_trial_user_attr(trial_id, key, value)
-            return
-        statement = _attr_upsert(compat.rdb_models().TrialUserAttributeModel.__tablename__)
-        self._write(
-            statement, trial_id, {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
-        )
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        """As ``set_trial_user_attr``, for a system attribute."""
-        if self.engine.dialect.name != "postgresql":
+        model = compat.rdb_models().TrialSystemAttributeModel
+        if not self._set_trial_attr_at_once(model, trial_id, key, value):
             super().set_trial_system_attr(trial_id, key, value)
-            return
-        statement = _attr_upsert(compat.rdb_models().TrialSystemAttributeModel.__tablename__)
-        self._write(
-            statement, trial_id, {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
-        )
+
+    def _set_trial_attr_at_once(self, model: Any, trial_id: int, key: str, value: Any) -> bool:
+        """A trial's user or system attribute (``model``'s table) set in one statement
+        (``_attr_upsert``; Optuna's is four round trips in a transaction: BEGIN, the
+        trial, the upsert, COMMIT). False where not on PostgreSQL: Optuna's own runs."""
+        if self.engine.dialect.name != "postgresql":
+            return False
+        values = {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
+        self._write(_attr_upsert(model.__tablename__), trial_id, values)
+        return True
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.record_heartbeat_once(trial_id)

@@ -533,28 +533,36 @@ def test_a_claim_at_once_is_one_message_of_five_statements(
     assert numbers == list(range(len(numbers)))
 
 
-@pytest.mark.db
-def test_a_claim_at_once_builds_its_trial_from_the_answer_without_reading_it_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # optuna.Trial reads its trial when it is built: six statements that were two thirds
-    # of a claim's client CPU. The claim's own answer is that trial, as stored.
+@pytest.fixture
+def watched_study(monkeypatch: pytest.MonkeyPatch):
+    """A study on a scratch PostgreSQL database, loaded; the study lock watched
+    (``LockWatch``) and the one-message claims recorded (``_messages_at_once``)."""
     watch = LockWatch(monkeypatch)
     messages = _messages_at_once(monkeypatch)
     with scratch_database("postgresql") as url:
         create_or_load_study(_spec(), url).storage.dispose()
         loaded = load_study("tiny", url)
-        watch.count_statements(loaded.storage.engine)
-        for _ in range(3):
-            before, messages_before = watch._count, len(messages)
-            trial = claim_trial(loaded, 10)
-            assert len(messages) - messages_before == 1  # the claim
-            assert watch._count == before  # and no statement besides: nothing read back
-            built = trial._cached_frozen_trial
-            assert built == loaded.storage.get_trial(trial._trial_id)  # read from storage
-            assert built.datetime_start == loaded.storage.get_trial(trial._trial_id).datetime_start
-            _finish(loaded, trial)
+        yield loaded, watch, messages
         loaded.storage.dispose()
+
+
+@pytest.mark.db
+def test_a_claim_at_once_builds_its_trial_from_the_answer_without_reading_it_back(
+    watched_study,
+) -> None:
+    # optuna.Trial reads its trial when it is built: six statements that were two thirds
+    # of a claim's client CPU. The claim's own answer is that trial, as stored.
+    loaded, watch, messages = watched_study
+    watch.count_statements(loaded.storage.engine)
+    for _ in range(3):
+        before, messages_before = watch._count, len(messages)
+        trial = claim_trial(loaded, 10)
+        assert len(messages) - messages_before == 1  # the claim
+        assert watch._count == before  # and no statement besides: nothing read back
+        built = trial._cached_frozen_trial
+        assert built == loaded.storage.get_trial(trial._trial_id)  # read from storage
+        assert built.datetime_start == loaded.storage.get_trial(trial._trial_id).datetime_start
+        _finish(loaded, trial)
 
 
 @pytest.mark.db
@@ -592,21 +600,14 @@ def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
 
 
 @pytest.mark.db
-def test_a_claim_at_once_answers_wait_and_done_in_the_same_message(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_claim_at_once_answers_wait_and_done_in_the_same_message(watched_study) -> None:
     # Near a study's end most claims answer "wait": one message, not a second, long claim.
-    watch = LockWatch(monkeypatch)
-    messages = _messages_at_once(monkeypatch)
-    with scratch_database("postgresql") as url:
-        create_or_load_study(_spec(), url).storage.dispose()
-        loaded = load_study("tiny", url)
-        first, second = claim_trial(loaded, 2), claim_trial(loaded, 2)
-        messages.clear()
-        waited = claim_trial(loaded, 2)  # both trials still run
-        _finish(loaded, first)
-        _finish(loaded, second)
-        done = claim_trial(loaded, 2)
-        loaded.storage.dispose()
+    loaded, watch, messages = watched_study
+    first, second = claim_trial(loaded, 2), claim_trial(loaded, 2)
+    messages.clear()
+    waited = claim_trial(loaded, 2)  # both trials still run
+    _finish(loaded, first)
+    _finish(loaded, second)
+    done = claim_trial(loaded, 2)
     assert (waited, done) == ("wait", "done")
     assert len(messages) == 2 and not watch.statements_held
