@@ -741,7 +741,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 "name": param_name,
                 "value": param_value_internal,
                 "shape": shape,
-            },  # fmt: skip
+            },
         )
         if stored_shape is not None and stored_shape != shape:
             super()._set_trial_param(*args)  # compatible or not, as Optuna decides
@@ -1404,7 +1404,7 @@ def _heartbeat_upsert() -> sqlalchemy.Insert:
 
 @functools.cache
 def _attr_upsert(table_name: str) -> sqlalchemy.Select:
-    """``_set_trial_attr``'s statement: the attribute ``:key`` of the trial ``:trial_id``
+    """``_set_trial_attr_at_once``'s statement: the attribute ``:key`` of the trial ``:trial_id``
     (in ``table_name``: its user or system attributes) set to ``:value`` (JSON), if the
     trial is not finished; answers the trial's state."""
     table = compat.rdb_models().TrialModel.metadata.tables[table_name]
@@ -1429,9 +1429,9 @@ def _attr_upsert(table_name: str) -> sqlalchemy.Select:
 def _finish_statement(objectives: int) -> sqlalchemy.Select:
     """``_finish_trial``'s statement for ``objectives`` values: the trial ``:finished_id``
     set to ``:new_state`` at ``:complete`` with ``:value_N`` of ``:type_N`` for each
-    objective N,
-    if it is not finished; answers the trial's state before and whether it was set. The
-    update checks the state of the row it updates (a concurrent finish is seen)."""
+    objective N, if it is not finished; answers the trial's state before and whether it
+    was set. The update checks the state of the row it updates (a concurrent finish is
+    seen)."""
     models = compat.rdb_models()
     trial = models.TrialModel.__table__
     table = models.TrialValueModel.__table__
