@@ -451,7 +451,6 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             created = self._create_trial_at_once(study_id, *at_once, token)
             if not isinstance(created, FrozenTrial):
                 raise NoTrialAtOnce(created)
-            self._claim_state.created = (self, copy.deepcopy(created))
             return created
         if template_trial is None and self._in_claim() and connection is not None:
             return self._create_claimed_trial(connection, study_id, token)
@@ -584,7 +583,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if trial_id is not None:
             template = _running_template()
             template.datetime_start = started
-            return _from_template(template, int(trial_id), int(number))
+            created = _from_template(template, int(trial_id), int(number))
+            # For ``get_trial`` inside ``at_once``'s block (cleared when it ends).
+            self._claim_state.created = (self, int(trial_id), copy.deepcopy(created))
+            return created
         if stale_n or finished + running < total_trials:
             return None  # a stale or waiting trial: the long way
         if running:
@@ -895,8 +897,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return TrialCounts({TrialState(state): int(n) for state, n, _ in rows}, int(requeued or 0))
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        owner, created = getattr(self._claim_state, "created", None) or (None, None)
-        if owner is self and created._trial_id == trial_id:  # made by ``at_once``'s block
+        owner, created_id, created = getattr(self._claim_state, "created", None) or (None,) * 3
+        if owner is self and created_id == trial_id:  # made in ``at_once``'s block
             return copy.deepcopy(created)
         trial = compat.rdb_models().TrialModel.__table__
         found = self._read_trials(trial.c.trial_id == trial_id)
