@@ -701,7 +701,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 stored = optuna.storages.RDBStorage.get_trial(self, trial_id)
                 if stored.state == state and (values is None or stored.values == list(values)):
                     return True  # our earlier attempt committed it
-            if state.is_finished() and self.engine.dialect.name == "postgresql":
+            if state.is_finished() and self._writes_in_one_statement:
                 return self._finish_trial(trial_id, state, values)
             return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
 
@@ -728,7 +728,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         but different earlier distribution takes Optuna's own path."""
         dist = optuna.distributions
         args = (trial_id, param_name, param_value_internal, distribution, previous_distribution)
-        if self.engine.dialect.name != "postgresql" or (
+        if not self._writes_in_one_statement or (
             previous_distribution is not None
             and not _compatible(previous_distribution, distribution)
         ):
@@ -755,7 +755,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         update of the step's earlier value, where the trial is not finished. Every
         ``report`` writes through here; Optuna's ORM version is five round trips and
         ~5 ms of client CPU."""
-        if self.engine.dialect.name != "postgresql":
+        if not self._writes_in_one_statement:
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)
             return
         model = compat.rdb_models().TrialIntermediateValueModel
@@ -800,7 +800,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """A trial's user or system attribute (``model``'s table) set in one statement
         (``_attr_upsert``; Optuna's is four round trips in a transaction: BEGIN, the
         trial, the upsert, COMMIT). False where not on PostgreSQL: Optuna's own runs."""
-        if self.engine.dialect.name != "postgresql":
+        if not self._writes_in_one_statement:
             return False
         values = {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
         self._write(_attr_upsert(model.__tablename__), trial_id, values)
@@ -820,7 +820,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         cores, such transactions waiting for their clients held 11 of the pool's 20
         connections on average (pg_stat_activity, docs/benchmarks.md, stop 23). A trial
         that no longer exists is ignored, as Optuna ignores its foreign-key error."""
-        if self.engine.dialect.name != "postgresql":
+        if not self._writes_in_one_statement:
             optuna.storages.RDBStorage.record_heartbeat(self, trial_id)
             return
         with contextlib.suppress(sqlalchemy.exc.IntegrityError), self._reading() as connection:
@@ -1039,6 +1039,15 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             )
         return trials
 
+    @property
+    def _writes_in_one_statement(self) -> bool:
+        """Whether statements that stand alone run in autocommit (``_reading``), and so
+        a running trial's writes (param, intermediate value, attribute, heartbeat, tell)
+        are one statement each, hpo's, instead of Optuna's transactions: on PostgreSQL.
+        Elsewhere Optuna's own code runs (on MariaDB pymysql switches autocommit with a
+        statement each way; SQLite has no round trips to save)."""
+        return self.engine.dialect.name == "postgresql"
+
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlalchemy.Connection]:
         """A connection for work whose statements each stand alone: reads (under READ
@@ -1058,7 +1067,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if connection is not None:
             yield connection
             return
-        if self.engine.dialect.name != "postgresql":
+        if not self._writes_in_one_statement:
             # pymysql switches autocommit with a statement each way (a round trip more
             # than the COMMIT it saves); SQLite has no round trips.
             with self.engine.begin() as own:

@@ -308,18 +308,26 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._beat, daemon=True, name="hpo-heartbeat")
 
     def _beat(self) -> None:
+        # The claim recorded the trial's first heartbeat with the trial (every claim path,
+        # hpo.storage), so this thread's first beat comes an interval after it starts.
+        # Beating at once as well only took a second database connection, opened for the
+        # moment and closed again (the pool keeps one), while the trial's first
+        # ``suggest_*`` held the other: at every trial start.
+        beat = False
         while True:
             problem = self.guard.problem() if self.guard is not None else None
             if problem is not None:
                 if self.on_lost is not None:
                     self.on_lost(problem)
                 return
-            try:
-                # One try per interval, never a long blocking retry.
-                self.storage.record_heartbeat_once(self.trial_id)
-            except Exception as error:
-                logger.warning("heartbeat for trial id %s not recorded: %s", self.trial_id,
-                               type(error).__name__)  # fmt: skip
+            if beat:
+                try:
+                    # One try per interval, never a long blocking retry.
+                    self.storage.record_heartbeat_once(self.trial_id)
+                except Exception as error:
+                    logger.warning("heartbeat for trial id %s not recorded: %s", self.trial_id,
+                                   type(error).__name__)  # fmt: skip
+            beat = True
             if self.stopped.wait(self.interval):
                 return
 

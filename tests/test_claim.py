@@ -328,6 +328,28 @@ def test_a_claimed_new_trial_is_stored_as_optuna_stores_one(backend: str) -> Non
     assert with_heartbeat == {trial._trial_id for trial in claimed}
 
 
+def test_the_heartbeat_thread_beats_first_an_interval_after_the_claims_beat() -> None:
+    # A claim records the trial's first heartbeat (above). The worker's heartbeat thread
+    # beats first an interval later: beating at once too only opened a second database
+    # connection, for the moment, while the trial's first suggest held the pooled one.
+    beats: list[tuple[int, float]] = []
+
+    class Storage:
+        def record_heartbeat_once(self, trial_id: int) -> None:
+            beats.append((trial_id, time.monotonic()))
+
+    started = time.monotonic()
+    with hpo.worker.Heartbeat(Storage(), 7, 0.3):
+        time.sleep(0.1)
+        assert beats == []
+        deadline = started + 10
+        while len(beats) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [trial_id for trial_id, _ in beats[:2]] == [7, 7]
+    (_, first), (_, second) = beats[:2]
+    assert first - started >= 0.3 and second - first >= 0.3
+
+
 @pytest.mark.parametrize("queued", [False, True], ids=["new trial", "queued trial"])
 def test_a_claim_whose_commit_acknowledgement_is_lost_starts_one_trial(
     storage_url: str, queued: bool, monkeypatch: pytest.MonkeyPatch
