@@ -701,7 +701,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 stored = optuna.storages.RDBStorage.get_trial(self, trial_id)
                 if stored.state == state and (values is None or stored.values == list(values)):
                     return True  # our earlier attempt committed it
-            if state.is_finished() and self._writes_in_one_statement:
+            if state.is_finished() and self._in_one_statement:
                 return self._finish_trial(trial_id, state, values)
             return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
 
@@ -728,7 +728,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         but different earlier distribution takes Optuna's own path."""
         dist = optuna.distributions
         args = (trial_id, param_name, param_value_internal, distribution, previous_distribution)
-        if not self._writes_in_one_statement or (
+        if not self._in_one_statement or (
             previous_distribution is not None
             and not _compatible(previous_distribution, distribution)
         ):
@@ -755,7 +755,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         update of the step's earlier value, where the trial is not finished. Every
         ``report`` writes through here; Optuna's ORM version is five round trips and
         ~5 ms of client CPU."""
-        if not self._writes_in_one_statement:
+        if not self._in_one_statement:
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)
             return
         model = compat.rdb_models().TrialIntermediateValueModel
@@ -800,7 +800,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """A trial's user or system attribute (``model``'s table) set in one statement
         (``_attr_upsert``; Optuna's is four round trips in a transaction: BEGIN, the
         trial, the upsert, COMMIT). False where not on PostgreSQL: Optuna's own runs."""
-        if not self._writes_in_one_statement:
+        if not self._in_one_statement:
             return False
         values = {"trial_id": trial_id, "key": key, "value": json.dumps(value)}
         self._write(_attr_upsert(model.__tablename__), trial_id, values)
@@ -820,7 +820,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         cores, such transactions waiting for their clients held 11 of the pool's 20
         connections on average (pg_stat_activity, docs/benchmarks.md, stop 23). A trial
         that no longer exists is ignored, as Optuna ignores its foreign-key error."""
-        if not self._writes_in_one_statement:
+        if not self._in_one_statement:
             optuna.storages.RDBStorage.record_heartbeat(self, trial_id)
             return
         with contextlib.suppress(sqlalchemy.exc.IntegrityError), self._reading() as connection:
@@ -949,9 +949,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         keep: Callable[[int], bool] | None = None,
     ) -> list[FrozenTrial]:
         """The trials ``chosen`` selects, by trial id, as Optuna builds them
-        (``RDBStorage._build_frozen_trial_from_trial_model``), in six statements of
-        SQLAlchemy Core: the trials, then their params, values, user and system attrs and
-        intermediate values.
+        (``RDBStorage._build_frozen_trial_from_trial_model``), read with SQLAlchemy Core:
+        on PostgreSQL in one statement (``_trial_rows_at_once``), elsewhere in six
+        (``_trial_rows``: the trials, then their params, values, user and system attrs
+        and intermediate values).
 
         Optuna reads the same rows through its ORM, building an ORM object per row before
         the FrozenTrial. Every worker's pruner reads each trial once it finishes, so a
@@ -960,49 +961,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         ``study_id``: raise KeyError, as Optuna does, if that study does not exist.
         ``keep``: of the trials read, build only those whose id it accepts."""
         models = compat.rdb_models()
-        trial = models.TrialModel.__table__
-        param = models.TrialParamModel.__table__
-        value = models.TrialValueModel.__table__
-        user = models.TrialUserAttributeModel.__table__
-        system = models.TrialSystemAttributeModel.__table__
-        step = models.TrialIntermediateValueModel.__table__
-        ids = sqlalchemy.select(trial.c.trial_id).where(chosen)
-
-        def children(table: sqlalchemy.Table, *columns: str) -> dict[int, list[Any]]:
-            rows = connection.execute(
-                sqlalchemy.select(table.c.trial_id, *(table.c[name] for name in columns))
-                .where(table.c.trial_id.in_(ids))
-                .order_by(table.primary_key.columns.values()[0])
-            )
-            found: dict[int, list[Any]] = {}
-            for row in rows:
-                found.setdefault(row[0], []).append(row[1:])
-            return found
-
-        # On PostgreSQL in autocommit (``_reading``): under READ COMMITTED each statement
-        # sees its own snapshot inside a transaction too, and the transaction only held a
-        # server connection across the client's seven round trips.
+        read = _trial_rows_at_once if self._in_one_statement else _trial_rows
         with self._reading() as connection:
             if study_id is not None:
                 _require_study(connection, study_id)
-            rows = connection.execute(
-                sqlalchemy.select(
-                    trial.c.trial_id,
-                    trial.c.number,
-                    trial.c.state,
-                    trial.c.datetime_start,
-                    trial.c.datetime_complete,
-                )
-                .where(chosen)
-                .order_by(trial.c.trial_id)
-            ).all()
-            if not rows:
-                return []
-            params = children(param, "param_name", "param_value", "distribution_json")
-            values = children(value, "objective", "value", "value_type")
-            users = children(user, "key", "value_json")
-            systems = children(system, "key", "value_json")
-            steps = children(step, "step", "intermediate_value", "intermediate_value_type")
+            rows, params, values, users, systems, steps = read(connection, chosen)
         to_value = models.TrialValueModel.stored_repr_to_value
         to_step_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
         trials = []
@@ -1040,12 +1003,18 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return trials
 
     @property
-    def _writes_in_one_statement(self) -> bool:
-        """Whether statements that stand alone run in autocommit (``_reading``), and so
-        a running trial's writes (param, intermediate value, attribute, heartbeat, tell)
-        are one statement each, hpo's, instead of Optuna's transactions: on PostgreSQL.
-        Elsewhere Optuna's own code runs (on MariaDB pymysql switches autocommit with a
-        statement each way; SQLite has no round trips to save)."""
+    def _in_one_statement(self) -> bool:
+        """Whether hpo's one-statement versions of Optuna's calls run here, each in
+        autocommit (``_reading``): a running trial's writes (param, intermediate value,
+        attribute, heartbeat, tell) and trial reads, where Optuna's are transactions of
+        four to seven round trips. On PostgreSQL; elsewhere Optuna's own writes and
+        ``_trial_rows`` run (on MariaDB pymysql switches autocommit with a statement each
+        way; SQLite has no round trips to save).
+
+        Why: under PgBouncer's transaction pooling, a transaction holds a server
+        connection across all of its client's round trips, and with hundreds of clients
+        on a busy node each round trip waits for its client to be scheduled
+        (docs/benchmarks.md, stops 23 and 24)."""
         return self.engine.dialect.name == "postgresql"
 
     @contextlib.contextmanager
@@ -1067,7 +1036,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if connection is not None:
             yield connection
             return
-        if not self._writes_in_one_statement:
+        if not self._in_one_statement:
             # pymysql switches autocommit with a statement each way (a round trip more
             # than the COMMIT it saves); SQLite has no round trips.
             with self.engine.begin() as own:
@@ -1232,6 +1201,106 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             session.add(models.TrialHeartbeatModel(trial_id=trial_id))
         else:
             heartbeat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
+
+
+_Children = dict[int, list[Any]]
+_TrialRows = tuple[list[Any], _Children, _Children, _Children, _Children, _Children]
+
+
+def _trial_rows(
+    connection: sqlalchemy.Connection, chosen: sqlalchemy.ColumnElement[bool]
+) -> _TrialRows:
+    """The rows ``ReconnectingRDBStorage._read_trials`` builds trials from, in six
+    statements: the trials ``chosen`` selects (id, number, state, start, end; by id),
+    then, per trial id, its rows of each of ``_trial_children``'s tables (params, values,
+    user attributes, system attributes, intermediate values), in the table's order. No
+    trial: no other statement."""
+    trial = compat.rdb_models().TrialModel.__table__
+    ids = sqlalchemy.select(trial.c.trial_id).where(chosen)
+    rows = connection.execute(_trials_select(chosen)).all()
+    found: list[_Children] = [{}, {}, {}, {}, {}]
+    if not rows:
+        return rows, *found
+    for into, (table, columns) in zip(found, _trial_children(), strict=True):
+        for row in connection.execute(
+            sqlalchemy.select(table.c.trial_id, *(table.c[name] for name in columns))
+            .where(table.c.trial_id.in_(ids))
+            .order_by(table.primary_key.columns.values()[0])
+        ):
+            into.setdefault(row[0], []).append(row[1:])
+    return rows, *found
+
+
+def _trial_rows_at_once(
+    connection: sqlalchemy.Connection, chosen: sqlalchemy.ColumnElement[bool]
+) -> _TrialRows:
+    """``_trial_rows`` in one PostgreSQL statement, one snapshot: each trial's row
+    carries its rows of each child table as one JSON array (``json_agg`` of
+    ``json_build_array``, in the table's order). A float in JSON is the server's text of
+    the double, as it is in a column (exact, unless ``extra_float_digits`` is lowered),
+    but a whole one has no decimal point (``0``, read as an int): each is made a float
+    again here, and an enum, given as its label, Optuna's type.
+
+    Why: a trial read is seven round trips the other way, and each worker makes two at
+    every tell (Optuna's ``Study.tell`` reads the trial before and after) and one per
+    batch of newly finished trials its pruner reads (docs/benchmarks.md, stop 24)."""
+    models = compat.rdb_models()
+    trial = models.TrialModel.__table__
+    value_type = models.TrialValueModel.TrialValueType
+    step_type = models.TrialIntermediateValueModel.TrialIntermediateValueType
+    arrays = []
+    for table, columns in _trial_children():
+        row = sqlalchemy.func.json_build_array(*(table.c[name] for name in columns))
+        first = table.primary_key.columns.values()[0]
+        arrays.append(
+            sqlalchemy.select(sqlalchemy.func.json_agg(postgresql.aggregate_order_by(row, first)))
+            .where(table.c.trial_id == trial.c.trial_id)
+            .scalar_subquery()
+        )
+    rows = connection.execute(_trials_select(chosen).add_columns(*arrays)).all()
+    found: list[_Children] = [{}, {}, {}, {}, {}]
+    for row in rows:
+        params, values, users, systems, steps = row[5:]
+        found[0][row[0]] = [(name, float(v), shape) for name, v, shape in params or ()]
+        found[1][row[0]] = [(o, _float(v), value_type[kind]) for o, v, kind in values or ()]
+        found[2][row[0]] = users or []
+        found[3][row[0]] = systems or []
+        found[4][row[0]] = [(n, _float(v), step_type[kind]) for n, v, kind in steps or ()]
+    return [row[:5] for row in rows], *found
+
+
+def _trials_select(chosen: sqlalchemy.ColumnElement[bool]) -> sqlalchemy.Select:
+    """The trials ``chosen`` selects, by id: id, number, state, start and end."""
+    trial = compat.rdb_models().TrialModel.__table__
+    columns = ("trial_id", "number", "state", "datetime_start", "datetime_complete")
+    return (
+        sqlalchemy.select(*(trial.c[name] for name in columns))
+        .where(chosen)
+        .order_by(trial.c.trial_id)
+    )
+
+
+def _trial_children() -> list[tuple[sqlalchemy.Table, tuple[str, ...]]]:
+    """The tables of a trial's rows and the columns read from each, in the order
+    ``_trial_rows`` returns them: params, values, user and system attributes,
+    intermediate values."""
+    models = compat.rdb_models()
+    return [
+        (models.TrialParamModel.__table__, ("param_name", "param_value", "distribution_json")),
+        (models.TrialValueModel.__table__, ("objective", "value", "value_type")),
+        (models.TrialUserAttributeModel.__table__, ("key", "value_json")),
+        (models.TrialSystemAttributeModel.__table__, ("key", "value_json")),
+        (
+            models.TrialIntermediateValueModel.__table__,
+            ("step", "intermediate_value", "intermediate_value_type"),
+        ),
+    ]
+
+
+def _float(value: float | str | None) -> float | None:
+    """A double read from JSON: a number, None, or the server's text for a value JSON
+    has no number for ("NaN", "Infinity")."""
+    return None if value is None else float(value)
 
 
 def _requeued(study_id: int) -> sqlalchemy.Select:

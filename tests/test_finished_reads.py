@@ -145,7 +145,7 @@ def test_hpos_trial_reads_return_what_optunas_own_return(backend: str, tmp_path:
             url = stack.enter_context(scratch_database(backend))
         plain = optuna.storages.RDBStorage(url)
         study = optuna.create_study(storage=plain, study_name="reads", direction="maximize")
-        values = [0.25, float("inf"), float("-inf"), float("nan"), -1.5]
+        values = [0.25, float("inf"), float("-inf"), float("nan"), -1.5, 3.0]  # 3.0: "3" in JSON
         for n in range(12):
             trial = study.ask()
             trial.suggest_float("lr", 1e-4, 1.0, log=True)

@@ -171,3 +171,33 @@ def test_a_tell_without_values_is_one_statement(storage) -> None:
     assert storage.set_trial_state_values(trial, TrialState.PRUNED)
     assert len(sent) == 1
     assert storage.get_trial(trial).state == TrialState.PRUNED
+
+
+def test_a_trial_read_is_one_statement(storage) -> None:
+    # Optuna's Study.tell reads the trial twice, and a pruner reads each newly finished
+    # trial: seven round trips each before. Floats come back floats (a whole double is
+    # "2" in PostgreSQL's JSON), enums Optuna's, attributes decoded.
+    study_id = storage.create_new_study([StudyDirection.MAXIMIZE], "s")
+    trial = storage.create_new_trial(study_id)
+    storage.set_trial_param(trial, "x", 2.0, FloatDistribution(0.0, 4.0))
+    storage.set_trial_param(trial, "c", 1, CategoricalDistribution(["a", None]))
+    storage.set_trial_intermediate_value(trial, 1, 1.0)
+    storage.set_trial_intermediate_value(trial, 2, float("-inf"))
+    storage.set_trial_user_attr(trial, "u", {"note": "é", "n": [1, 2]})
+    storage.set_trial_system_attr(trial, "s", 3)
+    storage.set_trial_state_values(trial, TrialState.COMPLETE, [0.0])
+    bare = storage.create_new_trial(study_id)
+    sent = _statements(storage)
+    got = storage.get_trial(trial)
+    assert len(sent) == 1, sent
+    assert got.params == {"x": 2.0, "c": None} and type(got.params["x"]) is float
+    assert got.values == [0.0] and type(got.values[0]) is float
+    assert got.intermediate_values == {1: 1.0, 2: float("-inf")}
+    assert type(got.intermediate_values[1]) is float
+    assert got.user_attrs == {"u": {"note": "é", "n": [1, 2]}} and got.system_attrs == {"s": 3}
+    assert got.state == TrialState.COMPLETE and got.datetime_complete is not None
+    trials = storage.get_all_trials(study_id)
+    assert len(sent) == 3, sent  # the study's row checked (KeyError if missing), one read
+    assert [t._trial_id for t in trials] == [trial, bare]
+    assert trials[0] == got and trials[1].params == {} and trials[1].values is None
+    assert trials[1].state == TrialState.RUNNING
