@@ -633,3 +633,30 @@ def test_a_claim_at_once_answers_wait_and_done_in_the_same_message(watched_study
     done = claim_trial(loaded, 2)
     assert (waited, done) == ("wait", "done")
     assert len(messages) == 2 and not watch.statements_held
+
+
+@pytest.mark.db
+def test_a_claim_at_once_counts_stale_trials_before_the_lock_and_takes_the_long_way(
+    watched_study,
+) -> None:
+    # The stale count joins every RUNNING trial to its heartbeat: it is taken once, before
+    # the lock, and handed to the statement under it (counted again there, it was most of
+    # the lock's hold at hundreds of RUNNING trials). A stale trial sends the claim the
+    # long way, which fails and re-queues it, and this worker runs the retry.
+    loaded, watch, messages = watched_study
+    gone = claim_trial(loaded, 100)  # its worker never beats (no heartbeat thread here)
+    loaded.storage.grace_period = 1
+    time.sleep(1.5)
+    messages.clear()
+    retry = claim_trial(loaded, 100)
+    assert len(messages) == 1 and len(watch.statements_held) == 1
+    before_lock, under_lock = messages[0].split(";")[1], messages[0].split(";")[3]
+    assert "JOIN trial_heartbeats" in before_lock and "JOIN trial_heartbeats" not in under_lock
+    assert not isinstance(retry, str) and retry.number != gone.number
+    assert loaded.study.get_trials()[gone.number].state == TrialState.FAIL
+    assert loaded.study.get_trials()[retry.number].state == TrialState.RUNNING
+    loaded.storage.grace_period = 3600  # none is stale: at once, as before
+    messages.clear()
+    fresh = claim_trial(loaded, 100)
+    assert len(messages) == 1 and len(watch.statements_held) == 1
+    assert fresh.number == retry.number + 1
