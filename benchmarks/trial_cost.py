@@ -133,7 +133,7 @@ def _fill(url: str, finished: int, running: int, epochs: int) -> None:
 
 def measure(args: argparse.Namespace) -> dict:
     admin = make_url(args.url)
-    database = f"h24_cost_{os.getpid()}"
+    database = f"hpo_cost_{os.getpid()}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE {database}")

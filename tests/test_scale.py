@@ -401,3 +401,34 @@ def test_storage_scale_quick_point_holds_the_study_on_both_paths(tmp_path: Path)
     direct, bounced = points
     assert direct["server_connections_peak"] <= 16 * PoolSettings().max_connections
     assert bounced["server_connections_peak"] <= 20  # the benchmark's PgBouncer pool size
+
+
+@pytest.mark.db
+def test_trial_cost_counts_the_statements_of_each_call(tmp_path: Path) -> None:
+    # benchmarks/trial_cost.py: one worker on hpo's real loop, each storage call measured
+    # apart. On PostgreSQL the claim is one message, suggest, report and the pruner's check
+    # one statement each, tell three (Optuna's Study.tell reads the trial before and after
+    # its one-statement write); these counts are the capacity model's.
+    out = tmp_path / "cost.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "trial_cost.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--url", ADMIN_URLS["postgresql"], "--trials", "4",
+         "--epochs", "3", "--finished", "3", "--running", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    statements = {name: call["statements"] for name, call in result["calls"].items()}
+    assert statements == {
+        "claim": 1, "suggest": 1, "report": 1, "should_prune": 1, "tell": 3, "heartbeat": 1
+    }  # fmt: skip
+    assert result["statements_per_trial"] == 1 + 1 + 3 * (1 + 1) + 3
+    assert all(call["client_cpu_ms"] > 0 for call in result["calls"].values())
+    assert [row["trial_minutes"] for row in result["capacity"]] == [1, 5, 30]
+    engine = sqlalchemy.create_engine(ADMIN_URLS["postgresql"])
+    with engine.connect() as connection:
+        left = connection.execute(
+            sqlalchemy.text("SELECT datname FROM pg_database WHERE datname LIKE 'hpo_cost_%'")
+        ).all()
+    engine.dispose()
+    assert left == []  # its database dropped
