@@ -104,11 +104,16 @@ def forget_cached_trials(study: Any) -> None:
 # ``get_all_trials`` re-reads every unfinished trial with all its rows on every call,
 # whatever ``states`` asks for: with W workers each reporting every epoch that is W^2 trial
 # reads per epoch of the fleet (issue 12: report p99 8.8 s at 256 workers, against 1.0 s
-# without a pruner). A finished trial never changes, so this asks the database for the ids
-# of trials that finished since the cache last saw them (one query on the trials table)
-# and reads only those. It keeps Optuna's invariant (a trial at or below
-# ``last_finished_trial_id`` that is not in ``unfinished_trial_ids`` is finished and
-# cached) by never moving ``last_finished_trial_id``: Optuna's own read does that.
+# without a pruner). A finished trial never changes, so this asks the database which
+# trials started or finished since the cache last looked (their ids and whether they
+# finished: one query on the trials table), reads only the newly finished ones, and keeps
+# Optuna's invariant (a trial at or below ``last_finished_trial_id`` that is not in
+# ``unfinished_trial_ids`` is finished and cached) as Optuna's own read keeps it:
+# unfinished ones join ``unfinished_trial_ids``, finished ones leave it and move
+# ``last_finished_trial_id`` up. Trial ids grow in the order trials are committed within a
+# study (every insert holds the study's row lock, Optuna's as hpo's), which that invariant
+# already relies on. Before stop 24 the mark never moved, and every check returned the id
+# of every finished trial of the study.
 def finished_trials_cache(backend: Any) -> Any:
     """A ``_CachedStorage`` around ``backend`` (an ``hpo.storage.ReconnectingRDBStorage``)
     whose reads of finished trials only skip the unfinished ones."""
@@ -130,10 +135,10 @@ def _finished_trials_cache_class() -> type:
                 return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
             with self._lock:
                 study = self._studies.setdefault(study_id, _StudyInfo())
-                ids = self._backend.finished_trial_ids(
+                seen = self._backend.trial_states_since(
                     study_id, study.unfinished_trial_ids, study.last_finished_trial_id
                 )
-                new = {trial_id for trial_id in ids if not self._finished_in_cache(trial_id)}
+                new = {i for i, finished in seen if finished and not self._finished_in_cache(i)}
                 if new:
                     # Above every id (trial ids are 32-bit INTEGER): only ``new`` is read.
                     trials = self._backend._get_trials(
@@ -143,7 +148,12 @@ def _finished_trials_cache_class() -> type:
                         trial_id_greater_than=2**31 - 1,
                     )
                     self._add_trials_to_cache(study_id, trials)
-                    study.unfinished_trial_ids.difference_update(t._trial_id for t in trials)
+                for trial_id, finished in seen:
+                    if finished and self._finished_in_cache(trial_id):
+                        study.unfinished_trial_ids.discard(trial_id)
+                        study.last_finished_trial_id = max(study.last_finished_trial_id, trial_id)
+                    else:  # looked at again next time
+                        study.unfinished_trial_ids.add(trial_id)
                 chosen = sorted(
                     (t for t in study.trials.values() if t.state in states),
                     key=lambda t: t.number,

@@ -281,7 +281,7 @@ _IDEMPOTENT_METHODS = (
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_best_trial", "record_heartbeat",
     "_get_stale_trial_ids", "_set_trial_param", "_get_best_trial_id", "count_trials",
-    "waiting_trial_ids", "finished_trial_ids",
+    "waiting_trial_ids", "trial_states_since",
 )  # fmt: skip
 # Calls that return trials: retried like the above, and the tokens are taken out.
 _TRIAL_READS = ("get_trial", "_get_trials", "get_trial_system_attrs")
@@ -1113,18 +1113,27 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """Whether a RUNNING trial of the study missed its heartbeats for the grace period."""
         return self.heartbeat_interval is not None and bool(self._get_stale_trial_ids(study_id))
 
-    def finished_trial_ids(self, study_id: int, among: set[int], greater_than: int) -> list[int]:
-        """Ids of the study's finished trials that are in ``among`` or above
-        ``greater_than``, in one query on the trials table: how Optuna's cache layer
-        learns which trials finished since it last looked (``hpo.compat.finished_trials_cache``)."""
+    def trial_states_since(
+        self, study_id: int, among: set[int], greater_than: int
+    ) -> list[tuple[int, bool]]:
+        """(id, finished) of the study's trials above ``greater_than`` and of the finished
+        ones in ``among``, in one query on the trials table: how Optuna's cache layer
+        learns which trials finished since it last looked, and which newer ones have not
+        (``hpo.compat.finished_trials_cache``). With the cache's ``last_finished_trial_id``
+        and ``unfinished_trial_ids``, a few rows per call (the trials started or finished
+        since), not every finished trial of the study."""
         trial = compat.rdb_models().TrialModel.__table__
-        seen = sqlalchemy.or_(trial.c.trial_id > greater_than, trial.c.trial_id.in_(sorted(among)))
-        rows = self._read(
-            sqlalchemy.select(trial.c.trial_id).where(
-                trial.c.study_id == study_id, trial.c.state.in_(_FINISHED), seen
-            )
+        finished = trial.c.state.in_(_FINISHED)
+        seen = sqlalchemy.or_(
+            trial.c.trial_id > greater_than,
+            sqlalchemy.and_(trial.c.trial_id.in_(sorted(among)), finished),
         )
-        return [int(row[0]) for row in rows]
+        rows = self._read(
+            sqlalchemy.select(trial.c.trial_id, trial.c.state)
+            .where(trial.c.study_id == study_id, seen)
+            .order_by(trial.c.trial_id)
+        )
+        return [(int(trial_id), state.is_finished()) for trial_id, state in rows]
 
     def waiting_trial_ids(self, study_id: int) -> list[int]:
         """Ids of the study's WAITING (enqueued or re-queued) trials, lowest number first

@@ -84,6 +84,38 @@ def test_reading_finished_trials_reads_no_running_trial(url: str, monkeypatch) -
         loaded.storage.engine.dispose()
 
 
+def test_a_pruners_check_asks_only_for_the_trials_started_or_finished_since(
+    url: str, monkeypatch
+) -> None:
+    # Every report's check asked for the id of every finished trial of the study (its mark
+    # never moved): rows growing with the study, at every report of every worker. Now the
+    # first look returns every trial, and later ones the trials above the last finished
+    # one and those that finished since.
+    elsewhere = _study(url)
+    for _ in range(30):
+        elsewhere.study.tell(elsewhere.study.ask(), 0.5)
+    running = [elsewhere.study.ask() for _ in range(3)]
+    pruner = load_study("tiny", url)
+    answers: list[list[tuple[int, bool]]] = []
+    real = ReconnectingRDBStorage.trial_states_since
+
+    def recorded(self, *args):
+        answers.append(real(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(ReconnectingRDBStorage, "trial_states_since", recorded)
+    complete = (TrialState.COMPLETE,)
+    counts = [len(pruner.study.get_trials(deepcopy=False, states=complete)) for _ in "ab"]
+    elsewhere.study.tell(running[1], 0.9)
+    counts += [len(pruner.study.get_trials(deepcopy=False, states=complete)) for _ in "ab"]
+    assert counts == [30, 30, 31, 31]
+    assert [len(answer) for answer in answers] == [33, 3, 3, 1]
+    assert answers[2] == [(t._trial_id, t is running[1]) for t in running]
+    assert answers[3] == [(running[2]._trial_id, False)]
+    for loaded in (elsewhere, pruner):
+        loaded.storage.engine.dispose()
+
+
 def test_finished_and_all_reads_agree_with_optunas_cache_layer(url: str) -> None:
     # Trials start and finish in random order in another process (a trial with a lower id
     # finishing after higher ones included); at every step the incremental cache, its full
