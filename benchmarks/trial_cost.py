@@ -10,7 +10,7 @@ that grows with the study or the fleet shows.
 Per call (claim, suggest, report, should_prune, tell, heartbeat), the median over the
 trials after the first: the statements sent (SQLAlchemy's ``before_cursor_execute``; the
 one-message claim, five statements in one round trip, counts once) and the client's CPU (``time.thread_time``). Per trial:
-the database's CPU (its backends' CPU from /proc, over the whole run), and the
+the database's CPU (its backends' CPU from /proc, over the same trials), and the
 statements. From those, the capacity model: statements per worker-minute for trials of
 N minutes, and how many such workers one PostgreSQL core carries at 50 %.
 
@@ -127,6 +127,10 @@ def _fill(url: str, finished: int, running: int, epochs: int) -> None:
         beats = optuna.storages.RDBStorage(url, heartbeat_interval=60)
     for _ in range(running):
         beats.record_heartbeat(study.ask()._trial_id)
+    # Vacuumed and analyzed now, so that autovacuum, whose CPU would count as the
+    # database's, does not start on these rows during the measured trials.
+    with beats.engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
     storage.engine.dispose()
     beats.engine.dispose()
 
@@ -156,19 +160,20 @@ def measure(args: argparse.Namespace) -> dict:
         loaded.study.tell = metered_tell
         objective = MeteredObjective(args.epochs, meter)
         with DatabaseMonitor(args.url, database) as monitor:
-            time.sleep(0.5)  # the monitor has seen the worker's backend
-            before, started = monitor.cpu_seconds, time.monotonic()
-            for _ in range(args.trials):
+            for number in range(args.trials):
+                if number == 1:  # as the medians: after the first trial, whose pruner
+                    time.sleep(0.5)  # reads the study's history (the monitor samples)
+                    before, started = monitor.cpu_seconds, time.monotonic()
                 with meter.call("claim"):
                     trial = claim_trial(loaded, total)
                 assert isinstance(trial, optuna.Trial), trial
                 run_one(loaded, trial, objective, StopSignal())
             wall = time.monotonic() - started
+            time.sleep(0.5)  # the monitor's last sample
+            db_cpu = monitor.cpu_seconds - before
             for _ in range(args.trials):
                 with meter.call("heartbeat"):
                     loaded.storage.record_heartbeat_once(trial._trial_id)
-            time.sleep(0.5)  # the monitor's last sample
-            db_cpu = monitor.cpu_seconds - before
         states = {t.state for t in loaded.study.get_trials(deepcopy=False)[-args.trials :]}
         assert states == {TrialState.COMPLETE}, states
         loaded.storage.engine.dispose()
@@ -194,9 +199,10 @@ def measure(args: argparse.Namespace) -> dict:
         "trials": args.trials,
         "calls": calls,
         "statements_per_trial": per_trial,
-        # the worker's own calls and the heartbeats measured after them
-        "db_cpu_ms_per_trial": round(1000 * db_cpu / args.trials, 2),
-        "trials_per_s": round(args.trials / wall, 1),
+        # the worker's own calls, over the trials after the first (no heartbeat beats
+        # inside them: the thread's first beat is an interval after a trial starts)
+        "db_cpu_ms_per_trial": round(1000 * db_cpu / (args.trials - 1), 2),
+        "trials_per_s": round((args.trials - 1) / wall, 1),
     }
 
 
@@ -228,6 +234,8 @@ def main() -> None:
     parser.add_argument("--heartbeat-s", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.trials < 2:
+        parser.error("--trials must be at least 2 (the first is not measured)")
     # The worker's heartbeat thread beats an interval after a trial starts: with the
     # default, never inside these trials; heartbeats are measured apart.
     os.environ.update(HPO_HEARTBEAT_S=str(int(args.heartbeat_s)), HPO_GRACE_S="600")

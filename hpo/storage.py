@@ -1123,10 +1123,17 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         and ``unfinished_trial_ids``, a few rows per call (the trials started or finished
         since), not every finished trial of the study."""
         trial = compat.rdb_models().TrialModel.__table__
-        finished = trial.c.state.in_(_FINISHED)
+        listed: sqlalchemy.ColumnElement[bool] = trial.c.trial_id.in_(sorted(among))
+        if self._in_one_statement:
+            # One array parameter, not one per id: ``among`` holds every RUNNING trial of
+            # the fleet the cache has seen (hundreds), at every report of every worker.
+            ids = sqlalchemy.bindparam(
+                "among", sorted(among), type_=postgresql.ARRAY(sqlalchemy.Integer)
+            )
+            listed = trial.c.trial_id == sqlalchemy.any_(ids)
         seen = sqlalchemy.or_(
             trial.c.trial_id > greater_than,
-            sqlalchemy.and_(trial.c.trial_id.in_(sorted(among)), finished),
+            sqlalchemy.and_(listed, trial.c.state.in_(_FINISHED)),
         )
         rows = self._read(
             sqlalchemy.select(trial.c.trial_id, trial.c.state)
