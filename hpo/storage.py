@@ -1277,9 +1277,9 @@ def _trial_rows_at_once(
     but a whole one has no decimal point (``0``, read as an int): each is made a float
     again here, and an enum, given as its label, Optuna's type.
 
-    Why: a trial read is seven round trips the other way, and each worker makes two at
-    every tell (Optuna's ``Study.tell`` reads the trial before and after) and one per
-    batch of newly finished trials its pruner reads (docs/benchmarks.md, stop 24)."""
+    Why: a trial read is six or seven round trips the other way, and each worker makes
+    two at every tell (Optuna's ``Study.tell`` reads the trial before and after) and one
+    per batch of newly finished trials its pruner reads (docs/benchmarks.md, stop 24)."""
     models = compat.rdb_models()
     trial = models.TrialModel.__table__
     value_type = models.TrialValueModel.TrialValueType
