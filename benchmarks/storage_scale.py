@@ -32,7 +32,10 @@ over that wall time (a starved holder makes every waiter wait longer);
 retried (``hpo.storage.retry_on_disconnect``'s warnings), e.g. PgBouncer's
 ``query_wait_timeout``. ``--start-spread-s S`` starts the workers at random moments over
 S seconds instead of all at once (a Slurm array or a Kubernetes Job starts its pods over
-seconds to minutes).
+seconds to minutes). ``--settle-s S``: each worker waits S seconds after its first claim
+before it starts the trial, so that the first claims of a fleet started at once are
+measured without the started trials' CPU on the same cores (an analysis of where the
+first claims' time goes; on a cluster each worker has its own CPU).
 
 Databases ``h12_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after;
 ``--private-postgres N`` runs the whole sweep on a private PostgreSQL started for it
@@ -173,6 +176,8 @@ def _simulated_worker(
         # Each worker's first claim queues behind all workers starting at once; kept apart.
         key = "claim" if claimed_before else "claim_first"
         _record(timings, key, started, time.monotonic())
+        if not claimed_before and args.settle_s:
+            time.sleep(args.settle_s)
         claimed_before = True
         if claimed == "done":
             break
@@ -401,6 +406,7 @@ def run_point(workers: int, via: str, args: argparse.Namespace, index: int) -> d
             "killed_trials": len(killed_trials),
             "killed_trials_requeued": len(set(killed_trials) & requeued),
             "start_spread_s": args.start_spread_s,
+            "settle_s": args.settle_s,
             "nice": args.nice,
             "claim": args.claim,
             "retried_errors": sum(timings["retried_errors"]),
@@ -526,6 +532,13 @@ def main() -> None:
         type=float,
         default=0,
         help="start each worker at a random moment within this many seconds",
+    )
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=0,
+        help="wait this many seconds after the first claim before starting the trial (the "
+        "first claims measured without the trials' CPU)",
     )
     parser.add_argument(
         "--private-postgres",
