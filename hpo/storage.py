@@ -1281,19 +1281,9 @@ def _trial_rows_at_once(
     two at every tell (Optuna's ``Study.tell`` reads the trial before and after) and one
     per batch of newly finished trials its pruner reads (docs/benchmarks.md, stop 24)."""
     models = compat.rdb_models()
-    trial = models.TrialModel.__table__
     value_type = models.TrialValueModel.TrialValueType
     step_type = models.TrialIntermediateValueModel.TrialIntermediateValueType
-    arrays = []
-    for table, columns in _trial_children():
-        row = sqlalchemy.func.json_build_array(*(table.c[name] for name in columns))
-        first = table.primary_key.columns.values()[0]
-        arrays.append(
-            sqlalchemy.select(sqlalchemy.func.json_agg(postgresql.aggregate_order_by(row, first)))
-            .where(table.c.trial_id == trial.c.trial_id)
-            .scalar_subquery()
-        )
-    rows = connection.execute(_trials_select(chosen).add_columns(*arrays)).all()
+    rows = connection.execute(_trials_select(chosen).add_columns(*_children_as_json())).all()
     found: list[_Children] = [{}, {}, {}, {}, {}]
     for row in rows:
         params, values, users, systems, steps = row[5:]
@@ -1303,6 +1293,24 @@ def _trial_rows_at_once(
         found[3][row[0]] = systems or []
         found[4][row[0]] = [(n, _float(v), step_type[kind]) for n, v, kind in steps or ()]
     return [row[:5] for row in rows], *found
+
+
+@functools.cache
+def _children_as_json() -> list[sqlalchemy.ScalarSelect]:
+    """For ``_trial_rows_at_once``, per table of ``_trial_children``: the trial's rows as
+    one JSON array, a subquery correlated to the trials table. Built once per process:
+    every trial read sends them, whatever trials it chooses."""
+    trial = compat.rdb_models().TrialModel.__table__
+    arrays = []
+    for table, columns in _trial_children():
+        row = sqlalchemy.func.json_build_array(*(table.c[name] for name in columns))
+        first = table.primary_key.columns.values()[0]
+        arrays.append(
+            sqlalchemy.select(sqlalchemy.func.json_agg(postgresql.aggregate_order_by(row, first)))
+            .where(table.c.trial_id == trial.c.trial_id)
+            .scalar_subquery()
+        )
+    return arrays
 
 
 def _trials_select(chosen: sqlalchemy.ColumnElement[bool]) -> sqlalchemy.Select:
