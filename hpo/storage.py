@@ -1123,7 +1123,6 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         and ``unfinished_trial_ids``, a few rows per call (the trials started or finished
         since), not every finished trial of the study."""
         trial = compat.rdb_models().TrialModel.__table__
-        listed: sqlalchemy.ColumnElement[bool] = trial.c.trial_id.in_(sorted(among))
         if self._in_one_statement:
             # One array parameter, not one per id: ``among`` holds every RUNNING trial of
             # the fleet the cache has seen (hundreds), at every report of every worker.
@@ -1131,6 +1130,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 "among", sorted(among), type_=postgresql.ARRAY(sqlalchemy.Integer)
             )
             listed = trial.c.trial_id == sqlalchemy.any_(ids)
+        else:
+            listed = trial.c.trial_id.in_(sorted(among))
         seen = sqlalchemy.or_(
             trial.c.trial_id > greater_than,
             sqlalchemy.and_(listed, trial.c.state.in_(_FINISHED)),
