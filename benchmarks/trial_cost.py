@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hpo.storage  # noqa: E402
-from benchmarks.storage_scale import SPEC, STUDY, DatabaseMonitor  # noqa: E402
+from benchmarks.storage_scale import SPEC, STUDY, DatabaseMonitor, _NoProgress  # noqa: E402
 from hpo.spec import parse_spec  # noqa: E402
 from hpo.study import create_or_load_study, load_study  # noqa: E402
 from hpo.worker import StopSignal, claim_trial, prepare_claims, run_one  # noqa: E402
@@ -90,11 +90,7 @@ class MeteredObjective:
     (no trial is ever worse than the median, so every trial runs all its epochs)."""
 
     checkpoint_root = None
-
-    class progress:  # noqa: N801 (hpo.objective's progress interface)
-        @staticmethod
-        def ended(*args: object) -> None:
-            pass
+    progress = _NoProgress()
 
     def __init__(self, epochs: int, meter: Meter) -> None:
         self.epochs, self.meter = epochs, meter
