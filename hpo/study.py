@@ -22,16 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import compat
 from hpo.caps import BatchSizeCapSampler
 from hpo.retry import superseded_trials
-from hpo.space import (
-    COVER_ATTEMPT_ATTR,
-    COVER_ATTR,
-    COVER_VALUE,
-    coverage_may_need,
-    coverage_retries,
-    first_round,
-    make_pruner,
-    make_sampler,
-)
+from hpo.space import COVER_ATTR, COVER_VALUE, first_round, make_pruner, make_sampler
 from hpo.spec import StudySpec, load_spec, spec_differences
 from hpo.sqlite_guard import require_sqlite_file
 from hpo.storage import (
@@ -71,18 +62,6 @@ class LoadedStudy:
 
     def trial_id(self, trial: optuna.Trial | FrozenTrial) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.ref.study_id, trial.number)
-
-    def budget(self) -> Budget:
-        """``study_budget`` counted by the database (``ReconnectingRDBStorage.count_trials``:
-        two aggregate queries, whatever the number of trials), for the claim under the
-        study lock. Assumes what hpo and Optuna's retry callbacks guarantee: only FAIL
-        trials are re-queued."""
-        counts = self.storage.count_trials(self.ref.study_id)
-        return Budget(
-            finished=sum(counts[state] for state in FINISHED_STATES) - counts.requeued,
-            running=counts[TrialState.RUNNING],
-            waiting=counts[TrialState.WAITING],
-        )
 
     def keep_batch_sizes_within_cap(self, device_name: str) -> None:
         """Wrap the study's sampler in ``device_name``'s batch-size cap (workers only:
@@ -141,32 +120,6 @@ def stored_class_counts(study: optuna.Study) -> dict[str, dict[str, int]]:
     ):
         return {}
     return counts
-
-
-def keep_batch_sizes_covered(loaded: LoadedStudy, room: int) -> list[int]:
-    """With ``sampler.cover_batch_sizes``, queue another trial at each batch size whose
-    coverage trials all ended without a complete result (``hpo.space.coverage_retries``:
-    a lower LR, at most ``COVER_RETRIES`` per batch size, at most ``room`` in all).
-    Returns the batch sizes queued for.
-
-    The caller must hold the study lock (``hpo.worker.claim_trial`` does): the decision
-    reads the trials and queues in one step, so of several workers claiming at once
-    exactly one queues for a need, and the others see its WAITING trial.
-    """
-    spec = loaded.spec
-    if not spec.sampler.cover_batch_sizes or spec.sampler.kind == "grid":
-        return []
-    finished = loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    if not coverage_may_need(spec, finished):  # read without the RUNNING trials
-        return []
-    trials = loaded.study.get_trials(deepcopy=False)
-    queued = []
-    for params, attempt in coverage_retries(spec, trials, room):
-        loaded.study.enqueue_trial(
-            params, user_attrs={COVER_ATTR: COVER_VALUE, COVER_ATTEMPT_ATTR: attempt}
-        )
-        queued.append(2 ** int(params["log2_batch_size"]))
-    return queued
 
 
 def name_the_objective(study: optuna.Study, metric: str) -> None:

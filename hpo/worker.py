@@ -1,19 +1,14 @@
-"""The worker: claim a trial under the study lock, train it with a heartbeat, tell the study.
+"""The worker: claim → run → tell → repeat, until the study's budget is spent.
 
-How workers on any number of nodes share a study without losing or over-running trials:
-
-- ``total_trials`` is a study-wide total of finished trials (COMPLETE + PRUNED + FAIL). A
-  worker starts a trial only under the study lock (``hpo.storage.study_lock``) and only if
-  finished + running < total, so N workers stop at exactly N. When the budget is all handed
-  out but trials still run elsewhere, a worker waits instead of exiting: one of those might
-  die and come back as a retry.
-- A trial whose worker vanished (no heartbeat for the grace period) is failed by the next
-  worker that claims, and re-queued with the same parameters and intermediate values. The
-  failed trial no longer counts: its retry takes its place, and resumes from the last
-  epoch checkpoint (``hpo.checkpoint``).
-- SIGTERM/SIGINT interrupt the running trial at once; it is failed with
-  ``fail_reason = "worker stopped (SIGTERM)"`` and re-queued the same way, then the
-  worker exits.
+- **claim**: ``hpo.claim.claim_trial`` decides, in one call, the trial this worker runs
+  next, or ``"wait"`` (trials still run elsewhere and one may come back as a retry), or
+  ``"done"``; ``total_trials`` is a study-wide total, so N workers stop at exactly N.
+- **run**: the trial trains with a heartbeat thread beating for it (``Heartbeat``); a
+  worker that vanishes stops beating, and the next claim anywhere fails the trial and
+  re-queues it, to resume from its last epoch checkpoint (``hpo.checkpoint``).
+- **tell**: ``run_one`` is the one place that decides a trial's end state. SIGTERM/SIGINT
+  interrupt the running trial at once; it is failed with ``fail_reason = "worker stopped
+  (SIGTERM)"`` and re-queued (``requeue``), then the worker exits.
 
 ``run_worker`` is the worker's main: it resolves the device once (a study that asks for a
 GPU this node lacks stops here, before any trial), applies the process-wide device
@@ -31,8 +26,6 @@ import socket
 import threading
 import time
 import traceback
-import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,8 +36,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from hpo import compat
-from hpo.caps import BatchSizeCapSampler
+from hpo.claim import claim_trial, prepare_claims, quiet_optuna_warnings
 from hpo.retry import RetryWithCleanAttrs, superseded_trials
 from hpo.settings import (
     THREADS_SOURCES,
@@ -53,22 +45,13 @@ from hpo.settings import (
     heartbeat_settings,
     kill_point,
 )
-from hpo.space import coverage_may_need
 from hpo.spec import StudySpec, check_data_root
 from hpo.sqlite_guard import SQLiteFileGuard, SQLiteFileLost
-from hpo.storage import (
-    NoTrialAtOnce,
-    ReconnectingRDBStorage,
-    is_connection_error,
-    retry_on_disconnect,
-    study_lock,
-)
+from hpo.storage import ReconnectingRDBStorage, retry_on_disconnect, study_lock
 from hpo.study import (
     CLASS_COUNTS_ATTR,
-    FINISHED_STATES,
     LoadedStudy,
     Outcome,
-    keep_batch_sizes_covered,
     load_study,
     original_trial_number,
     study_budget,
@@ -87,174 +70,6 @@ class WorkerStopped(BaseException):
     ``except Exception`` in the training code swallows it."""
 
 
-@contextlib.contextmanager
-def _quiet_optuna_warnings() -> Iterator[None]:
-    """Optuna warns that heartbeats are experimental on every stale-trial check."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-        yield
-
-
-def claim_trial(loaded: LoadedStudy, total_trials: int) -> optuna.Trial | str:
-    """Start a trial if the study-wide budget allows: a trial, or ``"wait"``/``"done"``.
-
-    Under the study lock, only what must be serial: fail trials whose worker vanished
-    (which re-queues them), count the budget (``LoadedStudy.budget``: two aggregate
-    queries), queue another trial for a batch size left uncovered
-    (``keep_batch_sizes_covered``), then make a trial RUNNING: a re-queued or enqueued
-    one if there is one, else a new one, if finished + running < total and, for a grid
-    study, grid points are left. ``"wait"``: the budget is handed out but trials still
-    run elsewhere. On PostgreSQL all of it is one transaction (``hpo.storage.study_lock``).
-
-    First, on PostgreSQL, the common case in one round trip (``_new_trial_at_once``): a
-    new trial when nothing is stale or waiting and the budget has room. Only when that
-    says no does the claim take the long way above.
-
-    The ``optuna.Trial`` is built after the lock is released: its trial already holds
-    its slot of the budget, and sampling happens later anyway, at ``suggest_*`` (Optuna
-    samples lazily, relative parameters included). A grid trial is built under the lock:
-    ``GridSampler.before_trial`` picks its grid point there, and two workers must not
-    pick the same one.
-
-    A commit that fails for a lost connection may still have landed: the claim's token,
-    written with its trial, tells (``ReconnectingRDBStorage.trial_claimed_with``), so a
-    repeated claim never leaves the first one's trial RUNNING without a worker.
-    """
-    study = loaded.study
-    grid = _grid_sampler(study) is not None
-    token = uuid.uuid4().hex
-    try:
-        at_once = None if grid else _new_trial_at_once(loaded, total_trials, token)
-        if at_once is not None:
-            return at_once
-    except Exception as error:
-        if not is_connection_error(error):
-            raise
-        found = _landed(loaded, token, error)
-        kill_point("claimed")
-        return _build_trial(study, found, was_queued=True)
-    stale = loaded.storage.has_stale_trials(loaded.ref.study_id)
-    if not stale and _budget_is_handed_out(loaded, total_trials):
-        return "wait"
-    try:
-        with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
-            if stale:  # else a trial gone stale since is failed by the next claim
-                optuna.storages.fail_stale_trials(study)
-            budget = loaded.budget()
-            if budget.finished + budget.running >= total_trials:
-                return "wait" if budget.running else "done"
-            if budget.waiting == 0 and grid_exhausted(study):
-                return "wait" if budget.running else "done"
-            room = total_trials - budget.finished - budget.running - budget.waiting
-            queued = keep_batch_sizes_covered(loaded, room)
-            for batch_size in queued:
-                logger.info("batch size %d has no complete trial: queued another", batch_size)
-            with loaded.storage.claiming(token):
-                # RUNNING with its first heartbeat (and a retry with clean attrs) in one
-                # transaction: a worker killed from here on still gets its trial retried.
-                trial_id = None
-                if budget.waiting or queued:
-                    trial_id = loaded.storage.claim_waiting_trial(loaded.ref.study_id)
-                was_queued = trial_id is not None
-                if trial_id is None:
-                    trial_id = compat.study_storage(study).create_new_trial(loaded.ref.study_id)
-            if grid:
-                trial = _build_trial(study, trial_id, was_queued)
-    except Exception as error:
-        if not is_connection_error(error):
-            raise
-        trial_id, was_queued, grid = _landed(loaded, token, error), True, False  # point stored
-    kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-    return trial if grid else _build_trial(study, trial_id, was_queued)
-
-
-def _new_trial_at_once(
-    loaded: LoadedStudy, total_trials: int, token: str
-) -> optuna.Trial | str | None:
-    """A new RUNNING trial made in one round trip, or the claim's answer
-    ("wait", "done") from the same round trip, or None where the claim must take the
-    long way (``ReconnectingRDBStorage.at_once``; ``claims_at_once`` says where it is
-    not tried). In a study that keeps its batch sizes covered, only while its finished
-    trials say no batch size can need another coverage trial (``coverage_may_need``,
-    read before the claim: a need that arises meanwhile is queued, under the lock, by
-    the next claim). Created through the study's cache layer, as ``Study.ask`` creates,
-    so the cache knows the trial, and built inside ``at_once``, which hands
-    ``optuna.Trial`` the claim's answer instead of a read of the trial."""
-    if not loaded.storage.claims_at_once():
-        return None
-    if loaded.spec.sampler.cover_batch_sizes and coverage_may_need(
-        loaded.spec, loaded.study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    ):
-        return None  # keep_batch_sizes_covered decides, under the lock, in the long way
-    storage = loaded.storage
-    try:
-        with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
-            trial_id = compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
-            kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
-            return _build_trial(loaded.study, trial_id, was_queued=False)
-    except NoTrialAtOnce as no_trial:
-        return no_trial.answer
-
-
-def prepare_claims(loaded: LoadedStudy, total_trials: int) -> None:
-    """Compile the one-message claim before the first claim, where one will be tried."""
-    if loaded.storage.claims_at_once() and _grid_sampler(loaded.study) is None:
-        loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, total_trials)
-
-
-def _landed(loaded: LoadedStudy, token: str, error: Exception) -> int:
-    """After a claim whose connection was lost (``error``): the id of the trial its
-    commit made RUNNING, found by its token; ``error`` raised again when nothing landed
-    (the caller claims again)."""
-    found = retry_on_disconnect(
-        lambda: loaded.storage.trial_claimed_with(loaded.ref.study_id, token),
-        what="claim",
-        url=loaded.storage.url,
-    )
-    if found is None:
-        raise error
-    logger.warning("the claim's commit landed though its connection was lost: trial kept")
-    return found
-
-
-def _budget_is_handed_out(loaded: LoadedStudy, total_trials: int) -> bool:
-    """True when a claim could only answer ``"wait"``, known without the study lock: the
-    budget is handed out and trials still run elsewhere (the caller has checked that none
-    of them is stale: a stale one would be failed and re-queued under the lock). Near the
-    end of a study every worker that finishes a trial asks, and waiting for the lock only
-    to learn this kept the lock, and behind PgBouncer its server connections, busy.
-    ``"done"`` is always decided under the lock: a trial being re-queued at that moment
-    must not be missed."""
-    budget = loaded.budget()
-    return budget.finished + budget.running >= total_trials and budget.running > 0
-
-
-def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:
-    """``optuna.Trial`` for a trial this worker made RUNNING (the rest of ``Study.ask``).
-    A queued trial was created by another process: the study's cache layer, which
-    ``suggest_*`` writes through, learns of it by reading the study's trials first (a
-    new trial was created through the cache, which knows it)."""
-    compat.forget_cached_trials(study)  # as Study.ask: sample from the study as it is now
-    if was_queued:
-        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return optuna.Trial(study, trial_id)
-
-
-def _grid_sampler(study: optuna.Study) -> optuna.samplers.GridSampler | None:
-    sampler = study.sampler
-    if isinstance(sampler, BatchSizeCapSampler):
-        sampler = sampler.base
-    return sampler if isinstance(sampler, optuna.samplers.GridSampler) else None
-
-
-def grid_exhausted(study: optuna.Study) -> bool:
-    """True for a grid study whose every grid point has a trial (a running one counts): the
-    study is done even if ``total_trials`` is larger."""
-    sampler = _grid_sampler(study)
-    return sampler is not None and sampler.is_exhausted(study)
-
-
 def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
     """Fail ``trial`` and queue a retry with its params and intermediate values (the same
     thing the heartbeat check does for a vanished worker). Under the study lock, so no
@@ -269,7 +84,7 @@ def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
     def attempt() -> None:
         nonlocal attempts
         attempts += 1
-        with study_lock(loaded.storage, study.study_name), _quiet_optuna_warnings():
+        with study_lock(loaded.storage, study.study_name), quiet_optuna_warnings():
             stored = loaded.storage.get_trial(loaded.trial_id(trial)) if attempts > 1 else None
             if stored is not None and stored.state.is_finished():
                 frozen = stored  # an earlier attempt told it
@@ -523,9 +338,7 @@ def run_worker(
             break
         if guard is not None:
             guard.check()
-        claimed = retry_on_disconnect(
-            lambda: claim_trial(loaded, total_trials), what="claim", url=storage_url
-        )
+        claimed = claim_trial(loaded, total_trials)
         if claimed == "done":
             break
         if claimed == "wait":

@@ -1,4 +1,4 @@
-"""The claim (``hpo.worker.claim_trial``): exact study totals under concurrent claimers, and
+"""The claim (``hpo.claim.claim_trial``): exact study totals under concurrent claimers, and
 a critical section that holds the study lock only for what must be serial.
 
 Every worker claims under one study lock, so what the claim does under it is paid once
@@ -22,13 +22,15 @@ import sqlalchemy
 import tomllib
 from optuna.trial import TrialState
 
+import hpo.claim
 import hpo.compat
-import hpo.storage
+import hpo.storage.one_message
 import hpo.worker
+from hpo.claim import claim_trial, study_budget_counted
 from hpo.spec import parse_spec
 from hpo.storage import ReconnectingRDBStorage, retry_on_disconnect
 from hpo.study import create_or_load_study, load_study, study_budget, superseded_trials
-from hpo.worker import claim_trial, requeue
+from hpo.worker import requeue
 
 from .conftest import far_from_utc, tiny_study_text
 from .databases import scratch_database
@@ -51,14 +53,14 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 
 class LockWatch:
-    """Wraps ``hpo.worker.study_lock``: ``held`` is True while this thread holds it, and
+    """Wraps ``hpo.claim.study_lock``: ``held`` is True while this thread holds it, and
     ``statements`` counts the SQL statements a storage's engine ran meanwhile."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self._local = threading.local()
         self.statements_held: list[int] = []
         self._count = 0
-        real = hpo.worker.study_lock
+        real = hpo.claim.study_lock
 
         @contextlib.contextmanager
         def watched(*args: object, **kwargs: object) -> Iterator[None]:
@@ -70,7 +72,7 @@ class LockWatch:
                     self._local.held = False
                     self.statements_held.append(self._count - before)
 
-        monkeypatch.setattr(hpo.worker, "study_lock", watched)
+        monkeypatch.setattr(hpo.claim, "study_lock", watched)
 
     @property
     def held(self) -> bool:
@@ -133,7 +135,7 @@ def test_concurrent_claimers_start_exactly_the_total(storage_url: str) -> None:
     counted = [t for t in trials if t.number not in superseded_trials(trials)]
     assert len(counted) == total, [(t.number, t.state.name) for t in trials]
     assert superseded_trials(trials), "no trial was re-queued: the test lost its point"
-    assert check.budget() == study_budget(check.study)
+    assert study_budget_counted(check) == study_budget(check.study)
     check.storage.engine.dispose()
 
 
@@ -152,7 +154,7 @@ def test_the_budget_counted_by_the_database_is_the_budget_of_the_trials(
         elif end == "requeue":
             requeue(loaded, trial, "worker stopped (test)")
     loaded.study.enqueue_trial({"x": 0.5})
-    budget = loaded.budget()
+    budget = study_budget_counted(loaded)
     assert budget == study_budget(loaded.study)
     # Trials 3 and 4 were re-queued (4 is 3's retry, claimed next) and do not count; 5,
     # 4's retry, runs; 6 was enqueued.
@@ -171,7 +173,7 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
     monkeypatch.setenv("HPO_GRACE_S", "3600")  # the RUNNING trials here have no worker
     # The long way, which PostgreSQL takes when a trial waits or is stale (the common case
     # there is one message: test_a_claim_at_once_is_one_message_of_five_statements).
-    monkeypatch.setattr(hpo.worker, "_new_trial_at_once", lambda *args: None)
+    monkeypatch.setattr(hpo.claim, "_new_trial_at_once", lambda *args: None)
     watch = LockWatch(monkeypatch)
     reads_held: list[bool] = []
     real_get_trials = ReconnectingRDBStorage._get_trials
@@ -358,9 +360,9 @@ def test_a_claim_whose_commit_acknowledgement_is_lost_starts_one_trial(
     # calls are not retried one by one: the worker repeats the claim. A repeat after a
     # COMMIT that landed would leave the first trial RUNNING with no worker (failed and
     # re-run after the grace period); the claim's token tells the repeat it landed.
-    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
+    monkeypatch.setattr("hpo.storage.reconnect.random.uniform", lambda low, high: 0.0)  # no backoff
     # The long way (the one-message claim: test_a_claim_at_once_whose_answer_is_lost_...).
-    monkeypatch.setattr(hpo.worker, "_new_trial_at_once", lambda *args: None)
+    monkeypatch.setattr(hpo.claim, "_new_trial_at_once", lambda *args: None)
     create_or_load_study(_spec(), storage_url).storage.engine.dispose()
     loaded = load_study("tiny", storage_url)
     if queued:
@@ -388,11 +390,11 @@ def test_postgresql_grants_the_study_lock_first_come_first_served(
         waiters = [load_study("tiny", url) for _ in range(4)]
         order: list[int] = []
         threads = []
-        with hpo.worker.study_lock(holder.storage, "tiny"):
+        with hpo.claim.study_lock(holder.storage, "tiny"):
             for index, waiter in enumerate(waiters):
 
                 def wait_and_record(waiter=waiter, index=index) -> None:
-                    with hpo.worker.study_lock(waiter.storage, "tiny"):
+                    with hpo.claim.study_lock(waiter.storage, "tiny"):
                         order.append(index)
 
                 threads.append(threading.Thread(target=wait_and_record, daemon=True))
@@ -487,7 +489,7 @@ def test_a_requeue_whose_commit_acknowledgement_is_lost_queues_one_retry(
     # The re-queue (a stop signal) is one transaction on PostgreSQL and MariaDB, repeated
     # as a whole after a lost connection: the repeat must see that the lost attempt's
     # COMMIT landed (trial FAIL, retry queued) and not queue a second retry.
-    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
+    monkeypatch.setattr("hpo.storage.reconnect.random.uniform", lambda low, high: 0.0)  # no backoff
     create_or_load_study(_spec(), storage_url).storage.engine.dispose()
     loaded = load_study("tiny", storage_url)
     trial = claim_trial(loaded, 10)
@@ -507,15 +509,15 @@ def test_a_requeue_whose_commit_acknowledgement_is_lost_queues_one_retry(
 
 
 def _messages_at_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The one-message claims (``hpo.storage._rows_of``) sent from here on."""
+    """The one-message claims (``hpo.storage.one_message.rows_of``) sent from here on."""
     messages: list[str] = []
-    real = hpo.storage._rows_of
+    real = hpo.storage.one_message.rows_of
 
     def recorded(connection, message: str):
         messages.append(message)
         return real(connection, message)
 
-    monkeypatch.setattr(hpo.storage, "_rows_of", recorded)
+    monkeypatch.setattr(hpo.storage.one_message, "rows_of", recorded)
     return messages
 
 
@@ -594,9 +596,9 @@ def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
 ) -> None:
     # The connection drops after the message was sent: its COMMIT may have landed (the
     # claim's token finds the trial) or not (the claim is repeated). Either way one trial.
-    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff
+    monkeypatch.setattr("hpo.storage.reconnect.random.uniform", lambda low, high: 0.0)  # no backoff
     sent: list[str] = []
-    real = hpo.storage._rows_of
+    real = hpo.storage.one_message.rows_of
 
     def lossy(connection, message: str):
         sent.append(message)
@@ -608,7 +610,7 @@ def test_a_claim_at_once_whose_answer_is_lost_starts_one_trial(
             raise sqlalchemy.exc.OperationalError(message, None, lost)
         return real(connection, message)
 
-    monkeypatch.setattr(hpo.storage, "_rows_of", lossy)
+    monkeypatch.setattr(hpo.storage.one_message, "rows_of", lossy)
     with scratch_database("postgresql") as url:
         create_or_load_study(_spec(), url).storage.dispose()
         loaded = load_study("tiny", url)

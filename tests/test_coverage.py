@@ -12,7 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import hpo.worker
+import hpo.claim
+from hpo.claim import claim_trial
 from hpo.data import load_splits
 from hpo.space import (
     BATCH_PARAM,
@@ -23,7 +24,7 @@ from hpo.space import (
 )
 from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
-from hpo.worker import claim_trial, requeue
+from hpo.worker import requeue
 from tests.conftest import train_trial
 from tests.databases import scratch_database
 from tests.test_finished_reads import trials_read
@@ -366,7 +367,7 @@ def test_a_claim_in_a_covered_study_reads_no_running_trial(
         trial = claim_trial(elsewhere, total_trials=100)
         trial.suggest_int(BATCH_PARAM, 4, 6)
         trial.report(0.5, 1)
-    monkeypatch.setattr(hpo.worker, "_build_trial", lambda study, trial_id, was_queued: trial_id)
+    monkeypatch.setattr(hpo.claim, "_build_trial", lambda study, trial_id, was_queued: trial_id)
     with trials_read(monkeypatch) as read:
         assert isinstance(claim_trial(loaded, total_trials=100), int)
     assert TrialState.RUNNING not in [t.state for t in read], read
@@ -380,10 +381,10 @@ def test_a_covered_study_claims_in_one_message_once_no_batch_size_can_need_a_ret
     # trials that ended without a result, a claim sends no message: the long way queues
     # its retry under the lock (keep_batch_sizes_covered). A waiting trial (the first
     # round) also sends the claim the long way. Otherwise the claim is one message.
-    import hpo.storage
+    import hpo.storage.one_message
 
     messages, long_way = [], []
-    real_rows, real_lock = hpo.storage._rows_of, hpo.worker.study_lock
+    real_rows, real_lock = hpo.storage.one_message.rows_of, hpo.claim.study_lock
 
     def recorded(connection, message: str):
         messages.append(message)
@@ -393,8 +394,8 @@ def test_a_covered_study_claims_in_one_message_once_no_batch_size_can_need_a_ret
         long_way.append(1)
         return real_lock(*args, **kwargs)
 
-    monkeypatch.setattr(hpo.storage, "_rows_of", recorded)
-    monkeypatch.setattr(hpo.worker, "study_lock", counted)
+    monkeypatch.setattr(hpo.storage.one_message, "rows_of", recorded)
+    monkeypatch.setattr(hpo.claim, "study_lock", counted)
     with scratch_database("postgresql", prefix="h9r_") as url:
         loaded = create_or_load_study(_spec(tiny_study, cover=True, batch_size_max=32), url)
         first = _claim_and_end(loaded, TrialState.COMPLETE)  # the round: 16, then 32

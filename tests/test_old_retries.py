@@ -62,7 +62,7 @@ def test_a_claimed_old_retry_keeps_only_what_a_retry_may_start_with(
     study = optuna.create_study(storage=storage)
     _queue_old_style_retry(study, attrs)
 
-    with storage.claiming():  # as hpo's worker claims (hpo.worker.claim_trial)
+    with storage.claiming():  # as hpo's worker claims (hpo.claim.claim_trial)
         retry = study.ask()  # the queued retry: WAITING -> RUNNING
     study.tell(retry, 0.5)
 

@@ -19,12 +19,12 @@ import tomllib
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from hpo.claim import claim_trial
 from hpo.cli import app
 from hpo.settings import PoolSettings, SettingsError, lock_database
 from hpo.spec import parse_spec
 from hpo.storage import StorageError, engine_options, open_storage, study_lock
 from hpo.study import create_or_load_study, load_study, superseded_trials
-from hpo.worker import claim_trial
 
 from .conftest import tiny_study_text
 from .databases import ADMIN_URLS, logs, scratch_database, start_worker, wait_all, worker_env

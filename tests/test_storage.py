@@ -12,6 +12,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from hpo.claim import claim_trial
 from hpo.cli import app
 from hpo.launcher import GpuSelectionError, resolve_gpus
 from hpo.spec import parse_spec
@@ -23,7 +24,6 @@ from hpo.storage import (
     open_storage,
 )
 from hpo.study import LoadedStudy, create_or_load_study, study_budget
-from hpo.worker import claim_trial
 
 from .conftest import tiny_study_text
 

@@ -124,7 +124,9 @@ def faulty(
     request, tmp_path: Path, monkeypatch
 ) -> Iterator[tuple[ReconnectingRDBStorage, CommitThenDrop]]:
     monkeypatch.setenv(DB_RETRY_ENV, "30")
-    monkeypatch.setattr("hpo.storage.random.uniform", lambda low, high: 0.0)  # no backoff wait
+    monkeypatch.setattr(
+        "hpo.storage.reconnect.random.uniform", lambda low, high: 0.0
+    )  # no backoff wait
     with _storage_url(request.param, tmp_path) as url:
         storage = open_storage(url)
         assert isinstance(storage, ReconnectingRDBStorage)
