@@ -3,7 +3,7 @@ study hold (nothing lost, duplicated or stuck), what does each step cost, and ho
 server connections does it take.
 
 A simulated worker runs hpo's real worker loop, the one ``hpo worker`` runs
-(``hpo.worker.claim_trial`` under the study lock, ``run_one`` with its heartbeat thread,
+(``hpo.claim.claim_trial`` under the study lock, ``run_one`` with its heartbeat thread,
 ``tell``, ``retry_on_disconnect``), with a stand-in objective that sleeps instead of
 training (no torch in these processes): ``--epochs`` "epochs" of ``--epoch-s`` seconds
 each (uniform in the range), one ``report`` + ``should_prune`` per epoch (the spec's median
@@ -72,16 +72,11 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/pgbouncer.py
 
+from hpo.claim import claim_trial, prepare_to_claim  # noqa: E402
 from hpo.spec import parse_spec  # noqa: E402
 from hpo.storage import retry_on_disconnect  # noqa: E402
 from hpo.study import LoadedStudy, create_or_load_study, load_study, superseded_trials  # noqa: E402
-from hpo.worker import (  # noqa: E402
-    StopSignal,
-    claim_trial,
-    prepare_claims,
-    run_one,
-    wait_before_claiming_again,
-)
+from hpo.worker import StopSignal, run_one, wait_before_claiming_again  # noqa: E402
 
 TIMED = ("claim", "claim_first", "report", "tell", "numbers")
 TIMED += ("lock_wait", "lock_held", "lock_held_cpu", "events")
@@ -205,10 +200,10 @@ def _time_the_claims_parts(timings: dict) -> None:
     """Record, in this process, how long each hold of the study lock lasts and how much
     CPU the holding thread got meanwhile, and how long each part of a claim takes (the
     one-message claim, the long way's checks, building the optuna.Trial)."""
-    import hpo.storage
-    import hpo.worker
+    import hpo.claim
+    import hpo.storage.one_message
 
-    real = hpo.worker.study_lock
+    real = hpo.claim.study_lock
 
     @contextlib.contextmanager
     def timed(*args, **kwargs):
@@ -222,7 +217,7 @@ def _time_the_claims_parts(timings: dict) -> None:
                 _record(timings, "lock_held", wall, time.monotonic())
                 timings["lock_held_cpu"].append(time.thread_time() - cpu)
 
-    hpo.worker.study_lock = timed
+    hpo.claim.study_lock = timed
 
     def timed_call(real, key: str):
         def timed(*args, **kwargs):
@@ -235,10 +230,10 @@ def _time_the_claims_parts(timings: dict) -> None:
         return timed
 
     for owner, name, key in (
-        (hpo.storage.ReconnectingRDBStorage, "_create_trial_at_once", "claim_message"),
+        (hpo.storage.one_message, "create_at_once", "claim_message"),
         (hpo.storage.ReconnectingRDBStorage, "has_stale_trials", "stale_check"),
-        (hpo.worker, "_budget_is_handed_out", "budget_check"),
-        (hpo.worker, "_build_trial", "build_trial"),
+        (hpo.claim, "_budget_is_handed_out", "budget_check"),
+        (hpo.claim, "_build_trial", "build_trial"),
     ):
         setattr(owner, name, timed_call(getattr(owner, name), key))
 
@@ -250,9 +245,9 @@ def _load_avg() -> float:
 def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, barrier) -> None:
     os.nice(args.nice)
     if args.claim == "long":
-        import hpo.worker
+        import hpo.claim
 
-        hpo.worker._new_trial_at_once = lambda *a: None  # every claim under study_lock
+        hpo.claim._new_trial_at_once = lambda *a: None  # every claim under study_lock
     timings: dict = {key: [] for key in TIMED}
     _time_the_claims_parts(timings)
     retries = _RetryCounter()
@@ -263,7 +258,7 @@ def _worker_process(url: str, total: int, args: argparse.Namespace, out: str, ba
     studies = [load_study(STUDY, url, parallel=True) for _ in range(args.threads)]
     for loaded in studies:
         loaded.study.sampler.reseed_rng()
-        prepare_claims(loaded, total)  # as hpo worker does before its first claim
+        prepare_to_claim(loaded, total)  # as hpo worker does before its first claim
     # Threads started before the start too: started after it, each waited for the GIL
     # behind the ones already claiming, and the last began its first claim up to 3 s late.
     go = threading.Event()

@@ -45,11 +45,12 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import hpo.storage  # noqa: E402
+import hpo.storage.one_message  # noqa: E402
 from benchmarks.storage_scale import SPEC, STUDY, DatabaseMonitor, _NoProgress  # noqa: E402
+from hpo.claim import claim_trial, prepare_to_claim  # noqa: E402
 from hpo.spec import parse_spec  # noqa: E402
 from hpo.study import create_or_load_study, load_study  # noqa: E402
-from hpo.worker import StopSignal, claim_trial, prepare_claims, run_one  # noqa: E402
+from hpo.worker import StopSignal, run_one  # noqa: E402
 
 CALLS = ("claim", "suggest", "report", "should_prune", "tell", "heartbeat")
 
@@ -62,13 +63,13 @@ class Meter:
         self.cpu_ms: dict[str, list[float]] = defaultdict(list)
         self._local = threading.local()
         sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", self._sent)
-        rows_of = hpo.storage._rows_of  # the one-message claim, sent on the DBAPI cursor
+        rows_of = hpo.storage.one_message.rows_of  # the one-message claim, sent on the DBAPI cursor
 
         def counted(*args: object):
             self._sent()
             return rows_of(*args)
 
-        hpo.storage._rows_of = counted
+        hpo.storage.one_message.rows_of = counted
 
     def _sent(self, *args: object) -> None:
         if getattr(self._local, "count", None) is not None:
@@ -146,7 +147,7 @@ def measure(args: argparse.Namespace) -> dict:
         meter = Meter()
         loaded = load_study(STUDY, url, parallel=True)
         total = args.finished + args.running + args.trials
-        prepare_claims(loaded, total)
+        prepare_to_claim(loaded, total)
         tell = loaded.study.tell
 
         def metered_tell(*a, **k):

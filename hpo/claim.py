@@ -176,7 +176,7 @@ def _answer_at_once(counts: AtOnceCounts | None, total_trials: int) -> Answer | 
     return "done" if counts.locked else None
 
 
-def prepare_claims(loaded: LoadedStudy, total_trials: int) -> None:
+def prepare_to_claim(loaded: LoadedStudy, total_trials: int) -> None:
     """Compile the one-message claim before the first claim, where one will be tried."""
     if loaded.storage.claims_at_once() and _grid_sampler(loaded.study) is None:
         loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, total_trials)

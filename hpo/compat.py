@@ -18,7 +18,7 @@ from typing import Any
 
 # Private methods of optuna.storages.RDBStorage that Optuna's own cache layer
 # (``optuna.storages._CachedStorage``, which wraps every RDBStorage a Study holds) calls
-# on its backend. ``hpo.storage`` wraps each public *and* these private calls with the
+# on its backend. ``hpo.storage.reconnect`` wraps each public *and* these private calls with the
 # reconnect retry, or a database restart would surface through the cache layer's calls
 # as a failed trial (seen: a PostgreSQL restart failed a trial in ``_get_trials``).
 RDB_STORAGE_PRIVATE_METHODS: tuple[str, ...] = (
@@ -30,7 +30,7 @@ RDB_STORAGE_PRIVATE_METHODS: tuple[str, ...] = (
 )
 
 
-# What Optuna names a study created without a name. ``hpo.storage`` chooses that name
+# What Optuna names a study created without a name. ``hpo.storage.rdb`` chooses that name
 # itself, before the first attempt, so that a retried ``create_new_study`` finds the study
 # its first attempt committed instead of creating a second one.
 def default_study_name_prefix() -> str:
@@ -39,7 +39,7 @@ def default_study_name_prefix() -> str:
     return DEFAULT_STUDY_NAME_PREFIX
 
 
-# RDBStorage's session, ORM models and in-transaction helpers. ``hpo.storage`` writes a
+# RDBStorage's session, ORM models and in-transaction helpers. ``hpo.storage.new_trials`` writes a
 # client token in the *same transaction* as a new trial or a trial claim (WAITING ->
 # RUNNING), so that a retry after an ambiguous failure (commit landed, acknowledgement
 # lost) can look for it; Optuna has no public way to add a row to its transaction, and its
@@ -103,7 +103,7 @@ def forget_cached_trials(study: Any) -> None:
 # COMPLETE and PRUNED ones) without re-reading the unfinished ones. Optuna's
 # ``get_all_trials`` re-reads every unfinished trial with all its rows on every call,
 # whatever ``states`` asks for: with W workers each reporting every epoch that is W^2 trial
-# reads per epoch of the fleet (issue 12: report p99 8.8 s at 256 workers, against 1.0 s
+# reads per epoch of the fleet (a report's p99 was 8.8 s at 256 workers, against 1.0 s
 # without a pruner). A finished trial never changes, so this asks the database which
 # trials started or finished since the cache last looked (their ids and whether they
 # finished: one query on the trials table), reads only the newly finished ones, and keeps
@@ -112,8 +112,8 @@ def forget_cached_trials(study: Any) -> None:
 # unfinished ones join ``unfinished_trial_ids``, finished ones leave it and move
 # ``last_finished_trial_id`` up. Trial ids grow in the order trials are committed within a
 # study (every insert holds the study's row lock, Optuna's as hpo's), which that invariant
-# already relies on. Before stop 24 the mark never moved, and every check returned the id
-# of every finished trial of the study.
+# already relies on. Were the mark never moved, every check would return the id of every
+# finished trial of the study.
 def finished_trials_cache(backend: Any) -> Any:
     """A ``_CachedStorage`` around ``backend`` (an ``hpo.storage.ReconnectingRDBStorage``)
     whose reads of finished trials only skip the unfinished ones."""

@@ -8,7 +8,7 @@ records a reason only when the objective set none). ``RetryWithCleanAttrs`` is t
 callback with only the attributes that describe the trial's *parameters* copied; the
 predecessor's reason is kept under ``retried_because``, a name no outcome is read from.
 
-Used by both places a trial is re-queued: the heartbeat check (``hpo.storage``) and a
+Used by both places a trial is re-queued: the heartbeat check (``hpo.storage.opening``) and a
 stop signal (``hpo.worker.requeue``).
 """
 
@@ -41,7 +41,7 @@ def clean_retry_attrs(attrs: dict[str, object]) -> dict[str, object]:
     reason) when there is one, else the ``retried_because`` it has.
 
     Applied when a retry is queued (from its predecessor's attrs) and again when it is
-    claimed (``hpo.storage``, from its own), because a retry queued by an older hpo, or by
+    claimed (``hpo.storage.new_trials``, from its own), because a retry queued by an older hpo, or by
     Optuna's own callback, already holds everything its predecessor had.
     """
     clean = {key: value for key, value in attrs.items() if key in PARAMETER_ATTRS}

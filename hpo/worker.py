@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from hpo.claim import claim_trial, prepare_claims, quiet_optuna_warnings
+from hpo.claim import claim_trial, prepare_to_claim, quiet_optuna_warnings
 from hpo.retry import RetryWithCleanAttrs, superseded_trials
 from hpo.settings import (
     THREADS_SOURCES,
@@ -124,7 +124,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         # The claim recorded the trial's first heartbeat with the trial (every claim path,
-        # hpo.storage), so this thread's first beat comes an interval after it starts.
+        # hpo.claim), so this thread's first beat comes an interval after it starts.
         # Beating at once as well only took a second database connection, opened for the
         # moment and closed again (the pool keeps one), while the trial's first
         # ``suggest_*`` held the other: at every trial start.
@@ -329,7 +329,22 @@ def run_worker(
     if budget.finished >= total_trials and not budget.running:
         return result
     objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
-    prepare_claims(loaded, total_trials)
+    prepare_to_claim(loaded, total_trials)
+    _claim_run_tell(loaded, objective, total_trials, timeout_s, guard, result)
+    _log_failed_saves(result, objective.failed_saves)
+    return result
+
+
+def _claim_run_tell(
+    loaded: LoadedStudy,
+    objective: Objective,
+    total_trials: int,
+    timeout_s: float | None,
+    guard: SQLiteFileGuard | None,
+    result: WorkerRun,
+) -> None:
+    """The worker's loop: claim → run → tell → repeat, until the claim says "done", time
+    runs out (no trial is started after ``timeout_s``) or a signal stops the worker."""
     stop = StopSignal()
     stop.install()
     started = time.monotonic()
@@ -351,8 +366,6 @@ def run_worker(
     if stop.requested:
         logger.warning("worker stopped by %s", stop.requested)
         result.stopped_by = stop.requested
-    _log_failed_saves(result, objective.failed_saves)
-    return result
 
 
 def wait_before_claiming_again() -> float:

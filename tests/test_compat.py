@@ -88,3 +88,26 @@ def test_optunas_cache_layer_still_has_what_the_finished_trials_read_uses() -> N
     assert (
         "included_trial_ids" in inspect.signature(optuna.storages.RDBStorage._get_trials).parameters
     )
+
+
+def test_the_storage_subclass_overrides_only_pinned_private_methods_with_optunas_signature() -> (
+    None
+):
+    """``hpo.storage.rdb.ReconnectingRDBStorage`` is the one subclass that overrides
+    Optuna's private methods: each is listed in ``compat.RDB_STORAGE_PRIVATE_METHODS``
+    and takes the parameters Optuna's own takes, so an upgrade that renames or reshapes
+    one fails here."""
+    from hpo.storage.rdb import ReconnectingRDBStorage
+
+    overridden = {
+        name
+        for name, member in vars(ReconnectingRDBStorage).items()
+        if name.startswith("_") and not name.startswith("__") and callable(member)
+        if hasattr(optuna.storages.RDBStorage, name)
+    }
+    assert overridden <= set(compat.RDB_STORAGE_PRIVATE_METHODS)
+    assert {"_create_new_trial", "_set_trial_param", "_get_trials"} <= overridden
+    for name in overridden:
+        ours = inspect.signature(getattr(ReconnectingRDBStorage, name)).parameters
+        theirs = inspect.signature(getattr(optuna.storages.RDBStorage, name)).parameters
+        assert list(ours) == list(theirs), name

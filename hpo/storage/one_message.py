@@ -114,26 +114,7 @@ def _message(storage: Any, study_id: int, study_name: str, total_trials: int, gr
     """``create_at_once``'s message, with ``TOKEN_MARK`` and ``START_MARK`` in
     place of the claim's token and start time."""
     study = compat.rdb_models().StudyModel.__table__
-    counts, requeued = claim_counts(study_id)
-    stale = stale_count(study_id, grace)
-    handed_out = counts.c.finished - requeued.c.n + counts.c.running >= total_trials
-    surely_wait = sqlalchemy.and_(handed_out, counts.c.running > 0, stale.c.n == 0)
-    # The stale count is taken here, before the lock, and handed to the statement
-    # under the lock in a setting local to the transaction. Counted again under the
-    # lock, it was most of the lock's hold at hundreds of RUNNING trials (1.3 of
-    # 1.8 ms at 600). A trial that goes stale while this claim waits is
-    # failed and re-queued by the next claim that finds it, as is one that goes
-    # stale just after the claim.
-    lock = (
-        sqlalchemy.select(
-            sqlalchemy.func.pg_advisory_xact_lock(postgres_lock_key(study_name)),
-            sqlalchemy.func.set_config(
-                STALE_SETTING, sqlalchemy.cast(stale.c.n, sqlalchemy.Text), True
-            ),
-        )
-        .select_from(counts, requeued, stale)
-        .where(sqlalchemy.not_(surely_wait))
-    )
+    lock = _lock_unless_surely_waiting(study_id, study_name, total_trials, grace)
     row_lock = (
         sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id).with_for_update()
     )
@@ -173,6 +154,32 @@ def _message(storage: Any, study_id: int, study_name: str, total_trials: int, gr
     message = "; ".join(["BEGIN", sql(lock), sql(row_lock), sql(claim), "COMMIT"])
     assert message.count(TOKEN_MARK) == 1 and message.count(str(START_MARK)) == 1
     return message
+
+
+def _lock_unless_surely_waiting(
+    study_id: int, study_name: str, total_trials: int, grace: float
+) -> sqlalchemy.Select:
+    """The message's first statement: the study's advisory lock, taken unless the counts
+    before it say the claim can only wait (the budget handed out, trials running, none
+    stale), and the stale count handed to the statement under the lock in a setting local
+    to the transaction. Counted again under the lock, the stale count was most of the
+    lock's hold at hundreds of RUNNING trials (1.3 of 1.8 ms at 600). A trial that goes
+    stale while this claim waits is failed and re-queued by the next claim that finds it,
+    as is one that goes stale just after the claim."""
+    counts, requeued = claim_counts(study_id)
+    stale = stale_count(study_id, grace)
+    handed_out = counts.c.finished - requeued.c.n + counts.c.running >= total_trials
+    surely_wait = sqlalchemy.and_(handed_out, counts.c.running > 0, stale.c.n == 0)
+    return (
+        sqlalchemy.select(
+            sqlalchemy.func.pg_advisory_xact_lock(postgres_lock_key(study_name)),
+            sqlalchemy.func.set_config(
+                STALE_SETTING, sqlalchemy.cast(stale.c.n, sqlalchemy.Text), True
+            ),
+        )
+        .select_from(counts, requeued, stale)
+        .where(sqlalchemy.not_(surely_wait))
+    )
 
 
 def claim_counts(study_id: int) -> tuple[Any, Any]:
