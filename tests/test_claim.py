@@ -368,7 +368,7 @@ def test_a_claim_whose_commit_acknowledgement_is_lost_starts_one_trial(
     if queued:
         loaded.study.enqueue_trial({"x": 0.25})
     fault = CommitThenDrop(loaded.storage)
-    with fault.once(during="_claim_trial" if queued else "_create_new_trial"):
+    with fault.once(during="set_trial_state_values" if queued else "_create_new_trial"):
         trial = retry_on_disconnect(lambda: claim_trial(loaded, 10), what="claim", url=storage_url)
     running = loaded.study.get_trials(states=(TrialState.RUNNING,))
     assert [t.number for t in running] == [trial.number]
