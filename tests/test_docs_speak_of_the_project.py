@@ -1,6 +1,6 @@
 """The project speaks of the project: docs, study files, code comments and file names say
-what hpo is and does, not when or in which piece of work it was done. No work-log words
-("stop 23"), no issue numbers ("issue 12"); history lives in git."""
+what hpo is and does, not when or in which piece of work it was done. No work-log words (a
+numbered stop of a work session), no issue numbers; history lives in git."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A work-log reference: "stop 23", "stops 23 and 24", "stop-20", "stop20"; "issue 12",
-# "Issue #9", "issue9", "issue-13" (a branch name). Plain words pass: "stops the worker",
-# "non-stop", "the issue tracker".
+# A work-log reference: a numbered stop ("stop", "stops", then a number; also hyphenated or
+# run together) or an issue number ("issue", "Issue #", run together, or a branch name
+# "issue-N"). The planted examples below are built from these two words, so that this file
+# holds none itself. Plain words pass: "stops the worker", "non-stop", "the issue tracker".
+STOP, ISSUE = "stop", "issue"
 WORK_LOG = re.compile(
     r"\b[Ss]tops? [0-9]+\b"
     r"|\b[Ss]top-?[0-9]+\b"
@@ -48,16 +50,16 @@ def _assert_clean(paths: list[Path]) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "as measured in stop 23",
-        "Stop 18's grid",
-        "(docs/benchmarks.md, stops 23 and 24)",
-        "the stop-20 demo",
-        "policy stop20",
-        "issue 12",
-        "Issue 9: a search fair to every batch size",
-        "see issue #13",
-        "answer_quality_issue9_cheaper.json",
-        "branch issue-10",
+        f"as measured in {STOP} 23",
+        f"{STOP.title()} 18's grid",
+        f"(docs/benchmarks.md, {STOP}s 23 and 24)",
+        f"the {STOP}-20 demo",
+        f"policy {STOP}20",
+        f"{ISSUE} 12",
+        f"{ISSUE.title()} 9: a search fair to every batch size",
+        f"see {ISSUE} #13",
+        f"answer_quality_{ISSUE}9_cheaper.json",
+        f"branch {ISSUE}-10",
     ],
 )
 def test_the_pattern_catches_work_log_words_and_issue_numbers(text: str) -> None:
@@ -106,9 +108,9 @@ def test_no_doc_or_result_file_is_named_after_an_issue_or_a_stop() -> None:
 @pytest.mark.parametrize(
     "name, flagged",
     [
-        ("storage_scale_issue12.json", True),
-        ("gpu_h200_issue13.json", True),
-        ("stop24.json", True),
+        (f"storage_scale_{ISSUE}12.json", True),
+        (f"gpu_h200_{ISSUE}13.json", True),
+        (f"{STOP}24.json", True),
         ("storage_scale_cpu.json", False),
         ("answer_quality_catch_up_5seeds_cpu.json", False),
         ("noise-scale.md", False),
