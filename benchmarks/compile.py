@@ -20,8 +20,7 @@ saving (inf when compiled is not faster). A different batch size, or the last pa
 eval batch, is a new shape: dynamo recompiles once for it (then marks it dynamic), which
 these figures leave out, so they are the best case for compile.
 
-Run (under the lock on a shared machine):
-``flock /tmp/hpo-bench.lock uv run python benchmarks/compile.py --model small-cnn``
+Run on an otherwise idle machine: ``uv run python benchmarks/compile.py --model small-cnn``
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Epochs of training until a search first reaches the grid's best: grid vs random vs hpo.
 
-On the demo task (``studies/demo.toml``: synthetic H&E-like patches, small CNN; its figures
-in docs/benchmarks.md are from before issue 9's redesign: batch 16-512, LR 1e-4-1, weight
-decay 1e-6-1e-2, 4 epochs per trial):
+On the demo task (``studies/demo.toml``: synthetic H&E-like patches, small CNN; the figures
+in docs/benchmarks.md were measured on an earlier demo configuration: batch 16-512, LR
+1e-4-1, weight decay 1e-6-1e-2, 4 epochs per trial):
 
 - grid: every config of the literature-style grid (each power-of-two batch size x 3
   log-spaced LRs x 1 weight decay, ``hpo.space.grid_search_space``) trained to the last

@@ -1,18 +1,18 @@
 """The demo study under the old search policy and the fair one, side by side.
 
-- old: equal epochs, Optuna's median pruner over all trials, TPE alone (the demo before
-  issue 9: ``stratify_by_batch_size``, ``min_trials_per_batch_size`` and
-  ``cover_batch_sizes`` off, the pruner's startup back at 4 trials).
-- median: the demo as shipped until successive halving (issue 9, stop 18): 30 trials, a
-  first round of one trial per batch size at the square-root rule's LR, the median pruner
-  from report 2 comparing a trial only with its own batch size (pruned trials counted), and
-  no pruning at a batch size until 2 of its trials have completed.
-- stop20: the demo as shipped from stop 20 until the catch-up pruner (issue 9): 20
-  trials, a first round of two LRs per batch size (×½ and ×2 the square-root rule's), the
-  stratified median pruner from half an epoch with pruned trials counted, the floor of 2.
+- old: equal epochs, Optuna's median pruner over all trials, TPE alone (no fair-search
+  settings: ``stratify_by_batch_size``, ``min_trials_per_batch_size`` and
+  ``cover_batch_sizes`` off, the pruner's startup at 4 trials).
+- median: an earlier demo policy: 30 trials, a first round of one trial per batch size at
+  the square-root rule's LR, the median pruner from report 2 comparing a trial only with
+  its own batch size (pruned trials counted), and no pruning at a batch size until 2 of
+  its trials have completed.
+- median20: the demo policy before the catch-up pruner: 20 trials, a first round of two
+  LRs per batch size (×½ and ×2 the square-root rule's), the stratified median pruner from
+  half an epoch with pruned trials counted, the floor of 2.
 - fair: ``studies/demo.toml`` as shipped.
 
-The old, median and stop20 policies fix the study fields they are defined by (pruner,
+The old, median and median20 policies fix the study fields they are defined by (pruner,
 sampler, trial count), so they stay the same policies whatever the demo ships.
 
 Each policy runs the study once per seed, trials one after another in this process through
@@ -90,15 +90,15 @@ def policies(spec: StudySpec) -> dict[str, StudySpec]:
         sampler={"cover_batch_sizes": True, "first_round_lrs": 1, "n_startup_trials": 10},
         budget={"n_trials": 30},
     )
-    # The demo as shipped in stop 20: the median policy from half an epoch, two LRs per
-    # batch size in the first round, 20 trials.
-    stop20 = _with(
+    # The median policy from half an epoch, two LRs per batch size in the first round,
+    # 20 trials: the demo's policy before the catch-up pruner.
+    median20 = _with(
         median,
         pruner={"min_epochs": 1},
         sampler={"first_round_lrs": 2},
         budget={"n_trials": 20},
     )
-    return {"old": old, "median": median, "stop20": stop20, "fair": spec}
+    return {"old": old, "median": median, "median20": median20, "fair": spec}
 
 
 def chosen_policies(spec: StudySpec, names: str, *, shrink: bool = False) -> dict[str, StudySpec]:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--policies", default="old,fair", help="comma-separated: old, median, stop20, fair"
+        "--policies", default="old,fair", help="comma-separated: old, median, median20, fair"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""GPU benchmark, ready for the first GPU lent: hpo's pipeline against the naive one on CUDA.
+"""GPU benchmark: hpo's pipeline against the naive one on CUDA.
 
 On generated PCam-format files (96 px, uncompressed HDF5, as torchvision leaves PCam), for
 ResNet-18 and VGG-16 and batch sizes 64, 256 and 1024:

@@ -1,4 +1,4 @@
-"""Where a GPU training step loses time, and which lever wins it back (issue 13).
+"""Where a GPU training step loses time, and which lever wins it back.
 
 ``benchmarks/gpu.py`` measured ResNet-18 at 96 px, B = 256, bf16 on an H200: hpo's step
 on one prepared batch ran at 26,346 samples/s with the GPU only 49% busy, while B = 1024

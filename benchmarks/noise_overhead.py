@@ -11,7 +11,7 @@ With ``--micro-batch M`` both figures are for an accumulated update (micro-batch
 ``training.above_cap = "accumulate"``): the measured kind is ``train_step_accumulated``
 taking its two gradient norms, the plain kind the same update without them.
 
-Run: ``flock /tmp/hpo-bench.lock uv run python benchmarks/noise_overhead.py``
+Run: ``uv run python benchmarks/noise_overhead.py``
 """
 
 from __future__ import annotations

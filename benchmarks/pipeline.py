@@ -16,8 +16,8 @@ the figures are medians over rounds.
     samples/s = (train + val patches) / wall time.
 
 (c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
-    (studies/demo.toml; its figures in docs/benchmarks.md are from before issue 9's demo
-    redesign: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
+    (studies/demo.toml; the figures in docs/benchmarks.md were measured on an earlier demo
+    configuration: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
     a trial's training samples over its wall time (one trial as a worker runs it on
     SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
     the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch
@@ -339,7 +339,7 @@ def one_trial(spec: StudySpec, setup, splits, batch_size: int, directory: Path,
             patches = [
                 (hpo_objective, "prepare_data", prepare),
                 (hpo_train, "train_step", clock.wrap("step", hpo_train.train_step)),
-                # Every NOISE_SCALE_EVERY-th update (issue 10): an update that also measures
+                # Every NOISE_SCALE_EVERY-th update: an update that also measures
                 # the gradient noise scale (two half-batch backward passes).
                 (
                     hpo_train,
@@ -376,15 +376,14 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
     breakdown.
 
     Every round times a trial with its phases clocked (on CPU the wrappers cost
-    microseconds) and, before it, ``train_step`` alone on one prepared batch. On this
-    shared machine the load swung the separately timed bare step 4.5x between two rounds
+    microseconds) and, before it, ``train_step`` alone on one prepared batch. On a
+    shared 2-core machine the load swung the separately timed bare step 4.5x between two rounds
     minutes apart (54 vs 245 samples/s), so the headline ratio uses the steps inside the
     trial itself, timed under the same load: ``e2e_vs_step`` = (samples / trial wall) /
     (samples of the plain updates / time in ``train_step``). Every 32nd update is a
     noise-scale step (``hpo.noise``, phase "noise step"): its samples are training samples,
-    its time is overhead beside the plain step's rate. (Before issue 13's last round its
-    time was in "other" and the ratio was the step's share of the wall, which left those
-    samples out: 1/32 = 3% low at B = 64.) The ratio to the
+    its time is overhead beside the plain step's rate (counted in "other", the ratio would
+    leave those samples out: 1/32 = 3% low at B = 64). The ratio to the
     separately timed step is reported beside it (``e2e_vs_separate_step``). On CUDA each
     clocked phase ends with a sync, which the uninstrumented loop does not have."""
     spec = demo_spec(model, epochs, device)

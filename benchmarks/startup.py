@@ -14,7 +14,7 @@ first call of ``hpo.train.train_step``. What is timed, from before ``Popen``:
 ``.pyc`` is found and every module is compiled from source: the figure before
 ``[tool.uv] compile-bytecode`` (this environment sets PYTHONDONTWRITEBYTECODE).
 
-Run: ``flock /tmp/hpo-bench.lock uv run python benchmarks/startup.py --rounds 3``
+Run: ``uv run python benchmarks/startup.py --rounds 3``
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ before it starts the trial, so that the first claims of a fleet started at once 
 measured without the started trials' CPU on the same cores (an analysis of where the
 first claims' time goes; on a cluster each worker has its own CPU).
 
-Databases ``h12_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after;
+Databases ``hpo_scale_<pid>_<n>`` are created on ``--url``'s server and dropped after;
 ``--private-postgres N`` runs the whole sweep on a private PostgreSQL started for it
 (``tests/private_postgres.py``) with ``max_connections = N``, for points that need more
 connections than a shared server allows. PgBouncer (Debian package) is started on a free
@@ -325,7 +325,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_point(workers: int, via: str, args: argparse.Namespace, index: int) -> dict:
     admin = make_url(args.url)
-    database = f"h12_scale_{os.getpid()}_{index}"
+    database = f"hpo_scale_{os.getpid()}_{index}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

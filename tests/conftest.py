@@ -15,7 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from hpo.settings import default_omp_wait_policy
 
 # As at hpo's entry points: before torch is imported, idle OpenMP threads sleep instead of
-# spinning (4-8x faster steps on the shared 2-core machine under load; issue 13).
+# spinning (4-8x faster steps on a shared 2-core machine under load: docs/benchmarks.md).
 default_omp_wait_policy()
 
 from hpo.objective import train_trial  # noqa: E402

@@ -382,8 +382,8 @@ def test_postgresql_grants_the_study_lock_first_come_first_served(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Waiters block in PostgreSQL's lock queue instead of polling with backoff, which let a
-    # late poller overtake a worker that had waited minutes (issue 12: claim p99 139 s at
-    # 256 workers, with the lock held 15 ms per claim).
+    # late poller overtake a worker that had waited minutes (measured with polling: claim
+    # p99 139 s at 256 workers, with the lock held 15 ms per claim).
     with scratch_database("postgresql") as url:
         create_or_load_study(_spec(), url).storage.engine.dispose()
         holder = load_study("tiny", url)

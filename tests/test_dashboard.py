@@ -160,7 +160,7 @@ def test_browser_shows_study_trial_count_and_attached_scaling_figure(
     scaling_title = page.locator(".gtitle", has_text="Best learning rate per batch size")
     scaling_title.first.wait_for()  # the interactive plotly figure, with α in its title
     assert "α = " in (scaling_title.first.text_content() or "")
-    # The noise-scale figure (issue 10) is shown with the others.
+    # The noise-scale figure is shown with the others.
     page.locator(".gtitle", has_text="Gradient noise scale").first.wait_for()
     # The cost view is attached too (this study records no training times: its message).
     page.locator(".gtitle", has_text="Value vs time to train").first.wait_for()

@@ -189,7 +189,7 @@ def test_augmentation_is_per_sample_dihedral_and_batched() -> None:
 
 
 def _flip_then_rotate(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The augmentation as it was before the gather (issue 13): the reference it must equal."""
+    """The augmentation as flip, then rotate (no gather): the reference it must equal."""
     draws = torch.randint(0, 8, (images.shape[0],), generator=generator)
     flip = (draws & 4).bool().view(-1, 1, 1, 1)
     images = torch.where(flip, images.flip(3), images)

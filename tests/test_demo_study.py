@@ -1,4 +1,4 @@
-"""The shipped demo study is designed to show an answer (issue 9): what can be checked
+"""The shipped demo study is designed to show an answer: what can be checked
 without training it. Its measured figures (complete trials per batch size, the α interval,
 best − median) are in docs/benchmarks.md; benchmarks/answer_quality.py checks it against a
 dense grid."""
@@ -40,7 +40,7 @@ def test_demo_runs_the_fair_policy() -> None:
 
 
 def test_demo_prunes_only_trials_that_cannot_come_near_the_best() -> None:
-    """A median at half an epoch pruned the grid's top configs (issue 9's pruning regret):
+    """A median at half an epoch pruned the grid's top configs (answer_quality's regret):
     the demo's pruner forecasts a trial's final value and keeps it while it may end
     within the report's 1% of its batch size's best."""
     pruner = load_spec(DEMO).pruner

@@ -257,7 +257,7 @@ def test_a_trial_whose_saves_fail_completes_with_its_result(
 
 
 def test_a_trial_on_a_full_tmpfs_completes(spec, splits, setup, tmp_path: Path) -> None:
-    """The issue's case: a tiny tmpfs fills at the first save; the trial still completes."""
+    """A tiny tmpfs fills at the first save; the trial still completes."""
     with _tmpfs(tmp_path / "full", "size=16k") as mount:
         objective = Objective(spec, setup, splits, checkpoint_root=mount / "tiny")
         study = _study()

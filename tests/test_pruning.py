@@ -201,7 +201,7 @@ def _add_pruned(study: optuna.Study, log2_batch_size: int, values: dict[int, flo
 
 
 def _late_bloomer_study(pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Issue 9's seed-0 B = 128 at report 2: two complete survivors (0.693, 0.689) and three
+    """The demo's seed-0 B = 128 at report 2: two complete survivors (0.693, 0.689) and three
     trials pruned at report 2 below them; a good small-batch crowd beside them."""
     study = optuna.create_study(direction="maximize", pruner=pruner)
     for value in (0.72, 0.73, 0.74):
@@ -468,7 +468,7 @@ def test_catch_up_keeps_a_trial_that_may_end_near_the_best() -> None:
 
 
 def test_catch_up_keeps_a_slow_starter_while_the_curves_scatter() -> None:
-    """Issue 9's shape: a curve that starts low can end best (the grid's B = 16 at LR
+    """The demo's shape: a curve that starts low can end best (the grid's B = 16 at LR
     0.032: 0.615 after half an epoch, below the median of its batch size, then 0.730). Two
     complete trials off the line widen the forecast; the same 0.52 is no longer pruned,
     while Optuna's median of the batch size (0.50) would prune a trial at 0.49."""

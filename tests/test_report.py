@@ -105,10 +105,10 @@ def test_best_lr_doubling_with_batch_size_gives_alpha_one_within_its_interval() 
 
 
 def floor_kept_study(alpha: float, *, seed: int = 0) -> optuna.Study:
-    """The demo's failure mode (issue 9): per batch size, the best trial near the true lr*,
-    one more within noise of it, and one the per-batch-size floor kept from pruning at an
-    LR far off (a decade above, where training diverged to chance, or below, where it
-    learned little). Values at lr*: 0.74 ± 0.002; the poor ones 0.51–0.64."""
+    """The shape that misleads a fit over every top trial: per batch size, the best trial
+    near the true lr*, one more within noise of it, and one the per-batch-size floor kept
+    from pruning at an LR far off (a decade above, where training diverged to chance, or
+    below, where it learned little). Values at lr*: 0.74 ± 0.002; the poor ones 0.51–0.64."""
     rng = random.Random(seed)
     study = optuna.create_study(direction="maximize")
     for index, batch_size in enumerate((16, 32, 64, 128, 256)):
@@ -123,8 +123,8 @@ def floor_kept_study(alpha: float, *, seed: int = 0) -> optuna.Study:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_a_poor_trial_kept_by_the_floor_does_not_enter_the_fit(alpha: float) -> None:
-    # Before: the top 3 of 3 complete trials per batch size were all fitted, the diverged
-    # and the slow one included, and the interval was 1.4 wide around the wrong α.
+    # A fit over the top 3 of 3 complete trials per batch size would take the diverged and
+    # the slow one too, and give an interval 1.4 wide around the wrong α.
     fit = fit_lr_scaling(floor_kept_study(alpha))
     assert fit.contains(alpha)
     assert fit.alpha == pytest.approx(alpha, abs=0.2)

@@ -30,7 +30,7 @@ from .conftest import tiny_study_text
 from .databases import ADMIN_URLS, logs, scratch_database, start_worker, wait_all, worker_env
 from .pgbouncer import pgbouncer, through, waiting_clients
 
-PREFIX = "h12_"
+PREFIX = "scale_"
 
 
 def _spec(**kwargs):
@@ -287,7 +287,7 @@ def test_a_lock_database_that_is_not_the_storages_own_is_refused(
     with pytest.raises(StorageError, match=r"reaches database 'postgres'.* not the storage's"):
         open_storage(postgres)
     missing = sqlalchemy.engine.make_url(postgres).set(password="s3cret-pw")
-    monkeypatch.setenv("HPO_LOCK_DATABASE", "h12_no_such_database")
+    monkeypatch.setenv("HPO_LOCK_DATABASE", "scale_no_such_database")
     with pytest.raises(StorageError, match="cannot open the study lock's database") as raised:
         open_storage(missing.render_as_string(hide_password=False))
     assert "s3cret-pw" not in str(raised.value)
@@ -299,7 +299,7 @@ def test_waiters_for_the_study_lock_on_its_own_pgbouncer_pool_leave_the_main_poo
 ) -> None:
     # 256 workers claiming at once through a pool of 20: each waiter for the lock waits in
     # a transaction, so 19 held a server connection and every other call of every worker
-    # queued for the last one (docs/benchmarks.md, stop 21). On an alias with a pool of its
+    # queued for the last one (measured with storage_scale.py at 256 workers). On an alias with a pool of its
     # own, waiters queue in PgBouncer instead, in the order they came, and a reader finds
     # the main pool free. Without HPO_LOCK_DATABASE the holder and the first waiter take
     # both main connections here, and the read waits for the holder.

@@ -1,4 +1,4 @@
-"""What keeps a trial near the compute limit (issue 13): metrics computed without slow
+"""What keeps a trial near the compute limit: metrics computed without slow
 imports, and the generalization-gap pass that stays a faithful train − val measure."""
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def test_a_validation_split_above_the_memory_bound_is_prepared_batch_by_batch(
 def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_keys(
     tiny_study: Path, monkeypatch: pytest.MonkeyPatch, compile_setting: bool | str, mode: str | None
 ) -> None:
-    """Off by default (it did not pay on CPU: docs/benchmarks.md, issue 13). On, the model
+    """Off by default (it did not pay on CPU: docs/benchmarks.md, compile.py). On, the model
     is compiled in place, so a checkpoint's keys are the eager model's (no ``_orig_mod.``)."""
     spec = load_spec(tiny_study)
     assert spec.training.compile is False

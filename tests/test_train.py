@@ -58,7 +58,7 @@ def test_short_run_learns_above_chance(tiny_study: Path) -> None:
     study = _run(spec, [{"log2_batch_size": 5, "lr": 0.05, "weight_decay": 1e-5}])
     trial = study.trials[0]
     assert trial.state == TrialState.COMPLETE
-    # The synthetic task is hard (crowding carries the label; issue 9): above chance, not high.
+    # The synthetic task is hard (crowding carries the label): above chance, not high.
     assert trial.user_attrs["val_acc"] > 0.58
     assert trial.value == pytest.approx(trial.user_attrs["val_auc"]) and trial.value > 0.6
     assert trial.user_attrs.keys() >= PER_TRIAL_ATTRS
