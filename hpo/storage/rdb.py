@@ -175,18 +175,21 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        if self._in_one_statement:
-            table = compat.rdb_models().TrialUserAttributeModel.__tablename__
-            writes.set_attr(self, table, trial_id, key, value)
-        else:
+        if not self._set_attr_at_once("TrialUserAttributeModel", trial_id, key, value):
             super().set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        if self._in_one_statement:
-            table = compat.rdb_models().TrialSystemAttributeModel.__tablename__
-            writes.set_attr(self, table, trial_id, key, value)
-        else:
+        if not self._set_attr_at_once("TrialSystemAttributeModel", trial_id, key, value):
             super().set_trial_system_attr(trial_id, key, value)
+
+    def _set_attr_at_once(self, model: str, trial_id: int, key: str, value: Any) -> bool:
+        """A trial's attribute in ``model``'s table, in one statement on PostgreSQL; False
+        elsewhere (Optuna's own runs)."""
+        if not self._in_one_statement:
+            return False
+        table = getattr(compat.rdb_models(), model).__tablename__
+        writes.set_attr(self, table, trial_id, key, value)
+        return True
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.record_heartbeat_once(trial_id)
