@@ -154,7 +154,7 @@ class NoiseScaleCurve:
 
 def b_simple_curves(top_trials: dict[int, list[FrozenTrial]]) -> list[NoiseScaleCurve]:
     """B_simple over training (user attr ``b_simple_per_epoch``) of the given trials: the
-    best complete trials of each batch size, ranked (``analysis.top_trials_by_batch_size``,
+    best complete trials of each batch size, ranked (``scaling.top_trials_by_batch_size``,
     the same trials the α fit and the ridge use). Ordered by batch size, then rank.
 
     Only positive finite values are kept (they are drawn on a log axis): an epoch before
