@@ -87,41 +87,40 @@ def _smooth_noise(rng: np.random.Generator, count: int, size: int, cells: int) -
     return fine[:, 0].numpy()
 
 
-def _draw_nucleus(
-    rng: np.random.Generator,
-    mask: np.ndarray,
-    yy: np.ndarray,
-    xx: np.ndarray,
-    focus: np.ndarray,
-    a: float,
-    size: int,
-) -> None:
-    """One nucleus of a patch with atypia ``a`` added to ``mask`` (in place): crowded around
-    ``focus`` with probability ``a``, else anywhere; its size, elongation and outline drawn
-    more varied the higher ``a``. ``yy``/``xx`` are the patch's pixel coordinates."""
-    if rng.random() < a:  # crowded around the focus
-        cy, cx = np.clip(focus + rng.normal(0, size * 0.25, 2), 0, size - 1)
-    else:
-        cy, cx = rng.uniform(0, size, 2)
-    radius = float(np.clip(rng.normal(3.4, 0.6 + 0.8 * a), 1.5, 10))
-    elongation = 1.0 + rng.gamma(1.0 + 2.5 * a, 0.12)
-    angle = rng.uniform(0, np.pi)
-    lobes = rng.integers(2, 6)
-    wobble = (0.05 + 0.3 * a) * rng.uniform(0.3, 1.0)
-    phase = rng.uniform(0, 2 * np.pi)
-    # Rasterize in the nucleus's bounding box only (the whole patch is 30x slower).
-    reach = int(np.ceil(radius * elongation * (1 + wobble))) + 2
-    y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
-    x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
-    if y0 >= y1 or x0 >= x1:
-        return
-    dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
-    u = dx * np.cos(angle) + dy * np.sin(angle)
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
-    boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
-    # Soft edge; the max lets nuclei overlap like real clusters.
-    np.maximum(mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1])
+def _nucleus_mask(
+    rng: np.random.Generator, a: float, yy: np.ndarray, xx: np.ndarray, size: int
+) -> np.ndarray:
+    """The nuclei of one patch with atypia ``a`` as a soft mask in [0, 1]: that share of
+    them crowded around one focus, the rest anywhere, more varied in size and outline the
+    higher ``a``. ``yy``/``xx`` are the patch's pixel coordinates."""
+    n_nuclei = rng.poisson(14)
+    mask = np.zeros((size, size), dtype=np.float32)
+    focus = rng.uniform(size * 0.2, size * 0.8, 2)
+    for _ in range(n_nuclei):
+        if rng.random() < a:  # crowded around the focus
+            cy, cx = np.clip(focus + rng.normal(0, size * 0.25, 2), 0, size - 1)
+        else:
+            cy, cx = rng.uniform(0, size, 2)
+        radius = float(np.clip(rng.normal(3.4, 0.6 + 0.8 * a), 1.5, 10))
+        elongation = 1.0 + rng.gamma(1.0 + 2.5 * a, 0.12)
+        angle = rng.uniform(0, np.pi)
+        lobes = rng.integers(2, 6)
+        wobble = (0.05 + 0.3 * a) * rng.uniform(0.3, 1.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        # Rasterize in the nucleus's bounding box only (the whole patch is 30x slower).
+        reach = int(np.ceil(radius * elongation * (1 + wobble))) + 2
+        y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
+        x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
+        boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
+        # Soft edge; the max lets nuclei overlap like real clusters.
+        np.maximum(mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1])
+    return mask
 
 
 def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
@@ -155,12 +154,7 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
         a = atypia[i]
         mix = (0.55 * background[i] + 0.45 * texture[i])[..., None]
         tissue = eosin * (1 - mix) + stroma * mix
-        n_nuclei = rng.poisson(14)
-        mask = np.zeros((size, size), dtype=np.float32)
-        focus = rng.uniform(size * 0.2, size * 0.8, 2)
-        for _ in range(n_nuclei):
-            _draw_nucleus(rng, mask, yy, xx, focus, a, size)
-        mask = mask[..., None]
+        mask = _nucleus_mask(rng, a, yy, xx, size)[..., None]
         darkness = np.clip(rng.normal(0.75, 0.1), 0.4, 1.0)
         nucleus = hematoxylin * darkness + (1 - darkness) * 190.0
         images[i] = tissue * (1 - mask) + nucleus * mask
