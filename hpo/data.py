@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
 # Part of the synthetic cache's file name: bumped with every change to what
 # ``_draw_synthetic`` draws, so a cache written by an older generator is never reused.
-# v2 (issue 9): crowding instead of nucleus count, size and darkness carries the label.
+# v2: crowding instead of nucleus count, size and darkness carries the label.
 SYNTHETIC_VERSION = "v2"
 
 
@@ -133,7 +133,7 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
     The amount of nuclear material carries no signal: the nucleus count (Poisson, mean
     14), mean radius and darkness are the same in both classes, so a model cannot get
     far by counting purple pixels; it has to learn where they are, which takes a
-    well-tuned learning rate (issue 9: with count, size and darkness rising with the
+    well-tuned learning rate (measured: with count, size and darkness rising with the
     score, every LR within a decade of the best reached the same val AUC in 2 epochs).
     The overlap of the score's class distributions and 3% label noise keep the Bayes
     accuracy well below 100%.
@@ -449,7 +449,7 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     Draw ``d`` in 0..7: a horizontal flip when ``d & 4``, then ``d & 3`` quarter turns.
     Done as one gather of every sample's pixels through its transform's index map
     (``_dihedral_maps``): the same pixels as flipping and rotating, 3.7 → 1.3 ms per
-    64×3×48×48 uint8 batch in one thread (load 14, issue 13) against the former
+    64×3×48×48 uint8 batch in one thread (load 14; docs/benchmarks.md) against the former
     flip + per-turn ``index_put``."""
     count, channels, height, width = images.shape
     if height != width:
@@ -467,7 +467,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     the GPU idle until the host had prepared and launched the next one. Pinned, the copy
     is queued like a kernel. On the H200, ResNet-18 at B = 256 with CUDA graphs ran
     65,872 samples/s on a prepared batch and 46,217 with batches drawn per update
-    (docs/benchmarks.md, issue 13); the per-batch augmentation draw was such a copy."""
+    (docs/benchmarks.md); the per-batch augmentation draw was such a copy."""
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -137,11 +137,11 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
     square-root rule (halfway, on a log scale, between the linear rule and no dependence)
     and kept inside the range; with more than one LR per batch size, LRs evenly spaced on
     a log scale over a factor ``FIRST_ROUND_LR_SPAN`` centred on that one (2: ×½ and ×2;
-    3: ×½, ×1, ×2). Issue 9: with the rule's LR alone, the best trial at the ends of the
-    batch-size range was that round trial in every seed, so the α fit echoed the rule;
-    with 2 LRs two octaves apart, each optimum is located only to within two octaves, which
-    alone makes α's 95% interval 1.2 wide at five batch sizes. Weight decay: the geometric
-    middle of its range.
+    3: ×½, ×1, ×2). Measured on the demo: with the rule's LR alone, the best trial at the
+    ends of the batch-size range was that round trial in every seed, so the α fit echoed
+    the rule; with 2 LRs two octaves apart, each optimum is located only to within two
+    octaves, which alone makes α's 95% interval 1.2 wide at five batch sizes. Weight
+    decay: the geometric middle of its range.
     """
     count = spec.sampler.first_round_lrs
     rounds = []

@@ -170,7 +170,7 @@ def _recorded_per_report(trials: list[FrozenTrial]) -> float | None:
 
 def _b_simple(trial: FrozenTrial) -> float | None:
     """The trial's last measured B_simple; None when it recorded none (too few updates, or
-    a study from before issue 10) or stored something that is not a positive number (a
+    a study from before hpo measured it) or stored something that is not a positive number (a
     negative ratio of two noisy averages, stored before ``b_simple()`` refused those)."""
     return positive_b_simple(trial.user_attrs.get("b_simple"))
 

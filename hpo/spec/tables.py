@@ -392,7 +392,7 @@ class TrainingSpec(Table):
     above_cap: Literal["clamp", "accumulate"] = "clamp"
     # torch.compile (inductor) on every trial's model. Off by default: on the reference CPU
     # the first compile took 55 s and the compiled small-cnn step was slower than eager
-    # (0.48x, bf16; docs/benchmarks.md, issue 13, benchmarks/compile.py). Turn it on only
+    # (0.48x, bf16; docs/benchmarks.md, benchmarks/compile.py). Turn it on only
     # where that benchmark shows a faster step and trials are long enough to repay it.
     # true is inductor's default mode; "reduce-overhead" adds CUDA graphs, for a GPU step
     # bound by the host launching kernels (benchmarks/gpu_step.py measures both).
