@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 PATCH_SIZE = 96  # PCam's patch size; the synthetic generator draws at this size too.
 # Part of the synthetic cache's file name: bumped with every change to what
 # ``_draw_synthetic`` draws, so a cache written by an older generator is never reused.
-# v2 (issue 9): crowding instead of nucleus count, size and darkness carries the label.
+# v2: crowding instead of nucleus count, size and darkness carries the label.
 SYNTHETIC_VERSION = "v2"
 
 
@@ -87,6 +87,42 @@ def _smooth_noise(rng: np.random.Generator, count: int, size: int, cells: int) -
     return fine[:, 0].numpy()
 
 
+def _nucleus_mask(
+    rng: np.random.Generator, a: float, yy: np.ndarray, xx: np.ndarray, size: int
+) -> np.ndarray:
+    """The nuclei of one patch with atypia ``a`` as a soft mask in [0, 1]: that share of
+    them crowded around one focus, the rest anywhere, more varied in size and outline the
+    higher ``a``. ``yy``/``xx`` are the patch's pixel coordinates."""
+    n_nuclei = rng.poisson(14)
+    mask = np.zeros((size, size), dtype=np.float32)
+    focus = rng.uniform(size * 0.2, size * 0.8, 2)
+    for _ in range(n_nuclei):
+        if rng.random() < a:  # crowded around the focus
+            cy, cx = np.clip(focus + rng.normal(0, size * 0.25, 2), 0, size - 1)
+        else:
+            cy, cx = rng.uniform(0, size, 2)
+        radius = float(np.clip(rng.normal(3.4, 0.6 + 0.8 * a), 1.5, 10))
+        elongation = 1.0 + rng.gamma(1.0 + 2.5 * a, 0.12)
+        angle = rng.uniform(0, np.pi)
+        lobes = rng.integers(2, 6)
+        wobble = (0.05 + 0.3 * a) * rng.uniform(0.3, 1.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        # Rasterize in the nucleus's bounding box only (the whole patch is 30x slower).
+        reach = int(np.ceil(radius * elongation * (1 + wobble))) + 2
+        y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
+        x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
+        boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
+        # Soft edge; the max lets nuclei overlap like real clusters.
+        np.maximum(mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1])
+    return mask
+
+
 def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
     """H&E-like patches: pink eosin stroma with purple hematoxylin nuclei.
 
@@ -97,7 +133,7 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
     The amount of nuclear material carries no signal: the nucleus count (Poisson, mean
     14), mean radius and darkness are the same in both classes, so a model cannot get
     far by counting purple pixels; it has to learn where they are, which takes a
-    well-tuned learning rate (issue 9: with count, size and darkness rising with the
+    well-tuned learning rate (measured: with count, size and darkness rising with the
     score, every LR within a decade of the best reached the same val AUC in 2 epochs).
     The overlap of the score's class distributions and 3% label noise keep the Bayes
     accuracy well below 100%.
@@ -118,36 +154,7 @@ def _draw_synthetic(count: int, seed: int, size: int = PATCH_SIZE) -> PatchSet:
         a = atypia[i]
         mix = (0.55 * background[i] + 0.45 * texture[i])[..., None]
         tissue = eosin * (1 - mix) + stroma * mix
-        n_nuclei = rng.poisson(14)
-        mask = np.zeros((size, size), dtype=np.float32)
-        focus = rng.uniform(size * 0.2, size * 0.8, 2)
-        for _ in range(n_nuclei):
-            if rng.random() < a:  # crowded around the focus
-                cy, cx = np.clip(focus + rng.normal(0, size * 0.25, 2), 0, size - 1)
-            else:
-                cy, cx = rng.uniform(0, size, 2)
-            radius = float(np.clip(rng.normal(3.4, 0.6 + 0.8 * a), 1.5, 10))
-            elongation = 1.0 + rng.gamma(1.0 + 2.5 * a, 0.12)
-            angle = rng.uniform(0, np.pi)
-            lobes = rng.integers(2, 6)
-            wobble = (0.05 + 0.3 * a) * rng.uniform(0.3, 1.0)
-            phase = rng.uniform(0, 2 * np.pi)
-            # Rasterize in the nucleus's bounding box only (the whole patch is 30x slower).
-            reach = int(np.ceil(radius * elongation * (1 + wobble))) + 2
-            y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
-            x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
-            u = dx * np.cos(angle) + dy * np.sin(angle)
-            v = -dx * np.sin(angle) + dy * np.cos(angle)
-            r = np.sqrt((u * elongation) ** 2 + (v / elongation) ** 2)
-            boundary = radius * (1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase))
-            # Soft edge; the max lets nuclei overlap like real clusters.
-            np.maximum(
-                mask[y0:y1, x0:x1], np.clip(boundary - r + 0.5, 0, 1), out=mask[y0:y1, x0:x1]
-            )
-        mask = mask[..., None]
+        mask = _nucleus_mask(rng, a, yy, xx, size)[..., None]
         darkness = np.clip(rng.normal(0.75, 0.1), 0.4, 1.0)
         nucleus = hematoxylin * darkness + (1 - darkness) * 190.0
         images[i] = tissue * (1 - mask) + nucleus * mask
@@ -442,7 +449,7 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     Draw ``d`` in 0..7: a horizontal flip when ``d & 4``, then ``d & 3`` quarter turns.
     Done as one gather of every sample's pixels through its transform's index map
     (``_dihedral_maps``): the same pixels as flipping and rotating, 3.7 → 1.3 ms per
-    64×3×48×48 uint8 batch in one thread (load 14, issue 13) against the former
+    64×3×48×48 uint8 batch in one thread (load 14; docs/benchmarks.md) against the former
     flip + per-turn ``index_put``."""
     count, channels, height, width = images.shape
     if height != width:
@@ -460,7 +467,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     the GPU idle until the host had prepared and launched the next one. Pinned, the copy
     is queued like a kernel. On the H200, ResNet-18 at B = 256 with CUDA graphs ran
     65,872 samples/s on a prepared batch and 46,217 with batches drawn per update
-    (docs/benchmarks.md, issue 13); the per-batch augmentation draw was such a copy."""
+    (docs/benchmarks.md); the per-batch augmentation draw was such a copy."""
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -19,7 +19,9 @@ from hpo.errors import UserError
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
+    from hpo.report.summary import BatchSizeRow, StudySummary
     from hpo.spec import StudySpec
 
 FORMATS = {".json": "json", ".toml": "toml"}
@@ -51,18 +53,7 @@ def best_configuration(
         raise ExportError(
             f"study {summary.study_name!r} has no complete trial yet: nothing to export"
         )
-    best = summary.best
-    if batch_size is not None:
-        rows = {row.batch_size: row for row in summary.by_batch_size if row.best_trial is not None}
-        if batch_size not in rows:
-            known = ", ".join(str(b) for b in sorted(rows)) or "none"
-            raise ExportError(
-                f"--batch-size {batch_size}: no complete trial at that batch size in study "
-                f"{summary.study_name!r} (batch sizes with one: {known})"
-            )
-        best = next(
-            t for t in study.get_trials(deepcopy=False) if t.number == rows[batch_size].best_trial
-        )
+    best = summary.best if batch_size is None else _best_at(study, summary, batch_size)
 
     model = spec.model.model_dump(mode="json", exclude_none=True)
     configuration: dict[str, Any] = {
@@ -84,22 +75,39 @@ def best_configuration(
         "epochs_completed": best.user_attrs.get("epochs_completed"),
         "precision": best.user_attrs.get("precision"),
         "model": model,
-        "by_batch_size": [
-            _without_none(
-                {
-                    "batch_size": row.batch_size,
-                    "n_complete": row.n_complete,
-                    "n_pruned": row.n_pruned,
-                    "best_value": row.best_value,
-                    "lr": row.best_lr,
-                    "weight_decay": row.best_weight_decay,
-                    "trial": row.best_trial,
-                }
-            )
-            for row in summary.by_batch_size
-        ],
+        "by_batch_size": [_row(row) for row in summary.by_batch_size],
     }
     return _without_none(configuration)
+
+
+def _best_at(study: optuna.Study, summary: StudySummary, batch_size: int) -> FrozenTrial:
+    """The best complete trial at ``batch_size``; ExportError listing the batch sizes that
+    have one when it has none."""
+    rows = {row.batch_size: row for row in summary.by_batch_size if row.best_trial is not None}
+    if batch_size not in rows:
+        known = ", ".join(str(b) for b in sorted(rows)) or "none"
+        raise ExportError(
+            f"--batch-size {batch_size}: no complete trial at that batch size in study "
+            f"{summary.study_name!r} (batch sizes with one: {known})"
+        )
+    return next(
+        t for t in study.get_trials(deepcopy=False) if t.number == rows[batch_size].best_trial
+    )
+
+
+def _row(row: BatchSizeRow) -> dict[str, Any]:
+    """One batch size's line of the exported table (unknown values left out)."""
+    return _without_none(
+        {
+            "batch_size": row.batch_size,
+            "n_complete": row.n_complete,
+            "n_pruned": row.n_pruned,
+            "best_value": row.best_value,
+            "lr": row.best_lr,
+            "weight_decay": row.best_weight_decay,
+            "trial": row.best_trial,
+        }
+    )
 
 
 def export_format(path: Path) -> str:

@@ -2,7 +2,8 @@
 
 Each child is ``python -m hpo worker``; the storage URL and this node's settings go to it
 in the environment, so a password never shows in ``ps``. SIGTERM/SIGINT are passed on to
-the children, which re-queue their running trials and exit.
+the children, which re-queue their running trials and exit. ``prepare_launch`` is what
+``hpo launch`` checks on this node before the study exists.
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ import signal
 import subprocess
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from hpo.errors import RunAborted, UserError
 from hpo.settings import (
     CUDA_VISIBLE_ENV,
     LABEL_ENV,
     STORAGE_ENV,
+    THREADS_SOURCES,
     NodeSettings,
     available_cores,
+    check_cpu_count,
     env,
     environment,
 )
+from hpo.spec import StudySpec, check_data_root
+
+if TYPE_CHECKING:
+    from hpo.data import PatchSet
 
 
 class LaunchFailed(RunAborted):
@@ -152,3 +160,30 @@ def local_devices(workers: int) -> list[str | None]:
     (round-robin when fewer than workers), else None (CPU) for all."""
     gpus = resolve_gpus("all")
     return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
+
+
+def prepare_launch(spec: StudySpec, node: NodeSettings, workers: int) -> tuple[PatchSet, PatchSet]:
+    """Everything ``hpo launch`` checks before the study exists, on the spec as this node
+    runs it (``node``'s overrides applied): the device, the checkpoint directory, threads
+    and ``workers`` against this node's cores, the data root, the model with the dataset's
+    head, and the data itself. Raises a UserError (exit 2) at the first that fails, before
+    anything is written. Returns the splits, loaded and checked (``hpo.datacheck``): an
+    in-process worker trains on these tensors, child workers load (and check) their own."""
+    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
+    from hpo.data import num_classes, study_splits
+    from hpo.device import select_device
+    from hpo.models import check_model
+
+    here = spec.on_node(node)  # the spec as this node runs it
+    select_device(here.training)  # a GPU this node lacks: exit 2 before anything
+    check_checkpoint_dir(checkpoint_root(here))  # likewise a checkpoint dir
+    check_cpu_count(here.training.num_threads, THREADS_SOURCES)
+    # GPU or not, each worker is a process that draws and uploads its batches on a core:
+    # more workers than cores only queue for them (and 10000 fail to fork).
+    check_cpu_count(workers, "--workers")
+    # Before the study exists, with the head the trials will train (this node's data).
+    check_data_root(here, source=f"study {spec.name!r} on this node")
+    check_model(
+        spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(here.dataset)
+    )
+    return study_splits(here)

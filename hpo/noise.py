@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 # Measure on every k-th update. A measured update took 1.18x (B=32) and 1.71x (B=128) a
-# plain one on the 2-core CPU (docs/benchmarks.md, issue 10): at k = 32 that is 0.6% and
+# plain one on the 2-core CPU (docs/benchmarks.md): at k = 32 that is 0.6% and
 # 2.2% of samples/s, inside the 3% budget (k = 16 would cost 4.4% at B=128).
 NOISE_SCALE_EVERY = 32
 # EMA decay per measurement: an effective window of ~100 measurements (~3200 updates at k=32).

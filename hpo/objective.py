@@ -201,7 +201,8 @@ class Objective:
             raise Diverged(f"{metric} is {value} at report {metrics.epoch}")
         trial.report(value, metrics.epoch)
         # Never at the last report: the budget is spent, so pruning would save nothing and
-        # throw away a full-budget result (issue 9: 1-2 trials per demo-sized run were).
+        # throw away a full-budget result (without this check, 1-2 trials per demo-sized
+        # run were).
         if metrics.epoch < self.spec.budget.report_count and trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")

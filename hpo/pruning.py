@@ -3,7 +3,7 @@
 Optuna's Median/Percentile pruner compares a trial's intermediate value with the other
 trials' values at the same step. Across batch sizes that comparison is unfair: at equal
 epochs B = 512 has taken 32x fewer optimizer updates than B = 16 and looks worse early, so
-every large-batch trial can be pruned before one has finished (issue 9: the demo pruned
+every large-batch trial can be pruned before one has finished (measured: the demo pruned
 every B = 256 and B = 512 trial at epoch 2). Two wrappers, both around Optuna's own
 pruners and both keyed on the trial's ``log2_batch_size`` parameter:
 
@@ -18,7 +18,7 @@ pruners and both keyed on the trial's ``log2_batch_size`` parameter:
 trials. Optuna's Percentile/Median pruner compares with COMPLETE trials only; with two or
 three complete trials per batch size those are survivors, kept because they were good at
 the first pruning report, so their median there is biased upward and a config whose curve
-starts slow and ends best is pruned (issue 9's pruning regret: the grid's B = 128 at
+starts slow and ends best is pruned (measured on the demo's grid: B = 128 at
 LR 0.032, 0.674 at report 2 against the complete trials' 0.689 and 0.693; the pruned
 trials that reached report 2 put the median at 0.645). A pruned trial's intermediate
 values are real measurements at the reports it reached, and Optuna reads a trial only at
@@ -36,9 +36,9 @@ full-budget trials, the best-informed ones, would never stand at any rung.
 its batch size's best? A median ranks trials at a report where, under a cosine schedule
 that decays to zero at the end of the budget, the ranking among good LRs is not yet
 informative: a higher LR is noisier early and gains most in the last part of the budget
-(issue 9: the grid's B = 16 at LR 0.032 was at 0.61 after half an epoch, below 5 of the 7
-trials of its batch size, some at LRs more than a decade off, and ended at 0.730, a top
-result). So it forecasts the trial's final value from its value now, by a line through the
+(measured on the demo's grid: B = 16 at LR 0.032 was at 0.61 after half an epoch, below 5
+of the 7 trials of its batch size, some at LRs more than a decade off, and ended at 0.730, a
+top result). So it forecasts the trial's final value from its value now, by a line through the
 study's complete trials (value at this report, final value), and prunes only when the
 upper end of that forecast's prediction interval stays below (1% below, as shipped) the
 best complete value of its batch size: the study's own curves say how far a curve can
@@ -204,7 +204,7 @@ class CatchUpPruner(optuna.pruners.BasePruner):
     within 1% of a batch size's best as an estimate of its best LR (about the demo's
     seed-to-seed spread), so a trial that may end that close is kept.
 
-    A line, not a fixed margin: a curve that starts low gains more (issue 9: B = 8 at LR
+    A line, not a fixed margin: a curve that starts low gains more (measured: B = 8 at LR
     0.0024 was at 0.595 after half an epoch and ended at 0.729, a gain of 0.134 that no
     complete trial of its study had made; the line through those trials bounded it at
     0.723, above its batch size's best, 0.721). The pairs come from every complete trial,

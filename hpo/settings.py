@@ -64,7 +64,7 @@ def default_omp_wait_policy() -> None:
     Why: a spinning thread waits at every parallel region for a sibling the OS has
     descheduled. On the shared 2-core machine at load 8, a small-cnn step (B=64, 48 px,
     2 threads) took 0.44-0.83 s spinning and 0.11 s passive (one thread: 0.10 s); see
-    docs/benchmarks.md, issue 13.
+    docs/benchmarks.md.
     """
     os.environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
 

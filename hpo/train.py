@@ -44,14 +44,14 @@ CUDA_FINITE_CHECK_EVERY = 16
 TRAIN_EVAL_SAMPLES = 2048
 # On CPU, evaluation runs in batches of at most this many patches: small-cnn at 48 px
 # evaluated 3,265-3,753 patches/s in batches of 64 and 833-1,077 in batches of 512 on the
-# shared 2-core machine (load 2.5-4.6; docs/benchmarks.md, issue 13). Eval mode: the
+# shared 2-core machine (load 2.5-4.6; docs/benchmarks.md). Eval mode: the
 # metrics do not depend on the batch size.
 CPU_EVAL_BATCH_MAX = 64
 # The validation split is normalized on the device once per trial and evaluated at every
 # report from that copy when it fits in this many bytes (float32: 9,700 patches at 48 px,
 # 2,400 at 96 px); larger splits are prepared batch by batch at every report. On CPU that
 # preparation was ~20% of an evaluation pass (demo, small-cnn, B = 64: 2,465 vs 3,163
-# patches/s without it, load 6.5; docs/benchmarks.md, issue 13).
+# patches/s without it, load 6.5; docs/benchmarks.md).
 EVAL_PREPARED_MAX_BYTES = 256 * 2**20
 
 
@@ -278,7 +278,7 @@ def binary_auc(score: torch.Tensor, label: torch.Tensor) -> float:
     0.5 when only one class is present (AUC is undefined there).
 
     In torch rather than sklearn: importing ``sklearn.metrics`` (scipy with it) after torch
-    took a worker 7-11 s more at load 14-16 on the shared 2-core machine (issue 13)."""
+    took a worker 7-11 s more at load 14-16 on the shared 2-core machine."""
     positives = int(label.sum())
     negatives = len(label) - positives
     if positives == 0 or negatives == 0:

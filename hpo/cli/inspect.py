@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from hpo.cli.app import StorageOption, StoredStudyOption, app, console, errors, user_errors
-from hpo.cli.render import print_dashboard_hint, print_summary
+from hpo.cli.render import print_report, print_summary
 
 
 @app.command()
@@ -71,50 +71,56 @@ def dashboard(
     serve(server)
 
 
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Directory for the PNG/HTML figures and summary.md. Default: ./reports/STUDY.",
+        show_default=False,
+    ),
+]
+AttachOption = Annotated[
+    bool,
+    typer.Option(
+        "--attach/--no-attach",
+        help="Also put the figures, PNGs and summary on the study for `hpo dashboard`.",
+    ),
+]
+TopKOption = Annotated[
+    int,
+    typer.Option(
+        "--top-k",
+        min=1,
+        help=(
+            "Best complete trials per batch size the report draws from; those of them "
+            "within 1% of the batch size's best average into its point of the "
+            "lr* ∝ B^α fit."
+        ),
+    ),
+]
+CostToleranceOption = Annotated[
+    float,
+    typer.Option(
+        "--cost-tolerance",
+        min=0.0,
+        help=(
+            "How close to the best value (a share of it: 0.01 = within 1%) a faster "
+            "trial must come to be named in the cost view's sentence."
+        ),
+    ),
+]
+
+
 @app.command()
 @user_errors
 def report(
     study: Annotated[str, typer.Option("--study", help="Name of a study in the storage.")],
     storage: StorageOption = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Directory for the PNG/HTML figures and summary.md. Default: ./reports/STUDY.",
-            show_default=False,
-        ),
-    ] = None,
+    out: OutOption = None,
     artifacts: ArtifactsOption = None,
-    attach: Annotated[
-        bool,
-        typer.Option(
-            "--attach/--no-attach",
-            help="Also put the figures, PNGs and summary on the study for `hpo dashboard`.",
-        ),
-    ] = True,
-    top_k: Annotated[
-        int,
-        typer.Option(
-            "--top-k",
-            min=1,
-            help=(
-                "Best complete trials per batch size the report draws from; those of them "
-                "within 1% of the batch size's best average into its point of the "
-                "lr* ∝ B^α fit."
-            ),
-        ),
-    ] = 3,
-    cost_tolerance: Annotated[
-        float,
-        typer.Option(
-            "--cost-tolerance",
-            min=0.0,
-            help=(
-                "How close to the best value (a share of it: 0.01 = within 1%) a faster "
-                "trial must come to be named in the cost view's sentence."
-            ),
-        ),
-    ] = 0.01,
+    attach: AttachOption = True,
+    top_k: TopKOption = 3,
+    cost_tolerance: CostToleranceOption = 0.01,
 ) -> None:
     """Figures of how the best learning rate scales with batch size (α in lr* ∝ B^α), the
     objective over batch size × learning rate, generalization gap, learning curves,
@@ -138,18 +144,4 @@ def report(
         top_k=top_k,
         cost_tolerance=cost_tolerance,
     )
-    console.print(result.data.fit.describe(), markup=False, soft_wrap=True)
-    if result.data.cost is not None:
-        console.print(result.data.cost.describe(), markup=False, soft_wrap=True)
-    console.print(
-        f"wrote {len(result.files)} files to {out_dir} (summary.md; PNG and HTML figures)",
-        markup=False,
-        soft_wrap=True,
-    )
-    if artifact_dir is not None:
-        console.print(
-            f"attached to study {study!r} (figures, note; PNGs in {artifact_dir})",
-            markup=False,
-            soft_wrap=True,
-        )
-        print_dashboard_hint(storage_url)
+    print_report(result, study, storage_url, attached=artifact_dir)

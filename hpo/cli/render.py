@@ -11,9 +11,12 @@ from rich.table import Table
 from hpo.cli.app import console
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import optuna
 
     from hpo.probe import ProbeResult
+    from hpo.report import Report
 
 
 # Off a terminal (a log file, CI, Slurm, `nohup`) rich assumes 80 columns and cuts the
@@ -101,3 +104,23 @@ def print_dashboard_hint(storage_url: str) -> None:
     if make_url(storage_url).password is not None:
         line += "  (password masked: put it back, or export HPO_STORAGE and drop --storage)"
     console.print(line, markup=False, soft_wrap=True)
+
+
+def print_report(result: Report, study: str, storage_url: str, *, attached: Path | None) -> None:
+    """What ``hpo report`` wrote: the α fit's and the cost view's sentences, where the
+    files are, and where the PNGs went when the report was ``attached`` to the study."""
+    console.print(result.data.fit.describe(), markup=False, soft_wrap=True)
+    if result.data.cost is not None:
+        console.print(result.data.cost.describe(), markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {len(result.files)} files to {result.out_dir} (summary.md; PNG and HTML figures)",
+        markup=False,
+        soft_wrap=True,
+    )
+    if attached is not None:
+        console.print(
+            f"attached to study {study!r} (figures, note; PNGs in {attached})",
+            markup=False,
+            soft_wrap=True,
+        )
+        print_dashboard_hint(storage_url)

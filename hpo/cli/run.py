@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,8 +21,11 @@ from hpo.cli.app import (
     user_errors,
 )
 from hpo.cli.render import print_dashboard_hint, print_probe, print_summary
-from hpo.settings import default_omp_wait_policy
-from hpo.spec import check_data_root, load_spec
+from hpo.settings import NodeSettings, default_omp_wait_policy
+from hpo.spec import load_spec
+
+if TYPE_CHECKING:
+    from hpo.data import PatchSet
 
 TrialsOption = Annotated[
     int | None,
@@ -36,6 +39,56 @@ TimeoutOption = Annotated[
         "--timeout",
         min=1,
         help="Stop starting trials after this many seconds (default: budget.timeout_s).",
+    ),
+]
+
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=1,
+        help=(
+            "Local worker processes sharing the study (at most the CPU cores this "
+            "process may use): the GPUs dealt out round-robin when there are any, and "
+            "the CPU cores split between them."
+        ),
+    ),
+]
+
+# hpo worker's options: a worker joins a study, so its trial count is the study-wide total.
+TotalTrialsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--n-trials",
+        min=1,
+        help="Study-wide total of finished trials to stop at (default: budget.n_trials).",
+    ),
+]
+WorkerTimeoutOption = Annotated[
+    float | None,
+    typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds."),
+]
+GpusOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        help=(
+            "'all' or GPU indices like 0,1,3: one worker process per GPU, each with "
+            "CUDA_VISIBLE_DEVICES set to its GPU. Default: one worker in this process."
+        ),
+        show_default=False,
+    ),
+]
+SpecFileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--spec",
+        help=(
+            "A local study file (name or .toml path): creates the study if it is missing; "
+            "refused, naming the fields, if it differs from the stored spec "
+            "(node-local fields such as dataset.root never count)."
+        ),
+        show_default=False,
     ),
 ]
 
@@ -60,18 +113,7 @@ def launch(
     n_trials: TrialsOption = None,
     timeout: TimeoutOption = None,
     storage: StorageOption = None,
-    workers: Annotated[
-        int,
-        typer.Option(
-            "--workers",
-            min=1,
-            help=(
-                "Local worker processes sharing the study (at most the CPU cores this "
-                "process may use): the GPUs dealt out round-robin when there are any, and "
-                "the CPU cores split between them."
-            ),
-        ),
-    ] = 1,
+    workers: WorkersOption = 1,
     data_root: DataRootOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
@@ -80,35 +122,14 @@ def launch(
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
     default_omp_wait_policy()  # before torch is imported
-    from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.cli.progress import BarProgress, LineProgress
-    from hpo.data import num_classes, study_splits
-    from hpo.device import select_device
-    from hpo.launcher import local_devices, run_worker_processes
-    from hpo.models import check_model
-    from hpo.settings import THREADS_SOURCES, check_cpu_count
+    from hpo.launcher import local_devices, prepare_launch, run_worker_processes
     from hpo.storage import mask_url, resolve_storage_url, sqlite_path
     from hpo.study import count_finished, create_or_load_study, run_outcome
-    from hpo.worker import run_worker
 
     setup_logging()
     node = node_settings(data_root, device, threads, checkpoint_dir)
     spec = load_spec(study, check_paths=node.data_root is None)
-    here = spec.on_node(node)  # the spec as this node runs it
-    select_device(here.training)  # a GPU this node lacks: exit 2 before anything
-    check_checkpoint_dir(checkpoint_root(here))  # likewise a checkpoint dir
-    check_cpu_count(here.training.num_threads, THREADS_SOURCES)
-    # GPU or not, each worker is a process that draws and uploads its batches on a core:
-    # more workers than cores only queue for them (and 10000 fail to fork).
-    check_cpu_count(workers, "--workers")
-    # Before the study exists, with the head the trials will train (this node's data).
-    check_data_root(here, source=f"study {spec.name!r} on this node")
-    check_model(
-        spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(here.dataset)
-    )
-    # The data checked before the study exists too (hpo.datacheck); the in-process worker
-    # trains on these tensors, child workers load (and check) their own.
-    splits = study_splits(here)
+    splits = prepare_launch(spec, node, workers)  # every check before the study exists
     storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
@@ -123,13 +144,7 @@ def launch(
     # idle connection, or it sits on the database for the whole run (docs/scale.md).
     loaded.storage.dispose()
     if workers == 1:
-        # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
-        bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
-        with bar:
-            result = run_worker(
-                spec.name, storage_url, progress=bar, node=node, splits=splits, **run
-            )
-        code = result.exit_code
+        code = _run_in_process(spec.name, storage_url, node, splits, new_trials, run)
     else:
         del splits  # each child holds its own copy
         devices = local_devices(workers)
@@ -142,46 +157,35 @@ def launch(
     _finish(code, run_outcome(loaded.study, first_number))
 
 
+def _run_in_process(
+    study_name: str,
+    storage_url: str,
+    node: NodeSettings,
+    splits: tuple[PatchSet, PatchSet],
+    new_trials: int,
+    run: dict[str, Any],
+) -> int:
+    """``hpo launch --workers 1``: one worker in this process, on the splits already
+    loaded, with a progress bar. Returns its exit code."""
+    from hpo.cli.progress import BarProgress, LineProgress
+    from hpo.worker import run_worker
+
+    # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
+    bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
+    with bar:
+        result = run_worker(study_name, storage_url, progress=bar, node=node, splits=splits, **run)
+    return result.exit_code
+
+
 @app.command()
 @user_errors
 def worker(
     study: Annotated[str, typer.Option("--study", help="Name of the study in the storage.")],
     storage: StorageOption = None,
-    n_trials: Annotated[
-        int | None,
-        typer.Option(
-            "--n-trials",
-            min=1,
-            help="Study-wide total of finished trials to stop at (default: budget.n_trials).",
-        ),
-    ] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option("--timeout", min=1, help="Stop starting trials after this many seconds."),
-    ] = None,
-    gpus: Annotated[
-        str | None,
-        typer.Option(
-            "--gpus",
-            help=(
-                "'all' or GPU indices like 0,1,3: one worker process per GPU, each with "
-                "CUDA_VISIBLE_DEVICES set to its GPU. Default: one worker in this process."
-            ),
-            show_default=False,
-        ),
-    ] = None,
-    spec_file: Annotated[
-        str | None,
-        typer.Option(
-            "--spec",
-            help=(
-                "A local study file (name or .toml path): creates the study if it is missing; "
-                "refused, naming the fields, if it differs from the stored spec "
-                "(node-local fields such as dataset.root never count)."
-            ),
-            show_default=False,
-        ),
-    ] = None,
+    n_trials: TotalTrialsOption = None,
+    timeout: WorkerTimeoutOption = None,
+    gpus: GpusOption = None,
+    spec_file: SpecFileOption = None,
     data_root: DataRootOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,

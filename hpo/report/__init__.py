@@ -13,9 +13,10 @@ and the summary on the study so optuna-dashboard shows them.
 Data flows one way, one module each:
 
 - ``analysis``: pure analysis of the trials (``collect`` → ``ReportData``); draws nothing.
-  ``noise_scale`` and ``cost`` are pure analysis too, one concept each.
+  ``summary`` (the best trial per batch size), ``scaling`` (the α fit), ``noise_scale``
+  and ``cost`` are pure analysis too, one concept each.
 - ``figures``: one figure model per figure, every drawn number computed there (the α band
-  once, for both renderers).
+  once, for both renderers); a package with one module per topic.
 - ``plotly_render``, ``png_render``: thin renderers that only draw a figure model.
 - ``table``: the best-per-batch-size table as text cells (``hpo status`` uses it too).
 - ``markdown``: the summary; ``files``: ``write_report``; ``attach``: the dashboard;

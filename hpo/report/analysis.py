@@ -5,25 +5,22 @@ Everything the figures and the summary show is computed here, once, into ``Repor
 ``hpo.report.figures`` turns that into figure models, and the renderers only draw those.
 Only COMPLETE and PRUNED trials enter; RUNNING, WAITING and FAIL trials are ignored, so a
 report of a running study is a snapshot.
+
+The per-batch-size table is ``hpo.report.summary`` and the α fit ``hpo.report.scaling``;
+their public names are re-exported here. This module holds the trials as points, the
+importances, and ``collect``, which computes everything into ``ReportData``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from hpo.report.cost import (
-    DEFAULT_COST_TOLERANCE,
-    CostView,
-    cost_view,
-    finite_number,
-    recorded_budget_unit,
-)
+from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     NoiseScaleCurve,
@@ -31,531 +28,46 @@ from hpo.report.noise_scale import (
     b_simple_curves,
     fit_lr_ridge,
     measured_b_simple,
-    positive_b_simple,
 )
-from hpo.spec import describe_metric
-from hpo.study import stored_class_counts
+from hpo.report.scaling import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_NEAR_BEST,
+    DEFAULT_TOP_K,
+    ScalingFit,
+    fit_lr_scaling,
+    near_best_trials,
+    top_trials_by_batch_size,
+)
+from hpo.report.summary import (
+    SPENT_ATTRS,
+    BatchSizeRow,
+    StudySummary,
+    complete_trials,
+    is_maximize,
+    summarize,
+    trial_batch_size,
+    trial_gap,
+)
 
-# How many of the best complete trials of each batch size the report draws from (the α fit
-# averages those of them near the best; the LR ridge and the B_simple curves use them all).
-DEFAULT_TOP_K = 3
-# How close to a batch size's best value (a share of it) a complete trial must be to count
-# as an estimate of that batch size's best LR. One percent is the report's notion of "as
-# good as the best" (the cost view's default tolerance) and about the seed-to-seed spread of
-# the demo's val AUC; a trial further below is evidence of where the optimum is *not*.
-DEFAULT_NEAR_BEST = 0.01
-DEFAULT_CONFIDENCE = 0.95
-
-
-def trial_batch_size(trial: FrozenTrial) -> int | None:
-    """The batch size a trial trained with: the stored user attr (the batch size actually
-    used, after any cap), else 2 ** the sampled ``log2_batch_size``; None if it has neither
-    or if what is stored is not a batch size (a study written by another tool): such a
-    trial is left out of every table and figure, with a warning."""
-    if "batch_size" in trial.user_attrs:
-        value = trial.user_attrs["batch_size"]
-    elif "log2_batch_size" in trial.params:
-        exponent = trial.params["log2_batch_size"]
-        value = 2 ** int(exponent) if _is_whole(exponent) and 0 <= exponent <= 30 else exponent
-    else:
-        return None
-    if _is_whole(value) and 1 <= value <= 2**30:
-        return int(value)
-    warnings.warn(
-        f"trial {trial.number}: batch size {str(value)[:40]!r} is not a positive integer; "
-        "left out of the report",
-        stacklevel=2,
-    )
-    return None
-
-
-def _is_whole(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and float(value).is_integer()
-    )
-
-
-@dataclass(frozen=True)
-class BatchSizeRow:
-    """The best finished trial of one batch size, and how that batch size fared."""
-
-    batch_size: int
-    n_complete: int
-    n_pruned: int
-    best_value: float | None
-    best_lr: float | None
-    best_weight_decay: float | None
-    best_trial: int | None
-    generalization_gap: float | None
-    # The best trial's gradient noise scale at its last epoch (user attr ``b_simple``): the
-    # same trial as the other best_* fields, so a row reads as one trial.
-    best_b_simple: float | None = None
-    # The training resource the batch size's COMPLETE and PRUNED trials spent together, in
-    # the study's budget unit (``StudySummary.budget_unit``): where the budget went.
-    spent: float | None = None
-
-
-@dataclass(frozen=True)
-class StudySummary:
-    """What ``hpo status`` and the report's summary table show: counts of trials by state
-    name, the best complete trial, and one row per batch size that any trial used."""
-
-    study_name: str
-    direction: str
-    metric: str
-    state_counts: dict[str, int]
-    best: FrozenTrial | None
-    by_batch_size: list[BatchSizeRow]
-    # Patches per class of each split, as the workers stored them ({} when unknown).
-    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    # What "the same amount of training" meant: epochs, steps or seconds (the trials'
-    # ``budget_unit``); None for a study whose trials do not record it.
-    budget_unit: str | None = None
-    # How much of the budget (in ``budget_unit``) lies between two reports (the trials'
-    # ``budget_per_report``); None for a study whose trials do not record it.
-    budget_per_report: float | None = None
-
-    @property
-    def n_classes(self) -> int:
-        """The dataset's classes (0 while no worker has stored the counts)."""
-        return len(self.class_counts.get("train", {}))
-
-    @property
-    def metric_description(self) -> str:
-        """``val_auc``, or past two classes ``val_auc: macro one-vs-rest AUC over 3
-        classes`` (``hpo.spec.describe_metric``)."""
-        return describe_metric(self.metric, self.n_classes)
-
-
-def _is_maximize(study: optuna.Study) -> bool:
-    return study.direction == optuna.study.StudyDirection.MAXIMIZE
-
-
-def _complete(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    return [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
-    ]
-
-
-def summarize(study: optuna.Study, metric: str) -> StudySummary:
-    """Counts by state, the best trial and the best complete trial per batch size."""
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(trial.state.name for trial in trials)
-    maximize = _is_maximize(study)
-    complete = _complete(trials)
-    best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
-
-    rows = []
-    unit = recorded_budget_unit(trials)
-    batch_sizes = sorted({b for t in trials if (b := trial_batch_size(t)) is not None})
-    for batch_size in batch_sizes:
-        mine = [t for t in trials if trial_batch_size(t) == batch_size]
-        done = [t for t in mine if t in complete]
-        top = (max if maximize else min)(done, key=lambda t: t.value) if done else None
-        rows.append(
-            BatchSizeRow(
-                batch_size=batch_size,
-                n_complete=len(done),
-                n_pruned=sum(t.state == TrialState.PRUNED for t in mine),
-                best_value=top.value if top else None,
-                best_lr=top.params.get("lr") if top else None,
-                best_weight_decay=top.params.get("weight_decay") if top else None,
-                best_trial=top.number if top else None,
-                generalization_gap=_gap(top) if top else None,
-                best_b_simple=_b_simple(top) if top else None,
-                spent=_spent(mine, unit),
-            )
-        )
-    return StudySummary(
-        study_name=study.study_name,
-        direction="maximize" if maximize else "minimize",
-        metric=metric,
-        state_counts=dict(counts),
-        best=best,
-        by_batch_size=rows,
-        class_counts=stored_class_counts(study),
-        budget_unit=unit,
-        budget_per_report=_recorded_per_report(trials),
-    )
-
-
-def _recorded_per_report(trials: list[FrozenTrial]) -> float | None:
-    """The budget between two reports the trials recorded (the most common positive value;
-    a study's trials share one budget)."""
-    recorded = Counter(
-        float(value)
-        for t in trials
-        if (value := finite_number(t.user_attrs, "budget_per_report")) is not None and value > 0
-    )
-    return recorded.most_common(1)[0][0] if recorded else None
-
-
-def _b_simple(trial: FrozenTrial) -> float | None:
-    """The trial's last measured B_simple; None when it recorded none (too few updates, or
-    a study from before issue 10) or stored something that is not a positive number (a
-    negative ratio of two noisy averages, stored before ``b_simple()`` refused those)."""
-    return positive_b_simple(trial.user_attrs.get("b_simple"))
-
-
-# The user attr that holds a trial's resource in each budget unit (hpo.objective.record_tally).
-SPENT_ATTRS = {"epochs": "train_epochs", "steps": "n_updates", "seconds": "train_seconds"}
-
-
-def _spent(trials: list[FrozenTrial], unit: str | None) -> float | None:
-    """The resource the COMPLETE and PRUNED ``trials`` spent together in ``unit``; None
-    without a unit or when none of them records it."""
-    if unit not in SPENT_ATTRS:
-        return None
-    spent = [
-        finite_number(t.user_attrs, SPENT_ATTRS[unit])
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    ]
-    values = [value for value in spent if value is not None]
-    return sum(values) if values else None
-
-
-def _gap(trial: FrozenTrial) -> float | None:
-    """Train − val accuracy at the last epoch (user attr, else computed from the two)."""
-    attrs = trial.user_attrs
-    if "generalization_gap" in attrs:
-        return float(attrs["generalization_gap"])
-    if "train_acc" in attrs and "val_acc" in attrs:
-        return float(attrs["train_acc"]) - float(attrs["val_acc"])
-    return None
-
-
-# --------------------------------------------------------------------------- the α fit
-
-
-@dataclass(frozen=True)
-class ScalingFit:
-    """The fit of log2 lr* = intercept + α · log2 B, one point per batch size.
-
-    A batch size's point is its estimated best LR: the geometric mean of the LRs of its
-    near-best complete trials (among its ``top_k`` best, those within ``near_best`` of its
-    best value, a share of it). One point per batch size, not every top trial: the trials of
-    one batch size are not independent measurements of its optimum, and a poor trial (one
-    the per-batch-size floor kept from pruning, say at an LR that diverged) measures where
-    the optimum is not. The slope's standard error then comes from how far the batch
-    sizes' optima scatter about the line, which includes how poorly a flat optimum is
-    located: the interval widens with that scatter, not with the number of trials.
-
-    ``alpha`` is None when fewer than two batch sizes have complete trials;
-    ``alpha_low``/``alpha_high`` (the two-sided ``confidence`` interval from Student's t
-    with one degree of freedom per batch size beyond two) are None with two batch sizes.
-    ``reason`` says in words why either is missing. ``trials`` are the (batch size, lr) of
-    the trials the points average.
-    """
-
-    alpha: float | None
-    alpha_low: float | None
-    alpha_high: float | None
-    intercept: float | None
-    points: tuple[tuple[int, float], ...]
-    top_k: int
-    confidence: float
-    reason: str | None = None
-    batch_sizes: tuple[int, ...] = field(default=())
-    trials: tuple[tuple[int, float], ...] = field(default=())
-    near_best: float = DEFAULT_NEAR_BEST
-    # Batch sizes with no worse trial (complete, or pruned and behind the best at its last
-    # report) below ("below") or above ("above") their best trial's LR: the optimum there is
-    # not bracketed on that side and may lie further out, which no interval from these
-    # points can know.
-    unbracketed: tuple[tuple[int, str], ...] = field(default=())
-    # True when the interval comes from how finely LRs were tried around each point
-    # (``_resolution_standard_error``), which was wider than the points' scatter about the
-    # line: e.g. every point a first-round trial placed by the same rule, on one line.
-    resolution_bound: bool = False
-
-    @property
-    def n_points(self) -> int:
-        return len(self.points)
-
-    def lr_at(self, batch_size: float) -> float:
-        """The fitted best learning rate at ``batch_size``."""
-        if self.alpha is None or self.intercept is None:
-            raise ValueError("no fit: " + (self.reason or "too few trials"))
-        return 2.0 ** (self.intercept + self.alpha * math.log2(batch_size))
-
-    def contains(self, alpha: float) -> bool | None:
-        """Whether ``alpha`` lies inside the interval (None without an interval)."""
-        if self.alpha_low is None or self.alpha_high is None:
-            return None
-        return self.alpha_low <= alpha <= self.alpha_high
-
-    def describe(self) -> str:
-        """One or two sentences for a person: α, its interval, and which rule it supports."""
-        if self.alpha is None:
-            return f"No scaling fit: {self.reason}."
-        where = (
-            f"over the best LR of each of {len(self.batch_sizes)} batch sizes (the geometric "
-            f"mean of its complete trials within {self.near_best:.0%} of its best, at most "
-            f"{self.top_k}: {len(self.trials)} trials; least squares in log-log)"
-        )
-        if self.alpha_low is None:
-            return f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} {where}; {self.reason}."
-        percent = f"{self.confidence:.0%}"
-        text = (
-            f"Fitted lr* ∝ B^α with α = {self.alpha:.2f} ({percent} interval "
-            f"{self.alpha_low:.2f} to {self.alpha_high:.2f}) {where}."
-        )
-        linear, square_root, flat = self.contains(1.0), self.contains(0.5), self.contains(0.0)
-        if linear and square_root:
-            text += " The interval is too wide to tell the linear rule (α = 1) from the "
-            text += "square-root rule (α = 0.5)"
-            text += " or from no dependence on batch size (α = 0)" if flat else ""
-            text += "; more batch sizes, or complete trials that locate each batch size's "
-            text += "best LR more closely, would narrow it."
-        elif linear or square_root:
-            inside, outside = ("linear rule (α = 1)", "square-root rule (α = 0.5)")[
-                :: 1 if linear else -1
-            ]
-            text += f" Consistent with the {inside}; not with the {outside}."
-        else:
-            text += " Neither the linear rule (α = 1) nor the square-root rule (α = 0.5) lies "
-            text += "inside the interval."
-        if flat and not (linear and square_root):
-            text += " α = 0 (no dependence on batch size) is not ruled out."
-        if self.resolution_bound:
-            text += (
-                " The interval's width comes from how far apart the LRs tried at each batch "
-                "size are (each best LR lies somewhere between its neighbours), not from the "
-                "points' scatter, which is smaller; trials at LRs between those tried would "
-                "narrow it."
-            )
-        return text + self._describe_unbracketed()
-
-    def _describe_unbracketed(self) -> str:
-        if not self.unbracketed:
-            return ""
-        sides = ", ".join(
-            f"B = {b} ({'lowest' if side == 'below' else 'highest'})"
-            for b, side in self.unbracketed
-        )
-        return (
-            f" Caution: at {sides} the best trial is the extreme LR tried there, so that batch "
-            "size's optimum may lie further out than its point, and α further from the fit "
-            "than the interval says."
-        )
-
-
-def _student_t_quantile(probability: float, dof: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(probability, dof))
-
-
-def fit_lr_scaling(
-    study: optuna.Study,
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    confidence: float = DEFAULT_CONFIDENCE,
-    near_best: float = DEFAULT_NEAR_BEST,
-) -> ScalingFit:
-    """Fit lr* ∝ B^α by least squares on (log2 B, log2 lr*), lr* per batch size from its
-    near-best complete trials (see ``ScalingFit``).
-
-    Raises ValueError for ``top_k < 1``, ``confidence`` outside (0, 1) or a negative
-    ``near_best``. Too few trials is not an error: the returned fit says so in ``reason``.
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k = {top_k} must be at least 1")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence = {confidence} must be between 0 and 1")
-    if not near_best >= 0.0:
-        raise ValueError(f"near_best = {near_best} must be 0 or more (a share of the best)")
-    near = near_best_trials(study, top_k, near_best)
-    points = [
-        (b, 2.0 ** (sum(math.log2(t.params["lr"]) for t in trials) / len(trials)))
-        for b, trials in near.items()
-    ]
-    batch_sizes = tuple(near)
-    # Every complete or pruned trial: which LRs were tried around each point.
-    tried = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    best = {b: trials[0] for b, trials in near.items()}
-    unbracketed = _unbracketed(_is_maximize(study), tried, best)
-    common = {
-        "points": tuple(points),
-        "top_k": top_k,
-        "confidence": confidence,
-        "batch_sizes": batch_sizes,
-        "trials": tuple((b, float(t.params["lr"])) for b, trials in near.items() for t in trials),
-        "near_best": near_best,
-        "unbracketed": unbracketed,
-    }
-    if len(batch_sizes) < 2:
-        found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
-        return ScalingFit(
-            alpha=None,
-            alpha_low=None,
-            alpha_high=None,
-            intercept=None,
-            reason=(
-                f"{found} complete trials; the fit needs complete trials at two or more batch sizes"
-            ),
-            **common,
-        )
-    alpha, intercept, standard_error = _least_squares(points)
-    floor = _resolution_standard_error(tried, points)
-    resolution_bound = standard_error is not None and floor is not None and floor > standard_error
-    if resolution_bound:
-        standard_error = floor
-    if standard_error is None:
-        return ScalingFit(
-            alpha=alpha,
-            alpha_low=None,
-            alpha_high=None,
-            intercept=intercept,
-            reason="two batch sizes give a line but no interval (it needs three or more)",
-            **common,
-        )
-    half_width = _student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
-    return ScalingFit(
-        alpha=alpha,
-        alpha_low=alpha - half_width,
-        alpha_high=alpha + half_width,
-        intercept=intercept,
-        resolution_bound=resolution_bound,
-        **common,
-    )
-
-
-def _resolution_standard_error(
-    tried: list[FrozenTrial], points: list[tuple[int, float]]
-) -> float | None:
-    """The slope's standard error from where each batch size's best LR can be, given the
-    LRs tried there: a floor under the one from the points' scatter.
-
-    The scatter about the line measures how well the points locate the optima only when
-    the points scatter. Trials placed by one rule (the first round: the square-root rule's
-    LR × ½ and × 2 at every batch size) can all be best and lie exactly on a line: zero
-    residual, a zero-width interval, though each optimum is known only to lie between the
-    LRs tried either side of its point. So each point's log2 LR is taken as uniform between
-    the midpoints to its nearest tried LRs (COMPLETE or PRUNED trials of that batch size)
-    below and above (one side only: the same distance both ways; none: the median of the
-    other points), standard deviation width / √12, and the slope's standard error
-    propagated from those: √(Σ (x_i − x̄)² σ_i²) / Sxx. None when no point has a neighbour.
-    """
-    log2_lrs: dict[int, list[float]] = {}
-    for trial in tried:
-        batch_size = trial_batch_size(trial)
-        if batch_size is not None and "lr" in trial.params:
-            log2_lrs.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
-    widths: dict[int, float | None] = {}
-    for batch_size, lr in points:
-        y = math.log2(lr)
-        below = [y - t for t in log2_lrs.get(batch_size, []) if t < y - 1e-9]
-        above = [t - y for t in log2_lrs.get(batch_size, []) if t > y + 1e-9]
-        gaps = [min(side) for side in (below, above) if side]
-        widths[batch_size] = sum(gaps) / 2 if len(gaps) == 2 else (gaps[0] if gaps else None)
-    known = sorted(w for w in widths.values() if w is not None)
-    if not known:
-        return None
-    fallback = known[len(known) // 2]
-    xs = [math.log2(b) for b, _ in points]
-    mean_x = sum(xs) / len(xs)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    variance = sum(
-        (x - mean_x) ** 2 * ((widths[b] if widths[b] is not None else fallback) ** 2 / 12)
-        for x, (b, _) in zip(xs, points, strict=True)
-    )
-    return math.sqrt(variance) / sxx
-
-
-def _unbracketed(
-    maximize: bool, tried: list[FrozenTrial], best: dict[int, FrozenTrial]
-) -> tuple[tuple[int, str], ...]:
-    """(batch size, side) for each side of a batch size's best LR with no worse trial of
-    that batch size among ``tried`` (the complete and pruned trials): a complete trial with
-    a worse value, or a pruned one that was worse than the best trial at the report it was
-    pruned at (the same resource)."""
-    worse_lrs: dict[int, list[float]] = {b: [] for b in best}
-    for trial in tried:
-        batch_size = trial_batch_size(trial)
-        if batch_size not in best or "lr" not in trial.params:
-            continue
-        if trial.number == best[batch_size].number:
-            continue
-        top = best[batch_size]
-        if trial.state == TrialState.COMPLETE:
-            mine, theirs = trial.value, top.value
-        elif trial.intermediate_values:
-            step = max(trial.intermediate_values)
-            mine, theirs = trial.intermediate_values[step], top.intermediate_values.get(step)
-        else:
-            continue
-        if (
-            mine is not None
-            and theirs is not None
-            and (mine < theirs if maximize else mine > theirs)
-        ):
-            worse_lrs[batch_size].append(float(trial.params["lr"]))
-    found = []
-    for batch_size, trial in best.items():
-        lr = float(trial.params["lr"])
-        if not any(other < lr for other in worse_lrs[batch_size]):
-            found.append((batch_size, "below"))
-        if not any(other > lr for other in worse_lrs[batch_size]):
-            found.append((batch_size, "above"))
-    return tuple(found)
-
-
-def near_best_trials(
-    study: optuna.Study, top_k: int, near_best: float
-) -> dict[int, list[FrozenTrial]]:
-    """Per batch size, those of its ``top_k`` best complete trials whose value is within
-    ``near_best`` (a share of the best value's magnitude) of its best: the trials whose LRs
-    estimate that batch size's best LR. The best trial is always one."""
-    maximize = _is_maximize(study)
-    near = {}
-    for batch_size, trials in top_trials_by_batch_size(study, top_k).items():
-        best = float(trials[0].value)
-        slack = near_best * abs(best)
-        near[batch_size] = [
-            t for t in trials if (t.value >= best - slack if maximize else t.value <= best + slack)
-        ]
-    return near
-
-
-def top_trials_by_batch_size(study: optuna.Study, top_k: int) -> dict[int, list[FrozenTrial]]:
-    """The ``top_k`` best complete trials of each batch size, best first: the trials the α
-    fit, the LR ridge and the B_simple curves are drawn from. Trials without an lr cannot
-    enter the fit and are skipped."""
-    maximize = _is_maximize(study)
-    complete = [t for t in _complete(study.get_trials(deepcopy=False)) if "lr" in t.params]
-    by_batch: dict[int, list[FrozenTrial]] = {}
-    for trial in complete:
-        batch_size = trial_batch_size(trial)
-        if batch_size is not None:
-            by_batch.setdefault(batch_size, []).append(trial)
-    return {
-        batch_size: sorted(by_batch[batch_size], key=lambda t: t.value, reverse=maximize)[:top_k]
-        for batch_size in sorted(by_batch)
-    }
-
-
-def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
-    """Slope α, intercept and the slope's standard error of log2 lr on log2 B. The standard
-    error is None for two points: a line through them leaves no residual to estimate it."""
-    xs = [math.log2(b) for b, _ in points]
-    ys = [math.log2(lr) for _, lr in points]
-    n = len(points)
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
-    alpha = sxy / sxx
-    intercept = mean_y - alpha * mean_x
-    if n < 3:
-        return alpha, intercept, None
-    residual = sum((y - (intercept + alpha * x)) ** 2 for x, y in zip(xs, ys, strict=True))
-    return alpha, intercept, math.sqrt(residual / (n - 2) / sxx)
+__all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_NEAR_BEST",
+    "DEFAULT_TOP_K",
+    "SPENT_ATTRS",
+    "BatchSizeRow",
+    "ReportData",
+    "ScalingFit",
+    "StudySummary",
+    "TrialPoint",
+    "collect",
+    "fit_lr_scaling",
+    "importances",
+    "near_best_trials",
+    "summarize",
+    "top_trials_by_batch_size",
+    "trial_batch_size",
+    "trial_points",
+]
 
 
 @dataclass(frozen=True)
@@ -599,7 +111,7 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
                 weight_decay=trial.params.get("weight_decay"),
                 value=value,
                 last_step=curve[-1][0] if curve else None,
-                gap=_gap(trial),
+                gap=trial_gap(trial),
                 curve=curve,
             )
         )
@@ -612,7 +124,7 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     A parameter whose distribution is single-valued in every trial was never drawn (hpo's
     ``batch_size``, the display copy of ``log2_batch_size``, ``hpo.space``): it is left
     out, where PED-ANOVA would list it at 0 and warn about each of its one-trial regimes."""
-    complete = _complete(study.get_trials(deepcopy=False))
+    complete = complete_trials(study.get_trials(deepcopy=False))
     if len(complete) < 2:
         return {}, f"{len(complete)} complete trial(s); importances need at least 2"
     params = sorted(
@@ -671,7 +183,7 @@ def collect(
     return ReportData(
         study_name=study.study_name,
         metric=metric,
-        maximize=_is_maximize(study),
+        maximize=is_maximize(study),
         summary=summarize(study, metric),
         fit=fit,
         points=trial_points(study),

@@ -186,7 +186,7 @@ def cost_view(
     """Read the cost of every complete trial and the throughput of every finished one.
 
     ``batch_size_of`` is the report's own reading of a trial's batch size
-    (``hpo.report.analysis.trial_batch_size``). Trials without a finite value or without
+    (``hpo.report.summary.trial_batch_size``). Trials without a finite value or without
     a positive ``train_seconds`` (a study written by another tool) are left out.
     Raises ValueError for a negative ``tolerance``.
     """

@@ -154,7 +154,7 @@ class NoiseScaleCurve:
 
 def b_simple_curves(top_trials: dict[int, list[FrozenTrial]]) -> list[NoiseScaleCurve]:
     """B_simple over training (user attr ``b_simple_per_epoch``) of the given trials: the
-    best complete trials of each batch size, ranked (``analysis.top_trials_by_batch_size``,
+    best complete trials of each batch size, ranked (``scaling.top_trials_by_batch_size``,
     the same trials the α fit and the ridge use). Ordered by batch size, then rank.
 
     Only positive finite values are kept (they are drawn on a log axis): an epoch before
@@ -188,27 +188,7 @@ def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) 
     """One paragraph for the summary; always contains "critical batch size"."""
     parts = []
     if ridge.b_noise is not None:
-        interval = (
-            f" (interval {examples(ridge.b_noise_low)} to {examples(ridge.b_noise_high)})"
-            if ridge.b_noise_low is not None and ridge.b_noise_high is not None
-            else ""
-        )
-        fitted = f"fits B_noise ≈ {examples(ridge.b_noise)}{interval}"
-        if ridge.edge == "low":
-            fitted = (
-                f"is flat over the studied batch sizes: its B_noise ≈ {examples(ridge.b_noise)}"
-                f"{interval} is below a quarter of the smallest, so only an upper bound"
-            )
-        elif ridge.edge == "high":
-            fitted = (
-                "still rises about linearly at the largest batch size: its B_noise ≈ "
-                f"{examples(ridge.b_noise)}{interval} is over 4× the largest, so only a "
-                "lower bound"
-            )
-        parts.append(
-            f"The LR ridge ε_opt(B) = ε_max / (1 + B_noise / B) {fitted}, "
-            f"ε_max = {ridge.eps_max:.3g}."
-        )
+        parts.append(_describe_ridge(ridge, ridge.b_noise))
     if measured.median is not None:
         parts.append(
             f"The measured gradient noise scale B_simple is {examples(measured.median)} "
@@ -247,3 +227,28 @@ def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) 
             else "The ridge and the noise scale disagree (see the caveats in README)."
         )
     return " ".join(parts)
+
+
+def _describe_ridge(ridge: RidgeFit, b_noise: float) -> str:
+    """The sentence on the fitted ridge: its B_noise (``b_noise``, with its interval) and
+    ε_max, or, at an edge of the studied batch sizes, which bound B_noise is."""
+    interval = (
+        f" (interval {examples(ridge.b_noise_low)} to {examples(ridge.b_noise_high)})"
+        if ridge.b_noise_low is not None and ridge.b_noise_high is not None
+        else ""
+    )
+    fitted = f"fits B_noise ≈ {examples(b_noise)}{interval}"
+    if ridge.edge == "low":
+        fitted = (
+            f"is flat over the studied batch sizes: its B_noise ≈ {examples(b_noise)}"
+            f"{interval} is below a quarter of the smallest, so only an upper bound"
+        )
+    elif ridge.edge == "high":
+        fitted = (
+            "still rises about linearly at the largest batch size: its B_noise ≈ "
+            f"{examples(b_noise)}{interval} is over 4× the largest, so only a "
+            "lower bound"
+        )
+    return (
+        f"The LR ridge ε_opt(B) = ε_max / (1 + B_noise / B) {fitted}, ε_max = {ridge.eps_max:.3g}."
+    )

@@ -1,62 +1,30 @@
-"""The study file: its schema, where it is found, and errors that name the bad field.
-
-A study file (``studies/NAME.toml``) is plain data validated by pydantic. Every table
-forbids unknown keys, so a typo is an error instead of a silently ignored setting. The
-validated spec is stored on the Optuna study as JSON, which is how remote workers learn
-what to train without a copy of the file.
-
-This module must not import torch or optuna: it is loaded by every command, including the
-ones that only read a file.
+"""The study file's tables below the top level (dataset, model, search, budget, pruner,
+sampler, objective, training), each with the checks that need only its own fields, and
+``TrialParams``, one trial's values of the searched fields as training uses them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import tomllib
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    model_validator,
+from pydantic import Field, model_validator
+
+from hpo.spec.fields import (
+    MAX_EPOCHS,
+    Count,
+    FilePath,
+    Float,
+    Int,
+    PositiveInt,
+    Seed,
+    Table,
 )
-
-from hpo.errors import UserError
-from hpo.settings import STUDIES_DIR_ENV, NodeSettings, env
-
-STUDY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 # PatchCamelyon's published split sizes; a subset size larger than these is an error.
 PCAM_SPLIT_SIZES = {"train": 262_144, "val": 32_768, "test": 32_768}
-
-# Fields that describe a node, not the study: where its files are, which device and how
-# many threads it trains with. Each node may set its own (hpo.settings.NodeSettings), so
-# they never count as a difference between a stored spec and a local one.
-NODE_LOCAL_FIELDS = frozenset(
-    {
-        "dataset.root",
-        "dataset.cache_dir",
-        "training.device",
-        "training.num_threads",
-        "training.checkpoint_dir",
-    }
-)
-
-
-class SpecError(UserError):
-    """A study file or study name that cannot be used.
-
-    The message is one line meant for the user: it names the file, the field and what is
-    allowed. The CLI prints it and exits with code 2.
-    """
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -84,37 +52,7 @@ class TrialParams:
         return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
 
 
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-# The one place that says what a number in a study file is. Strict: TOML's `true` is not
-# the integer 1. Finite: JSON, in which the spec is stored on the study, has no inf/nan,
-# so an infinite bound would be stored as null and the study could never be loaded again.
-# Bounded: every count has a ceiling far above any real study, so a typo of 10**12 is a
-# field error here instead of a crash (or a memory exhaustion) inside a worker.
-Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
-Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
-PositiveInt = Annotated[int, Strict(), Field(gt=0, le=2**31 - 1)]
-Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-# numpy's and Optuna's samplers take seeds in [0, 2**32); a trial adds its number.
-Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 2**20)]
-MAX_EPOCHS = 100_000
-MAX_NAME_LENGTH = 100  # the name is part of file names (reports, checkpoints, cache)
-
-
-def _usable_path(path: Path) -> Path:
-    if "\x00" in str(path):
-        raise ValueError("a path cannot contain a NUL character")
-    if not str(path).strip():
-        raise ValueError("a path cannot be empty")
-    return path
-
-
-FilePath = Annotated[Path, AfterValidator(_usable_path)]
-
-
-class DatasetSpec(_Table):
+class DatasetSpec(Table):
     """Where the patches come from.
 
     ``train_size``/``val_size`` take a seeded subset (the first N of a fixed permutation),
@@ -168,7 +106,7 @@ MODEL_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-class ModelSpec(_Table):
+class ModelSpec(Table):
     """What to train: ``name`` (``small-cnn`` or any classification model torchvision
     lists) or ``factory`` (``package.module:function``, the user's own, called as
     ``function(num_classes=N)``). Only the form is checked here, without torch; the commands
@@ -194,7 +132,7 @@ class ModelSpec(_Table):
         return self
 
 
-class SearchSpec(_Table):
+class SearchSpec(Table):
     """The searched hyperparameters.
 
     Batch size is searched as the exponent ``log2_batch_size`` so the sampler treats it as
@@ -238,7 +176,7 @@ class SearchSpec(_Table):
 DEFAULT_REPORTS = 4
 
 
-class BudgetSpec(_Table):
+class BudgetSpec(Table):
     """How much training each trial gets, and how many trials.
 
     ``unit`` says what "the same amount of training" means across batch sizes:
@@ -289,7 +227,7 @@ class BudgetSpec(_Table):
         return self.epochs if self.unit == "epochs" and self.epochs else DEFAULT_REPORTS
 
 
-class PrunerSpec(_Table):
+class PrunerSpec(Table):
     """Early stopping of bad trials.
 
     Pruning compares trials at the same report (with ``budget.unit = "epochs"``, the same
@@ -378,7 +316,7 @@ class PrunerSpec(_Table):
         return self
 
 
-class SamplerSpec(_Table):
+class SamplerSpec(Table):
     """How trials are proposed.
 
     ``cover_batch_sizes`` queues a first round of one trial per batch size when the study
@@ -403,7 +341,7 @@ class SamplerSpec(_Table):
     first_round_lrs: int = Field(1, ge=1, le=4)
 
 
-class ObjectiveSpec(_Table):
+class ObjectiveSpec(Table):
     metric: Literal["val_auc", "val_acc", "val_loss"] = "val_auc"
 
     @property
@@ -429,7 +367,7 @@ def describe_metric(metric: str, n_classes: int) -> str:
     return f"{metric}: {MULTICLASS_METRICS[metric]} over {n_classes} classes"
 
 
-class TrainingSpec(_Table):
+class TrainingSpec(Table):
     """How a trial trains on the device it gets.
 
     ``mixed_precision`` switches bf16 autocast (CPU with bf16 support, CUDA) or fp16 (older
@@ -454,7 +392,7 @@ class TrainingSpec(_Table):
     above_cap: Literal["clamp", "accumulate"] = "clamp"
     # torch.compile (inductor) on every trial's model. Off by default: on the reference CPU
     # the first compile took 55 s and the compiled small-cnn step was slower than eager
-    # (0.48x, bf16; docs/benchmarks.md, issue 13, benchmarks/compile.py). Turn it on only
+    # (0.48x, bf16; docs/benchmarks.md, benchmarks/compile.py). Turn it on only
     # where that benchmark shows a faster step and trials are long enough to repay it.
     # true is inductor's default mode; "reduce-overhead" adds CUDA graphs, for a GPU step
     # bound by the host launching kernels (benchmarks/gpu_step.py measures both).
@@ -464,233 +402,3 @@ class TrainingSpec(_Table):
     def compile_mode(self) -> str | None:
         """``torch.compile``'s mode for ``compile``: None for inductor's default."""
         return self.compile if self.compile in ("reduce-overhead", "max-autotune") else None
-
-
-class StudySpec(_Table):
-    name: str = Field(max_length=MAX_NAME_LENGTH)
-    seed: Seed = 0
-    dataset: DatasetSpec
-    model: ModelSpec
-    search: SearchSpec
-    budget: BudgetSpec
-    pruner: PrunerSpec = PrunerSpec()
-    sampler: SamplerSpec = SamplerSpec()
-    objective: ObjectiveSpec = ObjectiveSpec()
-    training: TrainingSpec = TrainingSpec()
-
-    @model_validator(mode="after")
-    def _check_cross_fields(self) -> StudySpec:
-        if not STUDY_NAME_PATTERN.fullmatch(self.name):
-            raise ValueError(f"name {self.name!r} must match [a-z0-9][a-z0-9_-]*")
-        train_size = self.dataset.known_train_size()
-        if train_size is not None and self.search.batch_size_max > train_size:
-            raise ValueError(
-                f"search.batch_size_max = {self.search.batch_size_max} is larger than the "
-                f"training set ({train_size} patches)"
-            )
-        reports = self.budget.report_count
-        if self.pruner.kind != "none" and self.pruner.min_epochs > reports:
-            counted = (
-                f"budget.epochs = {reports}"
-                if self.budget.unit == "epochs" and self.budget.reports is None
-                else f"budget.reports = {reports}"
-            )
-            raise ValueError(f"pruner.min_epochs = {self.pruner.min_epochs} exceeds {counted}")
-        grids = (
-            ("grid_lr", self.search.lr_low, self.search.lr_high),
-            ("grid_weight_decay", self.search.weight_decay_low, self.search.weight_decay_high),
-        )
-        for field, low, high in grids:
-            values = getattr(self.sampler, field)
-            for value in values or []:
-                if not low <= value <= high:
-                    raise ValueError(f"sampler.{field} value {value} is outside [{low}, {high}]")
-        return self
-
-    def on_node(self, node: NodeSettings) -> StudySpec:
-        """The spec as this node runs it: its node-local fields replaced where ``node``
-        sets them (never stored, never compared; see ``NODE_LOCAL_FIELDS``)."""
-        dataset: dict[str, Any] = {}
-        training: dict[str, Any] = {}
-        if node.data_root is not None and self.dataset.kind != "synthetic":
-            dataset["root"] = node.data_root
-        if node.device is not None:
-            training["device"] = node.device
-        if node.num_threads is not None:
-            training["num_threads"] = node.num_threads
-        if node.checkpoint_dir is not None:
-            training["checkpoint_dir"] = node.checkpoint_dir
-        return self.model_copy(
-            update={
-                "dataset": self.dataset.model_copy(update=dataset),
-                "training": self.training.model_copy(update=training),
-            }
-        )
-
-    def to_json(self) -> str:
-        """The canonical JSON form stored on the Optuna study."""
-        return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "stored spec") -> StudySpec:
-        """The spec stored on a study. Raises SpecError naming ``source`` when it no longer
-        validates (written by an older hpo, or by hand)."""
-        if _too_deep(text, _JSON_TOKENS) is not None:
-            raise SpecError(
-                f"{source} is not a JSON study spec (nested more than {MAX_NESTING} deep)"
-            )
-        try:
-            return cls.model_validate(json.loads(text))
-        except ValidationError as error:
-            raise SpecError(
-                f"{source} no longer validates: {_format_validation_error(error)} "
-                "(create a new study from a corrected study file)"
-            ) from None
-        except (TypeError, ValueError) as error:
-            raise SpecError(f"{source} is not a JSON study spec ({error})") from None
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """A value from the file as it may appear in a one-line message: repr, shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _format_validation_error(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors(include_url=False)[:5]:
-        location = ".".join(
-            str(part) if re.fullmatch(r"[A-Za-z0-9_]+", str(part)) else _shown(part)
-            for part in item["loc"]
-        )
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (not a field of this table)"
-        elif item["type"] in ("literal_error", "int_type", "float_type", "bool_type"):
-            message = f"got {_shown(item['input'])}; {message[0].lower()}{message[1:]}"
-        parts.append(f"{location}: {message}" if location else message)
-    more = len(error.errors()) - 5
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
-
-
-def resolve_study_path(study: str, studies_dir: Path | None = None) -> Path:
-    """Find the study file for ``--study``.
-
-    ``study`` is a name (``histo`` → ``$HPO_STUDIES_DIR/histo.toml`` or
-    ``./studies/histo.toml``) or a path ending in ``.toml``. Names are restricted to
-    ``[a-z0-9][a-z0-9_-]*`` so a name can never walk out of the studies directory.
-    """
-    if study.endswith(".toml"):
-        path = Path(study)
-    else:
-        if not STUDY_NAME_PATTERN.fullmatch(study):
-            raise SpecError(
-                f"study name {study!r} is not allowed: use [a-z0-9][a-z0-9_-]* "
-                "or a path ending in .toml"
-            )
-        directory = studies_dir or Path(env(STUDIES_DIR_ENV) or "studies")
-        path = directory / f"{study}.toml"
-    if not path.is_file():
-        raise SpecError(f"{path}: study file not found")
-    return path
-
-
-def parse_spec(data: dict[str, Any], *, source: str, default_name: str) -> StudySpec:
-    """Validate a parsed study table; ``source`` names the file in error messages."""
-    data = dict(data)
-    data.setdefault("name", default_name)
-    try:
-        return StudySpec.model_validate(data)
-    except ValidationError as error:
-        raise SpecError(f"{source}: {_format_validation_error(error)}") from None
-
-
-# A study file nests three tables deep at most. Text nested deeper is refused before it is
-# parsed: tomllib and json recurse once per level, and a parser stopped by the recursion
-# limit leaves no stack for anything else that runs at that depth (a garbage collector's
-# finalizer then fails: "Exception ignored in ...").
-MAX_NESTING = 32
-_TOML_TOKENS = re.compile(
-    r'#[^\n]*|"""(?:\\.|[^\\])*?"""|'
-    + r"'''.*?'''|"
-    + r'"(?:\\.|[^"\\\n])*"|'
-    + r"'[^'\n]*'|[\[\]{}]",
-    re.DOTALL,
-)
-_JSON_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
-
-
-def _too_deep(text: str, tokens: re.Pattern[str]) -> int | None:
-    """The line on which brackets or braces outside strings and comments first nest more
-    than MAX_NESTING deep, or None. It counts without parsing, so it needs no stack."""
-    depth = 0
-    for match in tokens.finditer(text):
-        bracket = match.group()
-        if bracket in ("[", "{"):
-            depth += 1
-            if depth > MAX_NESTING:
-                return text.count("\n", 0, match.start()) + 1
-        elif bracket in ("]", "}"):
-            depth = max(depth - 1, 0)
-    return None
-
-
-def load_spec(
-    study: str | Path, studies_dir: Path | None = None, *, check_paths: bool = True
-) -> StudySpec:
-    """Load and validate a study file by name or path; raises SpecError with one clear line.
-
-    ``check_paths=False`` skips the check that ``dataset.root`` exists here, for a node
-    that overrides the data root (``--data-root``); ``check_data_root`` checks it later.
-    """
-    path = resolve_study_path(str(study), studies_dir)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise SpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    except OSError as error:
-        raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
-    line = _too_deep(text, _TOML_TOKENS)
-    if line is not None:
-        raise SpecError(
-            f"{path}: not a study file (nested more than {MAX_NESTING} deep on line {line})"
-        )
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise SpecError(f"{path}: not valid TOML ({error})") from None
-    spec = parse_spec(data, source=str(path), default_name=path.stem)
-    if check_paths:
-        check_data_root(spec, source=str(path))
-    return spec
-
-
-def check_data_root(spec: StudySpec, *, source: str) -> None:
-    """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here and
-    its ``dataset.cache_dir`` (if any) is not something else than a directory."""
-    root = spec.dataset.root
-    if root is not None and not root.is_dir():
-        raise SpecError(f"{source}: dataset.root: directory {str(root)!r} does not exist")
-    cache = spec.dataset.cache_dir
-    if cache is not None and cache.exists() and not cache.is_dir():
-        raise SpecError(f"{source}: dataset.cache_dir: {str(cache)!r} is not a directory")
-
-
-def spec_differences(a: StudySpec, b: StudySpec) -> list[str]:
-    """Dotted names of the fields where two specs differ (for 'local spec differs' errors).
-
-    Node-local fields (``NODE_LOCAL_FIELDS``) are not compared: they may differ per node.
-    """
-
-    def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            out: dict[str, Any] = {}
-            for key, item in value.items():
-                out.update(flatten(item, f"{prefix}{key}."))
-            return out
-        return {prefix.rstrip("."): value}
-
-    left = flatten(json.loads(a.to_json()))
-    right = flatten(json.loads(b.to_json()))
-    keys = (left.keys() | right.keys()) - NODE_LOCAL_FIELDS
-    return sorted(key for key in keys if left.get(key) != right.get(key))
