@@ -23,17 +23,15 @@ import sqlalchemy
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+import hpo.storage.counts as counts
+import hpo.storage.heartbeats as heartbeats
+import hpo.storage.locks as locks
+import hpo.storage.new_trials as new_trials
+import hpo.storage.one_message as one_message
+import hpo.storage.reads as reads
+import hpo.storage.transactions as transactions
+import hpo.storage.writes as writes
 from hpo import compat
-from hpo.storage import (
-    counts,
-    heartbeats,
-    locks,
-    new_trials,
-    one_message,
-    reads,
-    transactions,
-    writes,
-)
 from hpo.storage.reconnect import TOKEN_ATTRS, Attempts, retry_every_call, retry_on_disconnect
 
 
