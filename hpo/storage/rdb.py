@@ -83,7 +83,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
-        name = study_name or f"{compat.default_study_name_prefix()}{uuid.uuid4()}"
+        name = study_name
+        if name is None:  # named before the first attempt (hpo.storage.reconnect)
+            name = f"{compat.default_study_name_prefix()}{uuid.uuid4()}"
         attempts = Attempts()
 
         def attempt() -> int:
