@@ -85,35 +85,28 @@ def _value_vs_time_layers(view: CostView, metric: str) -> list[Layer]:
 def _best_and_fastest_stars(view: CostView) -> list[Layer]:
     """The fastest trial on the front within the tolerance of the best (when it is not the
     best itself) and the best trial, as stars drawn above the other markers."""
-    layers: list[Layer] = []
     best, chosen = view.best, view.fastest_within
     assert best is not None and chosen is not None
+    layers: list[Layer] = []
     if chosen.number != best.number:
-        layers.append(
-            Markers(
-                f"fastest within {percent(view.tolerance)} of the best (B = {chosen.batch_size})",
-                x=(chosen.train_seconds,),
-                y=(chosen.value,),
-                color="darkorange",
-                symbol="star",
-                size=16,
-                outline=0.5,
-                front=True,
-            )
-        )
-    layers.append(
-        Markers(
-            f"best (B = {best.batch_size})",
-            x=(best.train_seconds,),
-            y=(best.value,),
-            color="crimson",
-            symbol="star",
-            size=16,
-            outline=0.5,
-            front=True,
-        )
-    )
+        name = f"fastest within {percent(view.tolerance)} of the best (B = {chosen.batch_size})"
+        layers.append(_star(name, chosen, "darkorange"))
+    layers.append(_star(f"best (B = {best.batch_size})", best, "crimson"))
     return layers
+
+
+def _star(name: str, point: CostPoint, color: str) -> Markers:
+    """One trial as a star drawn above the other markers."""
+    return Markers(
+        name,
+        x=(point.train_seconds,),
+        y=(point.value,),
+        color=color,
+        symbol="star",
+        size=16,
+        outline=0.5,
+        front=True,
+    )
 
 
 def _cost_hover(point: CostPoint, metric: str) -> str:
