@@ -41,6 +41,8 @@ THREADS_ENV = "HPO_NUM_THREADS"
 CHECKPOINT_ENV = "HPO_CHECKPOINT_DIR"
 CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+DASHBOARD_USER_ENV = "HPO_DASHBOARD_USER"
+DASHBOARD_PASSWORD_ENV = "HPO_DASHBOARD_PASSWORD"
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -212,6 +214,21 @@ class NodeSettings:
             CHECKPOINT_ENV: self.checkpoint_dir,
         }
         return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def dashboard_credentials() -> tuple[str, str] | None:
+    """(user, password) of the dashboard's HTTP basic auth from ``$HPO_DASHBOARD_USER`` and
+    ``$HPO_DASHBOARD_PASSWORD``; None when neither is set. Raises SettingsError when only
+    one is (the message names the missing one, never the value)."""
+    user, password = env(DASHBOARD_USER_ENV), env(DASHBOARD_PASSWORD_ENV)
+    if user is None and password is None:
+        return None
+    if user is None or password is None:
+        missing = DASHBOARD_USER_ENV if user is None else DASHBOARD_PASSWORD_ENV
+        raise SettingsError(f"${missing} is not set (the dashboard's credentials need both)")
+    if ":" in user:
+        raise SettingsError(f"${DASHBOARD_USER_ENV} must not contain ':' (HTTP basic auth)")
+    return user, password
 
 
 def available_cores() -> int:

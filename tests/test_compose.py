@@ -4,6 +4,7 @@ environment (``${VAR:-default}`` interpolated as compose does)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -120,13 +122,17 @@ def test_no_secret_is_written_into_the_compose_file() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     for line in text.splitlines():
         if re.search(r"PASSWORD\s*[:=]", line) and not line.lstrip().startswith("#"):
-            assert "${POSTGRES_PASSWORD" in line, line
+            assert "${POSTGRES_PASSWORD" in line or "${HPO_DASHBOARD_PASSWORD:?" in line, line
     storage = SERVICES["worker"]["environment"]["HPO_STORAGE"]
     assert ":${POSTGRES_PASSWORD:?" in storage
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
         interpolate(storage, {})
     example = (ROOT / ".env.example").read_text()
     assert "POSTGRES_PASSWORD=change-me" in example
+    assert "HPO_DASHBOARD_PASSWORD=change-me-too" in example
+    dashboard = SERVICES["dashboard"]["environment"]
+    with pytest.raises(KeyError, match="HPO_DASHBOARD_PASSWORD"):
+        interpolate(dashboard["HPO_DASHBOARD_PASSWORD"], {})
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
 
 
@@ -144,7 +150,8 @@ def _service_env(
     container paths become temporary directories), and the ``.env`` values used to
     interpolate it."""
     dotenv = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-with-trust-auth",
-              "POSTGRES_DB": database, "HPO_STUDY": "tiny"}  # fmt: skip
+              "POSTGRES_DB": database, "HPO_STUDY": "tiny",
+              "HPO_DASHBOARD_PASSWORD": "pw"}  # fmt: skip
     env = dict(os.environ)
     env.update(FAST_HEARTBEAT)
     for key, value in SERVICES[service]["environment"].items():
@@ -198,18 +205,26 @@ def test_service_commands_run_against_the_local_postgresql(tmp_path: Path) -> No
         server = subprocess.Popen([sys.executable, "-m", "hpo", *dashboard[1:]], env=env,
                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         try:
-            body = _get_when_up(f"http://127.0.0.1:{port}/api/studies", server)
+            address = f"http://127.0.0.1:{port}/api/studies"
+            body = _get_when_up(address, server, auth=("hpo", "pw"))
             assert b"tiny" in body
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                urllib.request.urlopen(address, timeout=30)
         finally:
             server.terminate()
             wait_all([server], timeout_s=30)
 
 
-def _get_when_up(address: str, server: subprocess.Popen, timeout_s: float = 90) -> bytes:
+def _get_when_up(
+    address: str, server: subprocess.Popen, auth: tuple[str, str], timeout_s: float = 90
+) -> bytes:
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(address)
+    token = base64.b64encode(":".join(auth).encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
     while True:
         try:
-            with urllib.request.urlopen(address, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return response.read()
         except OSError:
             if server.poll() is not None:

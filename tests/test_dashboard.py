@@ -7,6 +7,8 @@ Locally the browser test skips (with the reason) when Chromium cannot start; in 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import shlex
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,27 +79,32 @@ def report_study(tmp_path: Path) -> tuple[str, int]:
     return url, len(study.trials)
 
 
-@pytest.fixture
-def dashboard_server(report_study: tuple[str, int], tmp_path: Path) -> Iterator[str]:
-    """`hpo dashboard` running in a child process; yields its base URL, stops it after."""
-    url, _ = report_study
+@contextlib.contextmanager
+def running_dashboard(
+    url: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`hpo dashboard --storage url ARGS` in a child process (with ``env`` added to its
+    environment); yields its base URL once it answers, stops it after."""
     port = free_port()
-    log = (tmp_path / "dashboard.log").open("w")
+    log_path = tmp_path / f"dashboard-{port}.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
-        hpo_command("dashboard", "--storage", url, "--port", str(port)),
+        hpo_command("dashboard", "--storage", url, "--port", str(port), *args),
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"hpo dashboard exited: {(tmp_path / 'dashboard.log').read_text()}")
+                pytest.fail(f"hpo dashboard exited: {log_path.read_text()}")
             try:
-                with urllib.request.urlopen(f"{base}/api/studies", timeout=5) as response:
-                    if response.status == 200:
-                        break
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=5):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers (401 when it asks for credentials)
             except OSError:
                 pass
             if time.monotonic() > deadline:
@@ -112,6 +120,13 @@ def dashboard_server(report_study: tuple[str, int], tmp_path: Path) -> Iterator[
                 process.kill()
                 process.wait()
             log.close()
+
+
+@pytest.fixture
+def dashboard_server(report_study: tuple[str, int], tmp_path: Path) -> Iterator[str]:
+    """`hpo dashboard` running in a child process; yields its base URL, stops it after."""
+    with running_dashboard(report_study[0], tmp_path) as base:
+        yield base
 
 
 @pytest.fixture
@@ -182,7 +197,21 @@ def test_taken_port_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in result.output
 
 
-def test_binding_beyond_loopback_warns_that_there_is_no_authentication(tmp_path: Path) -> None:
+def test_binding_beyond_loopback_without_credentials_exits_2_naming_the_ways_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HPO_DASHBOARD_USER", raising=False)
+    monkeypatch.delenv("HPO_DASHBOARD_PASSWORD", raising=False)
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    optuna.create_study(storage=url, study_name="s")
+    result = CliRunner().invoke(app, ["dashboard", "--storage", url, "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "listening on 0.0.0.0 needs credentials" in line and len(line.splitlines()) == 1
+    assert "$HPO_DASHBOARD_USER" in line and "--auth-file" in line and "--no-auth" in line
+
+
+def test_no_auth_beyond_loopback_warns_that_everyone_may_write(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     optuna.create_study(storage=url, study_name="s")
     with socket.socket() as taken:  # taken, so the command stops right after the warning
@@ -190,21 +219,127 @@ def test_binding_beyond_loopback_warns_that_there_is_no_authentication(tmp_path:
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(
-            app, ["dashboard", "--storage", url, "--host", "0.0.0.0", "--port", str(port)]
+            app,
+            ["dashboard", "--storage", url, "--host", "0.0.0.0", "--port", str(port), "--no-auth"],
         )
     assert result.exit_code == 2
-    assert "warning: listening on 0.0.0.0" in result.output
-    assert "no authentication" in result.output
+    assert "warning: listening on 0.0.0.0 with --no-auth" in result.output
 
 
-def test_launch_hint_masks_the_password_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    from hpo.cli.render import print_dashboard_hint
+def test_only_one_credential_variable_or_a_bad_auth_file_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    optuna.create_study(storage=url, study_name="s")
+    monkeypatch.delenv("HPO_DASHBOARD_USER", raising=False)
+    monkeypatch.setenv("HPO_DASHBOARD_PASSWORD", "hunter2")
+    result = CliRunner().invoke(app, ["dashboard", "--storage", url])
+    assert result.exit_code == 2 and "$HPO_DASHBOARD_USER is not set" in result.output
+    assert "hunter2" not in result.output
+    monkeypatch.delenv("HPO_DASHBOARD_PASSWORD")
+    bad = tmp_path / "auth"
+    bad.write_text("only-a-user\n")
+    result = CliRunner().invoke(app, ["dashboard", "--storage", url, "--auth-file", str(bad)])
+    assert result.exit_code == 2
+    assert f"--auth-file {bad}: its first line must be USER:PASSWORD" in result.output
 
-    print_dashboard_hint("postgresql+psycopg://hpo:s3cret@db:5432/hpo")
-    out = capsys.readouterr().out
-    assert out.startswith("dashboard: hpo dashboard --storage ")
-    assert "s3cret" not in out and "password masked" in out
-    assert len(out.strip().splitlines()) == 1
+
+def _request(url: str, *, auth: str | None = None, method: str = "GET", body: bytes | None = None):
+    """(status, body) of one HTTP request, with basic auth ``user:password`` if given."""
+    request = urllib.request.Request(url, data=body, method=method)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_basic_auth_from_the_environment_protects_loopback_too(
+    report_study: tuple[str, int], tmp_path: Path
+) -> None:
+    """Credentials set: 401 (with a challenge) without them or with wrong ones, 200 with
+    them; the password never appears in the command's output."""
+    secret = "s3cret:with-colon"
+    env = {"HPO_DASHBOARD_USER": "alice", "HPO_DASHBOARD_PASSWORD": secret}
+    with running_dashboard(report_study[0], tmp_path, env=env) as base:
+        status, _ = _request(f"{base}/api/studies")
+        assert status == 401
+        assert _request(f"{base}/dashboard", auth="alice:wrong")[0] == 401
+        assert _request(f"{base}/api/studies", auth=f"bob:{secret}")[0] == 401
+        status, body = _request(f"{base}/api/studies", auth=f"alice:{secret}")
+        assert status == 200 and STUDY_NAME in body.decode()
+    log = "".join(path.read_text() for path in tmp_path.glob("dashboard-*.log"))
+    assert "basic auth" in log and secret not in log
+
+
+def test_read_only_refuses_notes_user_attrs_and_deletes(
+    report_study: tuple[str, int], tmp_path: Path
+) -> None:
+    url, n_trials = report_study
+    auth_file = tmp_path / "auth"
+    auth_file.write_text("carol:pw\n")
+    args = ("--read-only", "--auth-file", str(auth_file))
+    with running_dashboard(url, tmp_path, *args) as base:
+        assert _request(f"{base}/api/studies/1", auth="carol:pw")[0] == 200
+        note = json.dumps({"version": 1, "body": "overwritten"}).encode()
+        writes = [
+            ("PUT", f"{base}/api/studies/1/note", note),
+            ("POST", f"{base}/api/trials/1/user-attrs", b'{"user_attrs": {"x": 1}}'),
+            ("DELETE", f"{base}/api/studies/1", None),
+        ]
+        for method, target, body in writes:
+            assert _request(target, auth="carol:pw", method=method, body=body)[0] == 403
+        assert _request(f"{base}/api/studies/1", method="DELETE")[0] == 401
+    study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+    assert len(study.trials) == n_trials  # nothing deleted
+    assert "x" not in study.trials[0].user_attrs
+
+
+@pytest.mark.browser
+def test_browser_asks_for_credentials_and_a_read_only_write_is_refused(
+    browser, report_study: tuple[str, int], tmp_path: Path
+) -> None:
+    """In Chromium: no or wrong credentials get 401; the right ones show the study; a note
+    saved from the page of a --read-only dashboard gets 403 and changes nothing."""
+    url, _ = report_study
+    env = {"HPO_DASHBOARD_USER": "dave", "HPO_DASHBOARD_PASSWORD": "correct horse"}
+    with running_dashboard(url, tmp_path, "--read-only", env=env) as base:
+        from playwright.sync_api import Error
+
+        def refused_with(context) -> list[int]:
+            """Statuses the page received: the 401 is shown, or Chromium gives up on the
+            credentials (ERR_INVALID_AUTH_CREDENTIALS) after it."""
+            page, statuses = context.new_page(), []
+            page.on("response", lambda response: statuses.append(response.status))
+            try:
+                page.goto(f"{base}/dashboard")
+            except Error as error:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(error)
+            return statuses
+
+        anonymous = browser.new_context()
+        assert set(refused_with(anonymous)) == {401}
+        wrong = browser.new_context(http_credentials={"username": "dave", "password": "nope"})
+        assert set(refused_with(wrong)) == {401}
+        right = browser.new_context(
+            http_credentials={"username": "dave", "password": "correct horse"}
+        )
+        page = right.new_page()
+        page.set_default_timeout(60_000)
+        assert page.goto(f"{base}/dashboard/studies/1").status == 200
+        page.get_by_text("hpo-lr_scaling.png").wait_for()  # the study, with its artifacts
+        status = page.evaluate(
+            """async () => (await fetch('/api/studies/1/note', {method: 'PUT',
+                 headers: {'Content-Type': 'application/json'},
+                 body: JSON.stringify({version: 1, body: 'overwritten'})})).status"""
+        )
+        assert status == 403
+        for context in (anonymous, wrong, right):
+            context.close()
+    note = optuna.storages.RDBStorage(url).get_study_system_attrs(1)
+    assert "overwritten" not in json.dumps(note) and "note" in json.dumps(note)
 
 
 def test_missing_sqlite_file_exits_2_instead_of_creating_an_empty_database(tmp_path: Path) -> None:
@@ -223,9 +358,13 @@ def test_dashboard_command_masks_the_password_and_quotes_for_the_shell() -> None
     url = "postgresql+psycopg://hpo:s3cret@db:5432/hpo"
     command = dashboard_command(url)
     assert "s3cret" not in command
-    assert shlex.split(command) == ["hpo", "dashboard", "--storage", mask_url(url)]
+    assert shlex.split(command)[:4] == ["hpo", "dashboard", "--storage", mask_url(url)]
     spaced = dashboard_command("sqlite:////data/my studies/hpo.db")
-    assert shlex.split(spaced)[-1] == "sqlite:////data/my studies/hpo.db"
+    assert shlex.split(spaced)[3:] == [
+        "sqlite:////data/my studies/hpo.db",
+        "--artifacts",
+        "/data/my studies/hpo-artifacts",
+    ]
 
 
 def test_artifacts_default_to_beside_the_sqlite_file(tmp_path: Path, monkeypatch) -> None:

@@ -45,29 +45,67 @@ def dashboard(
         typer.Option(
             "--host",
             help=(
-                "Address to listen on. The dashboard has no authentication: any address but "
-                "127.0.0.1/localhost lets everyone who reaches it read and edit the studies."
+                "Address to listen on. Any address but 127.0.0.1/localhost needs credentials "
+                "($HPO_DASHBOARD_USER and $HPO_DASHBOARD_PASSWORD, or --auth-file) or --no-auth."
             ),
         ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
     artifacts: ArtifactsOption = None,
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--auth-file",
+            help=(
+                "File whose first line is USER:PASSWORD for HTTP basic auth (instead of "
+                "$HPO_DASHBOARD_USER / $HPO_DASHBOARD_PASSWORD). Given credentials are "
+                "required on every address, loopback included."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve without credentials even beyond loopback (everyone may write).",
+        ),
+    ] = False,
+    read_only: Annotated[
+        bool,
+        typer.Option(
+            "--read-only",
+            help="Refuse every write: notes, deletes, user attributes, uploads (HTTP 403).",
+        ),
+    ] = False,
 ) -> None:
     """Serve optuna-dashboard for every study in the storage, until Ctrl-C."""
-    from hpo.dashboard import default_artifact_dir, describe, is_loopback, make_server, serve
+    from hpo.dashboard import (
+        choose_credentials,
+        default_artifact_dir,
+        describe,
+        make_server,
+        serve,
+    )
     from hpo.storage import resolve_storage_url
 
     storage_url = resolve_storage_url(storage)
     artifact_dir = artifacts or default_artifact_dir(storage_url)
-    if not is_loopback(host):
-        errors.print(
-            f"warning: listening on {host}, not 127.0.0.1: the dashboard has no "
-            "authentication; anyone who can reach this port can read, change and delete "
-            "studies. Prefer an SSH tunnel to 127.0.0.1.",
-            markup=False,
-        )
-    server = make_server(storage_url, host=host, port=port, artifact_dir=artifact_dir)
-    console.print(describe(storage_url, host, port, artifact_dir), markup=False, soft_wrap=True)
+    credentials, warning = choose_credentials(host, auth_file, no_auth)
+    if warning:
+        errors.print(warning, markup=False)
+    server = make_server(
+        storage_url,
+        host=host,
+        port=port,
+        artifact_dir=artifact_dir,
+        credentials=credentials,
+        read_only=read_only,
+    )
+    summary = describe(
+        storage_url, host, port, artifact_dir, auth=credentials is not None, read_only=read_only
+    )
+    console.print(summary, markup=False, soft_wrap=True)
     serve(server)
 
 

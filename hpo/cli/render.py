@@ -94,13 +94,15 @@ def print_probe(result: ProbeResult, cap: int | None) -> None:
     console.print(f"batch-size cap stored for {result.device_name!r}: {cap if cap else 'none'}")
 
 
-def print_dashboard_hint(storage_url: str) -> None:
-    """The exact command that opens this storage in the browser (password masked)."""
+def print_dashboard_hint(storage_url: str, artifact_dir: Path | None = None) -> None:
+    """The exact command that opens this storage in the browser (password masked), with
+    the artifact directory the report's figures are in (default: where ``hpo report``
+    puts them for this storage)."""
     from sqlalchemy.engine import make_url
 
     from hpo.dashboard import dashboard_command
 
-    line = f"dashboard: {dashboard_command(storage_url)}"
+    line = f"dashboard: {dashboard_command(storage_url, artifact_dir)}"
     if make_url(storage_url).password is not None:
         line += "  (password masked: put it back, or export HPO_STORAGE and drop --storage)"
     console.print(line, markup=False, soft_wrap=True)
@@ -123,4 +125,4 @@ def print_report(result: Report, study: str, storage_url: str, *, attached: Path
             markup=False,
             soft_wrap=True,
         )
-        print_dashboard_hint(storage_url)
+        print_dashboard_hint(storage_url, attached)
