@@ -108,6 +108,28 @@ def _finish(code: int, outcome: object) -> None:
 
 @app.command()
 @user_errors
+def create(study: StudyOption, storage: StorageOption = None) -> None:
+    """Create the study from its file, or check that the stored study matches the file
+    (refused, naming the fields, when not); runs no trial. A cluster's first step before
+    its workers start."""
+    from hpo.storage import mask_url, resolve_storage_url
+    from hpo.study import count_finished, create_or_load_study
+
+    spec = load_spec(study, check_paths=False)  # the data lives on the worker nodes
+    storage_url = resolve_storage_url(storage)
+    loaded = create_or_load_study(spec, storage_url, parallel=True)
+    finished = count_finished(loaded.study)
+    loaded.storage.dispose()
+    console.print(
+        f"study {spec.name} in {mask_url(storage_url)}: ready, {finished} of "
+        f"{spec.budget.n_trials} trials finished",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
 def launch(
     study: StudyOption,
     n_trials: TrialsOption = None,
