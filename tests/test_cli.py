@@ -144,3 +144,19 @@ def test_help_lists_each_command_as_one_flowing_paragraph() -> None:
     assert top.exit_code == 0
     report_line = next(line for line in top.output.splitlines() if " report " in line)
     assert "the objective over batch size × learning rate, generalization gap" in report_line
+
+
+def test_create_makes_the_study_without_trials_then_checks_it_matches(studies_dir: Path) -> None:
+    path = studies_dir / "tiny.toml"
+    path.write_text(tiny_study_text(epochs=1, pruner="none"))
+    runner = CliRunner()
+    for _ in range(2):  # creates, then finds it and checks it
+        result = runner.invoke(app, ["create", "--study", "tiny"])
+        assert result.exit_code == 0, result.output
+        assert "study tiny in sqlite:///" in result.output and "ready, 0 of" in result.output
+    storage = f"sqlite:///{studies_dir.parent / 'hpo.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert study.trials == [] and SPEC_ATTR in study.user_attrs
+    path.write_text(tiny_study_text(epochs=2, pruner="none"))
+    result = runner.invoke(app, ["create", "--study", "tiny"])
+    assert result.exit_code == 2 and "budget.epochs" in result.output
