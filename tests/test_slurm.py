@@ -4,7 +4,6 @@ array task mid-trial re-queues that trial, which another task finishes."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -113,7 +112,7 @@ def test_scancel_of_a_task_mid_trial_requeues_it_and_another_task_finishes_it(
             time.sleep(0.5)
         victim = running[0]
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-        task = _task_of(env, job, pid)
+        task = _task_of(pid)
         slurm(env, "scancel", f"{job}_{task}")
         _wait_gone(env, job, tmp_path)
 
@@ -131,16 +130,9 @@ def test_scancel_of_a_task_mid_trial_requeues_it_and_another_task_finishes_it(
         assert re.search(r"SIGTERM|re-?queue", log, re.IGNORECASE), log
 
 
-def _task_of(env: dict[str, str], job: str, pid: int) -> str:
-    """The array index of the task whose batch script (exec'd into the worker) is ``pid``."""
-    rows = slurm(env, "squeue", "-h", "-j", job, "-o", "%A %K").split()
-    tasks = dict(zip(rows[0::2], rows[1::2], strict=True))  # job id of each task -> index
-    for job_id, index in tasks.items():
-        listed = slurm(env, "scontrol", "listpids", job_id, check=False)
-        if (
-            re.search(rf"^\s*{pid}\s", listed, re.MULTILINE)
-            or os.path.exists(f"/proc/{pid}")
-            and f" {pid} " in f" {listed} "
-        ):
-            return index
-    raise AssertionError(f"no task of {job} runs pid {pid}: {tasks}")
+def _task_of(pid: int) -> str:
+    """The array index of the task whose batch script (exec'd into the worker) is ``pid``:
+    its SLURM_ARRAY_TASK_ID (the one node is this machine)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (index,) = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"SLURM_ARRAY_TASK_ID=")]
+    return index.decode()
