@@ -135,4 +135,21 @@ def slurm_cluster(cpus: int = 3, memory_mb: int = 6000) -> Iterator[dict[str, st
                     daemon.kill()
                     daemon.wait()
         logs.close()
+        _stop_step_daemons(conf)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_step_daemons(conf: Path) -> None:
+    """SIGKILL the slurmstepd processes this cluster's slurmd started (they carry its
+    SLURM_CONF) that outlive it, waiting to report to the stopped daemons."""
+    marker = f"SLURM_CONF={conf}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "cmdline").read_bytes().startswith(b"slurmstepd"):
+                continue
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
