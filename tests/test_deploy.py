@@ -321,6 +321,7 @@ def test_slurm_script_is_a_job_array_with_one_gpu_and_an_early_sigterm() -> None
     options = _sbatch_options()
     assert re.fullmatch(r"\d+-\d+(%\d+)?", options["array"])
     assert options["gres"] == "gpu:1"
+    assert re.fullmatch(r"\d+[GM]", options["mem"]) and int(options["cpus-per-task"]) >= 1
     seconds = re.fullmatch(r"B:TERM@(\d+)", options["signal"])
     assert seconds and int(seconds.group(1)) >= 60
     assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
@@ -329,8 +330,28 @@ def test_slurm_script_is_a_job_array_with_one_gpu_and_an_early_sigterm() -> None
 def test_slurm_script_execs_the_worker_so_it_receives_the_signal() -> None:
     (line,) = [line for line in SBATCH.read_text().splitlines() if line.startswith("exec ")]
     argv = shlex.split(line.replace('"${HPO_STUDY:-histo}"', "histo"))[1:]
-    context = _parses_as_hpo_command(argv)
+    assert argv[0] == "$HPO"
+    assert 'HPO="${HPO_HOME}/.venv/bin/hpo"' in SBATCH.read_text()
+    context = _parses_as_hpo_command(["hpo", *argv[1:]])
     assert context.info_name == "worker" and context.params["gpus"] == "all"
+
+
+def test_slurm_script_sets_up_the_node_before_the_worker() -> None:
+    """Data root, checkpoints and threads exported with defaults; HPO_SETUP sourced; a
+    missing environment is one clear line and exit 2 (run here without Slurm)."""
+    text = SBATCH.read_text()
+    for variable in ("HPO_DATA_ROOT", "HPO_CHECKPOINT_DIR", "HPO_NUM_THREADS"):
+        assert re.search(rf'^export {variable}="\$\{{{variable}:-', text, re.MULTILINE), variable
+    run = subprocess.run(
+        ["bash", str(SBATCH)],
+        env={"PATH": "/usr/bin:/bin", "HPO_STORAGE": "sqlite:///x.db", "HPO_HOME": "/nonexistent"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "error: no /nonexistent/.venv/bin/hpo: run 'uv sync' in /nonexistent first "
+        "(or set HPO_HOME)"
+    )
 
 
 @pytest.mark.parametrize("text", ["--storage", "PASSWORD="])
