@@ -98,13 +98,17 @@ class Objective:
     checkpoint_root: Path | None = None
     progress: TrialProgress = field(default_factory=SilentProgress)
     failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
+    # Seconds the worker waited for the claim that gave it the next trial (set by the
+    # worker before each trial): recorded as that trial's ``device_seconds_idle``.
+    idle_seconds: float = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float:
+        started = time.perf_counter()
         params = self._params(trial)
-        trial.set_user_attr("device", self.setup.name)
+        trial.set_user_attr("device", self.setup.name)  # the device kind
         trial.set_user_attr("precision", self.setup.precision)
         try:
-            return self._train(trial, params)
+            return self._train(trial, params, started)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -117,13 +121,13 @@ class Objective:
         kill_point("step")  # tests only: a kill -9 mid-epoch ($HPO_TEST_KILL_AT)
         self.progress.step(report, loss, tally)
 
-    def _train(self, trial: optuna.Trial, params: TrialParams) -> float:
+    def _train(self, trial: optuna.Trial, params: TrialParams, started: float) -> float:
         """Fit with a report and a pruning decision after every epoch; the objective at the
         last epoch. Per-trial user attrs are written however it ends."""
-        started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, self.spec.training)
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
         run, checkpoint = self._resume(trial, params, seed)
+        resumed = Tally(train_seconds=run.tally.train_seconds, eval_seconds=run.tally.eval_seconds)
         budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
         trial.set_user_attr("budget_unit", budget.unit)
         trial.set_user_attr("budget_per_report", budget.amount / budget.reports)
@@ -140,6 +144,7 @@ class Objective:
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
             record_tally(trial, run.tally, started, budget=budget)
+            record_device_time(trial, run.tally, resumed, started, self.idle_seconds)
             self.progress.finish()
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
@@ -273,6 +278,23 @@ def record_tally(
         attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def record_device_time(
+    trial: optuna.Trial, tally: Tally, resumed: Tally, started: float, idle_seconds: float
+) -> None:
+    """The device-seconds this attempt held the device (``hpo.report.device_hours``):
+    ``device_seconds_train`` and ``device_seconds_eval`` (what this attempt trained and
+    evaluated: a resumed run's tally starts at its predecessor's, ``resumed``),
+    ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
+    of it from the wait to now (data preparation, resume and checkpoints included)."""
+    train = tally.train_seconds - resumed.train_seconds
+    evaluation = tally.eval_seconds - resumed.eval_seconds
+    held = time.perf_counter() - started
+    trial.set_user_attr("device_seconds_train", train)
+    trial.set_user_attr("device_seconds_eval", evaluation)
+    trial.set_user_attr("device_seconds_idle", idle_seconds)
+    trial.set_user_attr("device_seconds", idle_seconds + max(held, train + evaluation))
 
 
 def train_trial(

@@ -85,6 +85,7 @@ class Tally:
     updates: int = 0
     train_samples: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluation at the report points (validation, train probe)
     history: list[EpochMetrics] = field(default_factory=list)
     # The gradient noise scale (hpo.noise): the running estimate and its value per epoch.
     noise: NoiseScaleEstimate = field(default_factory=NoiseScaleEstimate)
@@ -549,6 +550,7 @@ def fit(
             augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
             micro_batch_size=params.micro_batch_size,
         )  # fmt: skip
+        eval_started = time.perf_counter()
         (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
             run.model, data.val_for_eval, data.batcher, setup, eval_batch
         )
@@ -558,6 +560,7 @@ def fit(
             (_, train_acc, _), eval_batch = evaluate_within_memory(
                 run.model, data.train_probe, data.batcher, setup, eval_batch
             )
+        run.tally.eval_seconds += time.perf_counter() - eval_started
         seconds = run.tally.train_seconds - seconds_before
         samples_per_s = (run.tally.train_samples - samples_before) / seconds if seconds else None
         metrics = EpochMetrics(
