@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,12 @@ from typing import Protocol
 import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
-from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
+from hpo.checkpoint import (
+    CheckpointSaveFailed,
+    CheckpointUnreadable,
+    CheckpointWriter,
+    TrialCheckpoint,
+)
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
@@ -101,6 +107,8 @@ class Objective:
     # Seconds the worker waited for the claim that gave it the next trial (set by the
     # worker before each trial): recorded as that trial's ``device_seconds_idle``.
     idle_seconds: float = 0.0
+    # Writes the epoch checkpoints in the background (``training.checkpoint_async``).
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
 
     def __call__(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
@@ -143,6 +151,8 @@ class Objective:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
+            if checkpoint is not None and checkpoint.writer is not None:
+                self._saved(trial, checkpoint.writer.wait)  # the last epoch's file is there
             record_tally(trial, run.tally, started, budget=budget)
             record_device_time(trial, run.tally, resumed, started, self.idle_seconds)
             self.progress.finish()
@@ -176,7 +186,9 @@ class Objective:
         run = build_run(self.spec, params, self.setup, seed=seed)
         if self.checkpoint_root is None:
             return run, None
-        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
+        writer = self.writer if self.spec.training.checkpoint_async else None
+        number = original_trial_number(trial)
+        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, number, writer)
         retry_of = retried_from(trial)
         if retry_of is None:
             return run, checkpoint
@@ -212,14 +224,15 @@ class Objective:
             trial.set_user_attr("fail_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")
         if checkpoint is not None:
-            self._save(trial, run, checkpoint)
+            self._saved(trial, lambda: checkpoint.save(run))
 
-    def _save(self, trial: optuna.Trial, run: TrainingRun, checkpoint: TrialCheckpoint) -> None:
-        """Checkpoint the epoch; a failed save (disk full, I/O error) is a warning, counted
-        on the trial (``checkpoint_save_failures``) and on the worker (``failed_saves``):
-        the trial goes on, and only a resume after a crash would start from an older epoch."""
+    def _saved(self, trial: optuna.Trial, save: Callable[[], None]) -> None:
+        """Checkpoint the epoch (or wait for the write in the background); a failed save
+        (disk full, I/O error) is a warning, counted on the trial (``checkpoint_save_failures``)
+        and on the worker (``failed_saves``): the trial goes on, and only a resume after a
+        crash would start from an older epoch."""
         try:
-            checkpoint.save(run)
+            save()
         except CheckpointSaveFailed as failed:
             self.failed_saves += 1
             failures = int(trial.user_attrs.get("checkpoint_save_failures", 0)) + 1
