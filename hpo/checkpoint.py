@@ -166,6 +166,11 @@ class CheckpointWriter:
         if failed is not None:
             raise failed
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the write in flight is renamed; raise what it failed with."""
         failed = self._finish()

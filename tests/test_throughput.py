@@ -255,3 +255,15 @@ def test_compile_benchmark_times_an_eager_trial_step_and_forward() -> None:
     figures = _script("compile").measure("eager", "small-cnn", 16, 8, 1)
     assert figures["mode"] == "eager" and figures["step_s"] > 0 and figures["forward_s"] > 0
     assert "second_instance_first_step_extra_s" not in figures  # compiled runs only
+
+
+def test_checkpoint_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
+    """benchmarks/checkpoint.py's smoke test: both saves are timed on hpo's real run and
+    set against an epoch at PCam's size; the background write overlapped a step."""
+    out = tmp_path / "ckpt.json"
+    _script("checkpoint").main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["sync_save_s"] > 0 and result["async_call_s"] > 0 and result["file_mib"] > 0
+    assert result["epoch_s"] == pytest.approx(262_144 / result["samples_per_s"])
+    assert result["steps_during_write"] >= 1
+    assert result["sync_vs_epoch"] == pytest.approx(result["sync_save_s"] / result["epoch_s"])
