@@ -71,7 +71,9 @@ def test_train_accuracy_is_measured_after_the_last_epoch_only(tiny_study: Path) 
     setup = select_device(spec.training)
     _, accuracy, _ = evaluate(run.model, data.train_probe, data.batcher, setup, 64)
     assert history[-1].train_acc == pytest.approx(accuracy)
-    assert len(data.train_probe) == min(len(data.train), TRAIN_EVAL_SAMPLES)
+    # No more probe patches than validation patches (128 of the 256 here).
+    assert len(data.train_probe) == min(len(data.train), len(data.val), TRAIN_EVAL_SAMPLES)
+    assert len(data.train_probe) == len(data.val) < len(data.train)
 
 
 def test_a_gap_pass_changes_neither_the_model_nor_the_random_stream(tiny_study: Path) -> None:
