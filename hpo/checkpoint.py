@@ -4,7 +4,14 @@ After every epoch a trial writes model + optimizer + LR scheduler + grad scaler 
 states (torch's global CPU/CUDA generators and the trial's batch/augmentation generator)
 and the run's tally (per-epoch metrics, updates, seconds) to
 ``ROOT/STUDY/trial-N/checkpoint.pt``, atomically (write a temporary file, fsync, rename),
-so a kill at any moment leaves the previous epoch's file intact. ``N`` is the number of
+so a kill at any moment leaves the previous epoch's file intact. With a ``CheckpointWriter``
+(``training.checkpoint_async``, on by default) the write is off the training's critical
+path: the trial's thread only copies the state to the host (``host_state``: on a GPU,
+non-blocking copies an event marks done) and a background thread serializes, writes,
+fsyncs and renames while training goes on; at most one write is in flight, and the trial
+waits for it before it ends. A kill during that write leaves a partial temporary file and
+the previous checkpoint intact; the retry resumes from the last file renamed (one epoch
+earlier than a synchronous write would have given, at worst). ``N`` is the number of
 the *original* trial of a retry chain (``hpo.study.original_trial_number``), so a retry
 finds the checkpoint of the trial it replaces.
 
@@ -28,9 +35,11 @@ import contextlib
 import io
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,11 +91,105 @@ def _os_reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: Path, data: memoryview) -> None:
+    half = len(data) // 2
     with open(path, "wb") as handle:
-        handle.write(data)
+        handle.write(data[:half])
+        handle.flush()
+        kill_point("checkpoint-partial")  # tests only: half the file written
+        handle.write(data[half:])
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def run_state(run: TrainingRun) -> dict[str, Any]:
+    """What a checkpoint holds; the tensors are ``run``'s own (training changes them)."""
+    return {
+        "epoch": run.epochs_done,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "generator": run.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "extra": run.tally.to_dict(),
+    }
+
+
+def host_state(run: TrainingRun) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+    """A copy of ``run_state`` that training cannot change: every tensor copied to the
+    host, every container new. Device tensors are copied without blocking (into pinned
+    memory); the event returned (None on a CPU) is done when those copies are, and the
+    writer waits for it, never the training thread."""
+    on_device = False
+
+    def copy(value: Any) -> Any:
+        nonlocal on_device
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                return value.detach().clone()
+            on_device = True
+            return value.detach().to("cpu", non_blocking=True)
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(item) for item in value)
+        return value
+
+    state = copy(run_state(run))
+    ready = None
+    if on_device:
+        ready = torch.cuda.Event()
+        ready.record()
+    return state, ready
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread while training goes on (one writer per
+    worker, shared by its trials; a thread per write, none left idle). ``save`` first
+    waits for the write in flight, if any, so at most one host copy is held; a write that
+    failed is raised by the next ``save`` (after the new write is started) or by ``wait``:
+    CheckpointSaveFailed for a file-system error, as a synchronous save raises it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, checkpoint: TrialCheckpoint, run: TrainingRun) -> None:
+        failed = self._finish()
+        state, ready = host_state(run)
+        self._thread = threading.Thread(
+            target=self._write, args=(checkpoint, state, ready), name="hpo-checkpoint"
+        )
+        self._thread.start()
+        if failed is not None:
+            raise failed
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write in flight is renamed; raise what it failed with."""
+        failed = self._finish()
+        if failed is not None:
+            raise failed
+
+    def _write(self, checkpoint: TrialCheckpoint, state: dict, ready: Any) -> None:
+        try:
+            checkpoint.write(state, ready)
+        except BaseException as error:  # raised on the training thread, by _finish's caller
+            self._error = error
+
+    def _finish(self) -> BaseException | None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return None
+        thread.join()
+        failed, self._error = self._error, None
+        return failed
 
 
 @dataclass(frozen=True)
@@ -94,29 +197,35 @@ class TrialCheckpoint:
     """One trial's checkpoint file; ``save`` after each epoch, ``load_into`` on a retry."""
 
     path: Path
+    # Writes in the background when set (``training.checkpoint_async``); else ``save``
+    # returns once the file is renamed.
+    writer: CheckpointWriter | None = None
 
     @classmethod
-    def in_root(cls, root: Path, original_trial_number: int) -> TrialCheckpoint:
-        return cls(root / f"trial-{original_trial_number}" / FILE_NAME)
+    def in_root(
+        cls, root: Path, original_trial_number: int, writer: CheckpointWriter | None = None
+    ) -> TrialCheckpoint:
+        return cls(root / f"trial-{original_trial_number}" / FILE_NAME, writer)
 
     def save(self, run: TrainingRun) -> None:
         """Write the state after ``run``'s last completed epoch; replaces the previous file.
+        With a ``writer``, the state is copied to the host and written in the background
+        (``CheckpointWriter.save``: a failure is raised by the next save or the wait)."""
+        if self.writer is not None:
+            self.writer.save(self, run)
+        else:
+            self.write(run_state(run))
+
+    def write(self, state: dict[str, Any], ready: torch.cuda.Event | None = None) -> None:
+        """Serialize ``state`` (once ``ready``, its copies from the device, is done), write
+        it to a temporary file, fsync, and rename it over the checkpoint.
 
         Raises CheckpointSaveFailed for any OSError (full disk, EIO, read-only, permission):
         the state is serialized in memory first, so every failure is a file-system one, and
         a half-written temporary file is removed, so the previous checkpoint stays valid.
         """
-        state = {
-            "epoch": run.epochs_done,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "generator": run.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "extra": run.tally.to_dict(),
-        }
+        if ready is not None:
+            ready.synchronize()
         buffer = io.BytesIO()
         torch.save(state, buffer)
         temporary = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
@@ -130,7 +239,7 @@ class TrialCheckpoint:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
             raise CheckpointSaveFailed(
-                f"checkpoint {self.path} after epoch {run.epochs_done} not saved: "
+                f"checkpoint {self.path} after epoch {state['epoch']} not saved: "
                 f"{_os_reason(error)}"
             ) from error
 

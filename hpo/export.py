@@ -77,7 +77,16 @@ def best_configuration(
         "model": model,
         "by_batch_size": [_row(row) for row in summary.by_batch_size],
     }
-    return _without_none(configuration)
+    return _without_none(configuration) | study_cost(summary)
+
+
+def study_cost(summary: StudySummary) -> dict[str, Any]:
+    """``{"cost": {"device_hours": h, "by_device": {device kind: h}}}``: what the study
+    that produced the answer cost, over all its trials (``hpo.report.device_hours``); empty
+    when no trial records its device time."""
+    if not summary.device.n_trials:
+        return {}
+    return {"cost": summary.device.as_export()}
 
 
 def _best_at(study: optuna.Study, summary: StudySummary, batch_size: int) -> FrozenTrial:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,12 @@ from typing import Protocol
 import optuna
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
-from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
+from hpo.checkpoint import (
+    CheckpointSaveFailed,
+    CheckpointUnreadable,
+    CheckpointWriter,
+    TrialCheckpoint,
+)
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
@@ -98,13 +104,19 @@ class Objective:
     checkpoint_root: Path | None = None
     progress: TrialProgress = field(default_factory=SilentProgress)
     failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
+    # Seconds the worker waited for the claim that gave it the next trial (set by the
+    # worker before each trial): recorded as that trial's ``device_seconds_idle``.
+    idle_seconds: float = 0.0
+    # Writes the epoch checkpoints in the background (``training.checkpoint_async``).
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        started = time.perf_counter()
         params = self._params(trial)
-        trial.set_user_attr("device", self.setup.name)
+        trial.set_user_attr("device", self.setup.name)  # the device kind
         trial.set_user_attr("precision", self.setup.precision)
         try:
-            return self._train(trial, params)
+            return self._train(trial, params, started)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -117,13 +129,13 @@ class Objective:
         kill_point("step")  # tests only: a kill -9 mid-epoch ($HPO_TEST_KILL_AT)
         self.progress.step(report, loss, tally)
 
-    def _train(self, trial: optuna.Trial, params: TrialParams) -> float:
+    def _train(self, trial: optuna.Trial, params: TrialParams, started: float) -> float:
         """Fit with a report and a pruning decision after every epoch; the objective at the
         last epoch. Per-trial user attrs are written however it ends."""
-        started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, self.spec.training)
         seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
         run, checkpoint = self._resume(trial, params, seed)
+        resumed = Tally(train_seconds=run.tally.train_seconds, eval_seconds=run.tally.eval_seconds)
         budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
         trial.set_user_attr("budget_unit", budget.unit)
         trial.set_user_attr("budget_per_report", budget.amount / budget.reports)
@@ -139,7 +151,10 @@ class Objective:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
+            if checkpoint is not None and checkpoint.writer is not None:
+                self._saved(trial, checkpoint.writer.wait)  # the last epoch's file is there
             record_tally(trial, run.tally, started, budget=budget)
+            record_device_time(trial, run.tally, resumed, started, self.idle_seconds)
             self.progress.finish()
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
@@ -171,7 +186,9 @@ class Objective:
         run = build_run(self.spec, params, self.setup, seed=seed)
         if self.checkpoint_root is None:
             return run, None
-        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, original_trial_number(trial))
+        writer = self.writer if self.spec.training.checkpoint_async else None
+        number = original_trial_number(trial)
+        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, number, writer)
         retry_of = retried_from(trial)
         if retry_of is None:
             return run, checkpoint
@@ -207,14 +224,15 @@ class Objective:
             trial.set_user_attr("fail_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")
         if checkpoint is not None:
-            self._save(trial, run, checkpoint)
+            self._saved(trial, lambda: checkpoint.save(run))
 
-    def _save(self, trial: optuna.Trial, run: TrainingRun, checkpoint: TrialCheckpoint) -> None:
-        """Checkpoint the epoch; a failed save (disk full, I/O error) is a warning, counted
-        on the trial (``checkpoint_save_failures``) and on the worker (``failed_saves``):
-        the trial goes on, and only a resume after a crash would start from an older epoch."""
+    def _saved(self, trial: optuna.Trial, save: Callable[[], None]) -> None:
+        """Checkpoint the epoch (or wait for the write in the background); a failed save
+        (disk full, I/O error) is a warning, counted on the trial (``checkpoint_save_failures``)
+        and on the worker (``failed_saves``): the trial goes on, and only a resume after a
+        crash would start from an older epoch."""
         try:
-            checkpoint.save(run)
+            save()
         except CheckpointSaveFailed as failed:
             self.failed_saves += 1
             failures = int(trial.user_attrs.get("checkpoint_save_failures", 0)) + 1
@@ -273,6 +291,23 @@ def record_tally(
         attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def record_device_time(
+    trial: optuna.Trial, tally: Tally, resumed: Tally, started: float, idle_seconds: float
+) -> None:
+    """The device-seconds this attempt held the device (``hpo.report.device_hours``):
+    ``device_seconds_train`` and ``device_seconds_eval`` (what this attempt trained and
+    evaluated: a resumed run's tally starts at its predecessor's, ``resumed``),
+    ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
+    of it from the wait to now (data preparation, resume and checkpoints included)."""
+    train = tally.train_seconds - resumed.train_seconds
+    evaluation = tally.eval_seconds - resumed.eval_seconds
+    held = time.perf_counter() - started
+    trial.set_user_attr("device_seconds_train", train)
+    trial.set_user_attr("device_seconds_eval", evaluation)
+    trial.set_user_attr("device_seconds_idle", idle_seconds)
+    trial.set_user_attr("device_seconds", idle_seconds + max(held, train + evaluation))
 
 
 def train_trial(

@@ -261,7 +261,7 @@ def _path(value: str | None) -> Path | None:
 
 KILL_AT_ENV = "HPO_TEST_KILL_AT"
 # The phases a worker can be killed at, in the order a trial reaches them (tests only).
-KILL_PHASES = ("claimed", "step", "checkpoint-write", "tell", "told")
+KILL_PHASES = ("claimed", "step", "checkpoint-partial", "checkpoint-write", "tell", "told")
 _phase_counts: dict[str, int] = {}
 
 

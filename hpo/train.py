@@ -39,8 +39,12 @@ from hpo.spec import ModelSpec, SearchSpec, StudySpec, TrainingSpec, TrialParams
 
 # Checking the loss for NaN forces a device sync; on CUDA do it every few steps only.
 CUDA_FINITE_CHECK_EVERY = 16
-# Train accuracy for the generalization gap is measured in eval mode on this many patches,
-# after the last epoch only (see ``fit``).
+# Train accuracy for the generalization gap is measured in eval mode on at most this many
+# patches, and no more than the validation split has (the accuracy it is compared with is
+# no more precise), after the last epoch only (see ``fit``). Capped by the validation size,
+# the pass costs at most one evaluation: at 4,096 training / 512 validation patches and 2
+# epochs, 2,048 probe patches were 8% of a trial, more than all its validation passes (6%;
+# docs/benchmarks.md).
 TRAIN_EVAL_SAMPLES = 2048
 # On CPU, evaluation runs in batches of at most this many patches: small-cnn at 48 px
 # evaluated 3,265-3,753 patches/s in batches of 64 and 833-1,077 in batches of 512 on the
@@ -85,6 +89,7 @@ class Tally:
     updates: int = 0
     train_samples: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluation at the report points (validation, train probe)
     history: list[EpochMetrics] = field(default_factory=list)
     # The gradient noise scale (hpo.noise): the running estimate and its value per epoch.
     noise: NoiseScaleEstimate = field(default_factory=NoiseScaleEstimate)
@@ -207,7 +212,7 @@ def prepare_data(
         channels_last=setup.channels_last,
         color_jitter=training.color_jitter if training.augment else 0.0,
     )
-    probe = train.subset(torch.arange(min(len(train), TRAIN_EVAL_SAMPLES)))
+    probe = train.subset(torch.arange(min(len(train), len(val), TRAIN_EVAL_SAMPLES)))
     val_prepared = batcher.prepare(val, max_bytes=EVAL_PREPARED_MAX_BYTES)
     return TrainingData(train, val, probe, batcher, val_prepared)
 
@@ -530,7 +535,8 @@ def fit(
     points (by default after every epoch): evaluation on the validation set and the
     gradient noise scale's estimate appended to ``tally.b_simple``, then ``on_epoch`` with
     ``metrics.epoch`` = the report number, which may raise to stop (pruning). After the
-    last report also, in eval mode, on the first ``TRAIN_EVAL_SAMPLES`` training patches:
+    last report also, in eval mode, on the first training patches (``TRAIN_EVAL_SAMPLES``,
+    at most as many as the validation split has):
     ``train_acc`` for the generalization gap. Only the last report's gap is read (a
     trial's ``train_acc`` and ``generalization_gap`` attrs), and that pass cost 20-25% of
     a demo trial when it ran every epoch; measured at the end only, it is the same measure
@@ -549,6 +555,7 @@ def fit(
             augment=training.augment, on_step=lambda loss, epoch=epoch: on_step(epoch, loss),
             micro_batch_size=params.micro_batch_size,
         )  # fmt: skip
+        eval_started = time.perf_counter()
         (val_loss, val_acc, val_auc), eval_batch = evaluate_within_memory(
             run.model, data.val_for_eval, data.batcher, setup, eval_batch
         )
@@ -558,6 +565,7 @@ def fit(
             (_, train_acc, _), eval_batch = evaluate_within_memory(
                 run.model, data.train_probe, data.batcher, setup, eval_batch
             )
+        run.tally.eval_seconds += time.perf_counter() - eval_started
         seconds = run.tally.train_seconds - seconds_before
         samples_per_s = (run.tally.train_samples - samples_before) / seconds if seconds else None
         metrics = EpochMetrics(

@@ -347,7 +347,7 @@ def _claim_run_tell(
     runs out (no trial is started after ``timeout_s``) or a signal stops the worker."""
     stop = StopSignal()
     stop.install()
-    started = time.monotonic()
+    started = idle_since = time.monotonic()
     while not stop.requested:
         if timeout_s is not None and time.monotonic() - started >= timeout_s:
             break
@@ -359,7 +359,10 @@ def _claim_run_tell(
         if claimed == "wait":
             stop.sleep(wait_before_claiming_again())
             continue
+        # The device waited from the last trial's end to this claim: this trial's idle time.
+        objective.idle_seconds = time.monotonic() - idle_since
         state, reason = run_one(loaded, claimed, objective, stop, guard)
+        idle_since = time.monotonic()
         result.states[state.name] += 1
         if reason is not None:
             result.fail_reasons[reason] += 1

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import optuna
 import pytest
 import tomllib
+import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hpo.checkpoint import TrialCheckpoint, checkpoint_root
+from hpo.checkpoint import CheckpointWriter, TrialCheckpoint, checkpoint_root
 from hpo.data import load_splits
-from hpo.settings import NodeSettings
-from hpo.spec import parse_spec
+from hpo.device import select_device
+from hpo.settings import KILL_AT_ENV, NodeSettings
+from hpo.spec import TrialParams, parse_spec
+from hpo.train import EpochMetrics, TrainingRun, build_run
 from hpo.worker import remove_finished_checkpoints
 
 from .conftest import tiny_study_text, train_trial
@@ -138,3 +146,99 @@ def test_finished_checkpoints_are_removed_except_the_best(spec, tmp_path: Path) 
 def test_checkpoint_directory_env_overrides_the_spec(spec, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HPO_CHECKPOINT_DIR", str(tmp_path))
     assert checkpoint_root(spec.on_node(NodeSettings.from_env())) == tmp_path.resolve() / "tiny"
+
+
+def _run(spec, seed: int = 0) -> TrainingRun:
+    setup = select_device(spec.training)
+    return build_run(spec, TrialParams(batch_size=32, lr=0.05, weight_decay=1e-4), setup, seed=seed)
+
+
+def _end_epoch(run: TrainingRun) -> None:
+    epoch = run.epochs_done + 1
+    run.tally.history.append(EpochMetrics(epoch, 0.5, None, 0.5, 0.5, 0.5))
+
+
+def _weights(run: TrainingRun) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in run.model.parameters()]
+
+
+def test_an_async_save_writes_the_state_as_it_was_when_saved(
+    spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training changes the weights while the background write is held back: the file
+    still holds the weights at the save (a host copy, not the live tensors)."""
+    changed = threading.Event()
+    write = TrialCheckpoint.write
+
+    def write_after_training_went_on(self, state, ready=None) -> None:
+        assert changed.wait(30)
+        write(self, state, ready)
+
+    monkeypatch.setattr(TrialCheckpoint, "write", write_after_training_went_on)
+    run = _run(spec)
+    _end_epoch(run)
+    saved = _weights(run)
+    writer = CheckpointWriter()
+    checkpoint = TrialCheckpoint(tmp_path / "trial-0" / "checkpoint.pt", writer)
+    checkpoint.save(run)  # returns before the file is written
+    assert not checkpoint.path.exists()
+    with torch.no_grad():
+        for parameter in run.model.parameters():
+            parameter.add_(1.0)
+    changed.set()
+    writer.wait()
+    fresh = _run(spec, seed=1)
+    assert checkpoint.load_into(fresh) == 1
+    assert all(torch.equal(a, b) for a, b in zip(_weights(fresh), saved, strict=True))
+
+
+# Saves epoch 1 in the background and waits for it, then epoch 2, whose write kills the
+# process with half the file written ($HPO_TEST_KILL_AT=checkpoint-partial:2) while the
+# training thread goes on.
+KILLED_DURING_AN_ASYNC_WRITE = """
+import sys, time, tomllib
+from pathlib import Path
+import torch
+from hpo.checkpoint import CheckpointWriter, TrialCheckpoint
+from hpo.spec import parse_spec
+from tests.conftest import tiny_study_text
+from tests.test_checkpoint import _end_epoch, _run
+
+spec = parse_spec(tomllib.loads(tiny_study_text()), source="test", default_name="tiny")
+run = _run(spec)
+writer = CheckpointWriter()
+checkpoint = TrialCheckpoint(Path(sys.argv[1]), writer)
+_end_epoch(run)
+checkpoint.save(run)
+writer.wait()
+print("epoch 1 renamed", flush=True)
+_end_epoch(run)
+with torch.no_grad():
+    for parameter in run.model.parameters():
+        parameter.add_(1.0)
+checkpoint.save(run)
+time.sleep(60)  # training would go on here; the writer's kill comes first
+"""
+
+
+def test_a_kill_during_an_async_write_leaves_the_previous_checkpoint_whole(
+    spec, tmp_path: Path
+) -> None:
+    path = tmp_path / "trial-0" / "checkpoint.pt"
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV}
+    env[KILL_AT_ENV] = "checkpoint-partial:2"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_DURING_AN_ASYNC_WRITE, str(path)],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "epoch 1 renamed" in killed.stdout
+    (partial,) = path.parent.glob(".checkpoint.pt.*.tmp")  # the write the kill cut short
+    assert 0 < partial.stat().st_size < path.stat().st_size
+    resumed = _run(spec, seed=1)
+    assert TrialCheckpoint(path).load_into(resumed) == 1  # whole, and epoch 1's
+    initial = _weights(_run(spec))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(resumed), initial, strict=True))
+    TrialCheckpoint(path).save(resumed)  # the retry's next save clears the debris
+    assert not partial.exists()

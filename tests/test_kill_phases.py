@@ -45,15 +45,21 @@ PHASES = {
     "claimed-new": (TrialState.RUNNING, 0),
     "step:2": (TrialState.RUNNING, 0),  # mid-epoch 1, no checkpoint yet
     "step:6": (TrialState.RUNNING, 1),  # mid-epoch 2, epoch 1 checkpointed
+    "checkpoint-partial:2": (TrialState.RUNNING, 1),  # half of epoch 2's file written
     "checkpoint-write:2": (TrialState.RUNNING, 1),  # epoch 2's file written, not renamed
     "tell": (TrialState.RUNNING, EPOCHS),  # trained and checkpointed, not told
     "told": (TrialState.COMPLETE, None),  # told, checkpoints not yet cleaned up
 }
 
 
-def _spec():
+def _spec(phase: str):
+    """The tiny study; checkpoints written in the background (the default) except for a
+    kill mid-epoch: whether the previous epoch's write has ended by the kill is a race there,
+    and the test asserts the epoch the retry resumes from. A write the kill cuts short
+    (``checkpoint-partial``, ``checkpoint-write``) is the background writer's."""
+    extra = "[training]\ncheckpoint_async = false\n" if phase.startswith("step") else ""
     text = tiny_study_text(epochs=EPOCHS, train_size=128, val_size=64, pruner="none",
-                           sampler="random")  # fmt: skip
+                           sampler="random", extra=extra)  # fmt: skip
     return parse_spec(tomllib.loads(text), source="test", default_name="tiny")
 
 
@@ -89,7 +95,7 @@ def _kill_then_finish(runs: dict[str, tuple[str, Path]]) -> dict[str, Killed]:
     dead, a worker in this process (``run_worker``, no process start) finishing each
     study in turn."""
     for phase, (url, _) in runs.items():
-        loaded = create_or_load_study(_spec(), url)
+        loaded = create_or_load_study(_spec(phase), url)
         if phase != "claimed-new":
             loaded.study.enqueue_trial(FIRST)
         loaded.storage.engine.dispose()

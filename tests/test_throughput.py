@@ -71,7 +71,9 @@ def test_train_accuracy_is_measured_after_the_last_epoch_only(tiny_study: Path) 
     setup = select_device(spec.training)
     _, accuracy, _ = evaluate(run.model, data.train_probe, data.batcher, setup, 64)
     assert history[-1].train_acc == pytest.approx(accuracy)
-    assert len(data.train_probe) == min(len(data.train), TRAIN_EVAL_SAMPLES)
+    # No more probe patches than validation patches (128 of the 256 here).
+    assert len(data.train_probe) == min(len(data.train), len(data.val), TRAIN_EVAL_SAMPLES)
+    assert len(data.train_probe) == len(data.val) < len(data.train)
 
 
 def test_a_gap_pass_changes_neither_the_model_nor_the_random_stream(tiny_study: Path) -> None:
@@ -255,3 +257,15 @@ def test_compile_benchmark_times_an_eager_trial_step_and_forward() -> None:
     figures = _script("compile").measure("eager", "small-cnn", 16, 8, 1)
     assert figures["mode"] == "eager" and figures["step_s"] > 0 and figures["forward_s"] > 0
     assert "second_instance_first_step_extra_s" not in figures  # compiled runs only
+
+
+def test_checkpoint_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
+    """benchmarks/checkpoint.py's smoke test: both saves are timed on hpo's real run and
+    set against an epoch at PCam's size; the background write overlapped a step."""
+    out = tmp_path / "ckpt.json"
+    _script("checkpoint").main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["sync_save_s"] > 0 and result["async_call_s"] > 0 and result["file_mib"] > 0
+    assert result["epoch_s"] == pytest.approx(262_144 / result["samples_per_s"])
+    assert result["steps_during_write"] >= 1
+    assert result["sync_vs_epoch"] == pytest.approx(result["sync_save_s"] / result["epoch_s"])

@@ -63,6 +63,8 @@ def print_summary(study: optuna.Study, metric: str) -> None:
     for row in rows:
         table.add_row(*row)
     print_table(table)
+    if summary.device.n_trials:
+        console.print(summary.device.describe(), markup=False, soft_wrap=True)
 
 
 def print_class_counts(counts: dict[str, dict[str, int]]) -> None:

@@ -5,7 +5,10 @@ batch often gets close to the best value at a multiple of the throughput. This m
 reads that from the trials' own records (``hpo.objective.record_tally``: ``train_seconds``,
 ``samples_per_s``, ``n_updates``, ``train_epochs``, ``budget_unit``), finds the Pareto
 front of value against time to train over the complete trials, and names the fastest
-trial on the front within a tolerance of the best, in one sentence. Pure: draws nothing.
+trial on the front within a tolerance of the best, in one sentence. Seconds on different
+device kinds are not comparable, so the view compares the trials of one device kind (user
+attr ``device``): the kind with the most complete trials; the others are counted and left
+out, and the sentence says so. Pure: draws nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ class CostView:
     budget_unit: str | None
     points: tuple[CostPoint, ...]
     by_batch_size: tuple[BatchSizeCost, ...]
+    # The device kind the points ran on (None: the trials record none), and how many
+    # complete trials of other kinds were left out of the comparison.
+    device: str | None = None
+    other_devices: int = 0
 
     @property
     def front(self) -> tuple[CostPoint, ...]:
@@ -105,6 +112,11 @@ class CostView:
         assert best is not None and chosen is not None
         tolerance = percent(self.tolerance)
         text = ""
+        if self.other_devices:
+            text = (
+                f"Compared on {self.device} only: {self.other_devices} complete trials on "
+                "other device kinds are left out (their seconds are not comparable). "
+            )
         if self.budget_unit == "seconds":
             text = (
                 "Every trial trained for the same time (budget.unit = seconds), so time to "
@@ -153,6 +165,13 @@ def _seconds(value: float) -> str:
     return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
 
 
+def device_kind(trial: FrozenTrial) -> str | None:
+    """The device kind a trial ran on (user attr ``device``: ``cpu`` or the GPU's name,
+    shared by all GPUs of one kind); None when it records none (another tool's trial)."""
+    kind = trial.user_attrs.get("device")
+    return kind if isinstance(kind, str) and kind else None
+
+
 def finite_number(attrs: dict, key: str) -> float | None:
     """``attrs[key]`` as a float when it is a finite number (not a bool); else None: user
     attrs may have been written by another tool."""
@@ -194,11 +213,12 @@ def cost_view(
         raise ValueError(f"tolerance = {tolerance} must be 0 or more")
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    kind, other_devices = compared_device(trials, batch_size_of)
     throughput: dict[int, list[float]] = {}
     raw: list[CostPoint] = []
     for trial in trials:
         batch_size = batch_size_of(trial)
-        if batch_size is None:
+        if batch_size is None or device_kind(trial) != kind:
             continue
         samples_per_s = finite_number(trial.user_attrs, "samples_per_s")
         if samples_per_s:
@@ -212,7 +232,25 @@ def cost_view(
         for p in sorted(raw, key=lambda p: p.number)
     )
     rows = _by_batch_size(points, throughput, maximize=maximize)
-    return CostView(metric, maximize, tolerance, recorded_budget_unit(trials), points, rows)
+    unit = recorded_budget_unit(trials)
+    return CostView(metric, maximize, tolerance, unit, points, rows, kind, other_devices)
+
+
+def compared_device(
+    trials: list[FrozenTrial], batch_size_of: Callable[[FrozenTrial], int | None]
+) -> tuple[str | None, int]:
+    """The device kind whose complete trials the cost view compares (the kind with the most
+    of them; of equal counts, the first by name) and how many complete trials of other
+    kinds that leaves out. None (every trial) when no complete trial records a kind."""
+    kinds = Counter(
+        device_kind(t)
+        for t in trials
+        if batch_size_of(t) is not None and _point(t, 1, None) is not None
+    )
+    if not kinds:
+        return None, 0
+    kind = min(kinds, key=lambda k: (-kinds[k], k or ""))
+    return kind, sum(kinds.values()) - kinds[kind]
 
 
 def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> CostPoint | None:

@@ -81,6 +81,13 @@ def _table(data: ReportData) -> list[str]:
             "batch size's complete and pruned trials trained together."
         )
     lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
+    if data.summary.device.n_trials:
+        lines += [
+            "device-h: device-hours of the batch size's trials of any state (training, "
+            "evaluation, waiting for the claim), on every device kind together.",
+            "",
+            data.summary.device.describe(),
+        ]
     return lines
 
 

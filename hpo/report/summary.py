@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.report.cost import finite_number, recorded_budget_unit
+from hpo.report.device_hours import DeviceHours, device_hours
 from hpo.report.noise_scale import positive_b_simple
 from hpo.spec import describe_metric
 from hpo.study import stored_class_counts
@@ -90,6 +91,8 @@ class StudySummary:
     # How much of the budget (in ``budget_unit``) lies between two reports (the trials'
     # ``budget_per_report``); None for a study whose trials do not record it.
     budget_per_report: float | None = None
+    # The device-hours the trials recorded: in all, per device kind, per batch size.
+    device: DeviceHours = field(default_factory=DeviceHours)
 
     @property
     def n_classes(self) -> int:
@@ -154,6 +157,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         class_counts=stored_class_counts(study),
         budget_unit=unit,
         budget_per_report=_recorded_per_report(trials),
+        device=device_hours(trials, trial_batch_size),
     )
 
 

@@ -26,18 +26,21 @@ def table_title(summary: StudySummary) -> str:
 def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (all cells text, every column right-aligned) of the best complete
     trial per batch size: counts, the resource its trials spent in the study's budget unit
-    (a column only when the trials record one), objective (4 decimals), lr (3 significant
+    (a column only when the trials record one), the device-hours its trials took on every
+    device kind together (a column only when trials record them), objective (4 decimals), lr (3 significant
     digits), weight decay (2), train − val gap (signed, 3 decimals), B_simple (whole
     examples) and the trial's number. Every cell after the counts and the resource spent is
     the best trial's, b_simple included: its gradient noise scale at its last epoch (not a
     median over the batch size's trials), so a row reads as one trial."""
     unit = summary.budget_unit
     spent = [f"{unit} spent"] if unit in SPENT_FORMATS else []
+    hours = ["device-h"] if summary.device.n_trials else []
     headers = [
         "batch size",
         "complete",
         "pruned",
         *spent,
+        *hours,
         f"best {summary.metric}",
         "lr",
         "weight decay",
@@ -51,6 +54,11 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             str(row.n_complete),
             str(row.n_pruned),
             *([format_cell(row.spent, SPENT_FORMATS[unit])] if spent else []),
+            *(
+                [format_cell(summary.device.batch_size_hours(row.batch_size), ".3g")]
+                if hours
+                else []
+            ),
             format_cell(row.best_value, ".4f"),
             format_cell(row.best_lr, ".3g"),
             format_cell(row.best_weight_decay, ".2g"),

@@ -385,6 +385,10 @@ class TrainingSpec(Table):
     color_jitter: Float = Field(0.0, ge=0.0, le=0.5)
     num_threads: PositiveInt | None = Field(None, le=4096)
     checkpoint_dir: FilePath | None = None
+    # Epoch checkpoints written by a background thread from a host copy of the state, so
+    # training goes on meanwhile (hpo.checkpoint.CheckpointWriter); false: each save
+    # returns once the file is renamed (a kill then loses at most the epoch in progress).
+    checkpoint_async: bool = True
     # A drawn batch size above the device's probed cap: "clamp" trains the cap instead (a
     # different point than the sampler asked for); "accumulate" trains the drawn batch
     # size as micro-batches at the cap with gradients accumulated (one optimizer update per

@@ -38,7 +38,7 @@ def cost_figure(data: ReportData) -> FigureModel:
             Axis("training time per trial (s)", log_base=10, plain=True),
             Axis(data.metric),
             tuple(layers),
-            title=f"{data.metric} vs time to train (complete trials)",
+            title=f"{data.metric} vs time to train (complete trials{_on(view)})",
         ),
         Panel(
             batch_axis(data),
@@ -48,6 +48,11 @@ def cost_figure(data: ReportData) -> FigureModel:
         ),
     )
     return FigureModel("cost", title, subtitle, panels=panels)
+
+
+def _on(view: CostView) -> str:
+    """`` on cpu`` when the trials record their device kind: the view compares one kind."""
+    return f" on {view.device}" if view.device else ""
 
 
 def _value_vs_time_layers(view: CostView, metric: str) -> list[Layer]:
