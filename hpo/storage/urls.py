@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpo import secrets
 from hpo.errors import UserError
 from hpo.settings import STORAGE_ENV, PoolSettings, env
 
@@ -56,22 +57,8 @@ def resolve_storage_url(url: str | None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print or log)."""
-    scheme, sep, rest = url.partition("://")
-    try:
-        if not scheme.startswith("sqlite") and rest.count("@") > 1:
-            raise ValueError("ambiguous '@'")
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        # Not parseable: hide anything between '://user:' and the last '@' by hand.
-        if sep and "@" in rest:
-            credentials, _, host = rest.rpartition("@")
-            user = credentials.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
-        return url
-    # hide_password=True writes a literal ***; setting the password to "***" would be
-    # rendered URL-escaped (%2A%2A%2A).
-    return parsed.render_as_string(hide_password=parsed.password is not None)
+    """The URL with every password (userinfo, query, libpq key=value) replaced by ``***``."""
+    return secrets.mask_url(url)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -88,10 +75,21 @@ def safe_detail(error: BaseException, url: str) -> str:
     while root.__cause__ is not None:
         root = root.__cause__
     detail = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-    password = make_url(url).password
-    if password:
-        detail = detail.replace(str(password), "***")
-    return f"{type(root).__name__}: {detail}"
+    return f"{type(root).__name__}: {secrets.mask_secrets(detail, known_secrets(url))}"
+
+
+def known_secrets(url: str) -> tuple[str, ...]:
+    """The passwords ``url`` carries (userinfo and query), as written and as decoded."""
+    found = {url.partition("://")[2].partition("@")[0].partition(":")[2]}
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return tuple(found)
+    found.add(str(parsed.password or ""))
+    for key, value in parsed.query.items():
+        if secrets.names_a_secret(key):
+            found |= {value} if isinstance(value, str) else set(value)
+    return tuple(s for s in found if s)
 
 
 def engine_options(url: str, pool: PoolSettings) -> dict[str, Any]:
