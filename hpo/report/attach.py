@@ -37,11 +37,12 @@ def attach_report(
     report attached. ``storage`` and ``study_id`` must be the study's own. Returns the
     graph-object ids.
     """
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import save_note, save_plotly_graph_object
 
+    from hpo.atomic import artifact_store
+
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(artifact_dir)
+    store = artifact_store(artifact_dir)
 
     graph_ids = []
     for name in FIGURE_NAMES:
