@@ -20,6 +20,7 @@ from hpo.settings import (
     LABEL_ENV,
     STORAGE_ENV,
     THREADS_SOURCES,
+    TRUSTED_MODULES_ENV,
     NodeSettings,
     available_cores,
     check_cpu_count,
@@ -27,6 +28,7 @@ from hpo.settings import (
     environment,
 )
 from hpo.spec import StudySpec, check_data_root
+from hpo.trust import trusted_modules
 
 if TYPE_CHECKING:
     from hpo.data import PatchSet
@@ -71,10 +73,20 @@ def resolve_gpus(gpus: str) -> list[str]:
     return chosen
 
 
+def python_module_command() -> list[str]:
+    """``python -m hpo`` that does not put the working directory first on ``sys.path``
+    (``-P``), so a stray ``x.py`` where the launch ran is never imported by a child, and
+    a child imports exactly what a plain ``hpo worker`` would. (Python 3.10 has no
+    ``-P``: the same by dropping the entry ``-c`` adds.)"""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "hpo"]
+    return [sys.executable, "-c", "import sys; del sys.path[0]; from hpo.cli import main; main()"]
+
+
 def worker_command(study_name: str, total_trials: int, timeout_s: float | None) -> list[str]:
     """The ``hpo worker`` command line of one child (the storage URL goes in the
     environment, so a password never shows in ``ps``)."""
-    command = [sys.executable, "-m", "hpo", "worker", "--study", study_name]
+    command = [*python_module_command(), "worker", "--study", study_name]
     command += ["--n-trials", str(total_trials)]
     if timeout_s is not None:
         command += ["--timeout", str(timeout_s)]
@@ -86,6 +98,9 @@ def _child_env(
 ) -> dict[str, str]:
     child = environment() | node.to_env()
     child[STORAGE_ENV] = storage_url
+    # The study file this launch read is the operator's: its factory module is trusted
+    # in the children too (they read the spec from the storage).
+    child[TRUSTED_MODULES_ENV] = ",".join(sorted(trusted_modules()))
     # Every child gets its share of the cores, a GPU worker too: its CPU ops (the batch
     # draw, the optimizer's bookkeeping) would otherwise each start one thread per core.
     child.setdefault("OMP_NUM_THREADS", str(threads))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hpo.errors import UserError
+from hpo.trust import check_trusted
 
 if TYPE_CHECKING:
     from hpo.spec import ModelSpec
@@ -122,6 +123,7 @@ def _torchvision_model(name: str, *, pretrained: bool, num_classes: int) -> nn.M
 def import_factory(path: str):  # noqa: ANN201 - any callable
     """The function named by ``package.module:function``; ModelError naming the field."""
     module_name, _, function_name = path.partition(":")
+    check_trusted(module_name, "model.factory")  # a study row must not run code by itself
     try:
         module = importlib.import_module(module_name)
         return getattr(module, function_name)
