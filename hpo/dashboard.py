@@ -90,6 +90,7 @@ def make_server(
     from optuna_dashboard import wsgi
 
     from hpo.atomic import artifact_store
+    from hpo.dashboard_guard import guard_requests
 
     database = sqlite_path(storage_url)
     if database is not None and str(database) != ":memory:" and not database.is_file():
@@ -107,8 +108,9 @@ def make_server(
                 f"port {port} on {host} is already in use; choose another with --port"
             ) from None
         raise DashboardError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    application = wsgi(open_storage(storage_url), artifact_store=artifact_store(artifact_dir))
-    server.set_app(application)
+    storage = open_storage(storage_url)
+    application = wsgi(storage, artifact_store=artifact_store(artifact_dir))
+    server.set_app(guard_requests(application, storage, host))  # hpo.dashboard_guard
     return server
 
 

@@ -125,9 +125,11 @@ def _written_storage(tmp_path: Path):
     with storage.engine.connect() as connection:
         connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     backup = tmp_path / "backup.db"
-    with contextlib.closing(sqlite3.connect(tmp_path / "hpo.db")) as source:
-        with contextlib.closing(sqlite3.connect(backup)) as target:
-            source.backup(target)
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "hpo.db")) as source,
+        contextlib.closing(sqlite3.connect(backup)) as target,
+    ):
+        source.backup(target)
     guard = SQLiteFileGuard.attach(storage)
     study = optuna.create_study(storage=storage, study_name="after-backup")
     for value in range(30):
