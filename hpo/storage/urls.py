@@ -46,14 +46,53 @@ def resolve_storage_url(url: str | None) -> str:
             "user name or password as %40"
         )
     try:
-        make_url(chosen)
+        parsed = make_url(chosen)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(
             f"storage URL {mask_url(chosen)!r} is not a SQLAlchemy URL "
             "(e.g. sqlite:///hpo.db, postgresql+psycopg://user:pass@host/db, "
             "mysql+pymysql://user:pass@host/db)"
         ) from None
+    check_backend(parsed.drivername, chosen)
+    if is_in_memory(chosen):
+        # Every hpo command and every worker process opens its own engine, and each
+        # engine's in-memory database starts empty: workers would retry for minutes.
+        raise StorageError(
+            f"storage URL {mask_url(chosen)!r} is an in-memory SQLite database, which lives "
+            "in one connection pool only; hpo's commands and workers each open their own: "
+            "use a file (sqlite:///hpo.db) or a server"
+        )
     return chosen
+
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
+
+
+def check_backend(drivername: str, url: str) -> None:
+    """StorageError naming the scheme unless it is a supported database whose driver is
+    installed here (SQLAlchemy would raise NoSuchModuleError / ImportError deep inside)."""
+    backend = drivername.partition("+")[0]
+    if backend not in SUPPORTED_BACKENDS:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: unknown scheme {drivername!r}; use sqlite, "
+            "postgresql+psycopg or mysql+pymysql (also mariadb+pymysql)"
+        )
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, ImportError) as error:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: driver {drivername!r} is not available here "
+            f"({type(error).__name__}); use postgresql+psycopg or mysql+pymysql"
+        ) from None
+
+
+def is_in_memory(url: str) -> bool:
+    """True for a SQLite database that lives in one process's memory only."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or parsed.query.get("mode") == "memory"
+    )
 
 
 def mask_url(url: str) -> str:
