@@ -8,6 +8,7 @@ the children, which re-queue their running trials and exit. ``prepare_launch`` i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -83,6 +84,29 @@ def python_module_command() -> list[str]:
     return [sys.executable, "-c", "import sys; del sys.path[0]; from hpo.cli import main; main()"]
 
 
+def die_with_parent() -> dict[str, object]:
+    """``Popen`` options that make a child get SIGTERM when this process dies, however it
+    dies (SIGKILL, OOM killer): it then re-queues its trial and stops, instead of running
+    on orphaned. Linux's ``PR_SET_PDEATHSIG``; elsewhere nothing (SIGTERM/SIGINT are still
+    forwarded while this process lives)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child, between fork and exec
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return {"preexec_fn": arm}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def worker_command(study_name: str, total_trials: int, timeout_s: float | None) -> list[str]:
     """The ``hpo worker`` command line of one child (the storage URL goes in the
     environment, so a password never shows in ``ps``)."""
@@ -131,7 +155,7 @@ def run_worker_processes(
     for index, device in enumerate(devices):
         try:
             child_env = _child_env(storage_url, node, device, index, threads)
-            children.append(subprocess.Popen(command, env=child_env))
+            children.append(subprocess.Popen(command, env=child_env, **die_with_parent()))
         except OSError as error:
             # The children already started would run on, orphaned: stop them (they
             # re-queue their trials) before giving up.
