@@ -160,8 +160,7 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     Optuna raises SchemaVersionError at once, without retries.
     """
     backend = make_url(url).get_backend_name()
-    if backend == "sqlite":
-        _no_orphaned_side_files(url)
+    _no_orphaned_side_files(url)  # SQLite only
     engine_kwargs = engine_options(url, PoolSettings.from_env())
     interval, grace = heartbeat_settings()
     lock_on = lock_database()
