@@ -85,3 +85,14 @@ def test_a_cap_attribute_that_is_no_batch_size_is_no_cap() -> None:
     assert read_batch_cap(ref, "cpu") == 64
     study.set_user_attr(CAP_ATTR_PREFIX + "cpu", "abc")
     assert lower_batch_cap(ref, "cpu", 32) == 16 and read_batch_cap(ref, "cpu") == 16
+
+
+def test_more_reports_than_updates_at_the_largest_batch_size_is_refused() -> None:
+    from hpo.resource import check_reports_fit
+    from hpo.spec import SpecError
+
+    budget = tables.BudgetSpec(unit="epochs", epochs=1, reports=10)
+    with pytest.raises(SpecError, match="budget.reports = 10 is more than the 4 optimizer updates"):
+        check_reports_fit(budget, train_size=256, batch_size=64)
+    check_reports_fit(budget, train_size=640, batch_size=64)
+    check_reports_fit(tables.BudgetSpec(unit="seconds", seconds=5.0, reports=99), 64, 64)
