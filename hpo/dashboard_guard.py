@@ -8,7 +8,8 @@
   name listed in ``$HPO_DASHBOARD_HOSTS`` (comma-separated, e.g. a proxy's name). The
   port is not checked (an SSH tunnel may change it). Others get 403.
 - **Writes that would corrupt a running trial.** "Tell" or user attributes on a RUNNING
-  trial (a worker is training it and would have its result overwritten), and deleting or
+  trial (a worker is training it and would have its result overwritten) or a WAITING one
+  (a queued retry a worker is about to claim), and deleting or
   renaming a study while any of its trials runs (the workers find it by name). Such
   requests get 409 with the reason; the same writes on finished trials pass through.
 """
@@ -66,10 +67,10 @@ def _running_write_refusal(
             trial = storage.get_trial(int(match[1]))
         except KeyError:
             return None  # optuna-dashboard answers 404 itself
-        if trial.state == TrialState.RUNNING:
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING):
             return (
-                f"trial {trial.number} is RUNNING: a worker is training it and owns its "
-                "result; wait until it finishes"
+                f"trial {trial.number} is {trial.state.name}: a worker is training it (or "
+                "will, as a queued retry) and owns its result; wait until it finishes"
             )
     is_study_write = (method == "DELETE" and not path.endswith("/rename")) or (
         method == "POST" and path.endswith("/rename")
