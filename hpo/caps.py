@@ -19,6 +19,7 @@ GPUs of one kind share a cap.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,15 +32,39 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.space import BATCH_PARAM
 from hpo.storage import StudyRef
 
+logger = logging.getLogger(__name__)
+
 CAP_ATTR_PREFIX = "hpo_max_batch_size:"
 PROBE_ATTR_PREFIX = "hpo_probe:"
 CLAMPED_ATTR = "batch_size_clamped_from"
 
 
+def cap_value(key: str, value: Any) -> int | None:
+    """A stored cap as a batch size, or None when it is not a positive whole number.
+
+    Anyone who can write the database can put anything in the attribute (a string, a
+    list, 0): such a value is no cap, logged once per read, and the next OOM writes a
+    valid one, instead of every trial failing on ``int(value)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        number = None
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number < 1 or number != int(number):
+        logger.warning(
+            "ignoring study attribute %s = %r: not a positive whole batch size", key, value
+        )
+        return None
+    return int(number)
+
+
 def read_batch_cap(study: StudyRef, device_name: str) -> int | None:
     """The largest batch size known to fit ``device_name``, or None when nothing is known."""
-    value = study.user_attrs().get(CAP_ATTR_PREFIX + device_name)
-    return None if value is None else int(value)
+    key = CAP_ATTR_PREFIX + device_name
+    value = study.user_attrs().get(key)
+    return None if value is None else cap_value(key, value)
 
 
 def write_batch_cap(study: StudyRef, device_name: str, batch_size: int) -> None:
@@ -59,11 +84,12 @@ def lower_batch_cap(study: StudyRef, device_name: str, failed_batch_size: int) -
 
 def stored_caps(study: StudyRef) -> dict[str, int]:
     """Every device's cap stored on the study: ``{device name: batch size}``."""
-    return {
-        key.removeprefix(CAP_ATTR_PREFIX): int(value)
+    caps = {
+        key.removeprefix(CAP_ATTR_PREFIX): cap_value(key, value)
         for key, value in study.user_attrs().items()
         if key.startswith(CAP_ATTR_PREFIX)
     }
+    return {device: cap for device, cap in caps.items() if cap is not None}
 
 
 def clamp_batch_size(batch_size: int, cap: int | None) -> int:

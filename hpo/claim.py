@@ -280,10 +280,18 @@ def _grid_sampler(study: optuna.Study) -> optuna.samplers.GridSampler | None:
 
 
 def grid_exhausted(study: optuna.Study) -> bool:
-    """True for a grid study whose every grid point has a trial (a running one counts): the
-    study is done even if ``total_trials`` is larger."""
+    """True for a grid study whose every grid point has a trial, finished or RUNNING: no
+    new trial is made then, even if ``total_trials`` is larger (the claim waits while one
+    runs; a failed one's retry is queued and claimed as such).
+
+    Not ``GridSampler.is_exhausted``: when every point left is RUNNING it counts them as
+    free again, so a second worker would train a point the first is training."""
     sampler = _grid_sampler(study)
-    return sampler is not None and sampler.is_exhausted(study)
+    if sampler is None:
+        return False
+    states = (*[s for s in TrialState if s.is_finished()], TrialState.RUNNING)
+    taken = {t.system_attrs.get("grid_id") for t in study.get_trials(deepcopy=False, states=states)}
+    return taken >= set(range(compat.grid_point_count(sampler)))
 
 
 @contextlib.contextmanager

@@ -184,6 +184,11 @@ def read_finished_trials_incrementally(study: Any) -> None:
     study._storage = finished_trials_cache(study._storage._backend)
 
 
+def grid_point_count(sampler: Any) -> int:
+    """How many points a ``GridSampler``'s grid has (Optuna keeps the count private)."""
+    return int(sampler._n_min_trials)
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
 

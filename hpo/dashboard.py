@@ -195,8 +195,10 @@ def make_server(
     Raises DashboardError when the port is taken or cannot be bound, or when a SQLite
     storage points at a file that does not exist (the dashboard would create an empty one).
     """
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import wsgi
+
+    from hpo.atomic import artifact_store
+    from hpo.dashboard_guard import guard_requests
 
     database = sqlite_path(storage_url)
     if database is not None and str(database) != ":memory:" and not database.is_file():
@@ -214,9 +216,9 @@ def make_server(
                 f"port {port} on {host} is already in use; choose another with --port"
             ) from None
         raise DashboardError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    application: WsgiApp = wsgi(
-        open_storage(storage_url), artifact_store=FileSystemArtifactStore(str(artifact_dir))
-    )
+    storage = open_storage(storage_url)
+    application: WsgiApp = wsgi(storage, artifact_store=artifact_store(artifact_dir))
+    application = guard_requests(application, storage, host)  # hpo.dashboard_guard
     if read_only:
         application = refuse_writes(application)
     if credentials is not None:

@@ -36,6 +36,7 @@ from hpo.datacheck import (
     pcam_split,
     reading,
 )
+from hpo.resource import check_reports_fit
 from hpo.spec import DatasetSpec, StudySpec
 
 __all__ = ["DataError", "PatchSet", "class_counts", "class_names", "load_splits", "study_splits"]
@@ -378,9 +379,11 @@ def load_splits(dataset: DatasetSpec, *, min_train_patches: int = 1) -> tuple[Pa
 
 
 def study_splits(spec: StudySpec) -> tuple[PatchSet, PatchSet]:
-    """The splits a study trains on, checked against its largest batch size (what a worker
-    and ``hpo launch`` load, once, before any trial)."""
-    return load_splits(spec.dataset, min_train_patches=spec.search.batch_size_max)
+    """The splits a study trains on, checked against its largest batch size and budget
+    (what a worker and ``hpo launch`` load, once, before any trial)."""
+    train, val = load_splits(spec.dataset, min_train_patches=spec.search.batch_size_max)
+    check_reports_fit(spec.budget, len(train), spec.search.batch_size_max)
+    return train, val
 
 
 BINARY_CLASSES = ("normal", "tumor")  # PCam's labels 0 and 1; the synthetic set mimics them

@@ -150,7 +150,28 @@ def decode_image(path: Path | str) -> Image.Image:
                 f"{Path(path).suffix!r} says (rename it, or convert it)"
             )
         image.load()  # decodes every byte: a truncated file raises here, not in training
+        return to_rgb8(image)
+
+
+# Modes whose samples are wider than 8 bits, and the full scale of each: PIL's
+# ``convert("RGB")`` clips them at 255 instead of scaling (a 16-bit grey PNG turns white).
+WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, samples wider than 8 bits scaled from their full range
+    (16-bit and 32-bit integer: 0..65535; float: 0..1, or 0..65535 when it goes above 1)."""
+    if image.mode not in WIDE_MODES:
         return image.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    samples = np.asarray(image, dtype=np.float64)
+    scale = WIDE_MODES[image.mode]
+    if scale == 1.0 and samples.size and np.nanmax(samples) > 1.0:
+        scale = 65535
+    eight = np.clip(np.nan_to_num(samples / scale * 255.0), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(eight, mode="L").convert("RGB")
 
 
 def image_files(root: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -206,12 +227,34 @@ def check_splits(
             raise DataError(f"{where}: {split} labels outside [0, {num_classes})")
     if len(val) == 0:
         raise DataError(f"{where}: the validation split is empty (check dataset.val_fraction)")
+    for split, patches in (("train", train), ("val", val)):
+        present = set(torch.unique(patches.labels).tolist())
+        missing = [label for label in range(num_classes) if label not in present]
+        if missing:
+            # Without a class, validation scores it as chance (AUC 0.5) and the trial would
+            # still be stored COMPLETE; training without it never learns it.
+            raise DataError(
+                f"{where}: the {split} split has no patch of class {_class_label(dataset, missing[0])}"
+                f" ({len(patches)} {split} patches); add images of it or change "
+                "dataset.val_fraction / dataset.train_size / dataset.val_size"
+            )
     if len(train) < min_train_patches:
         raise DataError(
             f"{where}: the training split has {len(train)} patches, fewer than "
             f"search.batch_size_max = {min_train_patches} (a trial at that batch size would "
             "make no update); lower search.batch_size_max or add patches"
         )
+
+
+def _class_label(dataset: DatasetSpec, label: int) -> str:
+    """``'name' (label N)`` for an ImageFolder class, else ``label N``."""
+    if dataset.kind == "imagefolder" and dataset.root is not None:
+        try:
+            names = sorted(p.name for p in Path(dataset.root).iterdir() if p.is_dir())
+            return f"{names[label]!r} (label {label})"
+        except (OSError, IndexError):
+            pass
+    return f"label {label}"
 
 
 def check_requested(field: str, requested: int | None, available: int, where: str) -> None:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpo import atomic
 from hpo.errors import UserError
 
 if TYPE_CHECKING:
@@ -142,10 +143,7 @@ def dumps_configuration(configuration: dict[str, Any], fmt: str) -> str:
 def write_configuration(configuration: dict[str, Any], path: Path) -> None:
     """Write the configuration to ``path`` in the format its extension names."""
     text = dumps_configuration(configuration, export_format(path))
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise ExportError(f"--out {path}: cannot write ({error.strerror or error})") from None
+    atomic.write_text(path, text, "--out")
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> int:
@@ -165,10 +163,6 @@ def write_trials_csv(study: optuna.Study, path: Path) -> int:
             "user_attrs",
         )
     )
-    try:
-        frame.to_csv(path, index=False)
-    except OSError as error:
-        raise ExportError(
-            f"--trials-csv {path}: cannot write ({error.strerror or error})"
-        ) from None
+    with atomic.atomic_path(path, "--trials-csv") as temporary:
+        frame.to_csv(temporary, index=False)
     return len(frame)

@@ -8,6 +8,7 @@ the children, which re-queue their running trials and exit. ``prepare_launch`` i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from hpo.settings import (
     LABEL_ENV,
     STORAGE_ENV,
     THREADS_SOURCES,
+    TRUSTED_MODULES_ENV,
     NodeSettings,
     available_cores,
     check_cpu_count,
@@ -27,6 +29,7 @@ from hpo.settings import (
     environment,
 )
 from hpo.spec import StudySpec, check_data_root
+from hpo.trust import trusted_modules
 
 if TYPE_CHECKING:
     from hpo.data import PatchSet
@@ -71,10 +74,43 @@ def resolve_gpus(gpus: str) -> list[str]:
     return chosen
 
 
+def python_module_command() -> list[str]:
+    """``python -m hpo`` that does not put the working directory first on ``sys.path``
+    (``-P``), so a stray ``x.py`` where the launch ran is never imported by a child, and
+    a child imports exactly what a plain ``hpo worker`` would. (Python 3.10 has no
+    ``-P``: the same by dropping the entry ``-c`` adds.)"""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "hpo"]
+    return [sys.executable, "-c", "import sys; del sys.path[0]; from hpo.cli import main; main()"]
+
+
+def die_with_parent() -> dict[str, object]:
+    """``Popen`` options that make a child get SIGTERM when this process dies, however it
+    dies (SIGKILL, OOM killer): it then re-queues its trial and stops, instead of running
+    on orphaned. Linux's ``PR_SET_PDEATHSIG``; elsewhere nothing (SIGTERM/SIGINT are still
+    forwarded while this process lives)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child, between fork and exec
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return {"preexec_fn": arm}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def worker_command(study_name: str, total_trials: int, timeout_s: float | None) -> list[str]:
     """The ``hpo worker`` command line of one child (the storage URL goes in the
     environment, so a password never shows in ``ps``)."""
-    command = [sys.executable, "-m", "hpo", "worker", "--study", study_name]
+    command = [*python_module_command(), "worker", "--study", study_name]
     command += ["--n-trials", str(total_trials)]
     if timeout_s is not None:
         command += ["--timeout", str(timeout_s)]
@@ -86,6 +122,9 @@ def _child_env(
 ) -> dict[str, str]:
     child = environment() | node.to_env()
     child[STORAGE_ENV] = storage_url
+    # The study file this launch read is the operator's: its factory module is trusted
+    # in the children too (they read the spec from the storage).
+    child[TRUSTED_MODULES_ENV] = ",".join(sorted(trusted_modules()))
     # Every child gets its share of the cores, a GPU worker too: its CPU ops (the batch
     # draw, the optimizer's bookkeeping) would otherwise each start one thread per core.
     child.setdefault("OMP_NUM_THREADS", str(threads))
@@ -116,7 +155,7 @@ def run_worker_processes(
     for index, device in enumerate(devices):
         try:
             child_env = _child_env(storage_url, node, device, index, threads)
-            children.append(subprocess.Popen(command, env=child_env))
+            children.append(subprocess.Popen(command, env=child_env, **die_with_parent()))
         except OSError as error:
             # The children already started would run on, orphaned: stop them (they
             # re-queue their trials) before giving up.

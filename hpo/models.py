@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hpo.errors import UserError
+from hpo.trust import check_trusted
 
 if TYPE_CHECKING:
     from hpo.spec import ModelSpec
@@ -122,10 +123,11 @@ def _torchvision_model(name: str, *, pretrained: bool, num_classes: int) -> nn.M
 def import_factory(path: str):  # noqa: ANN201 - any callable
     """The function named by ``package.module:function``; ModelError naming the field."""
     module_name, _, function_name = path.partition(":")
+    check_trusted(module_name, "model.factory")  # a study row must not run code by itself
     try:
         module = importlib.import_module(module_name)
         return getattr(module, function_name)
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # sys.exit() at import is no clean exit of hpo
         raise ModelError(
             f"model.factory: cannot import {path!r}: {type(error).__name__}: {error}"
         ) from None
@@ -150,7 +152,7 @@ def build_model(
             model = import_factory(factory)(num_classes=num_classes)
         except ModelError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise ModelError(
                 f"model.factory: {factory}(num_classes={num_classes}) raised "
                 f"{type(error).__name__}: {error}"
@@ -181,6 +183,8 @@ def check_model(model: ModelSpec, *, image_size: int, num_classes: int) -> None:
     study is created or a trial claimed; commands that only read a study never do."""
     field = "model.factory" if model.factory is not None else "model.name"
     built = build_from_spec(model, num_classes=num_classes)
+    if not any(parameter.requires_grad for parameter in built.parameters()):
+        raise ModelError(f"{field}: the model has no trainable parameters; nothing to optimize")
     built.eval()
     try:
         with torch.inference_mode():

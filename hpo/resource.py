@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from hpo.spec import BudgetSpec
+from hpo.spec import BudgetSpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -104,3 +104,15 @@ def cosine_factor(fraction: float) -> float:
     """The cosine schedule's multiplier of the base LR after ``fraction`` of the budget:
     1 at the start, 0 at the end (``CosineAnnealingLR`` with ``eta_min = 0``)."""
     return 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def check_reports_fit(budget: BudgetSpec, train_size: int, batch_size: int) -> None:
+    """SpecError unless a trial at ``batch_size`` makes at least one optimizer update per
+    report (a report between two updates would evaluate the same weights again)."""
+    updates = TrainingBudget.for_trial(budget, train_size, batch_size).total_updates
+    if updates is not None and budget.report_count > updates:
+        raise SpecError(
+            f"budget.reports = {budget.report_count} is more than the {updates} optimizer "
+            f"updates a trial at batch size {batch_size} makes on {train_size} training "
+            "patches; lower budget.reports or raise the budget"
+        )

@@ -10,20 +10,26 @@ ended in a ``KeyError``. Two checks, one identity (device and inode of the file 
 - the worker checks it before each claim and at every heartbeat (``hpo.worker``), so a
   deletion is found within one heartbeat interval even while pooled connections live on.
 
-Either raises ``SQLiteFileLost`` (a ``RunAborted``: one line, exit 1).
+Either raises ``SQLiteFileLost`` (a ``RunAborted``: one line, exit 1). Before that, the
+``-wal``/``-shm`` files this process shared with the lost file are renamed aside
+(``storage.set_aside_side_files``): SQLite finds side files by name only, and would replay
+them into a file restored or copied to the same path ("database disk image is
+malformed"). Only side files whose identity this guard last saw with the healthy file are
+moved; those of a new file at the path are left alone.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 
 from hpo.errors import RunAborted
-from hpo.storage import StudyNotFound, mask_url, sqlite_path
+from hpo.storage import StudyNotFound, mask_url, set_aside_side_files, sqlite_path
+from hpo.storage.opening import SQLITE_SIDE_SUFFIXES
 
 
 class SQLiteFileLost(RunAborted):
@@ -41,10 +47,23 @@ def require_sqlite_file(storage_url: str, study_name: str) -> None:
         )
 
 
+def _side_identities(path: Path) -> set[tuple[int, int]]:
+    found = set()
+    for suffix in SQLITE_SIDE_SUFFIXES:
+        try:
+            stat = os.stat(f"{path}{suffix}")
+        except OSError:
+            continue
+        found.add((stat.st_dev, stat.st_ino))
+    return found
+
+
 @dataclass(frozen=True)
 class SQLiteFileGuard:
     path: Path
     identity: tuple[int, int]
+    # The side files seen beside the healthy file (SQLite may delete and recreate them).
+    sides: set[tuple[int, int]] = field(default_factory=set)
 
     @classmethod
     def attach(cls, storage: optuna.storages.RDBStorage) -> SQLiteFileGuard | None:
@@ -53,12 +72,22 @@ class SQLiteFileGuard:
         if path is None or str(path) == ":memory:":
             return None
         stat = os.stat(path)
-        guard = cls(path.resolve(), (stat.st_dev, stat.st_ino))
+        guard = cls(path.resolve(), (stat.st_dev, stat.st_ino), _side_identities(path))
         sqlalchemy.event.listen(storage.engine, "do_connect", guard._before_connect)
         return guard
 
     def problem(self) -> str | None:
-        """Why the file is no longer the one opened, or None."""
+        """Why the file is no longer the one opened (its side files then set aside), or
+        None."""
+        problem = self._problem()
+        if problem is None:
+            self.sides.update(_side_identities(self.path))
+            return None
+        gone = not self.path.exists()
+        set_aside_side_files(self.path, only=None if gone else self.sides)
+        return problem
+
+    def _problem(self) -> str | None:
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:

@@ -34,6 +34,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hpo.claim import claim_trial, prepare_to_claim, quiet_optuna_warnings
@@ -257,16 +258,18 @@ def run_one(
     decides a trial's end state. Returns it (WAITING: re-queued after a stop signal) and
     its fail reason."""
     study = loaded.study
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     value, state = None, TrialState.FAIL
     interval, _ = heartbeat_settings()
     try:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         beat = Heartbeat(loaded.storage, loaded.trial_id(trial), interval, guard, stop.abort)
         with beat, stop.interruptible():
             value = objective(trial)
             state = TrialState.COMPLETE
     except optuna.TrialPruned:
         state = TrialState.PRUNED
+    except UpdateFinishedTrialError:
+        return _finished_elsewhere(loaded, trial, objective)
     except WorkerStopped as stopped:
         requeue(loaded, trial, f"worker stopped ({stopped})")
         logger.warning("trial %d re-queued: worker stopped (%s)", trial.number, stopped)
@@ -275,7 +278,8 @@ def run_one(
     except Exception as error:
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         if "fail_reason" not in trial.user_attrs:
-            trial.set_user_attr("fail_reason", f"error: {type(error).__name__}: {error}"[:500])
+            with contextlib.suppress(UpdateFinishedTrialError):
+                trial.set_user_attr("fail_reason", f"error: {type(error).__name__}: {error}"[:500])
     kill_point("tell")  # tests only: trained, not yet told
     retry_on_disconnect(
         lambda: study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
@@ -288,6 +292,20 @@ def run_one(
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
     return state, reason if state == TrialState.FAIL else None
+
+
+def _finished_elsewhere(
+    loaded: LoadedStudy, trial: optuna.Trial, objective: Objective
+) -> tuple[TrialState, str | None]:
+    """The trial was finished behind this worker's back (told from the dashboard, or by
+    an operator's script): its stored end stands; log it and move on to the next claim."""
+    stored = loaded.storage.get_trial(loaded.trial_id(trial))
+    logger.warning(
+        "trial %d was finished outside this worker (%s, value %s); moving on",
+        trial.number, stored.state.name, stored.value,
+    )  # fmt: skip
+    objective.progress.ended(trial.number, stored.state.name, stored.value, None)
+    return stored.state, None
 
 
 def run_worker(

@@ -276,7 +276,8 @@ def test_the_worker_claims_with_one_call_to_the_claim_module() -> None:
 
 
 def test_storage_imports_no_module_that_decides() -> None:
-    allowed = {"hpo", "hpo.errors", "hpo.settings", "hpo.compat", "hpo.retry"}
+    # hpo.secrets: the one masking function, a leaf that imports nothing of hpo.
+    allowed = {"hpo", "hpo.errors", "hpo.settings", "hpo.compat", "hpo.retry", "hpo.secrets"}
     reached = {
         target
         for name, targets in GRAPH.items()

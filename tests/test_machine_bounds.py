@@ -78,7 +78,7 @@ def test_a_launcher_that_cannot_start_a_child_stops_the_ones_it_started(
     started: list[subprocess.Popen] = []
     real_popen = subprocess.Popen
 
-    def popen(command, env):
+    def popen(command, env, **options):  # options: die_with_parent()
         if len(started) == 2:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         child = real_popen([sys.executable, "-c", "import time; time.sleep(120)"])

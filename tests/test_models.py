@@ -103,6 +103,16 @@ def raises(num_classes):
 def not_a_module(num_classes):
     return 42
 
+class _NoWeights(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))[:, :2]
+
+def no_parameters(num_classes):
+    return _NoWeights()
+
+def exits(num_classes):
+    raise SystemExit(0)
+
 def wrong_width(num_classes):
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 7))
 """
@@ -144,6 +154,8 @@ def test_a_user_factory_trains_one_trial_end_to_end(studies_dir, factory_module)
         ("raises", "model.factory: userpkg.nets:raises(num_classes=2) raised ValueError: depth"),
         ("not_a_module", "returned int, not a torch.nn.Module"),
         ("wrong_width", "model.factory: output for 2 patches is (2, 7), expected (2, 2)"),
+        ("no_parameters", "model.factory: the model has no trainable parameters"),
+        ("exits", "model.factory: userpkg.nets:exits(num_classes=2) raised SystemExit: 0"),
     ],
 )
 def test_a_broken_factory_exits_2_naming_the_field(

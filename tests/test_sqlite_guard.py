@@ -113,3 +113,67 @@ def test_a_worker_whose_database_is_deleted_stops_within_a_heartbeat(tmp_path: P
     assert "Traceback" not in output
     assert stopped_after < 10, stopped_after  # one 1 s heartbeat, plus a loaded machine
     assert not db.exists()
+
+
+def _written_storage(tmp_path: Path):
+    """A storage with a study and trials whose pages sit in the WAL (not checkpointed),
+    and a copy of its file taken before those writes (a "backup")."""
+    import optuna
+
+    url, storage = _storage(tmp_path)
+    optuna.create_study(storage=storage, study_name="backed-up")
+    with storage.engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    backup = tmp_path / "backup.db"
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "hpo.db")) as source,
+        contextlib.closing(sqlite3.connect(backup)) as target,
+    ):
+        source.backup(target)
+    guard = SQLiteFileGuard.attach(storage)
+    study = optuna.create_study(storage=storage, study_name="after-backup")
+    for value in range(30):
+        study.add_trial(optuna.trial.create_trial(value=float(value)))
+    assert Path(f"{tmp_path / 'hpo.db'}-wal").stat().st_size > 0
+    return storage, guard, backup
+
+
+def _healthy(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return [row[0] for row in connection.execute("SELECT study_name FROM studies")]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_side_files_of_a_lost_file_are_never_replayed_into_a_restored_one(
+    tmp_path: Path, how: str
+) -> None:
+    storage, guard, backup = _written_storage(tmp_path)
+    db = tmp_path / "hpo.db"
+    if how == "deleted":
+        db.unlink()
+    else:
+        os.replace(db, tmp_path / "moved-away.db")
+    with pytest.raises(SQLiteFileLost):
+        guard.check()
+    os.replace(backup, db)  # the operator restores the backup while the worker is gone
+    assert _healthy(db) == ["backed-up"]
+    assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+    assert list(tmp_path.glob("hpo.db-wal.lost-*"))  # kept aside, not destroyed
+
+
+def test_a_new_file_is_never_made_from_orphaned_side_files(tmp_path: Path) -> None:
+    import optuna
+
+    storage, guard, backup = _written_storage(tmp_path)
+    db = tmp_path / "hpo.db"
+    stale_wal = Path(f"{db}-wal").read_bytes()
+    db.unlink()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    Path(f"{db}-wal").write_bytes(stale_wal)  # left by a process killed outright
+    fresh = open_storage(f"sqlite:///{db}")
+    optuna.create_study(storage=fresh, study_name="fresh")
+    fresh.engine.dispose()
+    assert _healthy(db) == ["fresh"]
+    assert list(tmp_path.glob("hpo.db-wal.lost-*"))

@@ -59,3 +59,25 @@ def test_an_unparseable_url_is_exit_2_in_one_line(url: str) -> None:
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert "w0rd" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("foo://x/y", "unknown scheme 'foo'"),
+        ("postgres://u:Secr3tPw@127.0.0.1/x", "unknown scheme 'postgres'"),
+        ("oracle+cx_oracle://u@h/x", "unknown scheme 'oracle+cx_oracle'"),
+        ("sqlite://", "in-memory SQLite"),
+        ("sqlite:///:memory:", "in-memory SQLite"),
+        ("sqlite:///file:x?mode=memory&uri=true", "in-memory SQLite"),
+    ],
+)
+@pytest.mark.parametrize("command", ["status", "launch"])
+def test_an_unusable_scheme_or_a_memory_database_is_one_line(
+    tiny_study, url: str, words: str, command: str
+) -> None:
+    args = [command, "--study", "tiny", "--storage", url]
+    result = CliRunner().invoke(app, args + (["--workers", "2"] if command == "launch" else []))
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and words in result.output
+    assert "Secr3tPw" not in result.output and "Traceback" not in result.output

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from hpo.errors import RunAborted, UserError
+from hpo.secrets import mask_secrets
 from hpo.settings import NodeSettings
 
 app = typer.Typer(
@@ -102,13 +103,23 @@ def setup_logging() -> None:
     import optuna
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_mask_record)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _mask_record(record: logging.LogRecord) -> bool:
+    """Every log line without a password in it (a driver's message may quote a URL)."""
+    record.msg, record.args = mask_secrets(record.getMessage()), None
+    return True
 
 
 def one_line(message: str) -> str:
     """A message as one line, however it was built (a file name or a value from the file
-    may hold a newline or a control character): escaped, and cut at 1000 characters."""
+    may hold a newline or a control character): escaped, secrets masked, and cut at 1000
+    characters."""
     text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+    text = mask_secrets(text)
     return text if len(text) <= 1000 else text[:997] + "..."
 
 

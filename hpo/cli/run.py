@@ -151,8 +151,8 @@ def launch(
     setup_logging()
     node = node_settings(data_root, device, threads, checkpoint_dir)
     spec = load_spec(study, check_paths=node.data_root is None)
+    storage_url = resolve_storage_url(storage)  # a bad URL before any data is read
     splits = prepare_launch(spec, node, workers)  # every check before the study exists
-    storage_url = resolve_storage_url(storage)
     loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
     already = count_finished(loaded.study)
     first_number = len(loaded.study.get_trials(deepcopy=False))

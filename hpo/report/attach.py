@@ -7,6 +7,7 @@ Only public storage methods are used; the caller passes the storage and the stud
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ def attach_report(
     report attached. ``storage`` and ``study_id`` must be the study's own. Returns the
     graph-object ids.
     """
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import save_note, save_plotly_graph_object
 
+    from hpo.atomic import artifact_store
+
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(artifact_dir)
+    store = artifact_store(artifact_dir)
 
     graph_ids = []
     for name in FIGURE_NAMES:
@@ -93,9 +95,9 @@ def _upload_or_replace(
             with path.open("rb") as content:
                 store.write(meta["artifact_id"], content)
             return str(meta["artifact_id"])
-    named = path.with_name(filename)
-    named.write_bytes(path.read_bytes())
-    try:
+    # Optuna names the artifact after the file: a copy under that name, outside the
+    # report's directory (which must hold only whole report files).
+    with tempfile.TemporaryDirectory(prefix=".hpo-upload.") as scratch:
+        named = Path(scratch) / filename
+        named.write_bytes(path.read_bytes())
         return upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
-    finally:
-        named.unlink()

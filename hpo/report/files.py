@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
+from hpo.atomic import atomic_dir
 from hpo.report.analysis import DEFAULT_CONFIDENCE, DEFAULT_TOP_K, ReportData, collect
 from hpo.report.cost import DEFAULT_COST_TOLERANCE
 from hpo.report.figures import FIGURE_NAMES, figure_models
@@ -50,21 +51,23 @@ def write_report(
 
     Both files of a figure are drawn from one figure model, so they show the same numbers.
     The HTML files share one ``plotly.min.js`` written beside them, so they work offline.
+    Everything is drawn into a staging directory first and moved into ``out_dir`` only
+    when complete (``hpo.atomic``): an interruption or a full disk leaves no half report.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = collect(study, metric, top_k=top_k, confidence=confidence, cost_tolerance=cost_tolerance)
     models = figure_models(data)
-    files: list[Path] = []
+    names: list[str] = []
     figures: dict[str, go.Figure] = {}
-    for name in FIGURE_NAMES:
-        figure = plotly_figure(models[name])
-        figures[name] = figure
-        html = out_dir / f"{name}.html"
-        figure.write_html(html, include_plotlyjs="directory", full_html=True)
-        png = out_dir / f"{name}.png"
-        png_figure(models[name]).savefig(png)
-        files += [png, html]
-    summary_path = out_dir / "summary.md"
-    summary_path.write_text(summary_markdown(data), encoding="utf-8")
-    files.append(summary_path)
+    with atomic_dir(out_dir, "--out") as staging:
+        for name in FIGURE_NAMES:
+            figure = plotly_figure(models[name])
+            figures[name] = figure
+            figure.write_html(
+                staging / f"{name}.html", include_plotlyjs="directory", full_html=True
+            )
+            png_figure(models[name]).savefig(staging / f"{name}.png")
+            names += [f"{name}.png", f"{name}.html"]
+        (staging / "summary.md").write_text(summary_markdown(data), encoding="utf-8")
+        names.append("summary.md")
+    files = [out_dir / name for name in names]
     return Report(data=data, out_dir=out_dir, files=files, figures=figures)

@@ -5,7 +5,7 @@ base every table of the file derives from (unknown keys forbidden, frozen, finit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
@@ -25,6 +25,15 @@ Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
 Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 PositiveInt = Annotated[int, Strict(), Field(gt=0, le=2**31 - 1)]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+def IntIn(ge: int, le: int) -> Any:  # noqa: N802 - used as a type
+    """An integer field bounded to [ge, le]. Bounds must sit in the type: ``Int =
+    Field(3, ge=2)`` would lose ``ge=2`` to ``Int``'s own wider bounds (pydantic applies
+    the type's constraints last)."""
+    return Annotated[int, Strict(), Field(ge=ge, le=le)]
+
+
 # numpy's and Optuna's samplers take seeds in [0, 2**32); a trial adds its number.
 Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 2**20)]
 MAX_EPOCHS = 100_000

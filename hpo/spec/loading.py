@@ -20,6 +20,7 @@ from hpo.spec.errors import (
     too_deep,
 )
 from hpo.spec.study_file import NODE_LOCAL_FIELDS, STUDY_NAME_PATTERN, StudySpec
+from hpo.trust import trust_module
 
 
 def resolve_study_path(study: str, studies_dir: Path | None = None) -> Path:
@@ -79,6 +80,8 @@ def load_spec(
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML ({error})") from None
     spec = parse_spec(data, source=str(path), default_name=path.stem)
+    if spec.model.factory is not None:  # this node's own file: its operator chose the code
+        trust_module(spec.model.factory.partition(":")[0])
     if check_paths:
         check_data_root(spec, source=str(path))
     return spec

@@ -17,7 +17,7 @@ from hpo.spec.fields import (
     Count,
     FilePath,
     Float,
-    Int,
+    IntIn,
     PositiveInt,
     Seed,
     Table,
@@ -64,7 +64,7 @@ class DatasetSpec(Table):
     train_size: PositiveInt | None = None
     val_size: PositiveInt | None = None
     val_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
-    image_size: Int = Field(96, ge=16, le=512)
+    image_size: IntIn(16, 512) = 96
     cache_dir: FilePath | None = None
     seed: Seed = 0
 
@@ -176,6 +176,11 @@ class SearchSpec(Table):
 DEFAULT_REPORTS = 4
 
 
+# The longest budget a field may ask for: a year (a typo of 1e12 s would overflow the
+# clocks and deadlines computed from it).
+MAX_SECONDS = 366 * 24 * 3600.0
+
+
 class BudgetSpec(Table):
     """How much training each trial gets, and how many trials.
 
@@ -197,10 +202,10 @@ class BudgetSpec(Table):
     unit: Literal["epochs", "steps", "seconds"] = "epochs"
     epochs: PositiveInt | None = Field(None, le=MAX_EPOCHS)
     steps: PositiveInt | None = None
-    seconds: Float | None = Field(None, gt=0)
+    seconds: Float | None = Field(None, gt=0, le=MAX_SECONDS)
     reports: PositiveInt | None = None
     n_trials: PositiveInt = 20
-    timeout_s: Float | None = Field(None, gt=0)
+    timeout_s: Float | None = Field(None, gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _check_unit(self) -> BudgetSpec:
@@ -210,6 +215,12 @@ class BudgetSpec(Table):
         for name, value in amounts.items():
             if name != self.unit and value is not None:
                 raise ValueError(f"'{name}' is set but unit is {self.unit!r}; set one of them")
+        if self.unit == "steps" and self.reports is not None and self.reports > (self.steps or 0):
+            # A report between two updates would evaluate the same weights again (or none).
+            raise ValueError(
+                f"reports = {self.reports} is more than steps = {self.steps}: a trial "
+                "reports at most once per optimizer update"
+            )
         return self
 
     @property
@@ -279,7 +290,7 @@ class PrunerSpec(Table):
     n_startup_trials: Count = 5
     # kind = "successive_halving" / "hyperband": η, the rungs' spacing and the fraction
     # (1/η) of a rung's trials that go on to the next.
-    reduction_factor: Int = Field(3, ge=2, le=1000)
+    reduction_factor: IntIn(2, 1000) = 3
     # kind = "percentile": keep the top ``percentile`` % of the compared trials at each
     # report (Optuna's PercentilePruner; 50 is the median pruner, 75 prunes less).
     percentile: Float = Field(50.0, gt=0.0, lt=100.0)
@@ -378,7 +389,7 @@ class TrainingSpec(Table):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True
     channels_last: bool = True
-    eval_batch_size: PositiveInt = Field(512, le=65_536)
+    eval_batch_size: IntIn(1, 65_536) = 512
     augment: bool = True
     # Per-sample, per-channel colour gain 1 ± s and offset ± s × 255 with augmentation on;
     # 0 turns it off, 0.05 is a light stain variation (hpo.data.color_jitter).

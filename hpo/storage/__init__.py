@@ -38,6 +38,7 @@ from hpo.storage.opening import (
     check_schema_version,
     open_storage,
     require_study,
+    set_aside_side_files,
 )
 from hpo.storage.rdb import ReconnectingRDBStorage
 from hpo.storage.reconnect import (
@@ -76,6 +77,7 @@ __all__ = [
     "engine_options",
     "is_connection_error",
     "mask_url",
+    "set_aside_side_files",
     "open_storage",
     "require_study",
     "resolve_storage_url",

@@ -5,10 +5,13 @@ as rows in it (``StudyRef``).
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -103,6 +106,48 @@ def check_schema_version(storage: optuna.storages.RDBStorage) -> None:
     )
 
 
+logger = logging.getLogger(__name__)
+
+SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+
+
+def set_aside_side_files(database: Path, only: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Rename ``database``'s ``-wal``/``-shm``/``-journal`` files to ``NAME.lost-PID-NS``
+    so that SQLite never replays them into whatever file is (or will be) at ``database``;
+    with ``only``, just those whose (device, inode) is in it. Returns the new names.
+
+    SQLite finds side files by name and cannot tell whose they are: the WAL of a deleted
+    or replaced file, replayed into a restored one, is "database disk image is malformed".
+    """
+    moved = []
+    for suffix in SQLITE_SIDE_SUFFIXES:
+        side = Path(f"{database}{suffix}")
+        try:
+            stat = os.stat(side)
+            if only is not None and (stat.st_dev, stat.st_ino) not in only:
+                continue
+            target = side.with_name(f"{side.name}.lost-{os.getpid()}-{time.time_ns()}")
+            os.rename(side, target)
+        except FileNotFoundError:
+            continue
+        moved.append(target)
+    return moved
+
+
+def _no_orphaned_side_files(url: str) -> None:
+    """Side files beside a SQLite file that does not exist belong to no database: set
+    them aside before SQLite creates the file and replays them into it."""
+    path = sqlite_path(url)
+    if path is None or str(path) == ":memory:" or path.exists():
+        return
+    for moved in set_aside_side_files(path):
+        logger.warning(
+            "%s had no database file beside it: set aside as %s",
+            moved.name.split(".lost-")[0],
+            moved,
+        )
+
+
 def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     """Optuna's RDB storage for ``url``, with heartbeats, retry of vanished trials and
     reconnects (see the module docstring).
@@ -115,6 +160,7 @@ def open_storage(url: str, *, attempts: int = 3) -> ReconnectingRDBStorage:
     Optuna raises SchemaVersionError at once, without retries.
     """
     backend = make_url(url).get_backend_name()
+    _no_orphaned_side_files(url)  # SQLite only
     engine_kwargs = engine_options(url, PoolSettings.from_env())
     interval, grace = heartbeat_settings()
     lock_on = lock_database()

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpo import secrets
 from hpo.errors import UserError
 from hpo.settings import STORAGE_ENV, PoolSettings, env
 
@@ -45,33 +46,58 @@ def resolve_storage_url(url: str | None) -> str:
             "user name or password as %40"
         )
     try:
-        make_url(chosen)
+        parsed = make_url(chosen)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(
             f"storage URL {mask_url(chosen)!r} is not a SQLAlchemy URL "
             "(e.g. sqlite:///hpo.db, postgresql+psycopg://user:pass@host/db, "
             "mysql+pymysql://user:pass@host/db)"
         ) from None
+    check_backend(parsed.drivername, chosen)
+    if is_in_memory(chosen):
+        # Every hpo command and every worker process opens its own engine, and each
+        # engine's in-memory database starts empty: workers would retry for minutes.
+        raise StorageError(
+            f"storage URL {mask_url(chosen)!r} is an in-memory SQLite database, which lives "
+            "in one connection pool only; hpo's commands and workers each open their own: "
+            "use a file (sqlite:///hpo.db) or a server"
+        )
     return chosen
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print or log)."""
-    scheme, sep, rest = url.partition("://")
+SUPPORTED_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
+
+
+def check_backend(drivername: str, url: str) -> None:
+    """StorageError naming the scheme unless it is a supported database whose driver is
+    installed here (SQLAlchemy would raise NoSuchModuleError / ImportError deep inside)."""
+    backend = drivername.partition("+")[0]
+    if backend not in SUPPORTED_BACKENDS:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: unknown scheme {drivername!r}; use sqlite, "
+            "postgresql+psycopg or mysql+pymysql (also mariadb+pymysql)"
+        )
     try:
-        if not scheme.startswith("sqlite") and rest.count("@") > 1:
-            raise ValueError("ambiguous '@'")
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        # Not parseable: hide anything between '://user:' and the last '@' by hand.
-        if sep and "@" in rest:
-            credentials, _, host = rest.rpartition("@")
-            user = credentials.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
-        return url
-    # hide_password=True writes a literal ***; setting the password to "***" would be
-    # rendered URL-escaped (%2A%2A%2A).
-    return parsed.render_as_string(hide_password=parsed.password is not None)
+        make_url(url).get_dialect()
+    except (ArgumentError, ImportError) as error:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: driver {drivername!r} is not available here "
+            f"({type(error).__name__}); use postgresql+psycopg or mysql+pymysql"
+        ) from None
+
+
+def is_in_memory(url: str) -> bool:
+    """True for a SQLite database that lives in one process's memory only."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or parsed.query.get("mode") == "memory"
+    )
+
+
+def mask_url(url: str) -> str:
+    """The URL with every password (userinfo, query, libpq key=value) replaced by ``***``."""
+    return secrets.mask_url(url)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -88,10 +114,21 @@ def safe_detail(error: BaseException, url: str) -> str:
     while root.__cause__ is not None:
         root = root.__cause__
     detail = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-    password = make_url(url).password
-    if password:
-        detail = detail.replace(str(password), "***")
-    return f"{type(root).__name__}: {detail}"
+    return f"{type(root).__name__}: {secrets.mask_secrets(detail, known_secrets(url))}"
+
+
+def known_secrets(url: str) -> tuple[str, ...]:
+    """The passwords ``url`` carries (userinfo and query), as written and as decoded."""
+    found = {url.partition("://")[2].partition("@")[0].partition(":")[2]}
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return tuple(found)
+    found.add(str(parsed.password or ""))
+    for key, value in parsed.query.items():
+        if secrets.names_a_secret(key):
+            found |= {value} if isinstance(value, str) else set(value)
+    return tuple(s for s in found if s)
 
 
 def engine_options(url: str, pool: PoolSettings) -> dict[str, Any]:
