@@ -161,7 +161,7 @@ def _run_in_process(
     study_name: str,
     storage_url: str,
     node: NodeSettings,
-    splits: tuple[PatchSet, PatchSet],
+    splits: tuple[PatchSet, PatchSet] | None,
     new_trials: int,
     run: dict[str, Any],
 ) -> int:

@@ -87,6 +87,8 @@ def load_spec(
 def check_data_root(spec: StudySpec, *, source: str) -> None:
     """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here and
     its ``dataset.cache_dir`` (if any) is not something else than a directory."""
+    if spec.dataset is None:
+        return
     root = spec.dataset.root
     if root is not None and not root.is_dir():
         raise SpecError(f"{source}: dataset.root: directory {str(root)!r} does not exist")

@@ -132,6 +132,23 @@ class ModelSpec(Table):
         return self
 
 
+class TrainerSpec(Table):
+    """Whose training loop a trial runs: hpo's built-in CNN loop (``function`` unset) or the
+    user's ``function = "package.module:function"``, called as ``function(ctx)`` with an
+    ``hpo.TrialContext`` and returning the trial's final metric. Only the form is checked
+    here; the commands that train import it once before the first trial
+    (``hpo.context.load_trainer``). With a function, ``dataset`` and ``model`` are the
+    trainer's business and may be left out."""
+
+    function: str | None = None
+
+    @model_validator(mode="after")
+    def _check_form(self) -> TrainerSpec:
+        if self.function is not None and not FACTORY_PATTERN.fullmatch(self.function):
+            raise ValueError(f'function {self.function!r} must look like "package.module:function"')
+        return self
+
+
 class SearchSpec(Table):
     """The searched hyperparameters.
 
