@@ -22,6 +22,7 @@ from hpo.settings import KILL_AT_ENV, NodeSettings
 from hpo.spec import StudySpec, load_spec, parse_spec
 from hpo.study import create_or_load_study, superseded_trials
 from hpo.worker import run_worker
+from tests.databases import scratch_database
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "own-training"
@@ -79,9 +80,37 @@ def test_the_own_training_example_prunes_covers_every_batch_size_and_measures_no
         assert trial.user_attrs["epochs_completed"] == 3
         assert trial.user_attrs["train_epochs"] == 3
         assert trial.user_attrs["n_updates"] == 3 * (2048 // trial.params["batch_size"])
-        assert trial.user_attrs["b_simple"] > 0  # the example measures it through ctx.noise
-        assert len(trial.user_attrs["b_simple_per_epoch"]) == 3
+    # The example measures it through ctx.noise (an estimate may still be None while the
+    # averaged |G|² is not positive: few measurements at a large batch).
+    measured = [t for t in complete if (t.user_attrs.get("b_simple") or 0) > 0]
+    assert len(measured) >= len(complete) // 2
+    assert all(len(t.user_attrs["b_simple_per_epoch"]) == 3 for t in measured)
     assert max(t.value for t in complete) > 0.7  # it learns: chance is 0.5
+    report = CliRunner().invoke(app, ["report", "--study", "own-training", "--storage", url])
+    assert report.exit_code == 0, report.output
+    summary = (example_on_path / "reports" / "own-training" / "summary.md").read_text()
+    assert "Fitted lr* ∝ B^α with α = " in summary
+    assert "The measured gradient noise scale B_simple is " in summary
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_two_workers_on_postgresql_finish_the_exact_total(example_on_path: Path) -> None:
+    with scratch_database("postgresql", prefix="tr_") as url:
+        result = CliRunner().invoke(
+            app,
+            ["launch", "--study", str(EXAMPLE_STUDY), "--storage", url, "--workers", "2",
+             "--n-trials", "6"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        trials = _trials(url)
+        states = [t.state for t in trials]
+        assert len(trials) >= 6 and TrialState.RUNNING not in states
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(finished) == 6, states
+        workers = {t.user_attrs["worker"] for t in trials}
+        assert len(workers) == 2  # both processes trained
+        optuna.delete_study(study_name="own-training", storage=url)
 
 
 def test_a_trainer_killed_mid_trial_is_retried_and_resumes_where_it_saved(
