@@ -15,12 +15,10 @@ from hpo.cli.render import print_report, print_summary
 @user_errors
 def status(study: StoredStudyOption, storage: StorageOption = None) -> None:
     """Trials by state, the best trial, and the best value per batch size."""
-    from hpo.storage import resolve_storage_url
-    from hpo.study import load_study
+    from hpo.api import load
 
-    storage_url = resolve_storage_url(storage)
-    loaded = load_study(study, storage_url)
-    print_summary(loaded.study, loaded.spec.objective.metric)
+    result = load(study, storage=storage)
+    print_summary(result.study, result.spec.objective.metric)
 
 
 ArtifactsOption = Annotated[
