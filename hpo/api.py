@@ -91,7 +91,8 @@ class StudyResult:
     def report(self, out: str | Path, *, attach: bool = False) -> Path:
         """Write ``hpo report``'s files (summary.md, PNG and HTML figures) to ``out``;
         returns the summary's path. ``attach`` also puts them on the study for the
-        dashboard (the artifact store beside a SQLite file, else ./hpo-artifacts)."""
+        dashboard (the artifact store beside a SQLite file, else ./hpo-artifacts). A study
+        tracked in MLflow also gets the files on its parent run."""
         from hpo.dashboard import default_artifact_dir
         from hpo.paths import check_writable_dir
         from hpo.report import run_report
@@ -99,7 +100,12 @@ class StudyResult:
         out_dir = Path(out)
         check_writable_dir(out_dir, "out")
         artifacts = default_artifact_dir(self.storage) if attach else None
-        return run_report(self.name, self.storage, out_dir, artifact_dir=artifacts).summary_path
+        written = run_report(self.name, self.storage, out_dir, artifact_dir=artifacts)
+        if self.spec.tracking.mlflow is not None:
+            from hpo.tracking import log_report
+
+            log_report(self.spec.tracking.mlflow, self.name, written.files)
+        return written.summary_path
 
 
 def load(study: str, *, storage: str | None = None) -> StudyResult:

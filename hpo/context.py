@@ -145,7 +145,7 @@ class TrialContext:
     spec: StudySpec
     checkpoint_dir: Path | None
     retry_of: int | None  # the trial this one retries (its worker died), else None
-    on_report: Callable[[float, int, bool], None]
+    on_report: Callable[[float, int, bool, int], None]  # value, number, last, samples
     set_attr: Callable[[str, Any], None]
     noise: GradientNoise = field(default_factory=GradientNoise)
     reported: list[float] = field(default_factory=list)
@@ -174,7 +174,7 @@ class TrialContext:
         self.reported.append(value)
         self.b_simple.append(self.noise.b_simple())
         kill_point("report")  # tests only: a kill -9 between reports ($HPO_TEST_KILL_AT)
-        self.on_report(value, number, number >= self.budget.reports)
+        self.on_report(value, number, number >= self.budget.reports, self.samples)
 
     def set_user_attr(self, key: str, value: Any) -> None:
         """Store a JSON-serializable value on the trial (shown by the dashboard)."""

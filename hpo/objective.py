@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 import torch
@@ -41,6 +41,9 @@ from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
 from hpo.study import original_trial_number, retried_from
 from hpo.train import EpochMetrics, Tally
+
+if TYPE_CHECKING:
+    from hpo.tracking import Tracker
 
 __all__ = ["Objective", "SilentProgress", "TrialOutOfMemory", "TrialProgress", "record_tally"]
 
@@ -90,6 +93,7 @@ class Objective:
     checkpoint_root: Path | None = None
     progress: TrialProgress = field(default_factory=SilentProgress)
     trainer: Trainer | None = None
+    tracker: Tracker | None = None  # MLflow runs ([tracking] mlflow), fed without waiting
     failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
 
     def __post_init__(self) -> None:
@@ -107,6 +111,9 @@ class Objective:
         trial.set_user_attr("device", self.setup.name)
         trial.set_user_attr("precision", self.setup.precision)
         ctx = self._context(trial, params)
+        if self.tracker is not None:
+            worker = trial.user_attrs.get("worker")
+            self.tracker.trial_started(trial.number, ctx.params, {"worker": worker})
         try:
             return self._train(trial, ctx)
         except Exception as error:
@@ -173,11 +180,15 @@ class Objective:
             raise optuna.TrialPruned(f"the trainer returned {final}")
         return final
 
-    def _on_report(self, trial: optuna.Trial, value: float, number: int, last: bool) -> None:
+    def _on_report(
+        self, trial: optuna.Trial, value: float, number: int, last: bool, samples: int
+    ) -> None:
         """Report ``value`` at report ``number`` and ask the pruner. Never at the last
         report: the budget is spent, so pruning would save nothing and throw away a
         full-budget result (without this check, 1-2 trials per demo-sized run were)."""
         trial.report(value, number)
+        if self.tracker is not None:
+            self.tracker.reported(trial.number, value, samples)
         if not last and trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
             metric = self.spec.objective.metric

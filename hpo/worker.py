@@ -284,6 +284,13 @@ def run_one(
     )  # fmt: skip
     kill_point("told")  # tests only: told, its checkpoints not yet cleaned up
     reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
+    if objective.tracker is not None:
+        ended = {
+            "value": value,
+            "fail_reason": reason,
+            "b_simple": trial.user_attrs.get("b_simple"),
+        }
+        objective.tracker.trial_ended(trial.number, state.name, ended)
     objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
@@ -330,7 +337,11 @@ def run_worker(
         return result
     objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
     prepare_to_claim(loaded, total_trials)
-    _claim_run_tell(loaded, objective, total_trials, timeout_s, guard, result)
+    try:
+        _claim_run_tell(loaded, objective, total_trials, timeout_s, guard, result)
+    finally:
+        if objective.tracker is not None:
+            objective.tracker.close()
     _log_failed_saves(result, objective.failed_saves)
     return result
 
@@ -389,15 +400,17 @@ def _objective_on_this_node(
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.context import load_trainer
     from hpo.objective import Objective, SilentProgress
+    from hpo.tracking import make_tracker
 
     check_data_root(spec, source=f"study {loaded.name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
     check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
     progress = progress or SilentProgress()
     root = checkpoint_root(spec)
+    tracker = make_tracker(spec.tracking.mlflow, spec.name)
     if spec.trainer.function is not None:  # the user's trainer loads its own data
         trainer = load_trainer(spec.trainer.function)
-        return Objective(spec, setup, None, loaded.ref, root, progress, trainer)
+        return Objective(spec, setup, None, loaded.ref, root, progress, trainer, tracker)
     from hpo.data import class_counts, num_classes, study_splits
     from hpo.models import check_model
 
@@ -408,7 +421,7 @@ def _objective_on_this_node(
     check_model(
         spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(spec.dataset)
     )
-    return Objective(spec, setup, splits, loaded.ref, root, progress)
+    return Objective(spec, setup, splits, loaded.ref, root, progress, tracker=tracker)
 
 
 def _log_failed_saves(result: WorkerRun, failed_saves: int) -> None:

@@ -22,11 +22,9 @@ from hpo.settings import KILL_AT_ENV, NodeSettings
 from hpo.spec import StudySpec, load_spec, parse_spec
 from hpo.study import create_or_load_study, superseded_trials
 from hpo.worker import run_worker
+from tests.conftest import EXAMPLE_STUDY
 from tests.databases import scratch_database
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "own-training"
-EXAMPLE_STUDY = EXAMPLE / "study.toml"
 FIRST = {"log2_batch_size": 5, "lr": 0.01, "weight_decay": 1e-3}  # a queued trial's params
 
 
@@ -36,17 +34,6 @@ def _example_spec(**changes: object) -> StudySpec:
         table, _, key = dotted.partition("__")
         data.setdefault(table, {})[key] = value
     return parse_spec(data, source="test", default_name="own-training")
-
-
-@pytest.fixture
-def example_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The example's directory importable here and in child processes; cwd a temp dir."""
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLE), str(REPO)]))
-    monkeypatch.chdir(tmp_path)
-    for name in ("HPO_STORAGE", "HPO_STUDIES_DIR", "HPO_CHECKPOINT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
 
 
 def _trials(url: str, name: str = "own-training") -> list[optuna.trial.FrozenTrial]:

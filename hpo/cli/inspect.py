@@ -143,3 +143,20 @@ def report(
         cost_tolerance=cost_tolerance,
     )
     print_report(result, study, storage_url, attached=artifact_dir)
+    _log_report_to_mlflow(study, storage_url, result.files)
+
+
+def _log_report_to_mlflow(study: str, storage_url: str, files: list[Path]) -> None:
+    """The report's files on the study's MLflow parent run, for a study tracked there."""
+    from hpo.api import load
+    from hpo.errors import UserError
+
+    try:
+        uri = load(study, storage=storage_url).spec.tracking.mlflow
+    except UserError:  # a study made by other means: no spec, no tracking
+        return
+    if uri is not None:
+        from hpo.tracking import log_report
+
+        log_report(uri, study, files)
+        console.print(f"logged {len(files)} report files to MLflow run of study {study}")

@@ -27,6 +27,7 @@ from hpo.spec.tables import (
     PrunerSpec,
     SamplerSpec,
     SearchSpec,
+    TrackingSpec,
     TrainerSpec,
     TrainingSpec,
 )
@@ -60,6 +61,7 @@ class StudySpec(Table):
     objective: ObjectiveSpec = ObjectiveSpec()
     training: TrainingSpec = TrainingSpec()
     trainer: TrainerSpec = TrainerSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @property
     def builtin_trainer(self) -> bool:

@@ -1,0 +1,117 @@
+"""MLflow tracking against a real ``mlflow server`` (loopback, SQLite backend): the study's
+parent run, one nested run per trial with its params, reported values and end, the
+report's files on the parent run; a tracker that is down never fails a trial."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from tests.conftest import EXAMPLE_STUDY
+
+pytest.importorskip("mlflow")  # hpo[mlflow]; installed with the dev dependencies
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp_path / "mlflow-artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "mlflow.log", "w")  # noqa: SIM115 (closed with the server)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(1)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _tracked_study(directory: Path, uri: str) -> Path:
+    text = EXAMPLE_STUDY.read_text() + f'\n[tracking]\nmlflow = "{uri}"\n'
+    path = directory / "study.toml"
+    path.write_text(text.replace("n_trials = 10", "n_trials = 5"))
+    return path
+
+
+@pytest.mark.slow
+def test_a_tracked_study_has_a_parent_run_and_a_nested_run_per_trial(
+    example_on_path: Path, mlflow_server: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    url = f"sqlite:///{example_on_path / 'study.db'}"
+    study_file = _tracked_study(example_on_path, mlflow_server)
+    launched = CliRunner().invoke(app, ["launch", "--study", str(study_file), "--storage", url])
+    assert launched.exit_code == 0, launched.output
+    reported = CliRunner().invoke(app, ["report", "--study", "own-training", "--storage", url])
+    assert reported.exit_code == 0, reported.output
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("own-training")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("hpo.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = optuna.load_study(study_name="own-training", storage=url).get_trials()
+    assert len(children) == len(trials) == 5
+    for trial in trials:
+        (run,) = [r for r in children if r.data.tags["hpo.trial"] == str(trial.number)]
+        assert run.data.params["batch_size"] == str(trial.params["batch_size"])
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        assert run.data.tags["hpo.state"] == trial.state.name
+        assert run.data.tags["hpo.worker"] == trial.user_attrs["worker"]
+        history = client.get_metric_history(run.info.run_id, "objective")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+            [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+        )
+        batch = trial.params["batch_size"]
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [
+            k * (2048 // batch) * batch for k in sorted(trial.intermediate_values)
+        ]  # step = samples seen
+        if trial.state.name == "PRUNED":
+            assert run.data.tags["hpo.fail_reason"] == "pruned"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/summary.md" in artifacts
+
+
+def test_a_tracker_that_is_down_never_fails_or_holds_up_a_trial(example_on_path: Path) -> None:
+    url = f"sqlite:///{example_on_path / 'study.db'}"
+    nobody = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    study_file = _tracked_study(example_on_path, nobody)
+    started = time.monotonic()
+    launched = CliRunner().invoke(
+        app, ["launch", "--study", str(study_file), "--storage", url, "--n-trials", "2"]
+    )
+    assert launched.exit_code == 0, launched.output
+    trials = optuna.load_study(study_name="own-training", storage=url).get_trials()
+    assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
+    assert time.monotonic() - started < 120  # the tracker's flush is bounded (FLUSH_S)
