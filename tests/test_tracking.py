@@ -28,32 +28,38 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
+def _start_server(directory: Path, port: int) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "mlflow-artifacts"), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+        "--artifacts-destination", str(directory / "mlflow-artifacts"), "--workers", "1",
     ]  # fmt: skip
-    log = open(tmp_path / "mlflow.log", "w")  # noqa: SIM115 (closed with the server)
+    log = open(directory / "mlflow.log", "a")  # noqa: SIM115 (closed with the server)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
         except OSError:
-            assert server.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+            assert server.poll() is None, (directory / "mlflow.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(1)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    server = _start_server(tmp_path, port)
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        _stop(server)
 
 
 def _tracked_study(directory: Path, uri: str) -> Path:
@@ -115,3 +121,49 @@ def test_a_tracker_that_is_down_never_fails_or_holds_up_a_trial(example_on_path:
     trials = optuna.load_study(study_name="own-training", storage=url).get_trials()
     assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
     assert time.monotonic() - started < 120  # the tracker's flush is bounded (FLUSH_S)
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from hpo.tracking import Tracker
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    tracker = Tracker(uri, "tracked")
+    try:
+        tracker.trial_started(0, {"batch_size": 32, "lr": 0.01}, {"worker": "a:1"})
+        tracker.reported(0, 0.6, 100)
+        deadline = time.monotonic() + 60
+        while tracker.events.qsize() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first events are sent
+        _stop(server)
+        began = time.monotonic()
+        tracker.reported(0, 0.7, 200)  # the server is down: queued, not waited for
+        tracker.trial_ended(0, "COMPLETE", {"value": 0.7, "b_simple": 120.0})
+        tracker.trial_started(1, {"batch_size": 64, "lr": 0.02}, {"worker": "a:1"})
+        tracker.reported(1, 0.5, 64)
+        tracker.trial_ended(1, "PRUNED", {"value": None, "fail_reason": "pruned"})
+        assert time.monotonic() - began < 1.0
+        time.sleep(3)  # the thread has failed and is retrying
+        server = _start_server(tmp_path, port)
+        tracker.close(timeout=90)
+    finally:
+        _stop(server)
+        server = _start_server(tmp_path, port)  # read back what arrived
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("tracked")
+        runs = {
+            r.data.tags.get("hpo.trial"): r for r in client.search_runs([experiment.experiment_id])
+        }
+        first, second = runs["0"], runs["1"]
+        history = client.get_metric_history(first.info.run_id, "objective")
+        assert sorted((m.step, m.value) for m in history) == [(100, 0.6), (200, 0.7)]
+        assert first.data.metrics["b_simple"] == 120.0 and first.info.status == "FINISHED"
+        assert second.data.tags["hpo.fail_reason"] == "pruned" and second.info.status == "KILLED"
+        assert tracker.dropped == 0
+    finally:
+        _stop(server)
