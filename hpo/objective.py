@@ -168,6 +168,7 @@ class Objective:
         finally:
             if not own_attrs:
                 record_reports(trial.set_user_attr, ctx, started)
+                self.progress.finish()  # the study's bar counts the trial (hpo's loop does)
         return self._final_value(trial, ctx, value)
 
     def _final_value(self, trial: optuna.Trial, ctx: TrialContext, value: Any) -> float:

@@ -10,6 +10,7 @@ everything else here is the team's own code. The data is generated (two Gaussian
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,8 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
-def warmup_cosine(total_updates: int) -> callable:
+def warmup_cosine(total_updates: int) -> Callable[[int], float]:
+    """The LR factor at each update: linear warmup, then cosine decay to 0."""
     warmup = max(1, int(WARMUP_FRACTION * total_updates))
 
     def factor(update: int) -> float:
