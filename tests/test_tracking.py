@@ -167,3 +167,34 @@ def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path
         assert tracker.dropped == 0
     finally:
         _stop(server)
+
+
+def test_track_takes_mlflow_tracking_uri_for_a_study_file_without_tracking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hpo.settings import NodeSettings
+    from hpo.spec import load_spec
+
+    monkeypatch.delenv("HPO_TRACK_MLFLOW", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    spec = load_spec(EXAMPLE_STUDY)
+    assert spec.on_node(NodeSettings.from_env()).tracking.mlflow is None  # not without --track
+    node = NodeSettings.from_env(track=True)
+    assert spec.on_node(node).tracking.mlflow == "http://127.0.0.1:5999"
+    # A child worker (hpo launch --workers N) gets it through its environment.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for name, value in node.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert NodeSettings.from_env().mlflow_uri == "http://127.0.0.1:5999"
+
+
+def test_track_without_mlflow_tracking_uri_exits_2_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HPO_TRACK_MLFLOW", raising=False)
+    result = CliRunner().invoke(app, ["worker", "--study", "own-training", "--track"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "--track needs $MLFLOW_TRACKING_URI" in line

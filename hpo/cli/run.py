@@ -13,6 +13,7 @@ from hpo.cli.app import (
     StorageOption,
     StudyOption,
     ThreadsOption,
+    TrackOption,
     app,
     console,
     errors,
@@ -115,6 +116,7 @@ def launch(
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     checkpoint_dir: CheckpointDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
@@ -131,7 +133,7 @@ def launch(
 
     result = launch_study(
         study, storage=storage, n_trials=n_trials, workers=workers, timeout_s=timeout,
-        node=node_settings(data_root, device, threads, checkpoint_dir), progress=progress,
+        node=node_settings(data_root, device, threads, checkpoint_dir, track), progress=progress,
         announce=lambda line: console.print(line, markup=False),
     )  # fmt: skip
     print_summary(result.study, result.spec.objective.metric)
@@ -155,6 +157,7 @@ def worker(
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     checkpoint_dir: CheckpointDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Join a study (its spec is read from the storage) and run trials until the study-wide
     total is reached. SIGTERM/SIGINT re-queue the running trial and stop within seconds.
@@ -168,7 +171,7 @@ def worker(
     from hpo.worker import run_worker
 
     setup_logging()
-    node = node_settings(data_root, device, threads, checkpoint_dir)
+    node = node_settings(data_root, device, threads, checkpoint_dir, track)
     storage_url = resolve_storage_url(storage)
     local_spec = load_spec(spec_file, check_paths=node.data_root is None) if spec_file else None
     loaded = load_study(study, storage_url, parallel=True, local_spec=local_spec)

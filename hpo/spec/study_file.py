@@ -120,10 +120,14 @@ class StudySpec(Table):
             training["num_threads"] = node.num_threads
         if node.checkpoint_dir is not None:
             training["checkpoint_dir"] = node.checkpoint_dir
+        tracking = self.tracking
+        if node.mlflow_uri is not None and tracking.mlflow is None:  # --track
+            tracking = tracking.model_copy(update={"mlflow": node.mlflow_uri})
         return self.model_copy(
             update={
                 "dataset": self.dataset and self.dataset.model_copy(update=dataset),
                 "training": self.training.model_copy(update=training),
+                "tracking": tracking,
             }
         )
 
