@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import PCAM
 
-import hpo.objective as hpo_objective
+import hpo.cnn_trainer as hpo_cnn_trainer
 import hpo.train as hpo_train
 from hpo.checkpoint import TrialCheckpoint
 from hpo.data import DeviceBatcher, _draw_synthetic, batch_indices, channel_stats, load_splits
@@ -337,7 +337,7 @@ def one_trial(spec: StudySpec, setup, splits, batch_size: int, directory: Path,
                 return "gap pass" if patches is captured["data"].train_probe else "eval"
 
             patches = [
-                (hpo_objective, "prepare_data", prepare),
+                (hpo_cnn_trainer, "prepare_data", prepare),
                 (hpo_train, "train_step", clock.wrap("step", hpo_train.train_step)),
                 # Every NOISE_SCALE_EVERY-th update: an update that also measures
                 # the gradient noise scale (two half-batch backward passes).

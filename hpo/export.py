@@ -56,7 +56,7 @@ def best_configuration(
         )
     best = summary.best if batch_size is None else _best_at(study, summary, batch_size)
 
-    model = spec.model.model_dump(mode="json", exclude_none=True)
+    model = None if spec.model is None else spec.model.model_dump(mode="json", exclude_none=True)
     configuration: dict[str, Any] = {
         "study": summary.study_name,
         "trial": best.number,
@@ -76,6 +76,7 @@ def best_configuration(
         "epochs_completed": best.user_attrs.get("epochs_completed"),
         "precision": best.user_attrs.get("precision"),
         "model": model,
+        "trainer": spec.trainer.function,  # None (left out): hpo's built-in trainer
         "by_batch_size": [_row(row) for row in summary.by_batch_size],
     }
     return _without_none(configuration) | study_cost(summary)

@@ -201,13 +201,17 @@ def local_devices(workers: int) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
 
 
-def prepare_launch(spec: StudySpec, node: NodeSettings, workers: int) -> tuple[PatchSet, PatchSet]:
+def prepare_launch(
+    spec: StudySpec, node: NodeSettings, workers: int
+) -> tuple[PatchSet, PatchSet] | None:
     """Everything ``hpo launch`` checks before the study exists, on the spec as this node
     runs it (``node``'s overrides applied): the device, the checkpoint directory, threads
     and ``workers`` against this node's cores, the data root, the model with the dataset's
     head, and the data itself. Raises a UserError (exit 2) at the first that fails, before
     anything is written. Returns the splits, loaded and checked (``hpo.datacheck``): an
-    in-process worker trains on these tensors, child workers load (and check) their own."""
+    in-process worker trains on these tensors, child workers load (and check) their own.
+    With ``[trainer] function``, the trainer's module is imported instead of the model and
+    data checks (the trainer loads its own), and None is returned."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
     from hpo.data import num_classes, study_splits
     from hpo.device import select_device
@@ -222,6 +226,12 @@ def prepare_launch(spec: StudySpec, node: NodeSettings, workers: int) -> tuple[P
     check_cpu_count(workers, "--workers")
     # Before the study exists, with the head the trials will train (this node's data).
     check_data_root(here, source=f"study {spec.name!r} on this node")
+    if here.trainer.function is not None:
+        from hpo.context import load_trainer
+
+        load_trainer(here.trainer.function)
+        return None
+    assert spec.model is not None and spec.dataset is not None and here.dataset is not None
     check_model(
         spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(here.dataset)
     )

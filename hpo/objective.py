@@ -1,17 +1,18 @@
 """The only code that turns an Optuna trial into a training run.
 
 ``Objective(trial)`` reads top to bottom: parameters from the trial (clamped to this
-device's batch-size cap), a seeded run, resume from the checkpoint of the trial it
-retries, ``hpo.train.fit`` with a report and a pruning decision after every epoch, the
-per-trial user attrs. How a trial ends, as the worker and Optuna see it:
+device's batch-size cap), a ``TrialContext`` for them (``hpo.context``: seed, budget,
+checkpoint directory, report and pruning), the study's trainer called with it (hpo's own
+CNN loop, ``hpo.cnn_trainer``, or the user's ``[trainer] function``), and the trial's end.
+How a trial ends, as the worker and Optuna see it, whoever's trainer ran:
 
-- completes: the objective at the last epoch is returned;
-- pruned (``fail_reason = "pruned"``) or diverged (``"diverged"``): ``optuna.TrialPruned``;
+- completes: the value the trainer returned (the last reported one when it returned None);
+- pruned (``fail_reason = "pruned"``) or diverged (``"diverged"``: a reported or returned
+  value that is not finite, or a training loss that became one): ``optuna.TrialPruned``;
 - out of memory (``"oom"``): the device's cap is lowered to half the batch size, memory
-  is freed and ``TrialOutOfMemory`` is raised (the worker fails the trial and goes on).
-
-A checkpoint that cannot be written is a warning, never a trial's end; one that cannot be
-read makes the retry start from epoch 0 (user attr ``checkpoint_unreadable``).
+  is freed and ``TrialOutOfMemory`` is raised (the worker fails the trial and goes on);
+- a trainer that returned without ever calling ``ctx.report`` fails (``"no report"``), and
+  one that raised fails with the error as its reason (``hpo.worker.run_one``).
 """
 
 from __future__ import annotations
@@ -20,29 +21,33 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
+import torch
 
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
-from hpo.checkpoint import (
-    CheckpointSaveFailed,
-    CheckpointUnreadable,
-    CheckpointWriter,
-    TrialCheckpoint,
-)
+from hpo.checkpoint import TrialCheckpoint
+from hpo.cnn_trainer import CnnTrainer, SilentProgress, record_tally
+from hpo.context import Budget, Diverged, Trainer, TrialContext, load_trainer
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.resource import TrainingBudget
-from hpo.settings import kill_point
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
 from hpo.study import original_trial_number, retried_from
-from hpo.train import Diverged, EpochMetrics, Tally, TrainingRun, build_run, fit, prepare_data
+from hpo.train import EpochMetrics, Tally
+
+if TYPE_CHECKING:
+    from hpo.tracking import Tracker
+
+__all__ = ["Objective", "SilentProgress", "TrialOutOfMemory", "TrialProgress", "record_tally"]
+
+NO_REPORT = "no report: the trainer returned without calling ctx.report(value, ...)"
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +76,11 @@ class TrialProgress(Protocol):
         """The trial's end state as told to the study (COMPLETE, PRUNED, FAIL, WAITING)."""
 
 
-class SilentProgress:
-    def start(self, trial_number: int, params: TrialParams, budget: TrainingBudget) -> None:
-        pass
-
-    def step(self, report: int, loss: float, tally: Tally) -> None:
-        pass
-
-    def report_end(self, metrics: EpochMetrics, objective_name: str, tally: Tally) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def ended(self, trial_number: int, state: str, value: float | None, reason: str | None) -> None:
-        pass
-
-
 @dataclass
 class Objective:
     """Trains one Optuna trial per call. Built once per worker: the spec as this node
-    runs it, the device resolved at start, the splits loaded once.
+    runs it, the device resolved at start, the trainer imported (or hpo's own built on the
+    splits loaded once; ``splits`` is None for a user's trainer, which loads its own data).
 
     ``study`` (the stored study, for the batch-size cap) and ``checkpoint_root`` are
     optional so a bare in-memory Optuna study can run it too.
@@ -99,63 +88,117 @@ class Objective:
 
     spec: StudySpec
     setup: DeviceSetup
-    splits: tuple[PatchSet, PatchSet]
+    splits: tuple[PatchSet, PatchSet] | None
     study: StudyRef | None = None
     checkpoint_root: Path | None = None
     progress: TrialProgress = field(default_factory=SilentProgress)
+    trainer: Trainer | None = None
+    tracker: Tracker | None = None  # MLflow runs ([tracking] mlflow), fed without waiting
     failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
     # Seconds the worker waited for the claim that gave it the next trial (set by the
     # worker before each trial): recorded as that trial's ``device_seconds_idle``.
     idle_seconds: float = 0.0
-    # Writes the epoch checkpoints in the background (``training.checkpoint_async``).
-    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+
+    def __post_init__(self) -> None:
+        if self.trainer is not None:
+            return
+        if self.spec.trainer.function is not None:
+            self.trainer = load_trainer(self.spec.trainer.function)
+        else:
+            if self.splits is None:
+                raise ValueError("hpo's built-in trainer needs the study's splits")
+            self.trainer = CnnTrainer(self.setup, self.splits, self.progress)
 
     def __call__(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
         params = self._params(trial)
         trial.set_user_attr("device", self.setup.name)  # the device kind
         trial.set_user_attr("precision", self.setup.precision)
+        ctx = self._context(trial, params)
+        if self.tracker is not None:
+            worker = trial.user_attrs.get("worker")
+            self.tracker.trial_started(trial.number, ctx.params, {"worker": worker})
         try:
-            return self._train(trial, params, started)
+            return self._train(trial, ctx)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
             trial.set_user_attr("fail_reason", "oom")
+        finally:
+            self.failed_saves += ctx.save_failures
+            record_device_time(trial.set_user_attr, ctx, started, self.idle_seconds)
         # Outside the handler: the traceback, which held the run and its activations, is
         # gone, so freeing memory really frees it.
         raise self._out_of_memory(trial, params)
 
-    def _on_step(self, report: int, loss: float, tally: Tally) -> None:
-        kill_point("step")  # tests only: a kill -9 mid-epoch ($HPO_TEST_KILL_AT)
-        self.progress.step(report, loss, tally)
+    def _context(self, trial: optuna.Trial, params: TrialParams) -> TrialContext:
+        """The trial as its trainer sees it: a retry replays its original's seed and
+        checkpoint directory (``ROOT/STUDY/trial-N``, N the original trial's number)."""
+        original = original_trial_number(trial)
+        directory = None
+        if self.checkpoint_root is not None:
+            directory = TrialCheckpoint.in_root(self.checkpoint_root, original).path.parent
+        budget = self.spec.budget
+        return TrialContext(
+            params={
+                "batch_size": params.batch_size, "lr": params.lr,
+                "weight_decay": params.weight_decay,
+            },
+            trial_params=params, device=self.setup.device,
+            budget=Budget(budget.unit, budget.amount, budget.report_count),
+            seed=self.spec.seed + original, trial_number=trial.number, spec=self.spec,
+            checkpoint_dir=directory, retry_of=retried_from(trial),
+            on_report=partial(self._on_report, trial), set_attr=trial.set_user_attr,
+        )  # fmt: skip
 
-    def _train(self, trial: optuna.Trial, params: TrialParams, started: float) -> float:
-        """Fit with a report and a pruning decision after every epoch; the objective at the
-        last epoch. Per-trial user attrs are written however it ends."""
-        data = prepare_data(self.splits, self.setup, self.spec.training)
-        seed = self.spec.seed + original_trial_number(trial)  # a retry replays its original
-        run, checkpoint = self._resume(trial, params, seed)
-        resumed = Tally(train_seconds=run.tally.train_seconds, eval_seconds=run.tally.eval_seconds)
-        budget = TrainingBudget.for_trial(self.spec.budget, len(data.train), params.batch_size)
-        trial.set_user_attr("budget_unit", budget.unit)
-        trial.set_user_attr("budget_per_report", budget.amount / budget.reports)
-        self.progress.start(trial.number, params, budget)
+    def _train(self, trial: optuna.Trial, ctx: TrialContext) -> float:
+        """The trainer's run and the trial's value; a user's trainer gets the torch seed, its
+        saved state on a retry, and a summary of its reports as user attrs however it ends
+        (hpo's own loop records its own: ``record_tally``)."""
+        started = time.perf_counter()
+        trial.set_user_attr("budget_unit", ctx.budget.unit)
+        trial.set_user_attr("budget_per_report", ctx.budget.per_report)
+        own_attrs = getattr(self.trainer, "records_own_attrs", False)
+        if not own_attrs:
+            torch.manual_seed(ctx.seed)
+            if ctx.retry_of is not None:
+                trial.set_user_attr("retry_of", ctx.retry_of)
+                trial.set_user_attr("resumed_from_report", ctx.load_saved_state())
+        assert self.trainer is not None
         try:
-            fit(
-                run, data, self.setup, self.spec, params,
-                on_step=lambda report, loss: self._on_step(report, loss, run.tally),
-                on_epoch=lambda metrics: self._after_epoch(trial, run, metrics, checkpoint),
-            )  # fmt: skip
-            return run.tally.history[-1].objective(self.spec.objective.metric)
+            value = self.trainer(ctx)
         except Diverged as diverged:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
-            if checkpoint is not None and checkpoint.writer is not None:
-                self._saved(trial, checkpoint.writer.wait)  # the last epoch's file is there
-            record_tally(trial, run.tally, started, budget=budget)
-            record_device_time(trial, run.tally, resumed, started, self.idle_seconds)
-            self.progress.finish()
+            if not own_attrs:
+                record_reports(trial.set_user_attr, ctx, started)
+                self.progress.finish()  # the study's bar counts the trial (hpo's loop does)
+        return self._final_value(trial, ctx, value)
+
+    def _final_value(self, trial: optuna.Trial, ctx: TrialContext, value: Any) -> float:
+        if not ctx.reported:
+            trial.set_user_attr("fail_reason", NO_REPORT)
+            raise RuntimeError(NO_REPORT)
+        final = ctx.reported[-1] if value is None else float(value)
+        if not math.isfinite(final):
+            trial.set_user_attr("fail_reason", "diverged")
+            raise optuna.TrialPruned(f"the trainer returned {final}")
+        return final
+
+    def _on_report(
+        self, trial: optuna.Trial, value: float, number: int, last: bool, samples: int
+    ) -> None:
+        """Report ``value`` at report ``number`` and ask the pruner. Never at the last
+        report: the budget is spent, so pruning would save nothing and throw away a
+        full-budget result (without this check, 1-2 trials per demo-sized run were)."""
+        trial.report(value, number)
+        if self.tracker is not None:
+            self.tracker.reported(trial.number, value, samples)
+        if not last and trial.should_prune():
+            trial.set_user_attr("fail_reason", "pruned")
+            metric = self.spec.objective.metric
+            raise optuna.TrialPruned(f"pruned at report {number}: {metric} = {value:.4f}")
 
     def _params(self, trial: optuna.Trial) -> TrialParams:
         """Sampled parameters, the batch size clamped to the cap read now: an enqueued
@@ -176,70 +219,6 @@ class Objective:
             params = dataclasses.replace(params, batch_size=clamped)
         return params
 
-    def _resume(
-        self, trial: optuna.Trial, params: TrialParams, seed: int
-    ) -> tuple[TrainingRun, TrialCheckpoint | None]:
-        """A seeded run and the trial's checkpoint file; a retry first loads what its
-        predecessor saved (user attrs ``retry_of`` and ``resumed_from_epoch``, 0 when there
-        was none). An unreadable checkpoint is moved aside and the retry starts from epoch
-        0 on a fresh run (user attr ``checkpoint_unreadable`` says why and where it went)."""
-        run = build_run(self.spec, params, self.setup, seed=seed)
-        if self.checkpoint_root is None:
-            return run, None
-        writer = self.writer if self.spec.training.checkpoint_async else None
-        number = original_trial_number(trial)
-        checkpoint = TrialCheckpoint.in_root(self.checkpoint_root, number, writer)
-        retry_of = retried_from(trial)
-        if retry_of is None:
-            return run, checkpoint
-        trial.set_user_attr("retry_of", retry_of)
-        try:
-            resumed_from = checkpoint.load_into(run)
-        except CheckpointUnreadable as unreadable:
-            logger.warning("trial %d starts from epoch 0: %s", trial.number, unreadable)
-            trial.set_user_attr("checkpoint_unreadable", str(unreadable)[:500])
-            run = build_run(self.spec, params, self.setup, seed=seed)
-            resumed_from = 0
-        trial.set_user_attr("resumed_from_epoch", resumed_from)
-        return run, checkpoint
-
-    def _after_epoch(
-        self,
-        trial: optuna.Trial,
-        run: TrainingRun,
-        metrics: EpochMetrics,
-        checkpoint: TrialCheckpoint | None,
-    ) -> None:
-        """Show, report, prune, checkpoint: what happens between two epochs."""
-        metric = self.spec.objective.metric
-        self.progress.report_end(metrics, metric, run.tally)
-        value = metrics.objective(metric)
-        if not math.isfinite(value):
-            raise Diverged(f"{metric} is {value} at report {metrics.epoch}")
-        trial.report(value, metrics.epoch)
-        # Never at the last report: the budget is spent, so pruning would save nothing and
-        # throw away a full-budget result (without this check, 1-2 trials per demo-sized
-        # run were).
-        if metrics.epoch < self.spec.budget.report_count and trial.should_prune():
-            trial.set_user_attr("fail_reason", "pruned")
-            raise optuna.TrialPruned(f"pruned at report {metrics.epoch}: {metric} = {value:.4f}")
-        if checkpoint is not None:
-            self._saved(trial, lambda: checkpoint.save(run))
-
-    def _saved(self, trial: optuna.Trial, save: Callable[[], None]) -> None:
-        """Checkpoint the epoch (or wait for the write in the background); a failed save
-        (disk full, I/O error) is a warning, counted on the trial (``checkpoint_save_failures``)
-        and on the worker (``failed_saves``): the trial goes on, and only a resume after a
-        crash would start from an older epoch."""
-        try:
-            save()
-        except CheckpointSaveFailed as failed:
-            self.failed_saves += 1
-            failures = int(trial.user_attrs.get("checkpoint_save_failures", 0)) + 1
-            logger.warning("trial %d: %s; training goes on", trial.number, failed)
-            trial.set_user_attr("checkpoint_save_failures", failures)
-            trial.set_user_attr("checkpoint_save_error", str(failed)[:500])
-
     def _out_of_memory(self, trial: optuna.Trial, params: TrialParams) -> TrialOutOfMemory:
         release_device_memory(self.setup.device.type)
         new_cap = None
@@ -253,61 +232,40 @@ class Objective:
         )
 
 
-def record_tally(
-    trial: optuna.Trial, tally: Tally, started: float, *, budget: TrainingBudget | None = None
-) -> None:
-    """Store the per-trial metrics as user attributes (also on pruned and failed trials).
-
-    The resource spent is recorded in all three budget units, whichever the study uses:
-    ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
-    updates) and ``train_seconds`` (training time, evaluation not counted).
-    ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
-    """
-    seconds = tally.train_seconds
-    attrs: dict[str, float | int | list[float | None] | None] = {
-        "epochs_completed": len(tally.history),
-        "n_updates": tally.updates,
-        "train_seconds": seconds,
-        "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    if budget is not None:
-        attrs["train_epochs"] = budget.epochs(tally.updates)
-    if tally.history:
-        last = tally.history[-1]
-        attrs.update(
-            val_auc=last.val_auc,
-            val_acc=last.val_acc,
-            val_loss=last.val_loss,
-            train_loss=last.train_loss,
-            best_val_auc=max(m.val_auc for m in tally.history),
-            best_val_acc=max(m.val_acc for m in tally.history),
-            best_val_loss=min(m.val_loss for m in tally.history),
-        )
-        if last.train_acc is not None:  # measured after the last epoch only (train.fit)
-            attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
-    if tally.b_simple:
-        # The gradient noise scale (hpo.noise): the last epoch's estimate and every epoch's.
-        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-
-
 def record_device_time(
-    trial: optuna.Trial, tally: Tally, resumed: Tally, started: float, idle_seconds: float
+    set_attr: Any, ctx: TrialContext, started: float, idle_seconds: float
 ) -> None:
     """The device-seconds this attempt held the device (``hpo.report.device_hours``):
-    ``device_seconds_train`` and ``device_seconds_eval`` (what this attempt trained and
-    evaluated: a resumed run's tally starts at its predecessor's, ``resumed``),
     ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
-    of it from the wait to now (data preparation, resume and checkpoints included)."""
-    train = tally.train_seconds - resumed.train_seconds
-    evaluation = tally.eval_seconds - resumed.eval_seconds
+    of it from the wait to now (data preparation, resume and checkpoints included). hpo's
+    own loop records ``device_seconds_train`` and ``device_seconds_eval`` itself
+    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``."""
     held = time.perf_counter() - started
-    trial.set_user_attr("device_seconds_train", train)
-    trial.set_user_attr("device_seconds_eval", evaluation)
-    trial.set_user_attr("device_seconds_idle", idle_seconds)
-    trial.set_user_attr("device_seconds", idle_seconds + max(held, train + evaluation))
+    set_attr("device_seconds_idle", idle_seconds)
+    set_attr("device_seconds", idle_seconds + max(held, ctx.busy_seconds))
+
+
+def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
+    """A user's trainer's run as user attrs, named as hpo's own loop names them:
+    ``epochs_completed`` (reports made), ``n_updates`` and ``train_samples`` (as last told
+    to ``ctx.report``), ``train_epochs`` (reports times the epochs each stands for, with a
+    budget in epochs), ``train_seconds`` and ``wall_time_s`` (the trainer's whole call),
+    ``samples_per_s``, and the gradient noise scale (``b_simple``, ``b_simple_per_epoch``)
+    when the trainer measured it."""
+    seconds = time.perf_counter() - started
+    set_attr("epochs_completed", len(ctx.reported))
+    if ctx.budget.unit == "epochs":  # the budget axis: each report is a share of the epochs
+        set_attr("train_epochs", len(ctx.reported) * ctx.budget.per_report)
+    set_attr("wall_time_s", seconds)
+    set_attr("train_seconds", seconds)
+    if ctx.updates:
+        set_attr("n_updates", ctx.updates)
+    if ctx.samples:
+        set_attr("train_samples", ctx.samples)
+        set_attr("samples_per_s", ctx.samples / seconds if seconds else 0.0)
+    if any(value is not None for value in ctx.b_simple):
+        set_attr("b_simple", ctx.b_simple[-1])
+        set_attr("b_simple_per_epoch", list(ctx.b_simple))
 
 
 def train_trial(
@@ -319,11 +277,14 @@ def train_trial(
     checkpoint_root: Path | None = None,
 ) -> float:
     """One trial outside a worker (tests, benchmarks, a notebook): the device selected from
-    the spec and the splits loaded unless given. A worker builds its ``Objective`` once."""
+    the spec and, for hpo's own trainer, the splits loaded unless given. A worker builds
+    its ``Objective`` once."""
+    if splits is None and spec.builtin_trainer:
+        splits = study_splits(spec)
     objective = Objective(
         spec,
         select_device(spec.training),
-        splits if splits is not None else study_splits(spec),
+        splits,
         study=study,
         checkpoint_root=checkpoint_root,
     )

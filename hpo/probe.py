@@ -20,6 +20,7 @@ import torch
 from hpo.caps import PROBE_ATTR_PREFIX, read_batch_cap, write_batch_cap
 from hpo.data import DeviceBatcher, num_classes
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.errors import UserError
 from hpo.spec import StudySpec, TrialParams
 from hpo.storage import StudyRef
 from hpo.train import build_model_on, make_optimizer, train_step
@@ -159,6 +160,14 @@ def probe_study(
     study: StudyRef, spec: StudySpec, setup: DeviceSetup, *, steps: int = 3
 ) -> tuple[ProbeResult, int | None]:
     """``hpo probe``: probe ``spec``'s batch sizes on ``setup`` and store the result on
-    the study. Returns the result and the cap now stored for this device."""
+    the study. Returns the result and the cap now stored for this device. Raises a
+    UserError for a study with ``[trainer] function``: the probe times hpo's own step,
+    which says nothing of another trainer's memory."""
+    if spec.trainer.function is not None:
+        raise UserError(
+            f"study {spec.name!r} trains with trainer.function = {spec.trainer.function!r}: "
+            "hpo probe measures hpo's built-in trainer only (an out-of-memory trial of your "
+            "trainer lowers this device's batch-size cap by itself)"
+        )
     result = probe_batch_sizes(spec, setup=setup, steps=steps)
     return result, store_probe(study, result)

@@ -41,6 +41,10 @@ THREADS_ENV = "HPO_NUM_THREADS"
 CHECKPOINT_ENV = "HPO_CHECKPOINT_DIR"
 TRUSTED_MODULES_ENV = "HPO_TRUSTED_MODULES"
 DASHBOARD_HOSTS_ENV = "HPO_DASHBOARD_HOSTS"
+# ``--track``: trials go to MLflow at $MLFLOW_TRACKING_URI (MLflow's own variable); a child
+# worker gets the URI in HPO_TRACK_MLFLOW.
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+TRACK_ENV = "HPO_TRACK_MLFLOW"
 CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 DASHBOARD_USER_ENV = "HPO_DASHBOARD_USER"
@@ -178,6 +182,7 @@ class NodeSettings:
     device: DeviceChoice | None = None
     num_threads: int | None = None
     checkpoint_dir: Path | None = None
+    mlflow_uri: str | None = None  # --track: MLflow tracking where the study file names none
 
     @classmethod
     def from_env(
@@ -187,9 +192,11 @@ class NodeSettings:
         device: str | None = None,
         num_threads: int | None = None,
         checkpoint_dir: Path | None = None,
+        track: bool = False,
     ) -> NodeSettings:
         """Flags given here, else ``HPO_DATA_ROOT`` / ``HPO_DEVICE`` / ``HPO_NUM_THREADS``
-        / ``HPO_CHECKPOINT_DIR``. Raises SettingsError naming the variable or flag."""
+        / ``HPO_CHECKPOINT_DIR``; ``track`` (``--track``) takes ``$MLFLOW_TRACKING_URI``.
+        Raises SettingsError naming the variable or flag."""
         device = device or env(DEVICE_ENV)
         if device is not None and device not in DEVICE_CHOICES:
             raise SettingsError(
@@ -205,7 +212,13 @@ class NodeSettings:
             raise SettingsError(f"--threads {num_threads} must be a positive integer")
         root = data_root or _path(env(DATA_ROOT_ENV))
         checkpoints = checkpoint_dir or _path(env(CHECKPOINT_ENV))
-        return cls(root, cast("DeviceChoice | None", device), num_threads, checkpoints)
+        mlflow_uri = env(TRACK_ENV)
+        if track:
+            mlflow_uri = env(MLFLOW_URI_ENV)
+            if not mlflow_uri:
+                raise SettingsError(f"--track needs ${MLFLOW_URI_ENV} (the MLflow tracking URI)")
+        device_choice = cast("DeviceChoice | None", device)
+        return cls(root, device_choice, num_threads, checkpoints, mlflow_uri)
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that give a child process the same node settings."""
@@ -214,6 +227,7 @@ class NodeSettings:
             DEVICE_ENV: self.device,
             THREADS_ENV: self.num_threads,
             CHECKPOINT_ENV: self.checkpoint_dir,
+            TRACK_ENV: self.mlflow_uri,
         }
         return {name: str(value) for name, value in values.items() if value is not None}
 

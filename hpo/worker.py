@@ -288,6 +288,13 @@ def run_one(
     )  # fmt: skip
     kill_point("told")  # tests only: told, its checkpoints not yet cleaned up
     reason = trial.user_attrs.get("fail_reason") if state != TrialState.COMPLETE else None
+    if objective.tracker is not None:
+        ended = {
+            "value": value,
+            "fail_reason": reason,
+            "b_simple": trial.user_attrs.get("b_simple"),
+        }
+        objective.tracker.trial_ended(trial.number, state.name, ended)
     objective.progress.ended(trial.number, state.name, value, reason)
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
@@ -348,7 +355,11 @@ def run_worker(
         return result
     objective = _objective_on_this_node(loaded, spec, setup, progress, splits)
     prepare_to_claim(loaded, total_trials)
-    _claim_run_tell(loaded, objective, total_trials, timeout_s, guard, result)
+    try:
+        _claim_run_tell(loaded, objective, total_trials, timeout_s, guard, result)
+    finally:
+        if objective.tracker is not None:
+            objective.tracker.close()
     _log_failed_saves(result, objective.failed_saves)
     return result
 
@@ -404,26 +415,34 @@ def _objective_on_this_node(
     splits: tuple[PatchSet, PatchSet] | None = None,
 ) -> Objective:
     """Everything a trial needs from this node, checked before the first claim (exit 2 for
-    a missing data root, an unusable checkpoint directory, too many threads, a model or
-    factory this node cannot build, data that cannot be trained on: ``hpo.datacheck``),
-    with the data loaded once."""
+    a missing data root, an unusable checkpoint directory, too many threads, a trainer
+    module this node cannot import, a model or factory this node cannot build, data that
+    cannot be trained on: ``hpo.datacheck``), with the data loaded once."""
     from hpo.checkpoint import check_checkpoint_dir, checkpoint_root
-    from hpo.data import class_counts, num_classes, study_splits
-    from hpo.models import check_model
+    from hpo.context import load_trainer
     from hpo.objective import Objective, SilentProgress
+    from hpo.tracking import make_tracker
 
     check_data_root(spec, source=f"study {loaded.name!r} on this node")
     check_checkpoint_dir(checkpoint_root(spec))
     check_cpu_count(spec.training.num_threads, THREADS_SOURCES)
+    progress = progress or SilentProgress()
+    root = checkpoint_root(spec)
+    tracker = make_tracker(spec.tracking.mlflow, spec.name)
+    if spec.trainer.function is not None:  # the user's trainer loads its own data
+        trainer = load_trainer(spec.trainer.function)
+        return Objective(spec, setup, None, loaded.ref, root, progress, trainer, tracker)
+    from hpo.data import class_counts, num_classes, study_splits
+    from hpo.models import check_model
+
+    assert spec.dataset is not None and spec.model is not None  # the spec's own check
     splits = study_splits(spec) if splits is None else splits
     counts = class_counts(spec.dataset, splits)
     loaded.ref.set_user_attr(CLASS_COUNTS_ATTR, counts)  # the same from every node
     check_model(
         spec.model, image_size=spec.dataset.image_size, num_classes=num_classes(spec.dataset)
     )
-    return Objective(
-        spec, setup, splits, loaded.ref, checkpoint_root(spec), progress or SilentProgress()
-    )
+    return Objective(spec, setup, splits, loaded.ref, root, progress, tracker=tracker)
 
 
 def _log_failed_saves(result: WorkerRun, failed_saves: int) -> None:

@@ -20,7 +20,12 @@ default_omp_wait_policy()
 
 from hpo.objective import train_trial  # noqa: E402
 
-__all__ = ["tiny_study_text", "train_trial"]
+__all__ = ["EXAMPLE_STUDY", "tiny_study_text", "train_trial"]
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "own-training"  # a user's own trainer ([trainer] function)
+EXAMPLE_STUDY = EXAMPLE / "study.toml"
+
 
 # Property tests draw the same examples on every run (CI must not flake on a new seed);
 # their coverage comes from many generated inputs, not from a different draw each time.
@@ -114,3 +119,14 @@ def far_from_utc() -> Iterator[None]:
         else:
             os.environ["TZ"] = machine
         time.tzset()
+
+
+@pytest.fixture
+def example_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The example's directory importable here and in child processes; cwd a temp dir."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLE), str(REPO)]))
+    monkeypatch.chdir(tmp_path)
+    for name in ("HPO_STORAGE", "HPO_STUDIES_DIR", "HPO_CHECKPOINT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path

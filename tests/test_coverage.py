@@ -281,8 +281,8 @@ def test_a_worker_retries_a_diverged_first_round_batch_size_until_it_completes(
     from hpo.objective import Objective
     from hpo.worker import run_worker
 
-    def train(self: Objective, trial: optuna.Trial, params: object) -> float:
-        if params.batch_size == 16 and "cover_attempt" not in trial.user_attrs:
+    def train(self: Objective, trial: optuna.Trial, ctx: object) -> float:
+        if ctx.trial_params.batch_size == 16 and "cover_attempt" not in trial.user_attrs:
             trial.set_user_attr("fail_reason", "diverged")
             raise optuna.TrialPruned("diverged")
         return 0.8

@@ -90,12 +90,26 @@ CheckpointDirOption = Annotated[
 ]
 
 
+TrackOption = Annotated[
+    bool,
+    typer.Option(
+        "--track",
+        help="Track the trials in MLflow at $MLFLOW_TRACKING_URI when the study file has no [tracking] mlflow (needs hpo[mlflow]).",
+    ),
+]
+
+
 def node_settings(
-    data_root: Path | None, device: str | None, threads: int | None, checkpoint_dir: Path | None
+    data_root: Path | None,
+    device: str | None,
+    threads: int | None,
+    checkpoint_dir: Path | None,
+    track: bool = False,
 ) -> NodeSettings:
     return NodeSettings.from_env(
-        data_root=data_root, device=device, num_threads=threads, checkpoint_dir=checkpoint_dir
-    )
+        data_root=data_root, device=device, num_threads=threads, checkpoint_dir=checkpoint_dir,
+        track=track,
+    )  # fmt: skip
 
 
 def setup_logging() -> None:

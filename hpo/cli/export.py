@@ -43,22 +43,15 @@ def export(
 ) -> None:
     """The best configuration (batch_size, lr, weight_decay, optimizer, momentum, epochs,
     model, precision, the metric and its value, the trial) and the best-per-batch-size table."""
-    from hpo.export import (
-        best_configuration,
-        dumps_configuration,
-        export_format,
-        write_configuration,
-        write_trials_csv,
-    )
-    from hpo.storage import resolve_storage_url
-    from hpo.study import load_study
+    from hpo.api import load
+    from hpo.export import dumps_configuration, export_format, write_configuration, write_trials_csv
 
     if out is not None:
         export_format(out)  # an unknown extension fails before the storage is opened
-    loaded = load_study(study, resolve_storage_url(storage))
-    configuration = best_configuration(loaded.study, loaded.spec, batch_size=batch_size)
+    result = load(study, storage=storage)
+    configuration = result.export(batch_size=batch_size)
     if trials_csv is not None:
-        rows = write_trials_csv(loaded.study, trials_csv)
+        rows = write_trials_csv(result.study, trials_csv)
         errors.print(f"wrote {rows} trials to {trials_csv}", markup=False, soft_wrap=True)
     if out is None:
         typer.echo(dumps_configuration(configuration, "json"), nl=False)

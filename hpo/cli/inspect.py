@@ -15,12 +15,10 @@ from hpo.cli.render import print_report, print_summary
 @user_errors
 def status(study: StoredStudyOption, storage: StorageOption = None) -> None:
     """Trials by state, the best trial, and the best value per batch size."""
-    from hpo.storage import resolve_storage_url
-    from hpo.study import load_study
+    from hpo.api import load
 
-    storage_url = resolve_storage_url(storage)
-    loaded = load_study(study, storage_url)
-    print_summary(loaded.study, loaded.spec.objective.metric)
+    result = load(study, storage=storage)
+    print_summary(result.study, result.spec.objective.metric)
 
 
 ArtifactsOption = Annotated[
@@ -183,3 +181,20 @@ def report(
         cost_tolerance=cost_tolerance,
     )
     print_report(result, study, storage_url, attached=artifact_dir)
+    _log_report_to_mlflow(study, storage_url, result.files)
+
+
+def _log_report_to_mlflow(study: str, storage_url: str, files: list[Path]) -> None:
+    """The report's files on the study's MLflow parent run, for a study tracked there."""
+    from hpo.api import load
+    from hpo.errors import UserError
+
+    try:
+        uri = load(study, storage=storage_url).spec.tracking.mlflow
+    except UserError:  # a study made by other means: no spec, no tracking
+        return
+    if uri is not None:
+        from hpo.tracking import log_report
+
+        log_report(uri, study, files)
+        console.print(f"logged {len(files)} report files to MLflow run of study {study}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -13,6 +13,7 @@ from hpo.cli.app import (
     StorageOption,
     StudyOption,
     ThreadsOption,
+    TrackOption,
     app,
     console,
     errors,
@@ -21,11 +22,8 @@ from hpo.cli.app import (
     user_errors,
 )
 from hpo.cli.render import print_dashboard_hint, print_probe, print_summary
-from hpo.settings import NodeSettings, default_omp_wait_policy
+from hpo.settings import default_omp_wait_policy
 from hpo.spec import load_spec
-
-if TYPE_CHECKING:
-    from hpo.data import PatchSet
 
 TrialsOption = Annotated[
     int | None,
@@ -140,63 +138,32 @@ def launch(
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     checkpoint_dir: CheckpointDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Create the study from its file (or continue it), run trials, print the best per batch
     size. Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
     default_omp_wait_policy()  # before torch is imported
-    from hpo.launcher import local_devices, prepare_launch, run_worker_processes
-    from hpo.storage import mask_url, resolve_storage_url, sqlite_path
-    from hpo.study import count_finished, create_or_load_study, run_outcome
+    from hpo.api import launch as launch_study
+    from hpo.cli.progress import BarProgress, LineProgress
+    from hpo.storage import sqlite_path
 
     setup_logging()
-    node = node_settings(data_root, device, threads, checkpoint_dir)
-    spec = load_spec(study, check_paths=node.data_root is None)
-    storage_url = resolve_storage_url(storage)  # a bad URL before any data is read
-    splits = prepare_launch(spec, node, workers)  # every check before the study exists
-    loaded = create_or_load_study(spec, storage_url, parallel=workers > 1)
-    already = count_finished(loaded.study)
-    first_number = len(loaded.study.get_trials(deepcopy=False))
-    new_trials = n_trials or spec.budget.n_trials
-    console.print(
-        f"study [bold]{spec.name}[/] in {mask_url(storage_url)}: {already} finished trials; "
-        f"running {new_trials} more with {workers} worker(s)"
-    )
-    run = dict(total_trials=already + new_trials, timeout_s=timeout or spec.budget.timeout_s)
-    # The worker (in this process or in each child) opens its own pool: close this one's
-    # idle connection, or it sits on the database for the whole run (docs/scale.md).
-    loaded.storage.dispose()
-    if workers == 1:
-        code = _run_in_process(spec.name, storage_url, node, splits, new_trials, run)
-    else:
-        del splits  # each child holds its own copy
-        devices = local_devices(workers)
-        code = run_worker_processes(spec.name, storage_url, devices=devices, node=node, **run)
-    print_summary(loaded.study, spec.objective.metric)
-    where = sqlite_path(storage_url)
+
+    def progress(new_trials: int) -> BarProgress | LineProgress:
+        # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines.
+        return BarProgress(new_trials) if console.is_terminal else LineProgress("")
+
+    result = launch_study(
+        study, storage=storage, n_trials=n_trials, workers=workers, timeout_s=timeout,
+        node=node_settings(data_root, device, threads, checkpoint_dir, track), progress=progress,
+        announce=lambda line: console.print(line, markup=False),
+    )  # fmt: skip
+    print_summary(result.study, result.spec.objective.metric)
+    where = sqlite_path(result.storage)
     if where is not None:
         console.print(f"storage: SQLite file {where}")
-    print_dashboard_hint(storage_url)
-    _finish(code, run_outcome(loaded.study, first_number))
-
-
-def _run_in_process(
-    study_name: str,
-    storage_url: str,
-    node: NodeSettings,
-    splits: tuple[PatchSet, PatchSet],
-    new_trials: int,
-    run: dict[str, Any],
-) -> int:
-    """``hpo launch --workers 1``: one worker in this process, on the splits already
-    loaded, with a progress bar. Returns its exit code."""
-    from hpo.cli.progress import BarProgress, LineProgress
-    from hpo.worker import run_worker
-
-    # Off a terminal (a log file, CI, Slurm) a live bar is cut at 80 columns: lines instead.
-    bar = BarProgress(new_trials) if console.is_terminal else LineProgress("")
-    with bar:
-        result = run_worker(study_name, storage_url, progress=bar, node=node, splits=splits, **run)
-    return result.exit_code
+    print_dashboard_hint(result.storage)
+    _finish(result.exit_code, result.outcome)
 
 
 @app.command()
@@ -212,6 +179,7 @@ def worker(
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     checkpoint_dir: CheckpointDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Join a study (its spec is read from the storage) and run trials until the study-wide
     total is reached. SIGTERM/SIGINT re-queue the running trial and stop within seconds.
@@ -225,7 +193,7 @@ def worker(
     from hpo.worker import run_worker
 
     setup_logging()
-    node = node_settings(data_root, device, threads, checkpoint_dir)
+    node = node_settings(data_root, device, threads, checkpoint_dir, track)
     storage_url = resolve_storage_url(storage)
     local_spec = load_spec(spec_file, check_paths=node.data_root is None) if spec_file else None
     loaded = load_study(study, storage_url, parallel=True, local_spec=local_spec)

@@ -10,7 +10,7 @@ ones that only read a file. One concern per module, every public name re-exporte
 
 - ``fields``: the number and path types a value may have, and the base of every table.
 - ``tables``: the tables below the top level (dataset, model, search, budget, pruner,
-  sampler, objective, training) and ``TrialParams``.
+  sampler, objective, training, trainer) and ``TrialParams``.
 - ``study_file``: ``StudySpec``, the whole file: checks across tables, node-local fields
   and a node's overrides of them, the JSON form stored on the study.
 - ``errors``: ``SpecError``, the one-line message naming each bad field, and the depth
@@ -53,6 +53,8 @@ from hpo.spec.tables import (
     PrunerSpec,
     SamplerSpec,
     SearchSpec,
+    TrackingSpec,
+    TrainerSpec,
     TrainingSpec,
     TrialParams,
     describe_metric,
@@ -84,6 +86,8 @@ __all__ = [
     "Seed",
     "SpecError",
     "StudySpec",
+    "TrackingSpec",
+    "TrainerSpec",
     "TrainingSpec",
     "TrialParams",
     "check_data_root",

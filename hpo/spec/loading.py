@@ -80,8 +80,11 @@ def load_spec(
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML ({error})") from None
     spec = parse_spec(data, source=str(path), default_name=path.stem)
-    if spec.model.factory is not None:  # this node's own file: its operator chose the code
+    # This node's own file: its operator chose the code it names.
+    if spec.model is not None and spec.model.factory is not None:
         trust_module(spec.model.factory.partition(":")[0])
+    if spec.trainer.function is not None:
+        trust_module(spec.trainer.function.partition(":")[0])
     if check_paths:
         check_data_root(spec, source=str(path))
     return spec
@@ -90,6 +93,8 @@ def load_spec(
 def check_data_root(spec: StudySpec, *, source: str) -> None:
     """Raise SpecError unless the spec's ``dataset.root`` (if any) is a directory here and
     its ``dataset.cache_dir`` (if any) is not something else than a directory."""
+    if spec.dataset is None:
+        return
     root = spec.dataset.root
     if root is not None and not root.is_dir():
         raise SpecError(f"{source}: dataset.root: directory {str(root)!r} does not exist")

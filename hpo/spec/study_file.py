@@ -27,6 +27,8 @@ from hpo.spec.tables import (
     PrunerSpec,
     SamplerSpec,
     SearchSpec,
+    TrackingSpec,
+    TrainerSpec,
     TrainingSpec,
 )
 
@@ -49,20 +51,34 @@ NODE_LOCAL_FIELDS = frozenset(
 class StudySpec(Table):
     name: str = Field(max_length=MAX_NAME_LENGTH)
     seed: Seed = 0
-    dataset: DatasetSpec
-    model: ModelSpec
+    # Both required by hpo's built-in trainer; optional with ``[trainer] function``.
+    dataset: DatasetSpec | None = None
+    model: ModelSpec | None = None
     search: SearchSpec
     budget: BudgetSpec
     pruner: PrunerSpec = PrunerSpec()
     sampler: SamplerSpec = SamplerSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     training: TrainingSpec = TrainingSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @property
+    def builtin_trainer(self) -> bool:
+        """Whether trials run hpo's own CNN loop (no ``[trainer] function``)."""
+        return self.trainer.function is None
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> StudySpec:
         if not STUDY_NAME_PATTERN.fullmatch(self.name):
             raise ValueError(f"name {self.name!r} must match [a-z0-9][a-z0-9_-]*")
-        train_size = self.dataset.known_train_size()
+        for table in ("dataset", "model"):
+            if self.builtin_trainer and getattr(self, table) is None:
+                raise ValueError(
+                    f"[{table}] is missing: hpo's built-in trainer needs it "
+                    '(or set [trainer] function = "package.module:function")'
+                )
+        train_size = self.dataset.known_train_size() if self.dataset is not None else None
         if train_size is not None and self.search.batch_size_max > train_size:
             raise ValueError(
                 f"search.batch_size_max = {self.search.batch_size_max} is larger than the "
@@ -92,7 +108,11 @@ class StudySpec(Table):
         sets them (never stored, never compared; see ``NODE_LOCAL_FIELDS``)."""
         dataset: dict[str, Any] = {}
         training: dict[str, Any] = {}
-        if node.data_root is not None and self.dataset.kind != "synthetic":
+        if (
+            node.data_root is not None
+            and self.dataset is not None
+            and self.dataset.kind != "synthetic"
+        ):
             dataset["root"] = node.data_root
         if node.device is not None:
             training["device"] = node.device
@@ -100,10 +120,14 @@ class StudySpec(Table):
             training["num_threads"] = node.num_threads
         if node.checkpoint_dir is not None:
             training["checkpoint_dir"] = node.checkpoint_dir
+        tracking = self.tracking
+        if node.mlflow_uri is not None and tracking.mlflow is None:  # --track
+            tracking = tracking.model_copy(update={"mlflow": node.mlflow_uri})
         return self.model_copy(
             update={
-                "dataset": self.dataset.model_copy(update=dataset),
+                "dataset": self.dataset and self.dataset.model_copy(update=dataset),
                 "training": self.training.model_copy(update=training),
+                "tracking": tracking,
             }
         )
 

@@ -132,6 +132,41 @@ class ModelSpec(Table):
         return self
 
 
+class TrainerSpec(Table):
+    """Whose training loop a trial runs: hpo's built-in CNN loop (``function`` unset) or the
+    user's ``function = "package.module:function"``, called as ``function(ctx)`` with an
+    ``hpo.TrialContext`` and returning the trial's final metric. Only the form is checked
+    here; the commands that train import it once before the first trial
+    (``hpo.context.load_trainer``). With a function, ``dataset`` and ``model`` are the
+    trainer's business and may be left out."""
+
+    function: str | None = None
+
+    @model_validator(mode="after")
+    def _check_form(self) -> TrainerSpec:
+        if self.function is not None and not FACTORY_PATTERN.fullmatch(self.function):
+            raise ValueError(f'function {self.function!r} must look like "package.module:function"')
+        return self
+
+
+class TrackingSpec(Table):
+    """Where trials are tracked besides the study: ``mlflow`` is an MLflow tracking URI
+    (``http://host:5000``); one parent run per study, one nested run per trial
+    (``hpo.tracking``; needs ``hpo[mlflow]`` on the nodes)."""
+
+    mlflow: str | None = Field(None, min_length=1, max_length=2000)
+
+    @model_validator(mode="after")
+    def _check_no_credentials(self) -> TrackingSpec:
+        # The spec is stored on the study as JSON, readable by every user of the database.
+        if self.mlflow is not None and "@" in self.mlflow.partition("://")[2].split("/")[0]:
+            raise ValueError(
+                "mlflow: a tracking URI with credentials would be stored on the study; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on each node instead"
+            )
+        return self
+
+
 class SearchSpec(Table):
     """The searched hyperparameters.
 
