@@ -27,6 +27,8 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.weight_decay is not None:
+        lines += _weight_decay(data)
     if data.cost is not None:
         lines += _cost(data)
     if data.importances:
@@ -81,6 +83,38 @@ def _table(data: ReportData) -> list[str]:
             "batch size's complete and pruned trials trained together."
         )
     lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
+    return lines
+
+
+def _weight_decay(data: ReportData) -> list[str]:
+    """The best weight decay per batch size, whether it was searched, and τ_epoch."""
+    assert data.weight_decay is not None
+    view = data.weight_decay
+    lines = ["", "## Weight decay", "", view.describe(), ""]
+    if not view.rows:
+        return lines
+    lines += [
+        "| batch size | best weight decay | weight decays tried | lr | τ_epoch | τ interval |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in view.rows:
+        interval = (
+            f"{row.tau_low:.3g} to {row.tau_high:.3g}"
+            if row.tau_low is not None and row.tau_high is not None
+            else "-"
+        )
+        lines.append(
+            f"| {row.batch_size} | {row.weight_decay:.2g}{'' if row.searched else ' (fixed)'} "
+            f"| {row.n_weight_decays} | {row.lr:.3g} | {format_cell(row.tau_epoch, '.3g')} "
+            f"| {interval} |"
+        )
+    lines += [
+        "",
+        "τ_epoch = B/(η·λ·N): the epochs over which the weights average past updates "
+        "(Wang & Aitchison 2024); its interval spans the midpoints to the nearest LR and "
+        "weight decay tried at that batch size. (fixed): one weight decay among the batch "
+        "size's complete trials.",
+    ]
     return lines
 
 
