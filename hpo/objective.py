@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import optuna
 
@@ -30,6 +30,7 @@ from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.noise import fieller_interval
 from hpo.resource import TrainingBudget
 from hpo.settings import kill_point
 from hpo.space import sample_params
@@ -246,7 +247,7 @@ def record_tally(
     ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
     """
     seconds = tally.train_seconds
-    attrs: dict[str, float | int | list[float | None] | None] = {
+    attrs: dict[str, Any] = {
         "epochs_completed": len(tally.history),
         "n_updates": tally.updates,
         "train_seconds": seconds,
@@ -268,11 +269,41 @@ def record_tally(
         )
         if last.train_acc is not None:  # measured after the last epoch only (train.fit)
             attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
-    if tally.b_simple:
-        # The gradient noise scale (hpo.noise): the last epoch's estimate and every epoch's.
-        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
+    attrs.update(noise_scale_attrs(tally))
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
+
+def noise_scale_attrs(tally: Tally) -> dict[str, Any]:
+    """The gradient noise scale (hpo.noise) as user attrs: ``b_simple`` (the ratio of the
+    means of the trial's measurements), ``b_simple_interval`` [low, high] (Fieller's, at
+    ``NOISE_SCALE_CONFIDENCE``; high null: only a lower bound), ``b_simple_measurements``
+    and the running sums ``b_simple_sums`` (a batch size's trials are pooled from them),
+    the per-report EMA ``b_simple_per_epoch``; or, with no estimate, ``b_simple_missing``:
+    why. Trials from before the sums were kept fall back to the EMA's last value."""
+    attrs: dict[str, Any] = {}
+    if tally.b_simple:
+        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
+    sums = tally.noise.float_sums()
+    count = int(sums.get("n", 0))
+    attrs["b_simple_measurements"] = count
+    if count:
+        attrs["b_simple_sums"] = sums
+    ratio, low, high = fieller_interval(sums)
+    if ratio is not None:
+        attrs.update(b_simple=ratio, b_simple_interval=[low, high])
+        return attrs
+    attrs.pop("b_simple", None)
+    if count < 3:
+        attrs["b_simple_missing"] = (
+            f"{count} measurement(s) of the gradient noise scale; an estimate needs 3"
+        )
+    else:
+        attrs["b_simple_missing"] = (
+            "the mean |G|² or tr(Σ) estimate over the trial's measurements is not positive: "
+            "the gradient is too small against its noise to measure at this batch size"
+        )
+    return attrs
 
 
 def train_trial(
