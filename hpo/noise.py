@@ -39,8 +39,6 @@ NOISE_SCALE_EVERY = 32
 # trials pay more (the demo's B = 128: 64 updates, k = 8); the study's total stays near
 # the 3% budget (docs/benchmarks.md, noise_overhead.py --adaptive).
 NOISE_SCALE_MIN_MEASUREMENTS = 8
-# The two-sided confidence of a trial's B_simple interval (Fieller's, ``fieller_interval``).
-NOISE_SCALE_CONFIDENCE = 0.9
 
 
 def noise_every_for(total_updates: int | None) -> int:
@@ -50,50 +48,6 @@ def noise_every_for(total_updates: int | None) -> int:
     if total_updates is None:
         return NOISE_SCALE_EVERY
     return max(2, min(NOISE_SCALE_EVERY, total_updates // NOISE_SCALE_MIN_MEASUREMENTS))
-
-
-def fieller_interval(
-    sums: dict[str, float], confidence: float = NOISE_SCALE_CONFIDENCE
-) -> tuple[float | None, float | None, float | None]:
-    """(ratio, low, high) of tr(Σ)/|G|² from the running sums of the per-measurement
-    estimates (``NoiseScaleEstimate.sums``): the ratio of their means and Fieller's
-    interval for a ratio of two means (Student's t with n − 1 degrees of freedom, the
-    sample covariance of the pairs). ``high`` is None when the |G|² mean is not distinguishable from 0 at that
-    confidence (the interval then has no upper end: only a lower bound), and everything is
-    None with fewer than 3 measurements or a mean |G|² ≤ 0."""
-    from scipy import stats
-
-    n = sums.get("n", 0.0)
-    if n < 3:
-        return None, None, None
-    mean_g, mean_t = sums["g"] / n, sums["t"] / n
-    if mean_g <= 0 or mean_t <= 0:
-        return None, None, None
-    ratio = mean_t / mean_g
-
-    def covariance(xy: str, x: str, y: str) -> float:
-        return (sums[xy] - sums[x] * sums[y] / n) / (n - 1) / n  # of the means
-
-    v_gg, v_tt, v_gt = (
-        covariance("gg", "g", "g"),
-        covariance("tt", "t", "t"),
-        covariance("gt", "g", "t"),
-    )
-    z2 = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) ** 2
-    a = mean_g**2 - z2 * v_gg
-    b = -2 * (mean_t * mean_g - z2 * v_gt)
-    c = mean_t**2 - z2 * v_tt
-    discriminant = max(0.0, b * b - 4 * a * c)  # ≥ 0 whenever a > 0: the ratio is inside
-    root = math.sqrt(discriminant)
-    if a <= 0:
-        # |G|² not told from 0: the set is unbounded above; its lower end is the larger
-        # root when the ratio lies above it (the set is the outside of the roots), else 0.
-        if a == 0 or discriminant == 0:
-            return ratio, 0.0, None
-        larger = max((-b - root) / (2 * a), (-b + root) / (2 * a))
-        return ratio, max(0.0, larger) if ratio >= larger else 0.0, None
-    low, high = sorted(((-b - root) / (2 * a), (-b + root) / (2 * a)))
-    return ratio, max(low, 0.0), high
 
 
 # EMA decay per measurement: an effective window of ~100 measurements (~3200 updates at k=32).

@@ -30,7 +30,7 @@ from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch
 from hpo.checkpoint import CheckpointSaveFailed, CheckpointUnreadable, TrialCheckpoint
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
-from hpo.noise import fieller_interval
+from hpo.noise_interval import fieller_interval
 from hpo.resource import TrainingBudget
 from hpo.settings import kill_point
 from hpo.space import sample_params
@@ -244,11 +244,12 @@ def record_tally(
     The resource spent is recorded in all three budget units, whichever the study uses:
     ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
     updates) and ``train_seconds`` (training time, evaluation not counted).
-    ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
+    ``reports_completed`` is the number of reports made; ``epochs_completed`` the whole
+    passes over the training set (with several reports per epoch, fewer than the reports).
     """
     seconds = tally.train_seconds
     attrs: dict[str, Any] = {
-        "epochs_completed": len(tally.history),
+        "reports_completed": len(tally.history),
         "n_updates": tally.updates,
         "train_seconds": seconds,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
@@ -256,6 +257,7 @@ def record_tally(
     }
     if budget is not None:
         attrs["train_epochs"] = budget.epochs(tally.updates)
+        attrs["epochs_completed"] = tally.updates // budget.steps_per_epoch
     if tally.history:
         last = tally.history[-1]
         attrs.update(

@@ -275,7 +275,7 @@ def _sums(pairs: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def test_fieller_interval_covers_a_planted_noise_scale_at_its_confidence() -> None:
-    from hpo.noise import fieller_interval
+    from hpo.noise_interval import fieller_interval
 
     rng = random.Random(0)
     covered = 0
@@ -287,7 +287,7 @@ def test_fieller_interval_covers_a_planted_noise_scale_at_its_confidence() -> No
 
 
 def test_fieller_interval_is_only_a_lower_bound_when_the_gradient_is_lost_in_noise() -> None:
-    from hpo.noise import fieller_interval
+    from hpo.noise_interval import fieller_interval
 
     rng = random.Random(1)
     pairs = [(0.2 + rng.gauss(0, 3), 50 + rng.gauss(0, 5)) for _ in range(6)]

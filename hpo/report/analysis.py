@@ -195,7 +195,7 @@ def collect(
         importances=values,
         importances_reason=reason,
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
-        noise_scale=measured_b_simple(study, top_k=top_k),
+        noise_scale=measured_b_simple(study, top_k=top_k, batch_size_of=trial_batch_size),
         noise_curves=b_simple_curves(top_trials_by_batch_size(study, top_k)),
         cost=_cost_view_quietly(study, metric, cost_tolerance),
         weight_decay=weight_decay_view(

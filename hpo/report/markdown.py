@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 
 from hpo.report.analysis import ReportData, trial_batch_size
+from hpo.report.critical_batch import describe_critical_batch_size
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
-from hpo.report.noise_scale import describe_critical_batch_size
 from hpo.report.table import batch_size_table, cost_table, format_cell
 
 
