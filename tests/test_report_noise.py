@@ -403,3 +403,37 @@ def test_noise_figure_counts_reports_not_epochs() -> None:
     study.add_trial(_trial(32, 0.9, 80.0, curve=[40.0, 60.0, 80.0]))
     curves, _ = figure_models(collect(study, "val_auc"))["noise_scale"].panels
     assert curves.x.title == "report" and "report" in curves.title
+
+
+def test_png_ridge_panel_labels_its_learning_rate_axis() -> None:
+    """Best LRs within one decade: a log axis with no major tick inside; its labels are the
+    minor ticks', which the batch-size axis's fixed ticks must not switch off."""
+    from hpo.report import png_figure
+
+    study = optuna.create_study(direction="maximize")
+    for batch_size, lr in ((16, 0.012), (32, 0.02), (64, 0.03), (128, 0.05)):
+        study.add_trial(
+            create_trial(
+                value=0.9,
+                params={
+                    "log2_batch_size": int(math.log2(batch_size)),
+                    "lr": lr,
+                    "weight_decay": 1e-4,
+                },
+                distributions=DISTRIBUTIONS,
+                user_attrs={"batch_size": batch_size},
+            )
+        )
+    figure = png_figure(figure_models(collect(study, "val_auc"))["noise_scale"])
+    figure.canvas.draw()
+    ridge = figure.axes[1]
+    labels = [t.get_text() for t in ridge.get_yticklabels() + ridge.get_yticklabels(minor=True)]
+    low, high = ridge.get_ylim()
+    shown = [
+        t.get_text()
+        for t, v in zip(
+            ridge.get_yticklabels(minor=True), ridge.yaxis.get_minorticklocs(), strict=False
+        )
+        if low <= v <= high and t.get_text()
+    ]
+    assert any(labels) and shown

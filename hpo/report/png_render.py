@@ -89,8 +89,13 @@ def _draw_panel(
         _draw_layer(figure, axes, layer)
     _set_axis(axes, "x", panel.x)
     _set_axis(axes, "y", panel.y)
-    if panel.x.ticks or panel.y.ticks:
-        axes.minorticks_off()  # a log axis's minor ticks would crowd the labelled ones
+    for which, axis in (("x", panel.x), ("y", panel.y)):
+        if axis.ticks:
+            # A log axis's minor ticks would crowd the labelled ones. Only on that axis: the
+            # other one may span less than a decade, where its minor ticks are its only labels.
+            from matplotlib.ticker import NullLocator
+
+            getattr(axes, f"{which}axis").set_minor_locator(NullLocator())
     if panel.title:
         axes.set_title(panel.title)
     if axes.get_legend_handles_labels()[0]:
