@@ -127,9 +127,14 @@ class ScalingFit:
     def _describe_unbracketed(self) -> str:
         if not self.unbracketed:
             return ""
+        by_batch: dict[int, list[str]] = {}
+        for b, side in self.unbracketed:
+            by_batch.setdefault(b, []).append(side)
         sides = ", ".join(
-            f"B = {b} ({'lowest' if side == 'below' else 'highest'})"
-            for b, side in self.unbracketed
+            f"B = {b} (no worse LR tried on either side)"
+            if len(found) == 2
+            else f"B = {b} ({'lowest' if found[0] == 'below' else 'highest'})"
+            for b, found in by_batch.items()
         )
         return (
             f" Caution: at {sides} the best trial is the extreme LR tried there, so that batch "
