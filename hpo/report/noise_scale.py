@@ -134,7 +134,7 @@ def fit_lr_ridge(
     floats = [(float(b), float(lr)) for b, lr in points]
     b_noise, eps_max = _fit(floats, grid)
     ends = {"smallest_batch": float(batch_sizes[0]), "largest_batch": float(batch_sizes[-1])}
-    if len(points) < 3:
+    if len(points) < 3 or bootstrap < 1:  # bootstrap 0: the fit alone, no interval
         return RidgeFit(eps_max, b_noise, None, None, len(points), **ends)
     rng = random.Random(seed)
     draws = []
