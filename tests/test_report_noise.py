@@ -437,3 +437,16 @@ def test_png_ridge_panel_labels_its_learning_rate_axis() -> None:
         if low <= v <= high and t.get_text()
     ]
     assert any(labels) and shown
+
+
+def test_a_batch_size_without_an_estimate_is_named_with_why() -> None:
+    from hpo.report.critical_batch import describe_measured
+    from hpo.report.noise_scale import BatchSizeNoiseScale
+
+    measured = MeasuredNoiseScale(
+        50.0, 50.0, 50.0, 3, 50.0, 20.0, 120.0, 30,
+        (BatchSizeNoiseScale(16, None, None, None, 2, 32), BatchSizeNoiseScale(32, 50.0, 20.0, 120.0, 2, 16)),
+    )  # fmt: skip
+    text = describe_measured(measured)
+    assert "B = 16: no estimate (32 measurements of 2 trial(s)" in text
+    assert "B = 32: 50 (20 to 120, 16 measurements of 2 trial(s))" in text

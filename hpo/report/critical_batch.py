@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hpo.report.noise_scale import MeasuredNoiseScale, RidgeFit, describe_ridge, examples
+from hpo.report.noise_scale import (
+    BatchSizeNoiseScale,
+    MeasuredNoiseScale,
+    RidgeFit,
+    describe_ridge,
+    examples,
+)
 
 # An interval whose ends are further apart than this factor pins nothing down: two
 # estimates that overlap only through it do not "agree".
@@ -84,10 +90,11 @@ def verdict(ridge: RidgeFit, measured: MeasuredNoiseScale) -> Verdict:
         settle = "; ".join(
             [SETTLE_RIDGE] * ("the ridge's" in wide) + [SETTLE_MEASURED] * ("B_simple's" in wide)
         )
+        spans = "interval spans" if len(wide) == 1 else "intervals span"
         return Verdict(
             "cannot tell",
-            f"the intervals overlap, but {' and '.join(wide)} spans more than a factor "
-            f"{TOO_WIDE:.0f} or has no upper end",
+            f"the intervals overlap, but {' and '.join(wide)} {spans} more than a factor "
+            f"{TOO_WIDE:.0f} or {'has' if len(wide) == 1 else 'have'} no upper end",
             settle,
         )
     return Verdict("agree", "their intervals overlap")
@@ -118,20 +125,24 @@ def describe_measured(measured: MeasuredNoiseScale) -> str | None:
         )
     else:
         return None
-    rows = [row for row in measured.by_batch_size if row.value is not None]
-    if rows:
-        text += (
-            " Per batch size: "
-            + "; ".join(
-                f"B = {row.batch_size}: {examples(row.value)} "
-                f"({_interval_text((row.low, row.high if row.high is not None else math.inf))}, "
-                f"{row.n_measurements} measurements)"
-                for row in rows
-                if row.low is not None
-            )
-            + "."
-        )
+    if measured.by_batch_size:
+        text += " Per batch size: " + "; ".join(map(_batch_size_text, measured.by_batch_size)) + "."
     return text
+
+
+def _batch_size_text(row: BatchSizeNoiseScale) -> str:
+    """One batch size's pooled B_simple in words: value and interval, a lower bound, or why
+    there is none."""
+    counted = f"{row.n_measurements} measurements of {row.n_trials} trial(s)"
+    if row.value is None or row.low is None:
+        return (
+            f"B = {row.batch_size}: no estimate ({counted}; the mean |G|² or tr(Σ) estimate "
+            "is not positive or there are fewer than 3)"
+        )
+    if row.high is None and row.low <= 0:
+        return f"B = {row.batch_size}: {examples(row.value)}, unbounded either way ({counted})"
+    interval = _interval_text((row.low, row.high if row.high is not None else math.inf))
+    return f"B = {row.batch_size}: {examples(row.value)} ({interval}, {counted})"
 
 
 def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) -> str:

@@ -82,7 +82,10 @@ def _table(data: ReportData) -> list[str]:
             f" Trials were compared at equal {unit} (budget.unit); {unit} spent: what the "
             "batch size's complete and pruned trials trained together."
         )
-    lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
+    lines += [
+        "b_simple: the best trial's gradient noise scale, the ratio of the means of its "
+        "measurements over its training (- : no estimate; the trial's b_simple_missing says why)."
+    ]
     return lines
 
 
