@@ -509,3 +509,25 @@ def test_caution_names_a_batch_size_once_when_neither_side_is_bracketed() -> Non
     assert "B = 16 (no worse LR tried on either side)" in text
     assert "B = 16 (lowest)" not in text and "B = 16 (highest)" not in text
     assert "B = 32 (lowest)" in text
+
+
+def test_summary_predicts_lr_at_twice_and_four_times_the_largest_batch_size() -> None:
+    study = scaling_study(1.0, batch_sizes=(16, 32, 64, 128))
+    text = summary_markdown(collect(study, "val_auc"), figure_links=False)
+    assert "## Predicted beyond the studied batch sizes (extrapolated)" in text
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| 256 ") or line.startswith("| 512 ")
+    }
+    assert set(rows) == {"256", "512"}
+    # lr* = 0.01·(B/16): 0.16 at 256, 0.32 at 512; predicted within a factor 2, and the
+    # interval widens further out.
+    widths = {}
+    for batch_size, truth in (("256", 0.16), ("512", 0.32)):
+        cells = rows[batch_size].split("|")
+        assert truth / 2 <= float(cells[2]) <= truth * 2
+        low, high = (float(v) for v in cells[3].split(" to "))
+        assert low <= float(cells[2]) <= high
+        widths[batch_size] = high / low
+    assert widths["512"] > widths["256"]

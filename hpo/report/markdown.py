@@ -29,6 +29,7 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += _table(data)
     if data.weight_decay is not None:
         lines += _weight_decay(data)
+    lines += _predictions(data)
     if data.cost is not None:
         lines += _cost(data)
     if data.importances:
@@ -119,6 +120,44 @@ def _weight_decay(data: ReportData) -> list[str]:
         "size's complete trials.",
     ]
     return lines
+
+
+def _predictions(data: ReportData) -> list[str]:
+    """Predicted LR and weight decay at 2× and 4× the largest studied batch size (80%
+    intervals, the model the leave-one-batch-size-out error chose); nothing with fewer
+    than three batch sizes."""
+    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_configuration
+
+    if not data.fit.batch_sizes:
+        return []
+    largest = max(data.fit.batch_sizes)
+    rows = []
+    for batch_size in (2 * largest, 4 * largest):
+        prediction = predict_configuration(list(data.fit.points), batch_size, data.weight_decay)
+        if prediction is None:
+            return []
+        assert prediction.lr_interval is not None
+        interval = prediction.weight_decay_interval
+        rows.append(
+            f"| {batch_size} | {prediction.lr:.3g} | {prediction.lr_interval[0]:.3g} to "
+            f"{prediction.lr_interval[1]:.3g} | {format_cell(prediction.weight_decay, '.2g')} | "
+            + (f"{interval[0]:.2g} to {interval[1]:.2g}" if interval else "-")
+            + " |"
+        )
+    model = prediction.model_of_scaling
+    errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
+    return [
+        "",
+        "## Predicted beyond the studied batch sizes (extrapolated)",
+        "",
+        f"From the {model} (leave-one-batch-size-out error in log2 LR: {errors}; "
+        f"the smaller chosen), {PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` "
+        "gives the same for any B.",
+        "",
+        "| batch size | lr | lr interval | weight decay | weight decay interval |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
 
 
 def _cost(data: ReportData) -> list[str]:
