@@ -435,6 +435,8 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
         "share_of_trial": {k: v / middle["wall"] for k, v in middle["seconds"].items()},
         # Calls into the SQL storage (Optuna's and hpo's, nested ones included) per epoch.
         "storage_calls_per_epoch": middle["storage_calls"] / epochs_run,
+        # The trial's samples trained in plain steps (the rest: noise-scale updates).
+        "plain_step_share": middle["plain_steps"] * batch_size / samples,
     }
 
 
@@ -448,6 +450,7 @@ def flat_e2e(e2e: dict[str, Any]) -> dict[str, float]:
         "e2e_in_trial_step_samples_per_s": e2e["in_trial_step_samples_per_s"],
         "e2e_separate_step_samples_per_s": e2e["separate_step_samples_per_s"],
         "e2e_storage_calls_per_epoch": e2e["storage_calls_per_epoch"],
+        "e2e_plain_step_share": e2e["plain_step_share"],
     }
     for phase, seconds in e2e["seconds_per_epoch"].items():
         flat[f"e2e_s_per_epoch_{phase.replace(' ', '_')}"] = seconds

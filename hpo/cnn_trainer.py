@@ -28,6 +28,7 @@ from hpo.checkpoint import (
 from hpo.context import TrialContext
 from hpo.data import PatchSet
 from hpo.device import DeviceSetup
+from hpo.noise_interval import noise_scale_attrs
 from hpo.resource import TrainingBudget
 from hpo.settings import kill_point
 from hpo.train import EpochMetrics, Tally, TrainingRun, build_run, fit, prepare_data
@@ -173,11 +174,12 @@ def record_tally(
     The resource spent is recorded in all three budget units, whichever the study uses:
     ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
     updates) and ``train_seconds`` (training time, evaluation not counted).
-    ``epochs_completed`` is the number of reports made (epochs, with one report per epoch).
+    ``reports_completed`` is the number of reports made; ``epochs_completed`` the whole
+    passes over the training set (with several reports per epoch, fewer than the reports).
     """
     seconds = tally.train_seconds
-    attrs: dict[str, float | int | list[float | None] | None] = {
-        "epochs_completed": len(tally.history),
+    attrs: dict[str, Any] = {
+        "reports_completed": len(tally.history),
         "n_updates": tally.updates,
         "train_seconds": seconds,
         "samples_per_s": tally.train_samples / seconds if seconds else 0.0,
@@ -185,6 +187,7 @@ def record_tally(
     }
     if budget is not None:
         attrs["train_epochs"] = budget.epochs(tally.updates)
+        attrs["epochs_completed"] = tally.updates // budget.steps_per_epoch
     if tally.history:
         last = tally.history[-1]
         attrs.update(
@@ -198,8 +201,6 @@ def record_tally(
         )
         if last.train_acc is not None:  # measured after the last epoch only (train.fit)
             attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
-    if tally.b_simple:
-        # The gradient noise scale (hpo.noise): the last epoch's estimate and every epoch's.
-        attrs.update(b_simple=tally.b_simple[-1], b_simple_per_epoch=list(tally.b_simple))
+    attrs.update(noise_scale_attrs(tally.b_simple, tally.noise))
     for key, value in attrs.items():
         set_attr(key, value)

@@ -54,6 +54,8 @@ def best_configuration(
         raise ExportError(
             f"study {summary.study_name!r} has no complete trial yet: nothing to export"
         )
+    if batch_size is not None and not _has_complete(summary, batch_size):
+        return _predicted_configuration(study, spec, summary, batch_size)
     best = summary.best if batch_size is None else _best_at(study, summary, batch_size)
 
     model = None if spec.model is None else spec.model.model_dump(mode="json", exclude_none=True)
@@ -77,6 +79,120 @@ def best_configuration(
         "precision": best.user_attrs.get("precision"),
         "model": model,
         "trainer": spec.trainer.function,  # None (left out): hpo's built-in trainer
+        "by_batch_size": [_row(row) for row in summary.by_batch_size],
+    }
+    evidence = _evidence(study, summary, trial_batch_size(best))
+    configuration["source"] = "trial"
+    prediction = evidence.pop("prediction", None)
+    if prediction is not None:  # the model's intervals at this batch size, beside the trial
+        for key in ("lr_interval", "weight_decay_interval", "extrapolated", "model_of_scaling"):
+            configuration[key] = prediction.get(key)
+    configuration["prediction"] = prediction
+    configuration.update(evidence)
+    return _without_none(configuration) | study_cost(summary)
+
+
+def _has_complete(summary: StudySummary, batch_size: int) -> bool:
+    return any(
+        r.batch_size == batch_size and r.best_trial is not None for r in summary.by_batch_size
+    )
+
+
+def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None) -> dict[str, Any]:
+    """What backs the answer at ``batch_size``: the scaling model's prediction there (LR and
+    weight decay with 80% intervals, the model's name, whether it extrapolates) and the
+    critical batch size two ways with the verdict (``hpo.report.critical_batch``)."""
+    from hpo.report.analysis import trial_batch_size
+    from hpo.report.critical_batch import measured_interval, ridge_interval, verdict
+    from hpo.report.noise_scale import fit_lr_ridge, measured_b_simple
+    from hpo.report.prediction import predict_configuration
+    from hpo.report.scaling import fit_lr_scaling
+    from hpo.report.weight_decay import weight_decay_view
+
+    fit = fit_lr_scaling(study)
+    trials = study.get_trials(deepcopy=False)
+    maximize = summary.direction == "maximize"
+    view = weight_decay_view(trials, maximize, summary.class_counts)
+    ridge = fit_lr_ridge(list(fit.points))
+    measured = measured_b_simple(study, top_k=fit.top_k, batch_size_of=trial_batch_size)
+    evidence: dict[str, Any] = {
+        "critical_batch_size": _without_none(
+            {
+                "steps_to_target": None,  # not measured yet: see the report's text
+                "b_simple": _value_interval(measured.value, measured_interval(measured)),
+                "ridge_b_noise": _value_interval(ridge.b_noise, ridge_interval(ridge)),
+                "verdict": verdict(ridge, measured).word,
+            }
+        )
+    }
+    if batch_size is not None:
+        prediction = predict_configuration(list(fit.points), batch_size, view)
+        if prediction is not None:
+            evidence["prediction"] = _prediction_keys(prediction)
+    return evidence
+
+
+def _value_interval(
+    value: float | None, interval: tuple[float, float] | None
+) -> dict[str, Any] | None:
+    """{value, interval [low, high]}, or {value, lower_bound} when the interval has no
+    upper end (TOML has no null or infinity)."""
+    if value is None:
+        return None
+    if interval is not None and interval[1] == float("inf"):
+        return {"value": value, "lower_bound": interval[0]}
+    return _without_none({"value": value, "interval": None if interval is None else list(interval)})
+
+
+def _prediction_keys(prediction: Any) -> dict[str, Any]:
+    return _without_none(
+        {
+            "lr": prediction.lr,
+            "lr_interval": list(prediction.lr_interval) if prediction.lr_interval else None,
+            "weight_decay": prediction.weight_decay,
+            "weight_decay_interval": (
+                list(prediction.weight_decay_interval) if prediction.weight_decay_interval else None
+            ),
+            "weight_decay_note": prediction.weight_decay_note,
+            "extrapolated": prediction.extrapolated,
+            "model_of_scaling": prediction.model_of_scaling,
+            "leave_one_batch_size_out_error_log2": prediction.leave_one_out_error,
+        }
+    )
+
+
+def _predicted_configuration(
+    study: optuna.Study, spec: StudySpec, summary: StudySummary, batch_size: int
+) -> dict[str, Any]:
+    """The configuration predicted at a batch size no complete trial trained (inside or
+    outside the studied range); ExportError when the study cannot predict (fewer than three
+    batch sizes with complete trials)."""
+    evidence = _evidence(study, summary, batch_size)
+    prediction = evidence.pop("prediction", None)
+    if prediction is None:
+        known = ", ".join(
+            str(r.batch_size) for r in summary.by_batch_size if r.best_trial is not None
+        )
+        raise ExportError(
+            f"--batch-size {batch_size}: no complete trial at that batch size in study "
+            f"{summary.study_name!r} (batch sizes with one: {known or 'none'}), and a prediction "
+            "needs complete trials at three or more batch sizes"
+        )
+    configuration: dict[str, Any] = {
+        "study": summary.study_name,
+        "source": "prediction",
+        "metric": spec.objective.metric,
+        "direction": summary.direction,
+        "batch_size": batch_size,
+        **prediction,
+        "optimizer": spec.search.optimizer,
+        "momentum": spec.search.momentum if spec.search.optimizer == "sgd" else None,
+        "epochs": spec.budget.epochs,
+        "model": None
+        if spec.model is None
+        else spec.model.model_dump(mode="json", exclude_none=True),
+        "trainer": spec.trainer.function,
+        **evidence,
         "by_batch_size": [_row(row) for row in summary.by_batch_size],
     }
     return _without_none(configuration) | study_cost(summary)

@@ -24,7 +24,7 @@ Torch only; nothing here knows about Optuna.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,22 @@ import torch.nn.functional as F
 # plain one on the 2-core CPU (docs/benchmarks.md): at k = 32 that is 0.6% and
 # 2.2% of samples/s, inside the 3% budget (k = 16 would cost 4.4% at B=128).
 NOISE_SCALE_EVERY = 32
+# A trial too short for this many measurements at k = NOISE_SCALE_EVERY measures more often
+# (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. Only short
+# trials pay more (the demo's B = 128: 64 updates, k = 8); the study's total stays near
+# the 3% budget (docs/benchmarks.md, noise_overhead.py --adaptive).
+NOISE_SCALE_MIN_MEASUREMENTS = 8
+
+
+def noise_every_for(total_updates: int | None) -> int:
+    """k for a trial of ``total_updates`` updates: NOISE_SCALE_EVERY, or less so that the
+    trial gets NOISE_SCALE_MIN_MEASUREMENTS measurements (at least every 2nd update; a
+    budget in seconds, whose length is unknown, keeps the default)."""
+    if total_updates is None:
+        return NOISE_SCALE_EVERY
+    return max(2, min(NOISE_SCALE_EVERY, total_updates // NOISE_SCALE_MIN_MEASUREMENTS))
+
+
 # EMA decay per measurement: an effective window of ~100 measurements (~3200 updates at k=32).
 NOISE_SCALE_DECAY = 0.99
 
@@ -50,6 +66,9 @@ class NoiseScaleEstimate:
     gradient_sq: Any = 0.0  # EMA of the |G|² estimate (not yet bias-corrected)
     trace: Any = 0.0  # EMA of the tr(Σ) estimate
     weight: Any = 0.0  # 1 − decay^n over the n finite measurements (the bias correction)
+    # Plain running sums of the per-measurement estimates (n, Σg, Σt, Σg², Σt², Σgt), for
+    # the trial's B_simple as a ratio of means and its interval (``fieller_interval``).
+    sums: dict[str, Any] = field(default_factory=dict)
 
     def update(
         self, small_sq: torch.Tensor, big_sq: torch.Tensor, small_batch: int, big_batch: int
@@ -66,6 +85,17 @@ class NoiseScaleEstimate:
         self.gradient_sq = keep * self.gradient_sq + (1 - keep) * gradient_sq.nan_to_num(0.0)
         self.trace = keep * self.trace + (1 - keep) * trace.nan_to_num(0.0)
         self.weight = keep * self.weight + (1 - keep)
+        used = finite.float()  # 1 for a finite pair, 0 for a skipped one
+        g, t = gradient_sq.nan_to_num(0.0) * used, trace.nan_to_num(0.0) * used
+        for key, value in (
+            ("n", used),
+            ("g", g),
+            ("t", t),
+            ("gg", g * g),
+            ("tt", t * t),
+            ("gt", g * t),
+        ):
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def b_simple(self) -> float | None:
         """tr(Σ) / |G|², or None before any measurement or while either average is not
@@ -77,17 +107,21 @@ class NoiseScaleEstimate:
             return None
         return trace / gradient_sq
 
-    def to_dict(self) -> dict[str, float]:
+    def float_sums(self) -> dict[str, float]:
+        return {key: float(value) for key, value in self.sums.items()}
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "decay": float(self.decay),
             "gradient_sq": float(self.gradient_sq),
             "trace": float(self.trace),
             "weight": float(self.weight),
+            "sums": self.float_sums(),
         }
 
     @classmethod
-    def from_dict(cls, saved: dict[str, float]) -> NoiseScaleEstimate:
-        return cls(**saved)
+    def from_dict(cls, saved: dict[str, Any]) -> NoiseScaleEstimate:
+        return cls(**{**saved, "sums": dict(saved.get("sums") or {})})
 
 
 def gradient_sq_norm(model: torch.nn.Module) -> torch.Tensor:

@@ -35,6 +35,7 @@ from hpo.cnn_trainer import CnnTrainer, SilentProgress, record_tally
 from hpo.context import Budget, Diverged, Trainer, TrialContext, load_trainer
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.noise_interval import noise_scale_attrs
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
@@ -247,15 +248,18 @@ def record_device_time(
 
 def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
     """A user's trainer's run as user attrs, named as hpo's own loop names them:
-    ``epochs_completed`` (reports made), ``n_updates`` and ``train_samples`` (as last told
+    ``reports_completed`` (reports made), ``epochs_completed`` (whole epochs, with a budget
+    in epochs), ``n_updates`` and ``train_samples`` (as last told
     to ``ctx.report``), ``train_epochs`` (reports times the epochs each stands for, with a
     budget in epochs), ``train_seconds`` and ``wall_time_s`` (the trainer's whole call),
     ``samples_per_s``, and the gradient noise scale (``b_simple``, ``b_simple_per_epoch``)
     when the trainer measured it."""
     seconds = time.perf_counter() - started
-    set_attr("epochs_completed", len(ctx.reported))
+    set_attr("reports_completed", len(ctx.reported))
     if ctx.budget.unit == "epochs":  # the budget axis: each report is a share of the epochs
-        set_attr("train_epochs", len(ctx.reported) * ctx.budget.per_report)
+        epochs = len(ctx.reported) * ctx.budget.per_report
+        set_attr("train_epochs", epochs)
+        set_attr("epochs_completed", int(epochs + 1e-9))  # whole passes, not reports
     set_attr("wall_time_s", seconds)
     set_attr("train_seconds", seconds)
     if ctx.updates:
@@ -263,9 +267,8 @@ def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
     if ctx.samples:
         set_attr("train_samples", ctx.samples)
         set_attr("samples_per_s", ctx.samples / seconds if seconds else 0.0)
-    if any(value is not None for value in ctx.b_simple):
-        set_attr("b_simple", ctx.b_simple[-1])
-        set_attr("b_simple_per_epoch", list(ctx.b_simple))
+    for key, value in noise_scale_attrs(ctx.b_simple, ctx.noise.estimate).items():
+        set_attr(key, value)  # or why there is no estimate (the trainer never measured)
 
 
 def train_trial(

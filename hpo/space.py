@@ -39,6 +39,7 @@ __all__ = [
     "make_pruner",
 ]
 __all__ += ["first_round", "make_sampler", "sample_params", "coverage_retries"]
+__all__ += ["first_round_weight_decays"]
 
 # User attr of the trials queued to cover the batch-size axis (the first round and its
 # retries), and the attempt number of a retry (the first round is attempt 0).
@@ -140,20 +141,44 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
     3: ×½, ×1, ×2). Measured on the demo: with the rule's LR alone, the best trial at the
     ends of the batch-size range was that round trial in every seed, so the α fit echoed
     the rule; with 2 LRs two octaves apart, each optimum is located only to within two
-    octaves, which alone makes α's 95% interval 1.2 wide at five batch sizes. Weight
-    decay: the geometric middle of its range.
+    octaves, which alone makes α's 95% interval 1.2 wide at five batch sizes.
+
+    Weight decay: with one trial per batch size, the geometric middle of its range; with
+    ``n`` trials, a Latin hypercube over (LR, weight decay) at each batch size. The weight
+    decays are the centres of ``n`` equal strata of the log range (2: ×10^-½ and ×10^½ of
+    the middle on the demo's two decades), each used once per batch size, and the pairing
+    with the LRs turns by one place from one batch size to the next (a Latin square), so
+    no LR is always tried with the same weight decay: the report can give a best weight
+    decay per batch size and its timescale τ, which a round at one weight decay cannot.
     """
     count = spec.sampler.first_round_lrs
+    decays = first_round_weight_decays(spec)
     rounds = []
     for index in range(count):
         share = index / (count - 1) - 0.5 if count > 1 else 0.0
         factor = FIRST_ROUND_LR_SPAN**share
-        for params in round_at_the_rule(spec):
+        for position, params in enumerate(round_at_the_rule(spec)):
             lr = min(spec.search.lr_high, max(spec.search.lr_low, float(params["lr"]) * factor))
-            trial = {**params, "lr": lr}
+            weight_decay = decays[(index + position) % count]
+            trial = {**params, "lr": lr, "weight_decay": weight_decay}
             if trial not in rounds:  # two LRs clamped to the same end of a narrow range
                 rounds.append(trial)
     return rounds
+
+
+def first_round_weight_decays(spec: StudySpec) -> list[float]:
+    """The first round's weight decays, one per trial at a batch size: the centres of
+    ``sampler.first_round_lrs`` equal strata of the log weight-decay range, lowest first
+    (one trial: the range's geometric middle)."""
+    count = spec.sampler.first_round_lrs
+    low, high = math.log(spec.search.weight_decay_low), math.log(spec.search.weight_decay_high)
+    return [
+        min(
+            spec.search.weight_decay_high,
+            max(spec.search.weight_decay_low, math.exp(low + (high - low) * (k + 0.5) / count)),
+        )
+        for k in range(count)
+    ]
 
 
 def round_at_the_rule(spec: StudySpec) -> list[dict[str, float | int]]:

@@ -31,6 +31,7 @@ from hpo.noise import (
     NOISE_SCALE_EVERY,
     NoiseScaleEstimate,
     gradient_sq_norm,
+    noise_every_for,
     noise_scale_step,
     record_split_measurement,
 )
@@ -495,7 +496,8 @@ def train_to_report(
     """Train until ``budget``'s report point ``report``: whole passes, the last one
     stopped where the report falls. Returns the mean training loss since the last report
     (NaN when the report point was already reached). With one report per epoch this is
-    exactly one ``train_epoch``."""
+    exactly one ``train_epoch``. The noise scale is measured every
+    ``hpo.noise.noise_every_for(total updates)``-th update: more often in a short trial."""
 
     def reached(tally: Tally) -> bool:
         return budget.reached(report, tally.updates, tally.train_seconds)
@@ -510,6 +512,7 @@ def train_to_report(
             run, data, setup, batch_size=batch_size, augment=augment, on_step=on_step,
             stop_at=reached, lr_factor=None if budget.unit == "epochs" else cosine,
             sync_every_step=budget.unit == "seconds", micro_batch_size=micro_batch_size,
+            noise_every=noise_every_for(budget.total_updates),
         )  # fmt: skip
         losses.append((loss, run.tally.updates - before))
     if len(losses) == 1:

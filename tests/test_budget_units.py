@@ -127,7 +127,7 @@ def test_equal_steps_give_every_batch_size_the_same_updates(tiny_study: Path) ->
     for trial in (small, large):
         assert sorted(trial.intermediate_values) == [1, 2, 3]
         assert trial.user_attrs["n_updates"] == 6
-        assert trial.user_attrs["epochs_completed"] == 3
+        assert trial.user_attrs["reports_completed"] == 3
     assert small.user_attrs["train_epochs"] == 6 / 8  # B = 16 sees less data
     assert large.user_attrs["train_epochs"] == 3.0  # B = 64 passes 3 times
 
@@ -152,3 +152,10 @@ def test_the_cosine_schedule_spans_a_budget_in_steps(tiny_study: Path) -> None:
     tally = fit(run, data, setup, spec, trial_params)
     assert tally.updates == 12 and len(tally.history) == 2
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * cosine_factor(11 / 12))
+
+
+def test_epochs_completed_counts_epochs_not_reports(tiny_study: Path) -> None:
+    spec = _spec(tiny_study, unit="epochs", epochs=2, reports=4)
+    (trial,) = _run(spec, [SMALL])
+    assert trial.user_attrs["reports_completed"] == 4
+    assert trial.user_attrs["epochs_completed"] == 2

@@ -13,7 +13,7 @@ from hpo.cli import app
 from hpo.spec import StudySpec, load_spec
 from hpo.storage import SPEC_ATTR
 from tests.conftest import tiny_study_text
-from tests.test_train import PER_TRIAL_ATTRS
+from tests.test_train import PER_TRIAL_ATTRS, has_noise_scale_or_why
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,7 @@ def test_launch_then_status_end_to_end(studies_dir: Path) -> None:
         assert trial.user_attrs["batch_size"] in (16, 32, 64)
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert trial.user_attrs.keys() >= PER_TRIAL_ATTRS
+            assert has_noise_scale_or_why(trial.user_attrs)
         else:
             assert trial.user_attrs["fail_reason"] in ("pruned", "diverged")
     # The spec is stored on the study: the study is self-describing.

@@ -45,3 +45,20 @@ def test_demo_prunes_only_trials_that_cannot_come_near_the_best() -> None:
     within the report's 1% of its batch size's best."""
     pruner = load_spec(DEMO).pruner
     assert pruner.kind == "catch_up" and pruner.near_best >= 0.01
+
+
+def test_demo_first_round_tries_two_weight_decays_at_every_batch_size() -> None:
+    spec = load_spec(DEMO)
+    decays: dict[int, set[float]] = {}
+    lrs_at: dict[tuple[int, float], float] = {}
+    for params in first_round(spec):
+        decays.setdefault(int(params["log2_batch_size"]), set()).add(params["weight_decay"])
+        lrs_at[(int(params["log2_batch_size"]), params["weight_decay"])] = params["lr"]
+    assert all(len(values) >= 2 for values in decays.values())
+    low, high = spec.search.weight_decay_low, spec.search.weight_decay_high
+    assert all(low <= wd <= high for values in decays.values() for wd in values)
+    # A Latin square: the lowest LR is not always paired with the same weight decay.
+    lowest_lr_decay = {
+        log2: min((lr, wd) for (b, wd), lr in lrs_at.items() if b == log2)[1] for log2 in decays
+    }
+    assert len(set(lowest_lr_decay.values())) == 2

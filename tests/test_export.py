@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -124,3 +125,56 @@ def test_trials_csv_has_every_trial_with_batch_size_state_and_fail_reason(finish
     assert [row["user_attrs_batch_size"] for row in rows] == ["16", "32", "64", "16"]
     assert rows[3]["user_attrs_fail_reason"] == "oom" and rows[1]["params_lr"] == "0.02"
     assert json.loads(Path("best.json").read_text())["trial"] == 1
+
+
+def _planted_scaling_study() -> optuna.Study:
+    """B = 16, 32, 64, five LRs each around lr*(B) = 0.01·√(B/16) (the square-root rule),
+    the value falling off quadratically in log2(lr/lr*), weight decays varied."""
+    study = optuna.create_study(direction="maximize")
+    distributions = {
+        "log2_batch_size": IntDistribution(4, 6),
+        "lr": FloatDistribution(1e-4, 1.0, log=True),
+        "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+    }
+    for batch_size in (16, 32, 64):
+        best = 0.01 * math.sqrt(batch_size / 16)
+        for step, weight_decay in zip(
+            (-1.0, -0.5, 0.0, 0.5, 1.0), (1e-5, 1e-4, 1e-4, 1e-3, 1e-4), strict=True
+        ):
+            study.add_trial(
+                create_trial(
+                    value=0.9 - 0.05 * step * step,
+                    params={
+                        "log2_batch_size": batch_size.bit_length() - 1,
+                        "lr": best * 2**step,
+                        "weight_decay": weight_decay,
+                    },
+                    distributions=distributions,
+                    user_attrs={"batch_size": batch_size},
+                )
+            )
+    return study
+
+
+def test_export_predicts_outside_the_studied_range_with_an_interval(tiny_study) -> None:
+    from hpo.export import best_configuration
+
+    exported = best_configuration(_planted_scaling_study(), load_spec("tiny"), batch_size=256)
+    assert exported["source"] == "prediction" and exported["extrapolated"] is True
+    low, high = exported["lr_interval"]
+    assert low <= 0.04 <= high and exported["lr"] == pytest.approx(0.04, rel=0.2)
+    assert exported["model_of_scaling"] in ("power law", "ridge")
+    assert exported["weight_decay"] > 0
+    assert set(exported["critical_batch_size"]) >= {"verdict"}
+    assert "trial" not in exported and "value" not in exported
+
+
+def test_export_inside_the_range_is_not_flagged_extrapolated(tiny_study) -> None:
+    from hpo.export import best_configuration
+
+    study = _planted_scaling_study()
+    between = best_configuration(study, load_spec("tiny"), batch_size=48)
+    assert between["extrapolated"] is False
+    trained = best_configuration(study, load_spec("tiny"), batch_size=32)
+    assert trained["source"] == "trial" and trained["extrapolated"] is False
+    assert trained["lr_interval"][0] <= trained["lr"] <= trained["lr_interval"][1]

@@ -4,6 +4,7 @@ response to label noise, and its seam in the training loop (bf16, channels_last,
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import tomllib
@@ -234,7 +235,8 @@ def test_accumulated_training_measures_with_bf16_and_channels_last_as_in_fp32() 
     bf16, fp32 = measured
     # 2 passes x 8 updates of 4 micro-batches, every 2nd measured: 8 measurements.
     assert bf16["weight"] == pytest.approx(1 - 0.99**8)
-    assert all(math.isfinite(v) for v in bf16.values())
+    assert all(math.isfinite(v) for k, v in bf16.items() if k != "sums")
+    assert bf16["sums"]["n"] == 8
     # 256 patches are too few for a positive |G|² this early (b_simple() is None here), but
     # both averages are finite and bf16 autocast measures what fp32 does.
     assert bf16["trace"] > 0
@@ -255,3 +257,66 @@ def test_fit_records_b_simple_at_every_report(tiny_study) -> None:
     tally = fit(run, data, setup, spec, params)
     assert len(tally.b_simple) == 2  # one per report (here: per epoch)
     assert tally.b_simple[-1] is not None and tally.b_simple[-1] > 0
+
+
+def _sums(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    sums = dict.fromkeys(("n", "g", "t", "gg", "tt", "gt"), 0.0)
+    for g, t in pairs:
+        for key, value in (
+            ("n", 1),
+            ("g", g),
+            ("t", t),
+            ("gg", g * g),
+            ("tt", t * t),
+            ("gt", g * t),
+        ):
+            sums[key] += value
+    return sums
+
+
+def test_fieller_interval_covers_a_planted_noise_scale_at_its_confidence() -> None:
+    from hpo.noise_interval import fieller_interval
+
+    rng = random.Random(0)
+    covered = 0
+    for _ in range(300):
+        pairs = [(1 + rng.gauss(0, 0.8), 50 + rng.gauss(0, 20)) for _ in range(10)]
+        ratio, low, high = fieller_interval(_sums(pairs), 0.9)
+        covered += low <= 50 and (high is None or high >= 50)
+    assert 0.85 <= covered / 300 <= 0.95
+
+
+def test_fieller_interval_is_only_a_lower_bound_when_the_gradient_is_lost_in_noise() -> None:
+    from hpo.noise_interval import fieller_interval
+
+    rng = random.Random(1)
+    pairs = [(0.2 + rng.gauss(0, 3), 50 + rng.gauss(0, 5)) for _ in range(6)]
+    ratio, low, high = fieller_interval(_sums(pairs))
+    assert high is None
+    assert fieller_interval(_sums(pairs[:2])) == (None, None, None)  # 2 measurements
+
+
+def test_a_short_trial_measures_often_enough_for_an_interval() -> None:
+    from hpo.noise import NOISE_SCALE_EVERY, NOISE_SCALE_MIN_MEASUREMENTS, noise_every_for
+
+    assert noise_every_for(64) == 8  # the demo's B = 128: 2 epochs of 32 updates
+    assert 64 // noise_every_for(64) >= NOISE_SCALE_MIN_MEASUREMENTS
+    assert noise_every_for(10_000) == NOISE_SCALE_EVERY
+    assert noise_every_for(None) == NOISE_SCALE_EVERY
+    assert noise_every_for(3) == 2
+
+
+def test_a_trial_without_an_estimate_records_why() -> None:
+    from hpo.noise_interval import noise_scale_attrs
+    from hpo.train import Tally
+
+    tally = Tally()
+    for _ in range(2):
+        tally.noise.update(torch.tensor(2.0), torch.tensor(1.5), 8, 16)
+    attrs = noise_scale_attrs(tally.b_simple, tally.noise)
+    assert "b_simple" not in attrs and "2 measurement(s)" in attrs["b_simple_missing"]
+    tally.noise.update(torch.tensor(2.2), torch.tensor(1.4), 8, 16)
+    attrs = noise_scale_attrs(tally.b_simple, tally.noise)
+    assert attrs["b_simple"] > 0 and attrs["b_simple_measurements"] == 3
+    low, high = attrs["b_simple_interval"]
+    assert low <= attrs["b_simple"] and (high is None or attrs["b_simple"] <= high)

@@ -495,3 +495,39 @@ def test_scatter_wider_than_the_lr_spacing_sets_the_interval_as_before() -> None
     t = 3.182446305284263
     assert not fit.resolution_bound
     assert fit.alpha_high - fit.alpha_low == pytest.approx(2 * t * math.sqrt(residual / 3 / sxx))
+
+
+def test_caution_names_a_batch_size_once_when_neither_side_is_bracketed() -> None:
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 16, 0.01, 0.8)  # one LR at B = 16: no worse trial on either side
+    add_trial(study, 32, 0.02, 0.85)
+    add_trial(study, 32, 0.04, 0.80)  # B = 32: bracketed above only
+    add_trial(study, 64, 0.05, 0.86)
+    add_trial(study, 64, 0.02, 0.80)
+    add_trial(study, 64, 0.1, 0.80)
+    text = fit_lr_scaling(study).describe()
+    assert "B = 16 (no worse LR tried on either side)" in text
+    assert "B = 16 (lowest)" not in text and "B = 16 (highest)" not in text
+    assert "B = 32 (lowest)" in text
+
+
+def test_summary_predicts_lr_at_twice_and_four_times_the_largest_batch_size() -> None:
+    study = scaling_study(1.0, batch_sizes=(16, 32, 64, 128))
+    text = summary_markdown(collect(study, "val_auc"), figure_links=False)
+    assert "## Predicted beyond the studied batch sizes (extrapolated)" in text
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| 256 ") or line.startswith("| 512 ")
+    }
+    assert set(rows) == {"256", "512"}
+    # lr* = 0.01·(B/16): 0.16 at 256, 0.32 at 512; predicted within a factor 2, and the
+    # interval widens further out.
+    widths = {}
+    for batch_size, truth in (("256", 0.16), ("512", 0.32)):
+        cells = rows[batch_size].split("|")
+        assert truth / 2 <= float(cells[2]) <= truth * 2
+        low, high = (float(v) for v in cells[3].split(" to "))
+        assert low <= float(cells[2]) <= high
+        widths[batch_size] = high / low
+    assert widths["512"] > widths["256"]

@@ -18,10 +18,10 @@ from hpo.report import (
     summarize,
     write_report,
 )
+from hpo.report.critical_batch import describe_critical_batch_size, verdict
 from hpo.report.figures import Band, Line, Markers
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
-    describe_critical_batch_size,
     fit_lr_ridge,
     measured_b_simple,
 )
@@ -80,12 +80,51 @@ def test_a_stored_non_positive_b_simple_counts_as_not_measured() -> None:
     assert curve.values == ((1, 20.0), (2, 40.0))
 
 
-def test_summary_names_the_critical_batch_size_and_whether_they_agree() -> None:
+def _measured(value: float, low: float, high: float | None) -> MeasuredNoiseScale:
+    return MeasuredNoiseScale(value, value, value, 5, value, low, high, 40)
+
+
+def test_overlapping_intervals_are_called_agreeing() -> None:
     fit = fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1))
-    agree = describe_critical_batch_size(fit, MeasuredNoiseScale(180.0, 150.0, 230.0, 5))
-    assert "critical batch size is about 180" in agree and "agree." in agree
-    apart = describe_critical_batch_size(fit, MeasuredNoiseScale(5.0, 4.0, 6.0, 5))
-    assert "disagree" in apart
+    assert fit.b_noise_low <= 180 <= fit.b_noise_high
+    agree = describe_critical_batch_size(fit, _measured(180.0, 120.0, 260.0))
+    assert verdict(fit, _measured(180.0, 120.0, 260.0)).word == "agree"
+    assert (
+        "critical batch size is about 180" in agree and "agree (their intervals overlap)" in agree
+    )
+
+
+def test_intervals_apart_are_called_disagreeing_with_what_would_settle_it() -> None:
+    fit = fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1))
+    apart = describe_critical_batch_size(fit, _measured(5.0, 4.0, 6.0))
+    assert "disagree (their intervals do not overlap)" in apart
+    assert "critical batch size is about" not in apart and "steps to a target" in apart
+
+
+def test_an_overlap_through_an_unbounded_interval_cannot_tell() -> None:
+    fit = fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1))
+    lower_bound_only = _measured(300.0, 90.0, None)
+    assert verdict(fit, lower_bound_only).word == "cannot tell"
+    text = describe_critical_batch_size(fit, lower_bound_only)
+    assert "cannot be told" in text and "more measurements of B_simple" in text
+    assert "agree (" not in text and "critical batch size is about" not in text
+
+
+def test_a_very_wide_ridge_interval_cannot_tell_even_when_it_overlaps() -> None:
+    wide = fit_lr_ridge(_planted(60.0, eps_max=0.5, scatter=1.0, seed=3))
+    low, high = wide.b_noise_low, wide.b_noise_high
+    assert high / low > 100
+    measured = _measured(
+        math.sqrt(low * high), math.sqrt(low * high) / 2, math.sqrt(low * high) * 2
+    )
+    said = verdict(wide, measured)
+    assert said.word == "cannot tell" and "more batch sizes" in said.settle
+
+
+def test_no_measured_interval_cannot_tell_and_no_estimate_says_so() -> None:
+    fit = fit_lr_ridge(_planted(200.0, eps_max=0.5, scatter=0.1))
+    quartiles_only = MeasuredNoiseScale(180.0, 150.0, 230.0, 5)  # trials without sums
+    assert verdict(fit, quartiles_only).word == "cannot tell"
     nothing = describe_critical_batch_size(
         fit_lr_ridge([]), MeasuredNoiseScale(None, None, None, 0)
     )
@@ -97,7 +136,7 @@ def test_summary_markdown_names_the_critical_batch_size() -> None:
     from tests.test_report import scaling_study
 
     text = summary_markdown(collect(ridge_study(), "val_auc"))
-    assert "critical batch size is about" in text and "B_noise" in text
+    assert "critical batch size" in text and "B_noise" in text
     # lr* ∝ B over the whole range: the ridge only bounds B_noise from below.
     linear = summary_markdown(collect(scaling_study(1.0), "val_auc"))
     assert "critical batch size lies above the largest studied batch size" in linear
@@ -325,3 +364,89 @@ def test_noise_figure_names_unmeasured_batch_sizes_and_makes_room_for_them() -> 
     assert model.subtitle[-1] == "no B_simple among the top trials at B = 256"
     # Two subtitle lines: the HTML's top margin grows so they clear the panel titles.
     assert plotly_figure(model).layout.margin.t > 80
+
+
+def _sums_of(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    sums = dict.fromkeys(("n", "g", "t", "gg", "tt", "gt"), 0.0)
+    for g, t in pairs:
+        for key, v in (("n", 1), ("g", g), ("t", t), ("gg", g * g), ("tt", t * t), ("gt", g * t)):
+            sums[key] += v
+    return sums
+
+
+def test_each_batch_size_pools_its_trials_measurements_into_one_interval() -> None:
+    """Planted: every measurement estimates |G|² ≈ 1 and tr(Σ) ≈ 80 (B_simple 80); each
+    trial stores 4 pairs, too few alone, and a batch size's 3 trials pool to 12."""
+    rng = random.Random(2)
+    study = optuna.create_study(direction="maximize")
+    for batch_size in (32, 64):
+        for value in (0.9, 0.85, 0.8):
+            trial = _trial(batch_size, value, 80.0)
+            pairs = [(1 + rng.gauss(0, 0.3), 80 + rng.gauss(0, 20)) for _ in range(4)]
+            trial.user_attrs["b_simple_sums"] = _sums_of(pairs)
+            study.add_trial(trial)
+    measured = collect(study, "val_auc").noise_scale
+    assert [
+        (row.batch_size, row.n_trials, row.n_measurements) for row in measured.by_batch_size
+    ] == [
+        (32, 3, 12),
+        (64, 3, 12),
+    ]
+    for row in measured.by_batch_size:
+        assert row.low < 80 < row.high
+    assert measured.n_measurements == 4 * 3  # the report's top 3 trials pooled
+    assert measured.interval_low < measured.pooled < measured.interval_high
+
+
+def test_noise_figure_counts_reports_not_epochs() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(32, 0.9, 80.0, curve=[40.0, 60.0, 80.0]))
+    curves, _ = figure_models(collect(study, "val_auc"))["noise_scale"].panels
+    assert curves.x.title == "report" and "report" in curves.title
+
+
+def test_png_ridge_panel_labels_its_learning_rate_axis() -> None:
+    """Best LRs within one decade: a log axis with no major tick inside; its labels are the
+    minor ticks', which the batch-size axis's fixed ticks must not switch off."""
+    from hpo.report import png_figure
+
+    study = optuna.create_study(direction="maximize")
+    for batch_size, lr in ((16, 0.012), (32, 0.02), (64, 0.03), (128, 0.05)):
+        study.add_trial(
+            create_trial(
+                value=0.9,
+                params={
+                    "log2_batch_size": int(math.log2(batch_size)),
+                    "lr": lr,
+                    "weight_decay": 1e-4,
+                },
+                distributions=DISTRIBUTIONS,
+                user_attrs={"batch_size": batch_size},
+            )
+        )
+    figure = png_figure(figure_models(collect(study, "val_auc"))["noise_scale"])
+    figure.canvas.draw()
+    ridge = figure.axes[1]
+    labels = [t.get_text() for t in ridge.get_yticklabels() + ridge.get_yticklabels(minor=True)]
+    low, high = ridge.get_ylim()
+    shown = [
+        t.get_text()
+        for t, v in zip(
+            ridge.get_yticklabels(minor=True), ridge.yaxis.get_minorticklocs(), strict=False
+        )
+        if low <= v <= high and t.get_text()
+    ]
+    assert any(labels) and shown
+
+
+def test_a_batch_size_without_an_estimate_is_named_with_why() -> None:
+    from hpo.report.critical_batch import describe_measured
+    from hpo.report.noise_scale import BatchSizeNoiseScale
+
+    measured = MeasuredNoiseScale(
+        50.0, 50.0, 50.0, 3, 50.0, 20.0, 120.0, 30,
+        (BatchSizeNoiseScale(16, None, None, None, 2, 32), BatchSizeNoiseScale(32, 50.0, 20.0, 120.0, 2, 16)),
+    )  # fmt: skip
+    text = describe_measured(measured)
+    assert "B = 16: no estimate (32 measurements of 2 trial(s)" in text
+    assert "B = 32: 50 (20 to 120, 16 measurements of 2 trial(s))" in text

@@ -30,9 +30,15 @@ PER_TRIAL_ATTRS = {
     "samples_per_s",
     "wall_time_s",
     "epochs_completed",
-    "b_simple",
+    "reports_completed",
+    "b_simple_measurements",
     "b_simple_per_epoch",
 }
+
+
+def has_noise_scale_or_why(attrs: dict) -> bool:
+    """A complete trial's B_simple with its interval, or the reason it has none."""
+    return ("b_simple" in attrs and "b_simple_interval" in attrs) or "b_simple_missing" in attrs
 
 
 def _spec(tiny_study: Path, **changes: dict) -> StudySpec:
@@ -62,6 +68,7 @@ def test_short_run_learns_above_chance(tiny_study: Path) -> None:
     assert trial.user_attrs["val_acc"] > 0.58
     assert trial.value == pytest.approx(trial.user_attrs["val_auc"]) and trial.value > 0.6
     assert trial.user_attrs.keys() >= PER_TRIAL_ATTRS
+    assert has_noise_scale_or_why(trial.user_attrs)
     assert trial.user_attrs["batch_size"] == 32
     assert trial.user_attrs["n_updates"] == 3 * (512 // 32)
     assert trial.user_attrs["epochs_completed"] == 3

@@ -28,7 +28,7 @@ def export(
         typer.Option(
             "--batch-size",
             min=1,
-            help="Export the best complete trial at this batch size instead of the overall best.",
+            help="Export the best complete trial at this batch size instead of the overall best; at a batch size no trial completed (inside or outside the studied range), the LR and weight decay predicted by the fitted scaling model, with 80% intervals.",
             show_default=False,
         ),
     ] = None,
@@ -57,9 +57,13 @@ def export(
         typer.echo(dumps_configuration(configuration, "json"), nl=False)
         return
     write_configuration(configuration, out)
+    what = (
+        f"trial {configuration['trial']} ({configuration['metric']} = {configuration['value']:.4f}"
+        if "trial" in configuration
+        else f"the prediction ({configuration['model_of_scaling']}"
+    )
     console.print(
-        f"wrote trial {configuration['trial']} ({configuration['metric']} = "
-        f"{configuration['value']:.4f}, batch size {configuration['batch_size']}) to {out}",
+        f"wrote {what}, batch size {configuration['batch_size']}) to {out}",
         markup=False,
         soft_wrap=True,
     )

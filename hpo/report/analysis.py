@@ -48,6 +48,7 @@ from hpo.report.summary import (
     trial_batch_size,
     trial_gap,
 )
+from hpo.report.weight_decay import WeightDecayView, weight_decay_view
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
@@ -160,6 +161,8 @@ class ReportData:
     noise_curves: list[NoiseScaleCurve] = field(default_factory=list)
     # Value against time to train (hpo.report.cost); None when not computed.
     cost: CostView | None = None
+    # The best weight decay per batch size and its timescale τ (hpo.report.weight_decay).
+    weight_decay: WeightDecayView | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -180,19 +183,24 @@ def collect(
     how close to the best (relative) a faster trial must be for the cost sentence."""
     values, reason = importances(study)
     fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
+    summary = summarize(study, metric)
+    trials = study.get_trials(deepcopy=False)
     return ReportData(
         study_name=study.study_name,
         metric=metric,
         maximize=is_maximize(study),
-        summary=summarize(study, metric),
+        summary=summary,
         fit=fit,
         points=trial_points(study),
         importances=values,
         importances_reason=reason,
         ridge=fit_lr_ridge(list(fit.points), confidence=confidence),
-        noise_scale=measured_b_simple(study, top_k=top_k),
+        noise_scale=measured_b_simple(study, top_k=top_k, batch_size_of=trial_batch_size),
         noise_curves=b_simple_curves(top_trials_by_batch_size(study, top_k)),
         cost=_cost_view_quietly(study, metric, cost_tolerance),
+        weight_decay=weight_decay_view(
+            trials, is_maximize(study), summary.class_counts, confidence=confidence
+        ),
     )
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 
 from hpo.report.analysis import ReportData, trial_batch_size
+from hpo.report.critical_batch import describe_critical_batch_size
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
-from hpo.report.noise_scale import describe_critical_batch_size
 from hpo.report.table import batch_size_table, cost_table, format_cell
 
 
@@ -27,6 +27,9 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.weight_decay is not None:
+        lines += _weight_decay(data)
+    lines += _predictions(data)
     if data.cost is not None:
         lines += _cost(data)
     if data.importances:
@@ -80,7 +83,10 @@ def _table(data: ReportData) -> list[str]:
             f" Trials were compared at equal {unit} (budget.unit); {unit} spent: what the "
             "batch size's complete and pruned trials trained together."
         )
-    lines += ["b_simple: the best trial's gradient noise scale at its last epoch."]
+    lines += [
+        "b_simple: the best trial's gradient noise scale, the ratio of the means of its "
+        "measurements over its training (- : no estimate; the trial's b_simple_missing says why)."
+    ]
     if data.summary.device.n_trials:
         lines += [
             "device-h: device-hours of the batch size's trials of any state (training, "
@@ -89,6 +95,76 @@ def _table(data: ReportData) -> list[str]:
             data.summary.device.describe(),
         ]
     return lines
+
+
+def _weight_decay(data: ReportData) -> list[str]:
+    """The best weight decay per batch size, whether it was searched, and τ_epoch."""
+    assert data.weight_decay is not None
+    view = data.weight_decay
+    lines = ["", "## Weight decay", "", view.describe(), ""]
+    if not view.rows:
+        return lines
+    lines += [
+        "| batch size | best weight decay | weight decays tried | lr | τ_epoch | τ interval |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in view.rows:
+        interval = (
+            f"{row.tau_low:.3g} to {row.tau_high:.3g}"
+            if row.tau_low is not None and row.tau_high is not None
+            else "-"
+        )
+        lines.append(
+            f"| {row.batch_size} | {row.weight_decay:.2g}{'' if row.searched else ' (fixed)'} "
+            f"| {row.n_weight_decays} | {row.lr:.3g} | {format_cell(row.tau_epoch, '.3g')} "
+            f"| {interval} |"
+        )
+    lines += [
+        "",
+        "τ_epoch = B/(η·λ·N): the epochs over which the weights average past updates "
+        "(Wang & Aitchison 2024); its interval spans the midpoints to the nearest LR and "
+        "weight decay tried at that batch size. (fixed): one weight decay among the batch "
+        "size's complete trials.",
+    ]
+    return lines
+
+
+def _predictions(data: ReportData) -> list[str]:
+    """Predicted LR and weight decay at 2× and 4× the largest studied batch size (80%
+    intervals, the model the leave-one-batch-size-out error chose); nothing with fewer
+    than three batch sizes."""
+    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_configuration
+
+    if not data.fit.batch_sizes:
+        return []
+    largest = max(data.fit.batch_sizes)
+    rows = []
+    for batch_size in (2 * largest, 4 * largest):
+        prediction = predict_configuration(list(data.fit.points), batch_size, data.weight_decay)
+        if prediction is None:
+            return []
+        assert prediction.lr_interval is not None
+        interval = prediction.weight_decay_interval
+        rows.append(
+            f"| {batch_size} | {prediction.lr:.3g} | {prediction.lr_interval[0]:.3g} to "
+            f"{prediction.lr_interval[1]:.3g} | {format_cell(prediction.weight_decay, '.2g')} | "
+            + (f"{interval[0]:.2g} to {interval[1]:.2g}" if interval else "-")
+            + " |"
+        )
+    model = prediction.model_of_scaling
+    errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
+    return [
+        "",
+        "## Predicted beyond the studied batch sizes (extrapolated)",
+        "",
+        f"From the {model} (leave-one-batch-size-out error in log2 LR: {errors}; "
+        f"the smaller chosen), {PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` "
+        "gives the same for any B.",
+        "",
+        "| batch size | lr | lr interval | weight decay | weight decay interval |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
 
 
 def _cost(data: ReportData) -> list[str]:

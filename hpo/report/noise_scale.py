@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from hpo.noise_interval import NOISE_SCALE_CONFIDENCE, fieller_interval, pool_sums
 
 # The grid B_noise is searched on, relative to the studied batch sizes (log-spaced).
 _GRID_POINTS = 241
@@ -60,13 +63,44 @@ class RidgeFit:
 
 
 @dataclass(frozen=True)
+class BatchSizeNoiseScale:
+    """B_simple of one batch size: its complete trials' measurements pooled (their running
+    sums added), the ratio of means and Fieller's interval (``high`` None: a lower bound)."""
+
+    batch_size: int
+    value: float | None
+    low: float | None
+    high: float | None
+    n_trials: int
+    n_measurements: int
+
+
+@dataclass(frozen=True)
 class MeasuredNoiseScale:
-    """B_simple (last epoch) over the best complete trials: median and quartiles."""
+    """B_simple over the best complete trials: median and quartiles of their values and,
+    when the trials stored their measurements' sums, those pooled (``pooled``, Fieller's
+    interval ``interval_low``/``interval_high``; high None: only a lower bound); and the
+    same per batch size over all its complete trials (``by_batch_size``).
+
+    Pooling is what makes one number from short trials: each trial measures the same
+    tr(Σ)/|G|² of the task at the same point of the same schedule; the ratio of the pooled
+    means is then an estimate over all their pairs, and the interval narrows with them."""
 
     median: float | None
     low: float | None
     high: float | None
     n_trials: int
+    pooled: float | None = None
+    interval_low: float | None = None
+    interval_high: float | None = None
+    n_measurements: int = 0
+    by_batch_size: tuple[BatchSizeNoiseScale, ...] = ()
+    confidence: float = NOISE_SCALE_CONFIDENCE
+
+    @property
+    def value(self) -> float | None:
+        """The pooled estimate, else (trials without sums) the median."""
+        return self.pooled if self.pooled is not None else self.median
 
 
 def _sse(points: list[tuple[float, float]], b_noise: float) -> tuple[float, float]:
@@ -100,7 +134,7 @@ def fit_lr_ridge(
     floats = [(float(b), float(lr)) for b, lr in points]
     b_noise, eps_max = _fit(floats, grid)
     ends = {"smallest_batch": float(batch_sizes[0]), "largest_batch": float(batch_sizes[-1])}
-    if len(points) < 3:
+    if len(points) < 3 or bootstrap < 1:  # bootstrap 0: the fit alone, no interval
         return RidgeFit(eps_max, b_noise, None, None, len(points), **ends)
     rng = random.Random(seed)
     draws = []
@@ -124,8 +158,19 @@ def positive_b_simple(value: object) -> float | None:
     return float(value)
 
 
-def measured_b_simple(study: optuna.Study, *, top_k: int = 5) -> MeasuredNoiseScale:
-    """B_simple of the ``top_k`` best complete trials that recorded a positive one."""
+def _stored_batch_size(trial: FrozenTrial) -> int | None:
+    value = trial.user_attrs.get("batch_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def measured_b_simple(
+    study: optuna.Study,
+    *,
+    top_k: int = 5,
+    batch_size_of: Callable[[FrozenTrial], int | None] | None = None,
+) -> MeasuredNoiseScale:
+    """B_simple of the ``top_k`` best complete trials that recorded a positive one, and
+    per batch size (``batch_size_of`` reads a trial's; default: its stored user attr)."""
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -134,12 +179,42 @@ def measured_b_simple(study: optuna.Study, *, top_k: int = 5) -> MeasuredNoiseSc
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked: list[FrozenTrial] = sorted(complete, key=lambda t: t.value, reverse=maximize)
     values = sorted(float(t.user_attrs["b_simple"]) for t in ranked[:top_k])
+    by_batch_size = _by_batch_size(study, batch_size_of or _stored_batch_size)
     if not values:
-        return MeasuredNoiseScale(None, None, None, 0)
+        return MeasuredNoiseScale(None, None, None, 0, by_batch_size=by_batch_size)
     if len(values) < 2:
-        return MeasuredNoiseScale(values[0], values[0], values[0], 1)
-    quartiles = statistics.quantiles(values, n=4, method="inclusive")
-    return MeasuredNoiseScale(statistics.median(values), quartiles[0], quartiles[2], len(values))
+        median, low, high = values[0], values[0], values[0]
+    else:
+        quartiles = statistics.quantiles(values, n=4, method="inclusive")
+        median, low, high = statistics.median(values), quartiles[0], quartiles[2]
+    stored = [s for t in ranked[:top_k] if isinstance(s := t.user_attrs.get("b_simple_sums"), dict)]
+    sums = pool_sums(stored)
+    pooled, interval_low, interval_high = fieller_interval(sums) if stored else (None, None, None)
+    return MeasuredNoiseScale(
+        median, low, high, len(values), pooled, interval_low, interval_high,
+        int(sums["n"]) if stored else 0, by_batch_size,
+    )  # fmt: skip
+
+
+def _by_batch_size(
+    study: optuna.Study, batch_size_of: Callable[[FrozenTrial], int | None]
+) -> tuple[BatchSizeNoiseScale, ...]:
+    """Per batch size, its complete trials' stored sums pooled (those that stored any)."""
+    grouped: dict[int, list[dict[str, float]]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        sums, batch_size = trial.user_attrs.get("b_simple_sums"), batch_size_of(trial)
+        if isinstance(sums, dict) and batch_size is not None:
+            grouped.setdefault(batch_size, []).append(sums)
+    rows = []
+    for batch_size in sorted(grouped):
+        pooled = pool_sums(grouped[batch_size])
+        value, low, high = fieller_interval(pooled)
+        rows.append(
+            BatchSizeNoiseScale(
+                batch_size, value, low, high, len(grouped[batch_size]), int(pooled["n"])
+            )
+        )
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -184,52 +259,7 @@ def examples(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
 
 
-def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) -> str:
-    """One paragraph for the summary; always contains "critical batch size"."""
-    parts = []
-    if ridge.b_noise is not None:
-        parts.append(_describe_ridge(ridge, ridge.b_noise))
-    if measured.median is not None:
-        parts.append(
-            f"The measured gradient noise scale B_simple is {examples(measured.median)} "
-            f"(quartiles {examples(measured.low)} to {examples(measured.high)}, "
-            f"{measured.n_trials} best trials, last epoch)."
-        )
-    estimate = measured.median if measured.median is not None else ridge.b_noise
-    if estimate is None:
-        return (
-            "The critical batch size cannot be estimated yet: it needs complete trials at "
-            "two or more batch sizes or a measured B_simple."
-        )
-    if measured.median is None and ridge.edge == "low":
-        parts.append(
-            "From the ridge alone, the critical batch size lies below the smallest studied "
-            "batch size: every studied batch buys throughput, not fewer steps."
-        )
-        return " ".join(parts)
-    if measured.median is None and ridge.edge == "high":
-        parts.append(
-            "From the ridge alone, the critical batch size lies above the largest studied "
-            "batch size: up to there a larger batch still means fewer steps."
-        )
-        return " ".join(parts)
-    parts.append(
-        f"The critical batch size is about {examples(estimate)}: batches above it buy "
-        "throughput, not fewer steps."
-    )
-    if ridge.b_noise is not None and measured.median is not None:
-        low = ridge.b_noise_low if ridge.b_noise_low is not None else ridge.b_noise / 2
-        high = ridge.b_noise_high if ridge.b_noise_high is not None else ridge.b_noise * 2
-        agree = low <= measured.median <= high or low <= measured.high and measured.low <= high
-        parts.append(
-            "The ridge and the noise scale agree."
-            if agree
-            else "The ridge and the noise scale disagree (see the caveats in README)."
-        )
-    return " ".join(parts)
-
-
-def _describe_ridge(ridge: RidgeFit, b_noise: float) -> str:
+def describe_ridge(ridge: RidgeFit, b_noise: float) -> str:
     """The sentence on the fitted ridge: its B_noise (``b_noise``, with its interval) and
     ε_max, or, at an edge of the studied batch sizes, which bound B_noise is."""
     interval = (

@@ -127,9 +127,14 @@ class ScalingFit:
     def _describe_unbracketed(self) -> str:
         if not self.unbracketed:
             return ""
+        by_batch: dict[int, list[str]] = {}
+        for b, side in self.unbracketed:
+            by_batch.setdefault(b, []).append(side)
         sides = ", ".join(
-            f"B = {b} ({'lowest' if side == 'below' else 'highest'})"
-            for b, side in self.unbracketed
+            f"B = {b} (no worse LR tried on either side)"
+            if len(found) == 2
+            else f"B = {b} ({'lowest' if found[0] == 'below' else 'highest'})"
+            for b, found in by_batch.items()
         )
         return (
             f" Caution: at {sides} the best trial is the extreme LR tried there, so that batch "
@@ -138,7 +143,7 @@ class ScalingFit:
         )
 
 
-def _student_t_quantile(probability: float, dof: int) -> float:
+def student_t_quantile(probability: float, dof: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(probability, dof))
@@ -211,7 +216,7 @@ def _fit_line(
     """The fit through two or more ``points``: α and the intercept, and with three or more
     points α's ``confidence`` interval (its standard error the larger of the points' scatter
     and the resolution of the LRs ``tried``). ``common`` are the fit's other fields."""
-    alpha, intercept, standard_error = _least_squares(points)
+    alpha, intercept, standard_error = least_squares(points)
     floor = _resolution_standard_error(tried, points)
     resolution_bound = standard_error is not None and floor is not None and floor > standard_error
     if resolution_bound:
@@ -225,7 +230,7 @@ def _fit_line(
             reason="two batch sizes give a line but no interval (it needs three or more)",
             **common,
         )
-    half_width = _student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
+    half_width = student_t_quantile(0.5 + confidence / 2, len(points) - 2) * standard_error
     return ScalingFit(
         alpha=alpha,
         alpha_low=alpha - half_width,
@@ -350,7 +355,7 @@ def top_trials_by_batch_size(study: optuna.Study, top_k: int) -> dict[int, list[
     }
 
 
-def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
+def least_squares(points: list[tuple[int, float]]) -> tuple[float, float, float | None]:
     """Slope α, intercept and the slope's standard error of log2 lr on log2 B. The standard
     error is None for two points: a line through them leaves no residual to estimate it."""
     xs = [math.log2(b) for b, _ in points]

@@ -64,7 +64,7 @@ class BatchSizeRow:
     best_weight_decay: float | None
     best_trial: int | None
     generalization_gap: float | None
-    # The best trial's gradient noise scale at its last epoch (user attr ``b_simple``): the
+    # The best trial's gradient noise scale over its training (user attr ``b_simple``): the
     # same trial as the other best_* fields, so a row reads as one trial.
     best_b_simple: float | None = None
     # The training resource the batch size's COMPLETE and PRUNED trials spent together, in

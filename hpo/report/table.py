@@ -30,7 +30,7 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
     device kind together (a column only when trials record them), objective (4 decimals), lr (3 significant
     digits), weight decay (2), train − val gap (signed, 3 decimals), B_simple (whole
     examples) and the trial's number. Every cell after the counts and the resource spent is
-    the best trial's, b_simple included: its gradient noise scale at its last epoch (not a
+    the best trial's, b_simple included: its gradient noise scale over its training (not a
     median over the batch size's trials), so a row reads as one trial."""
     unit = summary.budget_unit
     spent = [f"{unit} spent"] if unit in SPENT_FORMATS else []

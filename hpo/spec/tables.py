@@ -383,7 +383,8 @@ class SamplerSpec(Table):
     cover_batch_sizes: bool = False
     # LRs per batch size in that first round: the square-root rule's LR alone (1), or LRs a
     # factor 4 apart centred on it (2: ×½ and ×2), so the round brackets each batch size's
-    # optimum instead of anchoring the fit to the rule's LR.
+    # optimum instead of anchoring the fit to the rule's LR. With 2 or more, the weight
+    # decays vary too (a Latin hypercube over LR and weight decay per batch size).
     first_round_lrs: int = Field(1, ge=1, le=4)
 
 

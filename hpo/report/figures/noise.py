@@ -48,10 +48,21 @@ def _noise_subtitle(data: ReportData) -> tuple[str, ...]:
     ridge's B_noise, each with its spread."""
     parts = []
     measured = data.noise_scale
-    if measured is not None and measured.median is not None:
+    if measured is not None and measured.pooled is not None:
+        high = measured.interval_high
+        interval = (
+            f"{examples(measured.interval_low or 0.0)}–{examples(high)}"
+            if high is not None
+            else f"≥ {examples(measured.interval_low or 0.0)}"
+        )
+        parts.append(
+            f"B_simple {examples(measured.pooled)} ({measured.confidence:.0%} interval "
+            f"{interval}, {measured.n_trials} best trials pooled)"
+        )
+    elif measured is not None and measured.median is not None:
         parts.append(
             f"B_simple {examples(measured.median)} (quartiles {examples(measured.low)}–"
-            f"{examples(measured.high)}, {measured.n_trials} best trials, last epoch)"
+            f"{examples(measured.high)}, {measured.n_trials} best trials, last report)"
         )
     ridge = data.ridge
     if ridge is not None and ridge.b_noise is not None:
@@ -114,8 +125,10 @@ def _noise_curve_layers(
             shown.add(curve.batch_size)
         ys += [value for _, value in curve.values]
     references = []
-    if data.noise_scale is not None and data.noise_scale.median is not None:
-        references.append(("measured B_simple (median)", data.noise_scale.median, "black"))
+    measured = data.noise_scale
+    if measured is not None and measured.value is not None:
+        name = "pooled" if measured.pooled is not None else "median"
+        references.append((f"measured B_simple ({name})", measured.value, "black"))
     # A B_noise far outside the studied batch sizes is only a bound (RidgeFit.edge): not drawn.
     if data.ridge is not None and data.ridge.b_noise is not None and data.ridge.edge is None:
         references.append(("ridge B_noise", data.ridge.b_noise, RIDGE_COLOR))
@@ -170,13 +183,13 @@ def noise_scale_figure(data: ReportData) -> FigureModel:
     subtitle = _noise_subtitle(data)
     curve_layers, ys = _noise_curve_layers(data, curves, batch_size_colors(data.batch_sizes))
     curve_title = (
-        f"B_simple per epoch, top {data.fit.top_k} trials per B"
+        f"B_simple at each report, top {data.fit.top_k} trials per B"
         if curves
         else "B_simple: no trial has measured one yet"
     )
     panels = (
         Panel(
-            Axis("epoch", integer=True),
+            Axis("report", integer=True),
             Axis("B_simple (examples)", log_base=2, ticks=power_of_two_ticks(ys)),
             tuple(curve_layers),
             title=curve_title,
