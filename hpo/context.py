@@ -5,7 +5,8 @@ code; hpo calls ``function(ctx)`` once per trial and takes the value it returns 
 returns None, the last value it reported) as the trial's result. hpo's own CNN loop is such
 a trainer too (``hpo.cnn_trainer``), so both see the same context and neither knows Optuna:
 
-- ``ctx.params``: ``batch_size``, ``lr``, ``weight_decay`` as drawn for this trial;
+- ``ctx.params``: ``batch_size``, ``lr``, ``weight_decay`` as drawn for this trial, and
+  each ``[search.extra.NAME]`` of the study file under its NAME (int, float or a choice);
 - ``ctx.device`` (a ``torch.device``), ``ctx.seed`` (torch is seeded with it before the
   call; a retry replays its original's seed) and ``ctx.budget`` (unit, amount, reports);
 - ``ctx.report(value, samples=..., updates=...)`` after each evaluation: the value goes on

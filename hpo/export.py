@@ -79,6 +79,9 @@ def best_configuration(
         "precision": best.user_attrs.get("precision"),
         "model": model,
         "trainer": spec.trainer.function,  # None (left out): hpo's built-in trainer
+        # The study file's [search.extra.NAME] values of this trial (left out: none).
+        "extra": {name: best.params[name] for name in spec.search.extra if name in best.params}
+        or None,
         "by_batch_size": [_row(row) for row in summary.by_batch_size],
     }
     evidence = _evidence(study, summary, trial_batch_size(best))

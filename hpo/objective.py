@@ -143,7 +143,7 @@ class Objective:
         return TrialContext(
             params={
                 "batch_size": params.batch_size, "lr": params.lr,
-                "weight_decay": params.weight_decay,
+                "weight_decay": params.weight_decay, **params.extra,
             },
             trial_params=params, device=self.setup.device,
             budget=Budget(budget.unit, budget.amount, budget.report_count),

@@ -13,6 +13,7 @@ linearly or as its square root), which is why TPE runs with ``multivariate=True`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -24,7 +25,7 @@ from hpo.pruning import (
     SameBatchSizePruner,
 )
 from hpo.retry import superseded_trials
-from hpo.spec import StudySpec, TrialParams
+from hpo.spec import ExtraParam, ExtraValue, StudySpec, TrialParams
 
 BATCH_PARAM = "log2_batch_size"
 # The batch size as a trial parameter, for display only: IntDistribution(B, B, log=True).
@@ -89,7 +90,23 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
         "weight_decay", search.weight_decay_low, search.weight_decay_high, log=True
     )
     trial.set_user_attr("batch_size", batch_size)
-    return TrialParams(batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    extra = {name: _suggest_extra(trial, name, param) for name, param in search.extra.items()}
+    return TrialParams(batch_size=batch_size, lr=lr, weight_decay=weight_decay, extra=extra)
+
+
+def _suggest_extra(trial: optuna.Trial, name: str, param: ExtraParam) -> ExtraValue:
+    """One ``[search.extra.NAME]`` value, asked after hpo's own three: a study without
+    extras draws exactly what it drew before they existed."""
+    if param.kind == "categorical":
+        assert param.choices is not None
+        return trial.suggest_categorical(name, param.choices)
+    assert param.low is not None and param.high is not None
+    if param.kind == "int":
+        step = int(param.step) if param.step is not None else 1
+        return trial.suggest_int(name, int(param.low), int(param.high), step=step, log=param.log)
+    return trial.suggest_float(
+        name, float(param.low), float(param.high), step=param.step, log=param.log
+    )
 
 
 def _log_spaced(low: float, high: float, count: int) -> list[float]:
@@ -100,8 +117,10 @@ def _log_spaced(low: float, high: float, count: int) -> list[float]:
     return [low, *inner, high]  # exact bounds: exp(log(x)) can land just outside the range
 
 
-def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
-    """The full grid: every power-of-two batch size × the LR grid × the weight-decay grid.
+def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
+    """The full grid: every power-of-two batch size × the LR grid × the weight-decay grid
+    × each extra parameter's choices (a grid study's extras all have choices: the spec
+    refuses a range there).
 
     Without explicit ``sampler.grid_lr`` / ``grid_weight_decay`` the grid takes 3 LRs
     (both bounds and their geometric mean) and one weight decay (the geometric mean).
@@ -115,7 +134,7 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[float] | list[int]]:
         BATCH_PARAM: [int(math.log2(b)) for b in search.batch_sizes],
         "lr": sorted(lrs),
         "weight_decay": sorted(decays),
-    }
+    } | {name: list(param.choices or []) for name, param in search.extra.items()}
 
 
 def grid_size(spec: StudySpec) -> int:

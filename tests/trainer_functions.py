@@ -1,5 +1,6 @@
-"""Trainer functions that misbehave, for tests/test_trainer.py: each ends a trial the way a
-user's code might (``[trainer] function = "tests.trainer_functions:NAME"``)."""
+"""Trainer functions for tests/test_trainer.py and tests/test_extra_params.py: most end a
+trial the way a misbehaving user's code might (``[trainer] function =
+"tests.trainer_functions:NAME"``); ``records_params`` keeps what it was given."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ def never_reports(ctx: hpo.TrialContext) -> float:
 def returns_none(ctx: hpo.TrialContext) -> None:
     for report in range(ctx.budget.reports):
         ctx.report(0.25 * (report + 1), samples=100 * (report + 1), updates=10 * (report + 1))
+
+
+def records_params(ctx: hpo.TrialContext) -> float:
+    """Stores ``ctx.params`` (each value and its type's name) as user attrs."""
+    for name, value in ctx.params.items():
+        ctx.set_user_attr(f"seen_{name}", [value, type(value).__name__])
+    ctx.report(0.5)
+    return 0.5

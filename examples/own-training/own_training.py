@@ -2,7 +2,8 @@
 linear warmup and a cosine schedule, checkpoint and resume through the trial's context.
 
 hpo calls ``train(ctx)`` once per trial (``[trainer] function = "own_training:train"`` in
-study.toml) and searches ``ctx.params["batch_size"]``, ``["lr"]`` and ``["weight_decay"]``;
+study.toml) and searches ``ctx.params["batch_size"]``, ``["lr"]`` and ``["weight_decay"]``,
+plus the study file's extra ``[search.extra.warmup_fraction]`` (``ctx.params["warmup_fraction"]``);
 everything else here is the team's own code. The data is generated (two Gaussian clouds in
 16 dimensions, seeded), so the example runs anywhere in seconds.
 """
@@ -45,9 +46,12 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
-def warmup_cosine(total_updates: int) -> Callable[[int], float]:
-    """The LR factor at each update: linear warmup, then cosine decay to 0."""
-    warmup = max(1, int(WARMUP_FRACTION * total_updates))
+def warmup_cosine(
+    total_updates: int, warmup_fraction: float = WARMUP_FRACTION
+) -> Callable[[int], float]:
+    """The LR factor at each update: linear warmup over ``warmup_fraction`` of the
+    updates, then cosine decay to 0."""
+    warmup = max(1, int(warmup_fraction * total_updates))
 
     def factor(update: int) -> float:
         if update < warmup:
@@ -99,7 +103,11 @@ def train(ctx: hpo.TrialContext) -> float:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=ctx.params["lr"], weight_decay=ctx.params["weight_decay"]
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(loader)))
+    # An extra searched parameter of the study file; the default when the file has none.
+    warmup_fraction = ctx.params.get("warmup_fraction", WARMUP_FRACTION)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(epochs * len(loader), warmup_fraction)
+    )
     start = 0
     if ctx.resume is not None:  # a retry of a trial whose worker died: go on from its state
         model.load_state_dict(ctx.resume["model"])

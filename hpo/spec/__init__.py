@@ -11,6 +11,8 @@ ones that only read a file. One concern per module, every public name re-exporte
 - ``fields``: the number and path types a value may have, and the base of every table.
 - ``tables``: the tables below the top level (dataset, model, search, budget, pruner,
   sampler, objective, training, trainer) and ``TrialParams``.
+- ``extras``: ``ExtraParam``, one ``[search.extra.NAME]`` table (a range or choices) for a
+  user's trainer, and the rules for its name.
 - ``study_file``: ``StudySpec``, the whole file: checks across tables, node-local fields
   and a node's overrides of them, the JSON form stored on the study.
 - ``errors``: ``SpecError``, the one-line message naming each bad field, and the depth
@@ -22,6 +24,7 @@ ones that only read a file. One concern per module, every public name re-exporte
 from __future__ import annotations
 
 from hpo.spec.errors import MAX_NESTING, SpecError
+from hpo.spec.extras import RESERVED_PARAM_NAMES, ExtraParam, ExtraValue
 from hpo.spec.fields import (
     MAX_EPOCHS,
     MAX_NAME_LENGTH,
@@ -70,10 +73,13 @@ __all__ = [
     "MULTICLASS_METRICS",
     "NODE_LOCAL_FIELDS",
     "PCAM_SPLIT_SIZES",
+    "RESERVED_PARAM_NAMES",
     "STUDY_NAME_PATTERN",
     "BudgetSpec",
     "Count",
     "DatasetSpec",
+    "ExtraParam",
+    "ExtraValue",
     "FilePath",
     "Float",
     "Int",

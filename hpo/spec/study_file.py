@@ -78,6 +78,7 @@ class StudySpec(Table):
                     f"[{table}] is missing: hpo's built-in trainer needs it "
                     '(or set [trainer] function = "package.module:function")'
                 )
+        self._check_extras()
         train_size = self.dataset.known_train_size() if self.dataset is not None else None
         if train_size is not None and self.search.batch_size_max > train_size:
             raise ValueError(
@@ -102,6 +103,22 @@ class StudySpec(Table):
                 if not low <= value <= high:
                     raise ValueError(f"sampler.{field} value {value} is outside [{low}, {high}]")
         return self
+
+    def _check_extras(self) -> None:
+        """Extras are for a user's trainer; a grid can only hold extras with choices."""
+        if self.search.extra and self.builtin_trainer:
+            first = next(iter(self.search.extra))
+            raise ValueError(
+                f"search.extra.{first}: hpo's built-in trainer has no use for extra "
+                'parameters; set [trainer] function = "package.module:function" to use them'
+            )
+        if self.sampler.kind == "grid":
+            for name, param in self.search.extra.items():
+                if param.kind != "categorical":
+                    raise ValueError(
+                        f"search.extra.{name}: a grid study needs choices = [...] for every "
+                        "extra parameter (a range has no grid points)"
+                    )
 
     def on_node(self, node: NodeSettings) -> StudySpec:
         """The spec as this node runs it: its node-local fields replaced where ``node``

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from hpo.spec.extras import ExtraParam, ExtraValue, check_extra_names
 from hpo.spec.fields import (
     MAX_EPOCHS,
     Count,
@@ -41,6 +42,9 @@ class TrialParams:
     # Samples per forward/backward pass when ``batch_size`` is above the device's cap and
     # the study accumulates (``training.above_cap = "accumulate"``); None: one pass.
     micro_batch_size: int | None = None
+    # The study file's ``[search.extra.NAME]`` values, by name (a user's trainer reads them
+    # as ``ctx.params[NAME]``).
+    extra: dict[str, ExtraValue] = field(default_factory=dict, hash=False)
 
     @property
     def log2_batch_size(self) -> int:
@@ -182,9 +186,13 @@ class SearchSpec(Table):
     weight_decay_high: Float = Field(gt=0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    # ``[search.extra.NAME]``: more searched parameters for a user's trainer
+    # (``hpo.spec.extras``), sampled after the three above in the file's order.
+    extra: dict[str, ExtraParam] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SearchSpec:
+        check_extra_names(self.extra)
         for name in ("batch_size_min", "batch_size_max"):
             value = getattr(self, name)
             if not _is_power_of_two(value):
