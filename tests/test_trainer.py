@@ -18,14 +18,22 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.settings import KILL_AT_ENV, NodeSettings
+from hpo.settings import KILL_AT_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import StudySpec, load_spec, parse_spec
 from hpo.study import create_or_load_study, superseded_trials
 from hpo.worker import run_worker
 from tests.conftest import EXAMPLE_STUDY
 from tests.databases import scratch_database
 
-FIRST = {"log2_batch_size": 5, "lr": 0.01, "weight_decay": 1e-3}  # a queued trial's params
+# A queued trial's params, the example's extra (its warmup fraction) included: a worker of
+# ``hpo worker`` reseeds its sampler, so a drawn value would differ from the reference run's.
+FIRST = {"log2_batch_size": 5, "lr": 0.01, "weight_decay": 1e-3, "warmup_fraction": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def _trust_the_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers here read the spec from the storage: this node trusts the trainers it names."""
+    monkeypatch.setenv(TRUSTED_MODULES_ENV, "own_training,tests.trainer_functions")
 
 
 def _example_spec(**changes: object) -> StudySpec:
@@ -131,7 +139,7 @@ def test_a_trainer_killed_mid_trial_is_retried_and_resumes_where_it_saved(
     (retry,) = retries
     assert trials[0].state == TrialState.FAIL and retry.number not in superseded_trials(trials)
     assert retry.user_attrs["resumed_from_report"] == 1  # killed before its second report
-    assert retry.params == reference.params == {**FIRST, "batch_size": 32}
+    assert retry.params == reference.params == trials[0].params == {**FIRST, "batch_size": 32}
     assert sorted(retry.intermediate_values) == [1, 2, 3]
     # Resumed from the saved model, optimizer, schedule and loader state: the same run.
     assert retry.value == pytest.approx(reference.value, abs=1e-12)

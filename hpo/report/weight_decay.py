@@ -85,12 +85,12 @@ class WeightDecayView:
         if self.train_size is None:
             return text + "τ_epoch = B/(η·λ·N) needs the training set size, which is not stored."
         percent = f"{self.confidence:.0%}"
-        if self.slope is None:
+        if self.slope is None or self.slope_low is None or self.slope_high is None:
+            # two batch sizes give a slope but no interval (no scatter to measure)
             return text + (
                 "τ_epoch = B/(η·λ·N) needs three or more batch sizes with a searched weight "
                 "decay before its trend across batch sizes can be told."
             )
-        assert self.slope_low is not None and self.slope_high is not None
         text += (
             f"The AdamW/SGD timescale τ_epoch = B/(η·λ·N) (N = {self.train_size:,}) of each "
             f"batch size's best trial: slope of log τ on log B = {self.slope:.2f} ({percent} "
