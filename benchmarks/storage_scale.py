@@ -126,6 +126,8 @@ class SleepObjective:
 
     checkpoint_root = None
     progress = _NoProgress()
+    tracker = None  # no MLflow
+    idle_seconds = 0.0  # set by the worker before each trial, as on Objective
 
     def __init__(self, epochs: int, epoch_s: tuple[float, float], timings: dict) -> None:
         self.epochs, self.epoch_s, self.timings = epochs, epoch_s, timings

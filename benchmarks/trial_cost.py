@@ -92,6 +92,8 @@ class MeteredObjective:
 
     checkpoint_root = None
     progress = _NoProgress()
+    tracker = None  # no MLflow
+    idle_seconds = 0.0  # set by the worker before each trial, as on Objective
 
     def __init__(self, epochs: int, meter: Meter) -> None:
         self.epochs, self.meter = epochs, meter

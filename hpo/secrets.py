@@ -84,9 +84,11 @@ def mask_secrets(text: str, known: tuple[str, ...] = ()) -> str:
     and every string in ``known`` (passwords this process holds) replaced by ``***``."""
     for secret in sorted({s for s in known if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
-    # A URL runs from its scheme to the next whitespace (after a quote or a bracket too).
+    # A URL runs from its scheme to the next whitespace (after a quote or a bracket too),
+    # less the punctuation that closes the sentence around it ("(URL): refused"): left as
+    # it is, not taken into the URL and re-encoded.
     text = re.sub(
-        r"(?i)([a-z][a-z0-9+.\-]*://)(\S*)",
+        r"(?i)([a-z][a-z0-9+.\-]*://)(\S*?)(?=[)\]}>'\",;:.]*(?:\s|$))",
         lambda m: m.group(1) + mask_url(m.group(0))[len(m.group(1)) :],
         text,
     )

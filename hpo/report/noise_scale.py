@@ -148,14 +148,24 @@ def fit_lr_ridge(
     return RidgeFit(eps_max, b_noise, pick(tail), pick(1 - tail), len(points), **ends)
 
 
+# A noise scale beyond this many examples is no measurement: no data set is that large,
+# and such values (a near-zero |G|² estimate) broke the report's log axes.
+MAX_NOISE_SCALE = 1e12
+
+
 def positive_b_simple(value: object) -> float | None:
-    """A stored B_simple as a float, or None unless it is a positive finite number: a
-    non-positive ratio (two noisy averages, one ≤ 0) is no noise scale."""
+    """A stored B_simple as a float, or None unless it is a positive finite number up to
+    ``MAX_NOISE_SCALE``: a non-positive ratio (two noisy averages, one ≤ 0) is no noise
+    scale, and neither is an astronomical one."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if not math.isfinite(value) or value <= 0:
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
         return None
-    return float(value)
+    if not math.isfinite(number) or not 0 < number <= MAX_NOISE_SCALE:
+        return None
+    return number
 
 
 def _stored_batch_size(trial: FrozenTrial) -> int | None:

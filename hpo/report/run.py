@@ -10,10 +10,15 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage
 
+from hpo.errors import UserError
 from hpo.report.analysis import DEFAULT_CONFIDENCE, DEFAULT_TOP_K
 from hpo.report.attach import attach_report
 from hpo.report.cost import DEFAULT_COST_TOLERANCE
 from hpo.report.files import Report, write_report
+
+
+class ReportError(UserError):
+    """A study ``hpo report`` cannot answer for (one line, exit 2)."""
 
 
 def load_study_for_report(
@@ -26,6 +31,11 @@ def load_study_for_report(
     from hpo.study import open_study
 
     study, ref = open_study(study_name, storage_url)
+    if len(study.directions) != 1:
+        raise ReportError(
+            f"study {study_name!r} has {len(study.directions)} objectives: hpo report answers "
+            "studies of one objective (the batch-size/LR answer is about one metric)"
+        )
     metric = "objective"
     stored = study.user_attrs.get(SPEC_ATTR)
     if isinstance(stored, str):
