@@ -198,3 +198,46 @@ def test_track_without_mlflow_tracking_uri_exits_2_in_one_line(
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert "--track needs $MLFLOW_TRACKING_URI" in line
+
+
+@pytest.mark.slow
+def test_a_study_tracked_with_track_gets_its_report_logged_with_track(
+    example_on_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No [tracking] in the study file: the node's --track with $MLFLOW_TRACKING_URI. The
+    # stored spec does not know the URI, so hpo report is told with --track as well.
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("HPO_TRACK_MLFLOW", raising=False)
+    url = f"sqlite:///{example_on_path / 'study.db'}"
+    launched = CliRunner().invoke(
+        app, ["launch", "--study", str(EXAMPLE_STUDY), "--storage", url, "--n-trials", "3",
+              "--track"],
+    )  # fmt: skip
+    assert launched.exit_code == 0, launched.output
+    reported = CliRunner().invoke(
+        app, ["report", "--study", "own-training", "--storage", url, "--track"]
+    )
+    assert reported.exit_code == 0, reported.output
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("own-training")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("hpo.role") == "study"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/summary.md" in artifacts
+
+
+def test_report_track_without_mlflow_tracking_uri_exits_2_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["report", "--study", "s", "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+              "--out", str(out), "--track"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "--track needs $MLFLOW_TRACKING_URI" in line and not out.exists()

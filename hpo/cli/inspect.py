@@ -157,6 +157,15 @@ def report(
     attach: AttachOption = True,
     top_k: TopKOption = 3,
     cost_tolerance: CostToleranceOption = 0.01,
+    track: Annotated[
+        bool,
+        typer.Option(
+            "--track",
+            help="Also log the report's files to the study's MLflow parent run at "
+            "$MLFLOW_TRACKING_URI, for a study tracked with --track (a study file's "
+            "[tracking] mlflow is used without it).",
+        ),
+    ] = False,
 ) -> None:
     """Figures of how the best learning rate scales with batch size (α in lr* ∝ B^α), the
     objective over batch size × learning rate, generalization gap, learning curves,
@@ -169,6 +178,7 @@ def report(
     from hpo.storage import resolve_storage_url
 
     storage_url = resolve_storage_url(storage)
+    track_uri = _tracking_uri(track)  # before any file is written
     out_dir = out or Path("reports") / safe_component(study)
     check_writable_dir(out_dir, "--out")
     artifact_dir = (artifacts or default_artifact_dir(storage_url)) if attach else None
@@ -181,18 +191,34 @@ def report(
         cost_tolerance=cost_tolerance,
     )
     print_report(result, study, storage_url, attached=artifact_dir)
-    _log_report_to_mlflow(study, storage_url, result.files)
+    _log_report_to_mlflow(study, storage_url, result.files, track_uri)
 
 
-def _log_report_to_mlflow(study: str, storage_url: str, files: list[Path]) -> None:
-    """The report's files on the study's MLflow parent run, for a study tracked there."""
+def _tracking_uri(track: bool) -> str | None:
+    """``--track``'s MLflow tracking URI ($MLFLOW_TRACKING_URI); SettingsError without it."""
+    from hpo.settings import MLFLOW_URI_ENV, SettingsError, env
+
+    if not track:
+        return None
+    uri = env(MLFLOW_URI_ENV)
+    if not uri:
+        raise SettingsError(f"--track needs ${MLFLOW_URI_ENV} (the MLflow tracking URI)")
+    return uri
+
+
+def _log_report_to_mlflow(
+    study: str, storage_url: str, files: list[Path], track_uri: str | None
+) -> None:
+    """The report's files on the study's MLflow parent run, for a study tracked there: at
+    the study file's ``[tracking] mlflow``, else (``--track``) at ``track_uri``."""
     from hpo.api import load
     from hpo.errors import UserError
 
     try:
         uri = load(study, storage=storage_url).spec.tracking.mlflow
     except UserError:  # a study made by other means: no spec, no tracking
-        return
+        uri = None
+    uri = uri or track_uri
     if uri is not None:
         from hpo.tracking import log_report
 
