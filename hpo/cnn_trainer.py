@@ -154,12 +154,13 @@ class CnnTrainer:
 
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:
-    """``device_seconds_train`` and ``device_seconds_eval``: what this attempt trained and
-    evaluated (a resumed run's tally starts at its predecessor's, ``resumed``)."""
-    train, evaluation = tally.train_seconds - resumed[0], tally.eval_seconds - resumed[1]
-    ctx.set_user_attr("device_seconds_train", train)
-    ctx.set_user_attr("device_seconds_eval", evaluation)
-    ctx.busy_seconds = train + evaluation
+    """The seconds this attempt trained and evaluated (a resumed run's tally starts at its
+    predecessor's, ``resumed``), for the objective to store with the rest of the trial's
+    device time in one write (``device_seconds``)."""
+    ctx.busy_seconds = {
+        "train": tally.train_seconds - resumed[0],
+        "eval": tally.eval_seconds - resumed[1],
+    }
 
 
 def record_tally(

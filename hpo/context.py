@@ -156,9 +156,10 @@ class TrialContext:
     updates: int = 0
     b_simple: list[float | None] = field(default_factory=list)
     save_failures: int = 0  # checkpoint saves of this trial that failed
-    # Device-seconds of training and evaluation the trainer measured itself (hpo's own loop),
-    # for the trial's device-time accounting (``hpo.objective.record_device_time``).
-    busy_seconds: float = 0.0
+    # Device-seconds of training and evaluation the trainer measured itself (hpo's own loop:
+    # {"train": s, "eval": s}), stored with the trial's device time in one write
+    # (``hpo.objective.record_device_time``).
+    busy_seconds: dict[str, float] = field(default_factory=dict)
     _resume: Any = None
 
     def report(

@@ -97,7 +97,7 @@ class Objective:
     tracker: Tracker | None = None  # MLflow runs ([tracking] mlflow), fed without waiting
     failed_saves: int = 0  # checkpoint saves that failed, over every trial this worker ran
     # Seconds the worker waited for the claim that gave it the next trial (set by the
-    # worker before each trial): recorded as that trial's ``device_seconds_idle``.
+    # worker before each trial): recorded as that trial's idle device-seconds.
     idle_seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -236,14 +236,16 @@ class Objective:
 def record_device_time(
     set_attr: Any, ctx: TrialContext, started: float, idle_seconds: float
 ) -> None:
-    """The device-seconds this attempt held the device (``hpo.report.device_hours``):
-    ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
-    of it from the wait to now (data preparation, resume and checkpoints included). hpo's
-    own loop records ``device_seconds_train`` and ``device_seconds_eval`` itself
-    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``."""
+    """The device-seconds this attempt held the device, in one attr write
+    (``hpo.report.device_hours.DEVICE_SECONDS_ATTR``): ``{"held": s, "idle": s, "train": s,
+    "eval": s}``, ``held`` all of it from the claim's wait to now (data preparation, resume
+    and checkpoints included), ``idle`` the worker's wait for the claim, ``train`` and
+    ``eval`` what hpo's own loop measured (``hpo.cnn_trainer``; absent for a user's
+    trainer)."""
     held = time.perf_counter() - started
-    set_attr("device_seconds_idle", idle_seconds)
-    set_attr("device_seconds", idle_seconds + max(held, ctx.busy_seconds))
+    busy = ctx.busy_seconds
+    parts = {"held": idle_seconds + max(held, sum(busy.values())), "idle": idle_seconds}
+    set_attr("device_seconds", parts | busy)
 
 
 def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.report import collect, summarize
+from hpo.report.device_hours import device_hours
 from hpo.report.markdown import summary_markdown
 from hpo.spec import load_spec
+from hpo.storage import ReconnectingRDBStorage
 from hpo.study import create_or_load_study
 from hpo.worker import run_worker
 
@@ -37,6 +39,7 @@ def _trial(
 ):
     """A trial that held ``device`` for ``seconds`` = (train, eval, idle, all of it)."""
     train, evaluation, idle, held = seconds
+    device_time = {"held": held, "idle": idle, "train": train, "eval": evaluation}
     return create_trial(
         state=state,
         value=value,
@@ -47,10 +50,7 @@ def _trial(
             "device": device,
             "train_seconds": train,
             "samples_per_s": 1000.0,
-            "device_seconds_train": train,
-            "device_seconds_eval": evaluation,
-            "device_seconds_idle": idle,
-            "device_seconds": held,
+            "device_seconds": device_time,
         },
     )
 
@@ -79,6 +79,28 @@ def test_device_hours_add_up_per_study_device_kind_and_batch_size(two_devices) -
     # What the parts do not cover (data preparation, checkpoints) is "other".
     assert hours.by_part["idle"] == pytest.approx(560 / 3600)
     assert hours.by_part["other"] == pytest.approx((900 - 700) / 3600)  # the pruned one
+
+
+def test_device_seconds_stored_flat_by_older_studies_still_count() -> None:
+    flat = create_trial(
+        state=TrialState.COMPLETE,
+        value=0.8,
+        params={"log2_batch_size": 4, "lr": 0.01, "weight_decay": 1e-4},
+        distributions=DISTRIBUTIONS,
+        user_attrs={
+            "batch_size": 16,
+            "device": "cpu",
+            "device_seconds": 3600.0,
+            "device_seconds_train": 1800.0,
+            "device_seconds_eval": 720.0,
+            "device_seconds_idle": 360.0,
+        },
+    )
+    hours = device_hours(
+        [flat, _trial(16, 0.8, "cpu", (1800.0, 720.0, 360.0, 3600.0))], lambda t: 16
+    )
+    assert hours.n_trials == 2 and hours.hours == pytest.approx(2.0)
+    assert hours.by_part == pytest.approx({"train": 1.0, "eval": 0.4, "idle": 0.2, "other": 0.4})
 
 
 def test_the_cost_view_compares_trials_of_one_device_kind_and_says_so(two_devices) -> None:
@@ -115,19 +137,29 @@ def test_export_and_status_give_the_studys_device_hours(two_devices) -> None:
     )
 
 
-def test_a_worker_trial_records_its_device_time(tiny_study: Path) -> None:
+def test_a_worker_trial_records_its_device_time_in_one_write(tiny_study: Path, monkeypatch) -> None:
     url = "sqlite:///hpo.db"
     create_or_load_study(load_spec("tiny"), url)
+    written: list[str] = []
+    original = ReconnectingRDBStorage.set_trial_user_attr
+
+    def counted(self, trial_id: int, key: str, value) -> None:
+        written.append(key)
+        original(self, trial_id, key, value)
+
+    monkeypatch.setattr(ReconnectingRDBStorage, "set_trial_user_attr", counted)
     run_worker("tiny", url, total_trials=1)
+    assert [key for key in written if key.startswith("device_seconds")] == ["device_seconds"]
     (trial,) = optuna.load_study(study_name="tiny", storage=url).trials
     attrs = trial.user_attrs
     assert attrs["device"] == "cpu"
-    assert attrs["device_seconds_train"] == pytest.approx(attrs["train_seconds"])
-    assert attrs["device_seconds_eval"] > 0
-    assert attrs["device_seconds_idle"] >= 0  # the claim itself: a local SQLite file
-    parts = sum(attrs[f"device_seconds_{p}"] for p in ("train", "eval", "idle"))
-    held = attrs["device_seconds"] - attrs["device_seconds_idle"]
-    assert parts <= attrs["device_seconds"]
+    device_time = attrs["device_seconds"]
+    assert device_time["train"] == pytest.approx(attrs["train_seconds"])
+    assert device_time["eval"] > 0
+    assert device_time["idle"] >= 0  # the claim itself: a local SQLite file
+    parts = sum(device_time[p] for p in ("train", "eval", "idle"))
+    held = device_time["held"] - device_time["idle"]
+    assert parts <= device_time["held"]
     assert (
         attrs["wall_time_s"]
         <= held
@@ -135,5 +167,5 @@ def test_a_worker_trial_records_its_device_time(tiny_study: Path) -> None:
     )
     exported = CliRunner().invoke(app, ["export", "--study", "tiny"])
     assert json.loads(exported.stdout)["cost"]["by_device"] == pytest.approx(
-        {"cpu": attrs["device_seconds"] / 3600}, abs=1e-6
+        {"cpu": device_time["held"] / 3600}, abs=1e-6
     )

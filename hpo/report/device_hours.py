@@ -2,10 +2,12 @@
 
 Every trial a worker runs records the device kind it ran on (user attr ``device``: ``cpu``
 or the GPU's name, shared by all GPUs of one kind) and the device-seconds it held that
-device (``hpo.objective.record_tally``): ``device_seconds_train`` (training steps),
-``device_seconds_eval`` (evaluation), ``device_seconds_idle`` (the worker waiting for the
-claim that gave it this trial) and ``device_seconds``, the whole of it (those three, the
-data preparation, resume and checkpoint writes). The study's total is the sum over its
+device in one user attr (``hpo.objective.record_device_time``), ``device_seconds`` =
+{``held``: the whole of it (the parts below, the data preparation, resume and checkpoint
+writes), ``train`` (training steps), ``eval`` (evaluation), ``idle`` (the worker waiting
+for the claim that gave it this trial)}. Studies written before the attr held all four
+store them flat: ``device_seconds`` (the whole) and ``device_seconds_train``, ``_eval``,
+``_idle``; both are read. The study's total is the sum over its
 trials of any state: a pruned or failed trial spent its device time too. Time no trial
 records is not counted: a worker killed mid-trial (its attempt records nothing; the retry
 records its own) and a worker's wait after its last trial. Pure: reads, draws nothing.
@@ -20,7 +22,7 @@ from optuna.trial import FrozenTrial
 
 from hpo.report.cost import device_kind, finite_number
 
-# The user attrs a trial's device time is stored in (hpo.objective.record_tally).
+# The user attr a trial's device time is stored in (hpo.objective.record_device_time).
 DEVICE_SECONDS_ATTR = "device_seconds"
 DEVICE_PARTS = ("train", "eval", "idle")
 SECONDS_PER_HOUR = 3600.0
@@ -29,8 +31,22 @@ SECONDS_PER_HOUR = 3600.0
 def device_seconds(trial: FrozenTrial) -> float | None:
     """The device-seconds a trial recorded; None when it recorded none (a trial still
     running, one from before hpo counted device time, or another tool's)."""
-    seconds = finite_number(trial.user_attrs, DEVICE_SECONDS_ATTR)
-    return seconds if seconds is not None and seconds >= 0 else None
+    return device_parts(trial).get("held")
+
+
+def device_parts(trial: FrozenTrial) -> dict[str, float]:
+    """The trial's device-seconds by part (``held``, the whole, and whichever of
+    ``DEVICE_PARTS`` it recorded), from the one attr or the flat attrs of older studies;
+    negative, non-finite or non-numeric values (another tool's) are left out."""
+    attrs = trial.user_attrs
+    stored = attrs.get(DEVICE_SECONDS_ATTR)
+    if isinstance(stored, dict):
+        parts = {key: finite_number(stored, key) for key in ("held", *DEVICE_PARTS)}
+    else:
+        parts = {"held": finite_number(attrs, DEVICE_SECONDS_ATTR)}
+        for part in DEVICE_PARTS:
+            parts[part] = finite_number(attrs, f"{DEVICE_SECONDS_ATTR}_{part}")
+    return {key: value for key, value in parts.items() if value is not None and value >= 0}
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,8 @@ def device_hours(
     by_batch: dict[int, dict[str, float]] = {}
     parts = dict.fromkeys((*DEVICE_PARTS, "other"), 0.0)
     for trial in trials:
-        seconds = device_seconds(trial)
+        recorded = device_parts(trial)
+        seconds = recorded.get("held")
         if seconds is None:
             continue
         n_trials += 1
@@ -96,7 +113,7 @@ def device_hours(
             mine[kind] = mine.get(kind, 0.0) + seconds
         counted = 0.0
         for part in DEVICE_PARTS:
-            value = finite_number(trial.user_attrs, f"{DEVICE_SECONDS_ATTR}_{part}") or 0.0
+            value = recorded.get(part, 0.0)
             parts[part] += value
             counted += value
         parts["other"] += max(0.0, seconds - counted)
