@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.report import collect, summarize
 from hpo.report.device_hours import device_hours
+from hpo.report.device_rates import probe_rates
 from hpo.report.markdown import summary_markdown
 from hpo.spec import load_spec
 from hpo.storage import ReconnectingRDBStorage
@@ -116,6 +117,57 @@ def test_the_cost_view_compares_trials_of_one_device_kind_and_says_so(two_device
     assert hours_sentence(markdown).startswith(
         f"Device-hours: 2.85 over 5 trials ({GPU} 0.1 h, cpu 2.75"
     )
+
+
+def _probe(study: optuna.Study, device: str, rates: dict[int, float | None]) -> None:
+    """The table `hpo probe` stores for ``device``: samples/s per batch size (None: did
+    not fit)."""
+    rows = [
+        {"batch_size": b, "fits": r is not None, "samples_per_s": r, "peak_memory_mib": None}
+        for b, r in rates.items()
+    ]
+    study.set_user_attr(f"hpo_probe:{device}", {"device_name": device, "rows": rows})
+
+
+def test_probe_rates_on_both_kinds_put_every_trial_in_the_reference_kinds_seconds(
+    two_devices,
+) -> None:
+    _probe(two_devices, "cpu", {16: 100.0, 32: 150.0, 64: None})
+    _probe(two_devices, GPU, {16: 800.0, 32: 1500.0, 64: 2500.0})
+    view = collect(two_devices, "val_auc").cost
+    assert view is not None and view.device == "cpu" and view.other_devices == 0
+    factor = view.normalised[GPU]
+    assert factor.factor == pytest.approx(9.0) and factor.batch_sizes == (16, 32)  # 8, 10
+    gpu = next(p for p in view.points if p.number == 4)
+    assert gpu.train_seconds == pytest.approx(250.0 * 9.0)  # what the CPU would have taken
+    assert gpu.samples_per_s == pytest.approx(1000.0 / 9.0)
+    assert view.best is not None and view.best.number == 4
+    sentence = view.describe()
+    assert sentence.startswith("Training seconds normalised to cpu by the samples/s")
+    assert f"{GPU} × 9 (median over B = 16, 32)" in sentence
+    assert "left out" not in sentence
+
+
+def test_without_a_probe_on_every_kind_the_unprobed_kind_stays_out(two_devices) -> None:
+    _probe(two_devices, "cpu", {16: 100.0, 32: 150.0})
+    _probe(two_devices, "another GPU", {16: 900.0})
+    view = collect(two_devices, "val_auc").cost
+    assert view is not None and view.normalised == {} and view.other_devices == 1
+    assert {p.number for p in view.points} == {0, 1, 2}
+    assert view.describe().startswith("Compared on cpu only: 1 complete trials")
+
+
+def test_malformed_probe_records_are_skipped() -> None:
+    rates = probe_rates(
+        {
+            "hpo_probe:cpu": {"rows": [{"batch_size": 16, "fits": True, "samples_per_s": 50}]},
+            "hpo_probe:bad": {"rows": "not rows"},
+            "hpo_probe:nan": {"rows": [{"batch_size": 16, "fits": True, "samples_per_s": "x"}]},
+            "hpo_probe:odd": [1, 2],
+            "hpo_max_batch_size:cpu": 64,
+        }
+    )
+    assert rates == {"cpu": {16: 50.0}}
 
 
 def hours_sentence(markdown: str) -> str:

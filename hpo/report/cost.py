@@ -6,9 +6,11 @@ reads that from the trials' own records (``hpo.objective.record_tally``: ``train
 ``samples_per_s``, ``n_updates``, ``train_epochs``, ``budget_unit``), finds the Pareto
 front of value against time to train over the complete trials, and names the fastest
 trial on the front within a tolerance of the best, in one sentence. Seconds on different
-device kinds are not comparable, so the view compares the trials of one device kind (user
-attr ``device``): the kind with the most complete trials; the others are counted and left
-out, and the sentence says so. Pure: draws nothing.
+device kinds are not comparable as they stand, so the view compares the trials of one
+device kind (user attr ``device``): the kind with the most complete trials, the reference.
+A kind ``hpo probe`` measured as well as the reference (``hpo.report.device_rates``) joins
+with its seconds normalised to the reference's by the probe's samples/s; the others are
+counted and left out. The sentence says which. Pure: draws nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from hpo.report.device_rates import SpeedFactor, describe_factors, probe_rates, speed_factors
 
 # How close to the best value ("within 1% of the best") a faster trial must come to be
 # named in the summary's sentence: relative to the best value, so the same for AUC and loss.
@@ -77,6 +81,9 @@ class CostView:
     # complete trials of other kinds were left out of the comparison.
     device: str | None = None
     other_devices: int = 0
+    # The other device kinds whose trials joined, their seconds normalised to ``device``'s
+    # by the probe's speed factor (seconds × factor, samples/s ÷ factor).
+    normalised: dict[str, SpeedFactor] = dataclasses.field(default_factory=dict)
 
     @property
     def front(self) -> tuple[CostPoint, ...]:
@@ -111,14 +118,16 @@ class CostView:
         best, chosen = self.best, self.fastest_within
         assert best is not None and chosen is not None
         tolerance = percent(self.tolerance)
-        text = ""
+        text = describe_factors(self.device, self.normalised) if self.device else ""
         if self.other_devices:
-            text = (
-                f"Compared on {self.device} only: {self.other_devices} complete trials on "
-                "other device kinds are left out (their seconds are not comparable). "
+            text += (
+                f"Compared on {self.device}{' and the kinds above' if self.normalised else ''}"
+                f" only: {self.other_devices} complete trials on other device kinds are left "
+                "out (their seconds are not comparable; `hpo probe` on each kind would "
+                "normalise them). "
             )
         if self.budget_unit == "seconds":
-            text = (
+            text += (
                 "Every trial trained for the same time (budget.unit = seconds), so time to "
                 "train hardly separates them; throughput does. "
             )
@@ -213,19 +222,28 @@ def cost_view(
         raise ValueError(f"tolerance = {tolerance} must be 0 or more")
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    kind, other_devices = compared_device(trials, batch_size_of)
+    kinds = _complete_kinds(trials, batch_size_of)
+    kind = min(kinds, key=lambda k: (-kinds[k], k or "")) if kinds else None
+    factors = {}
+    if kind is not None:
+        rates = probe_rates(study.user_attrs)
+        factors = speed_factors(rates, kind, {k for k in kinds if k is not None})
+    scale = {k: f.factor for k, f in factors.items()} | {kind: 1.0}
+    other_devices = sum(n for k, n in kinds.items() if k not in scale)
     throughput: dict[int, list[float]] = {}
     raw: list[CostPoint] = []
     for trial in trials:
         batch_size = batch_size_of(trial)
-        if batch_size is None or device_kind(trial) != kind:
+        factor = scale.get(device_kind(trial))
+        if batch_size is None or factor is None:
             continue
         samples_per_s = finite_number(trial.user_attrs, "samples_per_s")
         if samples_per_s:
+            samples_per_s /= factor
             throughput.setdefault(batch_size, []).append(samples_per_s)
         point = _point(trial, batch_size, samples_per_s)
         if point is not None:
-            raw.append(point)
+            raw.append(dataclasses.replace(point, train_seconds=point.train_seconds * factor))
     on_front = pareto_front(raw, maximize=maximize)
     points = tuple(
         dataclasses.replace(p, on_front=p.number in on_front)
@@ -233,24 +251,22 @@ def cost_view(
     )
     rows = _by_batch_size(points, throughput, maximize=maximize)
     unit = recorded_budget_unit(trials)
-    return CostView(metric, maximize, tolerance, unit, points, rows, kind, other_devices)
+    normalised = {k: f for k, f in factors.items() if k != kind}
+    return CostView(
+        metric, maximize, tolerance, unit, points, rows, kind, other_devices, normalised
+    )
 
 
-def compared_device(
+def _complete_kinds(
     trials: list[FrozenTrial], batch_size_of: Callable[[FrozenTrial], int | None]
-) -> tuple[str | None, int]:
-    """The device kind whose complete trials the cost view compares (the kind with the most
-    of them; of equal counts, the first by name) and how many complete trials of other
-    kinds that leaves out. None (every trial) when no complete trial records a kind."""
-    kinds = Counter(
+) -> Counter[str | None]:
+    """Complete trials with a recorded cost per device kind (None: no kind recorded). The
+    kind with the most (of equal counts, the first by name) is the view's reference."""
+    return Counter(
         device_kind(t)
         for t in trials
         if batch_size_of(t) is not None and _point(t, 1, None) is not None
     )
-    if not kinds:
-        return None, 0
-    kind = min(kinds, key=lambda k: (-kinds[k], k or ""))
-    return kind, sum(kinds.values()) - kinds[kind]
 
 
 def _point(trial: FrozenTrial, batch_size: int, samples_per_s: float | None) -> CostPoint | None:

@@ -51,8 +51,11 @@ def cost_figure(data: ReportData) -> FigureModel:
 
 
 def _on(view: CostView) -> str:
-    """`` on cpu`` when the trials record their device kind: the view compares one kind."""
-    return f" on {view.device}" if view.device else ""
+    """`` on cpu`` when the trials record their device kind: the view compares one kind,
+    or several in its seconds (`` in cpu seconds``: normalised by the probe's rates)."""
+    if not view.device:
+        return ""
+    return f" in {view.device} seconds" if view.normalised else f" on {view.device}"
 
 
 def _value_vs_time_layers(view: CostView, metric: str) -> list[Layer]:
