@@ -94,7 +94,8 @@ def _figures(path: Path) -> dict[str, float]:
 
 def test_pipeline_benchmark_writes_speedups(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.json"
-    _script("pipeline").main(["--quick", "--device", "cpu", "--json", str(out)])
+    pipeline = _script("pipeline")
+    pipeline.main(["--quick", "--device", "cpu", "--json", str(out)])
 
     figures = _figures(out)
     assert {key for key in figures if not key.startswith("e2e_")} == {
@@ -103,7 +104,14 @@ def test_pipeline_benchmark_writes_speedups(tmp_path: Path) -> None:
         "naive_samples_per_s",
         "speedup",
     }
-    assert "e2e_vs_step" in figures and "e2e_s_per_epoch_gap_pass" in figures
+    # The e2e breakdown: every phase of a trial timed, the training and evaluation seen.
+    phases = {f"e2e_s_per_epoch_{p.replace(' ', '_')}" for p in pipeline.PHASES}
+    assert phases <= set(figures)
+    for phase in ("step", "eval", "gap_pass", "storage", "batch_prep"):
+        assert figures[f"e2e_s_per_epoch_{phase}"] > 0, phase
+    assert figures["e2e_storage_calls_per_epoch"] > 0
+    assert 0 < figures["e2e_plain_step_share"] <= 1
+    assert 0 < figures["e2e_vs_step"] <= 1.5
 
 
 def test_cost_to_target_benchmark_writes_epochs(studies_dir: Path, tmp_path: Path) -> None:
