@@ -146,6 +146,9 @@ def test_probe_rates_on_both_kinds_put_every_trial_in_the_reference_kinds_second
     assert sentence.startswith("Training seconds normalised to cpu by the samples/s")
     assert f"{GPU} × 9 (median over B = 16, 32)" in sentence
     assert "left out" not in sentence
+    assert "(evaluation not counted, in cpu seconds)" in summary_markdown(
+        collect(two_devices, "val_auc")
+    )
 
 
 def test_without_a_probe_on_every_kind_the_unprobed_kind_stays_out(two_devices) -> None:

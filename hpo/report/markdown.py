@@ -179,11 +179,12 @@ def _cost(data: ReportData) -> list[str]:
         "| " + " | ".join("---:" for _ in headers) + " |",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    scale = f", in {data.cost.device} seconds" if data.cost.normalised else ""
     lines += [
         "",
-        "train s: training time of the best trial (evaluation not counted); samples/s: the "
-        "median over the batch size's complete and pruned trials; front: the best trial is on "
-        "the Pareto front of value vs training time.",
+        f"train s: training time of the best trial (evaluation not counted{scale}); "
+        "samples/s: the median over the batch size's complete and pruned trials; front: the "
+        "best trial is on the Pareto front of value vs training time.",
     ]
     return lines
 
