@@ -281,14 +281,16 @@ class PhaseClock:
         return timed
 
 
-def demo_spec(model: str, epochs: int | None, device: str) -> StudySpec:
-    """studies/demo.toml (no data cache on disk), with ``model`` and ``device``."""
+def demo_spec(model: str, epochs: int | None, device: str, reports: int | None = None) -> StudySpec:
+    """studies/demo.toml (no data cache on disk), with ``model`` and ``device``; ``epochs``
+    and ``reports`` replace the demo's budget where given."""
     spec = load_spec(DEMO_STUDY)
+    budget = {"epochs": epochs or spec.budget.epochs, "reports": reports or spec.budget.reports}
     return spec.model_copy(
         update={
             "dataset": spec.dataset.model_copy(update={"cache_dir": None}),
             "model": spec.model.model_copy(update={"name": model}),
-            "budget": spec.budget.model_copy(update={"epochs": epochs or spec.budget.epochs}),
+            "budget": spec.budget.model_copy(update=budget),
             "training": spec.training.model_copy(update={"device": device}),
         }
     )
@@ -370,7 +372,8 @@ def one_trial(spec: StudySpec, setup, splits, batch_size: int, directory: Path,
 
 
 def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs: int | None = None,
-                train_size: int | None = None, val_size: int | None = None) -> dict[str, Any]:  # fmt: skip
+                train_size: int | None = None, val_size: int | None = None,
+                reports: int | None = None) -> dict[str, Any]:  # fmt: skip
     """A trial's training samples/s end to end over the bare ``train_step``'s, same model,
     precision, batch size and process, at the demo's settings, with the per-epoch
     breakdown.
@@ -386,7 +389,7 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
     leave those samples out: 1/32 = 3% low at B = 64). The ratio to the
     separately timed step is reported beside it (``e2e_vs_separate_step``). On CUDA each
     clocked phase ends with a sync, which the uninstrumented loop does not have."""
-    spec = demo_spec(model, epochs, device)
+    spec = demo_spec(model, epochs, device, reports)
     sizes = {"train_size": train_size, "val_size": val_size}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=sizes)})
@@ -418,6 +421,7 @@ def e2e_vs_step(model: str, batch_size: int, rounds: int, device: str, *, epochs
         "model": model,
         "batch_size": batch_size,
         "epochs": epochs_run,
+        "reports": spec.budget.report_count,
         "train_size": len(splits[0]),
         "val_size": len(splits[1]),
         "image_size": spec.dataset.image_size,
@@ -463,7 +467,8 @@ def describe_e2e(result: dict[str, Any]) -> str:
         for phase in PHASES
     )
     return (
-        f"e2e {result['model']} B={result['batch_size']} {result['precision']}: trial "
+        f"e2e {result['model']} B={result['batch_size']} {result['precision']}, "
+        f"{result['epochs']} epochs, {result['reports']} reports: trial "
         f"{result['trial_samples_per_s']:,.0f}/s vs its steps {result['in_trial_step_samples_per_s']:,.0f}/s "
         f"= {result['e2e_vs_step']:.2f} (vs the separately timed step "
         f"{result['separate_step_samples_per_s']:,.0f}/s: {result['e2e_vs_separate_step']:.2f}); "
@@ -492,6 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run only (a)+(b) against naive, or only (c) e2e vs step (all)")  # fmt: skip
     parser.add_argument("--e2e-rounds", type=int, default=3, help="(c) rounds (3)")
     parser.add_argument("--e2e-epochs", type=int, default=None, help="(c) epochs (the demo's)")
+    parser.add_argument("--e2e-reports", type=int, default=None,
+                        help="(c) reports per trial (the demo's, 4; histo.toml: one per epoch)")  # fmt: skip
     parser.add_argument("--e2e-train-size", type=int, default=None,
                         help="(c) training patches (the demo's)")  # fmt: skip
     parser.add_argument("--e2e-val-size", type=int, default=None,
@@ -509,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.only != "naive":
         e2e = e2e_vs_step(args.model, args.batch_size, args.e2e_rounds, args.device,
                           epochs=args.e2e_epochs, train_size=args.e2e_train_size,
-                          val_size=args.e2e_val_size)  # fmt: skip
+                          val_size=args.e2e_val_size, reports=args.e2e_reports)  # fmt: skip
         result.update(flat_e2e(e2e))
         print(describe_e2e(e2e) + f"; load {_load():.1f}", flush=True)
     if args.json is not None:

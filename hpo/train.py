@@ -47,11 +47,13 @@ CUDA_FINITE_CHECK_EVERY = 16
 # epochs, 2,048 probe patches were 8% of a trial, more than all its validation passes (6%;
 # docs/benchmarks.md).
 TRAIN_EVAL_SAMPLES = 2048
-# On CPU, evaluation runs in batches of at most this many patches: small-cnn at 48 px
-# evaluated 3,265-3,753 patches/s in batches of 64 and 833-1,077 in batches of 512 on the
-# shared 2-core machine (load 2.5-4.6; docs/benchmarks.md). Eval mode: the
-# metrics do not depend on the batch size.
-CPU_EVAL_BATCH_MAX = 64
+# On CPU, evaluation runs in batches of at most this many patches. From a prepared
+# validation split, small-cnn evaluated about as fast at 64 to 512 (32 px: 8,186 patches/s
+# at 64, 8,525 at 256, 7,698 at 512; 48 px: 3,553 · 3,420 · 3,245; load 2), but inside a
+# trial, between training steps, the passes at 512 took 0.13-0.14 s per epoch against
+# 0.18-0.23 at 64 (docs/benchmarks.md). Eval mode: the accuracy and AUC do not depend on
+# the batch size (the loss's sum order does, in the 7th digit).
+CPU_EVAL_BATCH_MAX = 256
 # The validation split is normalized on the device once per trial and evaluated at every
 # report from that copy when it fits in this many bytes (float32: 9,700 patches at 48 px,
 # 2,400 at 96 px); larger splits are prepared batch by batch at every report. On CPU that

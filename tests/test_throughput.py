@@ -160,13 +160,13 @@ def test_gpu_step_fused_variant_keeps_the_trial_optimizers_settings(tiny_study: 
     assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.02, 3e-4, 0.9)
 
 
-def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
+def test_evaluation_on_cpu_uses_capped_batches_with_the_same_metrics(
     tiny_study: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec, run, data = _fitted(tiny_study, epochs=1)
     setup = select_device(spec.training)
-    small = evaluate(run.model, data.val, data.batcher, setup, CPU_EVAL_BATCH_MAX)
-    large = evaluate(run.model, data.val, data.batcher, setup, 512)
+    small = evaluate(run.model, data.val, data.batcher, setup, 16)  # 8 batches of the split
+    large = evaluate(run.model, data.val, data.batcher, setup, CPU_EVAL_BATCH_MAX)
     assert small[1:] == pytest.approx(large[1:]) and small[0] == pytest.approx(large[0], rel=1e-4)
 
     used: list[int] = []
@@ -176,8 +176,9 @@ def test_evaluation_on_cpu_uses_small_batches_with_the_same_metrics(
         return small
 
     monkeypatch.setattr(hpo_train, "evaluate", recording)
+    monkeypatch.setattr(hpo_train, "CPU_EVAL_BATCH_MAX", 32)  # below the spec's 512
     _fitted(tiny_study, epochs=1)
-    assert used and set(used) == {min(spec.training.eval_batch_size, CPU_EVAL_BATCH_MAX)}
+    assert used and set(used) == {32}
 
 
 # ------------------------------------------------- the validation split prepared once
