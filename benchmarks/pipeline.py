@@ -16,8 +16,8 @@ the figures are medians over rounds.
     samples/s = (train + val patches) / wall time.
 
 (c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
-    (studies/demo.toml; the figures in docs/benchmarks.md were measured on an earlier demo
-    configuration: 2,048 training and 1,024 validation patches at 48 px, 4 epochs),
+    (studies/demo.toml; ``--e2e-train-size``, ``--e2e-val-size``, ``--e2e-epochs`` and
+    ``--e2e-reports`` change its shape and budget, e.g. to histo.toml's one report per epoch),
     a trial's training samples over its wall time (one trial as a worker runs it on
     SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
     the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch
