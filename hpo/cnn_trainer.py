@@ -75,6 +75,7 @@ class CnnTrainer:
         started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, spec.training)
         run, checkpoint = self._resume(ctx)
+        run.data_parallel = ctx.group  # None but in a data-parallel trial (hpo.distributed)
         resumed = (run.tally.train_seconds, run.tally.eval_seconds)
         budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
         self.progress.start(ctx.trial_number, params, budget)
@@ -135,7 +136,7 @@ class CnnTrainer:
         ctx.report(
             metrics.objective(metric), samples=run.tally.train_samples, updates=run.tally.updates
         )
-        if checkpoint is not None:
+        if checkpoint is not None and ctx.rank == 0:  # one writer per trial
             self._saved(ctx, lambda: checkpoint.save(run))
 
     def _saved(self, ctx: TrialContext, save: Callable[[], None]) -> None:

@@ -35,6 +35,7 @@ from hpo.cnn_trainer import CnnTrainer, SilentProgress, record_tally
 from hpo.context import Budget, Diverged, Trainer, TrialContext, load_trainer
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.distributed import data_parallel_group
 from hpo.noise_interval import noise_scale_attrs
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
@@ -115,12 +116,14 @@ class Objective:
         params = self._params(trial)
         trial.set_user_attr("device", self.setup.name)  # the device kind
         trial.set_user_attr("precision", self.setup.precision)
+        trial.set_user_attr("ranks", self.spec.training.gpus_per_trial)
         ctx = self._context(trial, params)
         if self.tracker is not None:
             worker = trial.user_attrs.get("worker")
             self.tracker.trial_started(trial.number, ctx.params, {"worker": worker})
         try:
-            return self._train(trial, ctx)
+            with data_parallel_group(ctx, self.setup):  # N ranks with gpus_per_trial = N
+                return self._train(trial, ctx)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -208,12 +211,15 @@ class Objective:
         micro-batch size (user attrs ``micro_batch_size``, ``accumulation_steps``)."""
         params = sample_params(trial, self.spec)
         cap = None if self.study is None else read_batch_cap(self.study, self.setup.name)
-        clamped = clamp_batch_size(params.batch_size, cap)
+        # The cap is one device's; a data-parallel trial's global batch spreads over N.
+        ranks = self.spec.training.gpus_per_trial
+        clamped = clamp_batch_size(params.batch_size, None if cap is None else cap * ranks)
         if self.spec.training.above_cap == "accumulate":
-            if clamped != params.batch_size:
-                params = dataclasses.replace(params, micro_batch_size=clamped)
-            trial.set_user_attr("micro_batch_size", clamped)
-            trial.set_user_attr("accumulation_steps", params.accumulation_steps)
+            if clamped != params.batch_size:  # micro-batches of one rank's share
+                params = dataclasses.replace(params, micro_batch_size=clamped // ranks)
+            share = params.batch_size // ranks
+            trial.set_user_attr("micro_batch_size", clamped // ranks)
+            trial.set_user_attr("accumulation_steps", share // (params.micro_batch_size or share))
         elif clamped != params.batch_size:
             trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
             trial.set_user_attr("batch_size", clamped)

@@ -28,6 +28,15 @@ PARAMETER_ATTRS = frozenset({"batch_size", "batch_size_clamped_from", "queued_by
 RETRY_REASON_ATTR = "retried_because"
 
 
+class RequeueTrial(RuntimeError):
+    """A trial failure that is not the trial's fault (a rank of its data-parallel group
+    died: ``hpo.distributed.RankFailed``): the worker fails it with this message as its
+    reason and re-queues it to resume from its checkpoint, at most ``max_retry`` times
+    along its retry lineage (a fault that comes back every time ends as FAIL)."""
+
+    max_retry = 3
+
+
 def retry_user_attrs(failed: FrozenTrial) -> dict[str, object]:
     """The user attrs a retry of ``failed`` starts with (its reason is ``failed``'s own
     ``fail_reason``, not an older one ``failed`` was retried for)."""

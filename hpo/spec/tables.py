@@ -456,6 +456,10 @@ class TrainingSpec(Table):
     # true is inductor's default mode; "reduce-overhead" adds CUDA graphs, for a GPU step
     # bound by the host launching kernels (benchmarks/gpu_step.py measures both).
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    # Devices one trial trains on, data-parallel (hpo.distributed): N processes of one
+    # torch.distributed group (NCCL on GPUs, gloo on CPU), each training batch_size / N
+    # samples of every global batch. Must divide search.batch_size_min.
+    gpus_per_trial: IntIn(1, 1024) = 1
 
     @property
     def compile_mode(self) -> str | None:
