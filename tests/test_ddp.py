@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.objective import train_trial
 from hpo.settings import TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
-from hpo.study import create_or_load_study, superseded_trials
+from hpo.study import create_or_load_study, retried_from, superseded_trials
 from hpo.worker import run_worker
 from tests import ddp_trainers
 from tests.conftest import tiny_study_text
@@ -85,3 +85,128 @@ def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(
     assert trial.user_attrs["b_simple_sums"]["n"] == 8
     low, high = trial.user_attrs["b_simple_interval"]
     assert 0 <= low <= trial.user_attrs["b_simple"] and (high is None or high >= low)
+
+
+# --------------------------------------------------------------------- faults of a worker
+
+EPOCHS = 4  # 8 updates an epoch: 256 training patches at batch size 32
+FIRST = {"log2_batch_size": 5, "lr": 0.05, "weight_decay": 1e-4}
+FOLLOWER_CODE = "from hpo.distributed import follower_main"
+
+
+def _followers_of(pid: int) -> list[int]:
+    """The follower ranks (``hpo.distributed``) among ``pid``'s children."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(child) for child in task.read_text().split()]
+    return [child for child in children if FOLLOWER_CODE in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Faulted:
+    """The scenario's observations: rank 1 killed mid-trial, then the worker stopped with
+    SIGTERM in the retry, then a worker in this process finishing the study."""
+
+    killed_follower: int
+    stopped_follower: int
+    stopped_worker_code: int
+    followers_after_stop: list[int]
+    trials: list[FrozenTrial]
+    leftover_followers: list[int]
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory: pytest.TempPathFactory) -> Faulted:
+    directory = tmp_path_factory.mktemp("ddp-faults")
+    url = f"sqlite:///{directory / 'hpo.db'}"
+    extra = RANKS + "checkpoint_async = false\naugment = false\n"
+    text = tiny_study_text(epochs=EPOCHS, train_size=256, val_size=64, pruner="none",
+                           sampler="random", extra=extra)  # fmt: skip
+    spec = parse_spec(tomllib.loads(text), source="test", default_name="tiny")
+    loaded = create_or_load_study(spec, url)
+    loaded.study.enqueue_trial(FIRST)
+    loaded.storage.engine.dispose()
+    env = os.environ | {
+        "HPO_STORAGE": url, "HPO_HEARTBEAT_S": "1", "HPO_GRACE_S": "3",
+        "HPO_CHECKPOINT_DIR": str(directory / "ckpt"), "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "hpo", "worker", "--study", "tiny", "--n-trials", "1"]
+    with open(directory / "worker.log", "w") as log:
+        worker = subprocess.Popen(command, env=env, cwd=directory, stdout=log, stderr=log)
+    try:
+        first = directory / "ckpt" / "tiny" / "trial-0"
+        _wait_for(lambda: any(first.glob("*")), "trial 0's first checkpoint")
+        (killed,) = _wait_for(lambda: _followers_of(worker.pid), "rank 1")
+        os.kill(killed, signal.SIGKILL)
+        (stopped,) = _wait_for(
+            lambda: [f for f in _followers_of(worker.pid) if f != killed], "the retry's rank 1"
+        )
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    after_stop = [pid for pid in (killed, stopped) if _alive(pid)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HPO_HEARTBEAT_S", "1")
+        patch.setenv("HPO_GRACE_S", "3")
+        node = NodeSettings(checkpoint_dir=directory / "ckpt", num_threads=1)
+        run_worker("tiny", url, total_trials=1, node=node)
+    trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    return Faulted(killed, stopped, code, after_stop, trials, _followers_of(os.getpid()))
+
+
+def test_a_killed_rank_fails_the_trial_with_the_reason_and_re_queues_it(
+    faulted: Faulted,
+) -> None:
+    first = faulted.trials[0]
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs["fail_reason"] == "rank 1 of 2 was killed by SIGKILL"
+    assert retried_from(faulted.trials[1]) == 0
+
+
+def test_sigterm_to_the_worker_stops_every_rank(faulted: Faulted) -> None:
+    assert faulted.stopped_worker_code == 128 + signal.SIGTERM
+    assert faulted.followers_after_stop == []
+    assert faulted.trials[1].user_attrs["fail_reason"] == "worker stopped (SIGTERM)"
+
+
+def test_the_retried_trial_resumes_from_its_checkpoint_and_nothing_is_left_running(
+    faulted: Faulted,
+) -> None:
+    trials = faulted.trials
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    (counted,) = [t for t in trials if t.number not in superseded_trials(trials)]
+    assert counted.state == TrialState.COMPLETE
+    assert counted.user_attrs["resumed_from_epoch"] >= 1
+    assert sorted(counted.intermediate_values) == list(range(1, EPOCHS + 1))
+    assert counted.user_attrs["reports_completed"] == EPOCHS
+    # The built-in loop measures the noise scale on every update of a data-parallel trial.
+    assert counted.user_attrs["b_simple_measurements"] == counted.user_attrs["n_updates"]
+    assert len(counted.user_attrs["b_simple_interval"]) == 2
+    assert faulted.leftover_followers == []
