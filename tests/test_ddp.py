@@ -20,8 +20,9 @@ import tomllib
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
 from hpo.objective import train_trial
-from hpo.settings import TRUSTED_MODULES_ENV, NodeSettings
+from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
 from hpo.study import create_or_load_study, retried_from, superseded_trials
 from hpo.worker import run_worker
@@ -59,6 +60,29 @@ def test_gpus_per_trial_must_be_a_positive_divisor_of_the_smallest_batch() -> No
         text = LINEAR_STUDY.replace("gpus_per_trial = 2", f"gpus_per_trial = {value}")
         with pytest.raises(SpecError, match=words):
             parse_spec(tomllib.loads(text), source="test", default_name="ddp")
+
+
+def test_gpu_ranges_are_grouped_per_trial_within_cuda_visible_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert resolve_gpus("0-7") == [str(i) for i in range(8)]
+    assert gpu_groups(resolve_gpus("0-7"), 2) == ["0,1", "2,3", "4,5", "6,7"]
+    assert gpu_groups(resolve_gpus("0-6"), 3) == ["0,1,2", "3,4,5"]  # GPU 6 left over
+    assert gpu_groups(resolve_gpus("0-1,4,6"), 1) == ["0", "1", "4", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    assert gpu_groups(resolve_gpus("all"), 2) == ["2,3", "5,7"]
+    assert local_devices(3, per_trial=2) == ["2,3", "5,7", "2,3"]
+    with pytest.raises(GpuSelectionError, match="gpus_per_trial = 4 but --gpus gives 2"):
+        gpu_groups(resolve_gpus("0-1"), 4)
+    for bad in ("2-9", "1-1,1", "a-b"):
+        with pytest.raises(GpuSelectionError, match="--gpus"):
+            resolve_gpus(bad)
+
+
+def test_each_worker_of_a_group_gets_its_gpus_in_cuda_visible_devices() -> None:
+    child = _child_env("sqlite://", NodeSettings(), "4,5", 2, threads=1)
+    assert child["CUDA_VISIBLE_DEVICES"] == "4,5" and child[LABEL_ENV] == "[gpu4,5] "
 
 
 def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(
