@@ -157,7 +157,8 @@ class RankGroup:
         count = sum(g.numel() for g in grads)
         flat = torch.cat([t.detach().reshape(-1).float() for t in tensors] + [
             torch.zeros(1, device=grads[0].device)])  # fmt: skip
-        flat[-1] = flat[:count].square().sum()
+        if noise is not None:
+            flat[-1] = flat[:count].square().sum()
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
@@ -179,10 +180,14 @@ class RankGroup:
         images: torch.Tensor,
         targets: torch.Tensor,
         micro_batch_size: int | None,
+        *,
+        measure_noise: bool = True,
     ) -> torch.Tensor:
         """One optimizer update of a ``hpo.train.TrainingRun`` on this rank's shard
         (micro-batches of ``micro_batch_size`` when given), gradients averaged over the
-        ranks; returns the shard's mean loss, detached."""
+        ranks, the noise scale measured into ``run.tally.noise`` (unless ``measure_noise``
+        is off: benchmarks/ddp.py times the difference); returns the shard's mean loss,
+        detached."""
         run.optimizer.zero_grad(set_to_none=True)
         local = images.shape[0]
         loss_sum = torch.zeros((), device=images.device)
@@ -194,7 +199,8 @@ class RankGroup:
             weighted = loss * (part_images.shape[0] / local)
             run.scaler.scale(weighted).backward()
             loss_sum += weighted.detach()
-        self.average_gradients(run.model, run.tally.noise, local, run.scaler)
+        noise = run.tally.noise if measure_noise else None
+        self.average_gradients(run.model, noise, local, run.scaler)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         return loss_sum
