@@ -113,9 +113,13 @@ class RankGroup:
             except OSError as error:
                 group.close(completed=False)
                 raise RankFailed(f"could not start rank {rank}: {error.strerror}") from None
-        group._wait_for_followers(store, timeout)
-        dist.init_process_group(backend, store=store, rank=0, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))  # fmt: skip
+        try:
+            group._wait_for_followers(store, timeout)
+            dist.init_process_group(backend, store=store, rank=0, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout))  # fmt: skip
+        except BaseException:  # a stop signal too: no follower outlives the start
+            group.close(completed=False)
+            raise
         return group
 
     def _wait_for_followers(self, store: dist.TCPStore, timeout: float) -> None:
@@ -126,7 +130,6 @@ class RankGroup:
             if failure is None and time.monotonic() > deadline:
                 failure = f"the ranks did not join within {timeout:.0f} s"
             if failure is not None:
-                self.close(completed=False)
                 raise RankFailed(failure)
             time.sleep(0.05)
 

@@ -63,3 +63,12 @@ def single_process(seed: int, batch_size: int, lr: float, reports: int) -> dict[
         F.cross_entropy(model(features[step]), labels[step]).backward()
         optimizer.step()
     return model.state_dict()
+
+
+def fails_on_rank_1(ctx: hpo.TrialContext) -> float:
+    """Rank 1 raises before the first collective; rank 0 waits in it."""
+    if ctx.rank == 1:
+        raise ValueError("rank 1's data loader broke")
+    ctx.broadcast("never received")
+    ctx.report(0.5)
+    return 0.5

@@ -20,6 +20,7 @@ import tomllib
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.distributed import RankFailed
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
 from hpo.objective import train_trial
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
@@ -109,6 +110,18 @@ def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(
     assert trial.user_attrs["b_simple_sums"]["n"] == 8
     low, high = trial.user_attrs["b_simple_interval"]
     assert 0 <= low <= trial.user_attrs["b_simple"] and (high is None or high >= low)
+
+
+def test_a_rank_that_raises_fails_the_trial_with_its_error_as_the_reason(tmp_path: Path) -> None:
+    text = LINEAR_STUDY.replace("ddp_trainers:linear", "ddp_trainers:fails_on_rank_1")
+    spec = parse_spec(tomllib.loads(text), source="test", default_name="ddp")
+    trial = optuna.create_study().ask()
+    with pytest.raises(RankFailed) as failed:
+        train_trial(trial, spec, checkpoint_root=tmp_path)
+    assert str(failed.value) == (
+        "rank 1 of 2 exited with code 1: ValueError: rank 1's data loader broke"
+    )
+    assert _followers_of(os.getpid()) == []  # stopped with the trial
 
 
 # --------------------------------------------------------------------- faults of a worker
