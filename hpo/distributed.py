@@ -45,19 +45,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hpo.context import Budget, TrialContext, load_trainer
-from hpo.device import DeviceSetup, DeviceUnavailable
+from hpo.device import DeviceSetup, DeviceUnavailable, is_out_of_memory
 from hpo.errors import UserError
 from hpo.launcher import die_with_parent, stop_children
 from hpo.noise import NoiseScaleEstimate
 from hpo.retry import RequeueTrial
-from hpo.settings import KILL_AT_ENV, collective_timeout_s, environment
+from hpo.settings import collective_timeout_s, environment
 from hpo.spec import StudySpec, TrainingSpec, TrialParams
 from hpo.train import autocast
 
 __all__ = ["RankFailed", "RankGroup", "check_devices_per_trial", "data_parallel_group"]
 
-# $HPO_TEST_KILL_AT = "follower-PHASE[:n]" kills a follower at PHASE (tests only).
-FOLLOWER_KILL_PREFIX = "follower-"
+# Begins a follower's reason file when it ran out of memory: the trial then ends as an OOM
+# (the device's batch cap lowered, no retry), not as a re-queued rank failure.
+OOM_MARK = "oom\n"
 # A follower process, the working directory dropped from ``sys.path`` as for workers
 # (``hpo.launcher.python_module_command``): a stray module there is never imported.
 FOLLOWER_COMMAND = [
@@ -93,6 +94,7 @@ class RankGroup:
     world_size: int
     followers: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
     reasons: Path | None = None  # where followers write why they failed
+    out_of_memory: bool = False  # a follower's failure was an out-of-memory error
 
     @classmethod
     def start(cls, world_size: int, setup: DeviceSetup) -> RankGroup:
@@ -108,7 +110,7 @@ class RankGroup:
                        backend, str(group.reasons)]  # fmt: skip
             try:
                 group.followers.append(
-                    subprocess.Popen(command, env=_follower_env(), **die_with_parent())
+                    subprocess.Popen(command, env=environment(), **die_with_parent())
                 )
             except OSError as error:
                 group.close(completed=False)
@@ -226,7 +228,9 @@ class RankGroup:
             return f"was killed by {signal.Signals(-code).name}"
         said = ""
         if self.reasons is not None and (self.reasons / f"rank-{rank}").is_file():
-            said = ": " + (self.reasons / f"rank-{rank}").read_text()[:300]
+            said = (self.reasons / f"rank-{rank}").read_text()
+            self.out_of_memory = said.startswith(OOM_MARK)
+            said = ": " + said.removeprefix(OOM_MARK)[:300]
         return f"exited with code {code}{said}"
 
     def close(self, *, completed: bool) -> None:
@@ -245,15 +249,6 @@ class RankGroup:
                 path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.reasons.rmdir()
-
-
-def _follower_env() -> dict[str, str]:
-    """The worker's environment; a test's follower-only kill point becomes the follower's."""
-    child = environment()
-    wanted = child.pop(KILL_AT_ENV, "")
-    if wanted.startswith(FOLLOWER_KILL_PREFIX):
-        child[KILL_AT_ENV] = wanted.removeprefix(FOLLOWER_KILL_PREFIX)
-    return child
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +301,8 @@ def data_parallel_group(ctx: TrialContext, setup: DeviceSetup) -> Iterator[None]
         failure = group.failure(wait_s=2.0 if isinstance(error, RuntimeError) else 0.0)
         if failure is None and isinstance(error, dist.DistError):
             failure = f"a collective failed: {str(error).splitlines()[0][:300]}"
+        if failure is not None and group.out_of_memory:  # as an OOM on rank 0 (objective)
+            raise torch.OutOfMemoryError(failure) from error
         if failure is not None:
             raise RankFailed(failure) from error
         raise
@@ -356,8 +353,9 @@ def follower_main(argv: list[str] | None = None) -> None:
         run_follower(RankGroup(args.rank, args.world))
     except (Exception, UserError) as error:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        mark = OOM_MARK if is_out_of_memory(error) else ""
         with contextlib.suppress(OSError):
-            (args.reasons / f"rank-{args.rank}").write_text(reason[:300])
+            (args.reasons / f"rank-{args.rank}").write_text(mark + reason[:300])
         print(f"rank {args.rank}: {reason}", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)

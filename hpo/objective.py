@@ -230,7 +230,9 @@ class Objective:
         release_device_memory(self.setup.device.type)
         new_cap = None
         if self.study is not None:
-            failed = params.micro_batch_size or params.batch_size  # what did not fit
+            # What did not fit on one device: a rank's share of a data-parallel batch.
+            ranks = self.spec.training.gpus_per_trial
+            failed = params.micro_batch_size or params.batch_size // ranks
             new_cap = lower_batch_cap(self.study, self.setup.name, failed)
         trial.set_user_attr("batch_size_cap_after_oom", new_cap)
         return TrialOutOfMemory(

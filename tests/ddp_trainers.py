@@ -72,3 +72,12 @@ def fails_on_rank_1(ctx: hpo.TrialContext) -> float:
     ctx.broadcast("never received")
     ctx.report(0.5)
     return 0.5
+
+
+def out_of_memory_on_rank_1(ctx: hpo.TrialContext) -> float:
+    """Rank 1 runs out of memory before the first collective; rank 0 waits in it."""
+    if ctx.rank == 1:
+        raise MemoryError("no room for the activations")
+    ctx.broadcast("never received")
+    ctx.report(0.5)
+    return 0.5

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.distributed import RankFailed
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
-from hpo.objective import train_trial
+from hpo.objective import TrialOutOfMemory, train_trial
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
 from hpo.study import create_or_load_study, retried_from, superseded_trials
@@ -122,6 +122,20 @@ def test_a_rank_that_raises_fails_the_trial_with_its_error_as_the_reason(tmp_pat
         "rank 1 of 2 exited with code 1: ValueError: rank 1's data loader broke"
     )
     assert _followers_of(os.getpid()) == []  # stopped with the trial
+
+
+def test_a_rank_out_of_memory_ends_the_trial_as_an_oom_not_a_retry(
+    tmp_path: Path,
+) -> None:
+    text = LINEAR_STUDY.replace("ddp_trainers:linear", "ddp_trainers:out_of_memory_on_rank_1")
+    spec = parse_spec(tomllib.loads(text), source="test", default_name="ddp")
+    study = optuna.create_study()
+    study.enqueue_trial({"log2_batch_size": 5, "lr": 0.3, "weight_decay": 1e-6})
+    trial = study.ask()
+    with pytest.raises(TrialOutOfMemory, match="at batch size 32"):
+        train_trial(trial, spec, checkpoint_root=tmp_path)
+    assert study.trials[0].user_attrs["fail_reason"] == "oom"
+    assert _followers_of(os.getpid()) == []
 
 
 # --------------------------------------------------------------------- faults of a worker
