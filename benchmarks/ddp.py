@@ -126,12 +126,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps = 32, 4
-    single = _single(args.study, args.batch_size, args.steps, args.threads)
+    # The ranks first: on CPU they are forked from this process before it has computed
+    # anything (no OpenMP pool to inherit), which spares each a fresh import of torch.
+    start_method = "spawn" if torch.cuda.is_available() else "fork"
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "ranks.json"
         mp.start_processes(_rank, args=(args, _free_port(), out), nprocs=args.ranks,
-                           start_method="spawn")  # fmt: skip
+                           start_method=start_method)  # fmt: skip
         ranked = json.loads(out.read_text())
+    single = _single(args.study, args.batch_size, args.steps, args.threads)
     figures = {
         "batch_size": float(args.batch_size),
         "ranks": float(args.ranks),

@@ -6,6 +6,7 @@ checkpoint; SIGTERM to the worker stops every rank; no process is left behind.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -261,3 +262,15 @@ def test_the_retried_trial_resumes_from_its_checkpoint_and_nothing_is_left_runni
     assert counted.user_attrs["b_simple_measurements"] == counted.user_attrs["n_updates"]
     assert len(counted.user_attrs["b_simple_interval"]) == 2
     assert faulted.leftover_followers == []
+
+
+def test_the_ddp_benchmark_runs_quick(tmp_path: Path) -> None:
+    study = tmp_path / "tiny.toml"
+    study.write_text(tiny_study_text(train_size=128, val_size=64) + RANKS)
+    out = tmp_path / "ddp.json"
+    command = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "ddp.py"),
+               "--quick", "--study", str(study), "--threads", "2", "--json", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=tmp_path, timeout=300)
+    figures = json.loads(out.read_text())
+    assert figures["ranks"] == 2 and figures["samples_per_s_2_ranks"] > 0
+    assert figures["noise_measurements"] > 0  # measured on the 2-rank updates
