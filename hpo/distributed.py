@@ -65,6 +65,9 @@ FOLLOWER_COMMAND = [
     sys.executable, "-c",
     "import sys; del sys.path[0]; from hpo.distributed import follower_main; follower_main()",
 ]  # fmt: skip
+# How long rank 0 waits at least for its followers to start and join (a process importing
+# torch took 3-8 s on the loaded 2-core box), whatever the collective timeout.
+FOLLOWER_START_S = 300.0
 # How long rank 0 waits for its followers to end on their own after a trial completed.
 FOLLOWER_EXIT_GRACE_S = 30.0
 
@@ -84,6 +87,16 @@ def check_devices_per_trial(training: TrainingSpec, setup: DeviceSetup) -> None:
             f"training.gpus_per_trial = {wanted} but this worker sees {visible} GPU(s); "
             f"give it {wanted} (hpo worker --gpus groups them per trial)"
         )
+
+
+@contextlib.contextmanager
+def collective() -> Iterator[None]:
+    """A collective's failure (a peer gone, ``$HPO_COLLECTIVE_TIMEOUT_S`` passed: gloo and
+    NCCL raise plain RuntimeErrors) as RankFailed, told apart from the trainer's errors."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise RankFailed(f"a collective failed: {str(error).splitlines()[0][:300]}") from error
 
 
 @dataclasses.dataclass
@@ -116,7 +129,7 @@ class RankGroup:
                 group.close(completed=False)
                 raise RankFailed(f"could not start rank {rank}: {error.strerror}") from None
         try:
-            group._wait_for_followers(store, timeout)
+            group._wait_for_followers(store, max(timeout, FOLLOWER_START_S))
             dist.init_process_group(backend, store=store, rank=0, world_size=world_size,
                                     timeout=timedelta(seconds=timeout))  # fmt: skip
         except BaseException:  # a stop signal too: no follower outlives the start
@@ -138,7 +151,8 @@ class RankGroup:
     def broadcast(self, value: Any) -> Any:
         """``value`` from rank 0 on every rank (any picklable object)."""
         box = [value if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        with collective():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def shard(self, indices: torch.Tensor) -> torch.Tensor:
@@ -164,7 +178,8 @@ class RankGroup:
             torch.zeros(1, device=grads[0].device)])  # fmt: skip
         if noise is not None:
             flat[-1] = flat[:count].square().sum()
-        dist.all_reduce(flat)
+        with collective():
+            dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
         for tensor in tensors:
@@ -299,11 +314,11 @@ def data_parallel_group(ctx: TrialContext, setup: DeviceSetup) -> Iterator[None]
         completed = True
     except Exception as error:
         failure = group.failure(wait_s=2.0 if isinstance(error, RuntimeError) else 0.0)
-        if failure is None and isinstance(error, dist.DistError):
+        if failure is None and isinstance(error, dist.DistError):  # the trainer's own DDP
             failure = f"a collective failed: {str(error).splitlines()[0][:300]}"
         if failure is not None and group.out_of_memory:  # as an OOM on rank 0 (objective)
             raise torch.OutOfMemoryError(failure) from error
-        if failure is not None:
+        if failure is not None:  # the rank that died says more than the collective
             raise RankFailed(failure) from error
         raise
     finally:

@@ -6,6 +6,8 @@ with ``single_process``, the same training in one process on the whole batches."
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,15 @@ def out_of_memory_on_rank_1(ctx: hpo.TrialContext) -> float:
     """Rank 1 runs out of memory before the first collective; rank 0 waits in it."""
     if ctx.rank == 1:
         raise MemoryError("no room for the activations")
+    ctx.broadcast("never received")
+    ctx.report(0.5)
+    return 0.5
+
+
+def hangs_on_rank_1(ctx: hpo.TrialContext) -> float:
+    """Rank 1 never reaches the first collective; rank 0 waits in it until the timeout."""
+    if ctx.rank == 1:
+        time.sleep(3600)
     ctx.broadcast("never received")
     ctx.report(0.5)
     return 0.5

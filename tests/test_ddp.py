@@ -139,6 +139,17 @@ def test_a_rank_out_of_memory_ends_the_trial_as_an_oom_not_a_retry(
     assert _followers_of(os.getpid()) == []
 
 
+def test_a_hung_rank_fails_the_trial_at_the_collective_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_COLLECTIVE_TIMEOUT_S", "2")
+    text = LINEAR_STUDY.replace("ddp_trainers:linear", "ddp_trainers:hangs_on_rank_1")
+    spec = parse_spec(tomllib.loads(text), source="test", default_name="ddp")
+    with pytest.raises(RankFailed, match="^a collective failed: "):
+        train_trial(optuna.create_study().ask(), spec, checkpoint_root=tmp_path)
+    assert _followers_of(os.getpid()) == []
+
+
 # --------------------------------------------------------------------- faults of a worker
 
 EPOCHS = 4  # 8 updates an epoch: 256 training patches at batch size 32
