@@ -156,10 +156,11 @@ class CnnTrainer:
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:
     """``device_seconds_train`` and ``device_seconds_eval``: what this attempt trained and
-    evaluated (a resumed run's tally starts at its predecessor's, ``resumed``)."""
+    evaluated (a resumed run's tally starts at its predecessor's, ``resumed``), on every
+    device of a data-parallel trial; ``ctx.busy_seconds`` is the wall time."""
     train, evaluation = tally.train_seconds - resumed[0], tally.eval_seconds - resumed[1]
-    ctx.set_user_attr("device_seconds_train", train)
-    ctx.set_user_attr("device_seconds_eval", evaluation)
+    ctx.set_user_attr("device_seconds_train", train * ctx.world_size)
+    ctx.set_user_attr("device_seconds_eval", evaluation * ctx.world_size)
     ctx.busy_seconds = train + evaluation
 
 

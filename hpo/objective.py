@@ -248,10 +248,12 @@ def record_device_time(
     ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
     of it from the wait to now (data preparation, resume and checkpoints included). hpo's
     own loop records ``device_seconds_train`` and ``device_seconds_eval`` itself
-    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``."""
+    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``. A data-parallel trial held
+    ``training.gpus_per_trial`` devices all that time: that many times the seconds."""
     held = time.perf_counter() - started
-    set_attr("device_seconds_idle", idle_seconds)
-    set_attr("device_seconds", idle_seconds + max(held, ctx.busy_seconds))
+    devices = ctx.spec.training.gpus_per_trial
+    set_attr("device_seconds_idle", idle_seconds * devices)
+    set_attr("device_seconds", (idle_seconds + max(held, ctx.busy_seconds)) * devices)
 
 
 def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -23,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.distributed import RankFailed
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
-from hpo.objective import TrialOutOfMemory, train_trial
+from hpo.objective import TrialOutOfMemory, record_device_time, train_trial
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
 from hpo.study import create_or_load_study, retried_from, superseded_trials
@@ -85,6 +86,15 @@ def test_gpu_ranges_are_grouped_per_trial_within_cuda_visible_devices(
 def test_each_worker_of_a_group_gets_its_gpus_in_cuda_visible_devices() -> None:
     child = _child_env("sqlite://", NodeSettings(), "4,5", 2, threads=1)
     assert child["CUDA_VISIBLE_DEVICES"] == "4,5" and child[LABEL_ENV] == "[gpu4,5] "
+
+
+def test_a_data_parallel_trials_device_time_counts_every_device_it_held() -> None:
+    spec = parse_spec(tomllib.loads(LINEAR_STUDY), source="test", default_name="ddp")
+    ctx = SimpleNamespace(spec=spec, busy_seconds=0.0)
+    recorded: dict[str, float] = {}
+    record_device_time(recorded.__setitem__, ctx, time.perf_counter() - 10.0, idle_seconds=1.0)
+    assert recorded["device_seconds_idle"] == 2.0
+    assert recorded["device_seconds"] == pytest.approx(22.0, abs=0.5)
 
 
 def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(
