@@ -20,6 +20,8 @@ import optuna
 import pytest
 import tomllib
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.distributed import RankFailed
@@ -81,6 +83,18 @@ def test_gpu_ranges_are_grouped_per_trial_within_cuda_visible_devices(
     for bad in ("2-9", "1-1,1", "a-b"):
         with pytest.raises(GpuSelectionError, match="--gpus"):
             resolve_gpus(bad)
+
+
+@given(st.text(alphabet="0123456789-, al", max_size=12))
+def test_any_gpus_text_is_a_list_of_visible_gpus_or_one_selection_error(text: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+        try:
+            chosen = resolve_gpus(text)
+        except GpuSelectionError as error:
+            assert str(error).startswith("--gpus")
+            return
+    assert chosen and set(chosen) <= {"0", "1", "2", "3"} and len(set(chosen)) == len(chosen)
 
 
 def test_each_worker_of_a_group_gets_its_gpus_in_cuda_visible_devices() -> None:
