@@ -20,12 +20,15 @@ import optuna
 import pytest
 import tomllib
 import torch
+import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.distributed import RankFailed
+from hpo.device import DeviceSetup
+from hpo.distributed import RankFailed, RankGroup
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
+from hpo.noise import NoiseScaleEstimate
 from hpo.objective import TrialOutOfMemory, record_device_time, train_trial
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
@@ -109,6 +112,32 @@ def test_a_data_parallel_trials_device_time_counts_every_device_it_held() -> Non
     record_device_time(recorded.__setitem__, ctx, time.perf_counter() - 10.0, idle_seconds=1.0)
     assert recorded["device_seconds_idle"] == 2.0
     assert recorded["device_seconds"] == pytest.approx(22.0, abs=0.5)
+
+
+def test_a_ranks_share_above_the_cap_accumulates_in_micro_batches_to_the_same_update(
+    tmp_path: Path,
+) -> None:
+    def linear_run() -> SimpleNamespace:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2)
+        return SimpleNamespace(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            tally=SimpleNamespace(noise=NoiseScaleEstimate()),
+        )  # fmt: skip
+
+    features, labels = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    setup = DeviceSetup(torch.device("cpu"), None, channels_last=False)
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+    try:
+        whole, micro = linear_run(), linear_run()
+        RankGroup(0, 1).update(whole, setup, features, labels, None)
+        RankGroup(0, 1).update(micro, setup, features, labels, 4)
+    finally:
+        dist.destroy_process_group()
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(micro.model.state_dict()[name], value)
 
 
 def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(
