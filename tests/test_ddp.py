@@ -30,12 +30,14 @@ from hpo.distributed import RankFailed, RankGroup
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
 from hpo.noise import NoiseScaleEstimate
 from hpo.objective import TrialOutOfMemory, record_device_time, train_trial
+from hpo.report import collect, summary_markdown
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
 from hpo.spec import SpecError, parse_spec
 from hpo.study import create_or_load_study, retried_from, superseded_trials
 from hpo.worker import run_worker
 from tests import ddp_trainers
 from tests.conftest import tiny_study_text
+from tests.test_report import add_trial
 
 RANKS = '[training]\ndevice = "cpu"\ngpus_per_trial = 2\nnum_threads = 1\n'
 LINEAR_STUDY = f"""
@@ -138,6 +140,17 @@ def test_a_ranks_share_above_the_cap_accumulates_in_micro_batches_to_the_same_up
         dist.destroy_process_group()
     for name, value in whole.model.state_dict().items():
         torch.testing.assert_close(micro.model.state_dict()[name], value)
+
+
+def test_the_report_says_its_batch_sizes_are_global_for_a_data_parallel_study() -> None:
+    study = optuna.create_study(direction="maximize")
+    for batch_size, lr, value in ((32, 0.01, 0.8), (64, 0.02, 0.85)):
+        add_trial(study, batch_size, lr, value, user_attrs={"ranks": 2})
+    text = summary_markdown(collect(study, "val_auc"))
+    assert "Batch sizes are global: each trial trained data-parallel on 2 devices" in text
+    single = optuna.create_study(direction="maximize")
+    add_trial(single, 32, 0.01, 0.8)
+    assert "Batch sizes are global" not in summary_markdown(collect(single, "val_auc"))
 
 
 def test_two_ranks_train_rank_0s_configuration_to_the_single_process_update(

@@ -65,6 +65,12 @@ def _overview(data: ReportData) -> list[str]:
             f"{trial_batch_size(best)}, lr {format_cell(best.params.get('lr'), '.3g')}, "
             f"weight decay {format_cell(best.params.get('weight_decay'), '.2g')}."
         )
+        ranks = best.user_attrs.get("ranks", 1)
+        if isinstance(ranks, int) and ranks > 1:  # training.gpus_per_trial (hpo.distributed)
+            lines.append(
+                f"Batch sizes are global: each trial trained data-parallel on {ranks} devices, "
+                f"batch size / {ranks} on each."
+            )
     return lines
 
 
