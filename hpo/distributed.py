@@ -50,7 +50,7 @@ from hpo.errors import UserError
 from hpo.launcher import die_with_parent, stop_children
 from hpo.noise import NoiseScaleEstimate
 from hpo.retry import RequeueTrial
-from hpo.settings import collective_timeout_s, environment
+from hpo.settings import collective_timeout_s, environment, survive_nccl_errors
 from hpo.spec import StudySpec, TrainingSpec, TrialParams
 from hpo.train import autocast
 
@@ -77,10 +77,13 @@ class RankFailed(RequeueTrial):
 
 
 def check_devices_per_trial(training: TrainingSpec, setup: DeviceSetup) -> None:
-    """DeviceUnavailable (exit 2) when a trial needs more GPUs than this worker sees."""
+    """DeviceUnavailable (exit 2) when a trial needs more GPUs than this worker sees; for
+    data-parallel trials on GPUs, NCCL errors made survivable (``survive_nccl_errors``).
+    The worker's main calls it once, before its first trial."""
     wanted = training.gpus_per_trial
     if setup.device.type != "cuda" or wanted == 1:
         return
+    survive_nccl_errors()
     visible = torch.cuda.device_count()
     if wanted > visible:
         raise DeviceUnavailable(

@@ -25,14 +25,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.device import DeviceSetup
-from hpo.distributed import RankFailed, RankGroup
+from hpo.device import DeviceSetup, DeviceUnavailable
+from hpo.distributed import RankFailed, RankGroup, check_devices_per_trial
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
 from hpo.noise import NoiseScaleEstimate
 from hpo.objective import TrialOutOfMemory, record_device_time, train_trial
 from hpo.report import collect, summary_markdown
 from hpo.settings import LABEL_ENV, TRUSTED_MODULES_ENV, NodeSettings
-from hpo.spec import SpecError, parse_spec
+from hpo.spec import SpecError, TrainingSpec, parse_spec
 from hpo.study import create_or_load_study, retried_from, superseded_trials
 from hpo.worker import run_worker
 from tests import ddp_trainers
@@ -70,6 +70,22 @@ def test_gpus_per_trial_must_be_a_positive_divisor_of_the_smallest_batch() -> No
         text = LINEAR_STUDY.replace("gpus_per_trial = 2", f"gpus_per_trial = {value}")
         with pytest.raises(SpecError, match=words):
             parse_spec(tomllib.loads(text), source="test", default_name="ddp")
+
+
+def test_a_worker_seeing_fewer_gpus_than_a_trial_needs_stops_before_its_first_trial(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k != "TORCH_NCCL_ASYNC_ERROR_HANDLING"})  # fmt: skip
+    training = TrainingSpec(device="cuda", gpus_per_trial=2)
+    setup = DeviceSetup(torch.device("cuda"), None, channels_last=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceUnavailable, match="gpus_per_trial = 2 but this worker sees 1 GPU"):
+        check_devices_per_trial(training, setup)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_devices_per_trial(training, setup)
+    # Rank 0 is the worker: a NCCL error must fail the trial, not end the process.
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
 
 
 def test_gpu_ranges_are_grouped_per_trial_within_cuda_visible_devices(
