@@ -11,7 +11,9 @@ cores one process had):
    data-parallel trial takes) train the same global batch, B/N each; their updates
    alternate between measuring the noise scale (the default, every update) and not
    (``measure_noise=False``: the same all-reduce, without the two squared norms), so the
-   overhead is the ratio of the two medians (interleaved, the same load for both).
+   overhead is the ratio of the two medians (interleaved, the same load for both);
+3. (not with ``--quick``) how long rank 0 takes to start its followers and form the group,
+   which every data-parallel trial pays before its first step.
 
 Run: ``uv run python benchmarks/ddp.py`` (``--quick``: a few steps at B = 32).
 """
@@ -28,15 +30,21 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from hpo.settings import default_omp_wait_policy
 
-from hpo.data import batch_indices, load_splits
-from hpo.device import select_device
-from hpo.distributed import RankGroup
-from hpo.spec import TrialParams, load_spec
-from hpo.train import build_run, prepare_data, train_step
+# As at hpo's entry points, before torch is imported: idle OpenMP threads sleep, so the
+# one-process run's threads do not spin against the load (docs/benchmarks.md).
+default_omp_wait_policy()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from hpo.data import batch_indices, load_splits  # noqa: E402
+from hpo.device import select_device  # noqa: E402
+from hpo.distributed import RankGroup  # noqa: E402
+from hpo.spec import TrialParams, load_spec  # noqa: E402
+from hpo.train import build_run, prepare_data, train_step  # noqa: E402
 
 WARMUP = 3
 
@@ -107,6 +115,17 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _group_start_seconds(study: str, ranks: int) -> float:
+    """Seconds rank 0 takes to start its followers and form the group: what every
+    data-parallel trial pays before its first step (the followers then load the data)."""
+    setup = select_device(load_spec(study).training)
+    started = time.perf_counter()
+    group = RankGroup.start(ranks, setup)
+    seconds = time.perf_counter() - started
+    group.close(completed=False)
+    return seconds
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -135,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                            start_method=start_method)  # fmt: skip
         ranked = json.loads(out.read_text())
     single = _single(args.study, args.batch_size, args.steps, args.threads)
+    group_start = None if args.quick else _group_start_seconds(args.study, args.ranks)
     figures = {
         "batch_size": float(args.batch_size),
         "ranks": float(args.ranks),
@@ -144,11 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "noise_overhead": ranked["samples_per_s_plain"] / ranked["samples_per_s_measured"] - 1,
         "noise_measurements": ranked["noise_measurements"],
     }
+    if group_start is not None:
+        figures["group_start_s"] = group_start
     print(
         f"B = {args.batch_size}: 1 rank {single:,.0f} samples/s, {args.ranks} ranks "
         f"{ranked['samples_per_s_measured']:,.0f} ({figures['speedup']:.2f}x); noise scale "
         f"on every update costs {figures['noise_overhead']:+.1%} of the {args.ranks}-rank "
-        f"update ({ranked['samples_per_s_plain']:,.0f} samples/s without it)",
+        f"update ({ranked['samples_per_s_plain']:,.0f} samples/s without it)"
+        + ("" if group_start is None else f"; a trial's group forms in {group_start:.1f} s"),
         flush=True,
     )
     if args.json is not None:
