@@ -169,15 +169,19 @@ def cases(study: optuna.Study, spec: StudySpec, extend: int) -> list[dict]:
     trials = study.get_trials(deepcopy=False)
     view = weight_decay_view(trials, is_maximize(study), {})
     optimizer = spec.search.optimizer
+
+    def predict(known: list, batch_size: int):  # as predict_from_fit does
+        return predict_configuration(
+            known, batch_size, view, optimizer, point_sd=fit.point_sd or 0.0
+        )
+
     found = []
     for batch_size, _ in points:
-        rest = [p for p in points if p[0] != batch_size]
-        found.append(("left out", predict_configuration(rest, batch_size, view, optimizer)))
+        found.append(("left out", predict([p for p in points if p[0] != batch_size], batch_size)))
     largest = max(b for b, _ in points) if points else spec.search.batch_size_max
     factor = 2
     while factor <= extend:
-        target = largest * factor
-        found.append(("extrapolated", predict_configuration(points, target, view, optimizer)))
+        found.append(("extrapolated", predict(points, largest * factor)))
         factor *= 2
     return [
         {
