@@ -241,3 +241,12 @@ def test_summary_gives_the_reason_when_it_cannot_predict() -> None:
         )
     text = summary_markdown(collect(study, "val_auc"), figure_links=False)
     assert "No prediction: only batch sizes 16 and 32 have complete trials" in text
+
+
+def test_the_python_export_predicts_as_the_cli_does(tiny_study: Path) -> None:
+    import hpo
+
+    _planted_study(ridge, [16, 32, 64, 128])
+    exported = hpo.load("tiny", storage="sqlite:///hpo.db").export(batch_size=1024)
+    assert KEYS | {"model_of_scaling"} <= set(exported) and exported["extrapolated"] is True
+    assert exported["source"] == "prediction" and exported["batch_size"] == 1024
