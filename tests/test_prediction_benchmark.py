@@ -60,5 +60,10 @@ def test_goals_count_factor_coverage_and_shortfall() -> None:
     goals = module.goals(cases)
     assert goals["within_factor_2"] == 1 and goals["coverage_80"] == 0.5
     assert goals["within_0_01_from_grid"] == 1
-    assert goals["met"] == {"factor_2": False, "coverage": False, "value_0_01": False}
+    assert goals["met"] == {
+        "factor_2": False,
+        "coverage": False,
+        "value_0_01_from_grid": False,
+        "value_0_01_trained": None,
+    }
     assert goals["extrapolated"] == {"cases": 1, "within_factor_2": 0, "covered": 0}
