@@ -26,7 +26,9 @@ through ``hpo.objective.train_trial``, the function every worker runs, seeded as
 was; the LR clamped to the study's range).
 
 Run: ``uv run python benchmarks/prediction_quality.py --grid-cache grid.json --json out.json``
-(``--only grid`` stops after the grid; ``--quick`` shrinks everything for the test suite).
+(``--only grid`` stops after the grid; ``--quick`` shrinks everything for the test suite;
+``--runs-from answer.json`` judges the search runs an ``answer_quality.py`` file stored,
+their α fit's points, instead of running searches).
 """
 
 from __future__ import annotations
@@ -167,25 +169,32 @@ def value_at(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -
 
 
 def cases(study: optuna.Study, spec: StudySpec, extend: int) -> list[dict]:
-    """Every prediction of one search study: each studied batch size left out, and 2×, 4×
-    … ``extend`` × the largest studied batch size from all of them."""
+    """Every prediction of one search study (``predictions`` on its α fit's points, as
+    ``hpo export`` makes them)."""
     fit = fit_lr_scaling(study)
-    points = list(fit.points)
-    trials = study.get_trials(deepcopy=False)
-    view = weight_decay_view(trials, is_maximize(study), {})
-    optimizer = spec.search.optimizer
+    view = weight_decay_view(study.get_trials(deepcopy=False), is_maximize(study), {})
+    return predictions(list(fit.points), extend, spec.search.optimizer, fit.point_sd or 0.0, view)
+
+
+def predictions(
+    points: list[tuple[int, float]],
+    extend: int,
+    optimizer: str,
+    point_sd: float,
+    view: object = None,
+) -> list[dict]:
+    """Each studied batch size predicted from the others' ``points`` (its best LR left
+    out), and 2×, 4× … ``extend`` × the largest studied batch size from all of them."""
 
     def predict(known: list, batch_size: int):  # as predict_from_fit does
-        return predict_configuration(
-            known, batch_size, view, optimizer, point_sd=fit.point_sd or 0.0
-        )
+        return predict_configuration(known, batch_size, view, optimizer, point_sd=point_sd)
 
     found = []
     for batch_size, _ in points:
         found.append(("left out", predict([p for p in points if p[0] != batch_size], batch_size)))
-    largest = max(b for b, _ in points) if points else spec.search.batch_size_max
+    largest = max((b for b, _ in points), default=1)
     factor = 2
-    while factor <= extend:
+    while factor <= extend and points:
         found.append(("extrapolated", predict(points, largest * factor)))
         factor *= 2
     return [
@@ -198,6 +207,16 @@ def cases(study: optuna.Study, spec: StudySpec, extend: int) -> list[dict]:
         }
         for kind, p in found
         if p is not None
+    ]
+
+
+def stored_runs(path: Path) -> list[tuple[int, list[tuple[int, float]]]]:
+    """(seed, α fit points) of each search run of the shipped policy ("fair") in an
+    ``answer_quality.py --json`` file: searches run earlier, judged here without rerunning."""
+    runs = json.loads(path.read_text())["policies"]["fair"]["runs"]
+    return [
+        (run["seed"], sorted((int(b), float(lr)) for b, lr in run["alpha_points"].items()))
+        for run in runs
     ]
 
 
@@ -293,6 +312,12 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
     }
     if args.only == "grid":
         return result
+    if args.runs_from is not None:
+        judged = []
+        for seed, points in stored_runs(args.runs_from):
+            for case in predictions(points, args.extend, spec.search.optimizer, args.point_sd):
+                judged.append(judge(case, best_lrs, mean, maximize) | {"seed": seed})
+        return result | {"cases": judged, "goals": goals(judged)}
     judged = []
     for seed in range(args.search_seeds):
         seeded = _with(spec, name=f"search-{seed}", seed=seed, sampler={"seed": seed})
@@ -322,6 +347,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
     parser.add_argument("--keep", type=Path, help="keep the studies' files here")
+    parser.add_argument(
+        "--runs-from",
+        type=Path,
+        help="judge the search runs stored in this answer_quality.py JSON (no search, no "
+        "training) instead of running searches",
+    )
+    parser.add_argument(
+        "--point-sd",
+        type=float,
+        default=2 / math.sqrt(12),
+        help="with --runs-from (no trials stored): how finely each best LR is located, log2 "
+        "(default: LRs two octaves apart, the first round's pair)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # the in-process runs at the predictions
     optuna.logging.set_verbosity(optuna.logging.WARNING)

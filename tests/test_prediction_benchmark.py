@@ -67,3 +67,20 @@ def test_goals_count_factor_coverage_and_shortfall() -> None:
         "value_0_01_trained": None,
     }
     assert goals["extrapolated"] == {"cases": 1, "within_factor_2": 0, "covered": 0}
+
+
+def test_stored_runs_are_predicted_left_out_and_beyond(tmp_path: Path) -> None:
+    module = _module()
+    points = {str(b): 0.002 * b**0.5 for b in (8, 16, 32, 64, 128)}
+    stored = {"policies": {"fair": {"runs": [{"seed": 3, "alpha_points": points}]}}}
+    (tmp_path / "answer.json").write_text(json.dumps(stored))
+    ((seed, loaded),) = module.stored_runs(tmp_path / "answer.json")
+    assert seed == 3 and [b for b, _ in loaded] == [8, 16, 32, 64, 128]
+    found = module.predictions(loaded, 4, "sgd", 0.5)
+    assert [(c["kind"], c["batch_size"]) for c in found][-2:] == [
+        ("extrapolated", 256),
+        ("extrapolated", 512),
+    ]
+    assert len(found) == 7
+    for case in found:
+        assert case["lr"] == pytest.approx(0.002 * case["batch_size"] ** 0.5, rel=1e-6)
