@@ -150,8 +150,8 @@ def predict_configuration(
     wd, wd_interval, note = _weight_decay(weight_decay, batch_size, log2_lr, half, confidence)
     return Prediction(
         batch_size=batch_size,
-        lr=2.0**log2_lr,
-        lr_interval=(2.0**low, 2.0**high),
+        lr=_exp2(log2_lr),
+        lr_interval=(_exp2(low), _exp2(high)),
         weight_decay=wd,
         weight_decay_interval=wd_interval,
         extrapolated=not min(studied) <= batch_size <= max(studied),
@@ -159,6 +159,12 @@ def predict_configuration(
         leave_one_out_error=errors,
         weight_decay_note=note,
     )
+
+
+def _exp2(value: float) -> float:
+    """2^value, held inside the floats (a wild extrapolation stays a number, not an
+    OverflowError)."""
+    return 2.0 ** max(-1000.0, min(1000.0, value))
 
 
 def _log2_interval(
@@ -227,4 +233,4 @@ def _weight_decay(
     log2_tau_n = intercept + slope * math.log2(batch_size)
     log2_wd = math.log2(batch_size) - log2_lr - log2_tau_n
     half = math.hypot(lr_half, tau_half)
-    return 2.0**log2_wd, (2.0 ** (log2_wd - half), 2.0 ** (log2_wd + half)), None
+    return _exp2(log2_wd), (_exp2(log2_wd - half), _exp2(log2_wd + half)), None
