@@ -65,7 +65,7 @@ from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (sibling scripts, not a package)
-from answer_quality import grid_best_lrs, log_spaced
+from answer_quality import grid_best_lrs, log_spaced, numerics
 
 REPO = Path(__file__).resolve().parents[1]
 FACTOR_GOAL = 2.0
@@ -132,9 +132,11 @@ def grid_spec(spec: StudySpec, extend: int, lrs: int, seed: int) -> StudySpec:
 
 def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
     """{(batch size, lr): mean value over the grid's seeds}, read from ``--grid-cache``
-    when it holds this grid, else run and written there."""
+    when it holds this grid (the same study, LRs, seeds, device kind and precision), else
+    run and written there."""
     key = {"spec": json.loads(grid_spec(spec, args.extend, args.lrs, 0).to_json())}
-    key |= {"seeds": args.grid_seeds}
+    # the device kind and precision: the same config ends elsewhere in bf16 than in fp32
+    key |= {"seeds": args.grid_seeds, "numerics": numerics(spec)}
     cache = args.grid_cache
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
