@@ -250,3 +250,20 @@ def test_the_python_export_predicts_as_the_cli_does(tiny_study: Path) -> None:
     exported = hpo.load("tiny", storage="sqlite:///hpo.db").export(batch_size=1024)
     assert KEYS | {"model_of_scaling"} <= set(exported) and exported["extrapolated"] is True
     assert exported["source"] == "prediction" and exported["batch_size"] == 1024
+
+
+@pytest.mark.parametrize(("curve", "optimizer"), [(power_law, "sgd"), (surge, "adamw")])
+def test_three_batch_sizes_cover_the_truth_beyond_them(curve, optimizer) -> None:
+    """The fewest batch sizes a prediction is made from: each leave-one-out fit is exact
+    through two points, so the choice of model is weak and the interval spans them all."""
+    rng = random.Random(11)
+    covered = cases = 0
+    for _ in range(40):
+        points = [(b, curve(b) * 2 ** rng.gauss(0.0, 0.3)) for b in (16, 32, 64)]
+        for batch_size in (128, 256):
+            prediction = predict_configuration(points, batch_size, optimizer=optimizer)
+            assert prediction is not None and prediction.extrapolated
+            low, high = prediction.lr_interval
+            covered += low <= curve(batch_size) <= high
+            cases += 1
+    assert covered / cases >= 0.8

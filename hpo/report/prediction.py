@@ -15,8 +15,8 @@ one point's own scatter σ, the larger of the residual standard deviation and
 narrower than t times the model's leave-one-out error, the error measured on batch sizes
 the fit did not see. Where another model's leave-one-out error is within a factor 2 of the
 chosen one's, the data cannot tell them apart and the interval spans both models' intervals
-(their predictions part far outside the studied range). Outside the studied range the
-prediction is flagged extrapolated.
+(their predictions part far outside the studied range); with three batch sizes, every
+candidate's. Outside the studied range the prediction is flagged extrapolated.
 
 The weight decay follows from the timescale τ_epoch = B/(η·λ·N) (Wang & Aitchison 2024):
 log τ fitted linear in log B over the batch sizes whose weight decay was searched, then
@@ -141,8 +141,10 @@ def predict_configuration(
     model = min(errors, key=lambda name: errors[name])
     x = math.log2(batch_size)
     log2_lr = fit_model(model, floats).log2_lr(x)
-    # The interval spans every model the data cannot tell from the chosen one.
-    rivals = [name for name in errors if errors[name] <= RIVAL_FACTOR * errors[model]]
+    # The interval spans every model the data cannot tell from the chosen one: all of them
+    # at three batch sizes, where each leave-one-out fit is an exact curve through two.
+    few = len({b for b, _ in floats}) <= MIN_BATCH_SIZES
+    rivals = [n for n in errors if few or errors[n] <= RIVAL_FACTOR * errors[model]]
     ends = [_log2_interval(name, floats, x, errors[name], point_sd, confidence) for name in rivals]
     low, high = min(e[0] for e in ends), max(e[1] for e in ends)
     half = max(log2_lr - low, high - log2_lr)
