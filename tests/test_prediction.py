@@ -184,6 +184,10 @@ def test_export_at_an_untrained_batch_size_writes_the_keys_to_stdout_and_file(
     assert KEYS | {"model_of_scaling"} <= set(printed) and printed["extrapolated"] is True
     low, high = printed["lr_interval"]
     assert low <= power_law(512) <= high
+    # every batch size's best weight decay is 1e-4: the timescale line predicts it at 512
+    assert printed["weight_decay"] == pytest.approx(1e-4, rel=0.05)
+    low, high = printed["weight_decay_interval"]
+    assert low < 1e-4 < high
     written = CliRunner().invoke(
         app, ["export", "--study", "tiny", "--batch-size", "512", "--out", "p.json"]
     )
