@@ -271,3 +271,14 @@ def test_three_batch_sizes_cover_the_truth_beyond_them(curve, optimizer) -> None
             covered += low <= curve(batch_size) <= high
             cases += 1
     assert covered / cases >= 0.8
+
+
+def test_a_study_without_weight_decay_predicts_none_and_says_so() -> None:
+    from hpo.report.weight_decay import WeightDecayRow, WeightDecayView
+
+    rows = tuple(WeightDecayRow(b, power_law(b), 0.0, 1, None, None, None) for b in STUDIED)
+    view = WeightDecayView(rows, None, None, None, None)
+    prediction = predict_configuration([(r.batch_size, r.lr) for r in rows], 512, view, "sgd")
+    assert prediction is not None and prediction.weight_decay == 0.0
+    assert prediction.weight_decay_interval is None
+    assert prediction.weight_decay_note == "every complete trial trained without weight decay"

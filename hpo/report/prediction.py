@@ -214,7 +214,9 @@ def _weight_decay(
         return None, None, "no complete trial records a weight decay"
     searched = [row for row in view.rows if row.searched and row.weight_decay > 0]
     if len(searched) < 3:
-        decays = {row.weight_decay for row in view.rows}
+        decays = {row.weight_decay for row in view.rows if row.weight_decay > 0}
+        if not decays:
+            return 0.0, None, "every complete trial trained without weight decay"
         value = math.exp(sum(math.log(d) for d in decays) / len(decays))
         note = (
             f"weight decay was searched (two or more values among complete trials) at "
