@@ -108,7 +108,7 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
     from hpo.report.analysis import trial_batch_size
     from hpo.report.critical_batch import measured_interval, ridge_interval, verdict
     from hpo.report.noise_scale import fit_lr_ridge, measured_b_simple
-    from hpo.report.prediction import predict_configuration
+    from hpo.report.prediction import predict_from_fit, stored_optimizer
     from hpo.report.scaling import fit_lr_scaling
     from hpo.report.weight_decay import weight_decay_view
 
@@ -129,7 +129,8 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
         )
     }
     if batch_size is not None:
-        prediction = predict_configuration(list(fit.points), batch_size, view)
+        optimizer = stored_optimizer(study.user_attrs)
+        prediction = predict_from_fit(fit, batch_size, view, optimizer)
         if prediction is not None:
             evidence["prediction"] = _prediction_keys(prediction)
     return evidence

@@ -29,6 +29,7 @@ from hpo.report.noise_scale import (
     fit_lr_ridge,
     measured_b_simple,
 )
+from hpo.report.prediction import stored_optimizer
 from hpo.report.scaling import (
     DEFAULT_CONFIDENCE,
     DEFAULT_NEAR_BEST,
@@ -163,6 +164,8 @@ class ReportData:
     cost: CostView | None = None
     # The best weight decay per batch size and its timescale τ (hpo.report.weight_decay).
     weight_decay: WeightDecayView | None = None
+    # The study file's optimizer (the surge model is a candidate for Adam-style ones).
+    optimizer: str | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -201,6 +204,7 @@ def collect(
         weight_decay=weight_decay_view(
             trials, is_maximize(study), summary.class_counts, confidence=confidence
         ),
+        optimizer=stored_optimizer(study.user_attrs),
     )
 
 

@@ -137,19 +137,18 @@ def _weight_decay(data: ReportData) -> list[str]:
 
 def _predictions(data: ReportData) -> list[str]:
     """Predicted LR and weight decay at 2× and 4× the largest studied batch size (80%
-    intervals, the model the leave-one-batch-size-out error chose); nothing with fewer
-    than three batch sizes."""
-    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_configuration
+    intervals, the model the leave-one-batch-size-out error chose), or why there is none."""
+    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_from_fit, unavailable_reason
 
-    if not data.fit.batch_sizes:
-        return []
+    title = ["", "## Predicted beyond the studied batch sizes (extrapolated)", ""]
+    reason = unavailable_reason(list(data.fit.points))
+    if reason is not None:
+        return [*title, f"No prediction: {reason}."]
     largest = max(data.fit.batch_sizes)
     rows = []
     for batch_size in (2 * largest, 4 * largest):
-        prediction = predict_configuration(list(data.fit.points), batch_size, data.weight_decay)
-        if prediction is None:
-            return []
-        assert prediction.lr_interval is not None
+        prediction = predict_from_fit(data.fit, batch_size, data.weight_decay, data.optimizer)
+        assert prediction is not None and prediction.lr_interval is not None
         interval = prediction.weight_decay_interval
         rows.append(
             f"| {batch_size} | {prediction.lr:.3g} | {prediction.lr_interval[0]:.3g} to "
@@ -159,13 +158,13 @@ def _predictions(data: ReportData) -> list[str]:
         )
     model = prediction.model_of_scaling
     errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
+    note = f" Weight decay: {prediction.weight_decay_note}." if prediction.weight_decay_note else ""
     return [
-        "",
-        "## Predicted beyond the studied batch sizes (extrapolated)",
-        "",
-        f"From the {model} (leave-one-batch-size-out error in log2 LR: {errors}; "
-        f"the smaller chosen), {PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` "
-        "gives the same for any B.",
+        *title,
+        f"From the {model} model (leave-one-batch-size-out error in log2 LR: {errors}; the "
+        f"smallest chosen; a model within 2× of it widens the interval), "
+        f"{PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` gives the same "
+        f"for any B.{note}",
         "",
         "| batch size | lr | lr interval | weight decay | weight decay interval |",
         "| ---: | ---: | ---: | ---: | ---: |",
