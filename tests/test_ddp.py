@@ -24,7 +24,9 @@ import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 from optuna.trial import FrozenTrial, TrialState
+from typer.testing import CliRunner
 
+from hpo.cli import app
 from hpo.device import DeviceSetup, DeviceUnavailable
 from hpo.distributed import RankFailed, RankGroup, check_devices_per_trial
 from hpo.launcher import GpuSelectionError, _child_env, gpu_groups, local_devices, resolve_gpus
@@ -86,6 +88,18 @@ def test_a_worker_seeing_fewer_gpus_than_a_trial_needs_stops_before_its_first_tr
     check_devices_per_trial(training, setup)
     # Rank 0 is the worker: a NCCL error must fail the trial, not end the process.
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+
+
+@pytest.mark.parametrize("value", ["0", "3", '"two"'])
+def test_a_bad_gpus_per_trial_exits_2_with_one_line_naming_the_field(
+    studies_dir: Path, value: str
+) -> None:
+    text = tiny_study_text(pruner="none") + RANKS.replace("= 2", f"= {value}")
+    (studies_dir / "tiny.toml").write_text(text)
+    result = CliRunner().invoke(app, ["create", "--study", "tiny"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "training.gpus_per_trial" in line and "Traceback" not in result.output
 
 
 def test_gpu_ranges_are_grouped_per_trial_within_cuda_visible_devices(
