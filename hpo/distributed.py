@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hpo.context import Budget, TrialContext, load_trainer
+from hpo.context import Budget, Diverged, TrialContext, load_trainer
 from hpo.device import DeviceSetup, DeviceUnavailable, is_out_of_memory
 from hpo.errors import UserError
 from hpo.launcher import die_with_parent, stop_children
@@ -316,7 +316,9 @@ def data_parallel_group(ctx: TrialContext, setup: DeviceSetup) -> Iterator[None]
         yield
         completed = True
     except Exception as error:
-        failure = group.failure(wait_s=2.0 if isinstance(error, RuntimeError) else 0.0)
+        # A collective's error can reach rank 0 before a dead peer's exit status does.
+        suspect = isinstance(error, RuntimeError) and not isinstance(error, Diverged)
+        failure = group.failure(wait_s=2.0 if suspect else 0.0)
         if failure is None and isinstance(error, dist.DistError):  # the trainer's own DDP
             failure = f"a collective failed: {str(error).splitlines()[0][:300]}"
         if failure is not None and group.out_of_memory:  # as an OOM on rank 0 (objective)
