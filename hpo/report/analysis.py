@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from hpo.replicates import replicates_note, without_replicates
 from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
+from hpo.report.noise_floor import NoiseFloor, noise_floor
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     NoiseScaleCurve,
@@ -163,6 +165,8 @@ class ReportData:
     cost: CostView | None = None
     # The best weight decay per batch size and its timescale τ (hpo.report.weight_decay).
     weight_decay: WeightDecayView | None = None
+    # Seed-to-seed spread and the winner's margin (hpo.report.noise_floor).
+    noise_floor: NoiseFloor | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -180,11 +184,22 @@ def collect(
 ) -> ReportData:
     """Read the study once and compute all the analysis the report needs. ``metric`` only
     names the objective in labels; the values are the study's own. ``cost_tolerance`` is
-    how close to the best (relative) a faster trial must be for the cost sentence."""
+    how close to the best (relative) a faster trial must be for the cost sentence.
+
+    Replicate trials (``hpo.replicates``) enter the trial counts and the noise floor only:
+    everything else is the search's, read from the study without them."""
+    everything, study = study, without_replicates(study)
     values, reason = importances(study)
     fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
-    summary = summarize(study, metric)
+    summary = summarize(everything, metric)
     trials = study.get_trials(deepcopy=False)
+    floor = noise_floor(
+        everything.get_trials(deepcopy=False),
+        summary.by_batch_size,
+        is_maximize(study),
+        confidence=confidence,
+        why_none=replicates_note(everything).get("reason"),
+    )
     return ReportData(
         study_name=study.study_name,
         metric=metric,
@@ -201,6 +216,7 @@ def collect(
         weight_decay=weight_decay_view(
             trials, is_maximize(study), summary.class_counts, confidence=confidence
         ),
+        noise_floor=floor,
     )
 
 

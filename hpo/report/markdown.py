@@ -27,6 +27,8 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.noise_floor is not None:
+        lines += ["", "## Noise floor", "", data.noise_floor.describe()]
     if data.weight_decay is not None:
         lines += _weight_decay(data)
     lines += _predictions(data)
