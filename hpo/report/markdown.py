@@ -40,6 +40,7 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
             "",
             "Importances (PED-ANOVA): " + ", ".join(f"{n} {v:.2f}" for n, v in ranked) + ".",
         ]
+    lines += _importance_caveats(data)
     if figure_links:
         lines += ["", "## Figures", ""]
         for name in FIGURE_NAMES:
@@ -47,6 +48,14 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
                 f"- {FIGURE_TITLES[name]}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
             )
     return "\n".join(lines) + "\n"
+
+
+def _importance_caveats(data: ReportData) -> list[str]:
+    """Which parameters were not varied (left out of the importances) or varied rarely."""
+    from hpo.report.analysis import describe_variation
+
+    text = describe_variation(data.importances, data.variation, data.n_complete)
+    return ["", text] if text else []
 
 
 def _overview(data: ReportData) -> list[str]:
