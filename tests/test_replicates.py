@@ -30,6 +30,7 @@ from hpo.report.summary import summarize
 from hpo.space import BATCH_PARAM
 from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
+from tests.conftest import train_trial
 from tests.databases import scratch_database
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -175,3 +176,25 @@ def test_two_workers_claiming_at_once_queue_the_replicates_exactly_once(
     assert len(trials) == 6
     assert sorted(t.user_attrs[REPLICATE_OF_ATTR] for t in replicates) == [0, 1]
     assert all(t.state == TrialState.COMPLETE for t in replicates)
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_a_replicate_is_never_pruned_where_its_original_would_be(tiny_study: Path) -> None:
+    data = load_spec("tiny").model_dump()
+    data["dataset"].update(train_size=128, val_size=64)
+    data["budget"].update(epochs=1, reports=2)
+    spec = StudySpec.model_validate(data)
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    params = {BATCH_PARAM: 5, "lr": 0.01, "weight_decay": 1e-4}
+    study.enqueue_trial(params)
+    study.enqueue_trial(
+        params, user_attrs={"queued_by": "replicate", REPLICATE_OF_ATTR: 0, SEED_ATTR: 7}
+    )
+    study.optimize(lambda trial: train_trial(trial, spec), n_trials=2)
+    original, replicate = study.get_trials()
+    assert original.state == TrialState.PRUNED and original.user_attrs["fail_reason"] == "pruned"
+    assert replicate.state == TrialState.COMPLETE and replicate.user_attrs["reports_completed"] == 2
