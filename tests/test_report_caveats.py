@@ -51,6 +51,7 @@ def test_weight_decay_that_barely_acted_in_the_epochs_trained_is_said_to() -> No
     assert view.epochs_trained == 2.0
     assert "Weight decay barely acted at every batch size" in view.describe()
     assert "over 10× the 2 epochs each trial trained" in view.describe()
+    assert "toward zero by at most 0.1% (1 − exp(−epochs/τ))" in view.describe()
 
 
 def test_weight_decay_that_acted_gets_no_such_sentence() -> None:

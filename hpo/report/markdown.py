@@ -29,6 +29,12 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += _table(data)
     if data.noise_floor is not None:
         lines += ["", "## Noise floor", "", data.noise_floor.describe()]
+        if data.noise_floor.groups:
+            lines[-1] += (
+                " The replicate trials count only here: the table, the best trial, the fits "
+                "and the importances are the search's (their training is in epochs spent "
+                "and device-h)."
+            )
     if data.weight_decay is not None:
         lines += _weight_decay(data)
     lines += _predictions(data)

@@ -91,12 +91,13 @@ class WeightDecayView:
             if len(slow) == len(rows)
             else f"at B = {_list([r.batch_size for r in slow])}"
         )
+        shrink = 100 * (1 - math.exp(-epochs / shortest))
         return (
             f"Weight decay barely acted {where}: τ_epoch there ({shortest:.3g} epochs or more) "
-            f"is over {BARELY_ACTS:g}× the {epochs:g} epochs each trial trained, so it shrank "
-            f"the weights by a factor of only about exp(−{epochs:g}/τ) ≥ "
-            f"{math.exp(-epochs / shortest):.3f} over a run; these trials say little about "
-            "the λ a longer run needs."
+            f"is over {BARELY_ACTS:g}× the {epochs:g} epoch{'' if epochs == 1 else 's'} each "
+            f"trial trained, so over a run it pulled the weights toward zero by at most "
+            f"{shrink:.2g}% (1 − exp(−epochs/τ)); these trials say little about the λ a longer "
+            "run needs."
         )
 
     def _describe_slope(self) -> str:
