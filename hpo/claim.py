@@ -120,8 +120,9 @@ def _claim_the_long_way(
     """Under the study lock, only what must be serial: fail trials whose worker vanished
     (which re-queues them), count the budget, queue another trial for a batch size left
     uncovered and, once the search is nearly spent, the replicates, then make a trial
-    RUNNING: a re-queued or enqueued one if there is one, else a new one. On PostgreSQL and MariaDB all of it is one transaction. Returns the answer,
-    the grid trial (built under the lock), or the trial id and whether it was queued."""
+    RUNNING: a re-queued or enqueued one if there is one, else a new one. On PostgreSQL
+    and MariaDB all of it is one transaction. Returns the answer, the grid trial (built
+    under the lock), or the trial id and whether it was queued."""
     study = loaded.study
     with study_lock(loaded.storage, study.study_name), quiet_optuna_warnings():
         if stale:  # else a trial gone stale since is failed by the next claim
