@@ -67,18 +67,6 @@ def replicate_trials(spec: StudySpec, total_trials: int) -> int:
     return wanted
 
 
-def why_no_replicates(spec: StudySpec, total_trials: int) -> str | None:
-    """Why a study of ``total_trials`` gets no replicates by its spec, or None."""
-    if spec.search.replicates == 0:
-        return "search.replicates = 0"
-    if spec.sampler.kind == "grid":
-        return "a grid study's trials are its grid points"
-    if replicate_trials(spec, total_trials) == 0:
-        wanted = REPLICATED_BATCH_SIZES * spec.search.replicates
-        return f"{wanted} replicate trials would be more than a third of {total_trials}"
-    return None
-
-
 def replicate_seed(spec: StudySpec, original_number: int, k: int) -> int:
     """The training seed of ``original_number``'s k-th replicate (k ≥ 1); the original's own
     seed is ``spec.seed + original_number`` (``hpo.objective``)."""
