@@ -196,3 +196,12 @@ def test_a_replicate_is_never_pruned_where_its_original_would_be(tiny_study: Pat
     original, replicate = study.get_trials()
     assert original.state == TrialState.PRUNED and original.user_attrs["fail_reason"] == "pruned"
     assert replicate.state == TrialState.COMPLETE and replicate.user_attrs["reports_completed"] == 2
+
+
+def test_a_negative_replicates_is_refused_naming_the_field(tiny_study: Path) -> None:
+    from hpo.spec import SpecError
+
+    text = tiny_study.read_text().replace("[search]", "[search]\nreplicates = -1", 1)
+    tiny_study.write_text(text)
+    with pytest.raises(SpecError, match="replicates"):
+        load_spec("tiny")
