@@ -37,6 +37,7 @@ from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
 from hpo.distributed import data_parallel_group
 from hpo.noise_interval import noise_scale_attrs
+from hpo.replicates import replicate_attrs, training_seed
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
@@ -137,12 +138,14 @@ class Objective:
 
     def _context(self, trial: optuna.Trial, params: TrialParams) -> TrialContext:
         """The trial as its trainer sees it: a retry replays its original's seed and
-        checkpoint directory (``ROOT/STUDY/trial-N``, N the original trial's number)."""
+        checkpoint directory (``ROOT/STUDY/trial-N``, N the original trial's number); a
+        replicate trains with its own seed (``hpo.replicates``) and is never pruned."""
         original = original_trial_number(trial)
         directory = None
         if self.checkpoint_root is not None:
             directory = TrialCheckpoint.in_root(self.checkpoint_root, original).path.parent
         budget = self.spec.budget
+        attrs = trial.user_attrs
         return TrialContext(
             params={
                 "batch_size": params.batch_size, "lr": params.lr,
@@ -150,9 +153,11 @@ class Objective:
             },
             trial_params=params, device=self.setup.device,
             budget=Budget(budget.unit, budget.amount, budget.report_count),
-            seed=self.spec.seed + original, trial_number=trial.number, spec=self.spec,
-            checkpoint_dir=directory, retry_of=retried_from(trial),
-            on_report=partial(self._on_report, trial), set_attr=trial.set_user_attr,
+            seed=training_seed(self.spec, attrs, original), trial_number=trial.number,
+            spec=self.spec, checkpoint_dir=directory, retry_of=retried_from(trial),
+            # a replicate runs to the end: the noise floor needs its final value
+            on_report=partial(self._on_report, trial, prune=not replicate_attrs(attrs)),
+            set_attr=trial.set_user_attr,
         )  # fmt: skip
 
     def _train(self, trial: optuna.Trial, ctx: TrialContext) -> float:
@@ -191,7 +196,14 @@ class Objective:
         return final
 
     def _on_report(
-        self, trial: optuna.Trial, value: float, number: int, last: bool, samples: int
+        self,
+        trial: optuna.Trial,
+        value: float,
+        number: int,
+        last: bool,
+        samples: int,
+        *,
+        prune: bool = True,
     ) -> None:
         """Report ``value`` at report ``number`` and ask the pruner. Never at the last
         report: the budget is spent, so pruning would save nothing and throw away a
@@ -199,7 +211,7 @@ class Objective:
         trial.report(value, number)
         if self.tracker is not None:
             self.tracker.reported(trial.number, value, samples)
-        if not last and trial.should_prune():
+        if prune and not last and trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
             metric = self.spec.objective.metric
             raise optuna.TrialPruned(f"pruned at report {number}: {metric} = {value:.4f}")

@@ -27,6 +27,14 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.noise_floor is not None:
+        lines += ["", "## Noise floor", "", data.noise_floor.describe()]
+        if data.noise_floor.groups:
+            lines[-1] += (
+                " The replicate trials count only here: the table, the best trial, the fits "
+                "and the importances are the search's (their training is in epochs spent "
+                "and device-h)."
+            )
     if data.weight_decay is not None:
         lines += _weight_decay(data)
     lines += _predictions(data)
@@ -38,6 +46,7 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
             "",
             "Importances (PED-ANOVA): " + ", ".join(f"{n} {v:.2f}" for n, v in ranked) + ".",
         ]
+    lines += _importance_caveats(data)
     if figure_links:
         lines += ["", "## Figures", ""]
         for name in FIGURE_NAMES:
@@ -45,6 +54,14 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
                 f"- {FIGURE_TITLES[name]}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
             )
     return "\n".join(lines) + "\n"
+
+
+def _importance_caveats(data: ReportData) -> list[str]:
+    """Which parameters were not varied (left out of the importances) or varied rarely."""
+    from hpo.report.analysis import describe_variation
+
+    text = describe_variation(data.importances, data.variation, data.n_complete)
+    return ["", text] if text else []
 
 
 def _overview(data: ReportData) -> list[str]:

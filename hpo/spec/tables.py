@@ -186,6 +186,11 @@ class SearchSpec(Table):
     weight_decay_high: Float = Field(gt=0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    # Extra seeds for the best configuration of each of the top two batch sizes, trained
+    # once the search is nearly spent (``hpo.replicates``): the noise floor the report
+    # compares the winner's margin with. 2 × replicates trials of the budget; none in a
+    # grid study or where that is more than a third of the budget.
+    replicates: Count = 1
     # ``[search.extra.NAME]``: more searched parameters for a user's trainer
     # (``hpo.spec.extras``), sampled after the three above in the file's order.
     extra: dict[str, ExtraParam] = Field(default_factory=dict)
