@@ -75,6 +75,7 @@ class CnnTrainer:
         started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, spec.training)
         run, checkpoint = self._resume(ctx)
+        run.data_parallel = ctx.group  # None but in a data-parallel trial (hpo.distributed)
         resumed = (run.tally.train_seconds, run.tally.eval_seconds)
         budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
         self.progress.start(ctx.trial_number, params, budget)
@@ -135,7 +136,7 @@ class CnnTrainer:
         ctx.report(
             metrics.objective(metric), samples=run.tally.train_samples, updates=run.tally.updates
         )
-        if checkpoint is not None:
+        if checkpoint is not None and ctx.rank == 0:  # one writer per trial
             self._saved(ctx, lambda: checkpoint.save(run))
 
     def _saved(self, ctx: TrialContext, save: Callable[[], None]) -> None:
@@ -155,8 +156,8 @@ class CnnTrainer:
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:
     """The seconds this attempt trained and evaluated (a resumed run's tally starts at its
-    predecessor's, ``resumed``), for the objective to store with the rest of the trial's
-    device time in one write (``device_seconds``)."""
+    predecessor's, ``resumed``), wall time on this rank, for the objective to store with the
+    rest of the trial's device time in one write (``device_seconds``)."""
     ctx.busy_seconds = {
         "train": tally.train_seconds - resumed[0],
         "eval": tally.eval_seconds - resumed[1],
