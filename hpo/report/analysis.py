@@ -38,6 +38,7 @@ from hpo.report.scaling import (
     near_best_trials,
     top_trials_by_batch_size,
 )
+from hpo.report.steps_to_target import StepsToTarget, measure_steps_to_target
 from hpo.report.summary import (
     SPENT_ATTRS,
     BatchSizeRow,
@@ -163,6 +164,8 @@ class ReportData:
     cost: CostView | None = None
     # The best weight decay per batch size and its timescale τ (hpo.report.weight_decay).
     weight_decay: WeightDecayView | None = None
+    # The critical batch size from steps to a target (hpo.report.steps_to_target).
+    steps_to_target: StepsToTarget | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -201,6 +204,7 @@ def collect(
         weight_decay=weight_decay_view(
             trials, is_maximize(study), summary.class_counts, confidence=confidence
         ),
+        steps_to_target=measure_steps_to_target(trials, is_maximize(study), trial_batch_size),
     )
 
 
