@@ -122,8 +122,11 @@ def measure_steps_to_target(
     confidence: float = STEPS_CONFIDENCE,
     resamples: int = RESAMPLES,
     seed: int = 0,
+    target: float | None = None,
 ) -> StepsToTarget:
-    """B_crit from the study's complete and pruned trials (see the module's docstring)."""
+    """B_crit from the study's complete and pruned trials (see the module's docstring), at
+    ``target`` when given (to compare two sets of trials at one target), else at
+    ``common_target``; a batch size none of whose trials reaches it is left out."""
     curves: dict[int, list[list[tuple[float, float]]]] = {}
     for trial in trials:
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -133,14 +136,16 @@ def measure_steps_to_target(
             curves.setdefault(batch_size, []).append(curve)
     if len(curves) < 2:
         return StepsToTarget(None, reason="it needs trials with reports at two or more batch sizes")
-    target = common_target(curves, maximize)
+    target = common_target(curves, maximize) if target is None else target
     reached = {
         b: [steps_to_reach(curve, target, maximize) for curve in group]
         for b, group in sorted(curves.items())
     }
+    reached = {b: group for b, group in reached.items() if any(s is not None for s in group)}
     steps = tuple((b, min(s for s in group if s is not None)) for b, group in reached.items())
     fitted = fit_steps(steps)
-    assert fitted is not None  # two or more batch sizes, each reaching the target
+    if fitted is None:
+        return StepsToTarget(target, steps, reason="fewer than two batch sizes reach the target")
     low, high = _bootstrap(reached, confidence, resamples, seed)
     return StepsToTarget(target, steps, fitted[0], fitted[1], low, high, confidence)
 
