@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -81,19 +82,23 @@ def grid_spec(spec: StudySpec, lrs: int, seed: int) -> StudySpec:
 
 
 def launch(spec: StudySpec, directory: Path, threads: int) -> optuna.Study:
-    """``hpo launch`` on ``spec`` written as a study file; the finished study."""
+    """``hpo launch`` on ``spec`` written as a study file; the finished study (its
+    ``wall_s`` set on it: the command's wall time)."""
     path = directory / f"{spec.name}.toml"
     fields = json.loads(spec.model_dump_json(exclude_none=True))
     path.write_text(tomli_w.dumps(fields))
     storage = f"sqlite:///{directory / (spec.name + '.db')}"
     command = [sys.executable, "-m", "hpo", "launch", "--study", str(path), "--storage", storage]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
     done = subprocess.run(
         [*command, "--threads", str(threads)], cwd=REPO, env=env, capture_output=True, text=True
     )
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}")
-    return optuna.load_study(study_name=spec.name, storage=storage)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    study.set_user_attr("benchmark_wall_s", time.perf_counter() - started)
+    return study
 
 
 def grid_curves(studies: list[optuna.Study]) -> dict[tuple[int, float], list[tuple[float, float]]]:
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "grid_steps": truth.get("steps"),
                     "inside": inside,
                     "reason": measured.reason or None,
+                    "wall_s": study.user_attrs.get("benchmark_wall_s"),
                 }
             )
     result = {
