@@ -136,3 +136,17 @@ def test_the_report_carries_the_direct_measurement() -> None:
     data = collect(study, "val_auc")
     assert data.steps_to_target is not None and data.steps_to_target.b_crit is not None
     assert "Measured directly: the updates needed to reach val_auc" in summary_markdown(data)
+
+
+def test_the_updates_stored_at_each_report_are_the_clock() -> None:
+    from hpo.report.steps_to_target import trial_curve
+
+    trial = _trial(32, 100.0, reports=3)
+    assert [u for u, _ in trial_curve(trial)] == pytest.approx([100.0, 200.0, 300.0])
+    timed = create_trial(
+        state=TrialState.COMPLETE,
+        value=0.9,
+        user_attrs={"batch_size": 32, "n_updates": 300, "updates_at_report": [50, 120, 300]},
+        intermediate_values={1: 0.5, 2: 0.7, 3: 0.9},
+    )
+    assert [u for u, _ in trial_curve(timed)] == [50.0, 120.0, 300.0]

@@ -63,7 +63,11 @@ def trial_curve(trial: FrozenTrial) -> list[tuple[float, float]]:
     of the budget in epochs or steps)."""
     values = sorted(trial.intermediate_values.items())
     stored = trial.user_attrs.get("updates_at_report")
-    if isinstance(stored, list) and len(stored) >= len(values):
+    if (
+        isinstance(stored, list)
+        and len(stored) == len(values)
+        and all(isinstance(u, int | float) and u > 0 for u in stored)
+    ):
         return [(float(stored[i]), float(v)) for i, (_, v) in enumerate(values)]
     updates, reports = trial.user_attrs.get("n_updates"), len(values)
     if not isinstance(updates, int | float) or updates <= 0 or not reports:
