@@ -150,3 +150,12 @@ def test_the_updates_stored_at_each_report_are_the_clock() -> None:
         intermediate_values={1: 0.5, 2: 0.7, 3: 0.9},
     )
     assert [u for u, _ in trial_curve(timed)] == [50.0, 120.0, 300.0]
+
+
+def test_a_batch_size_with_only_a_lower_bound_is_called_one() -> None:
+    from hpo.report.critical_batch import describe_measured
+    from hpo.report.noise_scale import BatchSizeNoiseScale
+
+    row = BatchSizeNoiseScale(16, None, 290.0, None, 2, 32)
+    measured = MeasuredNoiseScale(50.0, 40.0, 60.0, 3, 50.0, 30.0, 90.0, 40, (row,))
+    assert "B = 16: ≥ 290 (only a lower bound" in describe_measured(measured)

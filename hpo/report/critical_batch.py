@@ -135,6 +135,11 @@ def _batch_size_text(row: BatchSizeNoiseScale) -> str:
     """One batch size's pooled B_simple in words: value and interval, a lower bound, or why
     there is none."""
     counted = f"{row.n_measurements} measurements of {row.n_trials} trial(s)"
+    if row.value is None and row.low is not None and row.low > 0:
+        return (
+            f"B = {row.batch_size}: ≥ {examples(row.low)} (only a lower bound: the mean |G|² "
+            f"estimate is not positive, the gradient lost in its noise; {counted})"
+        )
     if row.value is None or row.low is None:
         return (
             f"B = {row.batch_size}: no estimate ({counted}; the mean |G|² or tr(Σ) estimate "
