@@ -31,14 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Measure on every k-th update. A measured update took 1.18x (B=32) and 1.71x (B=128) a
-# plain one on the 2-core CPU (docs/benchmarks.md): at k = 32 that is 0.6% and
-# 2.2% of samples/s, inside the 3% budget (k = 16 would cost 4.4% at B=128).
+# Measure on every k-th update. A measured update took 1.07x (B = 128) to 1.46x (B = 8) a
+# plain one on the 2-core CPU (docs/benchmarks.md, noise_overhead.py): at k = 32 at most
+# 1.4% of samples/s, inside the 3% budget.
 NOISE_SCALE_EVERY = 32
 # A trial too short for this many measurements at k = NOISE_SCALE_EVERY measures more often
-# (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. Only short
-# trials pay more (the demo's B = 128: 64 updates, k = 8); the study's total stays near
-# the 3% budget (docs/benchmarks.md, noise_overhead.py --adaptive).
+# (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. On the
+# demo B = 128 (64 updates) measures every 8th update, 0.9% of its training, and B = 64
+# every 16th, 0.6% (docs/benchmarks.md).
 NOISE_SCALE_MIN_MEASUREMENTS = 8
 
 
