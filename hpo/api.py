@@ -168,7 +168,7 @@ def launch(
         code = result.exit_code
     else:
         del splits  # each child holds its own copy
-        devices = local_devices(workers)
+        devices = local_devices(workers, spec.training.gpus_per_trial)
         code = run_worker_processes(spec.name, url, devices=devices, node=node, **run)
     outcome = run_outcome(loaded.study, first_number)
     return StudyResult(spec.name, url, loaded.study, spec, code, outcome)

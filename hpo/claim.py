@@ -14,6 +14,10 @@ How workers on any number of nodes share a study without losing or over-running 
 - A re-queued or enqueued (WAITING) trial is claimed before a new one is made; a study
   that keeps every batch size covered queues another trial for a batch size left without
   a complete result; a grid study is done once every grid point has a trial.
+- Once no more room is left in the budget than the replicates need (``hpo.replicates``),
+  the claim queues them, once per study, under the lock: the best configuration of the
+  top two batch sizes again with other seeds. The one-message claim makes search trials
+  only up to that point, so the decision is always taken here.
 - The common case on PostgreSQL is one message (``hpo.storage.one_message``): a new trial
   when nothing is stale or waiting and the budget has room. Only when that says no does
   the claim take the long way, under ``study_lock``.
@@ -42,6 +46,12 @@ from optuna.trial import TrialState
 
 from hpo import compat
 from hpo.caps import BatchSizeCapSampler
+from hpo.replicates import (
+    REPLICATE_OF_ATTR,
+    REPLICATES_ATTR,
+    plan_replicates,
+    replicate_trials,
+)
 from hpo.settings import kill_point
 from hpo.space import (
     COVER_ATTEMPT_ATTR,
@@ -109,9 +119,10 @@ def _claim_the_long_way(
 ) -> optuna.Trial | tuple[int, bool] | Answer:
     """Under the study lock, only what must be serial: fail trials whose worker vanished
     (which re-queues them), count the budget, queue another trial for a batch size left
-    uncovered, then make a trial RUNNING: a re-queued or enqueued one if there is one, else
-    a new one. On PostgreSQL and MariaDB all of it is one transaction. Returns the answer,
-    the grid trial (built under the lock), or the trial id and whether it was queued."""
+    uncovered and, once the search is nearly spent, the replicates, then make a trial
+    RUNNING: a re-queued or enqueued one if there is one, else a new one. On PostgreSQL
+    and MariaDB all of it is one transaction. Returns the answer, the grid trial (built
+    under the lock), or the trial id and whether it was queued."""
     study = loaded.study
     with study_lock(loaded.storage, study.study_name), quiet_optuna_warnings():
         if stale:  # else a trial gone stale since is failed by the next claim
@@ -125,11 +136,14 @@ def _claim_the_long_way(
         queued = keep_batch_sizes_covered(loaded, room)
         for batch_size in queued:
             logger.info("batch size %d has no complete trial: queued another", batch_size)
+        replicates = queue_replicates(loaded, total_trials, room - len(queued), budget)
+        if replicates == "wait":
+            return "wait"
         with loaded.storage.claiming(token):
             # RUNNING with its first heartbeat (and a retry with clean attrs) in one
             # transaction: a worker killed from here on still gets its trial retried.
             trial_id = None
-            if budget.waiting or queued:
+            if budget.waiting or queued or replicates:
                 trial_id = _claim_waiting_trial(loaded)
             was_queued = trial_id is not None
             if trial_id is None:
@@ -156,8 +170,11 @@ def _new_trial_at_once(
     ):
         return None  # keep_batch_sizes_covered decides, under the lock, in the long way
     storage = loaded.storage
+    # The one message makes search trials only: the replicates' share of the budget is
+    # decided (and queued) in the long way, under the lock.
+    limit = total_trials - replicate_trials(loaded.spec, total_trials)
     try:
-        with storage.claiming(token), storage.at_once(loaded.study.study_name, total_trials):
+        with storage.claiming(token), storage.at_once(loaded.study.study_name, limit):
             trial_id = compat.study_storage(loaded.study).create_new_trial(loaded.ref.study_id)
             kill_point("claimed")  # tests only: RUNNING in storage, nothing else done yet
             return _build_trial(loaded.study, trial_id, was_queued=False)
@@ -179,7 +196,8 @@ def _answer_at_once(counts: AtOnceCounts | None, total_trials: int) -> Answer | 
 def prepare_to_claim(loaded: LoadedStudy, total_trials: int) -> None:
     """Compile the one-message claim before the first claim, where one will be tried."""
     if loaded.storage.claims_at_once() and _grid_sampler(loaded.study) is None:
-        loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, total_trials)
+        limit = total_trials - replicate_trials(loaded.spec, total_trials)
+        loaded.storage.prepare_claims(loaded.ref.study_id, loaded.study.study_name, limit)
 
 
 def _landed(loaded: LoadedStudy, token: str, error: Exception) -> int:
@@ -259,6 +277,40 @@ def keep_batch_sizes_covered(loaded: LoadedStudy, room: int) -> list[int]:
         )
         queued.append(2 ** int(params["log2_batch_size"]))
     return queued
+
+
+def queue_replicates(
+    loaded: LoadedStudy, total_trials: int, room: int, budget: Budget
+) -> int | Answer:
+    """Once the budget has no more ``room`` than the replicates need
+    (``hpo.replicates.replicate_trials``), queue them, once per study: the number queued
+    (0 when it is not time, or already done), or ``"wait"`` while the top two batch sizes
+    are not known yet and trials that may tell still run. The caller holds the study lock;
+    the decision (what was queued, or why nothing) is stored on the study with the queued
+    trials, so exactly one claim of any number of workers queues them."""
+    reserve = replicate_trials(loaded.spec, total_trials)
+    if reserve == 0 or room > reserve:
+        return 0
+    if REPLICATES_ATTR in loaded.ref.user_attrs():
+        return 0
+    complete = loaded.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    maximize = loaded.study.direction == optuna.study.StudyDirection.MAXIMIZE
+    plan = plan_replicates(loaded.spec, complete, maximize, room)
+    if not plan and room > 0 and budget.running and not budget.waiting:
+        return "wait"  # a running trial may complete a second batch size
+    for params, attrs in plan:
+        loaded.study.enqueue_trial(params, user_attrs=attrs)
+    note: dict[str, object] = {"queued": [attrs[REPLICATE_OF_ATTR] for _, attrs in plan]}
+    if not plan:
+        note["reason"] = (
+            "fewer than two batch sizes had a complete trial when the search was nearly spent"
+            if room > 0
+            else "no room was left in the budget"
+        )
+    loaded.ref.set_user_attr(REPLICATES_ATTR, note)
+    if plan:
+        logger.info("queued %d replicate trials of trials %s", len(plan), note["queued"])
+    return len(plan)
 
 
 def _build_trial(study: optuna.Study, trial_id: int, was_queued: bool) -> optuna.Trial:

@@ -75,6 +75,7 @@ class CnnTrainer:
         started = time.perf_counter()
         data = prepare_data(self.splits, self.setup, spec.training)
         run, checkpoint = self._resume(ctx)
+        run.data_parallel = ctx.group  # None but in a data-parallel trial (hpo.distributed)
         resumed = (run.tally.train_seconds, run.tally.eval_seconds)
         budget = TrainingBudget.for_trial(spec.budget, len(data.train), params.batch_size)
         self.progress.start(ctx.trial_number, params, budget)
@@ -136,7 +137,7 @@ class CnnTrainer:
         ctx.report(
             metrics.objective(metric), samples=run.tally.train_samples, updates=run.tally.updates
         )
-        if checkpoint is not None:
+        if checkpoint is not None and ctx.rank == 0:  # one writer per trial
             self._saved(ctx, lambda: checkpoint.save(run))
 
     def _saved(self, ctx: TrialContext, save: Callable[[], None]) -> None:
@@ -164,10 +165,11 @@ def _record_updates_at_report(ctx: TrialContext) -> None:
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:
     """``device_seconds_train`` and ``device_seconds_eval``: what this attempt trained and
-    evaluated (a resumed run's tally starts at its predecessor's, ``resumed``)."""
+    evaluated (a resumed run's tally starts at its predecessor's, ``resumed``), on every
+    device of a data-parallel trial; ``ctx.busy_seconds`` is the wall time."""
     train, evaluation = tally.train_seconds - resumed[0], tally.eval_seconds - resumed[1]
-    ctx.set_user_attr("device_seconds_train", train)
-    ctx.set_user_attr("device_seconds_eval", evaluation)
+    ctx.set_user_attr("device_seconds_train", train * ctx.world_size)
+    ctx.set_user_attr("device_seconds_eval", evaluation * ctx.world_size)
     ctx.busy_seconds = train + evaluation
 
 

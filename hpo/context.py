@@ -17,7 +17,15 @@ a trainer too (``hpo.cnn_trainer``), so both see the same context and neither kn
   back the last state saved, and its report count with it; ``ctx.checkpoint_dir`` is the
   trial's own directory for anything else;
 - ``ctx.noise``: the gradient noise scale B_simple from two gradient norms of one step, so
-  the report's critical batch size works for the user's code too (``GradientNoise``).
+  the report's critical batch size works for the user's code too (``GradientNoise``);
+- data-parallel trials (``training.gpus_per_trial`` = N > 1, ``hpo.distributed``): the
+  trainer runs once in each of N processes, ``ctx.rank`` of ``ctx.world_size``, on
+  ``ctx.device`` (its own GPU); ``ctx.params["batch_size"]`` is the global batch and
+  ``ctx.local_batch_size`` this rank's share. Every rank calls ``report`` at the same
+  points, but only rank 0's reaches the study (and checkpoints: ``save_checkpoint`` writes
+  on rank 0 only, ``resume`` is loaded on every rank). ``ctx.average_gradients(model)``
+  after the backward pass averages the gradients over the ranks and measures the noise
+  scale from that same all-reduce; ``ctx.broadcast(value)`` gives rank 0's value to all.
 """
 
 from __future__ import annotations
@@ -162,7 +170,34 @@ class TrialContext:
     # Device-seconds of training and evaluation the trainer measured itself (hpo's own loop),
     # for the trial's device-time accounting (``hpo.objective.record_device_time``).
     busy_seconds: float = 0.0
+    # Data-parallel trials (hpo.distributed): this process's rank, the group's size, and
+    # the group itself (a ``hpo.distributed.RankGroup``; None in a single-process trial).
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
     _resume: Any = None
+
+    @property
+    def local_batch_size(self) -> int:
+        """The samples this rank trains of every global batch (``params["batch_size"]``)."""
+        return self.trial_params.batch_size // self.world_size
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (any picklable object); ``value`` itself in a
+        single-process trial. A collective: every rank must call it."""
+        return value if self.group is None else self.group.broadcast(value)
+
+    def average_gradients(
+        self, model: torch.nn.Module, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """After the backward pass of every rank: each gradient (and floating buffer)
+        becomes its mean over the ranks, and the noise scale is measured from this rank's
+        gradient (``local_batch_size``) against the mean (the global batch) in the same
+        all-reduce. Pass the fp16 ``scaler`` when gradients are scaled. Nothing in a
+        single-process trial."""
+        if self.group is not None:
+            self.group.average_gradients(model, self.noise.estimate, self.local_batch_size,
+                                         scaler)  # fmt: skip
 
     def report(
         self, value: float, *, samples: int | None = None, updates: int | None = None
@@ -184,7 +219,8 @@ class TrialContext:
         self.b_simple.append(self.noise.b_simple())
         self.updates_at_report.append(self.updates)
         kill_point("report")  # tests only: a kill -9 between reports ($HPO_TEST_KILL_AT)
-        self.on_report(value, number, number >= self.budget.reports, self.samples)
+        if self.rank == 0:  # one report per trial step, whatever the number of ranks
+            self.on_report(value, number, number >= self.budget.reports, self.samples)
 
     def set_user_attr(self, key: str, value: Any) -> None:
         """Store a JSON-serializable value on the trial (shown by the dashboard)."""
@@ -200,8 +236,9 @@ class TrialContext:
     def save_checkpoint(self, state: Any) -> None:
         """Save ``state`` (tensors, state dicts, numbers, lists, dicts) atomically for a
         retry of this trial, with the report count; call it right after ``report``. A
-        failed write is a warning on the trial (``checkpoint_save_error``), never its end."""
-        if self.checkpoint_dir is None:
+        failed write is a warning on the trial (``checkpoint_save_error``), never its end.
+        Rank 0 writes; the other ranks of a data-parallel trial return at once."""
+        if self.checkpoint_dir is None or self.rank != 0:
             return
         payload = {
             "reports": list(self.reported), "samples": self.samples, "updates": self.updates,

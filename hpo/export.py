@@ -105,7 +105,10 @@ def _has_complete(summary: StudySummary, batch_size: int) -> bool:
 def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None) -> dict[str, Any]:
     """What backs the answer at ``batch_size``: the scaling model's prediction there (LR and
     weight decay with 80% intervals, the model's name, whether it extrapolates) and the
-    critical batch size two ways with the verdict (``hpo.report.critical_batch``)."""
+    critical batch size two ways with the verdict (``hpo.report.critical_batch``), and the
+    seed-to-seed spread where replicates exist (``seed_spread``, ``hpo.report.noise_floor``).
+    All of it but the spread from the search's trials (replicates left out)."""
+    from hpo.replicates import without_replicates
     from hpo.report.analysis import trial_batch_size
     from hpo.report.critical_batch import (
         direct_verdict,
@@ -114,11 +117,13 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
         verdict,
     )
     from hpo.report.noise_scale import fit_lr_ridge, measured_b_simple
-    from hpo.report.prediction import predict_configuration
+    from hpo.report.prediction import predict_from_fit, stored_optimizer
     from hpo.report.scaling import fit_lr_scaling
     from hpo.report.steps_to_target import measure_steps_to_target
     from hpo.report.weight_decay import weight_decay_view
 
+    spread = seed_spread(study, summary)
+    study = without_replicates(study)
     fit = fit_lr_scaling(study)
     trials = study.get_trials(deepcopy=False)
     maximize = summary.direction == "maximize"
@@ -138,10 +143,22 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
         )
     }
     if batch_size is not None:
-        prediction = predict_configuration(list(fit.points), batch_size, view)
+        optimizer = stored_optimizer(study.user_attrs)
+        prediction = predict_from_fit(fit, batch_size, view, optimizer)
         if prediction is not None:
             evidence["prediction"] = _prediction_keys(prediction)
+    if spread is not None:
+        evidence["seed_spread"] = spread
     return evidence
+
+
+def seed_spread(study: optuna.Study, summary: StudySummary) -> dict[str, Any] | None:
+    """The noise floor as plain data (``NoiseFloor.as_dict``); None without replicates."""
+    from hpo.report.noise_floor import noise_floor
+
+    maximize = summary.direction == "maximize"
+    trials = study.get_trials(deepcopy=False)
+    return noise_floor(trials, summary.by_batch_size, maximize).as_dict()
 
 
 def _value_interval(

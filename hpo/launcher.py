@@ -1,4 +1,6 @@
-"""Worker processes on this machine: one per GPU (``--gpus``), or CPU workers sharing cores.
+"""Worker processes on this machine: one per GPU (``--gpus``), or per group of
+``training.gpus_per_trial`` GPUs (a data-parallel trial's ranks, ``hpo.distributed``), or
+CPU workers sharing cores.
 
 Each child is ``python -m hpo worker``; the storage URL and this node's settings go to it
 in the environment, so a password never shows in ``ps``. SIGTERM/SIGINT are passed on to
@@ -54,24 +56,38 @@ def visible_gpus() -> list[str]:
 
 
 def resolve_gpus(gpus: str) -> list[str]:
-    """``all`` or a comma-separated list of indices → CUDA_VISIBLE_DEVICES values, one per
-    worker. Indices count the GPUs this process sees (within an existing
+    """``all``, or indices and ranges like ``0-3,6`` → CUDA_VISIBLE_DEVICES values, one per
+    GPU. Indices count the GPUs this process sees (within an existing
     ``CUDA_VISIBLE_DEVICES``). ``all`` on a node without GPUs gives an empty list."""
     available = visible_gpus()
     if gpus.strip() == "all":
         return available
     chosen = []
     for part in gpus.split(","):
-        part = part.strip()
-        if not part.isdigit() or int(part) >= len(available):
+        first, dash, last = part.strip().partition("-")
+        bounds = (first, last) if dash else (first, first)
+        if not all(bound.isdigit() and int(bound) < len(available) for bound in bounds):
             raise GpuSelectionError(
-                f"--gpus {gpus!r}: {part!r} is not a GPU index here (this node sees "
-                f"{len(available)} GPU(s): indices 0..{len(available) - 1}; or use 'all')"
+                f"--gpus {gpus!r}: {part.strip()!r} is not a GPU index or range here (this "
+                f"node sees {len(available)} GPU(s): indices 0..{len(available) - 1}; "
+                "or use 'all')"
             )
-        chosen.append(available[int(part)])
-    if len(set(chosen)) != len(chosen):
-        raise GpuSelectionError(f"--gpus {gpus!r} names a GPU twice")
+        chosen += [available[i] for i in range(int(bounds[0]), int(bounds[1]) + 1)]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise GpuSelectionError(f"--gpus {gpus!r} names no GPU, or one GPU twice")
     return chosen
+
+
+def gpu_groups(gpus: list[str], per_trial: int) -> list[str]:
+    """``gpus`` in groups of ``per_trial`` (``training.gpus_per_trial``), one per worker
+    process: a comma-separated ``CUDA_VISIBLE_DEVICES`` value each, ⌊len(gpus) / per_trial⌋
+    of them; GPUs left over are not used. GpuSelectionError when there is not one group."""
+    if len(gpus) < per_trial:
+        raise GpuSelectionError(
+            f"training.gpus_per_trial = {per_trial} but --gpus gives {len(gpus)} GPU(s)"
+        )
+    count = len(gpus) // per_trial
+    return [",".join(gpus[i * per_trial : (i + 1) * per_trial]) for i in range(count)]
 
 
 def python_module_command() -> list[str]:
@@ -131,7 +147,7 @@ def _child_env(
     if device is None:
         child[LABEL_ENV] = f"[w{index}] "
     else:
-        child[LABEL_ENV] = f"[gpu{device}] "
+        child[LABEL_ENV] = f"[gpu{device}] "  # a data-parallel group: [gpu0,1]
         child[CUDA_VISIBLE_ENV] = device
     return child
 
@@ -194,11 +210,13 @@ def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.0
             child.wait()
 
 
-def local_devices(workers: int) -> list[str | None]:
-    """Devices for ``workers`` local processes: a GPU each when this machine has any
-    (round-robin when fewer than workers), else None (CPU) for all."""
+def local_devices(workers: int, per_trial: int = 1) -> list[str | None]:
+    """Devices for ``workers`` local processes: a group of ``per_trial`` GPUs each when
+    this machine has that many (round-robin over the groups when fewer than workers), else
+    None (CPU) for all."""
     gpus = resolve_gpus("all")
-    return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
+    groups = gpu_groups(gpus, per_trial) if len(gpus) >= per_trial else []
+    return [groups[i % len(groups)] if groups else None for i in range(workers)]
 
 
 def prepare_launch(

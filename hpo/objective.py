@@ -35,7 +35,9 @@ from hpo.cnn_trainer import CnnTrainer, SilentProgress, record_tally
 from hpo.context import Budget, Diverged, Trainer, TrialContext, load_trainer
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
+from hpo.distributed import data_parallel_group
 from hpo.noise_interval import noise_scale_attrs
+from hpo.replicates import replicate_attrs, training_seed
 from hpo.resource import TrainingBudget
 from hpo.space import sample_params
 from hpo.spec import StudySpec, TrialParams
@@ -115,12 +117,14 @@ class Objective:
         params = self._params(trial)
         trial.set_user_attr("device", self.setup.name)  # the device kind
         trial.set_user_attr("precision", self.setup.precision)
+        trial.set_user_attr("ranks", self.spec.training.gpus_per_trial)
         ctx = self._context(trial, params)
         if self.tracker is not None:
             worker = trial.user_attrs.get("worker")
             self.tracker.trial_started(trial.number, ctx.params, {"worker": worker})
         try:
-            return self._train(trial, ctx)
+            with data_parallel_group(ctx, self.setup):  # N ranks with gpus_per_trial = N
+                return self._train(trial, ctx)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -134,12 +138,14 @@ class Objective:
 
     def _context(self, trial: optuna.Trial, params: TrialParams) -> TrialContext:
         """The trial as its trainer sees it: a retry replays its original's seed and
-        checkpoint directory (``ROOT/STUDY/trial-N``, N the original trial's number)."""
+        checkpoint directory (``ROOT/STUDY/trial-N``, N the original trial's number); a
+        replicate trains with its own seed (``hpo.replicates``) and is never pruned."""
         original = original_trial_number(trial)
         directory = None
         if self.checkpoint_root is not None:
             directory = TrialCheckpoint.in_root(self.checkpoint_root, original).path.parent
         budget = self.spec.budget
+        attrs = trial.user_attrs
         return TrialContext(
             params={
                 "batch_size": params.batch_size, "lr": params.lr,
@@ -147,9 +153,11 @@ class Objective:
             },
             trial_params=params, device=self.setup.device,
             budget=Budget(budget.unit, budget.amount, budget.report_count),
-            seed=self.spec.seed + original, trial_number=trial.number, spec=self.spec,
-            checkpoint_dir=directory, retry_of=retried_from(trial),
-            on_report=partial(self._on_report, trial), set_attr=trial.set_user_attr,
+            seed=training_seed(self.spec, attrs, original), trial_number=trial.number,
+            spec=self.spec, checkpoint_dir=directory, retry_of=retried_from(trial),
+            # a replicate runs to the end: the noise floor needs its final value
+            on_report=partial(self._on_report, trial, prune=not replicate_attrs(attrs)),
+            set_attr=trial.set_user_attr,
         )  # fmt: skip
 
     def _train(self, trial: optuna.Trial, ctx: TrialContext) -> float:
@@ -188,7 +196,14 @@ class Objective:
         return final
 
     def _on_report(
-        self, trial: optuna.Trial, value: float, number: int, last: bool, samples: int
+        self,
+        trial: optuna.Trial,
+        value: float,
+        number: int,
+        last: bool,
+        samples: int,
+        *,
+        prune: bool = True,
     ) -> None:
         """Report ``value`` at report ``number`` and ask the pruner. Never at the last
         report: the budget is spent, so pruning would save nothing and throw away a
@@ -196,7 +211,7 @@ class Objective:
         trial.report(value, number)
         if self.tracker is not None:
             self.tracker.reported(trial.number, value, samples)
-        if not last and trial.should_prune():
+        if prune and not last and trial.should_prune():
             trial.set_user_attr("fail_reason", "pruned")
             metric = self.spec.objective.metric
             raise optuna.TrialPruned(f"pruned at report {number}: {metric} = {value:.4f}")
@@ -208,12 +223,15 @@ class Objective:
         micro-batch size (user attrs ``micro_batch_size``, ``accumulation_steps``)."""
         params = sample_params(trial, self.spec)
         cap = None if self.study is None else read_batch_cap(self.study, self.setup.name)
-        clamped = clamp_batch_size(params.batch_size, cap)
+        # The cap is one device's; a data-parallel trial's global batch spreads over N.
+        ranks = self.spec.training.gpus_per_trial
+        clamped = clamp_batch_size(params.batch_size, None if cap is None else cap * ranks)
         if self.spec.training.above_cap == "accumulate":
-            if clamped != params.batch_size:
-                params = dataclasses.replace(params, micro_batch_size=clamped)
-            trial.set_user_attr("micro_batch_size", clamped)
-            trial.set_user_attr("accumulation_steps", params.accumulation_steps)
+            if clamped != params.batch_size:  # micro-batches of one rank's share
+                params = dataclasses.replace(params, micro_batch_size=clamped // ranks)
+            share = params.batch_size // ranks
+            trial.set_user_attr("micro_batch_size", clamped // ranks)
+            trial.set_user_attr("accumulation_steps", share // (params.micro_batch_size or share))
         elif clamped != params.batch_size:
             trial.set_user_attr(CLAMPED_ATTR, params.batch_size)
             trial.set_user_attr("batch_size", clamped)
@@ -224,7 +242,9 @@ class Objective:
         release_device_memory(self.setup.device.type)
         new_cap = None
         if self.study is not None:
-            failed = params.micro_batch_size or params.batch_size  # what did not fit
+            # What did not fit on one device: a rank's share of a data-parallel batch.
+            ranks = self.spec.training.gpus_per_trial
+            failed = params.micro_batch_size or params.batch_size // ranks
             new_cap = lower_batch_cap(self.study, self.setup.name, failed)
         trial.set_user_attr("batch_size_cap_after_oom", new_cap)
         return TrialOutOfMemory(
@@ -240,10 +260,12 @@ def record_device_time(
     ``device_seconds_idle`` (the worker's wait for the claim) and ``device_seconds``, all
     of it from the wait to now (data preparation, resume and checkpoints included). hpo's
     own loop records ``device_seconds_train`` and ``device_seconds_eval`` itself
-    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``."""
+    (``hpo.cnn_trainer``); their sum is ``ctx.busy_seconds``. A data-parallel trial held
+    ``training.gpus_per_trial`` devices all that time: that many times the seconds."""
     held = time.perf_counter() - started
-    set_attr("device_seconds_idle", idle_seconds)
-    set_attr("device_seconds", idle_seconds + max(held, ctx.busy_seconds))
+    devices = ctx.spec.training.gpus_per_trial
+    set_attr("device_seconds_idle", idle_seconds * devices)
+    set_attr("device_seconds", (idle_seconds + max(held, ctx.busy_seconds)) * devices)
 
 
 def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:

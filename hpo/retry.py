@@ -23,9 +23,22 @@ from optuna.trial import FrozenTrial
 # User attrs that describe the parameters, not how a run went: the batch size the
 # parameters mean and the value the cap clamped it from (hpo.space, hpo.caps), and why the
 # trial was queued: a coverage trial's retry is that coverage trial, at the same attempt
-# (hpo.space.COVER_ATTR, COVER_ATTEMPT_ATTR), so a stop signal uses up no attempt.
-PARAMETER_ATTRS = frozenset({"batch_size", "batch_size_clamped_from", "queued_by", "cover_attempt"})
+# (hpo.space.COVER_ATTR, COVER_ATTEMPT_ATTR), so a stop signal uses up no attempt; a
+# replicate's retry is that replicate, with its seed (hpo.replicates).
+PARAMETER_ATTRS = frozenset(
+    {"batch_size", "batch_size_clamped_from", "queued_by", "cover_attempt"}
+    | {"replicate_of", "replicate_seed"}
+)
 RETRY_REASON_ATTR = "retried_because"
+
+
+class RequeueTrial(RuntimeError):
+    """A trial failure that is not the trial's fault (a rank of its data-parallel group
+    died: ``hpo.distributed.RankFailed``): the worker fails it with this message as its
+    reason and re-queues it to resume from its checkpoint, at most ``max_retry`` times
+    along its retry lineage (a fault that comes back every time ends as FAIL)."""
+
+    max_retry = 3
 
 
 def retry_user_attrs(failed: FrozenTrial) -> dict[str, object]:

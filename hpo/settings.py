@@ -96,6 +96,27 @@ def positive_seconds(name: str, default: float) -> float:
     return value
 
 
+COLLECTIVE_TIMEOUT_ENV = "HPO_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout_s() -> float:
+    """Seconds a rank of a data-parallel trial waits in one collective (or for the group
+    to form) before the trial fails as hung (``hpo.distributed``): ``$HPO_COLLECTIVE_TIMEOUT_S``,
+    default 600. It must cover rank 0's evaluation and checkpoint between two steps."""
+    return positive_seconds(COLLECTIVE_TIMEOUT_ENV, 600.0)
+
+
+NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def survive_nccl_errors() -> None:
+    """Process-wide, at the worker's start (rank 0 of data-parallel trials on GPUs), before
+    any NCCL group forms: a failed or timed-out NCCL collective aborts the communicators
+    and raises (torch's mode 2, "clean up only") instead of torch's default of ending the
+    process, so the worker fails the trial, re-queues it and goes on. Unless set already."""
+    os.environ.setdefault(NCCL_ERROR_HANDLING_ENV, "2")
+
+
 def heartbeat_settings() -> tuple[int, int]:
     """(heartbeat interval, grace period) in whole seconds; the grace period is always
     longer than the interval, or every trial would look stale between two beats."""

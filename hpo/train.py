@@ -121,6 +121,9 @@ class TrainingRun:
     # resumed there starts a fresh pass.
     epoch_batches: Iterator[torch.Tensor] | None = None
     batches_left: int = 0
+    # A data-parallel trial's rank group (``hpo.distributed.RankGroup``): its ``shard`` of
+    # each global batch is trained, and its ``update`` averages gradients over the ranks.
+    data_parallel: Any = None
 
     @property
     def epochs_done(self) -> int:
@@ -432,12 +435,15 @@ def train_epoch(
 
 def _pass_batches(run: TrainingRun, data: TrainingData, batch_size: int) -> Iterator[torch.Tensor]:
     """The batches left in the current pass over the training set (a new shuffled pass
-    when the last one ended); a pass stopped at a report point goes on next time."""
+    when the last one ended; the same on every rank of a data-parallel trial); a pass
+    stopped at a report point goes on next time."""
     if run.epoch_batches is None:
         run.epoch_batches = batch_indices(
             len(data.train), batch_size, generator=run.generator, drop_last=True
         )
         run.batches_left = len(data.train) // batch_size
+    if run.data_parallel is not None:  # this rank's slice of each global batch
+        return map(run.data_parallel.shard, run.epoch_batches)
     return run.epoch_batches
 
 
@@ -453,6 +459,8 @@ def _update(
     above them, else a plain step. Every ``noise_every``-th update also measures the
     gradient noise scale: from the micro-batches when accumulating, else as a step of two
     half-batch passes (``noise_scale_step``)."""
+    if run.data_parallel is not None:  # the noise scale comes with every update there
+        return run.data_parallel.update(run, setup, images, targets, micro_batch_size)
     batch_size = images.shape[0]
     measure = bool(noise_every) and (run.tally.updates + 1) % noise_every == 0
     if micro_batch_size is not None and micro_batch_size < batch_size:

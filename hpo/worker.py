@@ -38,7 +38,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hpo.claim import claim_trial, prepare_to_claim, quiet_optuna_warnings
-from hpo.retry import RetryWithCleanAttrs, superseded_trials
+from hpo.retry import RequeueTrial, RetryWithCleanAttrs, superseded_trials
 from hpo.settings import (
     THREADS_SOURCES,
     NodeSettings,
@@ -71,14 +71,17 @@ class WorkerStopped(BaseException):
     ``except Exception`` in the training code swallows it."""
 
 
-def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
+def requeue(
+    loaded: LoadedStudy, trial: optuna.Trial, reason: str, max_retry: int | None = None
+) -> None:
     """Fail ``trial`` and queue a retry with its params and intermediate values (the same
     thing the heartbeat check does for a vanished worker). Under the study lock, so no
     other worker sees the trial failed but not yet re-queued and stops early.
 
     On PostgreSQL and MariaDB all of it is one transaction (``study_lock``), repeated as a
     whole after a lost connection; a repeat first looks at what the lost attempt did (its
-    COMMIT may have landed), so the trial gets one retry, never two."""
+    COMMIT may have landed), so the trial gets one retry, never two. ``max_retry``: no
+    retry once the trial's lineage holds that many (None: always one)."""
     study = loaded.study
     attempts = 0
 
@@ -96,7 +99,7 @@ def requeue(loaded: LoadedStudy, trial: optuna.Trial, reason: str) -> None:
                 trial.set_user_attr("fail_reason", reason)
                 frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if frozen.state == TrialState.FAIL:
-                RetryWithCleanAttrs(inherit_intermediate_values=True)(study, frozen)
+                RetryWithCleanAttrs(max_retry, inherit_intermediate_values=True)(study, frozen)
 
     retry_on_disconnect(attempt, what="re-queue", url=loaded.storage.url)
 
@@ -271,10 +274,9 @@ def run_one(
     except UpdateFinishedTrialError:
         return _finished_elsewhere(loaded, trial, objective)
     except WorkerStopped as stopped:
-        requeue(loaded, trial, f"worker stopped ({stopped})")
-        logger.warning("trial %d re-queued: worker stopped (%s)", trial.number, stopped)
-        objective.progress.ended(trial.number, "WAITING", None, f"worker stopped ({stopped})")
-        return TrialState.WAITING, None
+        return _requeued(loaded, trial, objective, f"worker stopped ({stopped})", None)
+    except RequeueTrial as failed:
+        return _requeued(loaded, trial, objective, str(failed)[:500], failed.max_retry)
     except Exception as error:
         logger.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         if "fail_reason" not in trial.user_attrs:
@@ -299,6 +301,24 @@ def run_one(
     if objective.checkpoint_root is not None:
         remove_finished_checkpoints(study, objective.checkpoint_root)
     return state, reason if state == TrialState.FAIL else None
+
+
+def _requeued(
+    loaded: LoadedStudy,
+    trial: optuna.Trial,
+    objective: Objective,
+    reason: str,
+    max_retry: int | None,
+) -> tuple[TrialState, str | None]:
+    """Fail ``trial`` with ``reason`` and queue its retry (``requeue``). Returns WAITING
+    after a stop signal (``max_retry`` None), else FAIL and the reason."""
+    requeue(loaded, trial, reason, max_retry)
+    logger.warning("trial %d re-queued: %s", trial.number, reason)
+    if max_retry is None:
+        objective.progress.ended(trial.number, "WAITING", None, reason)
+        return TrialState.WAITING, None
+    objective.progress.ended(trial.number, "FAIL", None, reason)
+    return TrialState.FAIL, reason
 
 
 def _finished_elsewhere(
@@ -340,11 +360,13 @@ def run_worker(
     # Imported here: the claim / heartbeat / tell loop above needs no torch, so a simulated
     # worker (benchmarks/storage_scale.py) stays a small process.
     from hpo.device import start_on_this_node
+    from hpo.distributed import check_devices_per_trial
 
     loaded = load_study(study_name, storage_url, parallel=parallel, local_spec=local_spec)
     spec = loaded.spec.on_node(node or NodeSettings())
     guard = SQLiteFileGuard.attach(loaded.storage)
     setup = start_on_this_node(spec.training)
+    check_devices_per_trial(spec.training, setup)
     loaded.keep_batch_sizes_within_cap(setup.name)
     if parallel:
         # Same seed in every worker would make them all propose the same first points.

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from .databases import ADMIN_URLS
+from .processes import stop_process
 
 CONFIG = """\
 [databases]
@@ -107,12 +108,7 @@ def pgbouncer(
             pytest.fail(f"{error}: {(directory / 'pgbouncer.log').read_text()[-2000:]}")
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
         log.close()
         shutil.rmtree(directory, ignore_errors=True)
 

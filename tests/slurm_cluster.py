@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from .processes import stop_process
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "hpotestnode"
 START_TIMEOUT_S = 60
@@ -127,13 +129,7 @@ def slurm_cluster(cpus: int = 3, memory_mb: int = 6000) -> Iterator[dict[str, st
         yield env
     finally:
         for daemon in reversed(daemons):
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
+            stop_process(daemon, timeout=30)
         logs.close()
         _stop_step_daemons(conf)
         shutil.rmtree(root, ignore_errors=True)

@@ -34,7 +34,7 @@ from .databases import scratch_database
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 SBATCH = ROOT / "deploy" / "slurm" / "hpo-worker.sbatch"
-OVERLAYS = ("gpu", "cpu-test")
+OVERLAYS = ("gpu", "gpu-data-parallel", "cpu-test")
 KUBERNETES_VERSION = "1.30"
 POD_KINDS = {"Deployment", "StatefulSet", "Job"}
 
@@ -203,13 +203,16 @@ def test_worker_job_has_requests_and_runs_the_configured_study(rendered) -> None
     assert pod["securityContext"]["runAsNonRoot"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {config["HPO_CHECKPOINT_DIR"], config["HPO_DATA_ROOT"]} <= mounts
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}  # fmt: skip
     checkpoints = _by_kind(objects, "PersistentVolumeClaim")["hpo-checkpoints"]
     assert "hpo-checkpoints" in claims and checkpoints["spec"]["accessModes"] == ["ReadWriteMany"]
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert context.params["gpus"] == "all"
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+        assert gpus == (4 if overlay == "gpu-data-parallel" else 1)
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"]
+        assert gpus == 1 or "/dev/shm" in mounts  # NCCL between a pod's ranks
     else:
         assert config["HPO_DEVICE"] == "cpu" and "nvidia.com/gpu" not in str(container)
         assert job["completions"] <= 4

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from hpo.probe import ProbeResult
     from hpo.report import Report
+    from hpo.report.summary import StudySummary
 
 
 # Off a terminal (a log file, CI, Slurm, `nohup`) rich assumes 80 columns and cuts the
@@ -65,6 +66,21 @@ def print_summary(study: optuna.Study, metric: str) -> None:
     print_table(table)
     if summary.device.n_trials:
         console.print(summary.device.describe(), markup=False, soft_wrap=True)
+    console.print(noise_floor_line(study, summary), markup=False, soft_wrap=True)
+
+
+def noise_floor_line(study: optuna.Study, summary: StudySummary) -> str:
+    """The seed-to-seed spread and whether the winner beats the runner-up beyond it."""
+    from hpo.replicates import replicates_note
+    from hpo.report.noise_floor import noise_floor
+
+    floor = noise_floor(
+        study.get_trials(deepcopy=False),
+        summary.by_batch_size,
+        summary.direction == "maximize",
+        why_none=replicates_note(study).get("reason"),
+    )
+    return floor.describe()
 
 
 def print_class_counts(counts: dict[str, dict[str, int]]) -> None:

@@ -71,8 +71,10 @@ GpusOption = Annotated[
     typer.Option(
         "--gpus",
         help=(
-            "'all' or GPU indices like 0,1,3: one worker process per GPU, each with "
-            "CUDA_VISIBLE_DEVICES set to its GPU. Default: one worker in this process."
+            "'all', or GPU indices and ranges like 0,1,3 or 0-7: one worker process per GPU, "
+            "each with CUDA_VISIBLE_DEVICES set to its GPU; with training.gpus_per_trial = N, "
+            "one per group of N GPUs (floor(GPUs / N) trials at once, each data-parallel on "
+            "its N GPUs). Default: one worker in this process."
         ),
         show_default=False,
     ),
@@ -186,7 +188,7 @@ def worker(
     Exits 1 when trials ran and none finished COMPLETE or PRUNED."""
     default_omp_wait_policy()  # before torch is imported
     from hpo.cli.progress import LineProgress
-    from hpo.launcher import resolve_gpus, run_worker_processes
+    from hpo.launcher import gpu_groups, resolve_gpus, run_worker_processes
     from hpo.settings import LABEL_ENV, env
     from hpo.storage import resolve_storage_url
     from hpo.study import load_study, run_outcome
@@ -214,7 +216,9 @@ def worker(
         )  # fmt: skip
         _finish(result.exit_code, result.outcome)
         return
-    devices: list[str | None] = list(resolve_gpus(gpus))
+    gpu_list = resolve_gpus(gpus)
+    per_trial = loaded.spec.training.gpus_per_trial
+    devices: list[str | None] = list(gpu_groups(gpu_list, per_trial)) if gpu_list else []
     if not devices:
         errors.print("warning: --gpus all: this node sees no GPU; running one CPU worker")
         devices = [None]

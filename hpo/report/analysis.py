@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from hpo.replicates import replicates_note, without_replicates
 from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
+from hpo.report.noise_floor import NoiseFloor, noise_floor
 from hpo.report.noise_scale import (
     MeasuredNoiseScale,
     NoiseScaleCurve,
@@ -29,6 +32,7 @@ from hpo.report.noise_scale import (
     fit_lr_ridge,
     measured_b_simple,
 )
+from hpo.report.prediction import stored_optimizer
 from hpo.report.scaling import (
     DEFAULT_CONFIDENCE,
     DEFAULT_NEAR_BEST,
@@ -125,13 +129,13 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
 
     A parameter whose distribution is single-valued in every trial was never drawn (hpo's
     ``batch_size``, the display copy of ``log2_batch_size``, ``hpo.space``): it is left
-    out, where PED-ANOVA would list it at 0 and warn about each of its one-trial regimes."""
+    out, where PED-ANOVA would list it at 0 and warn about each of its one-trial regimes.
+    So is a searchable parameter that every complete trial ran at one value (``variation``:
+    not varied, so nothing can be said of its importance)."""
     complete = complete_trials(study.get_trials(deepcopy=False))
     if len(complete) < 2:
         return {}, f"{len(complete)} complete trial(s); importances need at least 2"
-    params = sorted(
-        {name for t in complete for name, d in t.distributions.items() if not d.single()}
-    )
+    params = sorted(name for name, moved in variation(complete).items() if moved)
     if not params:
         return {}, "no parameter varies across the complete trials"
     try:
@@ -141,6 +145,35 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str | None]:
     if not values:
         return {}, "no parameter varies across the complete trials"
     return {name: float(v) for name, v in values.items()}, None
+
+
+def variation(complete: list[FrozenTrial]) -> dict[str, int]:
+    """For each parameter with a range (a distribution that is not single-valued) among
+    ``complete``, how many of those trials ran it at another value than its most common
+    one: 0 means it was not varied at all."""
+    values: dict[str, list[object]] = {}
+    for trial in complete:
+        for name, distribution in trial.distributions.items():
+            if not distribution.single() and name in trial.params:
+                values.setdefault(name, []).append(trial.params[name])
+    return {name: len(vs) - Counter(vs).most_common(1)[0][1] for name, vs in values.items()}
+
+
+def describe_variation(importances: dict[str, float], moved: dict[str, int], n: int) -> str:
+    """The importances' caveats: parameters left out for not being varied, and those varied
+    in only a minority of the ``n`` complete trials (their importance rests on few trials)."""
+    fixed = sorted(name for name, count in moved.items() if count == 0)
+    few = [f"{name} in {moved[name]} of {n}" for name in importances if 0 < 2 * moved[name] < n]
+    text = ""
+    if fixed:
+        text += f"Not varied (one value in every complete trial), so left out: {', '.join(fixed)}."
+    if few:
+        text += (
+            " Varied in only a minority of the complete trials (the rest at one value): "
+            + "; ".join(few)
+            + ": their importance rests on those few trials."
+        )
+    return text.strip()
 
 
 @dataclass
@@ -164,6 +197,14 @@ class ReportData:
     cost: CostView | None = None
     # The best weight decay per batch size and its timescale τ (hpo.report.weight_decay).
     weight_decay: WeightDecayView | None = None
+    # The study file's optimizer (the surge model is a candidate for Adam-style ones).
+    optimizer: str | None = None
+    # Seed-to-seed spread and the winner's margin (hpo.report.noise_floor).
+    noise_floor: NoiseFloor | None = None
+    # Per searchable parameter, the complete search trials off its most common value
+    # (``variation``), and how many complete search trials there are.
+    variation: dict[str, int] = field(default_factory=dict)
+    n_complete: int = 0
     # The critical batch size from steps to a target (hpo.report.steps_to_target).
     steps_to_target: StepsToTarget | None = None
 
@@ -183,11 +224,22 @@ def collect(
 ) -> ReportData:
     """Read the study once and compute all the analysis the report needs. ``metric`` only
     names the objective in labels; the values are the study's own. ``cost_tolerance`` is
-    how close to the best (relative) a faster trial must be for the cost sentence."""
+    how close to the best (relative) a faster trial must be for the cost sentence.
+
+    Replicate trials (``hpo.replicates``) enter the trial counts and the noise floor only:
+    everything else is the search's, read from the study without them."""
+    everything, study = study, without_replicates(study)
     values, reason = importances(study)
     fit = fit_lr_scaling(study, top_k=top_k, confidence=confidence)
-    summary = summarize(study, metric)
+    summary = summarize(everything, metric)
     trials = study.get_trials(deepcopy=False)
+    floor = noise_floor(
+        everything.get_trials(deepcopy=False),
+        summary.by_batch_size,
+        is_maximize(study),
+        confidence=confidence,
+        why_none=replicates_note(everything).get("reason"),
+    )
     return ReportData(
         study_name=study.study_name,
         metric=metric,
@@ -204,6 +256,10 @@ def collect(
         weight_decay=weight_decay_view(
             trials, is_maximize(study), summary.class_counts, confidence=confidence
         ),
+        optimizer=stored_optimizer(study.user_attrs),
+        noise_floor=floor,
+        variation=variation(complete_trials(trials)),
+        n_complete=len(complete_trials(trials)),
         steps_to_target=measure_steps_to_target(trials, is_maximize(study), trial_batch_size),
     )
 

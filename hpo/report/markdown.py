@@ -30,6 +30,14 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
         lines += [direct, ""]
     if data.summary.by_batch_size:
         lines += _table(data)
+    if data.noise_floor is not None:
+        lines += ["", "## Noise floor", "", data.noise_floor.describe()]
+        if data.noise_floor.groups:
+            lines[-1] += (
+                " The replicate trials count only here: the table, the best trial, the fits "
+                "and the importances are the search's (their training is in epochs spent "
+                "and device-h)."
+            )
     if data.weight_decay is not None:
         lines += _weight_decay(data)
     lines += _predictions(data)
@@ -41,6 +49,7 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
             "",
             "Importances (PED-ANOVA): " + ", ".join(f"{n} {v:.2f}" for n, v in ranked) + ".",
         ]
+    lines += _importance_caveats(data)
     if figure_links:
         lines += ["", "## Figures", ""]
         for name in FIGURE_NAMES:
@@ -48,6 +57,14 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
                 f"- {FIGURE_TITLES[name]}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
             )
     return "\n".join(lines) + "\n"
+
+
+def _importance_caveats(data: ReportData) -> list[str]:
+    """Which parameters were not varied (left out of the importances) or varied rarely."""
+    from hpo.report.analysis import describe_variation
+
+    text = describe_variation(data.importances, data.variation, data.n_complete)
+    return ["", text] if text else []
 
 
 def _overview(data: ReportData) -> list[str]:
@@ -68,6 +85,12 @@ def _overview(data: ReportData) -> list[str]:
             f"{trial_batch_size(best)}, lr {format_cell(best.params.get('lr'), '.3g')}, "
             f"weight decay {format_cell(best.params.get('weight_decay'), '.2g')}."
         )
+        ranks = best.user_attrs.get("ranks", 1)
+        if isinstance(ranks, int) and ranks > 1:  # training.gpus_per_trial (hpo.distributed)
+            lines.append(
+                f"Batch sizes are global: each trial trained data-parallel on {ranks} devices, "
+                f"batch size / {ranks} on each."
+            )
     return lines
 
 
@@ -134,19 +157,18 @@ def _weight_decay(data: ReportData) -> list[str]:
 
 def _predictions(data: ReportData) -> list[str]:
     """Predicted LR and weight decay at 2× and 4× the largest studied batch size (80%
-    intervals, the model the leave-one-batch-size-out error chose); nothing with fewer
-    than three batch sizes."""
-    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_configuration
+    intervals, the model the leave-one-batch-size-out error chose), or why there is none."""
+    from hpo.report.prediction import PREDICTION_CONFIDENCE, predict_from_fit, unavailable_reason
 
-    if not data.fit.batch_sizes:
-        return []
+    title = ["", "## Predicted beyond the studied batch sizes (extrapolated)", ""]
+    reason = unavailable_reason(list(data.fit.points))
+    if reason is not None:
+        return [*title, f"No prediction: {reason}."]
     largest = max(data.fit.batch_sizes)
     rows = []
     for batch_size in (2 * largest, 4 * largest):
-        prediction = predict_configuration(list(data.fit.points), batch_size, data.weight_decay)
-        if prediction is None:
-            return []
-        assert prediction.lr_interval is not None
+        prediction = predict_from_fit(data.fit, batch_size, data.weight_decay, data.optimizer)
+        assert prediction is not None and prediction.lr_interval is not None
         interval = prediction.weight_decay_interval
         rows.append(
             f"| {batch_size} | {prediction.lr:.3g} | {prediction.lr_interval[0]:.3g} to "
@@ -156,13 +178,13 @@ def _predictions(data: ReportData) -> list[str]:
         )
     model = prediction.model_of_scaling
     errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
+    note = f" Weight decay: {prediction.weight_decay_note}." if prediction.weight_decay_note else ""
     return [
-        "",
-        "## Predicted beyond the studied batch sizes (extrapolated)",
-        "",
-        f"From the {model} (leave-one-batch-size-out error in log2 LR: {errors}; "
-        f"the smaller chosen), {PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` "
-        "gives the same for any B.",
+        *title,
+        f"From the {model} model (leave-one-batch-size-out error in log2 LR: {errors}; the "
+        f"smallest chosen; a model within 2× of it widens the interval), "
+        f"{PREDICTION_CONFIDENCE:.0%} intervals. `hpo export --batch-size B` gives the same "
+        f"for any B.{note}",
         "",
         "| batch size | lr | lr interval | weight decay | weight decay interval |",
         "| ---: | ---: | ---: | ---: | ---: |",

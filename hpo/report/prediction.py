@@ -1,30 +1,52 @@
 """LR and weight decay predicted for any batch size, from the study's fitted scaling models
 (``predict_configuration`` → ``Prediction``).
 
-Two models of the best LR per batch size compete: the power law lr* = c·B^α and the
-McCandlish ridge ε_opt(B) = ε_max / (1 + B_noise / B). The one with the smaller
-leave-one-batch-size-out error (each batch size's best LR predicted from the others, mean
-squared error in log2) is used and named. Its 80% prediction interval in log2 is Student's
-t (one degree of freedom per batch size beyond one) times that out-of-sample error, widened
-with the distance from the studied batch sizes as a line's prediction interval is
-(√(1 + 1/n + (x − x̄)²/Sxx)); outside the studied range the prediction is flagged
-extrapolated. The weight decay follows from the timescale τ_epoch = B/(η·λ·N) (Wang &
-Aitchison 2024): log τ fitted linear in log B over the batch sizes whose weight decay was
-searched, then λ = B/(η·τ·N), its interval the LR's and τ's combined in quadrature.
+The candidate models of the best LR per batch size (``hpo.report.lr_models``): the power
+law lr* = c·B^α, McCandlish's ridge ε_opt(B) = ε_max / (1 + B_noise / B) and, for
+Adam-style optimizers only, Li et al.'s surge, which peaks at B_noise and falls past it.
+The one with the smallest leave-one-batch-size-out error (each batch size's best LR
+predicted from the others; root mean square in log2) is used and named.
+
+The 80% prediction interval (log2) is Student's t with n − 2 degrees of freedom times
+√(σ²·(1 + gᵀ(JᵀJ)⁺g)): the fit's parameter covariance propagated to B (so the interval
+widens with distance from the studied batch sizes, the slope's uncertainty included) plus
+one point's own scatter σ, the larger of the residual standard deviation and
+``point_sd`` (how finely the study located each batch size's best LR). It is never
+narrower than t times the model's leave-one-out error, the error measured on batch sizes
+the fit did not see. Where another model's leave-one-out error is within a factor 2 of the
+chosen one's, the data cannot tell them apart and the interval spans both models' intervals
+(their predictions part far outside the studied range); with three batch sizes, every
+candidate's. Outside the studied range the prediction is flagged extrapolated.
+
+The weight decay follows from the timescale τ_epoch = B/(η·λ·N) (Wang & Aitchison 2024):
+log τ fitted linear in log B over the batch sizes whose weight decay was searched, then
+λ = B/(η·τ·N), its interval the LR's and τ's combined in quadrature.
 
 Pure: numbers in, numbers out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from hpo.report.noise_scale import fit_lr_ridge
-from hpo.report.scaling import least_squares, student_t_quantile
+from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
+from hpo.report.scaling import ScalingFit, least_squares, student_t_quantile
 from hpo.report.weight_decay import WeightDecayView
 
 PREDICTION_CONFIDENCE = 0.8
+# Batch sizes a prediction needs: a two-parameter model and one degree of freedom left.
+MIN_BATCH_SIZES = 3
+# A model whose leave-one-batch-size-out error is within this factor of the chosen one's is
+# not ruled out by the data (with five batch sizes the error itself is uncertain by about
+# that much): the interval covers its prediction interval too, so a prediction far outside
+# the studied range does not rest on one model the data could not single out.
+RIVAL_FACTOR = 2.0
+# The study attribute ``hpo launch`` stores the study file under (hpo.storage.SPEC_ATTR; not
+# imported, to keep this module free of the storage layer).
+SPEC_ATTR = "hpo_spec"
 
 
 @dataclass(frozen=True)
@@ -43,56 +65,95 @@ class Prediction:
     weight_decay_note: str | None = None
 
 
-def _log2_line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Slope and intercept of log2 y on log2 x."""
-    slope, intercept, _ = least_squares(points)  # type: ignore[arg-type]
-    return slope, intercept
+def unavailable_reason(points: list[tuple[int, float]]) -> str | None:
+    """Why no prediction can be made from ``points`` (each batch size's best LR), in
+    words; None when one can."""
+    batch_sizes = sorted({b for b, _ in points})
+    if len(batch_sizes) >= MIN_BATCH_SIZES:
+        return None
+    found = (
+        "no batch size has a complete trial"
+        if not batch_sizes
+        else "only batch size"
+        + ("s " if len(batch_sizes) > 1 else " ")
+        + " and ".join(str(b) for b in batch_sizes)
+        + (" have" if len(batch_sizes) > 1 else " has")
+        + " complete trials"
+    )
+    return (
+        f"{found}; a prediction needs complete trials at {MIN_BATCH_SIZES} or more batch "
+        "sizes (a two-parameter model of the best LR and one batch size to check it)"
+    )
 
 
-def _predict_log2(model: str, points: list[tuple[float, float]], batch_size: float) -> float:
-    if model == "power law":
-        slope, intercept = _log2_line(points)
-        return intercept + slope * math.log2(batch_size)
-    ridge = fit_lr_ridge([(b, lr) for b, lr in points], bootstrap=0)
-    return math.log2(ridge.lr_at(batch_size))
+def stored_optimizer(study_user_attrs: dict[str, Any]) -> str | None:
+    """The optimizer of the study file ``hpo launch`` stored on the study (``hpo_spec``);
+    None for a study made by other means."""
+    stored = study_user_attrs.get(SPEC_ATTR)
+    if not isinstance(stored, str):
+        return None
+    try:
+        optimizer = json.loads(stored).get("search", {}).get("optimizer")
+    except (ValueError, AttributeError):
+        return None
+    return optimizer if isinstance(optimizer, str) else None
 
 
-def leave_one_out_errors(points: list[tuple[float, float]]) -> dict[str, float]:
-    """Root mean squared error (log2 LR) of each model predicting each batch size's best
-    LR from the other batch sizes' (needs three or more batch sizes)."""
-    errors: dict[str, float] = {}
-    for model in ("power law", "ridge"):
-        squares = []
-        for index, (batch_size, lr) in enumerate(points):
-            rest = points[:index] + points[index + 1 :]
-            squares.append((_predict_log2(model, rest, batch_size) - math.log2(lr)) ** 2)
-        errors[model] = math.sqrt(sum(squares) / len(squares))
-    return errors
+def predict_from_fit(
+    fit: ScalingFit,
+    batch_size: int,
+    weight_decay: WeightDecayView | None = None,
+    optimizer: str | None = None,
+) -> Prediction | None:
+    """``predict_configuration`` on the α fit's points, with how finely the study's tried
+    LRs locate them (``ScalingFit.point_sd``) as the floor under a point's scatter."""
+    return predict_configuration(
+        list(fit.points), batch_size, weight_decay, optimizer, point_sd=fit.point_sd or 0.0
+    )
+
+
+def leave_one_out_errors(
+    points: list[tuple[float, float]], optimizer: str | None = None
+) -> dict[str, float]:
+    """Root mean squared error (log2 LR) of each candidate model predicting each batch
+    size's best LR from the other batch sizes' (needs three or more batch sizes)."""
+    return {model: leave_one_out_error(model, points) for model in models_for(optimizer)}
 
 
 def predict_configuration(
     points: list[tuple[int, float]],
     batch_size: int,
     weight_decay: WeightDecayView | None = None,
+    optimizer: str | None = None,
     *,
+    point_sd: float = 0.0,
     confidence: float = PREDICTION_CONFIDENCE,
 ) -> Prediction | None:
     """The prediction at ``batch_size`` from ``points`` (each batch size's best LR, the α
-    fit's points) and the weight-decay view; None with fewer than three batch sizes."""
+    fit's points), the weight-decay view and the study's optimizer (the surge is a
+    candidate for Adam-style ones); None with fewer than three batch sizes
+    (``unavailable_reason`` says why). ``point_sd`` (log2) is a floor under one point's
+    scatter: how finely the study located each best LR."""
     floats = [(float(b), float(lr)) for b, lr in points]
-    if len({b for b, _ in floats}) < 3:
+    if unavailable_reason(points) is not None:
         return None
-    errors = leave_one_out_errors(floats)
+    errors = leave_one_out_errors(floats, optimizer)
     model = min(errors, key=lambda name: errors[name])
-    log2_lr = _predict_log2(model, floats, batch_size)
-    half = _half_width(floats, batch_size, errors[model], confidence)
+    x = math.log2(batch_size)
+    log2_lr = fit_model(model, floats).log2_lr(x)
+    # The interval spans every model the data cannot tell from the chosen one: all of them
+    # at three batch sizes, where each leave-one-out fit is an exact curve through two.
+    few = len({b for b, _ in floats}) <= MIN_BATCH_SIZES
+    rivals = [n for n in errors if few or errors[n] <= RIVAL_FACTOR * errors[model]]
+    ends = [_log2_interval(name, floats, x, errors[name], point_sd, confidence) for name in rivals]
+    low, high = min(e[0] for e in ends), max(e[1] for e in ends)
+    half = max(log2_lr - low, high - log2_lr)
     studied = [b for b, _ in floats]
-    lr = 2.0**log2_lr
     wd, wd_interval, note = _weight_decay(weight_decay, batch_size, log2_lr, half, confidence)
     return Prediction(
         batch_size=batch_size,
-        lr=lr,
-        lr_interval=(2.0 ** (log2_lr - half), 2.0 ** (log2_lr + half)),
+        lr=_exp2(log2_lr),
+        lr_interval=(_exp2(low), _exp2(high)),
         weight_decay=wd,
         weight_decay_interval=wd_interval,
         extrapolated=not min(studied) <= batch_size <= max(studied),
@@ -102,15 +163,39 @@ def predict_configuration(
     )
 
 
+def _exp2(value: float) -> float:
+    """2^value, held inside the floats (a wild extrapolation stays a number, not an
+    OverflowError)."""
+    return 2.0 ** max(-1000.0, min(1000.0, value))
+
+
+def _log2_interval(
+    model: str,
+    points: list[tuple[float, float]],
+    x: float,
+    error: float,
+    point_sd: float,
+    confidence: float,
+) -> tuple[float, float]:
+    """``model``'s prediction interval at x = log2 B (log2 LR): t·√(σ²(1 + gᵀ(JᵀJ)⁺g)),
+    never narrower than t × its leave-one-out ``error``."""
+    fitted = fit_model(model, points)
+    sd = max(fitted.residual_sd or 0.0, point_sd)
+    quantile = student_t_quantile(0.5 + confidence / 2, fitted.dof)
+    half = quantile * max(sd * math.sqrt(1 + fitted.leverage(x)), error)
+    centre = fitted.log2_lr(x)
+    return centre - half, centre + half
+
+
 def _half_width(
     points: list[tuple[float, float]], batch_size: float, error: float, confidence: float
 ) -> float:
-    """The log2 half-width of the prediction interval at ``batch_size``."""
+    """The log2 half-width of a line's prediction interval at ``batch_size``."""
     xs = [math.log2(b) for b, _ in points]
     mean_x = sum(xs) / len(xs)
     sxx = sum((x - mean_x) ** 2 for x in xs)
     leverage = 1 + 1 / len(xs) + (math.log2(batch_size) - mean_x) ** 2 / sxx
-    quantile = student_t_quantile(0.5 + confidence / 2, len(xs) - 1)
+    quantile = student_t_quantile(0.5 + confidence / 2, len(xs) - 2)
     return quantile * error * math.sqrt(leverage)
 
 
@@ -121,28 +206,35 @@ def _weight_decay(
     lr_half: float,
     confidence: float,
 ) -> tuple[float | None, tuple[float, float] | None, str | None]:
-    """λ = B/(η·τ·N) with τ from the line of log2 τ on log2 B; or the one weight decay
-    tried when it was never varied (no interval)."""
+    """λ = B/(η·τ·N) with τ·N = B/(η·λ) from the line of its log2 on log2 B over the batch
+    sizes whose weight decay was searched (N, the training set size, cancels: it need not
+    be known); or, with fewer than three such batch sizes, the geometric mean of the best
+    weight decays found, without an interval, and the note says why."""
     if view is None or not view.rows:
         return None, None, "no complete trial records a weight decay"
-    searched = [row for row in view.rows if row.searched and row.tau_epoch]
-    if len(searched) < 3 or view.train_size is None:
-        decays = {row.weight_decay for row in view.rows}
+    searched = [row for row in view.rows if row.searched and row.weight_decay > 0]
+    if len(searched) < 3:
+        decays = {row.weight_decay for row in view.rows if row.weight_decay > 0}
+        if not decays:
+            return 0.0, None, "every complete trial trained without weight decay"
         value = math.exp(sum(math.log(d) for d in decays) / len(decays))
-        return (
-            value,
-            None,
-            (
-                "weight decay was not searched at three or more batch sizes: the value is the "
-                "geometric mean of the best ones found, without an interval"
-            ),
+        note = (
+            f"weight decay was searched (two or more values among complete trials) at "
+            f"{len(searched)} batch size{'' if len(searched) == 1 else 's'}, and a line "
+            "through the timescale needs three: the value is the geometric mean of the best "
+            "ones found, without an interval"
         )
-    points = [(float(row.batch_size), float(row.tau_epoch)) for row in searched]
+        return value, None, note
+    points = [(float(r.batch_size), r.batch_size / (r.lr * r.weight_decay)) for r in searched]
     slope, intercept, _ = least_squares(points)  # type: ignore[arg-type]
-    residuals = [math.log2(tau) - (intercept + slope * math.log2(b)) for b, tau in points]
+    residuals = [math.log2(q) - (intercept + slope * math.log2(b)) for b, q in points]
     spread = math.sqrt(sum(r * r for r in residuals) / max(1, len(points) - 2))
+    # Floor: how finely the tried LRs and weight decays locate each τ (uniform over its
+    # bracket, σ = width/√12), as the τ slope's interval does (hpo.report.weight_decay).
+    widths = [(row.lr_width or 0.0) ** 2 + (row.weight_decay_width or 0.0) ** 2 for row in searched]
+    spread = max(spread, math.sqrt(sum(widths) / len(widths) / 12))
     tau_half = _half_width(points, batch_size, spread, confidence)
-    log2_tau = intercept + slope * math.log2(batch_size)
-    log2_wd = math.log2(batch_size / view.train_size) - log2_lr - log2_tau
+    log2_tau_n = intercept + slope * math.log2(batch_size)
+    log2_wd = math.log2(batch_size) - log2_lr - log2_tau_n
     half = math.hypot(lr_half, tau_half)
-    return 2.0**log2_wd, (2.0 ** (log2_wd - half), 2.0 ** (log2_wd + half)), None
+    return _exp2(log2_wd), (_exp2(log2_wd - half), _exp2(log2_wd + half)), None

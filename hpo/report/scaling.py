@@ -65,6 +65,10 @@ class ScalingFit:
     # (``_resolution_standard_error``), which was wider than the points' scatter about the
     # line: e.g. every point a first-round trial placed by the same rule, on one line.
     resolution_bound: bool = False
+    # How finely the tried LRs locate a point (log2): the root mean square of the points'
+    # bracket widths / √12 (``resolution_widths``); None when no point has a neighbour.
+    # Predictions take it as a floor under one point's scatter (hpo.report.prediction).
+    point_sd: float | None = None
 
     @property
     def n_points(self) -> int:
@@ -181,6 +185,7 @@ def fit_lr_scaling(
         "trials": tuple((b, float(t.params["lr"])) for b, trials in near.items() for t in trials),
         "near_best": near_best,
         "unbracketed": unbracketed,
+        "point_sd": _point_sd(resolution_widths(tried, points)),
     }
     if len(batch_sizes) < 2:
         found = "no batch size has" if not batch_sizes else f"only batch size {batch_sizes[0]} has"
@@ -195,6 +200,11 @@ def fit_lr_scaling(
             **common,
         )
     return _fit_line(points, tried, confidence, common)
+
+
+def _point_sd(widths: dict[int, float | None]) -> float | None:
+    known = [w for w in widths.values() if w is not None]
+    return math.sqrt(sum(w * w for w in known) / len(known) / 12) if known else None
 
 
 def _check_fit_arguments(top_k: int, confidence: float, near_best: float) -> None:
@@ -257,18 +267,7 @@ def _resolution_standard_error(
     other points), standard deviation width / √12, and the slope's standard error
     propagated from those: √(Σ (x_i − x̄)² σ_i²) / Sxx. None when no point has a neighbour.
     """
-    log2_lrs: dict[int, list[float]] = {}
-    for trial in tried:
-        batch_size = trial_batch_size(trial)
-        if batch_size is not None and "lr" in trial.params:
-            log2_lrs.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
-    widths: dict[int, float | None] = {}
-    for batch_size, lr in points:
-        y = math.log2(lr)
-        below = [y - t for t in log2_lrs.get(batch_size, []) if t < y - 1e-9]
-        above = [t - y for t in log2_lrs.get(batch_size, []) if t > y + 1e-9]
-        gaps = [min(side) for side in (below, above) if side]
-        widths[batch_size] = sum(gaps) / 2 if len(gaps) == 2 else (gaps[0] if gaps else None)
+    widths = resolution_widths(tried, points)
     known = sorted(w for w in widths.values() if w is not None)
     if not known:
         return None
@@ -281,6 +280,27 @@ def _resolution_standard_error(
         for x, (b, _) in zip(xs, points, strict=True)
     )
     return math.sqrt(variance) / sxx
+
+
+def resolution_widths(
+    tried: list[FrozenTrial], points: list[tuple[int, float]]
+) -> dict[int, float | None]:
+    """Per point, the width (log2) of the bracket its best LR is known to lie in: between
+    the midpoints to the nearest LRs tried below and above at that batch size (one side
+    only: the same distance both ways; None: no other LR tried)."""
+    log2_lrs: dict[int, list[float]] = {}
+    for trial in tried:
+        batch_size = trial_batch_size(trial)
+        if batch_size is not None and "lr" in trial.params:
+            log2_lrs.setdefault(batch_size, []).append(math.log2(float(trial.params["lr"])))
+    widths: dict[int, float | None] = {}
+    for batch_size, lr in points:
+        y = math.log2(lr)
+        below = [y - t for t in log2_lrs.get(batch_size, []) if t < y - 1e-9]
+        above = [t - y for t in log2_lrs.get(batch_size, []) if t > y + 1e-9]
+        gaps = [min(side) for side in (below, above) if side]
+        widths[batch_size] = sum(gaps) / 2 if len(gaps) == 2 else (gaps[0] if gaps else None)
+    return widths
 
 
 def _unbracketed(

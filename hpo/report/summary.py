@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.replicates import is_replicate
 from hpo.report.cost import finite_number, recorded_budget_unit
 from hpo.report.device_hours import DeviceHours, device_hours
 from hpo.report.noise_scale import positive_b_simple
@@ -119,11 +120,13 @@ def complete_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def summarize(study: optuna.Study, metric: str) -> StudySummary:
-    """Counts by state, the best trial and the best complete trial per batch size."""
+    """Counts by state (every trial), the best trial and the best complete trial per batch
+    size (of the search: replicate trials left out, ``hpo.replicates``)."""
     trials = study.get_trials(deepcopy=False)
     counts = Counter(trial.state.name for trial in trials)
     maximize = is_maximize(study)
-    complete = complete_trials(trials)
+    # A replicate (hpo.replicates) counts for the noise floor only, not as the search's best.
+    complete = [t for t in complete_trials(trials) if not is_replicate(t)]
     best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
 
     rows = []

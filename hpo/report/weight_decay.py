@@ -57,6 +57,9 @@ class WeightDecayView:
     slope_low: float | None
     slope_high: float | None
     confidence: float = DEFAULT_CONFIDENCE
+    # The epochs the complete trials trained (the most any recorded, ``train_epochs``);
+    # None when none recorded it (a budget in steps or seconds records none).
+    epochs_trained: float | None = None
 
     @property
     def constant(self) -> bool | None:
@@ -66,7 +69,38 @@ class WeightDecayView:
         return self.slope_low <= 0.0 <= self.slope_high
 
     def describe(self) -> str:
-        """Sentences for the summary, generated from the rows and the slope's interval."""
+        """Sentences for the summary, generated from the rows, the slope's interval and
+        how τ compares with the epochs trained."""
+        barely = self._barely_acts()
+        return self._describe_slope() + (f" {barely}" if barely else "")
+
+    def _barely_acts(self) -> str:
+        """Where τ_epoch (its interval's lower end where it has one) is more than
+        ``BARELY_ACTS`` × the epochs trained: weight decay shrank the weights by only
+        exp(−epochs/τ) over a run, so the trials hardly tell one λ from another."""
+        epochs = self.epochs_trained
+        if epochs is None or epochs <= 0:
+            return ""
+        rows = [r for r in self.rows if r.tau_epoch is not None]
+        slow = [r for r in rows if (r.tau_low or r.tau_epoch or 0.0) > BARELY_ACTS * epochs]
+        if not slow:
+            return ""
+        shortest = min(r.tau_epoch for r in slow)  # type: ignore[type-var]
+        where = (
+            "at every batch size"
+            if len(slow) == len(rows)
+            else f"at B = {_list([r.batch_size for r in slow])}"
+        )
+        shrink = 100 * (1 - math.exp(-epochs / shortest))
+        return (
+            f"Weight decay barely acted {where}: τ_epoch there ({shortest:.3g} epochs or more) "
+            f"is over {BARELY_ACTS:g}× the {epochs:g} epoch{'' if epochs == 1 else 's'} each "
+            f"trial trained, so over a run it pulled the weights toward zero by at most "
+            f"{shrink:.2g}% (1 − exp(−epochs/τ)); these trials say little about the λ a longer "
+            "run needs."
+        )
+
+    def _describe_slope(self) -> str:
         if not self.rows:
             return "Weight decay: no complete trial yet."
         fixed = [row.batch_size for row in self.rows if not row.searched]
@@ -105,6 +139,10 @@ class WeightDecayView:
             return text + "."
         trend = "grows" if self.slope > 0 else "falls"
         return text + f"τ {trend} with batch size: not constant (the interval excludes 0)."
+
+
+# τ_epoch above this many times the epochs trained: weight decay has barely acted.
+BARELY_ACTS = 10.0
 
 
 def _list(values: list[int]) -> str:
@@ -176,7 +214,14 @@ def weight_decay_view(
         around = [t for t in tried if trial_batch_size(t) == batch_size]
         rows.append(_row(batch_size, best, mine, around, train_size))
     slope, low, high = _slope([r for r in rows if r.searched and r.tau_epoch], confidence)
-    return WeightDecayView(tuple(rows), train_size, slope, low, high, confidence)
+    epochs = [
+        float(e)
+        for t in complete
+        if isinstance(e := t.user_attrs.get("train_epochs"), int | float) and math.isfinite(e)
+    ]
+    return WeightDecayView(
+        tuple(rows), train_size, slope, low, high, confidence, max(epochs, default=None)
+    )
 
 
 def _row(

@@ -85,6 +85,12 @@ class StudySpec(Table):
                 f"search.batch_size_max = {self.search.batch_size_max} is larger than the "
                 f"training set ({train_size} patches)"
             )
+        gpus = self.training.gpus_per_trial
+        if self.search.batch_size_min % gpus:
+            raise ValueError(
+                f"training.gpus_per_trial = {gpus} must divide search.batch_size_min = "
+                f"{self.search.batch_size_min} (each device trains batch_size / {gpus})"
+            )
         reports = self.budget.report_count
         if self.pruner.kind != "none" and self.pruner.min_epochs > reports:
             counted = (

@@ -186,6 +186,11 @@ class SearchSpec(Table):
     weight_decay_high: Float = Field(gt=0.0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    # Extra seeds for the best configuration of each of the top two batch sizes, trained
+    # once the search is nearly spent (``hpo.replicates``): the noise floor the report
+    # compares the winner's margin with. 2 × replicates trials of the budget; none in a
+    # grid study or where that is more than a third of the budget.
+    replicates: Count = 1
     # ``[search.extra.NAME]``: more searched parameters for a user's trainer
     # (``hpo.spec.extras``), sampled after the three above in the file's order.
     extra: dict[str, ExtraParam] = Field(default_factory=dict)
@@ -456,6 +461,10 @@ class TrainingSpec(Table):
     # true is inductor's default mode; "reduce-overhead" adds CUDA graphs, for a GPU step
     # bound by the host launching kernels (benchmarks/gpu_step.py measures both).
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    # Devices one trial trains on, data-parallel (hpo.distributed): N processes of one
+    # torch.distributed group (NCCL on GPUs, gloo on CPU), each training batch_size / N
+    # samples of every global batch. Must divide search.batch_size_min.
+    gpus_per_trial: IntIn(1, 1024) = 1
 
     @property
     def compile_mode(self) -> str | None:

@@ -1,0 +1,130 @@
+"""The noise floor: the seed-to-seed spread of replicated configurations and whether the
+winner beats the runner-up beyond it, in the report, ``hpo status`` and ``hpo export``
+(hpo.report.noise_floor)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import create_trial
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.export import best_configuration
+from hpo.replicates import REPLICATE_OF_ATTR, SEED_ATTR
+from hpo.report.analysis import collect, summarize
+from hpo.report.markdown import summary_markdown
+from hpo.report.noise_floor import noise_floor
+from hpo.space import BATCH_PARAM
+from hpo.spec import load_spec
+from hpo.study import create_or_load_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DISTRIBUTIONS = {
+    BATCH_PARAM: IntDistribution(4, 6),
+    "lr": FloatDistribution(1e-3, 0.3, log=True),
+    "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+}
+
+
+def _trial(log2: int, lr: float, value: float, replicate_of: int | None = None):
+    attrs: dict[str, object] = {"batch_size": 2**log2}
+    if replicate_of is not None:
+        attrs |= {"queued_by": "replicate", REPLICATE_OF_ATTR: replicate_of, SEED_ATTR: 99}
+    params = {BATCH_PARAM: log2, "lr": lr, "weight_decay": 1e-4}
+    return create_trial(params=params, distributions=DISTRIBUTIONS, value=value, user_attrs=attrs)
+
+
+def _plant(study: optuna.Study, winner: tuple[float, float], runner_up: tuple[float, float]):
+    """B = 32's best (trial 0) and B = 16's best (trial 1), a worse B = 64 trial (2), then
+    one replicate of each of the first two."""
+    study.add_trial(_trial(5, 0.02, winner[0]))
+    study.add_trial(_trial(4, 0.01, runner_up[0]))
+    study.add_trial(_trial(6, 0.04, 0.60))
+    study.add_trial(_trial(5, 0.02, winner[1], replicate_of=0))
+    study.add_trial(_trial(4, 0.01, runner_up[1], replicate_of=1))
+    return study
+
+
+def _floor(winner: tuple[float, float], runner_up: tuple[float, float]):
+    study = _plant(optuna.create_study(direction="maximize"), winner, runner_up)
+    rows = summarize(study, "val_auc").by_batch_size
+    return noise_floor(study.get_trials(), rows, maximize=True)
+
+
+def test_a_margin_above_the_floor_is_said_to_be_beyond_it() -> None:
+    floor = _floor((0.80, 0.79), (0.70, 0.71))
+    assert floor.spread == pytest.approx(math.sqrt(5e-5))  # pooled over two pairs, 2 dof
+    assert floor.dof == 2
+    assert floor.spread_low < floor.spread < floor.spread_high
+    assert floor.margin == pytest.approx(0.09)
+    assert floor.beyond is True
+    text = floor.describe()
+    assert "is beyond the seed-to-seed spread: B = 32 beats B = 16" in text
+    assert "pooled SD of 2 configuration(s) run with 4 seeds in all, 2 degree(s)" in text
+
+
+def test_a_margin_below_the_floor_is_said_to_be_within_it() -> None:
+    floor = _floor((0.80, 0.76), (0.77, 0.75))
+    assert floor.margin == pytest.approx(0.02)
+    assert floor.margin_low < 0 < floor.margin_high
+    assert floor.beyond is False
+    text = floor.describe()
+    assert "is within the seed-to-seed spread: these runs cannot tell B = 32 from B = 16" in text
+    assert "beats" not in text
+
+
+def test_without_replicates_there_is_no_floor_and_the_text_says_why() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(5, 0.02, 0.8))
+    study.add_trial(_trial(4, 0.01, 0.7))
+    rows = summarize(study, "val_auc").by_batch_size
+    floor = noise_floor(study.get_trials(), rows, True, why_none="search.replicates = 0")
+    assert floor.spread is None and floor.as_dict() is None
+    assert floor.describe().startswith(
+        "Noise floor: no replicate trial has completed (search.replicates = 0)"
+    )
+
+
+def test_a_lucky_replicate_is_not_the_searchs_best_and_moves_no_search_output() -> None:
+    study = _plant(optuna.create_study(direction="maximize"), (0.80, 0.95), (0.70, 0.71))
+    data = collect(study, "val_auc")
+    assert data.summary.best is not None and data.summary.best.number == 0
+    assert {p.number for p in data.points} == {0, 1, 2}
+    assert sum(data.summary.state_counts.values()) == 5
+    markdown = summary_markdown(data, figure_links=False)
+    assert "## Noise floor" in markdown and "Seed-to-seed spread:" in markdown
+
+
+def test_export_and_status_state_the_spread(tiny_study: Path) -> None:
+    spec = load_spec("tiny")
+    study = create_or_load_study(spec, "sqlite:///hpo.db").study
+    _plant(study, (0.80, 0.79), (0.70, 0.71))
+    exported = best_configuration(study, spec)
+    assert exported["trial"] == 0
+    spread = exported["seed_spread"]
+    assert spread["value"] == pytest.approx(math.sqrt(5e-5))
+    assert spread["winner_margin"]["beyond_spread"] is True
+    assert spread["winner_margin"]["runner_up_batch_size"] == 16
+    cli = CliRunner().invoke(app, ["export", "--study", "tiny"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["seed_spread"]["dof"] == 2
+    status = CliRunner().invoke(app, ["status", "--study", "tiny"])
+    assert status.exit_code == 0, status.output
+    assert "is beyond the seed-to-seed spread: B = 32 beats B = 16" in " ".join(
+        status.stdout.split()
+    )
+
+
+def test_export_has_no_seed_spread_without_replicates(tiny_study: Path) -> None:
+    spec = load_spec("tiny")
+    study = create_or_load_study(spec, "sqlite:///hpo.db").study
+    study.add_trial(_trial(5, 0.02, 0.8))
+    study.add_trial(_trial(4, 0.01, 0.7))
+    assert "seed_spread" not in best_configuration(study, spec)
