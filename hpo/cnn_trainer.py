@@ -90,6 +90,7 @@ class CnnTrainer:
             if checkpoint is not None and checkpoint.writer is not None:
                 self._saved(ctx, checkpoint.writer.wait)  # the last epoch's file is there
             record_tally(ctx.set_user_attr, run.tally, started, budget=budget)
+            _record_updates_at_report(ctx)
             _record_busy_time(ctx, run.tally, resumed)
             self.progress.finish()
 
@@ -152,6 +153,14 @@ class CnnTrainer:
             logger.warning("trial %d: %s; training goes on", ctx.trial_number, failed)
             ctx.set_user_attr("checkpoint_save_failures", ctx.save_failures)
             ctx.set_user_attr("checkpoint_save_error", str(failed)[:500])
+
+
+def _record_updates_at_report(ctx: TrialContext) -> None:
+    """``updates_at_report``: the updates at each report, when this attempt made them all (a
+    retry resumed from a checkpoint knows only its own; the report then spreads
+    ``n_updates`` evenly over the reports)."""
+    if ctx.updates_at_report and len(ctx.updates_at_report) == len(ctx.reported):
+        ctx.set_user_attr("updates_at_report", list(ctx.updates_at_report))
 
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:

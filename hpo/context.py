@@ -163,6 +163,9 @@ class TrialContext:
     samples: int = 0
     updates: int = 0
     b_simple: list[float | None] = field(default_factory=list)
+    # Updates done at each report of this attempt (user attr ``updates_at_report``: the
+    # steps-to-target measurement's clock, hpo.report.steps_to_target).
+    updates_at_report: list[int] = field(default_factory=list)
     save_failures: int = 0  # checkpoint saves of this trial that failed
     # Device-seconds of training and evaluation the trainer measured itself (hpo's own loop:
     # {"train": s, "eval": s}), stored with the trial's device time in one write
@@ -215,6 +218,7 @@ class TrialContext:
             raise Diverged(f"{self.spec.objective.metric} is {value} at report {number}")
         self.reported.append(value)
         self.b_simple.append(self.noise.b_simple())
+        self.updates_at_report.append(self.updates)
         kill_point("report")  # tests only: a kill -9 between reports ($HPO_TEST_KILL_AT)
         if self.rank == 0:  # one report per trial step, whatever the number of ranks
             self.on_report(value, number, number >= self.budget.reports, self.samples)

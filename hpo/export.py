@@ -12,6 +12,7 @@ out rather than written as null, so the JSON and the TOML forms hold the same da
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +110,16 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
     All of it but the spread from the search's trials (replicates left out)."""
     from hpo.replicates import without_replicates
     from hpo.report.analysis import trial_batch_size
-    from hpo.report.critical_batch import measured_interval, ridge_interval, verdict
+    from hpo.report.critical_batch import (
+        direct_verdict,
+        measured_interval,
+        ridge_interval,
+        verdict,
+    )
     from hpo.report.noise_scale import fit_lr_ridge, measured_b_simple
     from hpo.report.prediction import predict_from_fit, stored_optimizer
     from hpo.report.scaling import fit_lr_scaling
+    from hpo.report.steps_to_target import measure_steps_to_target
     from hpo.report.weight_decay import weight_decay_view
 
     spread = seed_spread(study, summary)
@@ -123,13 +130,15 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
     view = weight_decay_view(trials, maximize, summary.class_counts)
     ridge = fit_lr_ridge(list(fit.points))
     measured = measured_b_simple(study, top_k=fit.top_k, batch_size_of=trial_batch_size)
+    direct = measure_steps_to_target(trials, maximize, trial_batch_size)
     evidence: dict[str, Any] = {
         "critical_batch_size": _without_none(
             {
-                "steps_to_target": None,  # not measured yet: see the report's text
+                "steps_to_target": _steps_to_target(direct),
                 "b_simple": _value_interval(measured.value, measured_interval(measured)),
+                "verdict": direct_verdict(direct, measured).word,  # steps to target vs B_simple
                 "ridge_b_noise": _value_interval(ridge.b_noise, ridge_interval(ridge)),
-                "verdict": verdict(ridge, measured).word,
+                "ridge_verdict": verdict(ridge, measured).word,
             }
         )
     }
@@ -162,6 +171,16 @@ def _value_interval(
     if interval is not None and interval[1] == float("inf"):
         return {"value": value, "lower_bound": interval[0]}
     return _without_none({"value": value, "interval": None if interval is None else list(interval)})
+
+
+def _steps_to_target(direct: Any) -> dict[str, Any] | None:
+    """B_crit from steps to target as {value, interval}; above the studied range (no finite
+    value) only its {lower_bound} (JSON and TOML have no infinity)."""
+    if direct.b_crit is not None and math.isfinite(direct.b_crit):
+        return _value_interval(direct.b_crit, direct.interval)
+    if direct.low is not None and math.isfinite(direct.low):
+        return {"lower_bound": direct.low}
+    return None
 
 
 def _prediction_keys(prediction: Any) -> dict[str, Any]:

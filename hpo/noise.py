@@ -11,8 +11,9 @@ estimates both from the squared norms of gradients over two batch sizes B_small 
 Each is unbiased but noisy, so the two are averaged separately (exponential moving
 averages, bias-corrected as in Adam) and only then divided. ``noise_scale_step`` gets the
 two norms from one ordinary update: the batch's two halves are forwarded and backpropagated
-one after the other (the gradient after the first half gives g_small, after both g_big), so
-there is no extra forward pass and the optimizer sees the full batch's mean gradient.
+one after the other (the gradient after the first half gives g_1, the rest g_2, after both
+g_big; the small batch's |g_small|² is the mean of |g_1|² and |g_2|²), so there is no extra
+forward pass and the optimizer sees the full batch's mean gradient.
 A model with batch norm normalizes each half with its own statistics on a measured step.
 A batch trained as accumulation micro-batches (``training.above_cap = "accumulate"``) is
 split already: the first micro-batch is the small batch and the whole batch the big one
@@ -30,14 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Measure on every k-th update. A measured update took 1.18x (B=32) and 1.71x (B=128) a
-# plain one on the 2-core CPU (docs/benchmarks.md): at k = 32 that is 0.6% and
-# 2.2% of samples/s, inside the 3% budget (k = 16 would cost 4.4% at B=128).
+# Measure on every k-th update. A measured update took 1.07x (B = 128) to 1.46x (B = 8) a
+# plain one on the 2-core CPU (docs/benchmarks.md, noise_overhead.py): at k = 32 at most
+# 1.4% of samples/s, inside the 3% budget.
 NOISE_SCALE_EVERY = 32
 # A trial too short for this many measurements at k = NOISE_SCALE_EVERY measures more often
-# (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. Only short
-# trials pay more (the demo's B = 128: 64 updates, k = 8); the study's total stays near
-# the 3% budget (docs/benchmarks.md, noise_overhead.py --adaptive).
+# (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. On the
+# demo B = 128 (64 updates) measures every 8th update, 0.9% of its training, and B = 64
+# every 16th, 0.6% (docs/benchmarks.md).
 NOISE_SCALE_MIN_MEASUREMENTS = 8
 
 
@@ -149,18 +150,46 @@ def noise_scale_step(
         raise ValueError("a noise-scale step needs a batch of at least 2")
     optimizer.zero_grad(set_to_none=True)
     losses = []
-    norms = []
+    first: list[torch.Tensor] = []
     for part in (slice(0, half), slice(half, batch)):
         with autocast:
             loss = F.cross_entropy(model(images[part]).float(), targets[part], reduction="sum")
         loss = loss / batch
         scaler.scale(loss).backward()
         losses.append(loss.detach())
-        norms.append(gradient_sq_norm(model))
-    record_split_measurement(estimate, scaler, norms[0], norms[1], half, batch)
+        if not first:  # the first half's gradient, kept to take the second's as the rest
+            first = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    record_halves(estimate, scaler, first, grads, half, batch)
     scaler.step(optimizer)
     scaler.update()
     return losses[0] + losses[1]
+
+
+def record_halves(
+    estimate: NoiseScaleEstimate,
+    scaler: torch.amp.GradScaler,
+    first: list[torch.Tensor],
+    total: list[torch.Tensor],
+    half: int,
+    batch: int,
+) -> None:
+    """Fold one measurement from a batch split in two passes (``noise_scale_step``):
+    ``first`` the gradients after the first pass (``half`` examples, its loss weighted
+    half/batch), ``total`` after both. The small batch is both halves: the mean of
+    |g_1|² and |g_2|² (g_2 from the rest, total − first), which with equal halves makes
+    the |G|² estimate g_1·g_2, the product of two independent half-batch gradients, with
+    less variance than |g_1|² alone (which the pair falls back to for an odd batch)."""
+    if len(first) != len(total) or not total:
+        return
+    first_sq = sum(f.float().square().sum() for f in first)
+    total_sq = sum(t.float().square().sum() for t in total)
+    rest_sq = sum((t.float() - f.float()).square().sum() for f, t in zip(first, total, strict=True))
+    unscale = scaler.get_scale() ** -2 if scaler.is_enabled() else 1.0
+    small_sq = first_sq * (batch / half) ** 2
+    if batch == 2 * half:
+        small_sq = (small_sq + rest_sq * (batch / half) ** 2) / 2
+    estimate.update(small_sq * unscale, total_sq * unscale, half, batch)
 
 
 def record_split_measurement(

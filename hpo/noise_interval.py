@@ -41,16 +41,17 @@ def fieller_interval(
     interval for a ratio of two means (Student's t with n − 1 degrees of freedom, the
     sample covariance of the pairs). ``high`` is None when the |G|² mean is not distinguishable from 0 at that
     confidence (the interval then has no upper end: only a lower bound), and everything is
-    None with fewer than 3 measurements or a mean |G|² ≤ 0."""
+    None with fewer than 3 measurements or a mean tr(Σ) ≤ 0. A mean |G|² ≤ 0 that is not
+    distinguishable from 0 gives no ratio but still a lower bound: (None, low, None)."""
     from scipy import stats
 
     n = sums.get("n", 0.0)
     if n < 3:
         return None, None, None
     mean_g, mean_t = sums["g"] / n, sums["t"] / n
-    if mean_g <= 0 or mean_t <= 0:
+    if mean_t <= 0:
         return None, None, None
-    ratio = mean_t / mean_g
+    ratio = mean_t / mean_g if mean_g > 0 else None
 
     def covariance(xy: str, x: str, y: str) -> float:
         return (sums[xy] - sums[x] * sums[y] / n) / (n - 1) / n  # of the means
@@ -71,8 +72,12 @@ def fieller_interval(
         # root when the ratio lies above it (the set is the outside of the roots), else 0.
         if a == 0 or discriminant == 0:
             return ratio, 0.0, None
-        larger = max((-b - root) / (2 * a), (-b + root) / (2 * a))
-        return ratio, max(0.0, larger) if ratio >= larger else 0.0, None
+        smaller, larger = sorted(((-b - root) / (2 * a), (-b + root) / (2 * a)))
+        # The set is R ≤ smaller or R ≥ larger; its positive part starts at 0 when
+        # smaller > 0, else at the larger root.
+        return ratio, max(0.0, larger) if smaller <= 0 else 0.0, None
+    if ratio is None:  # |G|² significantly negative: no positive ratio fits
+        return None, None, None
     low, high = sorted(((-b - root) / (2 * a), (-b + root) / (2 * a)))
     return ratio, max(low, 0.0), high
 
@@ -98,6 +103,14 @@ def noise_scale_attrs(per_report: list[float | None], estimate: Any) -> dict[str
         attrs.update(b_simple=ratio, b_simple_interval=[low, high])
         return attrs
     attrs.pop("b_simple", None)
+    if low is not None and low > 0:
+        attrs["b_simple_interval"] = [low, None]
+        attrs["b_simple_missing"] = (
+            f"the mean |G|² estimate over the trial's {count} measurements is not positive: "
+            f"the gradient is lost in its noise at this batch size; B_simple ≥ {low:.3g} "
+            f"({NOISE_SCALE_CONFIDENCE:.0%} lower bound), a point value needs more measurements"
+        )
+        return attrs
     if count < 3:
         attrs["b_simple_missing"] = (
             f"{count} measurement(s) of the gradient noise scale; an estimate needs 3"

@@ -291,6 +291,8 @@ def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
     set_attr("train_seconds", seconds)
     if ctx.updates:
         set_attr("n_updates", ctx.updates)
+        if len(ctx.updates_at_report) == len(ctx.reported):
+            set_attr("updates_at_report", list(ctx.updates_at_report))
     if ctx.samples:
         set_attr("train_samples", ctx.samples)
         set_attr("samples_per_s", ctx.samples / seconds if seconds else 0.0)

@@ -320,3 +320,34 @@ def test_a_trial_without_an_estimate_records_why() -> None:
     assert attrs["b_simple"] > 0 and attrs["b_simple_measurements"] == 3
     low, high = attrs["b_simple_interval"]
     assert low <= attrs["b_simple"] and (high is None or attrs["b_simple"] <= high)
+
+
+def test_a_measured_step_takes_both_halves_so_its_gradient_estimate_is_their_product() -> None:
+    features, labels = _dataset(label_noise=0.2)
+    model = _model()
+    images, targets = features[:32], labels[:32]
+    halves = []
+    for part in (slice(0, 16), slice(16, 32)):
+        model.zero_grad()
+        F.cross_entropy(model(images[part]), targets[part]).backward()
+        halves.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    estimate = NoiseScaleEstimate()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    noise_scale_step(model, optimizer, scaler, NO_AUTOCAST, images, targets, estimate)
+    # With equal halves (2|g_B|² − mean(|g_1|², |g_2|²)) is g_1·g_2: two independent
+    # half-batch gradients, not one half against the whole.
+    assert float(estimate.sums["g"]) == pytest.approx(float(halves[0] @ halves[1]), rel=1e-4)
+
+
+def test_a_gradient_lost_in_noise_still_gives_a_lower_bound_and_the_reason() -> None:
+    from hpo.noise_interval import noise_scale_attrs
+
+    rng = random.Random(2)
+    pairs = [(-0.1 + rng.gauss(0, 0.5), 50 + rng.gauss(0, 5)) for _ in range(12)]
+    estimate = NoiseScaleEstimate(sums=_sums(pairs))
+    attrs = noise_scale_attrs([None], estimate)
+    assert "b_simple" not in attrs
+    low, high = attrs["b_simple_interval"]
+    assert low > 0 and high is None
+    assert "lower bound" in attrs["b_simple_missing"]

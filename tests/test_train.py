@@ -33,6 +33,7 @@ PER_TRIAL_ATTRS = {
     "reports_completed",
     "b_simple_measurements",
     "b_simple_per_epoch",
+    "updates_at_report",
 }
 
 
@@ -72,9 +73,10 @@ def test_short_run_learns_above_chance(tiny_study: Path) -> None:
     assert trial.user_attrs["batch_size"] == 32
     assert trial.user_attrs["n_updates"] == 3 * (512 // 32)
     assert trial.user_attrs["epochs_completed"] == 3
-    # 48 updates, a noise-scale measurement on the 32nd: none in epoch 1, then a value.
-    assert trial.user_attrs["b_simple_per_epoch"][0] is None
+    # 48 updates, a noise-scale measurement on every 6th (noise_every_for: 8 in the trial).
+    assert trial.user_attrs["b_simple_measurements"] == 8
     assert len(trial.user_attrs["b_simple_per_epoch"]) == 3
+    assert trial.user_attrs["updates_at_report"] == [16, 32, 48]
     assert trial.user_attrs["generalization_gap"] == pytest.approx(
         trial.user_attrs["train_acc"] - trial.user_attrs["val_acc"]
     )

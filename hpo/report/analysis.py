@@ -42,6 +42,7 @@ from hpo.report.scaling import (
     near_best_trials,
     top_trials_by_batch_size,
 )
+from hpo.report.steps_to_target import StepsToTarget, measure_steps_to_target
 from hpo.report.summary import (
     SPENT_ATTRS,
     BatchSizeRow,
@@ -204,6 +205,8 @@ class ReportData:
     # (``variation``), and how many complete search trials there are.
     variation: dict[str, int] = field(default_factory=dict)
     n_complete: int = 0
+    # The critical batch size from steps to a target (hpo.report.steps_to_target).
+    steps_to_target: StepsToTarget | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -257,6 +260,7 @@ def collect(
         noise_floor=floor,
         variation=variation(complete_trials(trials)),
         n_complete=len(complete_trials(trials)),
+        steps_to_target=measure_steps_to_target(trials, is_maximize(study), trial_batch_size),
     )
 
 

@@ -17,6 +17,7 @@ from hpo.report.noise_scale import (
     describe_ridge,
     examples,
 )
+from hpo.report.steps_to_target import StepsToTarget
 
 # An interval whose ends are further apart than this factor pins nothing down: two
 # estimates that overlap only through it do not "agree".
@@ -134,6 +135,11 @@ def _batch_size_text(row: BatchSizeNoiseScale) -> str:
     """One batch size's pooled B_simple in words: value and interval, a lower bound, or why
     there is none."""
     counted = f"{row.n_measurements} measurements of {row.n_trials} trial(s)"
+    if row.value is None and row.low is not None and row.low > 0:
+        return (
+            f"B = {row.batch_size}: ≥ {examples(row.low)} (only a lower bound: the mean |G|² "
+            f"estimate is not positive, the gradient lost in its noise; {counted})"
+        )
     if row.value is None or row.low is None:
         return (
             f"B = {row.batch_size}: no estimate ({counted}; the mean |G|² or tr(Σ) estimate "
@@ -189,3 +195,81 @@ def describe_critical_batch_size(ridge: RidgeFit, measured: MeasuredNoiseScale) 
             f"The critical batch size is not pinned down by these trials; {said.settle}."
         )
     return " ".join(parts)
+
+
+SETTLE_DIRECT = (
+    "more trials at each batch size (and trials at more batch sizes) that reach the target "
+    "would narrow the steps-to-target interval"
+)
+
+
+def direct_verdict(direct: StepsToTarget, measured: MeasuredNoiseScale) -> Verdict:
+    """Whether B_crit from steps to target and the measured B_simple agree, from their
+    intervals alone: "agree" only when they overlap and neither is too wide."""
+    steps, seen = direct.interval, measured_interval(measured)
+    if steps is None or seen is None:
+        missing = [
+            *([f"B_crit from steps to target has no interval ({direct.reason or 'no fit'})"]
+              if steps is None else []),
+            *(["B_simple has no interval (no trial stored its measurements)"] if not seen else []),
+        ]  # fmt: skip
+        settle = "; ".join([SETTLE_DIRECT] * (steps is None) + [SETTLE_MEASURED] * (not seen))
+        return Verdict("cannot tell", " and ".join(missing), settle)
+    if steps[0] > seen[1] or seen[0] > steps[1]:
+        return Verdict(
+            "disagree",
+            "their intervals do not overlap",
+            "B_simple is only a proxy for the critical batch size (McCandlish et al. assume "
+            "a well-conditioned Hessian); the steps to target are the direct measurement",
+        )
+    wide = [n for n, i in (("the steps-to-target", steps), ("B_simple's", seen)) if _too_wide(i)]
+    if wide:
+        settle = "; ".join(
+            [SETTLE_DIRECT] * ("the steps-to-target" in wide)
+            + [SETTLE_MEASURED] * ("B_simple's" in wide)
+        )
+        spans = "interval spans" if len(wide) == 1 else "intervals span"
+        return Verdict(
+            "cannot tell",
+            f"the intervals overlap, but {' and '.join(wide)} {spans} more than a factor "
+            f"{TOO_WIDE:.0f} or {'has' if len(wide) == 1 else 'have'} no upper end",
+            settle,
+        )
+    return Verdict("agree", "their intervals overlap")
+
+
+def describe_steps_to_target(
+    direct: StepsToTarget, measured: MeasuredNoiseScale, metric: str = "the objective"
+) -> str:
+    """The paragraph on the direct measurement and its comparison with B_simple."""
+    if direct.b_crit is None or direct.target is None:
+        return (
+            f"The critical batch size from steps to a target cannot be measured: {direct.reason}."
+        )
+    counts = ", ".join(f"B = {b}: {s:,.0f}" for b, s in direct.steps)
+    if math.isfinite(direct.b_crit):
+        value = f"B_crit is about {examples(direct.b_crit)}"
+    else:
+        value = "the steps still fall as 1/B at every studied batch size: B_crit is above them"
+    text = (
+        f"Measured directly: the updates needed to reach {metric} {direct.target:.4g} (the best "
+        f"value the weakest batch size reaches) are {counts}. Fitting S(B) = S_min·(1 + B_crit/B) "
+        f"(McCandlish et al. 2018; B_crit: where a run takes twice the fewest steps), {value} "
+        f"({direct.confidence:.0%} bootstrap interval over the trials within each batch size: "
+        f"{_interval_text(direct.interval)})."
+    )
+    said = direct_verdict(direct, measured)
+    seen = _interval_text(measured_interval(measured))
+    if said.word == "agree":
+        return text + (
+            f" It agrees with the measured B_simple ({seen}; {said.reason}): the critical "
+            f"batch size is about {examples(direct.b_crit)}."
+        )
+    if said.word == "disagree":
+        return text + (
+            f" It disagrees with the measured B_simple ({seen}; {said.reason}); {said.settle}."
+        )
+    return text + (
+        f" Whether it agrees with the measured B_simple ({seen}) cannot be told: {said.reason}; "
+        f"{said.settle}."
+    )

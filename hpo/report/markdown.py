@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 
 from hpo.report.analysis import ReportData, trial_batch_size
-from hpo.report.critical_batch import describe_critical_batch_size
+from hpo.report.critical_batch import describe_critical_batch_size, describe_steps_to_target
 from hpo.report.figures import FIGURE_NAMES, FIGURE_TITLES
 from hpo.report.table import batch_size_table, cost_table, format_cell
 
@@ -25,6 +25,9 @@ def summary_markdown(data: ReportData, *, figure_links: bool = True) -> str:
     ]
     if data.ridge is not None and data.noise_scale is not None:
         lines += [describe_critical_batch_size(data.ridge, data.noise_scale), ""]
+    if data.steps_to_target is not None and data.noise_scale is not None:
+        direct = describe_steps_to_target(data.steps_to_target, data.noise_scale, data.metric)
+        lines += [direct, ""]
     if data.summary.by_batch_size:
         lines += _table(data)
     if data.noise_floor is not None:

@@ -1,0 +1,210 @@
+"""Is the study's critical batch size right? Its steps-to-target B_crit against a dense grid.
+
+Ground truth: a dense grid run through hpo's own CLI (``hpo launch`` on a study file with
+``[sampler] kind = "grid"``): every batch size of the range × ``--lrs`` log-spaced LRs × one
+weight decay (the geometric middle of its range), no pruning, the study's budget and
+report points, ``--grid-seeds`` seeds. A config's curve is its value at each report,
+averaged over the grid seeds.
+
+Then the study as shipped, ``--search-seeds`` seeds (spec and sampler seeded), each also
+through ``hpo launch``. For each search: its B_crit from steps to target with the bootstrap
+interval (``hpo.report.steps_to_target``: the target is the best value its weakest batch
+size reaches), and the grid's B_crit *at that same target* (per batch size the fewest
+updates any LR's mean curve needs, fitted to S(B) = S_min·(1 + B_crit/B)). The goal: the
+study's interval contains the grid's B_crit for every seed.
+
+Printed as JSON: per seed the target, the study's value and interval, its steps per batch
+size, the grid's B_crit and steps at that target, and ``inside``.
+
+Run: ``uv run python benchmarks/critical_batch.py --json critical.json`` (hours on 2 CPU
+cores: the grid is 5 batch sizes × 9 LRs × 2 seeds of the demo's trials); ``--quick``
+shrinks it to a smoke test of the pipeline (tiny data, 3 batch sizes, 2 LRs, 1 grid seed)
+for the test suite; ``--keep DIR`` keeps the study files and SQLite studies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import tomli_w
+
+from hpo.report.steps_to_target import fit_steps, measure_steps_to_target, steps_to_reach
+from hpo.report.summary import trial_batch_size
+from hpo.spec import StudySpec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def with_tables(spec: StudySpec, **tables: dict) -> StudySpec:
+    """``spec`` with fields of its tables replaced (``name=...`` for top-level fields)."""
+    data = json.loads(spec.model_dump_json())
+    for table, fields in tables.items():
+        if isinstance(fields, dict):
+            data[table] = {**data[table], **fields}
+        else:
+            data[table] = fields
+    return StudySpec.model_validate(data)
+
+
+def log_spaced(low: float, high: float, count: int) -> list[float]:
+    if count == 1:
+        return [math.sqrt(low * high)]
+    return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
+
+
+def grid_spec(spec: StudySpec, lrs: int, seed: int) -> StudySpec:
+    search = spec.search
+    configs = len(search.batch_sizes) * lrs
+    return with_tables(
+        spec,
+        name=f"{spec.name}-grid-{seed}",
+        seed=seed,
+        sampler={
+            "kind": "grid",
+            "seed": seed,
+            "grid_lr": log_spaced(search.lr_low, search.lr_high, lrs),
+            "grid_weight_decay": [math.sqrt(search.weight_decay_low * search.weight_decay_high)],
+            "cover_batch_sizes": False,
+        },
+        pruner={"kind": "none"},
+        budget={"n_trials": configs},
+    )
+
+
+def launch(spec: StudySpec, directory: Path, threads: int) -> optuna.Study:
+    """``hpo launch`` on ``spec`` written as a study file; the finished study (its
+    ``wall_s`` set on it: the command's wall time)."""
+    path = directory / f"{spec.name}.toml"
+    fields = json.loads(spec.model_dump_json(exclude_none=True))
+    path.write_text(tomli_w.dumps(fields))
+    storage = f"sqlite:///{directory / (spec.name + '.db')}"
+    command = [sys.executable, "-m", "hpo", "launch", "--study", str(path), "--storage", storage]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--threads", str(threads)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}")
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    study.set_user_attr("benchmark_wall_s", time.perf_counter() - started)
+    return study
+
+
+def grid_curves(studies: list[optuna.Study]) -> dict[tuple[int, float], list[tuple[float, float]]]:
+    """Each config's curve (updates, value at each report), averaged over the grid seeds."""
+    runs: dict[tuple[int, float], list[dict[int, float]]] = {}
+    updates: dict[tuple[int, float], float] = {}
+    for study in studies:
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            key = (trial_batch_size(trial), round(float(trial.params["lr"]), 12))
+            runs.setdefault(key, []).append(dict(trial.intermediate_values))
+            updates[key] = float(trial.user_attrs["n_updates"])
+    curves = {}
+    for key, values in runs.items():
+        reports = sorted(set.intersection(*(set(v) for v in values)))
+        curves[key] = [
+            (updates[key] * (i + 1) / len(reports), statistics.mean(v[r] for v in values))
+            for i, r in enumerate(reports)
+        ]
+    return curves
+
+
+def grid_b_crit(curves: dict, target: float, maximize: bool) -> dict:
+    """The grid's steps to ``target`` per batch size (fewest over its LRs) and B_crit."""
+    steps: dict[int, float] = {}
+    for (batch_size, _), curve in curves.items():
+        reached = steps_to_reach(curve, target, maximize)
+        if reached is not None:
+            steps[batch_size] = min(reached, steps.get(batch_size, math.inf))
+    fitted = fit_steps(sorted(steps.items()))
+    return {"b_crit": None if fitted is None else fitted[1], "steps": dict(sorted(steps.items()))}
+
+
+def quick(spec: StudySpec) -> StudySpec:
+    return with_tables(
+        spec,
+        dataset={"train_size": 256, "val_size": 64, "image_size": 32, "cache_dir": None},
+        search={"batch_size_min": 16, "batch_size_max": 64},
+        budget={"epochs": 1, "reports": 2, "n_trials": 6},
+        pruner={"min_epochs": 1},
+        sampler={"n_startup_trials": 6},
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
+    parser.add_argument("--lrs", type=int, default=9, help="grid LRs per batch size (9)")
+    parser.add_argument("--grid-seeds", type=int, default=2)
+    parser.add_argument("--search-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, help="keep study files and SQLite studies here")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(args.study)
+    if args.quick:
+        spec = quick(spec)
+        args.lrs, args.grid_seeds = min(args.lrs, 2), 1
+    maximize = spec.objective.direction == "maximize"
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.keep or Path(scratch)
+        directory.mkdir(parents=True, exist_ok=True)
+        grids = [
+            launch(grid_spec(spec, args.lrs, seed), directory, args.threads)
+            for seed in range(args.grid_seeds)
+        ]
+        curves = grid_curves(grids)
+        seeds = []
+        for seed in range(args.search_seeds):
+            seeded = with_tables(spec, name=f"{spec.name}-search-{seed}", seed=seed,
+                                 sampler={"seed": seed})  # fmt: skip
+            study = launch(seeded, directory, args.threads)
+            measured = measure_steps_to_target(study.get_trials(), maximize, trial_batch_size)
+            truth = grid_b_crit(curves, measured.target, maximize) if measured.target else {}
+            grid_value = truth.get("b_crit")
+            high = math.inf if measured.high is None else measured.high
+            inside = None
+            if grid_value is not None and measured.low is not None:
+                inside = measured.low <= grid_value <= high
+            seeds.append(
+                {
+                    "seed": seed,
+                    "target": measured.target,
+                    "b_crit": measured.b_crit,
+                    "interval": [measured.low, measured.high],
+                    "steps": dict(measured.steps),
+                    "grid_b_crit": grid_value,
+                    "grid_steps": truth.get("steps"),
+                    "inside": inside,
+                    "reason": measured.reason or None,
+                    "wall_s": study.user_attrs.get("benchmark_wall_s"),
+                }
+            )
+    result = {
+        "study": spec.name,
+        "grid": {"lrs": args.lrs, "seeds": args.grid_seeds, "configs": len(curves)},
+        "seeds": seeds,
+        "inside": sum(bool(s["inside"]) for s in seeds),
+    }
+    text = json.dumps(result, indent=2, default=lambda v: None if v == math.inf else str(v))
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
