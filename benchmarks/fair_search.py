@@ -117,8 +117,8 @@ def quick(spec: StudySpec) -> StudySpec:
     return _with(
         spec,
         dataset={"train_size": 128, "val_size": 64, "image_size": 32, "cache_dir": None},
-        search={"batch_size_min": 16, "batch_size_max": 64},
         # the first round (up to 2 LRs x 3 batch sizes) and one trial of the sampler's
+        search={"batch_size_min": 16, "batch_size_max": 64, "replicates": 0},
         budget={"epochs": 1, "reports": None, "n_trials": 7},
         pruner={"min_epochs": 1},
     )
@@ -127,13 +127,19 @@ def quick(spec: StudySpec) -> StudySpec:
 def optimize(spec: StudySpec, seed: int, database: Path) -> tuple[StudySpec, optuna.Study, float]:
     """Run the study (spec and sampler seeded with ``seed``); the seeded spec, the study
     and the wall time in seconds."""
-    spec = _with(spec, sampler={"seed": seed}).model_copy(update={"seed": seed})
+    # The search's trials only, as its own budget: the replicates (hpo.replicates) are
+    # queued by hpo's claim, which study.optimize does not go through, and they change no
+    # answer measured here.
+    n_trials = spec.budget.n_trials - replicate_trials(spec, spec.budget.n_trials)
+    spec = _with(
+        spec,
+        sampler={"seed": seed},
+        search={"replicates": 0},
+        budget={"n_trials": n_trials},
+    ).model_copy(update={"seed": seed})
     loaded = create_or_load_study(spec, f"sqlite:///{database}")
     splits = load_splits(spec.dataset)
     started = time.perf_counter()
-    # The search's trials only: the replicates (hpo.replicates) are queued by hpo's claim,
-    # which study.optimize does not go through, and they change no answer measured here.
-    n_trials = spec.budget.n_trials - replicate_trials(spec, spec.budget.n_trials)
     loaded.study.optimize(lambda trial: train_trial(trial, spec, splits=splits), n_trials=n_trials)
     return spec, loaded.study, time.perf_counter() - started
 
