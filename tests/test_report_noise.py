@@ -181,6 +181,18 @@ def test_batch_size_table_b_simple_is_the_best_trials_last_value() -> None:
     ]
 
 
+def test_batch_size_table_gives_the_lower_end_when_b_simple_has_only_one() -> None:
+    study = _study_with_b_simple()
+    lower_bound_only = _trial(16, 0.95, None)
+    lower_bound_only.user_attrs["b_simple_interval"] = [354.4, None]
+    both_ends_but_no_value = _trial(256, 0.5, None)
+    both_ends_but_no_value.user_attrs["b_simple_interval"] = [10.0, 20.0]
+    study.add_trials([lower_bound_only, both_ends_but_no_value])
+    headers, rows = batch_size_table(summarize(study, "val_auc"))
+    cells = {row[0]: row[headers.index("b_simple")] for row in rows}
+    assert (cells["16"], cells["32"], cells["128"], cells["256"]) == ("≥ 354", "150", "-", "-")
+
+
 def test_status_prints_the_b_simple_column(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpo.cli.app import console
     from hpo.cli.render import print_summary

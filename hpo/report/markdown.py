@@ -111,7 +111,8 @@ def _table(data: ReportData) -> list[str]:
         )
     lines += [
         "b_simple: the best trial's gradient noise scale, the ratio of the means of its "
-        "measurements over its training (- : no estimate; the trial's b_simple_missing says why)."
+        "measurements over its training (≥ N: only its interval's lower end, the mean |G|² "
+        "estimate was not positive; - : no estimate; the trial's b_simple_missing says why)."
     ]
     if data.summary.device.n_trials:
         lines += [

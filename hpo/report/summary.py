@@ -68,6 +68,9 @@ class BatchSizeRow:
     # The best trial's gradient noise scale over its training (user attr ``b_simple``): the
     # same trial as the other best_* fields, so a row reads as one trial.
     best_b_simple: float | None = None
+    # Without a value, the lower end of its interval when it has one (``b_simple_interval``
+    # [low, null]: the mean |G|² estimate was not positive, B_simple is at least that).
+    best_b_simple_at_least: float | None = None
     # The training resource the batch size's COMPLETE and PRUNED trials spent together, in
     # the study's budget unit (``StudySummary.budget_unit``): where the budget went.
     spent: float | None = None
@@ -147,6 +150,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 best_trial=top.number if top else None,
                 generalization_gap=trial_gap(top) if top else None,
                 best_b_simple=_b_simple(top) if top else None,
+                best_b_simple_at_least=_b_simple_at_least(top) if top else None,
                 spent=_spent(mine, unit),
             )
         )
@@ -180,6 +184,16 @@ def _b_simple(trial: FrozenTrial) -> float | None:
     a study from before hpo measured it) or stored something that is not a positive number (a
     negative ratio of two noisy averages, stored before ``b_simple()`` refused those)."""
     return positive_b_simple(trial.user_attrs.get("b_simple"))
+
+
+def _b_simple_at_least(trial: FrozenTrial) -> float | None:
+    """The lower end of the trial's B_simple interval when it has no value and no upper end."""
+    if _b_simple(trial) is not None:
+        return None
+    interval = trial.user_attrs.get("b_simple_interval")
+    if not isinstance(interval, list) or len(interval) != 2 or interval[1] is not None:
+        return None
+    return positive_b_simple(interval[0])
 
 
 # The user attr that holds a trial's resource in each budget unit (hpo.objective.record_tally).

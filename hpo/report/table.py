@@ -3,7 +3,7 @@ that shows it (``hpo status``'s rich table, the report's markdown summary)."""
 
 from __future__ import annotations
 
-from hpo.report.analysis import StudySummary
+from hpo.report.analysis import BatchSizeRow, StudySummary
 from hpo.report.cost import CostView
 
 
@@ -63,12 +63,19 @@ def batch_size_table(summary: StudySummary) -> tuple[list[str], list[list[str]]]
             format_cell(row.best_lr, ".3g"),
             format_cell(row.best_weight_decay, ".2g"),
             format_cell(row.generalization_gap, "+.3f"),
-            format_cell(row.best_b_simple, ",.0f"),
+            _b_simple_cell(row),
             "-" if row.best_trial is None else str(row.best_trial),
         ]
         for row in summary.by_batch_size
     ]
     return headers, rows
+
+
+def _b_simple_cell(row: BatchSizeRow) -> str:
+    """B_simple in whole examples; "≥ N" when only its interval's lower end is known."""
+    if row.best_b_simple is None and row.best_b_simple_at_least is not None:
+        return f"≥ {row.best_b_simple_at_least:,.0f}"
+    return format_cell(row.best_b_simple, ",.0f")
 
 
 def cost_table(view: CostView) -> tuple[list[str], list[list[str]]]:
