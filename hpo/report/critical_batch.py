@@ -65,40 +65,67 @@ def _too_wide(interval: tuple[float, float]) -> bool:
     return low <= 0 or not math.isfinite(high) or high / low > TOO_WIDE
 
 
-def verdict(ridge: RidgeFit, measured: MeasuredNoiseScale) -> Verdict:
-    """Whether the ridge and the measured noise scale agree, from their intervals alone."""
-    fitted, seen = ridge_interval(ridge), measured_interval(measured)
-    if fitted is None or seen is None:
-        missing = [
-            *(
-                ["the ridge has no interval (it needs three or more batch sizes)"]
-                if not fitted
-                else []
-            ),
-            *(["B_simple has no interval (no trial stored its measurements)"] if not seen else []),
-        ]
-        settle = "; ".join([SETTLE_RIDGE] * (not fitted) + [SETTLE_MEASURED] * (not seen))
-        return Verdict("cannot tell", " and ".join(missing), settle)
-    if fitted[0] > seen[1] or seen[0] > fitted[1]:
+@dataclass(frozen=True)
+class Estimate:
+    """One side of a comparison: its name in the sentence ("the ridge's"), its interval,
+    why it has none, and what would narrow it."""
+
+    name: str
+    interval: tuple[float, float] | None
+    missing: str
+    settle: str
+
+
+def compare(first: Estimate, second: Estimate, disagree_settle: str) -> Verdict:
+    """Whether two estimates of one quantity agree, from their intervals alone: "cannot
+    tell" when either has none, "disagree" when they do not overlap, "cannot tell" when
+    they overlap but one is too wide (``TOO_WIDE``, or no upper end), else "agree"."""
+    both = (first, second)
+    if first.interval is None or second.interval is None:
+        lacking = [e for e in both if e.interval is None]
         return Verdict(
-            "disagree",
-            "their intervals do not overlap",
-            "steps to a target at several batch sizes would measure the critical batch size "
-            "directly and say which is right",
+            "cannot tell",
+            " and ".join(e.missing for e in lacking),
+            "; ".join(e.settle for e in lacking),
         )
-    wide = [name for name, i in (("the ridge's", fitted), ("B_simple's", seen)) if _too_wide(i)]
+    (low_a, high_a), (low_b, high_b) = first.interval, second.interval
+    if low_a > high_b or low_b > high_a:
+        return Verdict("disagree", "their intervals do not overlap", disagree_settle)
+    wide = [e for e in both if _too_wide(e.interval)]  # type: ignore[arg-type]
     if wide:
-        settle = "; ".join(
-            [SETTLE_RIDGE] * ("the ridge's" in wide) + [SETTLE_MEASURED] * ("B_simple's" in wide)
-        )
         spans = "interval spans" if len(wide) == 1 else "intervals span"
         return Verdict(
             "cannot tell",
-            f"the intervals overlap, but {' and '.join(wide)} {spans} more than a factor "
-            f"{TOO_WIDE:.0f} or {'has' if len(wide) == 1 else 'have'} no upper end",
-            settle,
+            f"the intervals overlap, but {' and '.join(e.name for e in wide)} {spans} more "
+            f"than a factor {TOO_WIDE:.0f} or {'has' if len(wide) == 1 else 'have'} no upper end",
+            "; ".join(e.settle for e in wide),
         )
     return Verdict("agree", "their intervals overlap")
+
+
+def _measured_estimate(measured: MeasuredNoiseScale) -> Estimate:
+    return Estimate(
+        "B_simple's",
+        measured_interval(measured),
+        "B_simple has no interval (no trial stored its measurements)",
+        SETTLE_MEASURED,
+    )
+
+
+def verdict(ridge: RidgeFit, measured: MeasuredNoiseScale) -> Verdict:
+    """Whether the ridge and the measured noise scale agree, from their intervals alone."""
+    fitted = Estimate(
+        "the ridge's",
+        ridge_interval(ridge),
+        "the ridge has no interval (it needs three or more batch sizes)",
+        SETTLE_RIDGE,
+    )
+    return compare(
+        fitted,
+        _measured_estimate(measured),
+        "steps to a target at several batch sizes would measure the critical batch size "
+        "directly and say which is right",
+    )
 
 
 def _interval_text(interval: tuple[float, float] | None) -> str:
@@ -206,36 +233,18 @@ SETTLE_DIRECT = (
 def direct_verdict(direct: StepsToTarget, measured: MeasuredNoiseScale) -> Verdict:
     """Whether B_crit from steps to target and the measured B_simple agree, from their
     intervals alone: "agree" only when they overlap and neither is too wide."""
-    steps, seen = direct.interval, measured_interval(measured)
-    if steps is None or seen is None:
-        missing = [
-            *([f"B_crit from steps to target has no interval ({direct.reason or 'no fit'})"]
-              if steps is None else []),
-            *(["B_simple has no interval (no trial stored its measurements)"] if not seen else []),
-        ]  # fmt: skip
-        settle = "; ".join([SETTLE_DIRECT] * (steps is None) + [SETTLE_MEASURED] * (not seen))
-        return Verdict("cannot tell", " and ".join(missing), settle)
-    if steps[0] > seen[1] or seen[0] > steps[1]:
-        return Verdict(
-            "disagree",
-            "their intervals do not overlap",
-            "B_simple is only a proxy for the critical batch size (McCandlish et al. assume "
-            "a well-conditioned Hessian); the steps to target are the direct measurement",
-        )
-    wide = [n for n, i in (("the steps-to-target", steps), ("B_simple's", seen)) if _too_wide(i)]
-    if wide:
-        settle = "; ".join(
-            [SETTLE_DIRECT] * ("the steps-to-target" in wide)
-            + [SETTLE_MEASURED] * ("B_simple's" in wide)
-        )
-        spans = "interval spans" if len(wide) == 1 else "intervals span"
-        return Verdict(
-            "cannot tell",
-            f"the intervals overlap, but {' and '.join(wide)} {spans} more than a factor "
-            f"{TOO_WIDE:.0f} or {'has' if len(wide) == 1 else 'have'} no upper end",
-            settle,
-        )
-    return Verdict("agree", "their intervals overlap")
+    steps = Estimate(
+        "the steps-to-target",
+        direct.interval,
+        f"B_crit from steps to target has no interval ({direct.reason or 'no fit'})",
+        SETTLE_DIRECT,
+    )
+    return compare(
+        steps,
+        _measured_estimate(measured),
+        "B_simple is only a proxy for the critical batch size (McCandlish et al. assume "
+        "a well-conditioned Hessian); the steps to target are the direct measurement",
+    )
 
 
 def describe_steps_to_target(
