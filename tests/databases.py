@@ -76,6 +76,19 @@ def scratch_database(backend: str, prefix: str = "hpo_test_") -> Iterator[str]:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def study_storage(
+    backend: str, tmp_path: Path, file_name: str = "hpo.db", prefix: str = "hpo_test_"
+) -> Iterator[str]:
+    """A storage URL for ``backend``: a SQLite file ``file_name`` in ``tmp_path``, or a
+    scratch database on the local server (``scratch_database``), dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / file_name}"
+    else:
+        with scratch_database(backend, prefix=prefix) as url:
+            yield url
+
+
 def worker_env(storage_url: str, checkpoint_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FAST_HEARTBEAT)

@@ -33,7 +33,7 @@ from hpo.study import create_or_load_study, load_study, study_budget, superseded
 from hpo.worker import requeue
 
 from .conftest import far_from_utc, tiny_study_text
-from .databases import scratch_database
+from .databases import scratch_database, study_storage
 from .test_storage_faults import CommitThenDrop
 
 
@@ -45,11 +45,8 @@ def _spec(sampler: str = "random"):
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
                         pytest.param("mariadb", marks=pytest.mark.db)])  # fmt: skip
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'hpo.db'}"
-    else:
-        with scratch_database(request.param) as url:
-            yield url
+    with study_storage(request.param, tmp_path) as url:
+        yield url
 
 
 class LockWatch:
@@ -184,10 +181,7 @@ def test_the_claim_reads_no_trial_under_the_study_lock(
 
     monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", get_trials)
     with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            url = f"sqlite:///{tmp_path / 'hpo.db'}"
-        else:
-            url = stack.enter_context(scratch_database(backend))
+        url = stack.enter_context(study_storage(backend, tmp_path, "hpo.db"))
         create_or_load_study(_spec(), url).storage.engine.dispose()
         running = load_study("tiny", url)
         claimer = load_study("tiny", url)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
 from hpo.worker import requeue
 from tests.conftest import train_trial
-from tests.databases import scratch_database
+from tests.databases import scratch_database, study_storage
 from tests.test_finished_reads import trials_read
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -245,20 +243,11 @@ def test_a_complete_trial_at_the_batch_size_ends_the_need(tiny_study: Path) -> N
     assert coverage_retries(spec, study.get_trials(), room=0) == []
 
 
-@contextlib.contextmanager
-def _storage(backend: str, tmp_path: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'c.db'}"
-    else:
-        with scratch_database(backend, prefix="h9r_") as url:
-            yield url
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_concurrent_claims_queue_one_retry_per_need(
     backend: str, tiny_study: Path, tmp_path: Path
 ) -> None:
-    with _storage(backend, tmp_path) as url:
+    with study_storage(backend, tmp_path, "c.db", prefix="h9r_") as url:
         _one_retry_from_concurrent_claims(tiny_study, url)
 
 

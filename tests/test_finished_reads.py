@@ -23,7 +23,7 @@ from hpo.storage import ReconnectingRDBStorage
 from hpo.study import create_or_load_study, load_study
 
 from .conftest import far_from_utc, tiny_study_text
-from .databases import scratch_database
+from .databases import scratch_database, study_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -171,10 +171,7 @@ def test_hpos_trial_reads_return_what_optunas_own_return(backend: str, tmp_path:
     # that a time handed out as stored would be off by hours).
     with contextlib.ExitStack() as stack:
         stack.enter_context(far_from_utc())
-        if backend == "sqlite":
-            url = f"sqlite:///{tmp_path / 'reads.db'}"
-        else:
-            url = stack.enter_context(scratch_database(backend))
+        url = stack.enter_context(study_storage(backend, tmp_path, "reads.db"))
         plain = optuna.storages.RDBStorage(url)
         study = optuna.create_study(storage=plain, study_name="reads", direction="maximize")
         values = [0.25, float("inf"), float("-inf"), float("nan"), -1.5, 3.0]  # 3.0: "3" in JSON

@@ -4,8 +4,6 @@ hpo.claim.queue_replicates)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from hpo.space import BATCH_PARAM
 from hpo.spec import StudySpec, load_spec
 from hpo.study import create_or_load_study
 from tests.conftest import train_trial
-from tests.databases import scratch_database
+from tests.databases import study_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -142,21 +140,12 @@ def test_a_study_with_one_batch_size_completed_records_why_it_has_no_replicates(
     assert "fewer than two batch sizes" in loaded.study.user_attrs[REPLICATES_ATTR]["reason"]
 
 
-@contextlib.contextmanager
-def _storage(backend: str, tmp_path: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'c.db'}"
-    else:
-        with scratch_database(backend, prefix="floor_") as url:
-            yield url
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_two_workers_claiming_at_once_queue_the_replicates_exactly_once(
     backend: str, tiny_study: Path, tmp_path: Path
 ) -> None:
     spec = _spec(tiny_study)
-    with _storage(backend, tmp_path) as url:
+    with study_storage(backend, tmp_path, "c.db", prefix="floor_") as url:
         loaded = _planted(url, spec)
         workers = [create_or_load_study(spec, url) for _ in range(2)]  # each its own storage
         for _ in range(2):  # both claims, and then both again: nothing more is queued

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from hpo.settings import DB_RETRY_ENV
 from hpo.storage import ReconnectingRDBStorage, open_storage
 
-from .databases import scratch_database
+from .databases import study_storage
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -110,15 +110,6 @@ class CommitThenDrop:
         self.fired = 0
 
 
-@contextlib.contextmanager
-def _storage_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'faults.db'}"
-    else:
-        with scratch_database(backend) as url:
-            yield url
-
-
 @pytest.fixture(params=BACKENDS)
 def faulty(
     request, tmp_path: Path, monkeypatch
@@ -127,7 +118,7 @@ def faulty(
     monkeypatch.setattr(
         "hpo.storage.reconnect.random.uniform", lambda low, high: 0.0
     )  # no backoff wait
-    with _storage_url(request.param, tmp_path) as url:
+    with study_storage(request.param, tmp_path, "faults.db") as url:
         storage = open_storage(url)
         assert isinstance(storage, ReconnectingRDBStorage)
         yield storage, CommitThenDrop(storage)
