@@ -15,16 +15,9 @@ the figures are medians over rounds.
     up to 2,048 training patches for the generalization gap, which is not counted as work).
     samples/s = (train + val patches) / wall time.
 
-(c) end to end vs the step (``e2e_vs_step`` in the JSON): at the demo's settings
-    (studies/demo.toml; ``--e2e-train-size``, ``--e2e-val-size``, ``--e2e-epochs`` and
-    ``--e2e-reports`` change its shape and budget, e.g. to histo.toml's one report per epoch),
-    a trial's training samples over its wall time (one trial as a worker runs it on
-    SQLite: ask, fit, report/prune, a checkpoint per epoch, user attrs, tell) divided by
-    the bare ``train_step``'s samples/s on one prepared batch, same model, precision, batch
-    size and process; medians over ``--e2e-rounds``, alternating. One more, instrumented,
-    trial gives the per-epoch breakdown: step, noise step, batch prep, eval, gap pass, checkpoint,
-    storage (every call into the SQL storage), other (building the run, Python overhead).
-    The ratio is taken against the steps inside the trial (see ``e2e_vs_step``).
+(c) end to end vs the step (``e2e_vs_step`` in the JSON): a trial as a worker runs it
+    against its bare ``train_step``, with the per-epoch breakdown; what it measures and
+    its options are in ``pipeline_e2e.py``.
 
 Run: ``uv run python benchmarks/pipeline.py --json pipeline.json``
 (``--only e2e`` for (c) alone)

@@ -4,22 +4,16 @@ figure, which docs/benchmarks.md gives for three)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_critical_batch_quick_compares_the_study_with_the_grid_at_its_target(
     tmp_path: Path,
 ) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "critical_batch", REPO / "benchmarks/critical_batch.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("critical_batch")
     out = tmp_path / "critical.json"
     module.main(["--quick", "--search-seeds", "1", "--threads", "1", "--json", str(out)])
     result = json.loads(out.read_text())

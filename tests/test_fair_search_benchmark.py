@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,14 +9,13 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.benchmark_scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_fair_search_quick_reports_both_policies(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("fair_search", REPO / "benchmarks/fair_search.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("fair_search")
     out = tmp_path / "fair.json"
     module.main(["--quick", "--json", str(out), "--threads", "1"])
     results = json.loads(out.read_text())
@@ -30,12 +28,7 @@ def test_fair_search_quick_reports_both_policies(tmp_path: Path) -> None:
 
 
 def test_answer_quality_quick_compares_hpo_with_the_grid(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "answer_quality", REPO / "benchmarks/answer_quality.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("answer_quality")
     out = tmp_path / "answer.json"
     argv = ["--quick", "--lrs", "2", "--grid-seeds", "1", "--hpo-seeds", "1", "--threads", "1"]
     module.main([*argv, "--json", str(out)])
@@ -52,12 +45,7 @@ def test_answer_quality_quick_compares_hpo_with_the_grid(tmp_path: Path) -> None
 
 
 def _answer_quality():
-    spec = importlib.util.spec_from_file_location(
-        "answer_quality", REPO / "benchmarks/answer_quality.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("answer_quality")
     return module
 
 
@@ -106,12 +94,7 @@ def test_answer_quality_cached_grid_outlives_a_change_of_pruner_or_sampler(
 
 
 def test_answer_quality_reuses_its_cached_grid_and_refuses_another(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "answer_quality", REPO / "benchmarks/answer_quality.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("answer_quality")
     cache = tmp_path / "grid.json"
     argv = ["--quick", "--lrs", "2", "--grid-seeds", "1", "--threads", "1", "--only", "grid"]
     first = module.main([*argv, "--grid-cache", str(cache)])

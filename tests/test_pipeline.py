@@ -5,12 +5,10 @@ nothing is timed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import h5py
 import pytest
@@ -18,17 +16,8 @@ import torch
 
 from hpo.data import DeviceBatcher, load_splits
 from hpo.spec import DatasetSpec
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
 from tests.databases import ADMIN_URLS, unreachable
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _mapped_file(address: int) -> str:
@@ -43,7 +32,7 @@ def _mapped_file(address: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_uncompressed_pcam_is_memory_mapped_not_copied(tmp_path: Path) -> None:
-    pipeline = _script("pipeline")
+    pipeline = load_benchmark("pipeline")
     pipeline.write_pcam(tmp_path, {"train": 40, "val": 20})
     with h5py.File(tmp_path / "pcam" / f"{pipeline.PCAM_FILES['train']}_x.h5") as f:
         stored = torch.from_numpy(f["x"][:]).permute(0, 3, 1, 2)
@@ -94,7 +83,7 @@ def _figures(path: Path) -> dict[str, float]:
 
 def test_pipeline_benchmark_writes_speedups(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.json"
-    pipeline = _script("pipeline")
+    pipeline = load_benchmark("pipeline")
     pipeline.main(["--quick", "--device", "cpu", "--json", str(out)])
 
     figures = _figures(out)
@@ -117,7 +106,7 @@ def test_pipeline_benchmark_writes_speedups(tmp_path: Path) -> None:
 def test_cost_to_target_benchmark_writes_epochs(studies_dir: Path, tmp_path: Path) -> None:
     demo = Path(__file__).resolve().parent.parent / "studies" / "demo.toml"
     out = tmp_path / "cost.json"
-    _script("cost_to_target").main(["--quick", "--study", str(demo), "--json", str(out)])
+    load_benchmark("cost_to_target").main(["--quick", "--study", str(demo), "--json", str(out)])
 
     figures = _figures(out)
     assert set(figures) == {"grid_epochs", "random_epochs", "hpo_epochs", "hpo_fraction_of_grid"}
@@ -127,7 +116,7 @@ def test_cost_to_target_benchmark_writes_epochs(studies_dir: Path, tmp_path: Pat
 def test_precision_check_writes_both_precisions(tmp_path: Path) -> None:
     demo = Path(__file__).resolve().parent.parent / "studies" / "demo.toml"
     out = tmp_path / "precision.json"
-    _script("precision").main(["--quick", "--study", str(demo), "--json", str(out)])
+    load_benchmark("precision").main(["--quick", "--study", str(demo), "--json", str(out)])
 
     assert {"bf16_mean", "fp32_mean", "mean_difference"} <= set(_figures(out))
 

@@ -26,8 +26,8 @@ from hpo.train import (
     fit,
     prepare_data,
 )
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import train_trial
-from tests.test_pipeline import _script
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -113,7 +113,7 @@ def test_pipeline_reports_e2e_vs_step_with_a_breakdown_that_adds_up(tmp_path: Pa
     """Smoke test (toy sizes: the figures mean nothing): the key and the phases are there,
     and the phases account for the instrumented trial's whole wall time."""
     out = tmp_path / "pipeline.json"
-    _script("pipeline").main(["--only", "e2e", "--quick", "--json", str(out)])
+    load_benchmark("pipeline").main(["--only", "e2e", "--quick", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["e2e_vs_step"] > 0
     phases = ("step", "noise_step", "batch_prep", "eval", "gap_pass", "checkpoint", "storage")
@@ -128,7 +128,7 @@ def test_pipeline_reports_e2e_vs_step_with_a_breakdown_that_adds_up(tmp_path: Pa
 
 def test_gpu_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    _script("gpu").main(["--quick", "--skip-commands", "--json", str(out)])
+    load_benchmark("gpu").main(["--quick", "--skip-commands", "--json", str(out)])
     cells = json.loads(out.read_text())["cells"]
     assert [(c["model"], c["batch_size"]) for c in cells] == [("small-cnn", 16), ("small-cnn", 32)]
     for cell in cells:
@@ -141,7 +141,7 @@ def test_gpu_step_lever_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None
     """benchmarks/gpu_step.py's smoke test: each lever's step is timed on hpo's real run,
     the fused optimizer really replaces the run's SGD, and one checkpoint is costed."""
     out = tmp_path / "step.json"
-    _script("gpu_step").main(["--quick", "--json", str(out)])
+    load_benchmark("gpu_step").main(["--quick", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [v["variant"] for v in result["variants"]] == ["eager", "eager_fused"]
     for variant in result["variants"]:
@@ -154,7 +154,7 @@ def test_gpu_step_fused_variant_keeps_the_trial_optimizers_settings(tiny_study: 
     spec = load_spec(tiny_study)
     setup = select_device(spec.training)
     params = TrialParams(batch_size=16, lr=0.02, weight_decay=3e-4)
-    run = _script("gpu_step").variant_run(spec, setup, params, "eager_fused")
+    run = load_benchmark("gpu_step").variant_run(spec, setup, params, "eager_fused")
     group = run.optimizer.param_groups[0]
     assert group["fused"] is True
     assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.02, 3e-4, 0.9)
@@ -257,7 +257,7 @@ def test_training_compile_compiles_the_model_in_place_keeping_its_state_dict_key
 def test_compile_benchmark_times_an_eager_trial_step_and_forward() -> None:
     """Smoke test of benchmarks/compile.py's per-process measurement (eager only: a cold
     inductor compile takes minutes on the shared CPU, too long for the suite)."""
-    figures = _script("compile").measure("eager", "small-cnn", 16, 8, 1)
+    figures = load_benchmark("compile").measure("eager", "small-cnn", 16, 8, 1)
     assert figures["mode"] == "eager" and figures["step_s"] > 0 and figures["forward_s"] > 0
     assert "second_instance_first_step_extra_s" not in figures  # compiled runs only
 
@@ -266,7 +266,7 @@ def test_checkpoint_benchmark_runs_on_cpu_with_quick(tmp_path: Path) -> None:
     """benchmarks/checkpoint.py's smoke test: both saves are timed on hpo's real run and
     set against an epoch at PCam's size; the background write overlapped a step."""
     out = tmp_path / "ckpt.json"
-    _script("checkpoint").main(["--quick", "--json", str(out)])
+    load_benchmark("checkpoint").main(["--quick", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["sync_save_s"] > 0 and result["async_call_s"] > 0 and result["file_mib"] > 0
     assert result["epoch_s"] == pytest.approx(262_144 / result["samples_per_s"])
