@@ -106,7 +106,8 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
     """What backs the answer at ``batch_size``: the scaling model's prediction there (LR and
     weight decay with 80% intervals, the model's name, whether it extrapolates) and the
     critical batch size two ways with the verdict (``hpo.report.critical_batch``), and the
-    seed-to-seed spread where replicates exist (``seed_spread``, ``hpo.report.noise_floor``).
+    seed-to-seed spread (``seed_spread``, ``hpo.report.noise_floor``; without replicates,
+    why there is none).
     All of it but the spread from the search's trials (replicates left out)."""
     from hpo.replicates import without_replicates
     from hpo.report.analysis import trial_batch_size
@@ -147,18 +148,20 @@ def _evidence(study: optuna.Study, summary: StudySummary, batch_size: int | None
         prediction = predict_from_fit(fit, batch_size, view, optimizer)
         if prediction is not None:
             evidence["prediction"] = _prediction_keys(prediction)
-    if spread is not None:
-        evidence["seed_spread"] = spread
+    evidence["seed_spread"] = spread
     return evidence
 
 
-def seed_spread(study: optuna.Study, summary: StudySummary) -> dict[str, Any] | None:
-    """The noise floor as plain data (``NoiseFloor.as_dict``); None without replicates."""
+def seed_spread(study: optuna.Study, summary: StudySummary) -> dict[str, Any]:
+    """The noise floor as plain data (``NoiseFloor.as_dict``): without replicates, why
+    (``none``)."""
+    from hpo.replicates import why_no_replicates
     from hpo.report.noise_floor import noise_floor
 
     maximize = summary.direction == "maximize"
     trials = study.get_trials(deepcopy=False)
-    return noise_floor(trials, summary.by_batch_size, maximize).as_dict()
+    why = why_no_replicates(study)
+    return noise_floor(trials, summary.by_batch_size, maximize, why_none=why).as_dict()
 
 
 def _value_interval(

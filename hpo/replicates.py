@@ -21,6 +21,7 @@ compares each configuration's runs, original and replicates, by their mean.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Container
 from typing import Any, cast
@@ -31,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.space import BATCH_PARAM, BATCH_SIZE_PARAM
 from hpo.space import COVER_ATTR as QUEUED_BY_ATTR  # why a trial was queued
 from hpo.spec import StudySpec
+from hpo.storage import SPEC_ATTR
 
 REPLICATE_VALUE = "replicate"
 REPLICATE_OF_ATTR = "replicate_of"
@@ -157,3 +159,67 @@ def replicates_note(study: optuna.Study) -> dict[str, Any]:
     decided."""
     note = study.user_attrs.get(REPLICATES_ATTR)
     return note if isinstance(note, dict) else {}
+
+
+def why_no_replicates(study: optuna.Study) -> str:
+    """Why the study has no complete replicate trial, as a clause for the report, ``hpo
+    status`` and ``hpo export``: what the claim recorded (``REPLICATES_ATTR``), else what
+    the spec stored on the study (``hpo_spec``) decides (``replicate_trials``), else that
+    they are not queued yet. Meant for a study without a noise floor."""
+    note = replicates_note(study)
+    trials = study.get_trials(deepcopy=False)
+    if note.get("reason"):
+        return f"no replicate trial was queued: {note['reason']}"
+    if note.get("queued"):
+        return _queued_not_complete(note["queued"], [t for t in trials if is_replicate(t)])
+    stored = _stored_spec(study.user_attrs)
+    if stored is None:
+        return "the study has no hpo spec stored on it (made by other means than hpo launch)"
+    replicates = _get(stored, "search", "replicates", 1)
+    n_trials = _get(stored, "budget", "n_trials", 20)
+    if not isinstance(replicates, int) or replicates <= 0:
+        return "search.replicates = 0 in the study's spec: no replicate trial is queued"
+    if _get(stored, "sampler", "kind", "") == "grid":
+        return "a grid study (its trials are the grid): no replicate trial is queued"
+    # The workers' budget is the spec's n_trials, or more where the study already holds more.
+    finished = sum(1 for t in trials if t.state.is_finished() and not is_replicate(t))
+    total = max(n_trials, finished) if isinstance(n_trials, int) else finished
+    wanted = REPLICATED_BATCH_SIZES * replicates
+    if wanted > math.floor(total * MAX_SHARE):
+        return (
+            f"the replicates ({REPLICATED_BATCH_SIZES} × search.replicates = {wanted} trials) "
+            f"would take more than a third of the budget (n_trials = {total}): none is queued"
+        )
+    return (
+        f"not queued yet: the {wanted} replicate trials are queued once no more room is "
+        f"left in the budget (n_trials = {total}) than they need"
+    )
+
+
+def _queued_not_complete(originals: list[Any], replicates: list[FrozenTrial]) -> str:
+    """The clause for queued replicates none of which has completed: their states."""
+    of = " and ".join(str(n) for n in sorted(set(originals)))
+    states: dict[str, int] = {}
+    for trial in replicates:
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none stored"
+    return (
+        f"{len(originals)} replicate trial(s) of trial(s) {of} queued but not yet complete "
+        f"({counts})"
+    )
+
+
+def _stored_spec(user_attrs: dict[str, Any]) -> dict[str, Any] | None:
+    stored = user_attrs.get(SPEC_ATTR)
+    if not isinstance(stored, str):
+        return None
+    try:
+        data = json.loads(stored)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _get(data: dict[str, Any], table: str, key: str, default: Any) -> Any:
+    section = data.get(table)
+    return section.get(key, default) if isinstance(section, dict) else default

@@ -15,13 +15,15 @@ from optuna.trial import create_trial
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.export import best_configuration
-from hpo.replicates import REPLICATE_OF_ATTR, SEED_ATTR
+from hpo.cli.render import noise_floor_line
+from hpo.export import best_configuration, seed_spread
+from hpo.replicates import REPLICATE_OF_ATTR, REPLICATES_ATTR, SEED_ATTR
 from hpo.report.analysis import collect, summarize
 from hpo.report.markdown import summary_markdown
 from hpo.report.noise_floor import noise_floor
 from hpo.space import BATCH_PARAM
-from hpo.spec import load_spec
+from hpo.spec import StudySpec, load_spec
+from hpo.storage import SPEC_ATTR
 from hpo.study import create_or_load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -85,11 +87,89 @@ def test_without_replicates_there_is_no_floor_and_the_text_says_why() -> None:
     study.add_trial(_trial(5, 0.02, 0.8))
     study.add_trial(_trial(4, 0.01, 0.7))
     rows = summarize(study, "val_auc").by_batch_size
-    floor = noise_floor(study.get_trials(), rows, True, why_none="search.replicates = 0")
-    assert floor.spread is None and floor.as_dict() is None
-    assert floor.describe().startswith(
-        "Noise floor: no replicate trial has completed (search.replicates = 0)"
+    floor = noise_floor(study.get_trials(), rows, True, why_none="a grid study")
+    assert floor.spread is None
+    assert floor.as_dict() == {"none": "a grid study"}
+    assert floor.describe().startswith("Noise floor: none, a grid study; so nothing here says")
+
+
+def _spec_study(tiny_study: Path, n_trials: int = 20, **changes: object) -> optuna.Study:
+    """An in-memory study with the tiny spec (``changes``: "search.replicates" = 0, ...)
+    stored on it as ``hpo launch`` stores it, and a search of two batch sizes."""
+    data = load_spec("tiny").model_dump()
+    data["budget"]["n_trials"] = n_trials
+    for key, value in changes.items():
+        table, field = key.split(".")
+        data[table][field] = value
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(SPEC_ATTR, StudySpec.model_validate(data).to_json())
+    study.add_trial(_trial(5, 0.02, 0.8))
+    study.add_trial(_trial(4, 0.01, 0.7))
+    return study
+
+
+def _said(study: optuna.Study) -> tuple[str, str, str]:
+    """Why there is no floor, as the report, ``hpo status`` and ``hpo export`` say it."""
+    summary = summarize(study, "val_auc")
+    markdown = summary_markdown(collect(study, "val_auc"), figure_links=False)
+    part = markdown.split("## Noise floor\n\n")[1].split("\n")[0]
+    exported = seed_spread(study, summary)
+    assert set(exported) == {"none"}
+    return part, noise_floor_line(study, summary), exported["none"]
+
+
+def _each_says(study: optuna.Study, words: str) -> None:
+    report, status, export = _said(study)
+    assert words in report and words in status and words in export
+    assert report.startswith("Noise floor: none, ")
+
+
+def test_no_floor_with_replicates_0_says_so(tiny_study: Path) -> None:
+    study = _spec_study(tiny_study, **{"search.replicates": 0})
+    _each_says(study, "search.replicates = 0 in the study's spec: no replicate trial is queued")
+
+
+def test_no_floor_in_a_grid_study_says_so(tiny_study: Path) -> None:
+    study = _spec_study(tiny_study, **{"sampler.kind": "grid"})
+    _each_says(study, "a grid study (its trials are the grid): no replicate trial is queued")
+
+
+def test_no_floor_when_replicates_would_take_over_a_third_of_the_budget(
+    tiny_study: Path,
+) -> None:
+    study = _spec_study(tiny_study, n_trials=8, **{"search.replicates": 2})
+    _each_says(
+        study,
+        "the replicates (2 × search.replicates = 4 trials) would take more than a third of "
+        "the budget (n_trials = 8): none is queued",
     )
+    # Six trials give room for 2: the same study is then waiting for its replicates.
+    assert (
+        "not queued yet: the 2 replicate trials are queued once"
+        in _said(_spec_study(tiny_study, n_trials=6))[0]
+    )
+
+
+def test_no_floor_while_the_queued_replicates_run_says_so(tiny_study: Path) -> None:
+    study = _spec_study(tiny_study)
+    study.set_user_attr(REPLICATES_ATTR, {"queued": [0, 1]})
+    study.enqueue_trial({BATCH_PARAM: 5, "lr": 0.02, "weight_decay": 1e-4}, user_attrs={
+        "queued_by": "replicate", REPLICATE_OF_ATTR: 0, SEED_ATTR: 7
+    })  # fmt: skip
+    _each_says(study, "2 replicate trial(s) of trial(s) 0 and 1 queued but not yet complete")
+    assert "(1 waiting)" in _said(study)[2]
+
+
+def test_no_floor_when_the_claim_found_no_runner_up_says_its_reason(tiny_study: Path) -> None:
+    study = _spec_study(tiny_study)
+    study.set_user_attr(REPLICATES_ATTR, {"queued": [], "reason": "no room was left"})
+    _each_says(study, "no replicate trial was queued: no room was left")
+
+
+def test_no_floor_without_a_stored_spec_says_so() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(5, 0.02, 0.8))
+    _each_says(study, "the study has no hpo spec stored on it")
 
 
 def test_a_lucky_replicate_is_not_the_searchs_best_and_moves_no_search_output() -> None:
@@ -122,9 +202,16 @@ def test_export_and_status_state_the_spread(tiny_study: Path) -> None:
     )
 
 
-def test_export_has_no_seed_spread_without_replicates(tiny_study: Path) -> None:
-    spec = load_spec("tiny")
+def test_export_and_status_say_why_there_is_no_spread(tiny_study: Path) -> None:
+    spec = load_spec("tiny")  # n_trials = 4: 2 replicate trials would be more than a third
     study = create_or_load_study(spec, "sqlite:///hpo.db").study
     study.add_trial(_trial(5, 0.02, 0.8))
     study.add_trial(_trial(4, 0.01, 0.7))
-    assert "seed_spread" not in best_configuration(study, spec)
+    why = "would take more than a third of the budget (n_trials = 4)"
+    assert why in best_configuration(study, spec)["seed_spread"]["none"]
+    cli = CliRunner().invoke(app, ["export", "--study", "tiny"])
+    assert cli.exit_code == 0, cli.output
+    assert why in json.loads(cli.stdout)["seed_spread"]["none"]
+    status = CliRunner().invoke(app, ["status", "--study", "tiny"])
+    assert status.exit_code == 0, status.output
+    assert why in " ".join(status.stdout.split())

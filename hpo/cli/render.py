@@ -71,14 +71,14 @@ def print_summary(study: optuna.Study, metric: str) -> None:
 
 def noise_floor_line(study: optuna.Study, summary: StudySummary) -> str:
     """The seed-to-seed spread and whether the winner beats the runner-up beyond it."""
-    from hpo.replicates import replicates_note
+    from hpo.replicates import why_no_replicates
     from hpo.report.noise_floor import noise_floor
 
     floor = noise_floor(
         study.get_trials(deepcopy=False),
         summary.by_batch_size,
         summary.direction == "maximize",
-        why_none=replicates_note(study).get("reason"),
+        why_none=why_no_replicates(study),
     )
     return floor.describe()
 

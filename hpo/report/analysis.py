@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.replicates import replicates_note, without_replicates
+from hpo.replicates import why_no_replicates, without_replicates
 from hpo.report.cost import DEFAULT_COST_TOLERANCE, CostView, cost_view
 from hpo.report.noise_floor import NoiseFloor, noise_floor
 from hpo.report.noise_scale import (
@@ -238,7 +238,7 @@ def collect(
         summary.by_batch_size,
         is_maximize(study),
         confidence=confidence,
-        why_none=replicates_note(everything).get("reason"),
+        why_none=why_no_replicates(everything),
     )
     return ReportData(
         study_name=study.study_name,

@@ -60,7 +60,8 @@ class NoiseFloor:
     margin_low: float | None = None
     margin_high: float | None = None
     confidence: float = DEFAULT_CONFIDENCE
-    why_none: str | None = None  # why no replicate completed (the claim's note), if known
+    # Why there is no spread (``hpo.replicates.why_no_replicates``), if known.
+    why_none: str | None = None
 
     @property
     def beyond(self) -> bool | None:
@@ -71,10 +72,10 @@ class NoiseFloor:
     def describe(self) -> str:
         """Sentences for the report and ``hpo status``, generated from the numbers."""
         if self.spread is None or self.spread_low is None or self.spread_high is None:
-            reason = f" ({self.why_none})" if self.why_none else ""
             return (
-                f"Noise floor: no replicate trial has completed{reason}, so nothing here says "
-                "whether the winner's margin is larger than seed-to-seed spread."
+                f"Noise floor: none, {self.why_none or 'no replicate trial has completed'}; "
+                "so nothing here says whether the winner's margin is larger than seed-to-seed "
+                "spread."
             )
         percent = f"{self.confidence:.0%}"
         text = (
@@ -102,10 +103,10 @@ class NoiseFloor:
             "(search.replicates) would narrow it."
         )
 
-    def as_dict(self) -> dict[str, Any] | None:
-        """``hpo export``'s ``seed_spread``; None without a spread."""
+    def as_dict(self) -> dict[str, Any]:
+        """``hpo export``'s ``seed_spread``: without a spread, only why (``none``)."""
         if self.spread is None:
-            return None
+            return {"none": self.why_none or "no replicate trial has completed"}
         spread: dict[str, Any] = {
             "value": self.spread,
             "interval": [self.spread_low, self.spread_high],
