@@ -19,6 +19,7 @@ from hpo.cli.render import noise_floor_line
 from hpo.export import best_configuration, seed_spread
 from hpo.replicates import REPLICATE_OF_ATTR, REPLICATES_ATTR, SEED_ATTR
 from hpo.report.analysis import collect, summarize
+from hpo.report.figures import Band, HorizontalLine, Line, Markers, figure_models
 from hpo.report.markdown import summary_markdown
 from hpo.report.noise_floor import noise_floor
 from hpo.space import BATCH_PARAM
@@ -215,3 +216,60 @@ def test_export_and_status_say_why_there_is_no_spread(tiny_study: Path) -> None:
     status = CliRunner().invoke(app, ["status", "--study", "tiny"])
     assert status.exit_code == 0, status.output
     assert why in " ".join(status.stdout.split())
+
+
+def _figure(winner: tuple[float, float], runner_up: tuple[float, float]):
+    study = _plant(optuna.create_study(direction="maximize"), winner, runner_up)
+    data = collect(study, "val_auc")
+    return data.noise_floor, figure_models(data)["noise_floor"]
+
+
+def test_the_figure_draws_each_configurations_runs_with_the_pooled_spread() -> None:
+    floor, model = _figure((0.80, 0.79), (0.70, 0.71))
+    runs, margin = model.panels
+    assert runs.x.labels == ("B = 32 (winner), trial 0", "B = 16 (runner-up), trial 1")
+    original, replicates = [layer for layer in runs.layers if isinstance(layer, Markers)]
+    assert (original.x, original.y) == ((0.0, 1.0), (0.80, 0.70))
+    assert replicates.y == (0.79, 0.71) and replicates.symbol == "x"
+    bands = [layer for layer in runs.layers if isinstance(layer, Band)]
+    for band, mean in zip(bands, (0.795, 0.705), strict=True):
+        assert band.lower[0] == pytest.approx(mean - floor.spread)
+        assert band.upper[0] == pytest.approx(mean + floor.spread)
+    assert [band.show_legend for band in bands] == [True, False]
+    # The margin with its interval, against 0: the numbers of summary.md's sentence.
+    (interval,) = [layer for layer in margin.layers if isinstance(layer, Line)]
+    assert interval.y == (floor.margin_low, floor.margin_high)
+    assert any(isinstance(layer, HorizontalLine) and layer.y == 0 for layer in margin.layers)
+    assert model.subtitle[1].endswith(floor.verdict())
+    assert "beyond the seed-to-seed spread: B = 32 beats B = 16" in model.subtitle[1]
+    assert f"s = {floor.spread:.4f}" in model.subtitle[0]
+
+
+def test_the_figure_says_within_the_spread_when_the_interval_contains_0() -> None:
+    floor, model = _figure((0.80, 0.76), (0.77, 0.75))
+    assert floor.margin_low < 0 < floor.margin_high
+    assert "within the seed-to-seed spread: these runs cannot tell B = 32" in model.subtitle[1]
+    assert "beats" not in " ".join(model.subtitle)
+
+
+def test_the_figure_renders_to_html_and_png(tmp_path: Path) -> None:
+    from hpo.report import plotly_figure
+    from hpo.report.png_render import png_figure
+
+    _, model = _figure((0.80, 0.79), (0.70, 0.71))
+    names = {trace.name for trace in plotly_figure(model).data}
+    assert {"original trial", "replicates (other seeds)", "margin 0.0900"} <= names
+    figure = plotly_figure(model)
+    assert list(figure.layout.xaxis.ticktext) == list(model.panels[0].x.labels)
+    png = tmp_path / "noise_floor.png"
+    png_figure(model).savefig(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_replicates_the_figure_is_a_note_saying_why(tiny_study: Path) -> None:
+    study = _spec_study(tiny_study, **{"search.replicates": 0})
+    model = figure_models(collect(study, "val_auc"))["noise_floor"]
+    assert not model.panels
+    assert model.message == (
+        "No noise floor: search.replicates = 0 in the study's spec: no replicate trial is queued."
+    )

@@ -92,15 +92,21 @@ class NoiseFloor:
             f"B = {run.batch_size}, {_runs(run)}. The margin {self.margin:.4f} "
             f"({percent} interval {self.margin_low:.4f} to {self.margin_high:.4f})"
         )
+        text += f" is {self.verdict()}"
         if self.beyond:
-            return text + (
-                f" is beyond the seed-to-seed spread: B = {win.batch_size} beats "
-                f"B = {run.batch_size} (the interval excludes 0)."
-            )
-        return text + (
-            f" is within the seed-to-seed spread: these runs cannot tell B = {win.batch_size} "
-            f"from B = {run.batch_size} (the interval contains 0); more replicates "
-            "(search.replicates) would narrow it."
+            return text + "."
+        return text + "; more replicates (search.replicates) would narrow it."
+
+    def verdict(self) -> str:
+        """Whether the margin's interval excludes 0, in words ("" without a margin)."""
+        if self.winner is None or self.runner_up is None or self.beyond is None:
+            return ""
+        win, run = self.winner.batch_size, self.runner_up.batch_size
+        if self.beyond:
+            return f"beyond the seed-to-seed spread: B = {win} beats B = {run} (the interval excludes 0)"
+        return (
+            f"within the seed-to-seed spread: these runs cannot tell B = {win} from B = {run} "
+            "(the interval contains 0)"
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ LEGEND_Y = {
     "generalization": -0.2,
     "noise_scale": -0.25,
     "cost": -0.2,
+    "noise_floor": -0.2,
 }
 SYMBOLS = {"circle": None, "star": "star", "x": "x"}
 
@@ -102,7 +103,7 @@ def _axis(axis: Axis) -> dict[str, Any]:
         spec["title"] = axis.title
     if axis.ticks is not None:
         spec["tickvals"] = list(axis.ticks)
-        spec["ticktext"] = [str(tick) for tick in axis.ticks]
+        spec["ticktext"] = list(axis.labels or (str(tick) for tick in axis.ticks))
     if axis.integer:
         spec["dtick"] = 1
     if axis.plain:
@@ -189,6 +190,7 @@ def _band(layer: Band) -> go.Scatter:
         fillcolor=f"rgba({red},{green},{blue},{layer.opacity})",
         name=layer.label,
         hoverinfo="skip",
+        showlegend=layer.show_legend,
     )
 
 

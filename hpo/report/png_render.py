@@ -33,6 +33,7 @@ SIZES = {
     "importances": (7.0, 3.2),
     "noise_scale": (11.5, 5.0),
     "cost": (12.0, 5.4),
+    "noise_floor": (11.0, 5.0),
 }
 EMPTY_SIZE = (7.5, 3.0)
 LEGEND_COLUMNS = {"learning_curves": 2}
@@ -107,7 +108,8 @@ def _set_axis(axes: Any, which: str, axis: Axis) -> None:
     if axis.log_base is not None:
         getattr(axes, f"set_{which}scale")("log", base=axis.log_base)
     if axis.ticks:
-        getattr(axes, f"set_{which}ticks")(axis.ticks, [str(tick) for tick in axis.ticks])
+        labels = axis.labels or [str(tick) for tick in axis.ticks]
+        getattr(axes, f"set_{which}ticks")(axis.ticks, labels)
     if axis.title is not None:
         getattr(axes, f"set_{which}label")(axis.title)
     if axis.integer:
@@ -140,7 +142,7 @@ def _draw_layer(figure: MplFigure, axes: Any, layer: Layer) -> None:
             layer.upper,
             color=layer.color,
             alpha=layer.opacity,
-            label=layer.label,
+            label=layer.label if layer.show_legend else None,
         )
     elif isinstance(layer, Bars):
         axes.barh(layer.names, layer.values, color=layer.color)

@@ -11,6 +11,8 @@ and matplotlib renderers only draw it (``model``). One module per topic builds t
 - ``trials``: objective plane, generalization, learning curves, importances.
 - ``noise``: B_simple over training and the LR ridge.
 - ``cost``: value vs time to train with the Pareto front, and throughput.
+- ``noise_floor``: each replicated configuration's runs with the seed-to-seed spread, and
+  the winner's margin with its interval.
 
 ``figure_models`` builds all of them; every public name is re-exported here.
 """
@@ -51,6 +53,7 @@ from hpo.report.figures.noise import (
     noise_scale_figure,
     power_of_two_ticks,
 )
+from hpo.report.figures.noise_floor import noise_floor_figure
 from hpo.report.figures.trials import (
     generalization_figure,
     importances_figure,
@@ -66,11 +69,12 @@ FIGURE_BUILDERS: dict[str, Callable[[ReportData], FigureModel]] = {
     "importances": importances_figure,
     "noise_scale": noise_scale_figure,
     "cost": cost_figure,
+    "noise_floor": noise_floor_figure,
 }
 
 
 def figure_models(data: ReportData) -> dict[str, FigureModel]:
-    """The six figure models, in ``FIGURE_NAMES`` order."""
+    """Every figure model, in ``FIGURE_NAMES`` order."""
     return {name: FIGURE_BUILDERS[name](data) for name in FIGURE_NAMES}
 
 
@@ -103,6 +107,7 @@ __all__ = [
     "importances_figure",
     "learning_curves_figure",
     "lr_scaling_figure",
+    "noise_floor_figure",
     "noise_scale_figure",
     "objective_plane_figure",
     "power_of_two_ticks",

@@ -25,6 +25,7 @@ FIGURE_NAMES = (
     "importances",
     "noise_scale",
     "cost",
+    "noise_floor",
 )
 FIGURE_TITLES = {
     "lr_scaling": "Best learning rate per batch size (lr* ∝ B^α)",
@@ -34,6 +35,7 @@ FIGURE_TITLES = {
     "importances": "Parameter importances",
     "noise_scale": "Gradient noise scale and the critical batch size",
     "cost": "Value vs time to train, with the Pareto front",
+    "noise_floor": "Seed-to-seed spread and the winner's margin",
 }
 # Royal blue, as hex so that both renderers can give the band its opacity.
 BAND_COLOR = "#4169e1"
@@ -42,11 +44,13 @@ BAND_COLOR = "#4169e1"
 @dataclass(frozen=True)
 class Axis:
     """One axis. ``log_base`` None is linear; the batch-size axis uses 2, learning rate 10.
-    ``ticks`` puts a tick, labelled with its value, at each batch size (None: automatic)."""
+    ``ticks`` puts a tick, labelled with its value, at each batch size (None: automatic);
+    ``labels`` (one per tick) labels them with words instead."""
 
     title: str | None = None
     log_base: int | None = None
     ticks: tuple[int, ...] | None = None
+    labels: tuple[str, ...] | None = None
     integer: bool = False
     # Label a log axis's ticks as plain numbers (5, 10, 20), not powers of ten: for an axis
     # spanning less than a few decades, such as seconds of training.
@@ -108,6 +112,7 @@ class Band:
     upper: tuple[float, ...]
     color: str = BAND_COLOR
     opacity: float = 0.15
+    show_legend: bool = True
 
 
 @dataclass(frozen=True)
