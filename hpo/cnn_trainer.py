@@ -89,8 +89,8 @@ class CnnTrainer:
         finally:
             if checkpoint is not None and checkpoint.writer is not None:
                 self._saved(ctx, checkpoint.writer.wait)  # the last epoch's file is there
-            record_tally(ctx.set_user_attr, run.tally, started, budget=budget)
-            _record_updates_at_report(ctx)
+            record_tally(ctx.set_user_attrs, run.tally, started, budget=budget,
+                         also=_updates_at_report(ctx))  # fmt: skip
             _record_busy_time(ctx, run.tally, resumed)
             self.progress.finish()
 
@@ -155,12 +155,13 @@ class CnnTrainer:
             ctx.set_user_attr("checkpoint_save_error", str(failed)[:500])
 
 
-def _record_updates_at_report(ctx: TrialContext) -> None:
+def _updates_at_report(ctx: TrialContext) -> dict[str, Any]:
     """``updates_at_report``: the updates at each report, when this attempt made them all (a
     retry resumed from a checkpoint knows only its own; the report then spreads
-    ``n_updates`` evenly over the reports)."""
+    ``n_updates`` evenly over the reports); else nothing."""
     if ctx.updates_at_report and len(ctx.updates_at_report) == len(ctx.reported):
-        ctx.set_user_attr("updates_at_report", list(ctx.updates_at_report))
+        return {"updates_at_report": list(ctx.updates_at_report)}
+    return {}
 
 
 def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, float]) -> None:
@@ -174,13 +175,16 @@ def _record_busy_time(ctx: TrialContext, tally: Tally, resumed: tuple[float, flo
 
 
 def record_tally(
-    set_attr: Callable[[str, Any], None],
+    set_attrs: Callable[[dict[str, Any]], None],
     tally: Tally,
     started: float,
     *,
     budget: TrainingBudget | None = None,
+    also: dict[str, Any] | None = None,
 ) -> None:
-    """Store the per-trial metrics as user attributes (also on pruned and failed trials).
+    """Store the per-trial metrics as user attributes (also on pruned and failed trials),
+    with the attrs ``also``, in one write (``set_attrs``: one transaction where the storage
+    allows, so the record lands whole or not at all).
 
     The resource spent is recorded in all three budget units, whichever the study uses:
     ``train_epochs`` (passes over the training set, fractional), ``n_updates`` (optimizer
@@ -213,5 +217,4 @@ def record_tally(
         if last.train_acc is not None:  # measured after the last epoch only (train.fit)
             attrs.update(train_acc=last.train_acc, generalization_gap=last.train_acc - last.val_acc)
     attrs.update(noise_scale_attrs(tally.b_simple, tally.noise))
-    for key, value in attrs.items():
-        set_attr(key, value)
+    set_attrs(attrs | (also or {}))

@@ -73,10 +73,38 @@ def set_trial_system_attr_in_session(
     storage: Any, session: Any, trial_id: int, key: str, value: Any
 ) -> None:
     """Upsert a trial system attribute inside ``session`` (not committed)."""
-    models = rdb_models()
-    storage._set_trial_attr_without_commit(
-        session, models.TrialSystemAttributeModel, trial_id, key, value
+    set_trial_attr_in_session(
+        storage, session, rdb_models().TrialSystemAttributeModel, trial_id, key, value
     )
+
+
+def set_trial_attr_in_session(
+    storage: Any, session: Any, model_cls: Any, trial_id: int, key: str, value: Any
+) -> None:
+    """Upsert a trial attribute of ``model_cls`` (user or system) inside ``session`` (not
+    committed), as Optuna's ``set_trial_user_attr`` / ``set_trial_system_attr`` do."""
+    storage._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
+
+
+# A running ``optuna.Trial``'s id, storage and cached copy (``Trial._trial_id``,
+# ``Trial.storage``: the study's cache layer, ``_CachedStorage._backend``: the storage
+# behind it, ``Trial._cached_frozen_trial``). ``set_trial_user_attrs`` writes many user
+# attrs through the storage's batched write, which Optuna's Trial has no call for, and
+# updates the cached copy as ``Trial.set_user_attr`` does.
+def set_trial_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+    """Every one of ``attrs`` on the running ``trial``: in one transaction where its
+    storage has a batched write (``set_trial_user_attrs``, hpo's RDB storage), else one
+    ``set_user_attr`` each (Optuna's InMemoryStorage, JournalStorage, a FixedTrial)."""
+    storage = getattr(trial, "storage", None)
+    backend = getattr(storage, "_backend", storage)
+    batched = getattr(backend, "set_trial_user_attrs", None)
+    if batched is None or not hasattr(trial, "_cached_frozen_trial"):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    if attrs:
+        batched(trial._trial_id, attrs)
+        trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 # The cache layer a Study keeps its storage behind (``Study._storage``, an

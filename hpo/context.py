@@ -158,6 +158,8 @@ class TrialContext:
     retry_of: int | None  # the trial this one retries (its worker died), else None
     on_report: Callable[[float, int, bool, int], None]  # value, number, last, samples
     set_attr: Callable[[str, Any], None]
+    # Many attrs in one write (all or none); None: one ``set_attr`` each.
+    set_attrs: Callable[[dict[str, Any]], None] | None = None
     noise: GradientNoise = field(default_factory=GradientNoise)
     reported: list[float] = field(default_factory=list)
     samples: int = 0
@@ -226,6 +228,15 @@ class TrialContext:
     def set_user_attr(self, key: str, value: Any) -> None:
         """Store a JSON-serializable value on the trial (shown by the dashboard)."""
         self.set_attr(key, value)
+
+    def set_user_attrs(self, attrs: dict[str, Any]) -> None:
+        """Store several values on the trial at once: in one transaction where the storage
+        allows (every one lands or none does), else one ``set_user_attr`` each."""
+        if self.set_attrs is not None:
+            self.set_attrs(attrs)
+            return
+        for key, value in attrs.items():
+            self.set_attr(key, value)
 
     @property
     def resume(self) -> Any:

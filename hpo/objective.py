@@ -32,6 +32,7 @@ import torch
 from hpo.caps import CLAMPED_ATTR, clamp_batch_size, lower_batch_cap, read_batch_cap
 from hpo.checkpoint import TrialCheckpoint
 from hpo.cnn_trainer import CnnTrainer, SilentProgress, record_tally
+from hpo.compat import set_trial_user_attrs
 from hpo.context import Budget, Diverged, Trainer, TrialContext, load_trainer
 from hpo.data import PatchSet, study_splits
 from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory, select_device
@@ -115,10 +116,14 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
         params = self._params(trial)
-        trial.set_user_attr("device", self.setup.name)  # the device kind
-        trial.set_user_attr("precision", self.setup.precision)
-        trial.set_user_attr("ranks", self.spec.training.gpus_per_trial)
         ctx = self._context(trial, params)
+        set_trial_user_attrs(trial, {
+            "device": self.setup.name,  # the device kind
+            "precision": self.setup.precision,
+            "ranks": self.spec.training.gpus_per_trial,
+            "budget_unit": ctx.budget.unit,
+            "budget_per_report": ctx.budget.per_report,
+        })  # fmt: skip
         if self.tracker is not None:
             worker = trial.user_attrs.get("worker")
             self.tracker.trial_started(trial.number, ctx.params, {"worker": worker})
@@ -157,7 +162,7 @@ class Objective:
             spec=self.spec, checkpoint_dir=directory, retry_of=retried_from(trial),
             # a replicate runs to the end: the noise floor needs its final value
             on_report=partial(self._on_report, trial, prune=not replicate_attrs(attrs)),
-            set_attr=trial.set_user_attr,
+            set_attr=trial.set_user_attr, set_attrs=partial(set_trial_user_attrs, trial),
         )  # fmt: skip
 
     def _train(self, trial: optuna.Trial, ctx: TrialContext) -> float:
@@ -165,8 +170,6 @@ class Objective:
         saved state on a retry, and a summary of its reports as user attrs however it ends
         (hpo's own loop records its own: ``record_tally``)."""
         started = time.perf_counter()
-        trial.set_user_attr("budget_unit", ctx.budget.unit)
-        trial.set_user_attr("budget_per_report", ctx.budget.per_report)
         own_attrs = getattr(self.trainer, "records_own_attrs", False)
         if not own_attrs:
             torch.manual_seed(ctx.seed)
@@ -181,7 +184,7 @@ class Objective:
             raise optuna.TrialPruned(str(diverged)) from None
         finally:
             if not own_attrs:
-                record_reports(trial.set_user_attr, ctx, started)
+                record_reports(partial(set_trial_user_attrs, trial), ctx, started)
                 self.progress.finish()  # the study's bar counts the trial (hpo's loop does)
         return self._final_value(trial, ctx, value)
 
@@ -273,8 +276,9 @@ def record_device_time(
     set_attr("device_seconds", parts | {k: v * ctx.world_size for k, v in busy.items()})
 
 
-def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
-    """A user's trainer's run as user attrs, named as hpo's own loop names them:
+def record_reports(set_attrs: Any, ctx: TrialContext, started: float) -> None:
+    """A user's trainer's run as user attrs, in one write (``set_attrs``), named as hpo's
+    own loop names them:
     ``reports_completed`` (reports made), ``epochs_completed`` (whole epochs, with a budget
     in epochs), ``n_updates`` and ``train_samples`` (as last told
     to ``ctx.report``), ``train_epochs`` (reports times the epochs each stands for, with a
@@ -282,22 +286,23 @@ def record_reports(set_attr: Any, ctx: TrialContext, started: float) -> None:
     ``samples_per_s``, and the gradient noise scale (``b_simple``, ``b_simple_per_epoch``)
     when the trainer measured it."""
     seconds = time.perf_counter() - started
-    set_attr("reports_completed", len(ctx.reported))
+    attrs: dict[str, Any] = {"reports_completed": len(ctx.reported)}
     if ctx.budget.unit == "epochs":  # the budget axis: each report is a share of the epochs
         epochs = len(ctx.reported) * ctx.budget.per_report
-        set_attr("train_epochs", epochs)
-        set_attr("epochs_completed", int(epochs + 1e-9))  # whole passes, not reports
-    set_attr("wall_time_s", seconds)
-    set_attr("train_seconds", seconds)
+        attrs["train_epochs"] = epochs
+        attrs["epochs_completed"] = int(epochs + 1e-9)  # whole passes, not reports
+    attrs["wall_time_s"] = seconds
+    attrs["train_seconds"] = seconds
     if ctx.updates:
-        set_attr("n_updates", ctx.updates)
+        attrs["n_updates"] = ctx.updates
         if len(ctx.updates_at_report) == len(ctx.reported):
-            set_attr("updates_at_report", list(ctx.updates_at_report))
+            attrs["updates_at_report"] = list(ctx.updates_at_report)
     if ctx.samples:
-        set_attr("train_samples", ctx.samples)
-        set_attr("samples_per_s", ctx.samples / seconds if seconds else 0.0)
-    for key, value in noise_scale_attrs(ctx.b_simple, ctx.noise.estimate).items():
-        set_attr(key, value)  # or why there is no estimate (the trainer never measured)
+        attrs["train_samples"] = ctx.samples
+        attrs["samples_per_s"] = ctx.samples / seconds if seconds else 0.0
+    # The noise scale, or why there is no estimate (the trainer never measured).
+    attrs.update(noise_scale_attrs(ctx.b_simple, ctx.noise.estimate))
+    set_attrs(attrs)
 
 
 def train_trial(

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import threading
 import uuid
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -23,6 +23,7 @@ import sqlalchemy
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+import hpo.storage.attrs as attributes
 import hpo.storage.counts as counts
 import hpo.storage.heartbeats as heartbeats
 import hpo.storage.locks as locks
@@ -181,6 +182,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if not self._set_attr_at_once("TrialSystemAttributeModel", trial_id, key, value):
             super().set_trial_system_attr(trial_id, key, value)
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Every one of ``attrs`` on the trial in one transaction: all land or none does
+        (``hpo.storage.attrs``). Retried as a single attribute is (``hpo.storage.reconnect``)."""
+        attributes.set_attrs(self, attributes.USER_ATTRS, trial_id, attrs)
 
     def _set_attr_at_once(self, model: str, trial_id: int, key: str, value: Any) -> bool:
         """A trial's attribute in ``model``'s table, in one statement on PostgreSQL; False

@@ -10,6 +10,9 @@ idempotent (a repeat stores the same rows):
 - ``set_study_user_attr``, ``set_study_system_attr``, ``set_trial_user_attr``,
   ``set_trial_system_attr``, ``set_trial_intermediate_value``, ``record_heartbeat``:
   upserts keyed by (study or trial, key or step), same value;
+- ``set_trial_user_attrs`` (many attributes in one transaction, ``hpo.storage.attrs``):
+  the same upserts in one commit, so a repeat stores the same rows, and an attempt whose
+  commit failed stored none of them;
 - ``set_trial_param`` / ``_set_trial_param``: the repeated insert hits the unique
   (trial, param) key, and Optuna ignores that IntegrityError for this call.
 
@@ -56,7 +59,7 @@ IDEMPOTENT_METHODS = (
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_best_trial", "record_heartbeat",
     "_get_stale_trial_ids", "_set_trial_param", "_get_best_trial_id", "count_trials",
-    "waiting_trial_ids", "trial_states_since",
+    "waiting_trial_ids", "trial_states_since", "set_trial_user_attrs",
 )  # fmt: skip
 # Calls that return trials: retried like the above, and the tokens are taken out.
 TRIAL_READS = ("get_trial", "_get_trials", "get_trial_system_attrs")

@@ -116,7 +116,7 @@ def compatible(
     return True
 
 
-def _updatable(bound: str = "trial_id") -> sqlalchemy.CTE:
+def updatable(bound: str = "trial_id") -> sqlalchemy.CTE:
     """The study and state of the trial whose id is bound as ``bound``, for a statement
     that writes to it only if it is not finished (``write``)."""
     trial = compat.rdb_models().TrialModel.__table__
@@ -136,7 +136,7 @@ def param_insert(look_back: bool) -> sqlalchemy.Select:
     models = compat.rdb_models()
     param = models.TrialParamModel.__table__
     trial = models.TrialModel.__table__
-    target = _updatable()
+    target = updatable()
     shape = sqlalchemy.bindparam("shape", type_=param.c.distribution_json.type)
     allowed = [target.c.state.not_in(FINISHED)]
     earlier: sqlalchemy.ColumnElement[Any] = sqlalchemy.null()
@@ -174,7 +174,7 @@ def attr_upsert(table_name: str) -> sqlalchemy.Select:
     (in ``table_name``: its user or system attributes) set to ``:value`` (JSON), if the
     trial is not finished; answers the trial's state."""
     table = compat.rdb_models().TrialModel.metadata.tables[table_name]
-    target = _updatable()
+    target = updatable()
     row = sqlalchemy.select(
         sqlalchemy.bindparam("trial_id", type_=table.c.trial_id.type),
         sqlalchemy.bindparam("key", type_=table.c.key.type),
@@ -201,7 +201,7 @@ def finish_statement(objectives: int) -> sqlalchemy.Select:
     models = compat.rdb_models()
     trial = models.TrialModel.__table__
     table = models.TrialValueModel.__table__
-    target = _updatable("finished_id")
+    target = updatable("finished_id")
     updated = (
         sqlalchemy.update(trial)
         .where(
@@ -252,7 +252,7 @@ def step_upsert() -> sqlalchemy.Select:
     at ``:step`` of the trial ``:trial_id``, inserted or replaced if the trial is not
     finished; answers the trial's state."""
     table = compat.rdb_models().TrialIntermediateValueModel.__table__
-    target = _updatable()
+    target = updatable()
     row = sqlalchemy.select(
         sqlalchemy.bindparam("trial_id", type_=table.c.trial_id.type),
         sqlalchemy.bindparam("step", type_=table.c.step.type),
