@@ -202,9 +202,23 @@ def test_a_worker_trial_records_its_device_time_in_one_write(tiny_study: Path, m
         written.append(key)
         original(self, trial_id, key, value)
 
+    batches: list[list[str]] = []
+    batched = ReconnectingRDBStorage.set_trial_user_attrs
+
+    def counted_batch(self, trial_id: int, attrs) -> None:
+        batches.append(sorted(attrs))
+        batched(self, trial_id, attrs)
+
     monkeypatch.setattr(ReconnectingRDBStorage, "set_trial_user_attr", counted)
+    monkeypatch.setattr(ReconnectingRDBStorage, "set_trial_user_attrs", counted_batch)
     run_worker("tiny", url, total_trials=1)
     assert [key for key in written if key.startswith("device_seconds")] == ["device_seconds"]
+    # The trial's other attrs in two writes (hpo.storage.attrs): what it runs on, at its
+    # start, and its whole record (record_tally), at its end.
+    assert sorted(written) == ["batch_size", "device_seconds", "worker"]
+    start, record = batches
+    assert {"device", "precision", "budget_unit"} <= set(start)
+    assert {"val_auc", "train_seconds", "n_updates", "b_simple", "updates_at_report"} <= set(record)
     (trial,) = optuna.load_study(study_name="tiny", storage=url).trials
     attrs = trial.user_attrs
     assert attrs["device"] == "cpu"

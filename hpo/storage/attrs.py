@@ -88,12 +88,16 @@ def attrs_upsert(table_name: str) -> sqlalchemy.Select:
     pairs = sqlalchemy.func.unnest(
         sqlalchemy.bindparam("keys", type_=postgresql.ARRAY(table.c.key.type)),
         sqlalchemy.bindparam("values", type_=postgresql.ARRAY(table.c.value_json.type)),
-    ).table_valued("key", "value_json")
-    rows = sqlalchemy.select(
-        sqlalchemy.bindparam("trial_id", type_=table.c.trial_id.type),
-        pairs.c.key,
-        pairs.c.value_json,
-    ).where(target.c.state.not_in(FINISHED))
+    ).table_valued("key", "value_json").render_derived(name="pairs")
+    rows = (
+        sqlalchemy.select(
+            sqlalchemy.bindparam("trial_id", type_=table.c.trial_id.type),
+            pairs.c.key,
+            pairs.c.value_json,
+        )
+        .select_from(pairs.join(target, sqlalchemy.true()))  # every pair, the one trial
+        .where(target.c.state.not_in(FINISHED))
+    )
     upsert = postgresql.insert(table).from_select(["trial_id", "key", "value_json"], rows)
     written = (
         upsert.on_conflict_do_update(
