@@ -111,3 +111,14 @@ def test_the_storage_subclass_overrides_only_pinned_private_methods_with_optunas
         ours = inspect.signature(getattr(ReconnectingRDBStorage, name)).parameters
         theirs = inspect.signature(getattr(optuna.storages.RDBStorage, name)).parameters
         assert list(ours) == list(theirs), name
+
+
+def test_a_running_trial_still_has_the_id_storage_and_cached_copy_the_batched_attrs_use() -> None:
+    """``compat.set_trial_user_attrs`` writes through the storage behind the trial's cache
+    layer and updates the trial's cached copy, as ``Trial.set_user_attr`` does."""
+    study = optuna.create_study(storage=optuna.storages.RDBStorage("sqlite://"))
+    trial = study.ask()
+    assert isinstance(trial._trial_id, int)
+    assert isinstance(trial.storage._backend, optuna.storages.RDBStorage)
+    source = inspect.getsource(optuna.Trial.set_user_attr)
+    assert "self._cached_frozen_trial.user_attrs[key] = value" in source

@@ -254,6 +254,7 @@ IDEMPOTENT_WRITES: dict[str, Callable] = {
     ),
     "set_trial_user_attr": lambda s, study, trial: s.set_trial_user_attr(trial, "k", "v"),
     "set_trial_system_attr": lambda s, study, trial: s.set_trial_system_attr(trial, "k", "v"),
+    "set_trial_user_attrs": lambda s, study, trial: s.set_trial_user_attrs(trial, {"k": "v"}),
     "record_heartbeat": lambda s, study, trial: s.record_heartbeat(trial),
 }
 

@@ -85,10 +85,14 @@ def attrs_upsert(table_name: str) -> sqlalchemy.Select:
     (one statement cannot update a row twice): the keys come from a mapping."""
     table = compat.rdb_models().TrialModel.metadata.tables[table_name]
     target = updatable()
-    pairs = sqlalchemy.func.unnest(
-        sqlalchemy.bindparam("keys", type_=postgresql.ARRAY(table.c.key.type)),
-        sqlalchemy.bindparam("values", type_=postgresql.ARRAY(table.c.value_json.type)),
-    ).table_valued("key", "value_json").render_derived(name="pairs")
+    pairs = (
+        sqlalchemy.func.unnest(
+            sqlalchemy.bindparam("keys", type_=postgresql.ARRAY(table.c.key.type)),
+            sqlalchemy.bindparam("values", type_=postgresql.ARRAY(table.c.value_json.type)),
+        )
+        .table_valued("key", "value_json")
+        .render_derived(name="pairs")
+    )
     rows = (
         sqlalchemy.select(
             sqlalchemy.bindparam("trial_id", type_=table.c.trial_id.type),
