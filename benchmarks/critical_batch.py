@@ -67,28 +67,31 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
     return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
 
 
-def grid_specs(spec: StudySpec, lrs: int, seed: int) -> list[StudySpec]:
-    """The grid for one seed, one study per LR (every batch size at that LR): chunks that
-    ``launch`` can keep and reuse, so an interrupted run resumes where it stopped."""
+def grid_specs(spec: StudySpec, lrs: int, seed: int, chunked: bool) -> list[StudySpec]:
+    """The grid for one seed: one study, or with ``chunked`` one study per LR (every batch
+    size at that LR), chunks that ``launch`` keeps and reuses, so an interrupted run resumes
+    where it stopped."""
     search = spec.search
+    grid = log_spaced(search.lr_low, search.lr_high, lrs)
+    chunks = [[lr] for lr in grid] if chunked else [grid]
     return [
         with_tables(
             spec,
-            name=f"{spec.name}-grid-{seed}-lr{index}",
+            name=f"{spec.name}-grid-{seed}" + (f"-lr{index}" if chunked else ""),
             seed=seed,
             sampler={
                 "kind": "grid",
                 "seed": seed,
-                "grid_lr": [lr],
+                "grid_lr": chunk,
                 "grid_weight_decay": [
                     math.sqrt(search.weight_decay_low * search.weight_decay_high)
                 ],
                 "cover_batch_sizes": False,
             },
             pruner={"kind": "none"},
-            budget={"n_trials": len(search.batch_sizes)},
+            budget={"n_trials": len(search.batch_sizes) * len(chunk)},
         )
-        for index, lr in enumerate(log_spaced(search.lr_low, search.lr_high, lrs))
+        for index, chunk in enumerate(chunks)
     ]
 
 
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         grids = [
             launch(chunk, directory, args.threads)
             for seed in range(args.grid_seeds)
-            for chunk in grid_specs(spec, args.lrs, seed)
+            for chunk in grid_specs(spec, args.lrs, seed, chunked=args.keep is not None)
         ]
         curves = grid_curves(grids)
         seeds = []
