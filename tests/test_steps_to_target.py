@@ -237,3 +237,10 @@ def test_far_above_the_range_the_interval_is_one_sided_and_still_covers() -> Non
     measured = list(_draws(1e5, [8, 16, 32, 64, 128, 256], 40))
     assert sum(m.high is None for m in measured) >= 0.85 * len(measured)
     assert sum(m.low <= 1e5 <= (m.high or math.inf) for m in measured) >= 0.85 * len(measured)
+
+
+def test_a_batch_size_known_only_from_above_reads_as_a_bound() -> None:
+    direct = StepsToTarget(0.8, ((16, 128.0), (64, 60.0), (256, 40.0)), 35.0, 50.0, 30.0, 90.0,
+                           bounds=(16,))  # fmt: skip
+    text = describe_steps_to_target(direct, _measured(50, 30, 90))
+    assert "B = 16: ≤ 128" in text and "B = 64: 60" in text and "upper bounds" in text

@@ -6,19 +6,32 @@ Training", eq. 2.11), with a bootstrap interval over the study's own trials.
   best value any of its trials reported, then the worst of those (``common_target``). Every
   studied batch size reaches it, so each gets a step count.
 - **Steps to target** at a batch size is the fewest optimizer updates any of its trials
-  (complete or pruned) needed to reach it: the first report at or past the target, the
-  crossing placed by linear interpolation from the report before (``steps_to_reach``).
-  The minimum over trials is the "LR tuned at each B" of the paper: the trial with the
-  best LR gets there first.
+  (complete or pruned) needed to reach it (``batch_size_steps``): the first report at or
+  past the target, the crossing interpolated on log updates from the report before
+  (``crossing``). The minimum over trials is the "LR tuned at each B" of the paper: the
+  trial with the best LR gets there first. A trial already past the target at its first
+  report says only that the steps are *at most* that report's updates: an upper bound,
+  not a count (taking it as one would make a small batch size, which makes many updates
+  per report under an epoch budget, look slow and push B_crit up).
 - **B_crit** is the paper's: S(B) = S_min + E_min/B, B_crit = E_min/S_min, where a run takes
-  twice the minimum steps (and twice the minimum examples). Fitted by least squares on the
-  relative error of S (``fit_steps``). A fit without a positive S_min means the steps still
-  fall as 1/B over the studied range: B_crit is above it (infinite as a value).
-- **The interval** resamples the trials within each batch size (with replacement) and
-  refits, ``RESAMPLES`` times, at ``STEPS_CONFIDENCE``: percentiles of B_crit; an upper
-  percentile at infinity leaves the interval without an upper end.
+  twice the minimum steps (and twice the minimum examples). Fitted by least squares on
+  log S (``fit_steps``: B_crit profiled over a log-spaced grid, S_min in closed form); an
+  upper bound counts only where the fit lies above it. B_crit at the grid's top (1,000×
+  the largest batch size) means the steps still fall as 1/B over the studied range: above
+  it (infinite as a value); at its bottom, 0: they do not fall at all.
+- **The interval** is a residual bootstrap (``_bootstrap``): the fit's residuals on log S,
+  one per batch size, widened for the two fitted parameters, drawn with replacement onto
+  the fitted curve and refitted ``RESAMPLES`` times; percentiles at ``STEPS_CONFIDENCE``.
+  An upper percentile at the grid's top leaves the interval without an upper end. The
+  residuals hold what moves a batch size's steps off the curve (which LRs its trials
+  tried, seed noise, where the reports fall), so a batch size with one trial counts as
+  much as one with five; resampling the trials within each batch size instead covered a
+  planted B_crit in about 70% of draws, not 90% (the bootstrap of a minimum over 2–3
+  trials is nearly degenerate). It needs three or more batch sizes measured between
+  reports.
 
-Plain Python; reads only finished trials' intermediate values and user attrs.
+NumPy (every resample's fit at once); reads only finished trials' intermediate values and
+user attrs.
 """
 
 from __future__ import annotations
