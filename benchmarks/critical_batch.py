@@ -10,16 +10,24 @@ Then the study as shipped, ``--search-seeds`` seeds (spec and sampler seeded), e
 through ``hpo launch``. For each search: its B_crit from steps to target with the bootstrap
 interval (``hpo.report.steps_to_target``: the target is the best value its weakest batch
 size reaches), and the grid's B_crit *at that same target* (per batch size the fewest
-updates any LR's mean curve needs, fitted to S(B) = S_min·(1 + B_crit/B)). The goal: the
-study's interval contains the grid's B_crit for every seed.
+updates any LR's mean curve needs, fitted to S(B) = S_min·(1 + B_crit/B) as the study's
+is, upper bounds included). The goal: the study's interval contains the grid's B_crit for
+every seed.
+
+The case: the study file (``--study``, the demo by default) with ``--batch-sizes``,
+``--lr-range``, ``--train-size``, ``--epochs``, ``--reports`` and ``--n-trials`` laid over
+it, for one whose batch-size range spans B_crit (docs/benchmarks.md gives the command).
 
 Printed as JSON: per seed the target, the study's value and interval, its steps per batch
-size, the grid's B_crit and steps at that target, and ``inside``.
+size (``bounds``: those known only from above), the grid's B_crit and steps at that
+target, and ``inside``.
 
 Run: ``uv run python benchmarks/critical_batch.py --json critical.json`` (hours on 2 CPU
-cores: the grid is 5 batch sizes × 9 LRs × 2 seeds of the demo's trials); ``--quick``
+cores at the defaults: 5 batch sizes × 9 LRs × 2 seeds of the demo's trials); ``--quick``
 shrinks it to a smoke test of the pipeline (tiny data, 3 batch sizes, 2 LRs, 1 grid seed)
-for the test suite; ``--keep DIR`` keeps the study files and SQLite studies.
+for the test suite. ``--keep DIR`` keeps the study files and SQLite studies, the grid as
+one study per seed and LR; a rerun with the same ``--keep`` reuses every finished one, so
+a run cut off (e.g. by ``timeout``) resumes where it stopped.
 """
 
 from __future__ import annotations
