@@ -264,7 +264,8 @@ def describe_steps_to_target(
         value = "the steps still fall as 1/B at every studied batch size: B_crit is above them"
     text = (
         f"Measured directly: the updates needed to reach {metric} {direct.target:.4g} (the best "
-        f"value the weakest batch size reaches) are {counts}. Fitting S(B) = S_min·(1 + B_crit/B) "
+        f"value every batch size reaches within 3/4 of its budget) are {counts}. Fitting "
+        f"S(B) = S_min·(1 + B_crit/B) "
         f"(McCandlish et al. 2018; B_crit: where a run takes twice the fewest steps), {value} "
         f"({direct.confidence:.0%} bootstrap interval over the fit's residuals: "
         f"{_interval_text(direct.interval)}{': ' + direct.reason if direct.reason else ''})."
