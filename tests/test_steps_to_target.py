@@ -240,7 +240,7 @@ def test_the_interval_covers_a_critical_batch_size_inside_the_range(b_crit, per_
     measured = list(_draws(b_crit, [8, 16, 32, 64, 128, 256], 60, per_batch_size))
     two_sided = [m for m in measured if m.low is not None and m.high is not None]
     covered = sum(m.low <= b_crit <= m.high for m in two_sided)
-    assert len(two_sided) >= 0.95 * len(measured)
+    assert len(two_sided) >= 0.9 * len(measured)
     assert covered >= 0.8 * len(measured)
     assert statistics.median(m.b_crit for m in measured) == pytest.approx(b_crit, rel=0.25)
 
