@@ -256,3 +256,12 @@ def test_a_batch_size_known_only_from_above_reads_as_a_bound() -> None:
                            bounds=(16,))  # fmt: skip
     text = describe_steps_to_target(direct, _measured(50, 30, 90))
     assert "B = 16: ≤ 128" in text and "B = 64: 60" in text and "upper bounds" in text
+
+
+def test_two_batch_sizes_give_a_value_but_say_why_there_is_no_interval() -> None:
+    measured = measure_steps_to_target(
+        [_trial(16, 300.0), _trial(64, 120.0)], maximize=True, batch_size_of=trial_batch_size
+    )
+    assert measured.b_crit is not None and measured.interval is None
+    text = describe_steps_to_target(measured, _measured(50, 30, 90))
+    assert "(no interval: an interval needs three or more batch sizes" in text

@@ -267,8 +267,12 @@ def describe_steps_to_target(
         f"value every batch size reaches within 3/4 of its budget) are {counts}. Fitting "
         f"S(B) = S_min·(1 + B_crit/B) "
         f"(McCandlish et al. 2018; B_crit: where a run takes twice the fewest steps), {value} "
-        f"({direct.confidence:.0%} bootstrap interval over the fit's residuals: "
-        f"{_interval_text(direct.interval)}{': ' + direct.reason if direct.reason else ''})."
+        + (
+            f"({direct.confidence:.0%} bootstrap interval over the fit's residuals: "
+            f"{_interval_text(direct.interval)})."
+            if direct.interval is not None
+            else f"(no interval: {direct.reason or 'the bootstrap found none'})."
+        )
     )
     if direct.bounds:
         text += (
