@@ -10,16 +10,24 @@ Then the study as shipped, ``--search-seeds`` seeds (spec and sampler seeded), e
 through ``hpo launch``. For each search: its B_crit from steps to target with the bootstrap
 interval (``hpo.report.steps_to_target``: the target is the best value its weakest batch
 size reaches), and the grid's B_crit *at that same target* (per batch size the fewest
-updates any LR's mean curve needs, fitted to S(B) = S_min·(1 + B_crit/B)). The goal: the
-study's interval contains the grid's B_crit for every seed.
+updates any LR's mean curve needs, fitted to S(B) = S_min·(1 + B_crit/B) as the study's
+is, upper bounds included). The goal: the study's interval contains the grid's B_crit for
+every seed.
+
+The case: the study file (``--study``, the demo by default) with ``--batch-sizes``,
+``--lr-range``, ``--train-size``, ``--epochs``, ``--reports`` and ``--n-trials`` laid over
+it, for one whose batch-size range spans B_crit (docs/benchmarks.md gives the command).
 
 Printed as JSON: per seed the target, the study's value and interval, its steps per batch
-size, the grid's B_crit and steps at that target, and ``inside``.
+size (``bounds``: those known only from above), the grid's B_crit and steps at that
+target, and ``inside``.
 
 Run: ``uv run python benchmarks/critical_batch.py --json critical.json`` (hours on 2 CPU
-cores: the grid is 5 batch sizes × 9 LRs × 2 seeds of the demo's trials); ``--quick``
+cores at the defaults: 5 batch sizes × 9 LRs × 2 seeds of the demo's trials); ``--quick``
 shrinks it to a smoke test of the pipeline (tiny data, 3 batch sizes, 2 LRs, 1 grid seed)
-for the test suite; ``--keep DIR`` keeps the study files and SQLite studies.
+for the test suite. ``--keep DIR`` keeps the study files and SQLite studies, the grid as
+one study per seed and LR; a rerun with the same ``--keep`` reuses every finished one, so
+a run cut off (e.g. by ``timeout``) resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -38,7 +46,12 @@ from pathlib import Path
 import optuna
 import tomli_w
 
-from hpo.report.steps_to_target import fit_steps, measure_steps_to_target, steps_to_reach
+from hpo.report.steps_to_target import (
+    batch_size_steps,
+    crossing,
+    fit_steps,
+    measure_steps_to_target,
+)
 from hpo.report.summary import trial_batch_size
 from hpo.spec import StudySpec, load_spec
 
@@ -62,32 +75,51 @@ def log_spaced(low: float, high: float, count: int) -> list[float]:
     return [low * (high / low) ** (i / (count - 1)) for i in range(count)]
 
 
-def grid_spec(spec: StudySpec, lrs: int, seed: int) -> StudySpec:
+def grid_specs(spec: StudySpec, lrs: int, seed: int, chunked: bool) -> list[StudySpec]:
+    """The grid for one seed: one study, or with ``chunked`` one study per LR (every batch
+    size at that LR), chunks that ``launch`` keeps and reuses, so an interrupted run resumes
+    where it stopped."""
     search = spec.search
-    configs = len(search.batch_sizes) * lrs
-    return with_tables(
-        spec,
-        name=f"{spec.name}-grid-{seed}",
-        seed=seed,
-        sampler={
-            "kind": "grid",
-            "seed": seed,
-            "grid_lr": log_spaced(search.lr_low, search.lr_high, lrs),
-            "grid_weight_decay": [math.sqrt(search.weight_decay_low * search.weight_decay_high)],
-            "cover_batch_sizes": False,
-        },
-        pruner={"kind": "none"},
-        budget={"n_trials": configs},
-    )
+    grid = log_spaced(search.lr_low, search.lr_high, lrs)
+    chunks = [[lr] for lr in grid] if chunked else [grid]
+    return [
+        with_tables(
+            spec,
+            name=f"{spec.name}-grid-{seed}" + (f"-lr{index}" if chunked else ""),
+            seed=seed,
+            sampler={
+                "kind": "grid",
+                "seed": seed,
+                "grid_lr": chunk,
+                "grid_weight_decay": [
+                    math.sqrt(search.weight_decay_low * search.weight_decay_high)
+                ],
+                "cover_batch_sizes": False,
+            },
+            pruner={"kind": "none"},
+            budget={"n_trials": len(search.batch_sizes) * len(chunk)},
+        )
+        for index, chunk in enumerate(chunks)
+    ]
 
 
 def launch(spec: StudySpec, directory: Path, threads: int) -> optuna.Study:
     """``hpo launch`` on ``spec`` written as a study file; the finished study (its
-    ``wall_s`` set on it: the command's wall time)."""
+    ``benchmark_wall_s`` set on it: the command's wall time). A study already in
+    ``directory`` from the same study file with all its trials finished is reused, not run
+    again; one left unfinished (an interrupted run) is started afresh."""
     path = directory / f"{spec.name}.toml"
     fields = json.loads(spec.model_dump_json(exclude_none=True))
-    path.write_text(tomli_w.dumps(fields))
-    storage = f"sqlite:///{directory / (spec.name + '.db')}"
+    text = tomli_w.dumps(fields)
+    database = directory / f"{spec.name}.db"
+    storage = f"sqlite:///{database}"
+    if database.exists() and path.exists() and path.read_text() == text:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if len(study.get_trials(deepcopy=False, states=finished)) >= spec.budget.n_trials:
+            return study
+    database.unlink(missing_ok=True)
+    path.write_text(text)
     command = [sys.executable, "-m", "hpo", "launch", "--study", str(path), "--storage", storage]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
@@ -121,14 +153,22 @@ def grid_curves(studies: list[optuna.Study]) -> dict[tuple[int, float], list[tup
 
 
 def grid_b_crit(curves: dict, target: float, maximize: bool) -> dict:
-    """The grid's steps to ``target`` per batch size (fewest over its LRs) and B_crit."""
-    steps: dict[int, float] = {}
+    """The grid's steps to ``target`` per batch size (fewest over its LRs; an upper bound
+    where an LR is past it at the first report) and B_crit, fitted as the study's is."""
+    crossings: dict[int, list] = {}
     for (batch_size, _), curve in curves.items():
-        reached = steps_to_reach(curve, target, maximize)
-        if reached is not None:
-            steps[batch_size] = min(reached, steps.get(batch_size, math.inf))
-    fitted = fit_steps(sorted(steps.items()))
-    return {"b_crit": None if fitted is None else fitted[1], "steps": dict(sorted(steps.items()))}
+        crossings.setdefault(batch_size, []).append(crossing(curve, target, maximize))
+    steps = {b: batch_size_steps(c) for b, c in sorted(crossings.items())}
+    steps = {b: s for b, s in steps.items() if s is not None}
+    fitted = fit_steps(
+        [(b, s) for b, (s, exact) in steps.items() if exact],
+        [(b, s) for b, (s, exact) in steps.items() if not exact],
+    )
+    return {
+        "b_crit": None if fitted is None else fitted[1],
+        "steps": {b: s for b, (s, _) in steps.items()},
+        "bounds": [b for b, (_, exact) in steps.items() if not exact],
+    }
 
 
 def quick(spec: StudySpec) -> StudySpec:
@@ -142,6 +182,24 @@ def quick(spec: StudySpec) -> StudySpec:
     )
 
 
+def with_case(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
+    """The study file with the case's overrides (batch sizes, LR range, data, budget)."""
+    search, budget, dataset = {}, {}, {}
+    if args.batch_sizes:
+        low, high = (int(v) for v in args.batch_sizes.split(":"))
+        search.update(batch_size_min=low, batch_size_max=high)
+    if args.lr_range:
+        low, high = (float(v) for v in args.lr_range.split(":"))
+        search.update(lr_low=low, lr_high=high)
+    if args.train_size:
+        dataset["train_size"] = args.train_size
+    for name in ("epochs", "reports", "n_trials"):
+        if getattr(args, name):
+            budget[name] = getattr(args, name)
+    tables = {"search": search, "budget": budget, "dataset": dataset}
+    return with_tables(spec, **{table: fields for table, fields in tables.items() if fields})
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=str(REPO / "studies/demo.toml"))
@@ -149,12 +207,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grid-seeds", type=int, default=2)
     parser.add_argument("--search-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", help="LOW:HIGH, the study's batch-size range")
+    parser.add_argument("--lr-range", help="LOW:HIGH, the study's LR range")
+    parser.add_argument("--train-size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--reports", type=int)
+    parser.add_argument("--n-trials", type=int, help="the search's trials")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--keep", type=Path, help="keep study files and SQLite studies here")
+    parser.add_argument(
+        "--keep", type=Path, help="keep study files and SQLite studies here; a rerun reuses "
+        "the finished ones (an interrupted run resumes)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_spec(args.study)
+    spec = with_case(load_spec(args.study), args)
     if args.quick:
         spec = quick(spec)
         args.lrs, args.grid_seeds = min(args.lrs, 2), 1
@@ -163,8 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
         directory = args.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
         grids = [
-            launch(grid_spec(spec, args.lrs, seed), directory, args.threads)
+            launch(chunk, directory, args.threads)
             for seed in range(args.grid_seeds)
+            for chunk in grid_specs(spec, args.lrs, seed, chunked=args.keep is not None)
         ]
         curves = grid_curves(grids)
         seeds = []
@@ -188,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "steps": dict(measured.steps),
                     "grid_b_crit": grid_value,
                     "grid_steps": truth.get("steps"),
+                    "bounds": list(measured.bounds),
+                    "grid_bounds": truth.get("bounds"),
                     "inside": inside,
                     "reason": measured.reason or None,
                     "wall_s": study.user_attrs.get("benchmark_wall_s"),

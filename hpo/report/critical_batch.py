@@ -255,18 +255,30 @@ def describe_steps_to_target(
         return (
             f"The critical batch size from steps to a target cannot be measured: {direct.reason}."
         )
-    counts = ", ".join(f"B = {b}: {s:,.0f}" for b, s in direct.steps)
+    counts = ", ".join(
+        f"B = {b}: {'≤ ' if b in direct.bounds else ''}{s:,.0f}" for b, s in direct.steps
+    )
     if math.isfinite(direct.b_crit):
         value = f"B_crit is about {examples(direct.b_crit)}"
     else:
         value = "the steps still fall as 1/B at every studied batch size: B_crit is above them"
     text = (
         f"Measured directly: the updates needed to reach {metric} {direct.target:.4g} (the best "
-        f"value the weakest batch size reaches) are {counts}. Fitting S(B) = S_min·(1 + B_crit/B) "
+        f"value every batch size reaches within 3/4 of its budget) are {counts}. Fitting "
+        f"S(B) = S_min·(1 + B_crit/B) "
         f"(McCandlish et al. 2018; B_crit: where a run takes twice the fewest steps), {value} "
-        f"({direct.confidence:.0%} bootstrap interval over the trials within each batch size: "
-        f"{_interval_text(direct.interval)})."
+        + (
+            f"({direct.confidence:.0%} bootstrap interval over the fit's residuals: "
+            f"{_interval_text(direct.interval)})."
+            if direct.interval is not None
+            else f"(no interval: {direct.reason or 'the bootstrap found none'})."
+        )
     )
+    if direct.bounds:
+        text += (
+            " Steps marked ≤ are upper bounds: those batch sizes were already past the target "
+            "at their first report; more reports per trial would count them."
+        )
     said = direct_verdict(direct, measured)
     seen = _interval_text(measured_interval(measured))
     if said.word == "agree":
