@@ -19,7 +19,7 @@ from typing import Any
 NOISE_SCALE_CONFIDENCE = 0.9
 
 
-SUM_KEYS = ("n", "g", "t", "gg", "tt", "gt")
+SUM_KEYS = ("n", "g", "t", "gg", "tt", "gt", "probes")
 
 
 def pool_sums(many: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -61,7 +61,11 @@ def fieller_interval(
         covariance("tt", "t", "t"),
         covariance("gt", "g", "t"),
     )
-    z2 = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) ** 2
+    # A probe's K pseudo-values carry K − 1 degrees of freedom, a single measurement 1.
+    dof = n - max(1.0, sums.get("probes", 0.0))
+    if dof < 1:
+        return None, None, None
+    z2 = float(stats.t.ppf(0.5 + confidence / 2, dof)) ** 2
     a = mean_g**2 - z2 * v_gg
     b = -2 * (mean_t * mean_g - z2 * v_gt)
     c = mean_t**2 - z2 * v_tt
