@@ -7,32 +7,32 @@ B = 8 (b = 4) each measurement is 10-30× noisier than the |G|² it estimates on
 task, and measuring more often cannot recover that within a few percent of the training
 (the error of the mean falls as 1/(b·√n), its cost grows as b·n).
 
-So a trial at B < ``NOISE_PROBE_MIN_TRAIN_BATCH`` measures with a probe instead: on a few
-updates, before the step, ``NOISE_PROBE_BATCH`` freshly drawn training examples are
-forwarded and backpropagated at the current weights in ``NOISE_PROBE_PARTS`` passes (each
-normalized by its own batch statistics, as a micro-batch is: with batch norm the passes,
-not single examples, are the independent units), their gradients' Gram matrix taken, and
-the gradients discarded. The update, optimizer state, batch-norm running statistics,
-torch's RNG streams and the trial's batch generator are left exactly as they were (the
-probe draws from its own generator, seeded by the trial's seed and the update count, so
-a resumed trial draws the same examples), so the trial trains bit-identically with or
-without probes (tested). The |G|² estimate is the mean over pairs of passes of g_i·g_j (a
-U-statistic: with K parts its noise variance is 2K/(K − 1)·tr(Σ²)/M², 1.5× below two
-halves of the same M at K = 4), tr(Σ) the passes' mean |g_i|² less that, times the part
-size; each probe adds its K jackknife pseudo-values to the trial's sums, so a single probe
-already carries its own error (Fieller's interval with n − probes degrees of freedom,
-``hpo.noise_interval``).
+So a trial at B < ``NOISE_PROBE_MIN_TRAIN_BATCH`` measures with probes instead: on a few
+updates, before the step, passes of ``NOISE_PROBE_PART`` freshly drawn training examples
+are forwarded and backpropagated at the current weights (each pass normalized by its own
+batch statistics, as a micro-batch is: with batch norm the passes, not single examples,
+are the independent units), their gradients' Gram matrix taken, and the gradients
+discarded. The update, optimizer state, batch-norm running statistics, torch's RNG
+streams and the trial's batch generator are left exactly as they were (the probe draws
+from its own generator, seeded by the trial's seed and the update count), so the trial
+trains bit-identically with or without probes (tested). The |G|² estimate is the mean
+over pairs of passes of g_i·g_j (a U-statistic: with K passes of m its noise variance is
+2K/(K − 1)·tr(Σ²)/(Km)², against 4·tr(Σ²)/(Km)² for two halves of the same examples),
+tr(Σ) the passes' mean |g_i|² less that, times m; each probe adds its K jackknife
+pseudo-values to the trial's sums, so one probe already carries its own error (Fieller's
+interval with n − probes degrees of freedom, ``hpo.noise_interval``).
 
-How many probes: as many as ``NOISE_PROBE_SHARE`` of the trial's training time pays for,
-at the probe's measured cost (timed on every probe; the first of a process is placed at
-5% of the trial, before its cost is known), spread evenly over the trial.
+How many: the probes may take ``NOISE_PROBE_SHARE`` of the trial's training time, at their
+measured cost (every pass is timed), spread evenly over the trial (``probe_plan``). Few
+large probes beat many small ones: a probe's |G|² error falls as 1/M in its M examples,
+the mean of n probes' as 1/√n.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,48 +43,42 @@ if TYPE_CHECKING:
     from hpo.resource import TrainingBudget
     from hpo.train import Tally, TrainingData, TrainingRun
 
-# Examples per probe, in this many forward/backward passes of NOISE_PROBE_BATCH / PARTS.
-NOISE_PROBE_BATCH = 256
-NOISE_PROBE_PARTS = 4
+# A probe's passes: NOISE_PROBE_PART examples each, at least NOISE_PROBE_MIN_PARTS (its
+# pseudo-values need 3) and at most NOISE_PROBE_MAX_PARTS (the passes' gradients are held
+# until the Gram matrix is taken: 8 copies of the parameters).
+NOISE_PROBE_PART = 64
+NOISE_PROBE_MIN_PARTS = 3
+NOISE_PROBE_MAX_PARTS = 8
 # A trial at a batch size below this probes; at or above it the training batch's halves
 # measure (``noise_scale_step``), which costs a fraction of a step there.
 NOISE_PROBE_MIN_TRAIN_BATCH = 128
 # The share of a trial's training time its probes may take (the overhead is ≤ 3%).
 NOISE_PROBE_SHARE = 0.025
-# Before a probe has been timed in this process, the first one is placed here (share of
-# the trial's budget), early enough to leave room for the rest.
-NOISE_PROBE_FIRST_AT = 0.05
-
-# The last measured seconds of one probe, per model class, input shape and device: a
-# later trial of the same model plans its probes from it before timing its own.
-_PROBE_SECONDS: dict[tuple[Any, ...], float] = {}
 
 
 def probe_gram(
     model: torch.nn.Module,
     scaler: torch.amp.GradScaler,
     autocast: torch.autocast,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    parts: int = NOISE_PROBE_PARTS,
+    parts: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    go_on: Callable[[int], bool] = lambda done: True,
 ) -> torch.Tensor:
-    """The Gram matrix (float64, parts × parts) of the mean-loss gradients of ``images``
-    split into ``parts`` equal passes, unscaled from the fp16 grad scaler. Leaves the
+    """The Gram matrix (float64, K × K) of the mean-loss gradients of the batches
+    ``parts`` yields, one forward/backward pass each, unscaled from the fp16 grad scaler;
+    after each pass ``go_on(passes done)`` says whether to take the next one. Leaves the
     model's gradients None; the caller saves and restores buffers and RNG."""
-    size = images.shape[0] // parts
-    if size < 1 or parts < 2:
-        raise ValueError(f"a probe needs at least 2 parts of 1 example, got {images.shape[0]}")
     flats = []
-    for part in range(parts):
-        window = slice(part * size, (part + 1) * size)
+    for images, targets in parts:
         model.zero_grad(set_to_none=True)
         with autocast:
-            loss = F.cross_entropy(model(images[window]).float(), targets[window])
+            loss = F.cross_entropy(model(images).float(), targets)
         scaler.scale(loss).backward()
         grads = [
             p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None
         ]
         flats.append(torch.cat(grads))
+        if not go_on(len(flats)):
+            break
     model.zero_grad(set_to_none=True)
     stacked = torch.stack(flats)
     gram = (stacked @ stacked.T).double()
@@ -97,23 +91,36 @@ def probe_seed(run: TrainingRun) -> int:
     return (run.generator.initial_seed() * 1_000_003 + run.tally.updates + 1) % 2**63
 
 
-def run_probe(run: TrainingRun, data: TrainingData, setup: DeviceSetup, *, augment: bool) -> float:
-    """One probe at the current weights, folded into ``run.tally.noise``; returns its
-    seconds (synchronized on a GPU). Everything training reads is as it was before."""
+def run_probe(
+    run: TrainingRun, data: TrainingData, setup: DeviceSetup, *, augment: bool, allowance: float
+) -> None:
+    """One probe at the current weights, folded into ``run.tally.noise``: passes of
+    NOISE_PROBE_PART fresh examples until the next would take it past ``allowance``
+    seconds (from the passes timed so far; synchronized on a GPU), within
+    NOISE_PROBE_MIN_PARTS..NOISE_PROBE_MAX_PARTS. Everything training reads is as it was
+    before."""
     from hpo.train import autocast
 
     model = run.model
     started = _now(setup)
     generator = torch.Generator().manual_seed(probe_seed(run))
-    size = NOISE_PROBE_BATCH // NOISE_PROBE_PARTS
-    count = min(len(data.train), NOISE_PROBE_BATCH) // size * size
-    indices = torch.randperm(len(data.train), generator=generator)[:count]
-    images, targets = data.batcher.take(data.train, indices, generator if augment else None)
+    size = min(NOISE_PROBE_PART, len(data.train) // NOISE_PROBE_MAX_PARTS)
+    order = torch.randperm(len(data.train), generator=generator)
+    augmenter = generator if augment else None
+    parts = (
+        data.batcher.take(data.train, order[k * size : (k + 1) * size], augmenter)
+        for k in range(NOISE_PROBE_MAX_PARTS)
+    )
+
+    def go_on(done: int) -> bool:
+        elapsed = _now(setup) - started
+        return done < NOISE_PROBE_MIN_PARTS or elapsed * (done + 1) / done <= allowance
+
     buffers = [buffer.detach().clone() for buffer in model.buffers()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(setup.device) if setup.device.type == "cuda" else None
     try:
-        gram = probe_gram(model, run.scaler, autocast(setup), images, targets, count // size)
+        gram = probe_gram(model, run.scaler, autocast(setup), parts, go_on)
     finally:
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers, strict=True):
@@ -122,37 +129,38 @@ def run_probe(run: TrainingRun, data: TrainingData, setup: DeviceSetup, *, augme
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, setup.device)
     run.tally.noise.update_parts(gram, size)
-    seconds = _now(setup) - started
-    _PROBE_SECONDS[_cost_key(run, data, setup)] = seconds
     run.tally.noise_probes += 1
-    run.tally.noise_seconds += seconds
-    return seconds
+    run.tally.noise_probe_examples += gram.shape[0] * size
+    run.tally.noise_seconds += _now(setup) - started
 
 
-def probe_due(tally: Tally, fraction: float, cost: float | None) -> bool:
-    """Whether to probe before the next update, ``fraction`` of the trial's budget spent
-    (``hpo.resource.TrainingBudget.fraction``) at ``tally``'s pace, one probe taking
-    ``cost`` seconds (None: not yet timed in this process). The trial's planned training
-    time is its plain training so far over ``fraction``; it affords ⌊share · planned /
-    cost⌋ probes, the i-th due at (i − ½)/n of the budget, and never more than the share
-    of the time planned."""
+def probe_plan(tally: Tally, fraction: float, batch_size: int) -> float | None:
+    """The seconds the next probe may take if one is due before the next update, else
+    None; ``fraction`` of the trial's budget is spent (``TrainingBudget.fraction``).
+
+    The trial's planned training time is its plain training so far over ``fraction``, and
+    its probes may take NOISE_PROBE_SHARE of that: as many examples as that buys at the
+    probe's seconds per example (measured on this trial's probes; before its first, the
+    training's own seconds per example, an upper bound: a pass of NOISE_PROBE_PART is no
+    slower per example than a smaller batch). Bigger probes beat more of them (the error
+    of a probe's |G|² falls as 1/M, of n probes' mean as 1/√n), so the trial takes one
+    probe per NOISE_PROBE_MAX_PARTS passes it affords, the i-th due at (i − ½)/n of the
+    budget, each allowed an equal share of what is left."""
     plain = tally.train_seconds - tally.noise_seconds
-    if fraction <= 0 or plain <= 0:
-        return False
-    if cost is None:
-        return tally.noise_probes == 0 and fraction >= NOISE_PROBE_FIRST_AT
-    planned = plain / fraction
-    affordable = int(NOISE_PROBE_SHARE * planned / cost)
-    due = math.floor(affordable * fraction + 0.5)
-    return tally.noise_probes < due and tally.noise_seconds + cost <= NOISE_PROBE_SHARE * planned
-
-
-def probe_cost(run: TrainingRun, data: TrainingData, setup: DeviceSetup) -> float | None:
-    """Seconds of one probe: this trial's mean so far, else the last one timed in this
-    process for the same model, input and device, else None."""
-    if run.tally.noise_probes:
-        return run.tally.noise_seconds / run.tally.noise_probes
-    return _PROBE_SECONDS.get(_cost_key(run, data, setup))
+    if fraction <= 0 or plain <= 0 or tally.updates == 0:
+        return None
+    if tally.noise_probe_examples:
+        per_example = tally.noise_seconds / tally.noise_probe_examples
+    else:
+        per_example = plain / (tally.updates * batch_size)
+    allowed = NOISE_PROBE_SHARE * plain / fraction
+    passes = allowed / (per_example * NOISE_PROBE_PART)
+    probes = max(1, round(passes / NOISE_PROBE_MAX_PARTS))
+    if tally.noise_probes >= math.floor(probes * fraction + 0.5):
+        return None
+    allowance = (allowed - tally.noise_seconds) / (probes - tally.noise_probes)
+    enough = NOISE_PROBE_MIN_PARTS * NOISE_PROBE_PART * per_example
+    return allowance if allowance >= enough else None
 
 
 def noise_probe_for(
@@ -165,14 +173,15 @@ def noise_probe_for(
     micro_batch_size: int | None,
 ) -> Callable[[TrainingRun], None] | None:
     """What ``hpo.train.train_epoch`` calls before every update of a trial that probes
-    (``uses_probe``): a probe when one is due (``probe_due``); None for other trials."""
+    (``uses_probe``): a probe when one is due (``probe_plan``); None for other trials."""
     if not uses_probe(batch_size, micro_batch_size, run.data_parallel):
         return None
 
     def maybe_probe(run: TrainingRun) -> None:
         fraction = budget.fraction(run.tally.updates, run.tally.train_seconds)
-        if probe_due(run.tally, fraction, probe_cost(run, data, setup)):
-            run_probe(run, data, setup, augment=augment)
+        allowance = probe_plan(run.tally, fraction, batch_size)
+        if allowance is not None:
+            run_probe(run, data, setup, augment=augment, allowance=allowance)
 
     return maybe_probe
 
@@ -183,10 +192,6 @@ def uses_probe(batch_size: int, micro_batch_size: int | None, data_parallel: Any
     from their own split of the batch)."""
     accumulating = micro_batch_size is not None and micro_batch_size < batch_size
     return batch_size < NOISE_PROBE_MIN_TRAIN_BATCH and not accumulating and data_parallel is None
-
-
-def _cost_key(run: TrainingRun, data: TrainingData, setup: DeviceSetup) -> tuple[Any, ...]:
-    return (type(run.model).__name__, tuple(data.train.images.shape[1:]), str(setup.device))
 
 
 def _now(setup: DeviceSetup) -> float:

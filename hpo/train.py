@@ -98,9 +98,10 @@ class Tally:
     # The gradient noise scale (hpo.noise): the running estimate and its value per epoch.
     noise: NoiseScaleEstimate = field(default_factory=NoiseScaleEstimate)
     b_simple: list[float | None] = field(default_factory=list)
-    # Probes of a small-batch trial (hpo.noise_probe): how many, and their seconds (counted
-    # in train_seconds too), which plan the next ones.
+    # Probes of a small-batch trial (hpo.noise_probe): how many, their examples and seconds
+    # (counted in train_seconds too), which plan the next ones.
     noise_probes: int = 0
+    noise_probe_examples: int = 0
     noise_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
