@@ -126,6 +126,7 @@ def noise_scale_attrs(per_report: list[float | None], estimate: Any) -> dict[str
     if count == 0:
         attrs["b_simple_missing"] = (
             "no measurement of the gradient noise scale: the trial stopped before its first"
+            " (pruned early, or too short for one in its share of training time)"
         )
     elif count < 3:
         attrs["b_simple_missing"] = (

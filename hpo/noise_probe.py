@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hpo.noise import NoiseScaleEstimate
+
 if TYPE_CHECKING:
     from hpo.device import DeviceSetup
     from hpo.resource import TrainingBudget
@@ -54,6 +56,9 @@ NOISE_PROBE_MAX_PARTS = 8
 NOISE_PROBE_MIN_TRAIN_BATCH = 128
 # The share of a trial's training time its probes may take (the overhead is ≤ 3%).
 NOISE_PROBE_SHARE = 0.025
+# Seconds per probe example last measured in this process, per model class, input shape
+# and device: a later trial plans its first probe from it.
+_SECONDS_PER_EXAMPLE: dict[tuple[Any, ...], float] = {}
 
 
 def probe_gram(
@@ -134,33 +139,38 @@ def run_probe(
     run.tally.noise_seconds += _now(setup) - started
 
 
-def probe_plan(tally: Tally, fraction: float, batch_size: int) -> float | None:
-    """The seconds the next probe may take if one is due before the next update, else
-    None; ``fraction`` of the trial's budget is spent (``TrainingBudget.fraction``).
+def probe_plan(
+    tally: Tally, fraction: float, batch_size: int, per_example: float | None = None
+) -> tuple[bool, float | None]:
+    """(whether the trial probes at all, the seconds the next probe may take if one is due
+    before the next update, else None); ``fraction`` of the trial's budget is spent
+    (``TrainingBudget.fraction``).
 
     The trial's planned training time is its plain training so far over ``fraction``, and
     its probes may take NOISE_PROBE_SHARE of that: as many examples as that buys at the
-    probe's seconds per example (measured on this trial's probes; before its first, the
-    training's own seconds per example, an upper bound: a pass of NOISE_PROBE_PART is no
-    slower per example than a smaller batch). Bigger probes beat more of them (the error
-    of a probe's |G|² falls as 1/M, of n probes' mean as 1/√n), so the trial takes one
-    probe per NOISE_PROBE_MAX_PARTS passes it affords, the i-th due at (i − ½)/n of the
-    budget, each allowed an equal share of what is left."""
+    probe's seconds per example (measured on this trial's probes, else ``per_example``:
+    the last probe's in this process, else the training's own, an upper bound: a pass of
+    NOISE_PROBE_PART is no slower per example than a smaller batch). It probes when that
+    buys NOISE_PROBE_MIN_PARTS passes, or once it has probed. Bigger probes beat more of
+    them (a probe's |G|² error falls as 1/M, the mean of n probes' as 1/√n), so it takes
+    one probe per NOISE_PROBE_MAX_PARTS passes it affords, the i-th due at (i − ½)/n of
+    the budget, each allowed an equal share of what is left."""
     plain = tally.train_seconds - tally.noise_seconds
     if fraction <= 0 or plain <= 0 or tally.updates == 0:
-        return None
+        return tally.noise_probes > 0, None
     if tally.noise_probe_examples:
         per_example = tally.noise_seconds / tally.noise_probe_examples
-    else:
+    elif per_example is None:
         per_example = plain / (tally.updates * batch_size)
     allowed = NOISE_PROBE_SHARE * plain / fraction
     passes = allowed / (per_example * NOISE_PROBE_PART)
+    probing = tally.noise_probes > 0 or passes >= NOISE_PROBE_MIN_PARTS
     probes = max(1, round(passes / NOISE_PROBE_MAX_PARTS))
-    if tally.noise_probes >= math.floor(probes * fraction + 0.5):
-        return None
+    if not probing or tally.noise_probes >= math.floor(probes * fraction + 0.5):
+        return probing, None
     allowance = (allowed - tally.noise_seconds) / (probes - tally.noise_probes)
     enough = NOISE_PROBE_MIN_PARTS * NOISE_PROBE_PART * per_example
-    return allowance if allowance >= enough else None
+    return probing, allowance if allowance >= enough else None
 
 
 def noise_probe_for(
@@ -171,17 +181,27 @@ def noise_probe_for(
     batch_size: int,
     augment: bool,
     micro_batch_size: int | None,
-) -> Callable[[TrainingRun], None] | None:
-    """What ``hpo.train.train_epoch`` calls before every update of a trial that probes
-    (``uses_probe``): a probe when one is due (``probe_plan``); None for other trials."""
+) -> Callable[[TrainingRun], bool] | None:
+    """What ``hpo.train.train_epoch`` calls before every update of a trial that may probe
+    (``uses_probe``; None for other trials): a probe when one is due (``probe_plan``).
+    Returns whether the trial probes; one that does not (too short for a probe in its
+    share of time) measures with the training batch's halves instead, and its first
+    probe, when the plan finds one affordable after all, replaces those measurements."""
     if not uses_probe(batch_size, micro_batch_size, run.data_parallel):
         return None
+    key = (type(run.model).__name__, tuple(data.train.images.shape[1:]), str(setup.device))
 
-    def maybe_probe(run: TrainingRun) -> None:
+    def maybe_probe(run: TrainingRun) -> bool:
         fraction = budget.fraction(run.tally.updates, run.tally.train_seconds)
-        allowance = probe_plan(run.tally, fraction, batch_size)
+        probing, allowance = probe_plan(
+            run.tally, fraction, batch_size, _SECONDS_PER_EXAMPLE.get(key)
+        )
         if allowance is not None:
+            if run.tally.noise_probes == 0:  # the halves' measurements, if any, give way
+                run.tally.noise = NoiseScaleEstimate()
             run_probe(run, data, setup, augment=augment, allowance=allowance)
+            _SECONDS_PER_EXAMPLE[key] = run.tally.noise_seconds / run.tally.noise_probe_examples
+        return probing
 
     return maybe_probe
 

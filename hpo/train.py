@@ -392,7 +392,7 @@ def train_epoch(
     sync_every_step: bool = False,
     micro_batch_size: int | None = None,
     noise_every: int = NOISE_SCALE_EVERY,
-    noise_probe: Callable[[TrainingRun], None] | None = None,
+    noise_probe: Callable[[TrainingRun], bool] | None = None,
 ) -> float:
     """One pass over the training set (the last partial batch dropped, so every update
     sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged.
@@ -407,7 +407,8 @@ def train_epoch(
     also measures the gradient noise scale into ``run.tally.noise``: from the first
     micro-batch and the whole batch when accumulating, else from two half-batch passes
     (``hpo.noise.noise_scale_step``). ``noise_probe``, called before every update, may
-    measure it by a probe at a larger batch instead (``hpo.noise_probe``).
+    measure it by a probe at a larger batch instead (``hpo.noise_probe``); while it says
+    the trial probes, the halves do not measure.
     """
     run.model.train()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
@@ -420,9 +421,9 @@ def train_epoch(
         if lr_factor is not None:
             set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        if noise_probe is not None:
-            noise_probe(run)
-        loss_sum += _update(run, setup, images, targets, micro_batch_size, noise_every)
+        probing = noise_probe is not None and noise_probe(run)
+        every = 0 if probing else noise_every
+        loss_sum += _update(run, setup, images, targets, micro_batch_size, every)
         steps += 1
         run.batches_left -= 1
         count_update(run.tally, batch_size, since=last)
@@ -534,7 +535,7 @@ def train_to_report(
             run, data, setup, batch_size=batch_size, augment=augment, on_step=on_step,
             stop_at=reached, lr_factor=None if budget.unit == "epochs" else cosine,
             sync_every_step=budget.unit == "seconds", micro_batch_size=micro_batch_size,
-            noise_every=0 if probe else noise_every_for(budget.total_updates), noise_probe=probe,
+            noise_every=noise_every_for(budget.total_updates), noise_probe=probe,
         )  # fmt: skip
         losses.append((loss, run.tally.updates - before))
     if len(losses) == 1:
