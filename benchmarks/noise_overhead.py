@@ -31,7 +31,7 @@ import torch
 
 from hpo.data import batch_indices, load_splits
 from hpo.device import select_device
-from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
+from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_every_for, noise_scale_step
 from hpo.noise_probe import noise_probe_for, run_probe, uses_probe
 from hpo.resource import TrainingBudget
 from hpo.spec import TrialParams, load_spec
@@ -135,11 +135,14 @@ def _probe_figures(spec, setup, data, batch_size: int, epochs: int) -> dict[str,
     run = build_run(spec, params, setup, seed=0)
     budget = TrainingBudget("epochs", epochs, 1, len(data.train) // batch_size)
     probe = noise_probe_for(run, data, setup, budget, batch_size, False, None)
+    every = noise_every_for(budget.total_updates)
     for _ in range(epochs):  # train_to_report's loop, one report per epoch
         train_epoch(run, data, setup, batch_size=batch_size, augment=False,
-                    on_step=lambda loss: None, noise_probe=probe)  # fmt: skip
+                    on_step=lambda loss: None, noise_every=every, noise_probe=probe)  # fmt: skip
     tally = run.tally
-    overhead = tally.noise_seconds / (tally.train_seconds - tally.noise_seconds)
+    probe_seconds, other = tally.noise_seconds, tally.train_seconds - tally.noise_seconds
+    count, examples = tally.noise_probes, tally.noise_probe_examples
+    overhead = probe_seconds / other
     plain, probes = [], []
     images, targets = data.batcher.take(data.train, torch.arange(batch_size))
     for _ in range(12):
@@ -154,16 +157,16 @@ def _probe_figures(spec, setup, data, batch_size: int, epochs: int) -> dict[str,
     ratio = statistics.median(probes) / statistics.median(plain)
     print(
         f"B={batch_size} ({setup.name}, {setup.precision}): {epochs}-epoch trial, "
-        f"{tally.updates} updates, {tally.noise_probes} probe(s) of {tally.noise_probe_examples} "
-        f"examples in all: {tally.noise_seconds:.3f} s = {overhead:.2%} of its other "
-        f"{tally.train_seconds - tally.noise_seconds:.2f} s of training; an 8-pass probe "
+        f"{tally.updates} updates, {count} probe(s) of {examples} examples in all: "
+        f"{probe_seconds:.3f} s = {overhead:.2%} of its other {other:.2f} s of training; "
+        "an 8-pass probe "
         f"{ratio:.1f}x a plain step",
         flush=True,
     )
     return {
         f"probe_overhead_b{batch_size}": overhead,
-        f"probes_b{batch_size}": tally.noise_probes,
-        f"probe_examples_b{batch_size}": tally.noise_probe_examples,
+        f"probes_b{batch_size}": count,
+        f"probe_examples_b{batch_size}": examples,
         f"probe_step_ratio_b{batch_size}": ratio,
     }
 

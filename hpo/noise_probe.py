@@ -52,8 +52,10 @@ NOISE_PROBE_PART = 64
 NOISE_PROBE_MIN_PARTS = 3
 NOISE_PROBE_MAX_PARTS = 8
 # A trial at a batch size below this probes; at or above it the training batch's halves
-# measure (``noise_scale_step``), which costs a fraction of a step there.
-NOISE_PROBE_MIN_TRAIN_BATCH = 128
+# measure (``noise_scale_step``), a fraction of a step there (1.10x a plain step at B = 64
+# on the 2-core CPU): on the demo, B = 64's trials measured a two-sided pooled interval
+# from their halves (8 each, 0.6% of training) and none from probes at 2.5% (3 passes).
+NOISE_PROBE_MIN_TRAIN_BATCH = 64
 # The share of a trial's training time its probes may take (the overhead is ≤ 3%).
 NOISE_PROBE_SHARE = 0.025
 # Seconds per probe example last measured in this process, per model class, input shape
