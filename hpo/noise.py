@@ -1,4 +1,5 @@
-"""The gradient noise scale B_simple = tr(Σ) / |G|², measured inside normal training steps.
+"""The gradient noise scale B_simple = tr(Σ) / |G|², measured inside normal training steps
+(at B ≥ 64; a smaller batch measures by probes at a larger one, ``hpo.noise_probe``).
 
 McCandlish et al. (2018, "An Empirical Model of Large-Batch Training") show that the
 critical batch size, above which a bigger batch buys throughput but not fewer steps, is
@@ -31,14 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Measure on every k-th update. A measured update took 1.07x (B = 128) to 1.46x (B = 8) a
+# Measure on every k-th update. A measured update took 1.09x (B = 128) to 1.14x (B = 64) a
 # plain one on the 2-core CPU (docs/benchmarks.md, noise_overhead.py): at k = 32 at most
-# 1.4% of samples/s, inside the 3% budget.
+# 0.4% of samples/s, inside the 3% budget.
 NOISE_SCALE_EVERY = 32
 # A trial too short for this many measurements at k = NOISE_SCALE_EVERY measures more often
 # (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. On the
-# demo B = 128 (64 updates) measures every 8th update, 0.9% of its training, and B = 64
-# every 16th, 0.6% (docs/benchmarks.md).
+# demo B = 128 (64 updates) measures every 8th update, 1.1% of its training, and B = 64
+# every 16th, 0.9% (docs/benchmarks.md).
 NOISE_SCALE_MIN_MEASUREMENTS = 8
 
 
