@@ -111,7 +111,7 @@ def run_probe(
     model = run.model
     started = _now(setup)
     generator = torch.Generator().manual_seed(probe_seed(run))
-    size = min(NOISE_PROBE_PART, len(data.train) // NOISE_PROBE_MAX_PARTS)
+    size = max(1, min(NOISE_PROBE_PART, len(data.train) // NOISE_PROBE_MAX_PARTS))
     order = torch.randperm(len(data.train), generator=generator)
     augmenter = generator if augment else None
     parts = (
