@@ -11,6 +11,12 @@ With ``--micro-batch M`` both figures are for an accumulated update (micro-batch
 ``training.above_cap = "accumulate"``): the measured kind is ``train_step_accumulated``
 taking its two gradient norms, the plain kind the same update without them.
 
+A batch size below ``hpo.noise_probe.NOISE_PROBE_MIN_TRAIN_BATCH`` measures by probes
+instead (``hpo.noise_probe``): for it, one trial of ``--epochs`` epochs is trained with
+its probes planned as in a study, and the figure is the probes' seconds (each timed, the
+training bit-identical with or without them) over the rest of its training time, with the
+probes' count and examples; and one probe of the most passes against a plain step.
+
 Run: ``uv run python benchmarks/noise_overhead.py``
 """
 
@@ -25,7 +31,9 @@ import torch
 
 from hpo.data import batch_indices, load_splits
 from hpo.device import select_device
-from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_scale_step
+from hpo.noise import NOISE_SCALE_EVERY, NoiseScaleEstimate, noise_every_for, noise_scale_step
+from hpo.noise_probe import noise_probe_for, run_probe, uses_probe
+from hpo.resource import TrainingBudget
 from hpo.spec import TrialParams, load_spec
 from hpo.train import (
     autocast,
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--micro-batch", type=int, default=None, help="accumulate in micro-batches of this size"
     )
+    parser.add_argument("--epochs", type=int, default=2, help="a probing trial's epochs (2)")
     args = parser.parse_args(argv)
     micro = args.micro_batch
 
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = prepare_data(load_splits(spec.dataset), setup, spec.training)
     figures: dict[str, float] = {}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        if uses_probe(batch_size, micro, None):
+            figures.update(_probe_figures(spec, setup, data, batch_size, args.epochs))
+            continue
         params = TrialParams(batch_size=batch_size, lr=0.03, weight_decay=1e-4)
         run = build_run(spec, params, setup, seed=0)
         estimate = NoiseScaleEstimate()
@@ -114,6 +126,49 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures[f"overhead_end_to_end_b{batch_size}"] = end_to_end
     print(json.dumps(figures))
     return figures
+
+
+def _probe_figures(spec, setup, data, batch_size: int, epochs: int) -> dict[str, float]:
+    """A trial of ``epochs`` epochs at ``batch_size`` with its probes planned as in a study:
+    their seconds over the rest of its training; and one 8-pass probe over a plain step."""
+    params = TrialParams(batch_size=batch_size, lr=0.03, weight_decay=1e-4)
+    run = build_run(spec, params, setup, seed=0)
+    budget = TrainingBudget("epochs", epochs, 1, len(data.train) // batch_size)
+    probe = noise_probe_for(run, data, setup, budget, batch_size, False, None)
+    every = noise_every_for(budget.total_updates)
+    for _ in range(epochs):  # train_to_report's loop, one report per epoch
+        train_epoch(run, data, setup, batch_size=batch_size, augment=False,
+                    on_step=lambda loss: None, noise_every=every, noise_probe=probe)  # fmt: skip
+    tally = run.tally
+    probe_seconds, other = tally.noise_seconds, tally.train_seconds - tally.noise_seconds
+    count, examples = tally.noise_probes, tally.noise_probe_examples
+    overhead = probe_seconds / other
+    plain, probes = [], []
+    images, targets = data.batcher.take(data.train, torch.arange(batch_size))
+    for _ in range(12):
+        _sync(setup.device)
+        started = time.perf_counter()
+        train_step(run.model, run.optimizer, run.scaler, setup, images, targets)
+        _sync(setup.device)
+        plain.append(time.perf_counter() - started)
+        before = tally.noise_seconds
+        run_probe(run, data, setup, augment=False, allowance=float("inf"))
+        probes.append(tally.noise_seconds - before)
+    ratio = statistics.median(probes) / statistics.median(plain)
+    print(
+        f"B={batch_size} ({setup.name}, {setup.precision}): {epochs}-epoch trial, "
+        f"{tally.updates} updates, {count} probe(s) of {examples} examples in all: "
+        f"{probe_seconds:.3f} s = {overhead:.2%} of its other {other:.2f} s of training; "
+        "an 8-pass probe "
+        f"{ratio:.1f}x a plain step",
+        flush=True,
+    )
+    return {
+        f"probe_overhead_b{batch_size}": overhead,
+        f"probes_b{batch_size}": count,
+        f"probe_examples_b{batch_size}": examples,
+        f"probe_step_ratio_b{batch_size}": ratio,
+    }
 
 
 if __name__ == "__main__":

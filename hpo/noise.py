@@ -1,4 +1,5 @@
-"""The gradient noise scale B_simple = tr(Σ) / |G|², measured inside normal training steps.
+"""The gradient noise scale B_simple = tr(Σ) / |G|², measured inside normal training steps
+(at B ≥ 64; a smaller batch measures by probes at a larger one, ``hpo.noise_probe``).
 
 McCandlish et al. (2018, "An Empirical Model of Large-Batch Training") show that the
 critical batch size, above which a bigger batch buys throughput but not fewer steps, is
@@ -31,14 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Measure on every k-th update. A measured update took 1.07x (B = 128) to 1.46x (B = 8) a
+# Measure on every k-th update. A measured update took 1.09x (B = 128) to 1.14x (B = 64) a
 # plain one on the 2-core CPU (docs/benchmarks.md, noise_overhead.py): at k = 32 at most
-# 1.4% of samples/s, inside the 3% budget.
+# 0.4% of samples/s, inside the 3% budget.
 NOISE_SCALE_EVERY = 32
 # A trial too short for this many measurements at k = NOISE_SCALE_EVERY measures more often
 # (``noise_every_for``): an interval from fewer than 8 pairs is mostly unbounded. On the
-# demo B = 128 (64 updates) measures every 8th update, 0.9% of its training, and B = 64
-# every 16th, 0.6% (docs/benchmarks.md).
+# demo B = 128 (64 updates) measures every 8th update, 1.1% of its training, and B = 64
+# every 16th, 0.9% (docs/benchmarks.md).
 NOISE_SCALE_MIN_MEASUREMENTS = 8
 
 
@@ -82,19 +83,61 @@ class NoiseScaleEstimate:
         gradient_sq = (big_batch * big_sq - small_batch * small_sq) / (big_batch - small_batch)
         trace = (small_sq - big_sq) / (1.0 / small_batch - 1.0 / big_batch)
         finite = torch.isfinite(gradient_sq) & torch.isfinite(trace)
+        self._fold(gradient_sq, trace, finite, gradient_sq.reshape(1), trace.reshape(1))
+
+    def update_parts(self, gram: torch.Tensor, part_size: int) -> None:
+        """Fold in one probe (``hpo.noise_probe``): ``gram`` the K × K Gram matrix of the
+        mean-loss gradients of K independent passes of ``part_size`` examples each. |G|² is
+        the mean of g_i·g_j over the pairs i ≠ j (unbiased), tr(Σ) is part_size times the
+        mean |g_i|² less that. The moving averages take the probe's pair; the sums take its
+        K jackknife pseudo-values (leave one pass out), whose spread is the probe's own
+        error, and count the probe in ``sums["probes"]`` (Fieller's degrees of freedom are
+        n − probes)."""
+        parts = gram.shape[0]
+        if parts < 3:
+            raise ValueError(f"a probe needs at least 3 passes for its pseudo-values, got {parts}")
+        diagonal = gram.diagonal()
+        diagonal_sum, total = diagonal.sum(), gram.sum()
+
+        def pair(off_diagonal: torch.Tensor, diagonal_sum: torch.Tensor, k: int):
+            gradient_sq = off_diagonal / (k * (k - 1))
+            return gradient_sq, part_size * (diagonal_sum / k - gradient_sq)
+
+        gradient_sq, trace = pair(total - diagonal_sum, diagonal_sum, parts)
+        cross = gram.sum(dim=1) - diagonal  # each pass's dot products with the others
+        left_g, left_t = pair(
+            total - diagonal_sum - 2 * cross, diagonal_sum - diagonal, parts - 1
+        )  # fmt: skip
+        pseudo_g = parts * gradient_sq - (parts - 1) * left_g
+        pseudo_t = parts * trace - (parts - 1) * left_t
+        finite = torch.isfinite(pseudo_g).all() & torch.isfinite(pseudo_t).all()
+        self._fold(gradient_sq.float(), trace.float(), finite, pseudo_g.float(), pseudo_t.float())
+        self.sums["probes"] = self.sums.get("probes", 0.0) + finite.float()
+
+    def _fold(
+        self,
+        gradient_sq: torch.Tensor,
+        trace: torch.Tensor,
+        finite: torch.Tensor,
+        values_g: torch.Tensor,
+        values_t: torch.Tensor,
+    ) -> None:
+        """The moving averages take (gradient_sq, trace); the running sums take each pair
+        of ``values_g`` and ``values_t`` — all skipped, without a device sync, unless
+        ``finite``."""
         keep = torch.where(finite, self.decay, 1.0)
         self.gradient_sq = keep * self.gradient_sq + (1 - keep) * gradient_sq.nan_to_num(0.0)
         self.trace = keep * self.trace + (1 - keep) * trace.nan_to_num(0.0)
         self.weight = keep * self.weight + (1 - keep)
-        used = finite.float()  # 1 for a finite pair, 0 for a skipped one
-        g, t = gradient_sq.nan_to_num(0.0) * used, trace.nan_to_num(0.0) * used
+        used = finite.float()  # 1 for a finite measurement, 0 for a skipped one
+        g, t = values_g.nan_to_num(0.0) * used, values_t.nan_to_num(0.0) * used
         for key, value in (
-            ("n", used),
-            ("g", g),
-            ("t", t),
-            ("gg", g * g),
-            ("tt", t * t),
-            ("gt", g * t),
+            ("n", used * values_g.numel()),
+            ("g", g.sum()),
+            ("t", t.sum()),
+            ("gg", (g * g).sum()),
+            ("tt", (t * t).sum()),
+            ("gt", (g * t).sum()),
         ):
             self.sums[key] = self.sums.get(key, 0.0) + value
 

@@ -19,7 +19,7 @@ from typing import Any
 NOISE_SCALE_CONFIDENCE = 0.9
 
 
-SUM_KEYS = ("n", "g", "t", "gg", "tt", "gt")
+SUM_KEYS = ("n", "g", "t", "gg", "tt", "gt", "probes")
 
 
 def pool_sums(many: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -61,7 +61,11 @@ def fieller_interval(
         covariance("tt", "t", "t"),
         covariance("gt", "g", "t"),
     )
-    z2 = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) ** 2
+    # A probe's K pseudo-values carry K − 1 degrees of freedom, a single measurement 1.
+    dof = n - max(1.0, sums.get("probes", 0.0))
+    if dof < 1:
+        return None, None, None
+    z2 = float(stats.t.ppf(0.5 + confidence / 2, dof)) ** 2
     a = mean_g**2 - z2 * v_gg
     b = -2 * (mean_t * mean_g - z2 * v_gt)
     c = mean_t**2 - z2 * v_tt
@@ -88,7 +92,8 @@ def noise_scale_attrs(per_report: list[float | None], estimate: Any) -> dict[str
     ``b_simple_interval`` [low, high] (Fieller's, at ``NOISE_SCALE_CONFIDENCE``; high null:
     only a lower bound), ``b_simple_measurements`` and the running sums ``b_simple_sums`` (a
     batch size's trials are pooled from them), the per-report EMA ``b_simple_per_epoch``
-    (``per_report``); or, with no estimate, ``b_simple_missing``: why. Trials from before
+    (``per_report``); ``b_simple_missing`` says why when there is no value or no upper
+    end. Trials from before
     the sums were kept fall back to the EMA's last value."""
     attrs: dict[str, Any] = {}
     if per_report:
@@ -101,6 +106,12 @@ def noise_scale_attrs(per_report: list[float | None], estimate: Any) -> dict[str
     ratio, low, high = fieller_interval(sums)
     if ratio is not None:
         attrs.update(b_simple=ratio, b_simple_interval=[low, high])
+        if high is None:
+            attrs["b_simple_missing"] = (
+                f"no upper end: the mean |G|² over the trial's {count} measurements is not "
+                f"told from 0 at {NOISE_SCALE_CONFIDENCE:.0%} (the gradient is nearly lost in "
+                "its noise with the measurements its share of training time buys)"
+            )
         return attrs
     attrs.pop("b_simple", None)
     if low is not None and low > 0:
@@ -111,9 +122,20 @@ def noise_scale_attrs(per_report: list[float | None], estimate: Any) -> dict[str
             f"({NOISE_SCALE_CONFIDENCE:.0%} lower bound), a point value needs more measurements"
         )
         return attrs
-    if count < 3:
+    probes = int(sums.get("probes", 0))
+    if count == 0:
+        attrs["b_simple_missing"] = (
+            "no measurement of the gradient noise scale: the trial stopped before its first"
+            " (pruned early, or too short for one in its share of training time)"
+        )
+    elif count < 3:
         attrs["b_simple_missing"] = (
             f"{count} measurement(s) of the gradient noise scale; an estimate needs 3"
+        )
+    elif probes:
+        attrs["b_simple_missing"] = (
+            f"the trial's {probes} probe(s) ({count} passes) do not tell |G|² from 0: the "
+            "gradient is lost in its noise with the examples its share of training time buys"
         )
     else:
         attrs["b_simple_missing"] = (

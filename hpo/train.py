@@ -35,6 +35,7 @@ from hpo.noise import (
     noise_scale_step,
     record_split_measurement,
 )
+from hpo.noise_probe import noise_probe_for
 from hpo.resource import TrainingBudget, cosine_factor
 from hpo.spec import ModelSpec, SearchSpec, StudySpec, TrainingSpec, TrialParams
 
@@ -97,6 +98,11 @@ class Tally:
     # The gradient noise scale (hpo.noise): the running estimate and its value per epoch.
     noise: NoiseScaleEstimate = field(default_factory=NoiseScaleEstimate)
     b_simple: list[float | None] = field(default_factory=list)
+    # Probes of a small-batch trial (hpo.noise_probe): how many, their examples and seconds
+    # (counted in train_seconds too), which plan the next ones.
+    noise_probes: int = 0
+    noise_probe_examples: int = 0
+    noise_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "noise": self.noise.to_dict()}
@@ -386,6 +392,7 @@ def train_epoch(
     sync_every_step: bool = False,
     micro_batch_size: int | None = None,
     noise_every: int = NOISE_SCALE_EVERY,
+    noise_probe: Callable[[TrainingRun], bool] | None = None,
 ) -> float:
     """One pass over the training set (the last partial batch dropped, so every update
     sees exactly ``batch_size`` samples); returns the mean loss. Raises Diverged.
@@ -399,7 +406,9 @@ def train_epoch(
     many samples (``train_step_accumulated``). Every ``noise_every``-th update (0: never)
     also measures the gradient noise scale into ``run.tally.noise``: from the first
     micro-batch and the whole batch when accumulating, else from two half-batch passes
-    (``hpo.noise.noise_scale_step``).
+    (``hpo.noise.noise_scale_step``). ``noise_probe``, called before every update, may
+    measure it by a probe at a larger batch instead (``hpo.noise_probe``); while it says
+    the trial probes, the halves do not measure.
     """
     run.model.train()
     check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
@@ -412,7 +421,9 @@ def train_epoch(
         if lr_factor is not None:
             set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        loss_sum += _update(run, setup, images, targets, micro_batch_size, noise_every)
+        probing = noise_probe is not None and noise_probe(run)
+        every = 0 if probing else noise_every
+        loss_sum += _update(run, setup, images, targets, micro_batch_size, every)
         steps += 1
         run.batches_left -= 1
         count_update(run.tally, batch_size, since=last)
@@ -506,8 +517,9 @@ def train_to_report(
     """Train until ``budget``'s report point ``report``: whole passes, the last one
     stopped where the report falls. Returns the mean training loss since the last report
     (NaN when the report point was already reached). With one report per epoch this is
-    exactly one ``train_epoch``. The noise scale is measured every
-    ``hpo.noise.noise_every_for(total updates)``-th update: more often in a short trial."""
+    exactly one ``train_epoch``. The noise scale is measured by probes at a small batch
+    (``hpo.noise_probe``), else every ``hpo.noise.noise_every_for(total updates)``-th
+    update: more often in a short trial."""
 
     def reached(tally: Tally) -> bool:
         return budget.reached(report, tally.updates, tally.train_seconds)
@@ -515,6 +527,7 @@ def train_to_report(
     def cosine(tally: Tally) -> float:
         return cosine_factor(budget.fraction(tally.updates, tally.train_seconds))
 
+    probe = noise_probe_for(run, data, setup, budget, batch_size, augment, micro_batch_size)
     losses: list[tuple[float, int]] = []
     while not reached(run.tally):
         before = run.tally.updates
@@ -522,7 +535,7 @@ def train_to_report(
             run, data, setup, batch_size=batch_size, augment=augment, on_step=on_step,
             stop_at=reached, lr_factor=None if budget.unit == "epochs" else cosine,
             sync_every_step=budget.unit == "seconds", micro_batch_size=micro_batch_size,
-            noise_every=noise_every_for(budget.total_updates),
+            noise_every=noise_every_for(budget.total_updates), noise_probe=probe,
         )  # fmt: skip
         losses.append((loss, run.tally.updates - before))
     if len(losses) == 1:
