@@ -14,7 +14,8 @@ by an octave from one set of seeds to another. So the reference here is
   (a parametric bootstrap: each mean + N(0, σ²), σ the standard error of one config's mean,
   the argmax and the window chosen anew each draw);
 - the **peak value**: the quadratic at its vertex (the largest of many noisy means reads
-  high by about one standard error; the fit pools the points near the top).
+  high by about one standard error; the fit pools the points near the top), and its
+  standard error over the same redraws.
 
 σ is the seed-to-seed standard deviation / √seeds pooled over the configs near the top when
 the grid kept each seed's value, else the points' scatter about the fitted quadratics
@@ -53,6 +54,7 @@ class Truth:
     lr_interval: tuple[float, float]
     value: float
     n_points: int
+    value_se: float = 0.0
 
 
 def peak(log2_lrs: np.ndarray, values: np.ndarray, window: float) -> Peak:
@@ -129,10 +131,11 @@ def grid_truth(
     truths = {}
     for batch_size, (log2_lrs, values) in rows_of(mean, maximize).items():
         found = peak(log2_lrs, values, window)
-        draws = [found.lr]
+        redrawn = [found]
         if sigma > 0 and math.isfinite(sigma):
             noise = rng.normal(0.0, sigma, (DRAWS, len(values)))
-            draws = [peak(log2_lrs, values + n, window).lr for n in noise]
+            redrawn = [peak(log2_lrs, values + n, window) for n in noise]
+        draws = [p.lr for p in redrawn]
         tail = (1 - CONFIDENCE) / 2
         low, high = np.quantile(np.log2(draws), [tail, 1 - tail])
         truths[batch_size] = Truth(
@@ -140,5 +143,6 @@ def grid_truth(
             lr_interval=(2.0 ** float(low), 2.0 ** float(high)),
             value=sign * found.value,
             n_points=found.n_points,
+            value_se=float(np.std([p.value for p in redrawn])),
         )
     return truths

@@ -247,16 +247,21 @@ def stored_runs(path: Path) -> list[tuple[int, list[tuple[int, float]]]]:
     ]
 
 
-def judge(case: dict, truths: dict[int, Truth], mean: dict, maximize: bool) -> dict:
+def judge(
+    case: dict, truths: dict[int, Truth], mean: dict, maximize: bool, sigma: float = 0.0
+) -> dict:
     """The case against the grid's peak (``grid_truth``): factor to its LR, whether the
     prediction is within 2x of the peak's own 80% interval, covered, value shortfall (the
-    peak value less the grid's mean read off at the predicted LR)."""
+    peak value less the grid's mean read off at the predicted LR) with its standard error
+    (the peak value's and the read-off's, ``sigma`` each grid mean's)."""
     truth = truths[case["batch_size"]]
     low, high = case["lr_interval"] or (None, None)
     sign = 1.0 if maximize else -1.0
     best_mean = max(sign * v for (b, _), v in mean.items() if b == case["batch_size"]) * sign
     at_prediction = value_at(mean, case["batch_size"], case["lr"])
     truth_low, truth_high = truth.lr_interval
+    share = _share(mean, case["batch_size"], case["lr"])
+    read_off_se = sigma * math.sqrt(share**2 + (1 - share) ** 2) if math.isfinite(sigma) else 0.0
     nearest = min(max(case["lr"], truth_low), truth_high)
     return case | {
         "grid_best_lr": truth.lr,
@@ -268,7 +273,18 @@ def judge(case: dict, truths: dict[int, Truth], mean: dict, maximize: bool) -> d
         "grid_best_mean": best_mean,
         "value_from_grid": at_prediction,
         "shortfall_from_grid": sign * (truth.value - at_prediction),
+        "shortfall_se": math.hypot(truth.value_se, read_off_se),
     }
+
+
+def _share(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
+    """Where ``lr`` lies between its two neighbouring grid LRs (0 at the lower; 0 beyond
+    the grid's ends): the weight ``value_at`` gives the upper one."""
+    lrs = sorted(x for (b, x) in mean if b == batch_size)
+    for low, high in zip(lrs, lrs[1:], strict=False):
+        if low <= lr <= high:
+            return math.log(lr / low) / math.log(high / low)
+    return 0.0
 
 
 def train_at(spec: StudySpec, case: dict, extend: int) -> float:
@@ -308,6 +324,12 @@ def goals(judged: list[dict]) -> dict:
         "coverage_80": sum(covered) / len(covered) if covered else None,
         "within_0_01_from_grid": sum(c["shortfall_from_grid"] <= VALUE_GOAL for c in judged),
         "max_shortfall_from_grid": max((c["shortfall_from_grid"] for c in judged), default=None),
+        # a miss the grid's noise does not explain: the shortfall beyond 0.01 by more than
+        # the one-sided 80% bound of its standard error
+        "beyond_0_01_past_noise": sum(
+            c["shortfall_from_grid"] - VALUE_GOAL > 0.8416 * c.get("shortfall_se", 0.0)
+            for c in judged
+        ),
         "within_0_01_trained": sum(s <= VALUE_GOAL for s in trained) if trained else None,
         "max_shortfall_trained": max(trained) if trained else None,
     }
@@ -362,10 +384,10 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
         judged = []
         for seed, points in stored_runs(args.runs_from):
             for case in predictions(points, args.extend, spec.search.optimizer, args.point_sd):
-                judged.append(judge(case, truths, mean, maximize) | {"seed": seed})
+                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": seed})
         return result | {"cases": judged, "goals": goals(judged)}
     if args.cases_from is not None:
-        judged = rejudged(json.loads(args.cases_from.read_text()), args, spec, truths, mean)
+        judged = rejudged(json.loads(args.cases_from.read_text()), args, spec, truths, mean, sigma)
         return result | {"cases": judged, "goals": goals(judged)}
     judged, searches = [], []
     for seed in range(args.search_seeds):
@@ -374,7 +396,7 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
         fitted, found = cases(study, seeded, args.extend)
         searches.append({"seed": seed, **fitted})
         for case in found:
-            row = judge(case, truths, mean, maximize) | {"seed": seed}
+            row = judge(case, truths, mean, maximize, sigma) | {"seed": seed}
             if not args.no_train:
                 row["value_trained"] = train_at(seeded, case, args.extend)
                 sign = 1.0 if maximize else -1.0
@@ -384,7 +406,9 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
     return result | {"searches": searches, "cases": judged, "goals": goals(judged)}
 
 
-def rejudged(stored: dict, args: argparse.Namespace, spec: StudySpec, truths, mean) -> list:
+def rejudged(
+    stored: dict, args: argparse.Namespace, spec: StudySpec, truths, mean, sigma: float
+) -> list:
     """The cases of an earlier ``--json`` file judged against this grid's reference: predicted
     again from each search's stored points where the file has them (so a changed prediction
     method is judged without searching again; no trained value then, it was trained at the
@@ -396,12 +420,12 @@ def rejudged(stored: dict, args: argparse.Namespace, spec: StudySpec, truths, me
             points = [(int(b), float(lr)) for b, lr in search["points"]]
             optimizer = spec.search.optimizer
             for case in predictions(points, args.extend, optimizer, search["point_sd"]):
-                judged.append(judge(case, truths, mean, maximize) | {"seed": search["seed"]})
+                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": search["seed"]})
         return judged
     kept = ("kind", "batch_size", "lr", "lr_interval", "model_of_scaling", "seed")
     for old in stored["cases"]:
         case = {name: old[name] for name in kept}
-        row = judge(case, truths, mean, maximize)
+        row = judge(case, truths, mean, maximize, sigma)
         if "value_trained" in old:
             sign = 1.0 if maximize else -1.0
             row["value_trained"] = old["value_trained"]
