@@ -112,7 +112,7 @@ def test_the_grid_peak_interval_is_wide_on_a_flat_noisy_top_and_covers_the_peak(
     for curvature in (0.002, 0.03):
         covered = 0
         for _ in range(10):
-            row = _row(lambda x: 0.75 - curvature * (x - math.log2(0.02)) ** 2, LRS)
+            row = _row(lambda x, k=curvature: 0.75 - k * (x - math.log2(0.02)) ** 2, LRS)
             noisy = {k: v + rng.normal(0.0, 0.007) for k, v in row.items()}
             found = truth.grid_truth(noisy, True, sigma=0.007, seed=int(rng.integers(100)))[32]
             low, high = found.lr_interval
