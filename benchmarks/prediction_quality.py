@@ -369,13 +369,17 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
     per_seed = grid(spec, args, directory)
     mean = {config: statistics.mean(v) for config, v in per_seed.items()}
     maximize = spec.objective.direction == "maximize"
-    sigma, source = grid_standard_error(mean, per_seed, maximize, args.truth_window)
-    truths = grid_truth(mean, maximize, sigma, args.truth_window)
+    window = args.truth_window if args.truth_window is not None else DEFAULT_WINDOW
+    sigma, source = grid_standard_error(mean, per_seed, maximize, window)
+    if args.truth_window is None and "seed" in source:  # σ from the seeds, not the fits:
+        window = max(DEFAULT_WINDOW, 4 * sigma)  # a noisier metric needs a wider top
+    truths = grid_truth(mean, maximize, sigma, window)
     result: dict = {
         "grid_best_lr": {b: t.lr for b, t in truths.items()},
         "grid_best_lr_interval": {b: list(t.lr_interval) for b, t in truths.items()},
         "grid_best_value": {b: t.value for b, t in truths.items()},
         "grid_standard_error": {"value": sigma, "from": source},
+        "truth_window": window,
         "grid_values": [[b, lr, v] for (b, lr), v in sorted(mean.items())],
     }
     if args.only == "grid":
@@ -450,8 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--truth-window",
         type=float,
-        default=DEFAULT_WINDOW,
-        help="grid points within this of a batch size's best mean enter its peak's quadratic",
+        help="grid points within this of a batch size's best mean enter its peak's quadratic "
+        f"(default: {DEFAULT_WINDOW}, or 4 standard errors where the seeds give more)",
     )
     parser.add_argument("--keep", type=Path, help="keep the studies' files here")
     parser.add_argument(

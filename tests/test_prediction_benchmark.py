@@ -22,7 +22,7 @@ def test_prediction_quality_quick_judges_held_out_and_extrapolated_batch_sizes(
 ) -> None:
     """Grid (B 8..128 x 2 LRs) and one search (B 8..64) through ``hpo launch``; each studied
     batch size left out and 2x the largest predicted, each judged against the grid; the
-    grid's cache is reused by a second call."""
+    grid's cache is reused by a second call, and the stored search by a third."""
     module = _module()
     out, cache = tmp_path / "p.json", tmp_path / "grid.json"
     argv = ["--quick", "--lrs", "2", "--extend", "2", "--grid-seeds", "1", "--search-seeds", "1"]
@@ -38,6 +38,15 @@ def test_prediction_quality_quick_judges_held_out_and_extrapolated_batch_sizes(
     assert result["goals"]["cases"] == len(result["cases"])
     again = module.main([*argv, "--only", "grid"])  # from the cache: no study is run
     assert again["grid_values"] == result["grid_values"]
+    # the search's points are kept: --cases-from predicts from them again, searching nothing
+    assert result["searches"][0]["points"]
+    judged = module.main([*argv, "--cases-from", str(out)])
+    assert [(c["batch_size"], c["lr"]) for c in judged["cases"]] == [
+        (c["batch_size"], c["lr"]) for c in result["cases"]
+    ]
+    for case in judged["cases"]:
+        low, high = case["grid_best_lr_interval"]
+        assert low <= case["grid_best_lr"] <= high
 
 
 def test_value_at_interpolates_the_grid_in_log_lr() -> None:
