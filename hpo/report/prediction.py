@@ -189,7 +189,9 @@ def _log2_interval(
     sd = max(residual_sd, point_sd)
     probability = 0.5 + confidence / 2
     if point_sd > 0 and point_sd >= residual_sd:
-        quantile = student_t_quantile(probability, 10**9)  # the normal quantile
+        from scipy import stats
+
+        quantile = float(stats.norm.ppf(probability))
     else:
         quantile = student_t_quantile(probability, fitted.dof)
     half = quantile * max(sd * math.sqrt(1 + fitted.leverage(x)), error)
