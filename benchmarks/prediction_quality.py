@@ -273,7 +273,8 @@ def judge(
         "grid_best_mean": best_mean,
         "value_from_grid": at_prediction,
         "shortfall_from_grid": sign * (truth.value - at_prediction),
-        "shortfall_se": math.hypot(truth.value_se, read_off_se),
+        # None where the grid's noise is unknown (one seed, no fit with a residual)
+        "shortfall_se": math.hypot(truth.value_se, read_off_se) if math.isfinite(sigma) else None,
     }
 
 
@@ -327,9 +328,12 @@ def goals(judged: list[dict]) -> dict:
         # a miss the grid's noise does not explain: the shortfall beyond 0.01 by more than
         # the one-sided 80% bound of its standard error
         "beyond_0_01_past_noise": sum(
-            c["shortfall_from_grid"] - VALUE_GOAL > 0.8416 * c.get("shortfall_se", 0.0)
+            c["shortfall_from_grid"] - VALUE_GOAL > 0.8416 * c["shortfall_se"]
             for c in judged
-        ),
+            if c.get("shortfall_se") is not None
+        )
+        if any(c.get("shortfall_se") is not None for c in judged)
+        else None,
         "within_0_01_trained": sum(s <= VALUE_GOAL for s in trained) if trained else None,
         "max_shortfall_trained": max(trained) if trained else None,
     }
