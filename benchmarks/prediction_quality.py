@@ -4,8 +4,10 @@ Ground truth: a dense grid run through hpo's own CLI (``hpo launch`` on a grid s
 every batch size from the study's smallest to ``--extend`` × its largest, × ``--lrs``
 log-spaced LRs over the study's LR range, × one weight decay, no pruning), ``--grid-seeds``
 times; a config's value is its mean over seeds, a diverged trial counts as chance (0.5).
-The grid's best LR at each batch size lies between grid points (the vertex of a parabola
-in log LR, ``answer_quality.grid_best_lrs``).
+The grid's best LR at each batch size is the peak of a quadratic in log LR fitted to the
+grid points near its best, with an 80% interval from the grid's own noise (``grid_truth``:
+on a flat, noisy top the argmax moves by an octave with the seeds); the grid's best value
+is that quadratic's peak value (the largest of many noisy means reads high).
 
 Then the study as shipped, launched through the CLI with ``--search-seeds`` seeds. From each
 search study hpo predicts (``hpo.report.prediction.predict_configuration``, what
@@ -16,7 +18,8 @@ search study hpo predicts (``hpo.report.prediction.predict_configuration``, what
 - extrapolation: 2× and 4× the largest studied batch size (never trained by the search).
 
 Each case records the predicted LR, its 80% interval, the model the study chose, and the
-grid's best LR there. Goals (printed as ``goals``): the predicted LR within a factor 2 of
+grid's peak LR there with its interval (``factor_to_interval``: the factor to the nearest
+LR of that interval, 1 inside it). Goals (printed as ``goals``): the predicted LR within a factor 2 of
 the grid's best; the 80% interval covers the grid's best in at least 80% of cases; the
 configuration trained at the prediction within 0.01 of the grid's best value at that batch
 size. That last one is measured two ways: ``value_from_grid`` (the grid's mean value
@@ -65,7 +68,8 @@ from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (sibling scripts, not a package)
-from answer_quality import grid_best_lrs, log_spaced, numerics
+from answer_quality import log_spaced, numerics
+from grid_truth import DEFAULT_WINDOW, Truth, grid_standard_error, grid_truth
 
 REPO = Path(__file__).resolve().parents[1]
 FACTOR_GOAL = 2.0
@@ -131,18 +135,24 @@ def grid_spec(spec: StudySpec, extend: int, lrs: int, seed: int) -> StudySpec:
 
 
 def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
-    """{(batch size, lr): mean value over the grid's seeds}, read from ``--grid-cache``
-    when it holds this grid (the same study, LRs, seeds, device kind and precision), else
-    run and written there."""
+    """{(batch size, lr): [value of each grid seed]}, read from ``--grid-cache`` when it
+    holds this grid (the same study, LRs, seeds, device kind and precision), else run and
+    written there. A cache written before each seed's value was kept holds only the means
+    (one value per config)."""
     key = {"spec": json.loads(grid_spec(spec, args.extend, args.lrs, 0).to_json())}
     # the device kind and precision: the same config ends elsewhere in bf16 than in fp32
     key |= {"seeds": args.grid_seeds, "numerics": numerics(spec)}
     cache = args.grid_cache
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored["key"] != key:
-            raise SystemExit(f"{cache} holds another grid (study, LRs or seeds differ)")
-        return {(int(b), float(lr)): value for b, lr, value in stored["mean"]}
+        # Judging stored searches trains nothing here: the grid's numerics need only match
+        # theirs (both recorded), not this machine's.
+        offline = args.runs_from is not None or args.cases_from is not None
+        if _comparable(stored["key"], offline) != _comparable(key, offline):
+            raise SystemExit(f"{cache} holds another grid (study, LRs, seeds or numerics differ)")
+        if "values" in stored:
+            return {(int(b), float(lr)): list(v) for b, lr, v in stored["values"]}
+        return {(int(b), float(lr)): [value] for b, lr, value in stored["mean"]}
     values: dict[tuple[int, float], list[float]] = {}
     for seed in range(args.grid_seeds):
         study = launch(grid_spec(spec, args.extend, args.lrs, seed), directory, args.threads)
@@ -150,11 +160,24 @@ def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
             config = (trial_batch_size(trial), float(trial.params["lr"]))
             complete = trial.state == TrialState.COMPLETE
             values.setdefault(config, []).append(float(trial.value) if complete else 0.5)
-    mean = {config: statistics.mean(v) for config, v in values.items()}
     if cache is not None:
-        rows = [[b, lr, value] for (b, lr), value in sorted(mean.items())]
-        cache.write_text(json.dumps({"key": key, "mean": rows}, indent=1))
-    return mean
+        mean = [[b, lr, statistics.mean(v)] for (b, lr), v in sorted(values.items())]
+        rows = [[b, lr, v] for (b, lr), v in sorted(values.items())]
+        cache.write_text(json.dumps({"key": key, "mean": mean, "values": rows}, indent=1))
+    return values
+
+
+def _comparable(key: dict, offline: bool) -> dict:
+    """A grid key without the fields a config's value does not depend on: the search's
+    replicates, and ``gpus_per_trial`` unset (one device, as 1 is); without the numerics when
+    ``offline``."""
+    key = json.loads(json.dumps(key))
+    key["spec"].get("search", {}).pop("replicates", None)
+    training = key["spec"].get("training", {})
+    training["gpus_per_trial"] = training.get("gpus_per_trial") or 1
+    if offline:
+        key.pop("numerics", None)
+    return key
 
 
 def value_at(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
@@ -170,12 +193,14 @@ def value_at(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -
     return row[-1][1]
 
 
-def cases(study: optuna.Study, spec: StudySpec, extend: int) -> list[dict]:
-    """Every prediction of one search study (``predictions`` on its α fit's points, as
-    ``hpo export`` makes them)."""
+def cases(study: optuna.Study, spec: StudySpec, extend: int) -> tuple[dict, list[dict]]:
+    """The α fit's points of one search study ({"points", "point_sd"}: what a later
+    ``--cases-from`` predicts from again) and every prediction from them (``predictions``,
+    as ``hpo export`` makes them)."""
     fit = fit_lr_scaling(study)
     view = weight_decay_view(study.get_trials(deepcopy=False), is_maximize(study), {})
-    return predictions(list(fit.points), extend, spec.search.optimizer, fit.point_sd or 0.0, view)
+    found = predictions(list(fit.points), extend, spec.search.optimizer, fit.point_sd or 0.0, view)
+    return {"points": [list(p) for p in fit.points], "point_sd": fit.point_sd or 0.0}, found
 
 
 def predictions(
@@ -222,21 +247,45 @@ def stored_runs(path: Path) -> list[tuple[int, list[tuple[int, float]]]]:
     ]
 
 
-def judge(case: dict, best_lrs: dict[int, float], mean: dict, maximize: bool) -> dict:
-    """The case against the grid: factor to the grid's best LR, covered, value shortfall."""
-    truth = best_lrs[case["batch_size"]]
+def judge(
+    case: dict, truths: dict[int, Truth], mean: dict, maximize: bool, sigma: float = 0.0
+) -> dict:
+    """The case against the grid's peak (``grid_truth``): factor to its LR, whether the
+    prediction is within 2x of the peak's own 80% interval, covered, value shortfall (the
+    peak value less the grid's mean read off at the predicted LR) with its standard error
+    (the peak value's and the read-off's, ``sigma`` each grid mean's)."""
+    truth = truths[case["batch_size"]]
     low, high = case["lr_interval"] or (None, None)
     sign = 1.0 if maximize else -1.0
-    grid_best = max(sign * v for (b, _), v in mean.items() if b == case["batch_size"]) * sign
+    best_mean = max(sign * v for (b, _), v in mean.items() if b == case["batch_size"]) * sign
     at_prediction = value_at(mean, case["batch_size"], case["lr"])
+    truth_low, truth_high = truth.lr_interval
+    share = _share(mean, case["batch_size"], case["lr"])
+    read_off_se = sigma * math.sqrt(share**2 + (1 - share) ** 2) if math.isfinite(sigma) else 0.0
+    nearest = min(max(case["lr"], truth_low), truth_high)
     return case | {
-        "grid_best_lr": truth,
-        "factor": max(case["lr"], truth) / min(case["lr"], truth),
-        "covered": None if low is None else low <= truth <= high,
-        "grid_best_value": grid_best,
+        "grid_best_lr": truth.lr,
+        "grid_best_lr_interval": [truth_low, truth_high],
+        "factor": max(case["lr"], truth.lr) / min(case["lr"], truth.lr),
+        "factor_to_interval": max(case["lr"], nearest) / min(case["lr"], nearest),
+        "covered": None if low is None else low <= truth.lr <= high,
+        "grid_best_value": truth.value,
+        "grid_best_mean": best_mean,
         "value_from_grid": at_prediction,
-        "shortfall_from_grid": sign * (grid_best - at_prediction),
+        "shortfall_from_grid": sign * (truth.value - at_prediction),
+        # None where the grid's noise is unknown (one seed, no fit with a residual)
+        "shortfall_se": math.hypot(truth.value_se, read_off_se) if math.isfinite(sigma) else None,
     }
+
+
+def _share(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
+    """Where ``lr`` lies between its two neighbouring grid LRs (0 at the lower; 0 beyond
+    the grid's ends): the weight ``value_at`` gives the upper one."""
+    lrs = sorted(x for (b, x) in mean if b == batch_size)
+    for low, high in zip(lrs, lrs[1:], strict=False):
+        if low <= lr <= high:
+            return math.log(lr / low) / math.log(high / low)
+    return 0.0
 
 
 def train_at(spec: StudySpec, case: dict, extend: int) -> float:
@@ -266,9 +315,25 @@ def goals(judged: list[dict]) -> dict:
         "cases": len(judged),
         "within_factor_2": sum(c["factor"] <= FACTOR_GOAL for c in judged),
         "max_factor": max((c["factor"] for c in judged), default=None),
+        "within_factor_2_of_truth_interval": sum(
+            c.get("factor_to_interval", c["factor"]) <= FACTOR_GOAL for c in judged
+        ),
+        "interval_width_median": statistics.median(
+            [c["lr_interval"][1] / c["lr_interval"][0] for c in judged if c.get("lr_interval")]
+            or [math.nan]
+        ),
         "coverage_80": sum(covered) / len(covered) if covered else None,
         "within_0_01_from_grid": sum(c["shortfall_from_grid"] <= VALUE_GOAL for c in judged),
         "max_shortfall_from_grid": max((c["shortfall_from_grid"] for c in judged), default=None),
+        # a miss the grid's noise does not explain: the shortfall beyond 0.01 by more than
+        # the one-sided 80% bound of its standard error
+        "beyond_0_01_past_noise": sum(
+            c["shortfall_from_grid"] - VALUE_GOAL > 0.8416 * c["shortfall_se"]
+            for c in judged
+            if c.get("shortfall_se") is not None
+        )
+        if any(c.get("shortfall_se") is not None for c in judged)
+        else None,
         "within_0_01_trained": sum(s <= VALUE_GOAL for s in trained) if trained else None,
         "max_shortfall_trained": max(trained) if trained else None,
     }
@@ -305,11 +370,20 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
     spec = load_spec(args.study)
     if args.quick:
         spec = quick(spec)
-    mean = grid(spec, args, directory)
+    per_seed = grid(spec, args, directory)
+    mean = {config: statistics.mean(v) for config, v in per_seed.items()}
     maximize = spec.objective.direction == "maximize"
-    best_lrs = grid_best_lrs({(int(math.log2(b)), lr): v for (b, lr), v in mean.items()}, maximize)
+    window = args.truth_window if args.truth_window is not None else DEFAULT_WINDOW
+    sigma, source = grid_standard_error(mean, per_seed, maximize, window)
+    if args.truth_window is None and "seed" in source:  # σ from the seeds, not the fits:
+        window = max(DEFAULT_WINDOW, 4 * sigma)  # a noisier metric needs a wider top
+    truths = grid_truth(mean, maximize, sigma, window)
     result: dict = {
-        "grid_best_lr": best_lrs,
+        "grid_best_lr": {b: t.lr for b, t in truths.items()},
+        "grid_best_lr_interval": {b: list(t.lr_interval) for b, t in truths.items()},
+        "grid_best_value": {b: t.value for b, t in truths.items()},
+        "grid_standard_error": {"value": sigma, "from": source},
+        "truth_window": window,
         "grid_values": [[b, lr, v] for (b, lr), v in sorted(mean.items())],
     }
     if args.only == "grid":
@@ -318,21 +392,54 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
         judged = []
         for seed, points in stored_runs(args.runs_from):
             for case in predictions(points, args.extend, spec.search.optimizer, args.point_sd):
-                judged.append(judge(case, best_lrs, mean, maximize) | {"seed": seed})
+                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": seed})
         return result | {"cases": judged, "goals": goals(judged)}
-    judged = []
+    if args.cases_from is not None:
+        judged = rejudged(json.loads(args.cases_from.read_text()), args, spec, truths, mean, sigma)
+        return result | {"cases": judged, "goals": goals(judged)}
+    judged, searches = [], []
     for seed in range(args.search_seeds):
         seeded = _with(spec, name=f"search-{seed}", seed=seed, sampler={"seed": seed})
         study = launch(seeded, directory, args.threads)
-        for case in cases(study, seeded, args.extend):
-            row = judge(case, best_lrs, mean, maximize) | {"seed": seed}
+        fitted, found = cases(study, seeded, args.extend)
+        searches.append({"seed": seed, **fitted})
+        for case in found:
+            row = judge(case, truths, mean, maximize, sigma) | {"seed": seed}
             if not args.no_train:
                 row["value_trained"] = train_at(seeded, case, args.extend)
                 sign = 1.0 if maximize else -1.0
                 row["shortfall_trained"] = sign * (row["grid_best_value"] - row["value_trained"])
             judged.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    return result | {"cases": judged, "goals": goals(judged)}
+    return result | {"searches": searches, "cases": judged, "goals": goals(judged)}
+
+
+def rejudged(
+    stored: dict, args: argparse.Namespace, spec: StudySpec, truths, mean, sigma: float
+) -> list:
+    """The cases of an earlier ``--json`` file judged against this grid's reference: predicted
+    again from each search's stored points where the file has them (so a changed prediction
+    method is judged without searching again; no trained value then, it was trained at the
+    old prediction), else as they were predicted."""
+    maximize = spec.objective.direction == "maximize"
+    judged = []
+    if stored.get("searches"):
+        for search in stored["searches"]:
+            points = [(int(b), float(lr)) for b, lr in search["points"]]
+            optimizer = spec.search.optimizer
+            for case in predictions(points, args.extend, optimizer, search["point_sd"]):
+                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": search["seed"]})
+        return judged
+    kept = ("kind", "batch_size", "lr", "lr_interval", "model_of_scaling", "seed")
+    for old in stored["cases"]:
+        case = {name: old[name] for name in kept}
+        row = judge(case, truths, mean, maximize, sigma)
+        if "value_trained" in old:
+            sign = 1.0 if maximize else -1.0
+            row["value_trained"] = old["value_trained"]
+            row["shortfall_trained"] = sign * (row["grid_best_value"] - old["value_trained"])
+        judged.append(row)
+    return judged
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -348,12 +455,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
     parser.add_argument("--only", choices=("all", "grid"), default="all")
+    parser.add_argument(
+        "--truth-window",
+        type=float,
+        help="grid points within this of a batch size's best mean enter its peak's quadratic "
+        f"(default: {DEFAULT_WINDOW}, or 4 standard errors where the seeds give more)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the studies' files here")
     parser.add_argument(
         "--runs-from",
         type=Path,
         help="judge the search runs stored in this answer_quality.py JSON (no search, no "
         "training) instead of running searches",
+    )
+    parser.add_argument(
+        "--cases-from",
+        type=Path,
+        help="judge the cases of an earlier --json file (predicted again from its searches' "
+        "stored points where it has them) instead of running searches",
     )
     parser.add_argument(
         "--point-sd",

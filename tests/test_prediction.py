@@ -282,3 +282,46 @@ def test_a_study_without_weight_decay_predicts_none_and_says_so() -> None:
     assert prediction is not None and prediction.weight_decay == 0.0
     assert prediction.weight_decay_interval is None
     assert prediction.weight_decay_note == "every complete trial trained without weight decay"
+
+
+def test_a_known_point_sd_takes_the_normal_quantile_not_students_t() -> None:
+    """Points exactly on a line (no residual, no leave-one-out error) with a point_sd floor:
+    σ is known, not estimated, so the half-width is z(0.9)·σ·√(1 + leverage), not t with
+    n − 2 = 3 degrees of freedom (1.64 against 1.28)."""
+    from scipy import stats
+
+    exact = [(b, power_law(b)) for b in STUDIED]
+    prediction = predict_configuration(exact, 512, optimizer="sgd", point_sd=0.5)
+    assert prediction is not None and prediction.model_of_scaling == "power law"
+    leverage = fit_model("power law", exact).leverage(math.log2(512))
+    half = math.log2(prediction.lr_interval[1] / prediction.lr_interval[0]) / 2
+    assert half == pytest.approx(stats.norm.ppf(0.9) * 0.5 * math.sqrt(1 + leverage), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("curve", "optimizer"), [(power_law, "sgd"), (ridge, "sgd"), (surge, "adamw")]
+)
+def test_best_lrs_located_only_to_the_lrs_tried_are_covered_with_a_point_sd_floor(
+    curve, optimizer
+) -> None:
+    """Each best LR known only as the nearest of LRs tried two octaves apart (an error
+    uniform over ±1 octave, σ = 2/√12, passed as point_sd): the intervals with the normal
+    quantile still cover the planted truth at least at their nominal rate."""
+    rng = random.Random(5)
+    covered = cases = 0
+    for _ in range(20):
+        offset = rng.uniform(0.0, 2.0)
+        points = [
+            (b, 2.0 ** (2 * round((math.log2(curve(b)) - offset) / 2) + offset)) for b in STUDIED
+        ]
+        targets = [(b, [p for p in points if p[0] != b]) for b in STUDIED[1:-1]]
+        targets += [(b, points) for b in (256, 512)]
+        for batch_size, known in targets:
+            prediction = predict_configuration(
+                known, batch_size, optimizer=optimizer, point_sd=2 / math.sqrt(12)
+            )
+            assert prediction is not None
+            low, high = prediction.lr_interval
+            covered += low <= curve(batch_size) <= high
+            cases += 1
+    assert covered / cases >= 0.8

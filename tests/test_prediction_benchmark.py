@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.benchmark_scripts import load_benchmark
@@ -20,7 +22,7 @@ def test_prediction_quality_quick_judges_held_out_and_extrapolated_batch_sizes(
 ) -> None:
     """Grid (B 8..128 x 2 LRs) and one search (B 8..64) through ``hpo launch``; each studied
     batch size left out and 2x the largest predicted, each judged against the grid; the
-    grid's cache is reused by a second call."""
+    grid's cache is reused by a second call, and the stored search by a third."""
     module = _module()
     out, cache = tmp_path / "p.json", tmp_path / "grid.json"
     argv = ["--quick", "--lrs", "2", "--extend", "2", "--grid-seeds", "1", "--search-seeds", "1"]
@@ -36,6 +38,15 @@ def test_prediction_quality_quick_judges_held_out_and_extrapolated_batch_sizes(
     assert result["goals"]["cases"] == len(result["cases"])
     again = module.main([*argv, "--only", "grid"])  # from the cache: no study is run
     assert again["grid_values"] == result["grid_values"]
+    # the search's points are kept: --cases-from predicts from them again, searching nothing
+    assert result["searches"][0]["points"]
+    judged = module.main([*argv, "--cases-from", str(out)])
+    assert [(c["batch_size"], c["lr"]) for c in judged["cases"]] == [
+        (c["batch_size"], c["lr"]) for c in result["cases"]
+    ]
+    for case in judged["cases"]:
+        low, high = case["grid_best_lr_interval"]
+        assert low <= case["grid_best_lr"] <= high
 
 
 def test_value_at_interpolates_the_grid_in_log_lr() -> None:
@@ -78,3 +89,53 @@ def test_stored_runs_are_predicted_left_out_and_beyond(tmp_path: Path) -> None:
     assert len(found) == 7
     for case in found:
         assert case["lr"] == pytest.approx(0.002 * case["batch_size"] ** 0.5, rel=1e-6)
+
+
+def _row(curve, lrs: list[float]) -> dict[tuple[int, float], float]:
+    return {(32, lr): curve(math.log2(lr)) for lr in lrs}
+
+
+LRS = [1e-3 * 1000 ** (i / 10) for i in range(11)]  # 1e-3 ... 1, an octave apart
+
+
+def test_the_grid_peak_is_a_quadratic_over_the_near_best_points_not_the_cliff() -> None:
+    """A parabola peaking at lr 0.02 that falls off a cliff (chance) from lr 0.1: the peak
+    between grid points, the cliff left out, the value the parabola's."""
+    truth = load_benchmark("grid_truth")
+
+    def curve(x: float) -> float:
+        return 0.5 if x > math.log2(0.1) else 0.75 - 0.004 * (x - math.log2(0.02)) ** 2
+
+    found = truth.grid_truth(_row(curve, LRS), True, sigma=0.0)[32]
+    assert found.lr == pytest.approx(0.02, rel=0.02) and found.value == pytest.approx(0.75)
+    minimized = truth.grid_truth({k: -v for k, v in _row(curve, LRS).items()}, False, 0.0)
+    assert minimized[32].lr == pytest.approx(found.lr) and minimized[32].value < 0
+
+
+def test_the_grid_peak_interval_is_wide_on_a_flat_noisy_top_and_covers_the_peak() -> None:
+    """With noise of the grid's size the argmax of a flat top moves by octaves: the peak's
+    80% interval from redrawn grids is wide there, narrow on a sharp peak, and covers it."""
+    truth = load_benchmark("grid_truth")
+    rng = np.random.default_rng(3)
+    widths = {}
+    for curvature in (0.002, 0.03):
+        covered = 0
+        for _ in range(10):
+            row = _row(lambda x, k=curvature: 0.75 - k * (x - math.log2(0.02)) ** 2, LRS)
+            noisy = {k: v + rng.normal(0.0, 0.007) for k, v in row.items()}
+            found = truth.grid_truth(noisy, True, sigma=0.007, seed=int(rng.integers(100)))[32]
+            low, high = found.lr_interval
+            covered += low <= 0.02 <= high
+            widths.setdefault(curvature, []).append(high / low)
+        assert covered >= 6
+    assert np.median(widths[0.002]) > 3 * np.median(widths[0.03])
+
+
+def test_the_grid_standard_error_is_the_seed_spread_where_each_seed_is_kept() -> None:
+    truth = load_benchmark("grid_truth")
+    per_seed = {(32, lr): [0.7, 0.72] for lr in LRS}
+    mean = {k: 0.71 for k in per_seed}
+    sigma, source = truth.grid_standard_error(mean, per_seed, True)
+    assert sigma == pytest.approx(math.sqrt(0.0002 / 2)) and "seed" in source
+    sigma, source = truth.grid_standard_error(mean, {k: [0.71] for k in mean}, True)
+    assert sigma == pytest.approx(0.0, abs=1e-9) and "scatter" in source
