@@ -134,3 +134,10 @@ def start_on_this_node(training: TrainingSpec) -> DeviceSetup:
     setup = select_device(training)
     configure_process(setup, training.num_threads)
     return setup
+
+
+def autocast(setup: DeviceSetup) -> torch.autocast:
+    """The autocast context a forward pass runs under: ``setup``'s AMP dtype, or off."""
+    if setup.amp_dtype is None:
+        return torch.autocast(setup.device.type, enabled=False)
+    return torch.autocast(setup.device.type, dtype=setup.amp_dtype)

@@ -45,14 +45,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hpo.context import Budget, Diverged, TrialContext, load_trainer
-from hpo.device import DeviceSetup, DeviceUnavailable, is_out_of_memory
+from hpo.device import DeviceSetup, DeviceUnavailable, autocast, is_out_of_memory
 from hpo.errors import UserError
 from hpo.launcher import die_with_parent, stop_children
 from hpo.noise import NoiseScaleEstimate
 from hpo.retry import RequeueTrial
 from hpo.settings import collective_timeout_s, environment, survive_nccl_errors
 from hpo.spec import StudySpec, TrainingSpec, TrialParams
-from hpo.train import autocast
 
 __all__ = ["RankFailed", "RankGroup", "check_devices_per_trial", "data_parallel_group"]
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hpo.device import autocast
 from hpo.noise import NoiseScaleEstimate
 
 if TYPE_CHECKING:
@@ -106,8 +107,6 @@ def run_probe(
     seconds (from the passes timed so far; synchronized on a GPU), within
     NOISE_PROBE_MIN_PARTS..NOISE_PROBE_MAX_PARTS. Everything training reads is as it was
     before."""
-    from hpo.train import autocast
-
     model = run.model
     started = _now(setup)
     generator = torch.Generator().manual_seed(probe_seed(run))

@@ -25,7 +25,7 @@ from hpo.data import (
     channel_stats,
     num_classes,
 )
-from hpo.device import DeviceSetup, is_out_of_memory, release_device_memory
+from hpo.device import DeviceSetup, autocast, is_out_of_memory, release_device_memory
 from hpo.models import build_model
 from hpo.noise import (
     NOISE_SCALE_EVERY,
@@ -153,12 +153,6 @@ class TrainingData:
     @property
     def val_for_eval(self) -> PatchSet | PreparedPatches:
         return self.val_prepared if self.val_prepared is not None else self.val
-
-
-def autocast(setup: DeviceSetup) -> torch.autocast:
-    if setup.amp_dtype is None:
-        return torch.autocast(setup.device.type, enabled=False)
-    return torch.autocast(setup.device.type, dtype=setup.amp_dtype)
 
 
 def make_optimizer(
@@ -406,14 +400,12 @@ def train_epoch(
     many samples (``train_step_accumulated``). Every ``noise_every``-th update (0: never)
     also measures the gradient noise scale into ``run.tally.noise``: from the first
     micro-batch and the whole batch when accumulating, else from two half-batch passes
-    (``hpo.noise.noise_scale_step``). ``noise_probe``, called before every update, may
-    measure it by a probe at a larger batch instead (``hpo.noise_probe``); while it says
-    the trial probes, the halves do not measure.
+    (``hpo.noise.noise_scale_step``), unless ``noise_probe`` (called before every update)
+    measures it by a probe at a larger batch instead (``hpo.noise_probe``).
     """
     run.model.train()
-    check_every = CUDA_FINITE_CHECK_EVERY if setup.device.type == "cuda" else 1
-    if sync_every_step:
-        check_every = 1
+    on_gpu = setup.device.type == "cuda" and not sync_every_step
+    check_every = CUDA_FINITE_CHECK_EVERY if on_gpu else 1
     loss_sum = torch.zeros((), device=setup.device)
     steps = 0
     last = time.perf_counter()
@@ -421,8 +413,8 @@ def train_epoch(
         if lr_factor is not None:
             set_lr_factor(run, lr_factor(run.tally))
         images, targets = data.batcher.take(data.train, indices, run.generator if augment else None)
-        probing = noise_probe is not None and noise_probe(run)
-        every = 0 if probing else noise_every
+        probed = noise_probe is not None and noise_probe(run)  # then the halves do not measure
+        every = 0 if probed else noise_every
         loss_sum += _update(run, setup, images, targets, micro_batch_size, every)
         steps += 1
         run.batches_left -= 1
@@ -435,15 +427,21 @@ def train_epoch(
             on_step(running)
         if stop_at is not None and stop_at(run.tally):
             break
-    if run.batches_left == 0:
-        run.epoch_batches = None
-        if lr_factor is None:
-            run.scheduler.step()
+    _end_pass_if_done(run, step_scheduler=lr_factor is None)
     train_loss = float(loss_sum) / max(steps, 1)
     run.tally.train_seconds += time.perf_counter() - last  # the device finishing its queue
     if not math.isfinite(train_loss):
         raise Diverged(f"loss diverged at epoch {run.epochs_done + 1}")
     return train_loss
+
+
+def _end_pass_if_done(run: TrainingRun, *, step_scheduler: bool) -> None:
+    """After the pass's last batch: the next call starts a new pass, and the epoch-wise
+    scheduler (a schedule without ``lr_factor``) steps."""
+    if run.batches_left == 0:
+        run.epoch_batches = None
+        if step_scheduler:
+            run.scheduler.step()
 
 
 def _pass_batches(run: TrainingRun, data: TrainingData, batch_size: int) -> Iterator[torch.Tensor]:
