@@ -32,7 +32,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from hpo import compat
 from hpo.storage.counts import FINISHED
 from hpo.storage.transactions import in_one_statement
-from hpo.storage.writes import updatable, write
+from hpo.storage.writes import attrs_upsert_from, updatable, write
 
 USER_ATTRS = "TrialUserAttributeModel"
 SYSTEM_ATTRS = "TrialSystemAttributeModel"
@@ -102,12 +102,4 @@ def attrs_upsert(table_name: str) -> sqlalchemy.Select:
         .select_from(pairs.join(target, sqlalchemy.true()))  # every pair, the one trial
         .where(target.c.state.not_in(FINISHED))
     )
-    upsert = postgresql.insert(table).from_select(["trial_id", "key", "value_json"], rows)
-    written = (
-        upsert.on_conflict_do_update(
-            index_elements=["trial_id", "key"], set_={"value_json": upsert.excluded.value_json}
-        )
-        .returning(table.c.trial_id)
-        .cte("written")
-    )
-    return sqlalchemy.select(target.c.state).add_cte(written)
+    return attrs_upsert_from(table, target, rows)

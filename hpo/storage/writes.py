@@ -168,6 +168,23 @@ def param_insert(look_back: bool) -> sqlalchemy.Select:
     return sqlalchemy.select(target.c.state, earlier).add_cte(written)
 
 
+def attrs_upsert_from(
+    table: sqlalchemy.Table, target: sqlalchemy.CTE, rows: sqlalchemy.Select
+) -> sqlalchemy.Select:
+    """Insert ``rows`` (trial_id, key, value_json) into the attribute ``table``, replacing
+    a key the trial already has; the statement answers ``target``'s trial state (no row:
+    the trial is missing), written only where ``rows`` found it unfinished."""
+    upsert = postgresql.insert(table).from_select(["trial_id", "key", "value_json"], rows)
+    written = (
+        upsert.on_conflict_do_update(
+            index_elements=["trial_id", "key"], set_={"value_json": upsert.excluded.value_json}
+        )
+        .returning(table.c.trial_id)
+        .cte("written")
+    )
+    return sqlalchemy.select(target.c.state).add_cte(written)
+
+
 @functools.cache
 def attr_upsert(table_name: str) -> sqlalchemy.Select:
     """``set_attr``'s statement: the attribute ``:key`` of the trial ``:trial_id``
@@ -180,15 +197,7 @@ def attr_upsert(table_name: str) -> sqlalchemy.Select:
         sqlalchemy.bindparam("key", type_=table.c.key.type),
         sqlalchemy.bindparam("value", type_=table.c.value_json.type),
     ).where(target.c.state.not_in(FINISHED))
-    upsert = postgresql.insert(table).from_select(["trial_id", "key", "value_json"], row)
-    written = (
-        upsert.on_conflict_do_update(
-            index_elements=["trial_id", "key"], set_={"value_json": upsert.excluded.value_json}
-        )
-        .returning(table.c.trial_id)
-        .cte("written")
-    )
-    return sqlalchemy.select(target.c.state).add_cte(written)
+    return attrs_upsert_from(table, target, row)
 
 
 @functools.cache
