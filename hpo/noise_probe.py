@@ -44,7 +44,7 @@ from hpo.noise import NoiseScaleEstimate
 if TYPE_CHECKING:
     from hpo.device import DeviceSetup
     from hpo.resource import TrainingBudget
-    from hpo.train import Tally, TrainingData, TrainingRun
+    from hpo.training_state import Tally, TrainingData, TrainingRun
 
 # A probe's passes: NOISE_PROBE_PART examples each, at least NOISE_PROBE_MIN_PARTS (its
 # pseudo-values need 3) and at most NOISE_PROBE_MAX_PARTS (the passes' gradients are held
