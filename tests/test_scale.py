@@ -254,7 +254,8 @@ def test_more_workers_than_pgbouncer_server_connections_start_at_once_and_claim_
         for thread in threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic()))
         stalled = sum(thread.is_alive() for thread in threads)
-        counted = _finished_exactly(bounced, starters) if not stalled else []
+        # A thread's own error is the first thing a failure should show, before the count.
+        counted = _finished_exactly(bounced, starters) if not (stalled or errors) else []
 
     assert not stalled, f"{stalled} of {starters} workers still starting after {bound_s}s"
     assert not errors, errors
