@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from hpo.context import Budget, Diverged, TrialContext, load_trainer
 from hpo.device import DeviceSetup, DeviceUnavailable, autocast, is_out_of_memory
 from hpo.errors import UserError
-from hpo.launcher import die_with_parent, stop_children
+from hpo.launcher import die_with_parent, stop_children, stop_signals_held
 from hpo.noise import NoiseScaleEstimate
 from hpo.retry import RequeueTrial
 from hpo.settings import collective_timeout_s, environment, survive_nccl_errors
@@ -120,24 +120,27 @@ class RankGroup:
                               wait_for_workers=False)  # fmt: skip
         backend = "nccl" if setup.device.type == "cuda" else "gloo"
         group = cls(0, world_size, reasons=Path(tempfile.mkdtemp(prefix="hpo-ranks-")))
-        for rank in range(1, world_size):
-            command = [*FOLLOWER_COMMAND, str(rank), str(world_size), str(store.port),
-                       backend, str(group.reasons)]  # fmt: skip
-            try:
-                group.followers.append(
-                    subprocess.Popen(command, env=environment(), **die_with_parent())
-                )
-            except OSError as error:
-                group.close(completed=False)
-                raise RankFailed(f"could not start rank {rank}: {error.strerror}") from None
-        try:
+        try:  # a stop signal too, arriving while a rank starts: no follower outlives this
+            for rank in range(1, world_size):
+                group._start_follower(rank, store.port, backend)
             group._wait_for_followers(store, max(timeout, FOLLOWER_START_S))
             dist.init_process_group(backend, store=store, rank=0, world_size=world_size,
                                     timeout=timedelta(seconds=timeout))  # fmt: skip
-        except BaseException:  # a stop signal too: no follower outlives the start
+        except BaseException:
             group.close(completed=False)
             raise
         return group
+
+    def _start_follower(self, rank: int, port: int, backend: str) -> None:
+        command = [*FOLLOWER_COMMAND, str(rank), str(self.world_size), str(port), backend,
+                   str(self.reasons)]  # fmt: skip
+        try:
+            with stop_signals_held():  # the handle is kept before a stop signal is handled
+                self.followers.append(
+                    subprocess.Popen(command, env=environment(), **die_with_parent())
+                )
+        except OSError as error:
+            raise RankFailed(f"could not start rank {rank}: {error.strerror}") from None
 
     def _wait_for_followers(self, store: dist.TCPStore, timeout: float) -> None:
         keys = [f"joined-{rank}" for rank in range(1, self.world_size)]

@@ -10,10 +10,13 @@ the children, which re-queue their running trials and exit. ``prepare_launch`` i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -121,6 +124,43 @@ def die_with_parent() -> dict[str, object]:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM/SIGINT held back for the block and handled after it, by the handlers in
+    place before it. Start a child and store its handle inside the block: a stop signal
+    that arrives while the child starts is then handled once the handle is where the
+    cleanup (``stop_children``) finds it. Without that, a handler that raises
+    (``hpo.worker.StopSignal``) inside ``Popen`` leaves a started child nobody stops.
+
+    Python runs signal handlers in the main thread whichever thread the signal reached,
+    so the block swaps in a handler that only records; elsewhere than the main thread
+    (where handlers cannot be set) it holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {
+        number: signal.signal(number, lambda n, frame: arrived.append(n)) for number in STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            _deliver(number, previous[number])
+
+
+def _deliver(number: int, handler: object) -> None:
+    """Handle signal ``number`` now, as ``handler`` (what ``signal.signal`` returned)
+    would have when it arrived."""
+    if callable(handler):
+        handler(number, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), number)
 
 
 def worker_command(study_name: str, total_trials: int, timeout_s: float | None) -> list[str]:
@@ -171,7 +211,8 @@ def run_worker_processes(
     for index, device in enumerate(devices):
         try:
             child_env = _child_env(storage_url, node, device, index, threads)
-            children.append(subprocess.Popen(command, env=child_env, **die_with_parent()))
+            with stop_signals_held():
+                children.append(subprocess.Popen(command, env=child_env, **die_with_parent()))
         except OSError as error:
             # The children already started would run on, orphaned: stop them (they
             # re-queue their trials) before giving up.
