@@ -11,7 +11,7 @@ import math
 import statistics
 
 from grid_truth import DEFAULT_WINDOW, Truth, grid_standard_error, grid_truth, pair_truth, tau_trend
-from prediction_wd import decay_tolerance, judge_decay, mean_at_decay, model_counts
+from prediction_wd import decay_tolerance, judge_decay, mean_at_decay, model_counts, tau_table
 
 from hpo.report.prediction import leave_one_out_errors
 from hpo.spec import StudySpec
@@ -187,6 +187,7 @@ class Reference:
             }
             rows = [[b, lr, wd, v] for (b, lr, wd), v in sorted(self.mean3.items())]
             self.trend = tau_trend(pairs, train_size)
+            result["tau"] = tau_table(self.trend, [])
         else:
             rows = [[b, lr, v] for (b, lr), v in sorted(self.mean.items())]
         return result | {"grid_values": rows}
