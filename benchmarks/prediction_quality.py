@@ -306,6 +306,7 @@ def predictions(
             "weight_decay_interval": list(p.weight_decay_interval)
             if p.weight_decay_interval
             else None,
+            "weight_decay_note": p.weight_decay_note,
         }
         for kind, p in found
         if p is not None

@@ -88,6 +88,9 @@ def decay_goals(judged: list[dict], tolerance: float) -> dict:
         "max_factor": max((c["wd_factor"] for c in with_decay), default=None),
         "median_factor": statistics.median([c["wd_factor"] for c in with_decay] or [math.nan]),
         "with_interval": len(covered),
+        "noted_barely_acted": sum(
+            "barely acted" in (c.get("weight_decay_note") or "") for c in judged
+        ),
         "coverage_80": sum(covered) / len(covered) if covered else None,
         "interval_width_median": statistics.median(
             [
@@ -123,6 +126,7 @@ def stored_view(view: WeightDecayView) -> dict:
         "slope_low": view.slope_low,
         "slope_high": view.slope_high,
         "constant": view.constant,
+        "epochs_trained": view.epochs_trained,
     }
 
 
@@ -130,9 +134,9 @@ def view_from(stored: dict | None) -> WeightDecayView | None:
     if not stored:
         return None
     rows = tuple(WeightDecayRow(**row) for row in stored["rows"])
-    return WeightDecayView(
-        rows, stored["train_size"], stored["slope"], stored["slope_low"], stored["slope_high"]
-    )
+    slope = (stored["slope"], stored["slope_low"], stored["slope_high"])
+    epochs = stored.get("epochs_trained")
+    return WeightDecayView(rows, stored["train_size"], *slope, epochs_trained=epochs)
 
 
 def without(view: WeightDecayView | None, batch_size: int) -> WeightDecayView | None:

@@ -218,11 +218,14 @@ def test_a_left_out_batch_size_predicts_its_decay_from_the_others_timescale() ->
                        None, lr_width=1.0, weight_decay_width=1.0)
         for b in sizes
     )  # fmt: skip
-    view = WeightDecayView(rows, N, None, None, None)
+    view = WeightDecayView(rows, N, None, None, None, epochs_trained=2.0)
     points = [(b, 1e-3 * b**0.5) for b in sizes]
     found = module.predictions(points, 2, "adamw", 0.3, view)
     again = module.predictions(points, 2, "adamw", 0.3, wd.view_from(wd.stored_view(view)))
     assert [c["weight_decay"] for c in found] == [c["weight_decay"] for c in again]
+    # the rows' τ_epoch, 1 epoch, is within the 2 trained: weight decay acted, no note
+    assert [c["weight_decay_note"] for c in found] == [None] * len(found)
+    assert wd.view_from(wd.stored_view(view)).epochs_trained == 2.0
     left_out_32 = next(c for c in found if c["kind"] == "left out" and c["batch_size"] == 32)
     # from 8, 16 and 64, where λ = 1e-2·√B exactly: the 1.5× at 32 is not seen
     assert left_out_32["weight_decay"] == pytest.approx(1e-2 * 32**0.5, rel=0.05)
