@@ -129,15 +129,9 @@ def _args(tmp_path: Path, seeds: int) -> argparse.Namespace:
     )  # fmt: skip
 
 
-def test_a_cached_grid_with_fewer_seeds_is_extended_by_the_seeds_it_lacks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cache is written after each seed; a later run asking for more seeds runs only
-    the missing ones (here a stand-in for ``hpo launch``) and keeps the cached values; one
-    asking for fewer reads the first seeds, running nothing."""
-    module = _quality()
-    spec = module.quick(module.load_spec(module.REPO / "studies/demo.toml"))
-    launched = []
+def _fake_launch(module, launched: list[int], value):
+    """A stand-in for ``hpo launch`` on a grid study: every grid point once, its value
+    ``value(grid spec, lr, weight decay)``; the seeds launched are appended to ``launched``."""
 
     def fake_launch(grid, directory, threads, timeout=None):
         launched.append(grid.seed)
@@ -148,15 +142,27 @@ def test_a_cached_grid_with_fewer_seeds_is_extended_by_the_seeds_it_lacks(
                 for wd in space["weight_decay"]:
                     params = {module.BATCH_PARAM: log2_b, "lr": lr, "weight_decay": wd}
                     distributions = {
-                        name: optuna.distributions.CategoricalDistribution([value])
-                        for name, value in params.items()
+                        name: optuna.distributions.CategoricalDistribution([v])
+                        for name, v in params.items()
                     }
-                    value = grid.seed + lr
                     study.add_trial(optuna.trial.create_trial(
-                        params=params, distributions=distributions, value=value
+                        params=params, distributions=distributions, value=value(grid, lr, wd)
                     ))  # fmt: skip
         return study
 
+    return fake_launch
+
+
+def test_a_cached_grid_with_fewer_seeds_is_extended_by_the_seeds_it_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is written after each seed; a later run asking for more seeds runs only
+    the missing ones (here a stand-in for ``hpo launch``) and keeps the cached values; one
+    asking for fewer reads the first seeds, running nothing."""
+    module = _quality()
+    spec = module.quick(module.load_spec(module.REPO / "studies/demo.toml"))
+    launched: list[int] = []
+    fake_launch = _fake_launch(module, launched, lambda grid, lr, wd: grid.seed + lr)
     monkeypatch.setattr(module, "launch", fake_launch)
     first = module.grid(spec, _args(tmp_path, 1), tmp_path)
     assert launched == [0] and len({wd for _, _, wd in first}) == 2
@@ -230,3 +236,43 @@ def test_a_left_out_batch_size_predicts_its_decay_from_the_others_timescale() ->
     # from 8, 16 and 64, where λ = 1e-2·√B exactly: the 1.5× at 32 is not seen
     assert left_out_32["weight_decay"] == pytest.approx(1e-2 * 32**0.5, rel=0.05)
     assert wd.without(view, 32).rows == tuple(r for r in rows if r.batch_size != 32)
+
+
+def test_stored_searches_are_judged_on_a_weight_decay_grid_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``main`` with ``--cases-from`` on a grid with a weight-decay axis (its cache made by a
+    stand-in for ``hpo launch``: nothing trains): each case's λ judged, the weight-decay
+    goals, the grid's τ beside the stored search's, and the best λ the planted one."""
+    module = _quality()
+    wd = load_benchmark("prediction_wd")
+    from hpo.report.weight_decay import WeightDecayRow, WeightDecayView
+
+    def value(grid, lr, decay):  # best LR 2e-3, best λ 1e-4 (the axis' middle), two seeds
+        noise = 0.001 if grid.seed else -0.001
+        return 0.7 - 0.01 * math.log2(lr / 2e-3) ** 2 - 0.01 * math.log2(decay / 1e-4) ** 2 + noise
+
+    monkeypatch.setattr(module, "launch", _fake_launch(module, [], value))
+    argv = ["--quick", "--lrs", "5", "--grid-lr-range", "1e-3", "1.6e-2", "--grid-wds", "3"]
+    argv += ["--extend", "2", "--grid-seeds", "2", "--grid-cache", str(tmp_path / "grid.json")]
+    sizes = (8, 16, 32, 64)
+    rows = tuple(
+        WeightDecayRow(b, 2e-3, 1e-4, 2, 20.0, 10.0, 40.0, 1.0, 1.0) for b in sizes
+    )  # τ 20 epochs, 10× the 2 trained at its lower end: not "barely acted"
+    view = wd.stored_view(WeightDecayView(rows, 256, None, None, None, epochs_trained=2.0))
+    search = {"seed": 0, "points": [[b, 2e-3] for b in sizes], "point_sd": 0.5, "view": view}
+    (tmp_path / "p.json").write_text(json.dumps({"searches": [search]}))
+    result = module.main([*argv, "--cases-from", str(tmp_path / "p.json")])
+    assert result["grid_weight_decays"] == pytest.approx([1e-5, 1e-4, 1e-3])
+    for b, best in result["grid_best_weight_decay"].items():
+        assert best == pytest.approx(1e-4, rel=0.05), b
+    assert {c["batch_size"] for c in result["cases"]} == {8, 16, 32, 64, 128}
+    for case in result["cases"]:
+        assert case["weight_decay"] == pytest.approx(1e-4, rel=1e-6)
+        assert case["wd_within_tolerance"] and case["wd_factor"] == pytest.approx(1, rel=0.05)
+        assert case["weight_decay_note"] is None
+    goals = result["weight_decay_goals"]
+    assert goals["cases"] == 5 and goals["within_tolerance"] == 5
+    assert goals["tolerance"] == pytest.approx(math.sqrt(10))  # half the 10x step
+    assert set(result["tau"]["grid"]["tau_epoch"]) == {8, 16, 32, 64, 128}
+    assert result["tau"]["searches"][0]["tau_epoch"] == {b: 20.0 for b in sizes}
