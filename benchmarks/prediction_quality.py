@@ -6,7 +6,7 @@ log-spaced LRs over the study's LR range or ``--grid-lr-range``, × one weight d
 ``--grid-wds`` log-spaced over the study's weight-decay range, no pruning),
 ``--grid-seeds`` times; a config's value is its mean over seeds, a diverged trial counts
 as chance (0.5). The cache is written after each seed and extended by the seeds it lacks;
-``--grid-hold-s`` stops starting grid trials after that long (the next run with the same
+``--grid-hold-s`` starts no grid trial after that long (the next run with the same
 ``--keep`` continues the unfinished seed), so a grid too long for one sitting runs in
 pieces.
 The grid's best LR at each batch size is the peak of a quadratic in log LR fitted to the
@@ -183,7 +183,7 @@ def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
     ``--grid-cache`` when it holds this grid (the same study, LRs, weight decays, device
     kind and precision; as many seeds or more), else run and written there after each
     seed, so a cache with fewer seeds is extended by the seeds it lacks. With
-    ``--grid-hold-s`` no grid trial starts after that many seconds: the run stops with the
+    ``--grid-hold-s`` no grid trial starts after that many seconds: the run ends with the
     seeds done cached and the unfinished seed's study kept in ``--keep``, where the next
     run continues it. A cache written before each seed's value was kept holds only the
     means (one value per config)."""
