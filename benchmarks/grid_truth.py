@@ -58,9 +58,14 @@ class Truth:
     value_se: float = 0.0
 
 
-def peak(log2_lrs: np.ndarray, values: np.ndarray, window: float) -> Peak:
+def peak(
+    log2_lrs: np.ndarray, values: np.ndarray, window: float, three_at_edge: bool = False
+) -> Peak:
     """The quadratic's vertex over the points near the top (``values`` larger is better,
-    ``log2_lrs`` ascending)."""
+    ``log2_lrs`` ascending). With ``three_at_edge`` an argmax at the grid's end takes the
+    next two points (a parabola through three, its vertex kept inside them) where the
+    window holds fewer: on an axis with no divergence cliff and few points (a weight-decay
+    axis) a best value at the end is then still placed between grid points."""
     top = int(np.argmax(values))
     low = high = top
     while low > 0 and values[low - 1] >= values[top] - window:
@@ -69,6 +74,8 @@ def peak(log2_lrs: np.ndarray, values: np.ndarray, window: float) -> Peak:
         high += 1
     if high - low < 2:  # the argmax and its neighbours, as a parabola through three points
         low, high = max(0, min(low, top - 1)), min(len(values) - 1, max(high, top + 1))
+    if three_at_edge and high - low < 2 and len(values) >= 3:
+        low, high = (0, 2) if top == 0 else (len(values) - 3, len(values) - 1)
     if high - low < 2:  # two grid points: no curvature to fit
         return Peak(2.0 ** float(log2_lrs[top]), float(values[top]), high - low + 1, ())
     xs, ys = log2_lrs[low : high + 1], values[low : high + 1]
@@ -92,9 +99,18 @@ def rows_of(mean: dict[tuple[int, float], float], maximize: bool) -> dict[int, t
     return rows
 
 
+def _lr_rows(mean: dict[tuple, float], maximize: bool) -> list[tuple]:
+    """(log2 LRs, values) of each batch size's LR row, one per weight decay where the keys
+    carry one (batch size, lr, weight decay)."""
+    groups: dict[tuple, dict[tuple[int, float], float]] = {}
+    for key, v in mean.items():
+        groups.setdefault(tuple(key[2:]), {})[(key[0], key[1])] = v
+    return [row for group in groups.values() for row in rows_of(group, maximize).values()]
+
+
 def grid_standard_error(
-    mean: dict[tuple[int, float], float],
-    per_seed: dict[tuple[int, float], list[float]] | None,
+    mean: dict[tuple, float],
+    per_seed: dict[tuple, list[float]] | None,
     maximize: bool,
     window: float = DEFAULT_WINDOW,
 ) -> tuple[float, str]:
@@ -103,13 +119,15 @@ def grid_standard_error(
     or more; else the points' scatter about the fitted quadratics."""
     sign = 1.0 if maximize else -1.0
     if per_seed and min(len(v) for v in per_seed.values()) >= 2:
-        best = {b: max(sign * v for (bb, _), v in mean.items() if bb == b) for b, _ in mean}
-        near = [v for (b, lr), v in per_seed.items() if sign * mean[(b, lr)] >= best[b] - window]
+        best: dict[int, float] = {}
+        for key, v in mean.items():  # key: (batch size, lr) or (batch size, lr, weight decay)
+            best[key[0]] = max(best.get(key[0], -math.inf), sign * v)
+        near = [v for key, v in per_seed.items() if sign * mean[key] >= best[key[0]] - window]
         variance = statistics.mean(statistics.variance(v) for v in near)
         seeds = statistics.mean(len(v) for v in near)
         return math.sqrt(variance / seeds), f"seed-to-seed spread of {len(near)} near-best configs"
     squares, dof = 0.0, 0
-    for log2_lrs, values in rows_of(mean, maximize).values():
+    for log2_lrs, values in _lr_rows(mean, maximize):
         found = peak(log2_lrs, values, window)
         squares += sum(r * r for r in found.residuals)
         dof += max(0, len(found.residuals) - 3)
@@ -147,3 +165,134 @@ def grid_truth(
             value_se=float(np.std([p.value for p in redrawn])),
         )
     return truths
+
+
+# ---------------------------------------------------------------- a weight-decay axis
+
+
+@dataclass(frozen=True)
+class PairTruth:
+    """One batch size's reference on a grid with a weight-decay axis: the best weight
+    decay λ (the vertex of a quadratic in log2 λ through each weight decay's LR-peak value,
+    ``peak`` again, with three points at least: no cliff on this axis), the LR of that pair (each weight decay's
+    peak LR interpolated in log2 λ at the best λ), both with their ``CONFIDENCE``
+    intervals from the redrawn grids, the pair's value and its standard error. ``draws``
+    holds each redrawn grid's (log2 LR, log2 λ): the grid's timescale per batch size and
+    its trend come from them (``tau_trend``)."""
+
+    lr: float
+    lr_interval: tuple[float, float]
+    weight_decay: float
+    weight_decay_interval: tuple[float, float]
+    value: float
+    value_se: float
+    n_points: int
+    draws: tuple[tuple[float, float], ...] = ()
+
+
+def cube_of(
+    mean: dict[tuple[int, float, float], float], maximize: bool
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch size, (log2 weight decays ascending, log2 LRs ascending, values with
+    larger better, one row per weight decay). Every (LR, weight decay) must be there."""
+    sign = 1.0 if maximize else -1.0
+    cubes = {}
+    for batch_size in sorted({b for b, _, _ in mean}):
+        lrs = sorted({lr for b, lr, _ in mean if b == batch_size})
+        wds = sorted({wd for b, _, wd in mean if b == batch_size})
+        values = np.array([[sign * mean[(batch_size, lr, wd)] for lr in lrs] for wd in wds])
+        cubes[batch_size] = (np.log2(wds), np.log2(lrs), values)
+    return cubes
+
+
+def pair_peak(
+    log2_wds: np.ndarray, log2_lrs: np.ndarray, values: np.ndarray, window: float
+) -> tuple[float, float, float, int]:
+    """(log2 LR, log2 λ, value, points fitted) of the best pair: the LR peak of each weight
+    decay's row, then ``peak`` over those peaks' values in log2 λ."""
+    rows = [peak(log2_lrs, row, window) for row in values]
+    best = peak(log2_wds, np.array([p.value for p in rows]), window, three_at_edge=True)
+    log2_wd = math.log2(best.lr)
+    log2_lr = float(np.interp(log2_wd, log2_wds, [math.log2(p.lr) for p in rows]))
+    return log2_lr, log2_wd, best.value, best.n_points
+
+
+def pair_truth(
+    mean: dict[tuple[int, float, float], float],
+    maximize: bool,
+    sigma: float,
+    window: float = DEFAULT_WINDOW,
+    seed: int = 0,
+) -> dict[int, PairTruth]:
+    """Each batch size's best (LR, λ) with intervals from the grid redrawn ``DRAWS`` times
+    with noise ``sigma`` on every config's mean, and the pair's value (the metric's sign)."""
+    sign = 1.0 if maximize else -1.0
+    rng = np.random.default_rng(seed)
+    tail = (1 - CONFIDENCE) / 2
+    truths = {}
+    for batch_size, (log2_wds, log2_lrs, values) in cube_of(mean, maximize).items():
+        found = pair_peak(log2_wds, log2_lrs, values, window)
+        redrawn = [found]
+        if sigma > 0 and math.isfinite(sigma):
+            noise = rng.normal(0.0, sigma, (DRAWS, *values.shape))
+            redrawn = [pair_peak(log2_wds, log2_lrs, values + n, window) for n in noise]
+        lr_low, lr_high = np.quantile([d[0] for d in redrawn], [tail, 1 - tail])
+        wd_low, wd_high = np.quantile([d[1] for d in redrawn], [tail, 1 - tail])
+        truths[batch_size] = PairTruth(
+            lr=2.0 ** found[0],
+            lr_interval=(2.0 ** float(lr_low), 2.0 ** float(lr_high)),
+            weight_decay=2.0 ** found[1],
+            weight_decay_interval=(2.0 ** float(wd_low), 2.0 ** float(wd_high)),
+            value=sign * found[2],
+            value_se=float(np.std([d[2] for d in redrawn])),
+            n_points=found[3],
+            draws=tuple((d[0], d[1]) for d in redrawn),
+        )
+    return truths
+
+
+@dataclass(frozen=True)
+class TauTrend:
+    """The grid's AdamW timescale τ_epoch = B/(η·λ·N) at each batch size's best pair, its
+    ``CONFIDENCE`` interval per batch size, and the slope of log2 τ on log2 B with its
+    interval over the redrawn grids; ``constant`` when that interval contains 0."""
+
+    tau: dict[int, float]
+    tau_interval: dict[int, tuple[float, float]]
+    slope: float
+    slope_interval: tuple[float, float]
+
+    @property
+    def constant(self) -> bool:
+        return self.slope_interval[0] <= 0.0 <= self.slope_interval[1]
+
+
+def tau_trend(truths: dict[int, PairTruth], train_size: int) -> TauTrend:
+    """τ per batch size and its trend from ``pair_truth``'s best pairs and draws (draw i of
+    every batch size taken together: the batch sizes' noise is independent)."""
+    sizes = sorted(truths)
+    x = np.log2(sizes)
+
+    def log2_tau(batch_size: int, log2_lr: float, log2_wd: float) -> float:
+        return math.log2(batch_size / train_size) - log2_lr - log2_wd
+
+    point = [log2_tau(b, math.log2(truths[b].lr), math.log2(truths[b].weight_decay)) for b in sizes]
+    n_draws = min(len(truths[b].draws) for b in sizes)
+    draws = np.array([[log2_tau(b, *truths[b].draws[i]) for b in sizes] for i in range(n_draws)])
+    tail = (1 - CONFIDENCE) / 2
+    slopes = [float(np.polyfit(x, row, 1)[0]) for row in draws] if len(sizes) >= 2 else [0.0]
+    low, high = np.quantile(slopes, [tail, 1 - tail])
+    intervals = {
+        b: (
+            2.0 ** float(np.quantile(draws[:, i], tail)),
+            2.0 ** float(np.quantile(draws[:, i], 1 - tail)),
+        )
+        for i, b in enumerate(sizes)
+    }
+    slope = float(np.polyfit(x, point, 1)[0]) if len(sizes) >= 2 else 0.0
+    return TauTrend(
+        {b: 2.0**p for b, p in zip(sizes, point, strict=True)},
+        intervals,
+        slope,
+        (float(low), float(high)),
+    )

@@ -2,8 +2,13 @@
 
 Ground truth: a dense grid run through hpo's own CLI (``hpo launch`` on a grid study:
 every batch size from the study's smallest to ``--extend`` × its largest, × ``--lrs``
-log-spaced LRs over the study's LR range, × one weight decay, no pruning), ``--grid-seeds``
-times; a config's value is its mean over seeds, a diverged trial counts as chance (0.5).
+log-spaced LRs over the study's LR range or ``--grid-lr-range``, × one weight decay or
+``--grid-wds`` log-spaced over the study's weight-decay range, no pruning),
+``--grid-seeds`` times; a config's value is its mean over seeds, a diverged trial counts
+as chance (0.5). The cache is written after each seed and extended by the seeds it lacks;
+``--grid-hold-s`` starts no grid trial after that long (the next run with the same
+``--keep`` continues the unfinished seed), so a grid too long for one sitting runs in
+pieces.
 The grid's best LR at each batch size is the peak of a quadratic in log LR fitted to the
 grid points near its best, with an 80% interval from the grid's own noise (``grid_truth``:
 on a flat, noisy top the argmax moves by an octave with the seeds); the grid's best value
@@ -16,6 +21,11 @@ search study hpo predicts (``hpo.report.prediction.predict_configuration``, what
 - leave-one-batch-size-out: each studied batch size's best LR from the other batch sizes'
   points only;
 - extrapolation: 2× and 4× the largest studied batch size (never trained by the search).
+
+With a weight-decay axis the reference at each batch size is the best (LR, λ) pair
+(``grid_truth.pair_truth``), each case's λ is judged too, the value is read off at the
+predicted (LR, λ), and the grid's timescale τ_epoch = B/(η·λ·N) per batch size and its
+trend are set beside each search's (``prediction_wd``).
 
 Each case records the predicted LR, its 80% interval, the model the study chose, and the
 grid's peak LR there with its interval (``factor_to_interval``: the factor to the nearest
@@ -49,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -62,19 +73,18 @@ from hpo.objective import train_trial
 from hpo.report.prediction import predict_configuration
 from hpo.report.scaling import fit_lr_scaling
 from hpo.report.summary import is_maximize, trial_batch_size
-from hpo.report.weight_decay import weight_decay_view
+from hpo.report.weight_decay import WeightDecayView, weight_decay_view
 from hpo.space import BATCH_PARAM
 from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (sibling scripts, not a package)
 from answer_quality import log_spaced, numerics
-from grid_truth import DEFAULT_WINDOW, Truth, grid_standard_error, grid_truth
+from grid_truth import DEFAULT_WINDOW
+from prediction_judge import Reference, goals, judge, value_at  # noqa: F401 (judge, value_at: the tests')
+from prediction_wd import decay_goals, stored_view, tau_table, view_from, without
 
 REPO = Path(__file__).resolve().parents[1]
-FACTOR_GOAL = 2.0
-VALUE_GOAL = 0.01
-COVERAGE_GOAL = 0.8
 
 
 def _with(spec: StudySpec, **tables: dict) -> StudySpec:
@@ -94,34 +104,63 @@ def _toml(spec: StudySpec) -> str:
     return tomli_w.dumps(_without_none(json.loads(spec.to_json())))
 
 
-def launch(spec: StudySpec, directory: Path, threads: int) -> optuna.Study:
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def launch(
+    spec: StudySpec, directory: Path, threads: int, timeout: float | None = None
+) -> optuna.Study | None:
     """``spec`` written as a study file and run by ``python -m hpo launch`` (one worker,
-    SQLite in ``directory``); the finished study. A finished study of the same file
-    already in ``directory`` (``--keep``) is reused."""
+    SQLite in ``directory``); the finished study. A study of the same file already in
+    ``directory`` (``--keep``) is reused when finished and continued when not (``hpo
+    launch`` on the stored study, the trials still to run). With ``timeout`` (seconds) no
+    trial starts after it, and an unfinished study gives None."""
     path = directory / f"{spec.name}.toml"
     url = f"sqlite:///{directory / (spec.name + '.db')}"
-    if (directory / f"{spec.name}.db").is_file():  # a finished study kept by --keep
-        study = load(spec.name, storage=url).study
-        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-        if len(finished) >= (spec.budget.n_trials or 0) and path.read_text() == _toml(spec):
-            return study
-        raise SystemExit(f"{directory} holds an unfinished or other {spec.name}: remove it")
-    path.write_text(_toml(spec))
     command = [sys.executable, "-m", "hpo", "launch", "--study", str(path), "--storage", url]
     command += ["--threads", str(threads)]
+    if (directory / f"{spec.name}.db").is_file():  # a study kept by --keep
+        if path.read_text() != _toml(spec):
+            raise SystemExit(f"{directory} holds another {spec.name}: remove it")
+        left = (spec.budget.n_trials or 0) - _finished(load(spec.name, storage=url).study)
+        if left <= 0:
+            return load(spec.name, storage=url).study
+        command += ["--n-trials", str(left)]
+    if timeout is not None:
+        if timeout < 1:  # no time left to start a trial
+            return None
+        command += ["--timeout", str(timeout)]
+    path.write_text(_toml(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
-    return load(spec.name, storage=url).study
+    study = load(spec.name, storage=url).study
+    if timeout is not None and _finished(study) < (spec.budget.n_trials or 0):
+        return None
+    return study
 
 
-def grid_spec(spec: StudySpec, extend: int, lrs: int, seed: int) -> StudySpec:
-    """The grid study: batch sizes up to ``extend`` × the study's largest, ``lrs`` LRs,
-    the weight decay range's geometric middle, no pruner, every config once."""
+def grid_spec(
+    spec: StudySpec,
+    extend: int,
+    lrs: int,
+    seed: int,
+    wds: int = 1,
+    lr_range: tuple[float, float] | None = None,
+) -> StudySpec:
+    """The grid study: batch sizes up to ``extend`` × the study's largest, ``lrs`` LRs
+    log-spaced over ``lr_range`` (default the study's LR range), ``wds`` weight decays
+    log-spaced over the study's weight-decay range (one: its geometric middle), no pruner,
+    every config once."""
     search = spec.search
-    grid_lrs = log_spaced(search.lr_low, search.lr_high, lrs)
-    decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
+    grid_lrs = log_spaced(*(lr_range or (search.lr_low, search.lr_high)), lrs)
+    decays = (
+        [math.sqrt(search.weight_decay_low * search.weight_decay_high)]
+        if wds == 1
+        else log_spaced(search.weight_decay_low, search.weight_decay_high, wds)
+    )
     n_sizes = int(math.log2(search.batch_size_max * extend / search.batch_size_min)) + 1
     return _with(
         spec,
@@ -129,68 +168,97 @@ def grid_spec(spec: StudySpec, extend: int, lrs: int, seed: int) -> StudySpec:
         seed=seed,
         search={"batch_size_max": search.batch_size_max * extend},
         pruner={"kind": "none"},
-        budget={"n_trials": n_sizes * lrs, "timeout_s": None},
-        sampler={"kind": "grid", "seed": seed, "grid_lr": grid_lrs, "grid_weight_decay": [decay]},
+        budget={"n_trials": n_sizes * lrs * len(decays), "timeout_s": None},
+        sampler={"kind": "grid", "seed": seed, "grid_lr": grid_lrs, "grid_weight_decay": decays},
     )
 
 
+def _grid_spec(spec: StudySpec, args: argparse.Namespace, seed: int) -> StudySpec:
+    lr_range = tuple(args.grid_lr_range) if args.grid_lr_range else None
+    return grid_spec(spec, args.extend, args.lrs, seed, args.grid_wds, lr_range)  # type: ignore[arg-type]
+
+
 def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
-    """{(batch size, lr): [value of each grid seed]}, read from ``--grid-cache`` when it
-    holds this grid (the same study, LRs, seeds, device kind and precision), else run and
-    written there. A cache written before each seed's value was kept holds only the means
-    (one value per config)."""
-    key = {"spec": json.loads(grid_spec(spec, args.extend, args.lrs, 0).to_json())}
+    """{(batch size, lr, weight decay): [value of each grid seed]}, read from
+    ``--grid-cache`` when it holds this grid (the same study, LRs, weight decays, device
+    kind and precision; as many seeds or more), else run and written there after each
+    seed, so a cache with fewer seeds is extended by the seeds it lacks. With
+    ``--grid-hold-s`` no grid trial starts after that many seconds: the run ends with the
+    seeds done cached and the unfinished seed's study kept in ``--keep``, where the next
+    run continues it. A cache written before each seed's value was kept holds only the
+    means (one value per config)."""
+    base = _grid_spec(spec, args, 0)
+    decays = list(base.sampler.grid_weight_decay or [])
     # the device kind and precision: the same config ends elsewhere in bf16 than in fp32
-    key |= {"seeds": args.grid_seeds, "numerics": numerics(spec)}
-    cache = args.grid_cache
+    key = {"spec": json.loads(base.to_json()), "seeds": 0, "numerics": numerics(spec)}
+    values, cache = {}, args.grid_cache
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         # Judging stored searches trains nothing here: the grid's numerics need only match
         # theirs (both recorded), not this machine's.
         offline = args.runs_from is not None or args.cases_from is not None
         if _comparable(stored["key"], offline) != _comparable(key, offline):
-            raise SystemExit(f"{cache} holds another grid (study, LRs, seeds or numerics differ)")
-        if "values" in stored:
-            return {(int(b), float(lr)): list(v) for b, lr, v in stored["values"]}
-        return {(int(b), float(lr)): [value] for b, lr, value in stored["mean"]}
-    values: dict[tuple[int, float], list[float]] = {}
-    for seed in range(args.grid_seeds):
-        study = launch(grid_spec(spec, args.extend, args.lrs, seed), directory, args.threads)
+            raise SystemExit(f"{cache} holds another grid (study, LRs or numerics differ)")
+        key["seeds"], values = stored["key"]["seeds"], _cached_values(stored, decays[0])
+        if key["seeds"] >= args.grid_seeds and "values" in stored:
+            return {config: v[: args.grid_seeds] for config, v in values.items()}
+        if "values" not in stored:  # means only: usable as they are, not extended
+            if key["seeds"] == args.grid_seeds:
+                return values
+            raise SystemExit(f"{cache} holds only means over {key['seeds']} seeds")
+    deadline = None if args.grid_hold_s is None else time.monotonic() + args.grid_hold_s
+    for seed in range(key["seeds"], args.grid_seeds):
+        timeout = None if deadline is None else deadline - time.monotonic()
+        study = launch(_grid_spec(spec, args, seed), directory, args.threads, timeout)
+        if study is None:
+            raise SystemExit(
+                f"grid unfinished: seeds {key['seeds']} of {args.grid_seeds} done and cached; "
+                "run again with the same --keep and --grid-cache to continue"
+            )
         for trial in study.get_trials(deepcopy=False):
             config = (trial_batch_size(trial), float(trial.params["lr"]))
+            config += (float(trial.params["weight_decay"]),)
             complete = trial.state == TrialState.COMPLETE
             values.setdefault(config, []).append(float(trial.value) if complete else 0.5)
-    if cache is not None:
-        mean = [[b, lr, statistics.mean(v)] for (b, lr), v in sorted(values.items())]
-        rows = [[b, lr, v] for (b, lr), v in sorted(values.items())]
-        cache.write_text(json.dumps({"key": key, "mean": mean, "values": rows}, indent=1))
+        key["seeds"] = seed + 1
+        if cache is not None:
+            _write_cache(cache, key, values, len(decays) > 1)
     return values
 
 
+def _cached_values(stored: dict, decay: float) -> dict[tuple[int, float, float], list[float]]:
+    """A cache's values keyed (batch size, lr, weight decay): a single-weight-decay cache
+    stores (batch size, lr) rows, its weight decay is the grid's only one."""
+    if "values" not in stored:
+        return {(int(b), float(lr), decay): [v] for b, lr, v in stored["mean"]}
+    return {
+        (int(row[0]), float(row[1]), float(row[2]) if len(row) == 4 else decay): list(row[-1])
+        for row in stored["values"]
+    }
+
+
+def _write_cache(cache: Path, key: dict, values: dict, with_decay: bool) -> None:
+    """The grid's key, mean and each seed's value per config; (batch size, lr) rows when
+    the grid has one weight decay, as caches were before the weight-decay axis."""
+    rows = sorted(values.items())
+    width = 3 if with_decay else 2
+    mean = [[*config[:width], statistics.mean(v)] for config, v in rows]
+    each = [[*config[:width], v] for config, v in rows]
+    cache.write_text(json.dumps({"key": key, "mean": mean, "values": each}, indent=1))
+
+
 def _comparable(key: dict, offline: bool) -> dict:
-    """A grid key without the fields a config's value does not depend on: the search's
-    replicates, and ``gpus_per_trial`` unset (one device, as 1 is); without the numerics when
+    """A grid key without the fields a config's value does not depend on: its seeds, the
+    search's replicates, and ``gpus_per_trial`` unset (one device, as 1 is); without the numerics when
     ``offline``."""
     key = json.loads(json.dumps(key))
+    key.pop("seeds", None)  # a cache with other seeds is cut or extended
     key["spec"].get("search", {}).pop("replicates", None)
     training = key["spec"].get("training", {})
     training["gpus_per_trial"] = training.get("gpus_per_trial") or 1
     if offline:
         key.pop("numerics", None)
     return key
-
-
-def value_at(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
-    """The grid's mean value at ``lr``, linear in log LR between grid points (the end
-    value beyond the grid's LRs)."""
-    row = sorted((x, v) for (b, x), v in mean.items() if b == batch_size)
-    if lr <= row[0][0]:
-        return row[0][1]
-    for (low, below), (high, above) in zip(row, row[1:], strict=False):
-        if lr <= high:
-            share = math.log(lr / low) / math.log(high / low)
-            return below + share * (above - below)
-    return row[-1][1]
 
 
 def cases(study: optuna.Study, spec: StudySpec, extend: int) -> tuple[dict, list[dict]]:
@@ -200,7 +268,8 @@ def cases(study: optuna.Study, spec: StudySpec, extend: int) -> tuple[dict, list
     fit = fit_lr_scaling(study)
     view = weight_decay_view(study.get_trials(deepcopy=False), is_maximize(study), {})
     found = predictions(list(fit.points), extend, spec.search.optimizer, fit.point_sd or 0.0, view)
-    return {"points": [list(p) for p in fit.points], "point_sd": fit.point_sd or 0.0}, found
+    points = [list(p) for p in fit.points]
+    return {"points": points, "point_sd": fit.point_sd or 0.0, "view": stored_view(view)}, found
 
 
 def predictions(
@@ -208,21 +277,23 @@ def predictions(
     extend: int,
     optimizer: str,
     point_sd: float,
-    view: object = None,
+    view: WeightDecayView | None = None,
 ) -> list[dict]:
     """Each studied batch size predicted from the others' ``points`` (its best LR left
-    out), and 2×, 4× … ``extend`` × the largest studied batch size from all of them."""
+    out) and the weight-decay ``view``'s other rows, and 2×, 4× … ``extend`` × the largest
+    studied batch size from all of them."""
 
-    def predict(known: list, batch_size: int):  # as predict_from_fit does
-        return predict_configuration(known, batch_size, view, optimizer, point_sd=point_sd)
+    def predict(known: list, batch_size: int, decays: object):  # as predict_from_fit does
+        return predict_configuration(known, batch_size, decays, optimizer, point_sd=point_sd)
 
     found = []
     for batch_size, _ in points:
-        found.append(("left out", predict([p for p in points if p[0] != batch_size], batch_size)))
+        others = [p for p in points if p[0] != batch_size]
+        found.append(("left out", predict(others, batch_size, without(view, batch_size))))
     largest = max((b for b, _ in points), default=1)
     factor = 2
     while factor <= extend and points:
-        found.append(("extrapolated", predict(points, largest * factor)))
+        found.append(("extrapolated", predict(points, largest * factor, view)))
         factor *= 2
     return [
         {
@@ -231,6 +302,11 @@ def predictions(
             "lr": p.lr,
             "lr_interval": list(p.lr_interval) if p.lr_interval else None,
             "model_of_scaling": p.model_of_scaling,
+            "weight_decay": p.weight_decay,
+            "weight_decay_interval": list(p.weight_decay_interval)
+            if p.weight_decay_interval
+            else None,
+            "weight_decay_note": p.weight_decay_note,
         }
         for kind, p in found
         if p is not None
@@ -247,55 +323,17 @@ def stored_runs(path: Path) -> list[tuple[int, list[tuple[int, float]]]]:
     ]
 
 
-def judge(
-    case: dict, truths: dict[int, Truth], mean: dict, maximize: bool, sigma: float = 0.0
-) -> dict:
-    """The case against the grid's peak (``grid_truth``): factor to its LR, whether the
-    prediction is within 2x of the peak's own 80% interval, covered, value shortfall (the
-    peak value less the grid's mean read off at the predicted LR) with its standard error
-    (the peak value's and the read-off's, ``sigma`` each grid mean's)."""
-    truth = truths[case["batch_size"]]
-    low, high = case["lr_interval"] or (None, None)
-    sign = 1.0 if maximize else -1.0
-    best_mean = max(sign * v for (b, _), v in mean.items() if b == case["batch_size"]) * sign
-    at_prediction = value_at(mean, case["batch_size"], case["lr"])
-    truth_low, truth_high = truth.lr_interval
-    share = _share(mean, case["batch_size"], case["lr"])
-    read_off_se = sigma * math.sqrt(share**2 + (1 - share) ** 2) if math.isfinite(sigma) else 0.0
-    nearest = min(max(case["lr"], truth_low), truth_high)
-    return case | {
-        "grid_best_lr": truth.lr,
-        "grid_best_lr_interval": [truth_low, truth_high],
-        "factor": max(case["lr"], truth.lr) / min(case["lr"], truth.lr),
-        "factor_to_interval": max(case["lr"], nearest) / min(case["lr"], nearest),
-        "covered": None if low is None else low <= truth.lr <= high,
-        "grid_best_value": truth.value,
-        "grid_best_mean": best_mean,
-        "value_from_grid": at_prediction,
-        "shortfall_from_grid": sign * (truth.value - at_prediction),
-        # None where the grid's noise is unknown (one seed, no fit with a residual)
-        "shortfall_se": math.hypot(truth.value_se, read_off_se) if math.isfinite(sigma) else None,
-    }
-
-
-def _share(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
-    """Where ``lr`` lies between its two neighbouring grid LRs (0 at the lower; 0 beyond
-    the grid's ends): the weight ``value_at`` gives the upper one."""
-    lrs = sorted(x for (b, x) in mean if b == batch_size)
-    for low, high in zip(lrs, lrs[1:], strict=False):
-        if low <= lr <= high:
-            return math.log(lr / low) / math.log(high / low)
-    return 0.0
-
-
-def train_at(spec: StudySpec, case: dict, extend: int) -> float:
+def train_at(spec: StudySpec, case: dict, extend: int, predicted_decay: bool = False) -> float:
     """One run at the case's batch size and predicted LR (clamped to the study's LR range;
-    the weight decay the grid used) through ``hpo.objective.train_trial``, the function
-    every worker runs, seeded as the search study was; its value (0.5 if it diverged)."""
+    the weight decay the grid used, or with ``predicted_decay`` the predicted one clamped
+    to the study's range) through ``hpo.objective.train_trial``, the function every worker
+    runs, seeded as the search study was; its value (0.5 if it diverged)."""
     search = spec.search
     wide = _with(spec, search={"batch_size_max": search.batch_size_max * extend})
     lr = min(max(case["lr"], search.lr_low), search.lr_high)
     decay = math.sqrt(search.weight_decay_low * search.weight_decay_high)
+    if predicted_decay and case.get("weight_decay"):
+        decay = min(max(case["weight_decay"], search.weight_decay_low), search.weight_decay_high)
     study = optuna.create_study(
         direction=spec.objective.direction, pruner=optuna.pruners.NopPruner()
     )
@@ -305,52 +343,6 @@ def train_at(spec: StudySpec, case: dict, extend: int) -> float:
     study.optimize(lambda t: train_trial(t, wide, splits=splits), n_trials=1)
     trial = study.trials[0]
     return float(trial.value) if trial.state == TrialState.COMPLETE else 0.5
-
-
-def goals(judged: list[dict]) -> dict:
-    """The three goals over every case (and the trained-value one where trained)."""
-    covered = [c["covered"] for c in judged if c["covered"] is not None]
-    trained = [c["shortfall_trained"] for c in judged if "shortfall_trained" in c]
-    result = {
-        "cases": len(judged),
-        "within_factor_2": sum(c["factor"] <= FACTOR_GOAL for c in judged),
-        "max_factor": max((c["factor"] for c in judged), default=None),
-        "within_factor_2_of_truth_interval": sum(
-            c.get("factor_to_interval", c["factor"]) <= FACTOR_GOAL for c in judged
-        ),
-        "interval_width_median": statistics.median(
-            [c["lr_interval"][1] / c["lr_interval"][0] for c in judged if c.get("lr_interval")]
-            or [math.nan]
-        ),
-        "coverage_80": sum(covered) / len(covered) if covered else None,
-        "within_0_01_from_grid": sum(c["shortfall_from_grid"] <= VALUE_GOAL for c in judged),
-        "max_shortfall_from_grid": max((c["shortfall_from_grid"] for c in judged), default=None),
-        # a miss the grid's noise does not explain: the shortfall beyond 0.01 by more than
-        # the one-sided 80% bound of its standard error
-        "beyond_0_01_past_noise": sum(
-            c["shortfall_from_grid"] - VALUE_GOAL > 0.8416 * c["shortfall_se"]
-            for c in judged
-            if c.get("shortfall_se") is not None
-        )
-        if any(c.get("shortfall_se") is not None for c in judged)
-        else None,
-        "within_0_01_trained": sum(s <= VALUE_GOAL for s in trained) if trained else None,
-        "max_shortfall_trained": max(trained) if trained else None,
-    }
-    for kind in ("left out", "extrapolated"):
-        mine = [c for c in judged if c["kind"] == kind]
-        result[kind] = {
-            "cases": len(mine),
-            "within_factor_2": sum(c["factor"] <= FACTOR_GOAL for c in mine),
-            "covered": sum(bool(c["covered"]) for c in mine),
-        }
-    result["met"] = {
-        "factor_2": result["within_factor_2"] == len(judged),
-        "coverage": result["coverage_80"] is not None and result["coverage_80"] >= COVERAGE_GOAL,
-        "value_0_01_from_grid": result["within_0_01_from_grid"] == len(judged),
-        "value_0_01_trained": None if not trained else result["within_0_01_trained"] == len(judged),
-    }
-    return result
 
 
 def quick(spec: StudySpec) -> StudySpec:
@@ -370,70 +362,72 @@ def run(args: argparse.Namespace, directory: Path) -> dict:
     spec = load_spec(args.study)
     if args.quick:
         spec = quick(spec)
-    per_seed = grid(spec, args, directory)
-    mean = {config: statistics.mean(v) for config, v in per_seed.items()}
-    maximize = spec.objective.direction == "maximize"
-    window = args.truth_window if args.truth_window is not None else DEFAULT_WINDOW
-    sigma, source = grid_standard_error(mean, per_seed, maximize, window)
-    if args.truth_window is None and "seed" in source:  # σ from the seeds, not the fits:
-        window = max(DEFAULT_WINDOW, 4 * sigma)  # a noisier metric needs a wider top
-    truths = grid_truth(mean, maximize, sigma, window)
-    result: dict = {
-        "grid_best_lr": {b: t.lr for b, t in truths.items()},
-        "grid_best_lr_interval": {b: list(t.lr_interval) for b, t in truths.items()},
-        "grid_best_value": {b: t.value for b, t in truths.items()},
-        "grid_standard_error": {"value": sigma, "from": source},
-        "truth_window": window,
-        "grid_values": [[b, lr, v] for (b, lr), v in sorted(mean.items())],
-    }
+    reference = Reference(grid(spec, args, directory), spec, args.truth_window)
+    result = reference.summary(spec.search.optimizer, spec.dataset.train_size)
     if args.only == "grid":
         return result
+    searches = []
     if args.runs_from is not None:
         judged = []
         for seed, points in stored_runs(args.runs_from):
             for case in predictions(points, args.extend, spec.search.optimizer, args.point_sd):
-                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": seed})
-        return result | {"cases": judged, "goals": goals(judged)}
-    if args.cases_from is not None:
-        judged = rejudged(json.loads(args.cases_from.read_text()), args, spec, truths, mean, sigma)
-        return result | {"cases": judged, "goals": goals(judged)}
+                judged.append(reference.judge(case) | {"seed": seed})
+    elif args.cases_from is not None:
+        stored = json.loads(args.cases_from.read_text())
+        judged, searches = rejudged(stored, args, spec, reference), stored.get("searches") or []
+    else:
+        judged, searches = searched(spec, args, directory, reference)
+    result |= {"cases": judged, "goals": goals(judged)}
+    if searches:
+        result["searches"] = searches
+    if reference.axis:
+        result["weight_decay_goals"] = decay_goals(judged, reference.tolerance)
+        views = [(s["seed"], s["view"]) for s in searches if s.get("view")]
+        result["tau"] = tau_table(reference.trend, views)
+    return result
+
+
+def searched(
+    spec: StudySpec, args: argparse.Namespace, directory: Path, reference: Reference
+) -> tuple[list[dict], list[dict]]:
+    """The searches run through the CLI, each one's predictions judged (and trained at,
+    unless ``--no-train``); (judged cases, each search's stored points and view)."""
     judged, searches = [], []
     for seed in range(args.search_seeds):
         seeded = _with(spec, name=f"search-{seed}", seed=seed, sampler={"seed": seed})
         study = launch(seeded, directory, args.threads)
+        assert study is not None  # no timeout: the study ran to its end
         fitted, found = cases(study, seeded, args.extend)
         searches.append({"seed": seed, **fitted})
         for case in found:
-            row = judge(case, truths, mean, maximize, sigma) | {"seed": seed}
+            row = reference.judge(case) | {"seed": seed}
             if not args.no_train:
-                row["value_trained"] = train_at(seeded, case, args.extend)
-                sign = 1.0 if maximize else -1.0
+                row["value_trained"] = train_at(seeded, case, args.extend, reference.axis)
+                sign = 1.0 if reference.maximize else -1.0
                 row["shortfall_trained"] = sign * (row["grid_best_value"] - row["value_trained"])
             judged.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    return result | {"searches": searches, "cases": judged, "goals": goals(judged)}
+    return judged, searches
 
 
-def rejudged(
-    stored: dict, args: argparse.Namespace, spec: StudySpec, truths, mean, sigma: float
-) -> list:
+def rejudged(stored: dict, args: argparse.Namespace, spec: StudySpec, reference: Reference) -> list:
     """The cases of an earlier ``--json`` file judged against this grid's reference: predicted
-    again from each search's stored points where the file has them (so a changed prediction
-    method is judged without searching again; no trained value then, it was trained at the
-    old prediction), else as they were predicted."""
+    again from each search's stored points (and weight-decay view) where the file has them
+    (so a changed prediction method is judged without searching again; no trained value
+    then, it was trained at the old prediction), else as they were predicted."""
     maximize = spec.objective.direction == "maximize"
     judged = []
     if stored.get("searches"):
         for search in stored["searches"]:
             points = [(int(b), float(lr)) for b, lr in search["points"]]
-            optimizer = spec.search.optimizer
-            for case in predictions(points, args.extend, optimizer, search["point_sd"]):
-                judged.append(judge(case, truths, mean, maximize, sigma) | {"seed": search["seed"]})
+            optimizer, view = spec.search.optimizer, view_from(search.get("view"))
+            for case in predictions(points, args.extend, optimizer, search["point_sd"], view):
+                judged.append(reference.judge(case) | {"seed": search["seed"]})
         return judged
     kept = ("kind", "batch_size", "lr", "lr_interval", "model_of_scaling", "seed")
+    kept += ("weight_decay", "weight_decay_interval")
     for old in stored["cases"]:
-        case = {name: old[name] for name in kept}
-        row = judge(case, truths, mean, maximize, sigma)
+        row = reference.judge({name: old[name] for name in kept if name in old})
         if "value_trained" in old:
             sign = 1.0 if maximize else -1.0
             row["value_trained"] = old["value_trained"]
@@ -448,6 +442,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lrs", type=int, default=9, help="grid LRs over the study's range")
     parser.add_argument("--extend", type=int, default=4, help="grid up to this × the largest B")
     parser.add_argument("--grid-seeds", type=int, default=2)
+    parser.add_argument(
+        "--grid-wds",
+        type=int,
+        default=1,
+        help="grid weight decays, log-spaced over the study's range (1: its geometric middle)",
+    )
+    parser.add_argument(
+        "--grid-lr-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="the grid's LRs span this range (default: the study's LR range)",
+    )
+    parser.add_argument(
+        "--grid-hold-s",
+        type=float,
+        help="start no grid trial after this many seconds; the grid is continued by the "
+        "next run (same --keep and --grid-cache)",
+    )
     parser.add_argument("--search-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-train", action="store_true", help="skip training at predictions")

@@ -325,3 +325,33 @@ def test_best_lrs_located_only_to_the_lrs_tried_are_covered_with_a_point_sd_floo
             covered += low <= curve(batch_size) <= high
             cases += 1
     assert covered / cases >= 0.8
+
+
+def _view(weight_decay: float, epochs: float | None):
+    """A view over STUDIED with the best λ ∝ B at LR power_law (a constant-τ study) and its
+    τ_epoch on N = 2048 examples; ``epochs``: the epochs each trial trained."""
+    from hpo.report.weight_decay import WeightDecayRow, WeightDecayView
+
+    rows = []
+    for b in STUDIED:
+        decay = weight_decay * b / 8
+        tau = b / (power_law(b) * decay * 2048)
+        rows.append(WeightDecayRow(b, power_law(b), decay, 3, tau, tau / 2, tau * 2, 1.0, 1.0))
+    return WeightDecayView(tuple(rows), 2048, None, None, None, epochs_trained=epochs)
+
+
+def test_a_weight_decay_the_trials_could_not_tell_apart_is_said_so_with_the_prediction() -> None:
+    """τ_epoch over 10× the epochs trained at every batch size the timescale line is fitted
+    through: λ is still predicted from the line, and the note says the trials there barely
+    felt weight decay; none where weight decay acted or the epochs are unknown."""
+    points = [(b, power_law(b)) for b in STUDIED]
+    # λ = 1e-3·B/8 at lr 0.002·√B: τ_epoch = 8/(2048 · 0.002 · 1e-3 · √B) ≈ 690 epochs at B = 8
+    slow = predict_configuration(points, 512, _view(1e-3, 2.0), "adamw")
+    assert slow is not None and slow.weight_decay == pytest.approx(1e-3 * 512 / 8, rel=1e-6)
+    assert slow.weight_decay_interval is not None
+    assert slow.weight_decay_note is not None
+    assert "barely acted at every batch size of the 5" in slow.weight_decay_note
+    assert "over 10× the 2 epochs" in slow.weight_decay_note
+    # λ = 1 · B/8: τ ≈ 0.7 epochs, well within the 2 trained
+    assert predict_configuration(points, 512, _view(1.0, 2.0), "adamw").weight_decay_note is None
+    assert predict_configuration(points, 512, _view(1e-3, None), "adamw").weight_decay_note is None

@@ -23,7 +23,9 @@ candidate's. Outside the studied range the prediction is flagged extrapolated.
 
 The weight decay follows from the timescale τ_epoch = B/(η·λ·N) (Wang & Aitchison 2024):
 log τ fitted linear in log B over the batch sizes whose weight decay was searched, then
-λ = B/(η·τ·N), its interval the LR's and τ's combined in quadrature.
+λ = B/(η·τ·N), its interval the LR's and τ's combined in quadrature; where weight decay
+barely acted at batch sizes the line is fitted through (τ_epoch over 10× the epochs
+trained), ``weight_decay_note`` says so.
 
 Pure: numbers in, numbers out.
 """
@@ -37,7 +39,7 @@ from typing import Any
 
 from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
 from hpo.report.scaling import ScalingFit, least_squares, student_t_quantile
-from hpo.report.weight_decay import WeightDecayView
+from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView
 
 PREDICTION_CONFIDENCE = 0.8
 # Batch sizes a prediction needs: a two-parameter model and one degree of freedom left.
@@ -249,4 +251,21 @@ def _weight_decay(
     log2_tau_n = intercept + slope * math.log2(batch_size)
     log2_wd = math.log2(batch_size) - log2_lr - log2_tau_n
     half = math.hypot(lr_half, tau_half)
-    return _exp2(log2_wd), (_exp2(log2_wd - half), _exp2(log2_wd + half)), None
+    return _exp2(log2_wd), (_exp2(log2_wd - half), _exp2(log2_wd + half)), _barely(view, searched)
+
+
+def _barely(view: WeightDecayView, searched: list) -> str | None:
+    """The note where weight decay barely acted at some of the batch sizes the timescale
+    line is fitted through (``WeightDecayView.barely_acted``): their best λ is the one the
+    trials happened to favour, not one they told apart from the others."""
+    fitted = {row.batch_size for row in searched}
+    slow = [row.batch_size for row in view.barely_acted() if row.batch_size in fitted]
+    if not slow:
+        return None
+    where = "every batch size" if len(slow) == len(fitted) else "B = " + ", ".join(map(str, slow))
+    return (
+        f"weight decay barely acted at {where} of the {len(fitted)} the timescale line is "
+        f"fitted through (τ_epoch over {BARELY_ACTS:g}× the {view.epochs_trained:g} epochs "
+        "trained): the trials there could hardly tell one λ from another, so this λ and its "
+        "interval follow the line, not a measured best"
+    )

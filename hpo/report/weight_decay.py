@@ -79,11 +79,9 @@ class WeightDecayView:
         ``BARELY_ACTS`` × the epochs trained: weight decay shrank the weights by only
         exp(−epochs/τ) over a run, so the trials hardly tell one λ from another."""
         epochs = self.epochs_trained
-        if epochs is None or epochs <= 0:
-            return ""
         rows = [r for r in self.rows if r.tau_epoch is not None]
-        slow = [r for r in rows if (r.tau_low or r.tau_epoch or 0.0) > BARELY_ACTS * epochs]
-        if not slow:
+        slow = self.barely_acted()
+        if epochs is None or not slow:
             return ""
         shortest = min(r.tau_epoch for r in slow)  # type: ignore[type-var]
         where = (
@@ -99,6 +97,19 @@ class WeightDecayView:
             f"{shrink:.2g}% (1 − exp(−epochs/τ)); these trials say little about the λ a longer "
             "run needs."
         )
+
+    def barely_acted(self) -> list[WeightDecayRow]:
+        """The rows whose τ_epoch (its interval's lower end where it has one) is over
+        ``BARELY_ACTS`` × the epochs trained: there the trials could hardly tell one λ from
+        another. Empty when the epochs trained are not recorded."""
+        epochs = self.epochs_trained
+        if epochs is None or epochs <= 0:
+            return []
+        return [
+            r
+            for r in self.rows
+            if r.tau_epoch is not None and (r.tau_low or r.tau_epoch) > BARELY_ACTS * epochs
+        ]
 
     def _describe_slope(self) -> str:
         if not self.rows:
