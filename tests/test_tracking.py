@@ -52,10 +52,12 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=30)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server for the module's tests that read runs back: each test logs to its own
+    experiment (a study of its own name), so none sees another's runs."""
     port = _free_port()
-    server = _start_server(tmp_path, port)
+    server = _start_server(tmp_path_factory.mktemp("mlflow"), port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -124,11 +126,19 @@ def test_a_tracker_that_is_down_never_fails_or_holds_up_a_trial(example_on_path:
 
 
 @pytest.mark.slow
-def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path) -> None:
+def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
+    from hpo import tracking
     from hpo.tracking import Tracker
 
+    # Only hpo's own retry, at most a second apart: the MLflow client's retries (7, with a
+    # growing backoff) would leave the thread asleep in one request for up to a minute after
+    # the server is back. What arrives is what hpo's thread sends, as with MLflow's retries.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_MAX_S", 1.0)
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
@@ -207,17 +217,21 @@ def test_a_study_tracked_with_track_gets_its_report_logged_with_track(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("HPO_TRACK_MLFLOW", raising=False)
     url = f"sqlite:///{example_on_path / 'study.db'}"
+    # The example under a name of its own: its experiment is not the other test's.
+    study_file = example_on_path / "tracked-with-flag.toml"
+    study_file.write_text(EXAMPLE_STUDY.read_text().replace(
+        'name = "own-training"', 'name = "own-training-flag"'))  # fmt: skip
     launched = CliRunner().invoke(
-        app, ["launch", "--study", str(EXAMPLE_STUDY), "--storage", url, "--n-trials", "3",
+        app, ["launch", "--study", str(study_file), "--storage", url, "--n-trials", "3",
               "--track"],
     )  # fmt: skip
     assert launched.exit_code == 0, launched.output
     reported = CliRunner().invoke(
-        app, ["report", "--study", "own-training", "--storage", url, "--track"]
+        app, ["report", "--study", "own-training-flag", "--storage", url, "--track"]
     )
     assert reported.exit_code == 0, reported.output
     client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("own-training")
+    experiment = client.get_experiment_by_name("own-training-flag")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("hpo.role") == "study"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
