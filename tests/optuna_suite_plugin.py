@@ -10,7 +10,9 @@ arguments, since the arguments are what it tests. Storages that are not SQL (in-
 journal, gRPC) are deselected: hpo does not use them.
 
 ``HPO_SUITE_BACKEND`` is ``sqlite`` (a new file per storage) or ``postgresql``
-(``HPO_SUITE_DB_URL``, emptied for every storage).
+(``HPO_SUITE_DB_URL``, emptied for every storage). ``HPO_SUITE_SHARD=INDEX/COUNT`` keeps
+every COUNT-th test from the INDEX-th (0-based) of the collected ones and deselects the
+rest: COUNT processes with the indices 0 to COUNT-1 run every test once between them.
 """
 
 from __future__ import annotations
@@ -117,11 +119,17 @@ def pytest_configure(config: pytest.Config) -> None:
     testing_storages.STORAGE_MODES_HEARTBEAT[:] = SQL_MODES
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = getattr(item, "module", None)
         if module is not None and hasattr(module, "get_storage"):
             module.get_storage = hpo_get_storage
+    shard = os.environ.get("HPO_SUITE_SHARD")
+    if shard:
+        index, count = (int(part) for part in shard.split("/"))
+        kept = [item for number, item in enumerate(items) if number % count == index]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,7 +29,12 @@ import pytest
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from hpo.dashboard import dashboard_command, default_artifact_dir, is_loopback
+from hpo.dashboard import (
+    ARTIFACTS_DIR_NAME,
+    dashboard_command,
+    default_artifact_dir,
+    is_loopback,
+)
 from hpo.report import run_report
 from hpo.space import BATCH_PARAM, sample_params
 from hpo.spec import load_spec
@@ -68,15 +74,29 @@ def hpo_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from hpo.cli import app; sys.exit(app())", *args]
 
 
-@pytest.fixture
-def report_study(tmp_path: Path) -> tuple[str, int]:
-    """A SQLite study of 33 trials (3 batch sizes, best lr ∝ B) with its report attached."""
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+@pytest.fixture(scope="module")
+def attached_report_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A SQLite study of 33 trials (3 batch sizes, best lr ∝ B) with its report attached,
+    made once for the module: its directory (``hpo.db`` and the artifacts beside it)."""
+    directory = tmp_path_factory.mktemp("report-study")
+    url = f"sqlite:///{directory / 'hpo.db'}"
     study = optuna.create_study(storage=url, direction="maximize", study_name=STUDY_NAME)
     for trial in scaling_study(1.0, batch_sizes=(16, 64, 256)).trials:
         study.add_trial(trial)
-    run_report(STUDY_NAME, url, tmp_path / "report", artifact_dir=default_artifact_dir(url))
-    return url, len(study.trials)
+    run_report(STUDY_NAME, url, directory / "report", artifact_dir=default_artifact_dir(url))
+    return directory, len(study.trials)
+
+
+@pytest.fixture
+def report_study(attached_report_study: tuple[Path, int], tmp_path: Path) -> tuple[str, int]:
+    """A copy of that study (the database and its attached artifacts) in this test's own
+    directory, which the test may change: its URL and trial count."""
+    directory, n_trials = attached_report_study
+    source = contextlib.closing(sqlite3.connect(directory / "hpo.db"))
+    with source as original, contextlib.closing(sqlite3.connect(tmp_path / "hpo.db")) as copy:
+        original.backup(copy)  # whole, whatever the journal mode
+    shutil.copytree(directory / ARTIFACTS_DIR_NAME, tmp_path / ARTIFACTS_DIR_NAME)
+    return f"sqlite:///{tmp_path / 'hpo.db'}", n_trials
 
 
 @contextlib.contextmanager
@@ -129,8 +149,9 @@ def dashboard_server(report_study: tuple[str, int], tmp_path: Path) -> Iterator[
         yield base
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """One headless Chromium for the module; each test opens its own pages and contexts."""
     required = os.environ.get("HPO_REQUIRE_BROWSER") == "1"
 
     def unavailable(reason: str) -> None:

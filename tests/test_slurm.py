@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -74,8 +75,28 @@ def _wait_gone(env: dict[str, str], job: str, tmp_path: Path, timeout_s: float =
         time.sleep(1)
 
 
-def test_an_array_of_three_finishes_the_study_at_its_exact_total(tmp_path: Path) -> None:
-    with scratch_database("postgresql") as url, slurm_cluster() as cluster:
+@pytest.fixture(scope="module")
+def one_cluster() -> Iterator[dict[str, str]]:
+    with slurm_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(one_cluster: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The module's cluster (its daemons start once), empty again after each test: a job a
+    failed test left queued or running is cancelled before the next test submits."""
+    yield one_cluster
+    slurm(one_cluster, "scancel", "--partition=test", check=False)
+    deadline = time.monotonic() + 120
+    while slurm(one_cluster, "squeue", "-h", "-o", "%i", check=False).strip():
+        assert time.monotonic() < deadline, "the test cluster's jobs did not end"
+        time.sleep(1)
+
+
+def test_an_array_of_three_finishes_the_study_at_its_exact_total(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    with scratch_database("postgresql") as url:
         _create_study(url, tmp_path, epochs=1)
         env = _submit_env(cluster, url, tmp_path)
         job = _sbatch(env, tmp_path)
@@ -90,9 +111,9 @@ def test_an_array_of_three_finishes_the_study_at_its_exact_total(tmp_path: Path)
 
 
 def test_scancel_of_a_task_mid_trial_requeues_it_and_another_task_finishes_it(
-    tmp_path: Path,
+    tmp_path: Path, cluster: dict[str, str]
 ) -> None:
-    with scratch_database("postgresql") as url, slurm_cluster() as cluster:
+    with scratch_database("postgresql") as url:
         # Long enough trials that one is caught mid-way (several epochs of 2048 patches).
         _create_study(url, tmp_path, epochs=4, train_size=2048, val_size=256, pruner="none")
         env = _submit_env(cluster, url, tmp_path)

@@ -44,7 +44,7 @@ def _start_server(directory: Path, port: int) -> subprocess.Popen[bytes]:
         except OSError:
             assert server.poll() is None, (directory / "mlflow.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
+            time.sleep(0.25)
 
 
 def _stop(server: subprocess.Popen[bytes]) -> None:
@@ -52,14 +52,42 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=30)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+class MlflowServer:
+    """``mlflow server`` on a loopback port, its SQLite store in ``directory``; stopped and
+    started again on the same port and store."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = _start_server(self.directory, self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One server for the module's tests that read runs back: each test logs to its own
+    experiment (a study or tracker of its own name), so none sees another's runs."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
-        _stop(server)
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(shared_mlflow: MlflowServer) -> str:
+    """The shared server's URL, started if it is not running (first use, or a restart
+    test that failed while it was down)."""
+    if shared_mlflow.process is None:
+        shared_mlflow.start()
+    return shared_mlflow.url
 
 
 def _tracked_study(directory: Path, uri: str) -> Path:
@@ -124,14 +152,20 @@ def test_a_tracker_that_is_down_never_fails_or_holds_up_a_trial(example_on_path:
 
 
 @pytest.mark.slow
-def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path) -> None:
+def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(
+    shared_mlflow: MlflowServer, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
+    from hpo import tracking
     from hpo.tracking import Tracker
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    # Only hpo's own retry, at most a second apart: the MLflow client's retries (7, with a
+    # growing backoff) would leave the thread asleep in one request for up to a minute after
+    # the server is back. What arrives is what hpo's thread sends, as with MLflow's retries.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_MAX_S", 1.0)
+    uri = mlflow_server
     tracker = Tracker(uri, "tracked")
     try:
         tracker.trial_started(0, {"batch_size": 32, "lr": 0.01}, {"worker": "a:1"})
@@ -139,7 +173,7 @@ def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path
         deadline = time.monotonic() + 60
         while tracker.events.qsize() and time.monotonic() < deadline:
             time.sleep(0.2)  # the first events are sent
-        _stop(server)
+        shared_mlflow.stop()
         began = time.monotonic()
         tracker.reported(0, 0.7, 200)  # the server is down: queued, not waited for
         tracker.trial_ended(0, "COMPLETE", {"value": 0.7, "b_simple": 120.0})
@@ -148,7 +182,7 @@ def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path
         tracker.trial_ended(1, "PRUNED", {"value": None, "fail_reason": "pruned"})
         assert time.monotonic() - began < 1.0
         time.sleep(3)  # the thread has failed and is retrying
-        server = _start_server(tmp_path, port)
+        shared_mlflow.start()  # the same port and store, a new process
         tracker.close(timeout=90)
         client = MlflowClient(tracking_uri=uri)  # read back what arrived
         experiment = client.get_experiment_by_name("tracked")
@@ -162,7 +196,7 @@ def test_a_server_stopped_mid_study_loses_nothing_once_it_is_back(tmp_path: Path
         assert second.data.tags["hpo.fail_reason"] == "pruned" and second.info.status == "KILLED"
         assert tracker.dropped == 0
     finally:
-        _stop(server)
+        tracker.close(timeout=0)
 
 
 def test_track_takes_mlflow_tracking_uri_for_a_study_file_without_tracking(
@@ -207,17 +241,21 @@ def test_a_study_tracked_with_track_gets_its_report_logged_with_track(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("HPO_TRACK_MLFLOW", raising=False)
     url = f"sqlite:///{example_on_path / 'study.db'}"
+    # The example under a name of its own: its experiment is not the other test's.
+    study_file = example_on_path / "tracked-with-flag.toml"
+    study_file.write_text(EXAMPLE_STUDY.read_text().replace(
+        'name = "own-training"', 'name = "own-training-flag"'))  # fmt: skip
     launched = CliRunner().invoke(
-        app, ["launch", "--study", str(EXAMPLE_STUDY), "--storage", url, "--n-trials", "3",
+        app, ["launch", "--study", str(study_file), "--storage", url, "--n-trials", "3",
               "--track"],
     )  # fmt: skip
     assert launched.exit_code == 0, launched.output
     reported = CliRunner().invoke(
-        app, ["report", "--study", "own-training", "--storage", url, "--track"]
+        app, ["report", "--study", "own-training-flag", "--storage", url, "--track"]
     )
     assert reported.exit_code == 0, reported.output
     client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("own-training")
+    experiment = client.get_experiment_by_name("own-training-flag")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("hpo.role") == "study"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
