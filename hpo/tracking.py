@@ -18,8 +18,10 @@ MLflow is imported in that thread only (``hpo[mlflow]``).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,7 @@ class Tracker:
         self._parent: str | None = None
         self._client: Any = None
         self._closing = threading.Event()
+        self._flush_until = math.inf  # set by close: the thread's last moment to send
         self._thread = threading.Thread(target=self._send_all, daemon=True, name="hpo-mlflow")
         self._thread.start()
 
@@ -83,7 +86,9 @@ class Tracker:
         self._put("end", (number, state, tags))
 
     def close(self, timeout: float = FLUSH_S) -> None:
-        """Let the thread send what is queued for at most ``timeout`` seconds."""
+        """Let the thread send what is queued for at most ``timeout`` seconds, retrying
+        (a server that is back within them gets everything)."""
+        self._flush_until = time.monotonic() + timeout
         self._closing.set()
         self._put("stop", ())
         self._thread.join(timeout)
@@ -124,9 +129,21 @@ class Tracker:
                             if str(error) else "",
                         )  # fmt: skip
                     failing = True
-                    if self._closing.wait(pause):
-                        return  # the worker is done: give up on what is left
+                    if not self._pause(pause):
+                        return  # the worker is done and its flush time is over
                     pause = min(RETRY_MAX_S, pause * 2)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before the next try; ``close`` cuts a pause short, and after it
+        the pauses end at its flush time. False once that time is over: give up the rest."""
+        if not self._closing.is_set():
+            self._closing.wait(seconds)
+            return True
+        left = self._flush_until - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(seconds, left))
+        return True
 
     def _send(self, kind: str, payload: tuple[Any, ...]) -> None:
         if self._client is None:

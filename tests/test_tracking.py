@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -149,6 +150,31 @@ def test_a_tracker_that_is_down_never_fails_or_holds_up_a_trial(example_on_path:
     trials = optuna.load_study(study_name="own-training", storage=url).get_trials()
     assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
     assert time.monotonic() - started < 120  # the tracker's flush is bounded (FLUSH_S)
+
+
+def test_close_goes_on_retrying_until_its_flush_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # close() arriving while the thread pauses between tries of an unreachable server used
+    # to end the thread at once, losing what a server back a moment later would have got.
+    from hpo import tracking
+
+    sent: list[str] = []
+    failed = threading.Event()
+    failures = iter([True, True])  # the first two tries fail: the server is down
+
+    def send(self: tracking.Tracker, kind: str, payload: tuple) -> None:
+        if next(failures, False):
+            failed.set()
+            raise ConnectionError("connection refused")
+        sent.append(kind)
+
+    monkeypatch.setattr(tracking.Tracker, "_send", send)
+    tracker = tracking.Tracker("http://127.0.0.1:9", "tracked")
+    tracker.trial_started(0, {"lr": 0.01}, {})
+    tracker.reported(0, 0.6, 100)
+    assert failed.wait(10)  # the thread is in its pause after the first failure
+    tracker.close(timeout=30)
+    assert sent == ["start", "metric"]
+    assert not tracker._thread.is_alive()
 
 
 @pytest.mark.slow
