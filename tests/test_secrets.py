@@ -74,8 +74,9 @@ def test_no_secret_survives_masking_in_any_position(
     url, secret, shown = case
     assert not _leaks(mask_url(url), secret, shown), mask_url(url)
     message = f"{before}{url}{'):' if before == '(' else before} connection refused"
-    assert not _leaks(mask_secrets(message), secret, shown), mask_secrets(message)
-    assert not _leaks(one_line(message), secret, shown)
+    around = message.replace(url, shown)  # a run of the secret in "connection" is no leak
+    assert not _leaks(mask_secrets(message), secret, around), mask_secrets(message)
+    assert not _leaks(one_line(message), secret, around)
 
 
 def test_masking_keeps_what_is_not_secret() -> None:
