@@ -19,7 +19,12 @@ by an octave from one set of seeds to another. So the reference here is
 
 σ is the seed-to-seed standard deviation / √seeds pooled over the configs near the top when
 the grid kept each seed's value, else the points' scatter about the fitted quadratics
-(pooled over batch sizes). Pure: numbers in, numbers out (numpy).
+(pooled over batch sizes). Where some configs have more seeds than others (a grid extended
+at the cells that decide the peaks, ``grid_cells.py``), each config's mean has its own
+standard error, the pooled seed-to-seed deviation / √(its seeds): the quadratic weighs each
+point by 1 / its standard error², and each redraw draws each mean with its own. The window
+stays in the metric's units (it separates the flat top from the cliff, not noise from
+signal). Pure: numbers in, numbers out (numpy).
 """
 
 from __future__ import annotations
@@ -58,12 +63,27 @@ class Truth:
     value_se: float = 0.0
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One grid config: its mean over ``count`` seeds and the seeds' values known one by one
+    (a cache from before seeds were kept, or a cell's base seeds averaged, gives none)."""
+
+    mean: float
+    count: int
+    known: tuple[float, ...] = ()
+
+
 def peak(
-    log2_lrs: np.ndarray, values: np.ndarray, window: float, three_at_edge: bool = False
+    log2_lrs: np.ndarray,
+    values: np.ndarray,
+    window: float,
+    three_at_edge: bool = False,
+    errors: np.ndarray | None = None,
 ) -> Peak:
     """The quadratic's vertex over the points near the top (``values`` larger is better,
-    ``log2_lrs`` ascending). With ``three_at_edge`` an argmax at the grid's end takes the
-    next two points (a parabola through three, its vertex kept inside them) where the
+    ``log2_lrs`` ascending), each point weighed by 1 / its standard error² where ``errors``
+    differ among the points fitted. With ``three_at_edge`` an argmax at the grid's end takes
+    the next two points (a parabola through three, its vertex kept inside them) where the
     window holds fewer: on an axis with no divergence cliff and few points (a weight-decay
     axis) a best value at the end is then still placed between grid points."""
     top = int(np.argmax(values))
@@ -79,7 +99,10 @@ def peak(
     if high - low < 2:  # two grid points: no curvature to fit
         return Peak(2.0 ** float(log2_lrs[top]), float(values[top]), high - low + 1, ())
     xs, ys = log2_lrs[low : high + 1], values[low : high + 1]
-    coefficients = np.polyfit(xs, ys, 2)
+    weights = None
+    if errors is not None and np.ptp(errors[low : high + 1]) > 0:
+        weights = 1.0 / errors[low : high + 1]  # polyfit squares them
+    coefficients = np.polyfit(xs, ys, 2, w=weights)
     if coefficients[0] < 0:
         vertex = float(np.clip(-coefficients[1] / (2 * coefficients[0]), xs[0], xs[-1]))
     else:  # no maximum inside: the best grid point
@@ -136,22 +159,60 @@ def grid_standard_error(
     return math.sqrt(squares / dof), f"scatter about the fitted quadratics ({dof} dof)"
 
 
+def cell_standard_errors(
+    mean: dict[tuple, float],
+    known: dict[tuple, list[float]],
+    counts: dict[tuple, int],
+    maximize: bool,
+    window: float = DEFAULT_WINDOW,
+) -> tuple[dict[tuple, float], str]:
+    """Each config's standard error where configs have different numbers of seeds
+    (``counts``): the seed-to-seed standard deviation pooled (by degrees of freedom) over the
+    configs within ``window`` of their batch size's best whose seeds' values are ``known``
+    one by one (two or more), over √(the config's seeds). NaN everywhere when none has two."""
+    sign = 1.0 if maximize else -1.0
+    best: dict[int, float] = {}
+    for key, v in mean.items():  # key: (batch size, lr) or (batch size, lr, weight decay)
+        best[key[0]] = max(best.get(key[0], -math.inf), sign * v)
+    near = [
+        v for key, v in known.items() if len(v) >= 2 and sign * mean[key] >= best[key[0]] - window
+    ]
+    dof = sum(len(v) - 1 for v in near)
+    if dof == 0:
+        return {key: math.nan for key in mean}, "unknown (no config has two known seeds)"
+    deviation = math.sqrt(sum(statistics.variance(v) * (len(v) - 1) for v in near) / dof)
+    errors = {key: deviation / math.sqrt(counts[key]) for key in mean}
+    return errors, f"seed-to-seed spread of {len(near)} near-best configs ({dof} dof) / √seeds"
+
+
+def _errors_row(sigma: float | dict, batch_size: int, size: int) -> np.ndarray:
+    """The standard errors of one batch size's means in ``rows_of``'s order (ascending LR)."""
+    if not isinstance(sigma, dict):
+        return np.full(size, sigma)
+    return np.array([e for (b, _), e in sorted(sigma.items()) if b == batch_size])
+
+
 def grid_truth(
     mean: dict[tuple[int, float], float],
     maximize: bool,
-    sigma: float,
+    sigma: float | dict[tuple[int, float], float],
     window: float = DEFAULT_WINDOW,
     seed: int = 0,
 ) -> dict[int, Truth]:
     """Each batch size's peak LR, its ``CONFIDENCE`` interval (the grid redrawn ``DRAWS``
-    times with noise ``sigma``) and the peak value (in the metric's own sign)."""
+    times, each mean with noise ``sigma``: one standard error for all, or each config's
+    own) and the peak value (in the metric's own sign)."""
     sign = 1.0 if maximize else -1.0
     rng = np.random.default_rng(seed)
     truths = {}
     for batch_size, (log2_lrs, values) in rows_of(mean, maximize).items():
-        found = peak(log2_lrs, values, window)
+        errors = _errors_row(sigma, batch_size, len(values))
+        found = peak(log2_lrs, values, window, errors=errors)
         redrawn = [found]
-        if sigma > 0 and math.isfinite(sigma):
+        if isinstance(sigma, dict) and np.all(np.isfinite(errors)) and np.all(errors > 0):
+            noise = rng.normal(0.0, 1.0, (DRAWS, len(values))) * errors
+            redrawn = [peak(log2_lrs, values + n, window, errors=errors) for n in noise]
+        elif not isinstance(sigma, dict) and sigma > 0 and math.isfinite(sigma):
             noise = rng.normal(0.0, sigma, (DRAWS, len(values)))
             redrawn = [peak(log2_lrs, values + n, window) for n in noise]
         draws = [p.lr for p in redrawn]

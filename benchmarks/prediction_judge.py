@@ -10,7 +10,16 @@ from __future__ import annotations
 import math
 import statistics
 
-from grid_truth import DEFAULT_WINDOW, Truth, grid_standard_error, grid_truth, pair_truth, tau_trend
+from grid_truth import (
+    DEFAULT_WINDOW,
+    Cell,
+    Truth,
+    cell_standard_errors,
+    grid_standard_error,
+    grid_truth,
+    pair_truth,
+    tau_trend,
+)
 from prediction_wd import decay_tolerance, judge_decay, mean_at_decay, model_counts, tau_table
 
 from hpo.report.prediction import leave_one_out_errors
@@ -35,20 +44,22 @@ def value_at(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -
 
 
 def judge(
-    case: dict, truths: dict[int, Truth], mean: dict, maximize: bool, sigma: float = 0.0
+    case: dict, truths: dict[int, Truth], mean: dict, maximize: bool, sigma: float | dict = 0.0
 ) -> dict:
     """The case against the grid's peak (``grid_truth``): factor to its LR, whether the
     prediction is within 2x of the peak's own 80% interval, covered, value shortfall (the
     peak value less the grid's mean read off at the predicted LR) with its standard error
-    (the peak value's and the read-off's, ``sigma`` each grid mean's)."""
+    (the peak value's and the read-off's; ``sigma``: each grid mean's, one for all or per
+    config)."""
     truth = truths[case["batch_size"]]
     low, high = case["lr_interval"] or (None, None)
     sign = 1.0 if maximize else -1.0
     best_mean = max(sign * v for (b, _), v in mean.items() if b == case["batch_size"]) * sign
     at_prediction = value_at(mean, case["batch_size"], case["lr"])
     truth_low, truth_high = truth.lr_interval
-    share = _share(mean, case["batch_size"], case["lr"])
-    read_off_se = sigma * math.sqrt(share**2 + (1 - share) ** 2) if math.isfinite(sigma) else 0.0
+    read_off_se = _read_off_se(mean, case["batch_size"], case["lr"], sigma)
+    values = sigma.values() if isinstance(sigma, dict) else [sigma]
+    known = all(map(math.isfinite, values))
     nearest = min(max(case["lr"], truth_low), truth_high)
     return case | {
         "grid_best_lr": truth.lr,
@@ -61,8 +72,21 @@ def judge(
         "value_from_grid": at_prediction,
         "shortfall_from_grid": sign * (truth.value - at_prediction),
         # None where the grid's noise is unknown (one seed, no fit with a residual)
-        "shortfall_se": math.hypot(truth.value_se, read_off_se) if math.isfinite(sigma) else None,
+        "shortfall_se": math.hypot(truth.value_se, read_off_se) if known else None,
     }
+
+
+def _read_off_se(mean: dict, batch_size: int, lr: float, sigma: float | dict) -> float:
+    """The standard error of ``value_at``: its two grid means' (``sigma``: one for all or
+    each config's own), weighted as it weighs them; 0 where unknown."""
+    share = _share(mean, batch_size, lr)
+    if not isinstance(sigma, dict):
+        return sigma * math.sqrt(share**2 + (1 - share) ** 2) if math.isfinite(sigma) else 0.0
+    lrs = sorted(x for (b, x) in mean if b == batch_size)
+    low = max([x for x in lrs if x <= lr], default=lrs[0])
+    high = min([x for x in lrs if x >= lr], default=lrs[-1])
+    found = math.hypot(share * sigma[(batch_size, high)], (1 - share) * sigma[(batch_size, low)])
+    return found if math.isfinite(found) else 0.0
 
 
 def _share(mean: dict[tuple[int, float], float], batch_size: int, lr: float) -> float:
@@ -128,18 +152,23 @@ class Reference:
     the predicted (LR, λ), on a grid with a weight-decay axis."""
 
     def __init__(self, per_seed: dict, spec: StudySpec, window: float | None) -> None:
-        mean3 = {config: statistics.mean(v) for config, v in per_seed.items()}
+        """``per_seed``: each config's seeds' values, or its ``Cell`` where configs have
+        different numbers of seeds (``grid_cells``)."""
+        cells = {
+            c: Cell(statistics.mean(v), len(v), tuple(v)) if isinstance(v, list | tuple) else v
+            for c, v in per_seed.items()
+        }
+        mean3 = {config: cell.mean for config, cell in cells.items()}
         self.decays = sorted({wd for _, _, wd in mean3})
         self.maximize = spec.objective.direction == "maximize"
         self.mean3 = mean3
         # one weight decay: (batch size, lr) keys, as before the weight-decay axis
         self.mean = {(b, lr): v for (b, lr, _), v in mean3.items()}
-        keyed = mean3 if self.axis else self.mean
-        per = {c if self.axis else c[:2]: v for c, v in per_seed.items()}
+        self.counts = {c if self.axis else c[:2]: cell.count for c, cell in cells.items()}
         self.window = window if window is not None else DEFAULT_WINDOW
-        self.sigma, self.source = grid_standard_error(keyed, per, self.maximize, self.window)
+        self.sigma, self.source = self._standard_error(cells)
         if window is None and "seed" in self.source:  # σ from the seeds, not the fits:
-            self.window = max(DEFAULT_WINDOW, 4 * self.sigma)  # a noisier metric: wider top
+            self.window = max(DEFAULT_WINDOW, 4 * self.largest)  # a noisier metric: wider top
         self.tolerance = decay_tolerance(self.decays)
         self.pairs = {}
         if self.axis:
@@ -155,6 +184,22 @@ class Reference:
     def axis(self) -> bool:
         return len(self.decays) > 1
 
+    @property
+    def largest(self) -> float:
+        """The largest config's standard error (the one for all where they are equal)."""
+        return max(self.sigma.values()) if isinstance(self.sigma, dict) else self.sigma
+
+    def _standard_error(self, cells: dict) -> tuple[float | dict, str]:
+        """One standard error for every config's mean where all have the same seeds, else
+        each config's own (``cell_standard_errors``)."""
+        keyed = self.mean3 if self.axis else self.mean
+        per = {c if self.axis else c[:2]: cell for c, cell in cells.items()}
+        if len(set(self.counts.values())) > 1:  # more seeds at some configs
+            known = {c: list(cell.known) for c, cell in per.items()}
+            return cell_standard_errors(keyed, known, self.counts, self.maximize, self.window)
+        values = {c: list(cell.known) or [cell.mean] for c, cell in per.items()}
+        return grid_standard_error(keyed, values, self.maximize, self.window)
+
     def judge(self, case: dict) -> dict:
         if not self.axis:
             return judge(case, self.truths, self.mean, self.maximize, self.sigma)
@@ -169,7 +214,13 @@ class Reference:
             "grid_best_lr": {b: t.lr for b, t in truths.items()},
             "grid_best_lr_interval": {b: list(t.lr_interval) for b, t in truths.items()},
             "grid_best_value": {b: t.value for b, t in truths.items()},
-            "grid_standard_error": {"value": self.sigma, "from": self.source},
+            "grid_standard_error": {"value": self.largest, "from": self.source}
+            | (
+                {"per_config": [[*c, e] for c, e in sorted(self.sigma.items())]}
+                if isinstance(self.sigma, dict)
+                else {}
+            ),
+            "grid_seeds": [[*c, n] for c, n in sorted(self.counts.items())],
             "truth_window": self.window,
             "grid_models_leave_one_out": leave_one_out_errors(
                 [(float(b), t.lr) for b, t in truths.items()], optimizer

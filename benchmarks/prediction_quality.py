@@ -41,7 +41,8 @@ was; the LR clamped to the study's range).
 Run: ``uv run python benchmarks/prediction_quality.py --grid-cache grid.json --json out.json``
 (``--only grid`` stops after the grid; ``--quick`` shrinks everything for the test suite;
 ``--runs-from answer.json`` judges the search runs an ``answer_quality.py`` file stored,
-their α fit's points, instead of running searches).
+their α fit's points, instead of running searches; ``--more-seeds N --around K`` brings the
+K LRs nearest each batch size's peak to N seeds in the cache, ``grid_cells.py``).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (sibling scripts, not a package)
+import grid_cells
 from answer_quality import log_spaced, numerics
-from grid_truth import DEFAULT_WINDOW
+from grid_truth import DEFAULT_WINDOW, Cell
 from prediction_judge import Reference, goals, judge, value_at  # noqa: F401 (judge, value_at: the tests')
 from prediction_wd import decay_goals, stored_view, tau_table, view_from, without
 
@@ -179,6 +181,42 @@ def _grid_spec(spec: StudySpec, args: argparse.Namespace, seed: int) -> StudySpe
 
 
 def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
+    """``grid_by_seed``'s grid; with ``--more-seeds`` first extended at the configs deciding
+    each peak (``more_seeds``). Where the cache holds seeds added at single configs
+    (``grid_cells``), each config's ``Cell`` (its mean and seeds) instead of its values."""
+    values = grid_by_seed(spec, args, directory)
+    if getattr(args, "more_seeds", 0) > args.grid_seeds:
+        more_seeds(spec, args, values)
+    cache = args.grid_cache
+    stored = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if "seed_values" not in stored:
+        return values
+    decay = _grid_spec(spec, args, 0).sampler.grid_weight_decay or [0.0]
+    return grid_cells.cells_of(stored, args.grid_seeds, decay[0])
+
+
+def more_seeds(spec: StudySpec, args: argparse.Namespace, values: dict) -> int:
+    """``--more-seeds``: the ``--around`` LRs nearest each batch size's peak (chosen on the
+    grid's own seeds: the same configs however many were added before) brought to that many
+    seeds one (config, seed) at a time, each saved to the cache at once; no new one starts
+    after ``--hold-s`` seconds. Refused where this machine does not reproduce the cache
+    (``grid_cells.extend_where_reproduced``). How many were added."""
+    if args.grid_cache is None or args.grid_wds != 1:
+        raise SystemExit("--more-seeds takes a --grid-cache of a grid with one weight decay")
+    cells = {c: Cell(statistics.mean(v), len(v), tuple(v)) for c, v in values.items()}
+    chosen = grid_cells.deciding(cells, spec.objective.direction == "maximize", args.around)
+    deadline = time.time() + args.hold_s if args.hold_s else None
+    torch.set_num_threads(args.threads)
+    return grid_cells.extend_where_reproduced(
+        args.grid_cache,
+        lambda seed: _grid_spec(spec, args, seed),
+        chosen,
+        (args.grid_seeds, args.more_seeds),
+        deadline,
+    )
+
+
+def grid_by_seed(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
     """{(batch size, lr, weight decay): [value of each grid seed]}, read from
     ``--grid-cache`` when it holds this grid (the same study, LRs, weight decays, device
     kind and precision; as many seeds or more), else run and written there after each
@@ -239,12 +277,16 @@ def _cached_values(stored: dict, decay: float) -> dict[tuple[int, float, float],
 
 def _write_cache(cache: Path, key: dict, values: dict, with_decay: bool) -> None:
     """The grid's key, mean and each seed's value per config; (batch size, lr) rows when
-    the grid has one weight decay, as caches were before the weight-decay axis."""
+    the grid has one weight decay, as caches were before the weight-decay axis. Seeds
+    added at single configs (``grid_cells``) are kept."""
     rows = sorted(values.items())
     width = 3 if with_decay else 2
     mean = [[*config[:width], statistics.mean(v)] for config, v in rows]
     each = [[*config[:width], v] for config, v in rows]
-    cache.write_text(json.dumps({"key": key, "mean": mean, "values": each}, indent=1))
+    stored = {"key": key, "mean": mean, "values": each}
+    if cache.is_file() and "seed_values" in (before := json.loads(cache.read_text())):
+        stored["seed_values"] = before["seed_values"]
+    cache.write_text(json.dumps(stored, indent=1))
 
 
 def _comparable(key: dict, offline: bool) -> dict:
@@ -475,6 +517,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"(default: {DEFAULT_WINDOW}, or 4 standard errors where the seeds give more)",
     )
     parser.add_argument("--keep", type=Path, help="keep the studies' files here")
+    parser.add_argument(
+        "--more-seeds",
+        type=int,
+        default=0,
+        help="bring the configs deciding each batch size's peak (--around) to this many seeds "
+        "in the --grid-cache, one (config, seed) at a time (a grid with one weight decay)",
+    )
+    parser.add_argument(
+        "--around", type=int, default=5, help="with --more-seeds: the LRs nearest each peak"
+    )
+    parser.add_argument(
+        "--hold-s", type=float, help="with --more-seeds: start no new config after this long"
+    )
     parser.add_argument(
         "--runs-from",
         type=Path,
