@@ -167,22 +167,29 @@ def seed_spread(study: optuna.Study, summary: StudySummary) -> dict[str, Any]:
 def _value_interval(
     value: float | None, interval: tuple[float, float] | None
 ) -> dict[str, Any] | None:
-    """{value, interval [low, high]}, or {value, lower_bound} when the interval has no
-    upper end (TOML has no null or infinity)."""
+    """{value, interval [low, high]}: an interval with no upper end has high None (JSON
+    null; ``inf`` in TOML) and gives its ``lower_bound`` too; no interval, None."""
     if value is None:
         return None
-    if interval is not None and interval[1] == float("inf"):
-        return {"value": value, "lower_bound": interval[0]}
-    return _without_none({"value": value, "interval": None if interval is None else list(interval)})
+    return {"value": value} | _interval(interval)
+
+
+def _interval(interval: tuple[float, float] | None) -> dict[str, Any]:
+    if interval is None:
+        return {"interval": None}
+    low, high = interval
+    if math.isfinite(high):
+        return {"interval": [low, high]}
+    return {"interval": [low, None], "lower_bound": low}
 
 
 def _steps_to_target(direct: Any) -> dict[str, Any] | None:
-    """B_crit from steps to target as {value, interval}; above the studied range (no finite
-    value) only its {lower_bound} (JSON and TOML have no infinity)."""
+    """B_crit from steps to target as {value, interval}; above the studied range, no finite
+    value (None) and an interval with only its lower end."""
     if direct.b_crit is not None and math.isfinite(direct.b_crit):
         return _value_interval(direct.b_crit, direct.interval)
     if direct.low is not None and math.isfinite(direct.low):
-        return {"lower_bound": direct.low}
+        return {"value": None} | _interval((direct.low, math.inf))
     return None
 
 
@@ -296,7 +303,17 @@ def dumps_configuration(configuration: dict[str, Any], fmt: str) -> str:
         return json.dumps(configuration, indent=2) + "\n"
     import tomli_w
 
-    return tomli_w.dumps(configuration)
+    return tomli_w.dumps(_for_toml(configuration))
+
+
+def _for_toml(value: Any) -> Any:
+    """TOML has no null: a None entry of a table is left out, a None in an array (an
+    interval's missing upper end) is ``inf``."""
+    if isinstance(value, dict):
+        return {k: _for_toml(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [math.inf if v is None else _for_toml(v) for v in value]
+    return value
 
 
 def write_configuration(configuration: dict[str, Any], path: Path) -> None:

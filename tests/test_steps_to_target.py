@@ -3,6 +3,7 @@ and the words that compare it with the measured B_simple, on planted trials."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -146,7 +147,38 @@ def test_export_puts_the_direct_measurement_beside_b_simple() -> None:
 
     assert _steps_to_target(_direct(40, 25, 70)) == {"value": 40, "interval": [25, 70]}
     above = StepsToTarget(0.8, (), 0.0, math.inf, 300.0, None)
-    assert _steps_to_target(above) == {"lower_bound": 300.0}
+    assert _steps_to_target(above) == {
+        "value": None,
+        "interval": [300.0, None],
+        "lower_bound": 300.0,
+    }
+
+
+def test_every_estimate_of_the_export_has_a_value_and_an_interval_in_json_and_toml() -> None:
+    # The export's keys are the same whatever the intervals: a one-sided interval keeps its
+    # missing end as null in JSON and inf in TOML (which has no null), not another key.
+    import tomllib
+
+    from hpo.export import _steps_to_target, _value_interval, dumps_configuration
+
+    above = StepsToTarget(0.8, (), 0.0, math.inf, 300.0, None)
+    exported = {
+        "critical_batch_size": {
+            "steps_to_target": _steps_to_target(above),
+            "b_simple": _value_interval(120.0, (45.0, math.inf)),
+            "ridge_b_noise": _value_interval(60.0, (20.0, 180.0)),
+            "verdict": "cannot tell",
+        }
+    }
+    found = json.loads(dumps_configuration(exported, "json"))["critical_batch_size"]
+    toml = tomllib.loads(dumps_configuration(exported, "toml"))["critical_batch_size"]
+    for name in ("steps_to_target", "b_simple", "ridge_b_noise"):
+        assert {"value", "interval"} <= set(found[name]), name
+    assert found["steps_to_target"]["value"] is None
+    assert found["b_simple"] == {"value": 120.0, "interval": [45.0, None], "lower_bound": 45.0}
+    assert found["ridge_b_noise"] == {"value": 60.0, "interval": [20.0, 180.0]}
+    assert toml["b_simple"]["interval"] == [45.0, math.inf]
+    assert toml["steps_to_target"] == {"interval": [300.0, math.inf], "lower_bound": 300.0}
 
 
 def test_the_report_carries_the_direct_measurement() -> None:
