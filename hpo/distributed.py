@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from hpo.context import Budget, Diverged, TrialContext, load_trainer
 from hpo.device import DeviceSetup, DeviceUnavailable, autocast, is_out_of_memory
 from hpo.errors import UserError
-from hpo.launcher import die_with_parent, stop_children, stop_signals_held
+from hpo.launcher import start_child, stop_children
 from hpo.noise import NoiseScaleEstimate
 from hpo.retry import RequeueTrial
 from hpo.settings import collective_timeout_s, environment, survive_nccl_errors
@@ -135,10 +135,7 @@ class RankGroup:
         command = [*FOLLOWER_COMMAND, str(rank), str(self.world_size), str(port), backend,
                    str(self.reasons)]  # fmt: skip
         try:
-            with stop_signals_held():  # the handle is kept before a stop signal is handled
-                self.followers.append(
-                    subprocess.Popen(command, env=environment(), **die_with_parent())
-                )
+            start_child(self.followers, command, environment())
         except OSError as error:
             raise RankFailed(f"could not start rank {rank}: {error.strerror}") from None
 

@@ -154,6 +154,16 @@ def stop_signals_held() -> Iterator[None]:
             _deliver(number, previous[number])
 
 
+def start_child(
+    children: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str]
+) -> None:
+    """Start ``command`` so that it dies with this process (``die_with_parent``) and add
+    its handle to ``children`` before a stop signal arriving meanwhile is handled
+    (``stop_signals_held``): the caller's cleanup then always reaches it."""
+    with stop_signals_held():
+        children.append(subprocess.Popen(command, env=env, **die_with_parent()))
+
+
 def _deliver(number: int, handler: object) -> None:
     """Handle signal ``number`` now, as ``handler`` (what ``signal.signal`` returned)
     would have when it arrived."""
@@ -211,8 +221,7 @@ def run_worker_processes(
     for index, device in enumerate(devices):
         try:
             child_env = _child_env(storage_url, node, device, index, threads)
-            with stop_signals_held():
-                children.append(subprocess.Popen(command, env=child_env, **die_with_parent()))
+            start_child(children, command, child_env)
         except OSError as error:
             # The children already started would run on, orphaned: stop them (they
             # re-queue their trials) before giving up.

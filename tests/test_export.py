@@ -14,6 +14,7 @@ from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.export import _for_toml
 from hpo.spec import load_spec
 from hpo.study import create_or_load_study
 
@@ -70,17 +71,9 @@ def test_export_file_round_trips_in_the_format_of_its_extension(finished_study, 
     text = out.read_text()
     loaded = json.loads(text) if suffix == ".json" else tomllib.loads(text)
     stdout = json.loads(CliRunner().invoke(app, ["export", "--study", "tiny"]).stdout)
-    assert loaded == (stdout if suffix == ".json" else _in_toml(stdout))
-
-
-def _in_toml(value):  # noqa: ANN001, ANN202
-    """JSON's null as TOML spells it: a table's null entry left out, an array's (an
-    interval's missing upper end) inf."""
-    if isinstance(value, dict):
-        return {k: _in_toml(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [math.inf if v is None else _in_toml(v) for v in value]
-    return value
+    # TOML's spelling of null: a table's null entry left out, an array's (an interval's
+    # missing upper end) inf
+    assert loaded == (stdout if suffix == ".json" else _for_toml(stdout))
 
 
 def test_export_at_a_batch_size_gives_the_best_trial_there(finished_study) -> None:
