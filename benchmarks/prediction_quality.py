@@ -349,6 +349,7 @@ def predictions(
             if p.weight_decay_interval
             else None,
             "weight_decay_note": p.weight_decay_note,
+            "model_of_weight_decay": p.model_of_weight_decay,
         }
         for kind, p in found
         if p is not None
@@ -467,7 +468,7 @@ def rejudged(stored: dict, args: argparse.Namespace, spec: StudySpec, reference:
                 judged.append(reference.judge(case) | {"seed": search["seed"]})
         return judged
     kept = ("kind", "batch_size", "lr", "lr_interval", "model_of_scaling", "seed")
-    kept += ("weight_decay", "weight_decay_interval")
+    kept += ("weight_decay", "weight_decay_interval", "model_of_weight_decay")
     for old in stored["cases"]:
         row = reference.judge({name: old[name] for name in kept if name in old})
         if "value_trained" in old:

@@ -100,6 +100,7 @@ def decay_goals(judged: list[dict], tolerance: float) -> dict:
             ]
             or [math.nan]
         ),
+        "models": dict(Counter(c.get("model_of_weight_decay") or "none" for c in with_decay)),
         "by_kind": {
             kind: {
                 "cases": sum(c["kind"] == kind for c in with_decay),

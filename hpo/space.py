@@ -13,6 +13,7 @@ linearly or as its square root), which is why TPE runs with ``multivariate=True`
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import optuna
@@ -163,12 +164,12 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
     octaves, which alone makes α's 95% interval 1.2 wide at five batch sizes.
 
     Weight decay: with one trial per batch size, the geometric middle of its range; with
-    ``n`` trials, a Latin hypercube over (LR, weight decay) at each batch size. The weight
-    decays are the centres of ``n`` equal strata of the log range (2: ×10^-½ and ×10^½ of
-    the middle on the demo's two decades), each used once per batch size, and the pairing
-    with the LRs turns by one place from one batch size to the next (a Latin square), so
-    no LR is always tried with the same weight decay: the report can give a best weight
-    decay per batch size and its timescale τ, which a round at one weight decay cannot.
+    ``n`` trials, a Latin hypercube over (LR, weight decay) at each batch size: one weight
+    decay in each of ``n`` equal strata of the log range (``first_round_weight_decays``),
+    and the pairing with the LRs turns by one place from one batch size to the next (a
+    Latin square), so no LR is always tried with the same weight decay: the report can give
+    a best weight decay per batch size and its timescale τ, which a round at one weight
+    decay cannot.
     """
     count = spec.sampler.first_round_lrs
     decays = first_round_weight_decays(spec)
@@ -178,25 +179,47 @@ def first_round(spec: StudySpec) -> list[dict[str, float | int]]:
         factor = FIRST_ROUND_LR_SPAN**share
         for position, params in enumerate(round_at_the_rule(spec)):
             lr = min(spec.search.lr_high, max(spec.search.lr_low, float(params["lr"]) * factor))
-            weight_decay = decays[(index + position) % count]
+            weight_decay = decays[position][(index + position) % count]
             trial = {**params, "lr": lr, "weight_decay": weight_decay}
             if trial not in rounds:  # two LRs clamped to the same end of a narrow range
                 rounds.append(trial)
     return rounds
 
 
-def first_round_weight_decays(spec: StudySpec) -> list[float]:
-    """The first round's weight decays, one per trial at a batch size: the centres of
-    ``sampler.first_round_lrs`` equal strata of the log weight-decay range, lowest first
-    (one trial: the range's geometric middle)."""
+def first_round_weight_decays(spec: StudySpec) -> list[list[float]]:
+    """Each batch size's first-round weight decays (smallest batch size first; per batch
+    size lowest first, one per trial there), with ``n = sampler.first_round_lrs`` trials
+    per batch size and K batch sizes: the log range is cut into ``n`` equal strata and each
+    of those into K sub-strata; in every stratum the batch sizes take its K sub-strata in
+    an order drawn from ``sampler.seed``, each at its centre. So every batch size tries
+    one weight decay per stratum (a decade apart with 2 on the demo's two decades), and the
+    round as a whole tries n·K different ones, a Latin hypercube over the round: the best
+    λ found at neighbouring batch sizes is not the same one or two values everywhere, which
+    would leave each batch size's λ, and the timescale τ from it, located only to the
+    strata's width, nor does the order tie the values to the batch size (no trend in B
+    planted in τ). Another seed draws another order. One trial per batch size: the range's
+    geometric middle."""
     count = spec.sampler.first_round_lrs
+    sizes = len(spec.search.batch_sizes)
     low, high = math.log(spec.search.weight_decay_low), math.log(spec.search.weight_decay_high)
+    if count == 1:
+        return [[math.sqrt(spec.search.weight_decay_low * spec.search.weight_decay_high)]] * sizes
+    draw = random.Random(f"first-round-weight-decays-{spec.sampler.seed}")
+    orders = [draw.sample(range(sizes), sizes) for _ in range(count)]
     return [
-        min(
-            spec.search.weight_decay_high,
-            max(spec.search.weight_decay_low, math.exp(low + (high - low) * (k + 0.5) / count)),
-        )
-        for k in range(count)
+        [
+            min(
+                spec.search.weight_decay_high,
+                max(
+                    spec.search.weight_decay_low,
+                    math.exp(
+                        low + (high - low) * (k + (orders[k][position] + 0.5) / sizes) / count
+                    ),
+                ),
+            )
+            for k in range(count)
+        ]
+        for position in range(sizes)
     ]
 
 

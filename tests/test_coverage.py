@@ -84,6 +84,48 @@ def test_a_three_lr_round_refines_the_same_bracket(tiny_study: Path) -> None:
             assert trial["lr"] == pytest.approx(at_the_rule[trial[BATCH_PARAM]] * factor)
 
 
+def _with(spec: StudySpec, **sampler: object) -> StudySpec:
+    return spec.model_copy(update={"sampler": spec.sampler.model_copy(update=sampler)})
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_the_rounds_weight_decays_are_a_latin_hypercube_over_the_round(
+    tiny_study: Path, count: int
+) -> None:
+    """One weight decay per stratum at every batch size, and over the round each of the
+    count × K sub-strata used exactly once (at its centre): the batch sizes do not all try
+    the same few values."""
+    spec = _with(
+        _spec(tiny_study, cover=True, batch_size_min=8, batch_size_max=128), first_round_lrs=count
+    )
+    low = math.log(spec.search.weight_decay_low)
+    width = math.log(spec.search.weight_decay_high) - low
+    sizes = len(spec.search.batch_sizes)
+    by_batch: dict[int, list[float]] = {}
+    for params in first_round(spec):
+        by_batch.setdefault(int(params[BATCH_PARAM]), []).append(float(params["weight_decay"]))
+    cells = []
+    for decays in by_batch.values():
+        positions = sorted((math.log(wd) - low) / width for wd in decays)
+        assert [math.floor(p * count) for p in positions] == list(range(count))
+        cells += [p * count * sizes - 0.5 for p in positions]
+    assert sorted(round(c, 6) for c in cells) == list(range(count * sizes))
+
+
+def test_the_rounds_weight_decays_follow_the_sampler_seed(tiny_study: Path) -> None:
+    spec = _with(
+        _spec(tiny_study, cover=True, batch_size_min=8, batch_size_max=128), first_round_lrs=2
+    )
+    same = [first_round(_with(spec, seed=7)) for _ in range(2)]
+    assert same[0] == same[1]  # queued once per study, but the same round from any process
+    decays = {
+        seed: [p["weight_decay"] for p in first_round(_with(spec, seed=seed))] for seed in range(4)
+    }
+    assert len({tuple(values) for values in decays.values()}) > 1
+    lrs = {seed: [p["lr"] for p in first_round(_with(spec, seed=seed))] for seed in range(4)}
+    assert len({tuple(values) for values in lrs.values()}) == 1  # the LRs do not move
+
+
 def test_a_two_lr_round_in_a_narrow_range_queues_no_duplicate(tiny_study: Path) -> None:
     spec = _spec(tiny_study, cover=True, lr_low=0.01, lr_high=0.011, batch_size_max=32)
     two = spec.model_copy(

@@ -21,10 +21,12 @@ chosen one's, the data cannot tell them apart and the interval spans both models
 (their predictions part far outside the studied range); with three batch sizes, every
 candidate's. Outside the studied range the prediction is flagged extrapolated.
 
-The weight decay follows from the timescale τ_epoch = B/(η·λ·N) (Wang & Aitchison 2024):
-log τ fitted linear in log B over the batch sizes whose weight decay was searched, then
-λ = B/(η·τ·N), its interval the LR's and τ's combined in quadrature; where weight decay
-barely acted at batch sizes the line is fitted through (τ_epoch over 10× the epochs
+The weight decay comes from a model of the best λ across the batch sizes whose weight
+decay was searched (``hpo.report.decay_models``: λ constant, the timescale τ_epoch =
+B/(η·λ·N) constant (Wang & Aitchison 2024), or log τ linear in log B), chosen the same way
+by leave-one-batch-size-out error and named; where τ sets it, λ = B/(η·τ·N) at the
+predicted LR, its interval the LR's and τ's combined in quadrature. Where weight decay
+barely acted at batch sizes the model is fitted through (τ_epoch over 10× the epochs
 trained), ``weight_decay_note`` says so.
 
 Pure: numbers in, numbers out.
@@ -37,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from hpo.report.decay_models import DecayPoint, predict_decay
 from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
 from hpo.report.scaling import ScalingFit, least_squares, student_t_quantile
 from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView
@@ -68,6 +71,8 @@ class Prediction:
     model_of_scaling: str
     leave_one_out_error: dict[str, float]
     weight_decay_note: str | None = None
+    # The model of λ across batch sizes (hpo.report.decay_models); None without one.
+    model_of_weight_decay: str | None = None
 
 
 def unavailable_reason(points: list[tuple[int, float]]) -> str | None:
@@ -154,7 +159,9 @@ def predict_configuration(
     low, high = min(e[0] for e in ends), max(e[1] for e in ends)
     half = max(log2_lr - low, high - log2_lr)
     studied = [b for b, _ in floats]
-    wd, wd_interval, note = _weight_decay(weight_decay, batch_size, log2_lr, half, confidence)
+    wd, wd_interval, note, wd_model = _weight_decay(
+        weight_decay, batch_size, log2_lr, half, confidence
+    )
     return Prediction(
         batch_size=batch_size,
         lr=_exp2(log2_lr),
@@ -165,6 +172,7 @@ def predict_configuration(
         model_of_scaling=model,
         leave_one_out_error=errors,
         weight_decay_note=note,
+        model_of_weight_decay=wd_model,
     )
 
 
@@ -219,44 +227,52 @@ def _weight_decay(
     log2_lr: float,
     lr_half: float,
     confidence: float,
-) -> tuple[float | None, tuple[float, float] | None, str | None]:
-    """λ = B/(η·τ·N) with τ·N = B/(η·λ) from the line of its log2 on log2 B over the batch
-    sizes whose weight decay was searched (N, the training set size, cancels: it need not
-    be known); or, with fewer than three such batch sizes, the geometric mean of the best
-    weight decays found, without an interval, and the note says why."""
+) -> tuple[float | None, tuple[float, float] | None, str | None, str | None]:
+    """(λ, its interval, a note, the model's name): λ from the model of the best weight
+    decays across the batch sizes where weight decay was searched
+    (``hpo.report.decay_models``), chosen by leave-one-batch-size-out error; or, with fewer
+    than three such batch sizes, the geometric mean of the best weight decays found, without
+    an interval or a model, and the note says why."""
     if view is None or not view.rows:
-        return None, None, "no complete trial records a weight decay"
+        return None, None, "no complete trial records a weight decay", None
     searched = [row for row in view.rows if row.searched and row.weight_decay > 0]
     if len(searched) < 3:
         decays = {row.weight_decay for row in view.rows if row.weight_decay > 0}
         if not decays:
-            return 0.0, None, "every complete trial trained without weight decay"
+            return 0.0, None, "every complete trial trained without weight decay", None
         value = math.exp(sum(math.log(d) for d in decays) / len(decays))
         note = (
             f"weight decay was searched (two or more values among complete trials) at "
-            f"{len(searched)} batch size{'' if len(searched) == 1 else 's'}, and a line "
-            "through the timescale needs three: the value is the geometric mean of the best "
+            f"{len(searched)} batch size{'' if len(searched) == 1 else 's'}, and a model "
+            "of it across batch sizes needs three: the value is the geometric mean of the best "
             "ones found, without an interval"
         )
-        return value, None, note
-    points = [(float(r.batch_size), r.batch_size / (r.lr * r.weight_decay)) for r in searched]
-    slope, intercept, _ = least_squares(points)  # type: ignore[arg-type]
-    residuals = [math.log2(q) - (intercept + slope * math.log2(b)) for b, q in points]
-    spread = math.sqrt(sum(r * r for r in residuals) / max(1, len(points) - 2))
-    # Floor: how finely the tried LRs and weight decays locate each τ (uniform over its
-    # bracket, σ = width/√12), as the τ slope's interval does (hpo.report.weight_decay).
-    widths = [(row.lr_width or 0.0) ** 2 + (row.weight_decay_width or 0.0) ** 2 for row in searched]
-    spread = max(spread, math.sqrt(sum(widths) / len(widths) / 12))
-    tau_half = _half_width(points, batch_size, spread, confidence)
-    log2_tau_n = intercept + slope * math.log2(batch_size)
-    log2_wd = math.log2(batch_size) - log2_lr - log2_tau_n
-    half = math.hypot(lr_half, tau_half)
-    return _exp2(log2_wd), (_exp2(log2_wd - half), _exp2(log2_wd + half)), _barely(view, searched)
+        return value, None, note, None
+    points = [
+        DecayPoint(math.log2(r.batch_size), math.log2(r.lr), math.log2(r.weight_decay))
+        for r in searched
+    ]
+    # Floors: how finely the tried weight decays (and, for the timescale, LRs) locate each
+    # point (uniform over its bracket, σ = width/√12), as the τ slope's interval does
+    # (hpo.report.weight_decay).
+    decay_widths = [(row.weight_decay_width or 0.0) ** 2 for row in searched]
+    lr_widths = [(row.lr_width or 0.0) ** 2 for row in searched]
+    decay_floor = math.sqrt(sum(decay_widths) / len(searched) / 12)
+    decay = predict_decay(
+        points,
+        math.log2(batch_size),
+        log2_lr,
+        floors=(decay_floor, math.sqrt((sum(decay_widths) + sum(lr_widths)) / len(searched) / 12)),
+        lr_half=lr_half,
+        confidence=confidence,
+    )
+    interval = (_exp2(decay.low), _exp2(decay.high))
+    return _exp2(decay.log2_decay), interval, _barely(view, searched), decay.model
 
 
 def _barely(view: WeightDecayView, searched: list) -> str | None:
-    """The note where weight decay barely acted at some of the batch sizes the timescale
-    line is fitted through (``WeightDecayView.barely_acted``): their best λ is the one the
+    """The note where weight decay barely acted at some of the batch sizes the model of λ
+    is fitted through (``WeightDecayView.barely_acted``): their best λ is the one the
     trials happened to favour, not one they told apart from the others."""
     fitted = {row.batch_size for row in searched}
     slow = [row.batch_size for row in view.barely_acted() if row.batch_size in fitted]
@@ -264,8 +280,8 @@ def _barely(view: WeightDecayView, searched: list) -> str | None:
         return None
     where = "every batch size" if len(slow) == len(fitted) else "B = " + ", ".join(map(str, slow))
     return (
-        f"weight decay barely acted at {where} of the {len(fitted)} the timescale line is "
-        f"fitted through (τ_epoch over {BARELY_ACTS:g}× the {view.epochs_trained:g} epochs "
+        f"weight decay barely acted at {where} of the {len(fitted)} its model is fitted "
+        f"through (τ_epoch over {BARELY_ACTS:g}× the {view.epochs_trained:g} epochs "
         "trained): the trials there could hardly tell one λ from another, so this λ and its "
-        "interval follow the line, not a measured best"
+        "interval follow the model, not a measured best"
     )
