@@ -89,7 +89,13 @@ def best_configuration(
     configuration["source"] = "trial"
     prediction = evidence.pop("prediction", None)
     if prediction is not None:  # the model's intervals at this batch size, beside the trial
-        for key in ("lr_interval", "weight_decay_interval", "extrapolated", "model_of_scaling"):
+        for key in (
+            "lr_interval",
+            "weight_decay_interval",
+            "extrapolated",
+            "model_of_scaling",
+            "model_of_weight_decay",
+        ):
             configuration[key] = prediction.get(key)
     configuration["prediction"] = prediction
     configuration.update(evidence)
@@ -205,6 +211,7 @@ def _prediction_keys(prediction: Any) -> dict[str, Any]:
             "weight_decay_note": prediction.weight_decay_note,
             "extrapolated": prediction.extrapolated,
             "model_of_scaling": prediction.model_of_scaling,
+            "model_of_weight_decay": prediction.model_of_weight_decay,
             "leave_one_batch_size_out_error_log2": prediction.leave_one_out_error,
         }
     )

@@ -184,8 +184,10 @@ def test_export_at_an_untrained_batch_size_writes_the_keys_to_stdout_and_file(
     assert KEYS | {"model_of_scaling"} <= set(printed) and printed["extrapolated"] is True
     low, high = printed["lr_interval"]
     assert low <= power_law(512) <= high
-    # every batch size's best weight decay is 1e-4: the timescale line predicts it at 512
+    # every batch size's best weight decay is 1e-4: a constant λ, the simplest model that
+    # fits it exactly (the timescale line does too: τ ∝ B/η), predicts it at 512
     assert printed["weight_decay"] == pytest.approx(1e-4, rel=0.05)
+    assert printed["model_of_weight_decay"] == "constant weight decay"
     low, high = printed["weight_decay_interval"]
     assert low < 1e-4 < high
     written = CliRunner().invoke(
@@ -341,13 +343,14 @@ def _view(weight_decay: float, epochs: float | None):
 
 
 def test_a_weight_decay_the_trials_could_not_tell_apart_is_said_so_with_the_prediction() -> None:
-    """τ_epoch over 10× the epochs trained at every batch size the timescale line is fitted
-    through: λ is still predicted from the line, and the note says the trials there barely
+    """τ_epoch over 10× the epochs trained at every batch size the model of λ is fitted
+    through: λ is still predicted from it (here the timescale line, τ ∝ B^-½), and the note says the trials there barely
     felt weight decay; none where weight decay acted or the epochs are unknown."""
     points = [(b, power_law(b)) for b in STUDIED]
     # λ = 1e-3·B/8 at lr 0.002·√B: τ_epoch = 8/(2048 · 0.002 · 1e-3 · √B) ≈ 690 epochs at B = 8
     slow = predict_configuration(points, 512, _view(1e-3, 2.0), "adamw")
     assert slow is not None and slow.weight_decay == pytest.approx(1e-3 * 512 / 8, rel=1e-6)
+    assert slow.model_of_weight_decay == "timescale line"
     assert slow.weight_decay_interval is not None
     assert slow.weight_decay_note is not None
     assert "barely acted at every batch size of the 5" in slow.weight_decay_note

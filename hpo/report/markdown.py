@@ -180,6 +180,8 @@ def _predictions(data: ReportData) -> list[str]:
     model = prediction.model_of_scaling
     errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
     note = f" Weight decay: {prediction.weight_decay_note}." if prediction.weight_decay_note else ""
+    if prediction.model_of_weight_decay:
+        note = f" Weight decay from the {prediction.model_of_weight_decay} model (chosen the same way).{note}"
     return [
         *title,
         f"From the {model} model (leave-one-batch-size-out error in log2 LR: {errors}; the "

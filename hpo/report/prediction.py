@@ -41,7 +41,7 @@ from typing import Any
 
 from hpo.report.decay_models import DecayPoint, predict_decay
 from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
-from hpo.report.scaling import ScalingFit, least_squares, student_t_quantile
+from hpo.report.scaling import ScalingFit, student_t_quantile
 from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView
 
 PREDICTION_CONFIDENCE = 0.8
@@ -207,18 +207,6 @@ def _log2_interval(
     half = quantile * max(sd * math.sqrt(1 + fitted.leverage(x)), error)
     centre = fitted.log2_lr(x)
     return centre - half, centre + half
-
-
-def _half_width(
-    points: list[tuple[float, float]], batch_size: float, error: float, confidence: float
-) -> float:
-    """The log2 half-width of a line's prediction interval at ``batch_size``."""
-    xs = [math.log2(b) for b, _ in points]
-    mean_x = sum(xs) / len(xs)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    leverage = 1 + 1 / len(xs) + (math.log2(batch_size) - mean_x) ** 2 / sxx
-    quantile = student_t_quantile(0.5 + confidence / 2, len(xs) - 2)
-    return quantile * error * math.sqrt(leverage)
 
 
 def _weight_decay(
