@@ -246,25 +246,20 @@ def _row(
     n_decays = len({round(math.log(float(t.params["weight_decay"])), 9) for t in complete})
     lr_bracket = _bracket(lr, [float(t.params["lr"]) for t in around])
     wd_bracket = _bracket(weight_decay, [float(t.params["weight_decay"]) for t in around])
+    # The widths need no N: the prediction of λ uses them where τ_epoch cannot be given.
+    widths = {
+        "lr_width": None if lr_bracket is None else lr_bracket[1] - lr_bracket[0],
+        "weight_decay_width": None if wd_bracket is None else wd_bracket[1] - wd_bracket[0],
+    }
     if train_size is None or weight_decay <= 0:
-        return WeightDecayRow(batch_size, lr, weight_decay, n_decays, None, None, None)
+        return WeightDecayRow(batch_size, lr, weight_decay, n_decays, None, None, None, **widths)
     tau = batch_size / (lr * weight_decay * train_size)
     low = high = None
     if lr_bracket is not None and wd_bracket is not None:
         scale = batch_size / train_size
         low = scale / 2.0 ** (lr_bracket[1] + wd_bracket[1])
         high = scale / 2.0 ** (lr_bracket[0] + wd_bracket[0])
-    return WeightDecayRow(
-        batch_size,
-        lr,
-        weight_decay,
-        n_decays,
-        tau,
-        low,
-        high,
-        lr_width=None if lr_bracket is None else lr_bracket[1] - lr_bracket[0],
-        weight_decay_width=None if wd_bracket is None else wd_bracket[1] - wd_bracket[0],
-    )
+    return WeightDecayRow(batch_size, lr, weight_decay, n_decays, tau, low, high, **widths)
 
 
 def _slope(
