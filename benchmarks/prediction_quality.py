@@ -80,6 +80,7 @@ from hpo.spec import StudySpec, load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_search  # (sibling scripts, not a package)
+import grid_cache
 import grid_cells
 from answer_quality import log_spaced, numerics
 from grid_truth import DEFAULT_WINDOW, Cell
@@ -185,6 +186,8 @@ def grid(spec: StudySpec, args: argparse.Namespace, directory: Path) -> dict:
     each peak (``more_seeds``). Where the cache holds seeds added at single configs
     (``grid_cells``), each config's ``Cell`` (its mean and seeds) instead of its values."""
     values = grid_by_seed(spec, args, directory)
+    for path in getattr(args, "grid_also", None) or []:
+        values = grid_cache.merged_rows(values, path, _grid_spec(spec, args, 0), args.grid_seeds)
     if getattr(args, "more_seeds", 0) > args.grid_seeds:
         more_seeds(spec, args, values)
     cache = args.grid_cache
@@ -235,9 +238,9 @@ def grid_by_seed(spec: StudySpec, args: argparse.Namespace, directory: Path) -> 
         # Judging stored searches trains nothing here: the grid's numerics need only match
         # theirs (both recorded), not this machine's.
         offline = args.runs_from is not None or args.cases_from is not None
-        if _comparable(stored["key"], offline) != _comparable(key, offline):
+        if grid_cache.comparable(stored["key"], offline) != grid_cache.comparable(key, offline):
             raise SystemExit(f"{cache} holds another grid (study, LRs or numerics differ)")
-        key["seeds"], values = stored["key"]["seeds"], _cached_values(stored, decays[0])
+        key["seeds"], values = stored["key"]["seeds"], grid_cache.cached_values(stored, decays[0])
         if key["seeds"] >= args.grid_seeds and "values" in stored:
             return {config: v[: args.grid_seeds] for config, v in values.items()}
         if "values" not in stored:  # means only: usable as they are, not extended
@@ -260,47 +263,8 @@ def grid_by_seed(spec: StudySpec, args: argparse.Namespace, directory: Path) -> 
             values.setdefault(config, []).append(float(trial.value) if complete else 0.5)
         key["seeds"] = seed + 1
         if cache is not None:
-            _write_cache(cache, key, values, len(decays) > 1)
+            grid_cache.write_cache(cache, key, values, len(decays) > 1)
     return values
-
-
-def _cached_values(stored: dict, decay: float) -> dict[tuple[int, float, float], list[float]]:
-    """A cache's values keyed (batch size, lr, weight decay): a single-weight-decay cache
-    stores (batch size, lr) rows, its weight decay is the grid's only one."""
-    if "values" not in stored:
-        return {(int(b), float(lr), decay): [v] for b, lr, v in stored["mean"]}
-    return {
-        (int(row[0]), float(row[1]), float(row[2]) if len(row) == 4 else decay): list(row[-1])
-        for row in stored["values"]
-    }
-
-
-def _write_cache(cache: Path, key: dict, values: dict, with_decay: bool) -> None:
-    """The grid's key, mean and each seed's value per config; (batch size, lr) rows when
-    the grid has one weight decay, as caches were before the weight-decay axis. Seeds
-    added at single configs (``grid_cells``) are kept."""
-    rows = sorted(values.items())
-    width = 3 if with_decay else 2
-    mean = [[*config[:width], statistics.mean(v)] for config, v in rows]
-    each = [[*config[:width], v] for config, v in rows]
-    stored = {"key": key, "mean": mean, "values": each}
-    if cache.is_file() and "seed_values" in (before := json.loads(cache.read_text())):
-        stored["seed_values"] = before["seed_values"]
-    cache.write_text(json.dumps(stored, indent=1))
-
-
-def _comparable(key: dict, offline: bool) -> dict:
-    """A grid key without the fields a config's value does not depend on: its seeds, the
-    search's replicates, and ``gpus_per_trial`` unset (one device, as 1 is); without the numerics when
-    ``offline``."""
-    key = json.loads(json.dumps(key))
-    key.pop("seeds", None)  # a cache with other seeds is cut or extended
-    key["spec"].get("search", {}).pop("replicates", None)
-    training = key["spec"].get("training", {})
-    training["gpus_per_trial"] = training.get("gpus_per_trial") or 1
-    if offline:
-        key.pop("numerics", None)
-    return key
 
 
 def cases(study: optuna.Study, spec: StudySpec, extend: int) -> tuple[dict, list[dict]]:
@@ -510,6 +474,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid-cache", type=Path, help="grid results file: reused if present")
+    parser.add_argument(
+        "--grid-also",
+        type=Path,
+        action="append",
+        help="the cache of a grid with other weight decays (the same study with another "
+        "weight-decay range): its rows join --grid-cache's; repeatable",
+    )
     parser.add_argument("--only", choices=("all", "grid"), default="all")
     parser.add_argument(
         "--truth-window",

@@ -210,7 +210,7 @@ def test_a_grid_extended_by_whole_seeds_keeps_the_seeds_added_at_single_configs(
     quality = load_benchmark("prediction_quality")
     cache = tmp_path / "grid.json"
     cache.write_text(json.dumps({"key": {"seeds": 1}, "seed_values": [[8, 0.01, 3, 0.8]]}))
-    quality._write_cache(cache, {"seeds": 2}, {(8, 0.01, WD): [0.6, 0.7]}, False)
+    quality.grid_cache.write_cache(cache, {"seeds": 2}, {(8, 0.01, WD): [0.6, 0.7]}, False)
     stored = json.loads(cache.read_text())
     assert stored["values"] == [[8, 0.01, [0.6, 0.7]]]
     assert stored["seed_values"] == [[8, 0.01, 3, 0.8]]

@@ -177,7 +177,7 @@ def test_a_cached_grid_with_fewer_seeds_is_extended_by_the_seeds_it_lacks(
 def test_a_grid_cache_from_before_the_weight_decay_axis_is_read_as_it_was(tmp_path: Path) -> None:
     module = load_benchmark("prediction_quality")
     stored = {"values": [[8, 0.001, [0.6, 0.62]], [8, 0.01, [0.7, 0.68]]]}
-    assert module._cached_values(stored, 0.01) == {
+    assert module.grid_cache.cached_values(stored, 0.01) == {
         (8, 0.001, 0.01): [0.6, 0.62],
         (8, 0.01, 0.01): [0.7, 0.68],
     }
@@ -276,3 +276,31 @@ def test_stored_searches_are_judged_on_a_weight_decay_grid_end_to_end(
     assert goals["tolerance"] == pytest.approx(math.sqrt(10))  # half the 10x step
     assert set(result["tau"]["grid"]["tau_epoch"]) == {8, 16, 32, 64, 128}
     assert result["tau"]["searches"][0]["tau_epoch"] == {b: 20.0 for b in sizes}
+
+
+def test_a_grid_with_other_weight_decays_joins_its_rows_and_a_different_grid_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--grid-also``: the same study with a lower weight-decay range, run into its own
+    cache, adds its λ rows to the grid's; a cache with other LRs, or the same weight decays
+    again, is refused with the reason."""
+    module = _quality()
+    spec = module.quick(module.load_spec(module.REPO / "studies/demo.toml"))
+    low = module._with(spec, search={"weight_decay_low": 1e-7, "weight_decay_high": 1e-6})
+    monkeypatch.setattr(module, "launch", _fake_launch(module, [], lambda g, lr, wd: lr + wd))
+    main = module.grid(spec, _args(tmp_path, 1), tmp_path)
+    other = argparse.Namespace(**{**vars(_args(tmp_path, 1)), "grid_cache": tmp_path / "low.json"})
+    rows = module.grid(low, other, tmp_path)
+    joined = module.grid(spec, argparse.Namespace(**{**vars(_args(tmp_path, 1)), "grid_also": [other.grid_cache]}), tmp_path)  # fmt: skip
+    assert joined == main | rows and len({wd for _, _, wd in joined}) == 4
+    assert sorted({wd for _, _, wd in rows}) == pytest.approx([1e-7, 1e-6])
+    with pytest.raises(SystemExit, match="repeats weight decays"):
+        module.grid_cache.merged_rows(
+            main, tmp_path / "grid.json", module._grid_spec(spec, _args(tmp_path, 1), 0), 1
+        )
+    lrs = argparse.Namespace(**{**vars(other), "grid_cache": tmp_path / "lrs.json", "lrs": 3})
+    module.grid(low, lrs, tmp_path)
+    with pytest.raises(SystemExit, match="another grid"):
+        module.grid_cache.merged_rows(
+            main, lrs.grid_cache, module._grid_spec(spec, _args(tmp_path, 1), 0), 1
+        )
