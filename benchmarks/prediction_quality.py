@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--grid-hold-s",
         type=float,
         help="start no grid trial after this many seconds; the grid is continued by the "
-        "next run (same --keep and --grid-cache)",
+        "next run (same --keep, which it needs, and --grid-cache)",
     )
     parser.add_argument("--search-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -522,6 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
         "(default: LRs two octaves apart, the first round's pair)",
     )
     args = parser.parse_args(argv)
+    if args.grid_hold_s is not None and args.keep is None:
+        # the unfinished seed's study lives in --keep: without it each piece starts it anew
+        parser.error("--grid-hold-s needs --keep DIR, where the next run continues the grid")
     torch.set_num_threads(args.threads)  # the in-process runs at the predictions
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as scratch:

@@ -49,6 +49,19 @@ def test_prediction_quality_quick_judges_held_out_and_extrapolated_batch_sizes(
         assert low <= case["grid_best_lr"] <= high
 
 
+def test_a_grid_in_pieces_needs_keep_for_the_unfinished_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--grid-hold-s`` without ``--keep``: refused at once (exit 2, one line), since the
+    unfinished seed's study would be lost with the run's scratch folder."""
+    argv = ["--quick", "--only", "grid", "--grid-cache", str(tmp_path / "grid.json")]
+    with pytest.raises(SystemExit) as refused:
+        _module().main([*argv, "--grid-hold-s", "60"])
+    assert refused.value.code == 2
+    assert "--grid-hold-s needs --keep" in capsys.readouterr().err
+    assert not (tmp_path / "grid.json").exists()
+
+
 def test_value_at_interpolates_the_grid_in_log_lr() -> None:
     module = _module()
     mean = {(32, 0.01): 0.7, (32, 0.04): 0.9, (64, 0.01): 0.1}
