@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hpo.space import first_round
 from hpo.spec import load_spec
 
@@ -47,8 +49,12 @@ def test_demo_prunes_only_trials_that_cannot_come_near_the_best() -> None:
     assert pruner.kind == "catch_up" and pruner.near_best >= 0.01
 
 
-def test_demo_first_round_tries_two_weight_decays_at_every_batch_size() -> None:
-    spec = load_spec(DEMO)
+@pytest.mark.parametrize("name", ["demo", "histo"])
+def test_shipped_first_rounds_try_two_weight_decays_at_every_batch_size(name: str) -> None:
+    spec = load_spec(DEMO.with_name(f"{name}.toml"), check_paths=False)  # histo: no PCam here
+    assert spec.sampler.cover_batch_sizes and spec.sampler.n_startup_trials == len(
+        first_round(spec)
+    )  # TPE starts once the round is done
     decays: dict[int, set[float]] = {}
     lrs_at: dict[tuple[int, float], float] = {}
     for params in first_round(spec):
