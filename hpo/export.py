@@ -38,6 +38,16 @@ def _without_none(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+# The prediction's keys an export at a trained batch size gives beside its trial's values.
+BESIDE_THE_TRIAL = (
+    "lr_interval",
+    "weight_decay_interval",
+    "extrapolated",
+    "model_of_scaling",
+    "model_of_weight_decay",
+)
+
+
 def best_configuration(
     study: optuna.Study, spec: StudySpec, *, batch_size: int | None = None
 ) -> dict[str, Any]:
@@ -89,13 +99,7 @@ def best_configuration(
     configuration["source"] = "trial"
     prediction = evidence.pop("prediction", None)
     if prediction is not None:  # the model's intervals at this batch size, beside the trial
-        for key in (
-            "lr_interval",
-            "weight_decay_interval",
-            "extrapolated",
-            "model_of_scaling",
-            "model_of_weight_decay",
-        ):
+        for key in BESIDE_THE_TRIAL:
             configuration[key] = prediction.get(key)
     configuration["prediction"] = prediction
     configuration.update(evidence)
