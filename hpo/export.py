@@ -216,6 +216,9 @@ def _prediction_keys(prediction: Any) -> dict[str, Any]:
             "extrapolated": prediction.extrapolated,
             "model_of_scaling": prediction.model_of_scaling,
             "model_of_weight_decay": prediction.model_of_weight_decay,
+            "weight_decay_leave_one_batch_size_out_error_log2": (
+                prediction.weight_decay_leave_one_out_error
+            ),
             "leave_one_batch_size_out_error_log2": prediction.leave_one_out_error,
         }
     )

@@ -188,6 +188,10 @@ def test_export_at_an_untrained_batch_size_writes_the_keys_to_stdout_and_file(
     # fits it exactly (the timescale line does too: τ ∝ B/η), predicts it at 512
     assert printed["weight_decay"] == pytest.approx(1e-4, rel=0.05)
     assert printed["model_of_weight_decay"] == "constant weight decay"
+    errors = printed["weight_decay_leave_one_batch_size_out_error_log2"]
+    assert set(errors) == {"constant weight decay", "constant timescale", "timescale line"}
+    assert errors["constant weight decay"] == pytest.approx(0.0, abs=1e-9)
+    assert errors["constant timescale"] > 0.5  # λ fixed while η ∝ B: τ is not constant
     low, high = printed["weight_decay_interval"]
     assert low < 1e-4 < high
     written = CliRunner().invoke(
@@ -358,3 +362,16 @@ def test_a_weight_decay_the_trials_could_not_tell_apart_is_said_so_with_the_pred
     # λ = 1 · B/8: τ ≈ 0.7 epochs, well within the 2 trained
     assert predict_configuration(points, 512, _view(1.0, 2.0), "adamw").weight_decay_note is None
     assert predict_configuration(points, 512, _view(1e-3, None), "adamw").weight_decay_note is None
+
+
+def test_the_summary_names_the_weight_decay_model_and_the_errors_that_chose_it() -> None:
+    from hpo.report.markdown import _decay_note
+
+    points = [(b, power_law(b)) for b in STUDIED]
+    slow = predict_configuration(points, 512, _view(1e-3, 2.0), "adamw")
+    text = _decay_note(slow)
+    assert text.startswith(" Weight decay from the timescale line model")
+    assert "leave-one-batch-size-out error in log2 λ: constant weight decay" in text
+    assert "; weight decay barely acted at every batch size" in text
+    acted = predict_configuration(points, 512, _view(1.0, 2.0), "adamw")
+    assert _decay_note(acted).endswith("the smallest chosen).")

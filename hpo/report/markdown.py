@@ -179,9 +179,7 @@ def _predictions(data: ReportData) -> list[str]:
         )
     model = prediction.model_of_scaling
     errors = ", ".join(f"{k} {v:.2f}" for k, v in prediction.leave_one_out_error.items())
-    note = f" Weight decay: {prediction.weight_decay_note}." if prediction.weight_decay_note else ""
-    if prediction.model_of_weight_decay:
-        note = f" Weight decay from the {prediction.model_of_weight_decay} model (chosen the same way).{note}"
+    note = _decay_note(prediction)
     return [
         *title,
         f"From the {model} model (leave-one-batch-size-out error in log2 LR: {errors}; the "
@@ -193,6 +191,21 @@ def _predictions(data: ReportData) -> list[str]:
         "| ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ]
+
+
+def _decay_note(prediction) -> str:
+    """The sentence on the predicted weight decay: its model and the errors that chose it,
+    and ``weight_decay_note``."""
+    said = prediction.weight_decay_note
+    errors = prediction.weight_decay_leave_one_out_error
+    if not prediction.model_of_weight_decay or not errors:
+        return f" Weight decay: {said}." if said else ""
+    listed = ", ".join(f"{k} {v:.2f}" for k, v in errors.items())
+    text = (
+        f" Weight decay from the {prediction.model_of_weight_decay} model (leave-one-batch-"
+        f"size-out error in log2 λ: {listed}; the smallest chosen)"
+    )
+    return text + (f"; {said}." if said else ".")
 
 
 def _cost(data: ReportData) -> list[str]:

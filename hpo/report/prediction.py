@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hpo.report.decay_models import DecayPoint, predict_decay
+from hpo.report.decay_models import DecayPoint, DecayPrediction, predict_decay
 from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
 from hpo.report.scaling import ScalingFit, student_t_quantile
 from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView
@@ -71,8 +71,10 @@ class Prediction:
     model_of_scaling: str
     leave_one_out_error: dict[str, float]
     weight_decay_note: str | None = None
-    # The model of λ across batch sizes (hpo.report.decay_models); None without one.
+    # The model of λ across batch sizes (hpo.report.decay_models) and each candidate's
+    # leave-one-batch-size-out error (log2 λ); None without one.
     model_of_weight_decay: str | None = None
+    weight_decay_leave_one_out_error: dict[str, float] | None = None
 
 
 def unavailable_reason(points: list[tuple[int, float]]) -> str | None:
@@ -159,7 +161,7 @@ def predict_configuration(
     low, high = min(e[0] for e in ends), max(e[1] for e in ends)
     half = max(log2_lr - low, high - log2_lr)
     studied = [b for b, _ in floats]
-    wd, wd_interval, note, wd_model = _weight_decay(
+    wd, wd_interval, note, decay = _weight_decay(
         weight_decay, batch_size, log2_lr, half, confidence
     )
     return Prediction(
@@ -172,7 +174,8 @@ def predict_configuration(
         model_of_scaling=model,
         leave_one_out_error=errors,
         weight_decay_note=note,
-        model_of_weight_decay=wd_model,
+        model_of_weight_decay=decay.model if decay else None,
+        weight_decay_leave_one_out_error=decay.leave_one_out_error if decay else None,
     )
 
 
@@ -215,8 +218,8 @@ def _weight_decay(
     log2_lr: float,
     lr_half: float,
     confidence: float,
-) -> tuple[float | None, tuple[float, float] | None, str | None, str | None]:
-    """(λ, its interval, a note, the model's name): λ from the model of the best weight
+) -> tuple[float | None, tuple[float, float] | None, str | None, DecayPrediction | None]:
+    """(λ, its interval, a note, the model's prediction): λ from the model of the best weight
     decays across the batch sizes where weight decay was searched
     (``hpo.report.decay_models``), chosen by leave-one-batch-size-out error; or, with fewer
     than three such batch sizes, the geometric mean of the best weight decays found, without
@@ -255,7 +258,7 @@ def _weight_decay(
         confidence=confidence,
     )
     interval = (_exp2(decay.low), _exp2(decay.high))
-    return _exp2(decay.log2_decay), interval, _barely(view, searched), decay.model
+    return _exp2(decay.log2_decay), interval, _barely(view, searched), decay
 
 
 def _barely(view: WeightDecayView, searched: list) -> str | None:
