@@ -375,3 +375,19 @@ def test_the_summary_names_the_weight_decay_model_and_the_errors_that_chose_it()
     assert "; weight decay barely acted at every batch size" in text
     acted = predict_configuration(points, 512, _view(1.0, 2.0), "adamw")
     assert _decay_note(acted).endswith("the smallest chosen).")
+
+
+def test_a_prediction_where_the_lowest_weight_decay_won_everywhere_says_so() -> None:
+    import dataclasses
+
+    points = [(b, power_law(b)) for b in STUDIED]
+    view = _view(1.0, 2.0)
+    lowest = dataclasses.replace(
+        view, rows=tuple(dataclasses.replace(r, weight_decay_end="lowest") for r in view.rows)
+    )
+    note = predict_configuration(points, 512, lowest, "adamw").weight_decay_note
+    assert note is not None and note.startswith("the lowest weight decay tried won")
+    one = dataclasses.replace(
+        lowest, rows=(dataclasses.replace(lowest.rows[0], weight_decay_end=None), *lowest.rows[1:])
+    )
+    assert predict_configuration(points, 512, one, "adamw").weight_decay_note is None

@@ -86,3 +86,23 @@ def test_a_batch_size_at_one_weight_decay_is_named() -> None:
     view = weight_decay_view(study.trials, True, {"train": {"0": TRAIN_SIZE}})
     assert "not varied at B = 512" in view.describe()
     assert view.rows[-1].searched is False
+
+
+def test_a_best_weight_decay_at_the_end_of_those_tried_is_cautioned() -> None:
+    """The planted optimum inside the λ tried: no caution. The best λ the lowest tried at
+    every batch size (weight decay only costs): each batch size named, and the summary says
+    weight decay did not help within the range; the highest at one batch size: named so."""
+    inside = weight_decay_view(_planted_study(0.0).trials, True, {"train": {"0": TRAIN_SIZE}})
+    assert all(row.weight_decay_end is None for row in inside.rows)
+    assert "extreme weight decay" not in inside.describe()
+    study = optuna.create_study(direction="maximize")
+    for batch_size in (16, 32, 64):
+        for weight_decay, value in ((1e-4, 0.85), (1e-3, 0.84), (1e-2, 0.80)):
+            study.add_trial(_trial(batch_size, 0.01, weight_decay, value))
+    view = weight_decay_view(study.trials, True, {"train": {"0": TRAIN_SIZE}})
+    text = view.describe()
+    assert "at B = 16 (lowest), B = 32 (lowest), B = 64 (lowest) the best trial used" in text
+    assert "weight decay did not help" in text
+    study.add_trial(_trial(64, 0.01, 0.1, 0.9))
+    text = weight_decay_view(study.trials, True, {"train": {"0": TRAIN_SIZE}}).describe()
+    assert "B = 64 (highest)" in text and "weight decay did not help" not in text

@@ -258,7 +258,20 @@ def _weight_decay(
         confidence=confidence,
     )
     interval = (_exp2(decay.low), _exp2(decay.high))
-    return _exp2(decay.log2_decay), interval, _barely(view, searched), decay
+    notes = [note for note in (_barely(view, searched), _lowest_won(searched)) if note]
+    return _exp2(decay.log2_decay), interval, "; ".join(notes) or None, decay
+
+
+def _lowest_won(searched: list) -> str | None:
+    """The note where the lowest weight decay tried won at every batch size the model is
+    fitted through (``WeightDecayRow.weight_decay_end``)."""
+    if not all(row.weight_decay_end == "lowest" for row in searched):
+        return None
+    return (
+        "the lowest weight decay tried won at every batch size its model is fitted through: "
+        "within the range searched weight decay did not help, so this λ is no located best, "
+        "and a lower one may do as well or better"
+    )
 
 
 def _barely(view: WeightDecayView, searched: list) -> str | None:

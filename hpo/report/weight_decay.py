@@ -40,6 +40,9 @@ class WeightDecayRow:
     # Widths (log2) of the brackets around log2 η and log2 λ: the resolution of the point.
     lr_width: float | None = None
     weight_decay_width: float | None = None
+    # "lowest" or "highest" where the best trial's λ is that end of the weight decays tried
+    # at this batch size (two or more tried): the best λ may lie further out.
+    weight_decay_end: str | None = None
 
     @property
     def searched(self) -> bool:
@@ -71,8 +74,8 @@ class WeightDecayView:
     def describe(self) -> str:
         """Sentences for the summary, generated from the rows, the slope's interval and
         how τ compares with the epochs trained."""
-        barely = self._barely_acts()
-        return self._describe_slope() + (f" {barely}" if barely else "")
+        barely, ends = self._barely_acts(), self._describe_ends()
+        return self._describe_slope() + (f" {barely}" if barely else "") + ends
 
     def _barely_acts(self) -> str:
         """Where τ_epoch (its interval's lower end where it has one) is more than
@@ -97,6 +100,26 @@ class WeightDecayView:
             f"{shrink:.2g}% (1 − exp(−epochs/τ)); these trials say little about the λ a longer "
             "run needs."
         )
+
+    def _describe_ends(self) -> str:
+        """The caution where a batch size's best λ is the lowest or highest it tried; where
+        it is the lowest at every batch size that tried two or more, weight decay did not
+        help within the range tried."""
+        ends = [r for r in self.rows if r.searched and r.weight_decay_end]
+        if not ends:
+            return ""
+        searched = [r for r in self.rows if r.searched]
+        listed = ", ".join(f"B = {r.batch_size} ({r.weight_decay_end})" for r in ends)
+        text = (
+            f" Caution: at {listed} the best trial used the extreme weight decay tried there, "
+            "so that batch size's best λ may lie further out, and τ_epoch with it."
+        )
+        if len(ends) == len(searched) and all(r.weight_decay_end == "lowest" for r in ends):
+            text += (
+                " The lowest weight decay tried won at every batch size: within the range "
+                "searched weight decay did not help, and a lower range may do as well or better."
+            )
+        return text
 
     def barely_acted(self) -> list[WeightDecayRow]:
         """The rows whose τ_epoch (its interval's lower end where it has one) is over
@@ -195,6 +218,15 @@ def _bracket(value: float, tried: list[float]) -> tuple[float, float] | None:
     return y - down, y + up
 
 
+def _end(value: float, tried: list[float]) -> str | None:
+    """ "lowest" or "highest" where ``value`` is that end of two or more distinct ``tried``."""
+    distinct = {round(math.log(t), 9) for t in tried if t > 0}
+    if len(distinct) < 2 or value <= 0:
+        return None
+    here = round(math.log(value), 9)
+    return "lowest" if here == min(distinct) else "highest" if here == max(distinct) else None
+
+
 def weight_decay_view(
     trials: list[FrozenTrial],
     maximize: bool,
@@ -250,6 +282,7 @@ def _row(
     widths = {
         "lr_width": None if lr_bracket is None else lr_bracket[1] - lr_bracket[0],
         "weight_decay_width": None if wd_bracket is None else wd_bracket[1] - wd_bracket[0],
+        "weight_decay_end": _end(weight_decay, [float(t.params["weight_decay"]) for t in around]),
     }
     if train_size is None or weight_decay <= 0:
         return WeightDecayRow(batch_size, lr, weight_decay, n_decays, None, None, None, **widths)
