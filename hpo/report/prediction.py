@@ -42,7 +42,7 @@ from typing import Any
 from hpo.report.decay_models import DecayPoint, DecayPrediction, predict_decay
 from hpo.report.lr_models import fit_model, leave_one_out_error, models_for
 from hpo.report.scaling import ScalingFit, student_t_quantile
-from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView
+from hpo.report.weight_decay import BARELY_ACTS, WeightDecayView, lowest_won_everywhere
 
 PREDICTION_CONFIDENCE = 0.8
 # Batch sizes a prediction needs: a two-parameter model and one degree of freedom left.
@@ -264,8 +264,8 @@ def _weight_decay(
 
 def _lowest_won(searched: list) -> str | None:
     """The note where the lowest weight decay tried won at every batch size the model is
-    fitted through (``WeightDecayRow.weight_decay_end``)."""
-    if not all(row.weight_decay_end == "lowest" for row in searched):
+    fitted through (``hpo.report.weight_decay.lowest_won_everywhere``)."""
+    if not lowest_won_everywhere(searched):
         return None
     return (
         "the lowest weight decay tried won at every batch size its model is fitted through: "

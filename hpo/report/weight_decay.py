@@ -108,13 +108,12 @@ class WeightDecayView:
         ends = [r for r in self.rows if r.searched and r.weight_decay_end]
         if not ends:
             return ""
-        searched = [r for r in self.rows if r.searched]
         listed = ", ".join(f"B = {r.batch_size} ({r.weight_decay_end})" for r in ends)
         text = (
             f" Caution: at {listed} the best trial used the extreme weight decay tried there, "
             "so that batch size's best λ may lie further out, and τ_epoch with it."
         )
-        if len(ends) == len(searched) and all(r.weight_decay_end == "lowest" for r in ends):
+        if lowest_won_everywhere([r for r in self.rows if r.searched]):
             text += (
                 " The lowest weight decay tried won at every batch size: within the range "
                 "searched weight decay did not help, and a lower range may do as well or better."
@@ -218,6 +217,12 @@ def _bracket(value: float, tried: list[float]) -> tuple[float, float] | None:
     return y - down, y + up
 
 
+def lowest_won_everywhere(rows: list[WeightDecayRow]) -> bool:
+    """Whether the best trial used the lowest weight decay tried at every one of ``rows``
+    (some): within the range searched, weight decay did not help."""
+    return bool(rows) and all(row.weight_decay_end == "lowest" for row in rows)
+
+
 def _end(value: float, tried: list[float]) -> str | None:
     """ "lowest" or "highest" where ``value`` is that end of two or more distinct ``tried``."""
     distinct = {round(math.log(t), 9) for t in tried if t > 0}
@@ -277,22 +282,26 @@ def _row(
     lr, weight_decay = float(best.params["lr"]), float(best.params["weight_decay"])
     n_decays = len({round(math.log(float(t.params["weight_decay"])), 9) for t in complete})
     lr_bracket = _bracket(lr, [float(t.params["lr"]) for t in around])
-    wd_bracket = _bracket(weight_decay, [float(t.params["weight_decay"]) for t in around])
-    # The widths need no N: the prediction of λ uses them where τ_epoch cannot be given.
-    widths = {
+    decays_tried = [float(t.params["weight_decay"]) for t in around]
+    wd_bracket = _bracket(weight_decay, decays_tried)
+    # How finely the tried values place the point; needs no N: the prediction of λ uses it
+    # where τ_epoch cannot be given.
+    resolution = {
         "lr_width": None if lr_bracket is None else lr_bracket[1] - lr_bracket[0],
         "weight_decay_width": None if wd_bracket is None else wd_bracket[1] - wd_bracket[0],
-        "weight_decay_end": _end(weight_decay, [float(t.params["weight_decay"]) for t in around]),
+        "weight_decay_end": _end(weight_decay, decays_tried),
     }
     if train_size is None or weight_decay <= 0:
-        return WeightDecayRow(batch_size, lr, weight_decay, n_decays, None, None, None, **widths)
+        return WeightDecayRow(
+            batch_size, lr, weight_decay, n_decays, None, None, None, **resolution
+        )
     tau = batch_size / (lr * weight_decay * train_size)
     low = high = None
     if lr_bracket is not None and wd_bracket is not None:
         scale = batch_size / train_size
         low = scale / 2.0 ** (lr_bracket[1] + wd_bracket[1])
         high = scale / 2.0 ** (lr_bracket[0] + wd_bracket[0])
-    return WeightDecayRow(batch_size, lr, weight_decay, n_decays, tau, low, high, **widths)
+    return WeightDecayRow(batch_size, lr, weight_decay, n_decays, tau, low, high, **resolution)
 
 
 def _slope(
